@@ -1,0 +1,136 @@
+"""Reference log-probs: precomputed once and cached on disk, computed online every step, or none.
+
+``reference.mode`` picks one:
+
+- ``precomputed``: before training, the frozen reference scores every pair once (for LoRA: the policy with its
+  adapters disabled, so one model is held; for full fine-tuning: the initial weights). Pairs are sharded across
+  processes and gathered back in order; the result is cached on disk (``cache.py``) and reused by any later run with
+  the same fingerprint without a reference forward.
+- ``online``: the reference forward runs on every batch (``online_reference_logps``).
+- ``none``: reference-free losses (the reference log-probs are taken as 0, or the loss ignores them, as SimPO).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+from typing import Any, Callable, Iterator
+
+import datasets
+import torch
+
+from dpo_dist import cache
+from dpo_dist.collate import REFERENCE_COLUMNS
+from dpo_dist.logprobs import DEFAULT_CHUNK_SIZE, PairLogps, concatenated_forward
+from dpo_dist.tokenization import PAIR_COLUMNS, Truncation
+
+logger = logging.getLogger(__name__)
+
+REFERENCE_MODES = ("precomputed", "online", "none")
+
+
+@contextlib.contextmanager
+def as_reference(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
+    """The model as the frozen reference: eval mode, no grad, and LoRA adapters disabled if it has them."""
+    base = getattr(model, "module", model)  # DDP wraps the model in .module
+    adapters_off = base.disable_adapter() if hasattr(base, "disable_adapter") else contextlib.nullcontext()
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), adapters_off:
+            yield model
+    finally:
+        model.train(was_training)
+
+
+def online_reference_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor], **kwargs: Any) -> PairLogps:
+    """The reference's log-probs for one collated batch (a frozen copy, or the policy with adapters off)."""
+    with as_reference(model):
+        return concatenated_forward(model, batch, **kwargs)
+
+
+def compute_reference_logps(
+    model: torch.nn.Module,
+    tokenized: datasets.Dataset,
+    *,
+    collator: Callable[[list[dict]], dict[str, torch.Tensor]],
+    accelerator: Any,
+    batch_size: int,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+) -> torch.Tensor:
+    """Score every pair with the reference, sharded across processes, gathered back in dataset order.
+
+    Each process takes a contiguous shard of ``ceil(N / processes)`` pairs (the last shard padded by repeating
+    the final pair), so every process runs the same number of forwards (ZeRO-3 needs all ranks in each one);
+    the padding is dropped after the gather.
+
+    Shape: -> (N, 2) float32 on CPU: column 0 chosen, column 1 rejected, summed over response tokens.
+    """
+    n = len(tokenized)
+    per_rank = math.ceil(n / accelerator.num_processes)
+    start = accelerator.process_index * per_rank
+    shard = [min(i, n - 1) for i in range(start, start + per_rank)]
+    pairs = tokenized.select_columns(list(PAIR_COLUMNS))
+    results = []
+    with as_reference(model):
+        for offset in range(0, per_rank, batch_size):
+            batch = collator([pairs[i] for i in shard[offset : offset + batch_size]])
+            batch = {k: v.to(accelerator.device) for k, v in batch.items()}
+            out = concatenated_forward(model, batch, chunk_size=chunk_size)
+            results.append(torch.stack([out.chosen_logps, out.rejected_logps], dim=-1).float())
+    local = torch.cat(results) if results else torch.zeros(0, 2, device=accelerator.device)
+    return accelerator.gather(local)[:n].cpu()
+
+
+def reference_fingerprint_parts(model_identity: dict, tokenizer: Any, truncation: Truncation, tokenized: datasets.Dataset) -> dict:
+    """Everything the reference log-probs depend on (see ``cache.py``)."""
+    return {
+        "model": model_identity,
+        "tokenizer": cache.tokenizer_identity(tokenizer),
+        "truncation": truncation,
+        "data": cache.data_identity(tokenized, PAIR_COLUMNS),
+    }
+
+
+def precompute_reference(
+    model: torch.nn.Module,
+    tokenized: datasets.Dataset,
+    *,
+    fingerprint_parts: dict,
+    cache_dir: str,
+    collator: Callable[[list[dict]], dict[str, torch.Tensor]],
+    accelerator: Any,
+    batch_size: int,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+) -> datasets.Dataset:
+    """``tokenized`` with ``ref_chosen_logps`` / ``ref_rejected_logps`` columns, from the cache when it holds this
+    fingerprint, else computed (all processes) and written (main process).
+
+    The main process alone reads the cache and tells the others, so nodes need no shared disk and all processes
+    agree whether to run the reference forwards.
+    """
+    from accelerate.utils import broadcast, broadcast_object_list
+
+    key = cache.fingerprint(fingerprint_parts)
+    path = cache.cache_path(cache_dir, key)
+    n = len(tokenized)
+    cached = cache.read_cache(path, key, n) if accelerator.is_main_process else None
+    hit = broadcast_object_list([cached is not None])[0]
+    if hit:
+        logger.info("reference log-probs for %d pairs read from %s", n, path)
+        logps = cached if cached is not None else torch.zeros(n, 2)
+        if accelerator.num_processes > 1:
+            logps = broadcast(logps.to(accelerator.device)).cpu()
+    else:
+        logger.info("computing reference log-probs for %d pairs on %d processes", n, accelerator.num_processes)
+        logps = compute_reference_logps(
+            model, tokenized, collator=collator, accelerator=accelerator, batch_size=batch_size, chunk_size=chunk_size
+        )
+        if accelerator.is_main_process:
+            cache.write_cache(path, key, logps, fingerprint_parts)
+            logger.info("reference log-probs cached at %s", path)
+        accelerator.wait_for_everyone()
+    tokenized = tokenized.remove_columns([c for c in REFERENCE_COLUMNS if c in tokenized.column_names])
+    tokenized = tokenized.add_column(REFERENCE_COLUMNS[0], logps[:, 0].tolist())
+    return tokenized.add_column(REFERENCE_COLUMNS[1], logps[:, 1].tolist())

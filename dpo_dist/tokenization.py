@@ -1,0 +1,159 @@
+"""Turn normalized pairs into token ids in token space: joined text is never re-tokenized.
+
+For each pair:
+
+- the prompt is tokenized once, without the tokenizer's automatic special tokens; BOS is then put in front exactly
+  once if the tokenizer uses one (it adds BOS when asked for special tokens) and the text does not already start
+  with it (a chat template that renders ``{{ bos_token }}``);
+- each response is tokenized alone, without special tokens, and EOS is appended once at its end. With a chat
+  template the rendered response ends with the template's end-of-turn text; when that is EOS, the response is cut
+  right after it, so EOS is never doubled;
+- truncation: the prompt keeps its last ``max_prompt_length`` tokens (the latest turns; BOS stays in front), then
+  each response keeps its first ``max_length - len(prompt)`` tokens (a cut response has no EOS: it did not end).
+  A pair whose prompt leaves no room for a response is dropped and counted, never cut into an empty response.
+
+The result per pair is ``prompt_input_ids``, ``chosen_input_ids``, ``rejected_input_ids`` (responses only);
+``collate.py`` joins them into model inputs with labels.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import datasets
+
+logger = logging.getLogger(__name__)
+
+PAIR_COLUMNS = ("prompt_input_ids", "chosen_input_ids", "rejected_input_ids")
+
+
+class TokenizationError(ValueError):
+    """The tokenizer or the truncation settings cannot produce valid pairs."""
+
+
+@dataclass(frozen=True)
+class Truncation:
+    """``max_length`` bounds prompt + response in tokens; ``max_prompt_length`` bounds the prompt (None: only
+    ``max_length`` does)."""
+
+    max_length: int = 1024
+    max_prompt_length: int | None = 512
+
+    def __post_init__(self) -> None:
+        if self.max_length < 2:
+            raise TokenizationError(f"max_length must be at least 2, got {self.max_length}")
+        if self.max_prompt_length is not None and not 1 <= self.max_prompt_length < self.max_length:
+            raise TokenizationError(
+                f"max_prompt_length must be in [1, max_length) = [1, {self.max_length}), got {self.max_prompt_length}"
+            )
+
+
+def uses_bos(tokenizer: Any) -> bool:
+    """True if the tokenizer puts BOS in front when asked to add special tokens (Llama does; GPT-2 and Qwen don't)."""
+    bos = tokenizer.bos_token_id
+    if bos is None:
+        return False
+    ids = tokenizer("a", add_special_tokens=True)["input_ids"]
+    return len(ids) > 0 and ids[0] == bos
+
+
+def check_tokenizer(tokenizer: Any) -> None:
+    if tokenizer.eos_token_id is None:
+        raise TokenizationError("the tokenizer has no eos_token: set tokenizer.eos_token before tokenizing pairs")
+
+
+def tokenize_pair(
+    pair: dict[str, Any], tokenizer: Any, truncation: Truncation, *, add_bos: bool
+) -> dict[str, list[int]] | None:
+    """One normalized pair -> token ids, or None when the prompt leaves no room for a response.
+
+    ``add_bos`` is ``uses_bos(tokenizer)``, worked out once by the caller.
+    """
+    if isinstance(pair["prompt"], list):
+        prompt_text, chosen_text, rejected_text = render_conversation(pair, tokenizer)
+    else:
+        prompt_text, chosen_text, rejected_text = pair["prompt"], pair["chosen"], pair["rejected"]
+
+    bos = tokenizer.bos_token_id
+    prompt_ids = _encode(tokenizer, prompt_text)
+    has_bos = add_bos or (bos is not None and prompt_ids[:1] == [bos])
+    if has_bos and prompt_ids[:1] != [bos]:
+        prompt_ids = [bos] + prompt_ids
+    chosen_ids = _response_ids(tokenizer, chosen_text)
+    rejected_ids = _response_ids(tokenizer, rejected_text)
+
+    if truncation.max_prompt_length is not None and len(prompt_ids) > truncation.max_prompt_length:
+        keep = truncation.max_prompt_length - int(has_bos)
+        prompt_ids = ([bos] if has_bos else []) + prompt_ids[len(prompt_ids) - keep :]
+    room = truncation.max_length - len(prompt_ids)
+    if room < 1:
+        return None
+    return {
+        "prompt_input_ids": prompt_ids,
+        "chosen_input_ids": chosen_ids[:room],
+        "rejected_input_ids": rejected_ids[:room],
+    }
+
+
+def _encode(tokenizer: Any, text: str) -> list[int]:
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def _response_ids(tokenizer: Any, text: str) -> list[int]:
+    """Response ids ending in exactly one EOS."""
+    eos_token, eos = tokenizer.eos_token, tokenizer.eos_token_id
+    stripped = text.rstrip()
+    if stripped.endswith(eos_token):  # a chat template's end of turn: cut after it (drops the trailing newline)
+        text = stripped[: -len(eos_token)]
+    ids = _encode(tokenizer, text)
+    while ids and ids[-1] == eos:
+        ids.pop()
+    return ids + [eos]
+
+
+def render_conversation(pair: dict[str, Any], tokenizer: Any) -> tuple[str, str, str]:
+    """Render prompt and response messages with the chat template; each response is the text the template adds
+    after the prompt's generation prompt."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise TokenizationError(
+            "conversational pairs need a tokenizer with a chat_template (set tokenizer.chat_template, or use text data)"
+        )
+    prompt_text = tokenizer.apply_chat_template(pair["prompt"], tokenize=False, add_generation_prompt=True)
+    responses = []
+    for side in ("chosen", "rejected"):
+        full = tokenizer.apply_chat_template(pair["prompt"] + pair[side], tokenize=False)
+        if not full.startswith(prompt_text):
+            raise TokenizationError(
+                "the chat template renders the prompt differently with and without the response, so the prompt/"
+                f"response boundary is ambiguous:\nprompt: {prompt_text[-200:]!r}\nfull: {full[:len(prompt_text)][-200:]!r}"
+            )
+        responses.append(full[len(prompt_text) :])
+    return prompt_text, responses[0], responses[1]
+
+
+def tokenize_pairs(
+    pairs: datasets.Dataset, tokenizer: Any, truncation: Truncation, *, num_proc: int | None = None
+) -> tuple[datasets.Dataset, int]:
+    """Tokenize every pair; returns the tokenized dataset (with ``row`` kept) and how many pairs were dropped because
+    their prompt left no room for a response."""
+    check_tokenizer(tokenizer)
+    add_bos = uses_bos(tokenizer)
+
+    def encode(pair: dict[str, Any]) -> dict[str, Any]:
+        ids = tokenize_pair(pair, tokenizer, truncation, add_bos=add_bos)
+        if ids is None:
+            return {"keep": False, **{column: [] for column in PAIR_COLUMNS}}
+        return {"keep": True, **ids}
+
+    drop = [c for c in pairs.column_names if c != "row"]
+    encoded = pairs.map(encode, remove_columns=drop, num_proc=num_proc, desc="tokenizing pairs")
+    kept = encoded.filter(lambda keep: keep, input_columns="keep").remove_columns("keep")
+    dropped = len(encoded) - len(kept)
+    if dropped:
+        logger.warning(
+            "dropped %d of %d pairs whose prompt leaves no room for a response (max_length=%d, max_prompt_length=%s)",
+            dropped, len(encoded), truncation.max_length, truncation.max_prompt_length,
+        )
+    return kept, dropped

@@ -1,0 +1,28 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="dpo-dist",
+    version="0.1.0",
+    description="Distributed DPO training on accelerate: precomputed reference log-probs, DeepSpeed ZeRO, QLoRA, SLURM",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    packages=find_packages(include=["dpo_dist", "dpo_dist.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        "torch>=2.3",
+        "transformers>=4.56",
+        "tokenizers>=0.20",
+        "datasets>=3.0",
+        "accelerate>=1.0",
+        "peft>=0.13",
+        "safetensors>=0.4",
+        "pyyaml>=6.0",
+    ],
+    extras_require={
+        "deepspeed": ["deepspeed>=0.15"],
+        "qlora": ["bitsandbytes>=0.45"],
+        "eval": ["evaluate>=0.4"],
+        "dev": ["pytest>=8"],
+    },
+)

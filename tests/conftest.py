@@ -1,0 +1,20 @@
+import os
+import sys
+
+import pytest
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+HH_DIR = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "hh-rlhf")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "hh_rlhf: needs the real HH-RLHF test splits at ../shared/data/hh-rlhf")
+    config.addinivalue_line("markers", "multiprocess: launches several processes")
+
+
+@pytest.fixture
+def hh_dir():
+    if not os.path.isdir(HH_DIR):
+        pytest.skip(f"the HH-RLHF test splits are not at {os.path.abspath(HH_DIR)} (they sit beside the project in CI)")
+    return HH_DIR

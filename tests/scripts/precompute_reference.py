@@ -1,0 +1,29 @@
+"""Run by test_reference.py under torch.distributed.run: precompute reference log-probs on every process."""
+
+import sys
+
+import torch
+from transformers import AutoModelForCausalLM
+
+from dpo_dist import cache
+from dpo_dist.collate import PreferenceCollator
+from dpo_dist.distributed import build_accelerator
+from dpo_dist.reference import precompute_reference, reference_fingerprint_parts
+from dpo_dist.tokenization import tokenize_pairs
+from test_reference import TRUNCATION, make_pairs
+from tiny import make_tokenizer
+
+model_dir, cache_dir, out = sys.argv[1:4]
+accelerator = build_accelerator()
+tok = make_tokenizer("nobos")
+tokenized, _ = tokenize_pairs(make_pairs(), tok, TRUNCATION)
+tokenized = tokenized.select(range(9))
+model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+parts = reference_fingerprint_parts(cache.model_identity(model_dir), tok, TRUNCATION, tokenized)
+result = precompute_reference(
+    model, tokenized, fingerprint_parts=parts, cache_dir=cache_dir, collator=PreferenceCollator(pad_token_id=0),
+    accelerator=accelerator, batch_size=2,
+)
+if accelerator.is_main_process:
+    logps = torch.tensor([result["ref_chosen_logps"], result["ref_rejected_logps"]]).T
+    torch.save({"logps": logps, "num_processes": accelerator.num_processes}, out)

@@ -1,0 +1,195 @@
+"""Loading, format detection, validation of every row, subsets and splits."""
+
+import gzip
+import json
+
+import datasets
+import pytest
+
+from dpo_dist.data import DataError, load_pairs, split_pairs, take_subset
+from dpo_dist.formats import hh_to_messages, normalize_row
+
+TEXT = {"prompt": "Q: 2+2?", "chosen": " 4", "rejected": " 5"}
+CONV_EXPLICIT = {
+    "prompt": [{"role": "user", "content": "2+2?"}],
+    "chosen": [{"role": "assistant", "content": "4"}],
+    "rejected": [{"role": "assistant", "content": "5"}],
+}
+CONV_ULTRAFEEDBACK = {
+    "prompt": "2+2?",
+    "chosen": [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}],
+    "rejected": [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "5"}],
+}
+HH = {
+    "chosen": "\n\nHuman: hi\n\nAssistant: hello\n\nHuman: 2+2?\n\nAssistant: 4",
+    "rejected": "\n\nHuman: hi\n\nAssistant: hello\n\nHuman: 2+2?\n\nAssistant: 5",
+}
+
+
+def write_jsonl(path, rows, gz=False):
+    opener = gzip.open if gz else open
+    with opener(path, "wt") as handle:
+        for row in rows:
+            handle.write(json.dumps(row) + "\n")
+    return str(path)
+
+
+@pytest.mark.parametrize(
+    "row, fmt, expected",
+    [
+        (TEXT, "text", {"prompt": "Q: 2+2?", "chosen": " 4", "rejected": " 5"}),
+        (CONV_EXPLICIT, "conversational", CONV_EXPLICIT),
+        (
+            CONV_ULTRAFEEDBACK,
+            "conversational",
+            {
+                "prompt": [{"role": "user", "content": "2+2?"}],
+                "chosen": [{"role": "assistant", "content": "4"}],
+                "rejected": [{"role": "assistant", "content": "5"}],
+            },
+        ),
+        (
+            HH,
+            "hh",
+            {"prompt": "\n\nHuman: hi\n\nAssistant: hello\n\nHuman: 2+2?\n\nAssistant:", "chosen": " 4", "rejected": " 5"},
+        ),
+    ],
+)
+def test_each_format_is_detected_and_normalized(tmp_path, row, fmt, expected):
+    pairs, report = load_pairs(write_jsonl(tmp_path / "d.jsonl", [row, row]))
+    assert report.data_format == fmt
+    assert report.rows_read == report.rows_kept == 2
+    got = pairs[1]
+    assert got["row"] == 1
+    assert {k: got[k] for k in ("prompt", "chosen", "rejected")} == expected
+
+
+def test_hh_as_messages_splits_turns():
+    pair = normalize_row(HH, "hh", hh_as_messages=True)
+    assert pair["prompt"] == [
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": "hello"},
+        {"role": "user", "content": "2+2?"},
+    ]
+    assert pair["chosen"] == [{"role": "assistant", "content": "4"}]
+    assert hh_to_messages(normalize_row(HH, "hh"))["rejected"] == [{"role": "assistant", "content": "5"}]
+
+
+def test_format_can_be_forced(tmp_path):
+    path = write_jsonl(tmp_path / "d.jsonl", [HH])
+    with pytest.raises(DataError, match=r"row 0: missing field 'prompt'"):
+        load_pairs(path, data_format="text")
+    with pytest.raises(DataError, match="data_format 'chat' is not one of"):
+        load_pairs(path, data_format="chat")
+
+
+BAD_ROWS = [
+    ({"prompt": "p", "chosen": "a"}, "missing field 'rejected'", "missing_field"),
+    ({"prompt": "p", "chosen": "a", "rejected": 3}, "field 'rejected' should be str, got int", "wrong_type"),
+    ({"prompt": "p", "chosen": "  ", "rejected": "b"}, "chosen response is empty", "empty_response"),
+    ({"prompt": "p", "chosen": "same", "rejected": "same"}, "chosen is identical to rejected", "identical_responses"),
+]
+
+
+@pytest.mark.parametrize("bad, message, reason", BAD_ROWS)
+def test_bad_row_fails_naming_row_and_reason(tmp_path, bad, message, reason):
+    path = write_jsonl(tmp_path / "d.jsonl", [TEXT, TEXT, bad, TEXT])
+    with pytest.raises(DataError, match=rf"d\.jsonl: row 2: {message}"):
+        load_pairs(path)
+
+
+def test_skip_reports_counts_by_reason(tmp_path):
+    rows = [TEXT] + [bad for bad, _, _ in BAD_ROWS] + [TEXT, BAD_ROWS[3][0]]
+    pairs, report = load_pairs(write_jsonl(tmp_path / "d.jsonl", rows), on_bad_row="skip")
+    assert pairs["row"] == [0, 5]
+    assert report.rows_read == 7 and report.rows_kept == 2
+    assert dict(report.skipped) == {"missing_field": 1, "wrong_type": 1, "empty_response": 1, "identical_responses": 2}
+    assert "2 of 7 rows kept" in report.summary() and "2 identical_responses" in report.summary()
+
+
+def test_hh_pair_whose_prompts_differ(tmp_path):
+    bad = {"chosen": "\n\nHuman: a\n\nAssistant: x", "rejected": "\n\nHuman: b\n\nAssistant: y"}
+    no_turn = {"chosen": "just text", "rejected": "\n\nHuman: b\n\nAssistant: y"}
+    path = write_jsonl(tmp_path / "d.jsonl", [HH, bad, no_turn])
+    with pytest.raises(DataError, match="row 1: chosen and rejected transcripts differ"):
+        load_pairs(path)
+    _, report = load_pairs(path, on_bad_row="skip")
+    assert dict(report.skipped) == {"prompts_differ": 1, "no_assistant_turn": 1}
+
+
+def test_conversational_bad_rows(tmp_path):
+    differ = dict(CONV_ULTRAFEEDBACK, rejected=[{"role": "user", "content": "3+3?"}, {"role": "assistant", "content": "6"}])
+    bad_message = dict(CONV_EXPLICIT, chosen=[{"role": "assistant"}])
+    ends_with_user = dict(CONV_EXPLICIT, chosen=[{"role": "user", "content": "x"}])
+    path = write_jsonl(tmp_path / "d.jsonl", [CONV_EXPLICIT, differ, bad_message, ends_with_user])
+    _, report = load_pairs(path, on_bad_row="skip")
+    assert dict(report.skipped) == {"prompts_differ": 1, "wrong_type": 1, "no_assistant_turn": 1}
+    with pytest.raises(DataError, match=r"row 2: chosen\[0\] should be a \{role, content\} message"):
+        load_pairs(write_jsonl(tmp_path / "e.jsonl", [CONV_EXPLICIT, CONV_EXPLICIT, bad_message]))
+
+
+def test_file_types(tmp_path):
+    rows = [dict(TEXT, chosen=f" c{i}") for i in range(5)]
+    jsonl_gz = write_jsonl(tmp_path / "d.jsonl.gz", rows, gz=True)
+    array = tmp_path / "d.json"
+    array.write_text(json.dumps(rows))
+    parquet = str(tmp_path / "d.parquet")
+    datasets.Dataset.from_list(rows).to_parquet(parquet)
+    for path in (jsonl_gz, str(array), parquet):
+        pairs, _ = load_pairs(path)
+        assert pairs["chosen"] == [f" c{i}" for i in range(5)], path
+
+
+def test_unreadable_inputs_name_the_file_and_line(tmp_path):
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text(json.dumps(TEXT) + "\n{not json\n")
+    with pytest.raises(DataError, match=r"broken\.jsonl: line 2: invalid JSON"):
+        load_pairs(str(broken))
+    with pytest.raises(DataError, match=r"missing\.jsonl: no such file"):
+        load_pairs(str(tmp_path / "missing.jsonl"))
+    other = tmp_path / "d.csv"
+    other.write_text("a,b\n")
+    with pytest.raises(DataError, match="unsupported file type"):
+        load_pairs(str(other))
+    not_object = write_jsonl(tmp_path / "list.jsonl", [TEXT, [1, 2]])
+    with pytest.raises(DataError, match="row 1: row should be a JSON object, got list"):
+        load_pairs(not_object)
+
+
+def test_local_dataset_folder_with_split(tmp_path):
+    folder = tmp_path / "ds"
+    folder.mkdir()
+    write_jsonl(folder / "train.jsonl", [TEXT] * 3)
+    write_jsonl(folder / "test.jsonl", [TEXT])
+    assert len(load_pairs(str(folder), split="train")[0]) == 3
+    assert len(load_pairs(str(folder), split="test")[0]) == 1
+
+
+def test_subset_and_split_are_seeded_and_disjoint(tmp_path):
+    rows = [dict(TEXT, chosen=f" c{i}") for i in range(100)]
+    pairs, _ = load_pairs(write_jsonl(tmp_path / "d.jsonl", rows))
+    subset = take_subset(pairs, 40, seed=1)
+    assert len(subset) == 40 and subset["row"] == take_subset(pairs, 40, seed=1)["row"]
+    assert subset["row"] != take_subset(pairs, 40, seed=2)["row"]
+    assert take_subset(pairs, None, seed=1) is pairs and len(take_subset(pairs, 500, seed=1)) == 100
+    train, eval_ = split_pairs(subset, eval_ratio=0.25, seed=3)
+    assert len(train) == 30 and len(eval_) == 10
+    assert not set(train["row"]) & set(eval_["row"])
+    assert eval_["row"] == split_pairs(subset, eval_ratio=0.25, seed=3)[1]["row"]
+    assert split_pairs(subset, eval_ratio=0.0, seed=3) == (subset, None)
+    with pytest.raises(DataError, match="eval_ratio"):
+        split_pairs(subset, eval_ratio=1.0, seed=3)
+
+
+def test_train_eval_from_files_or_ratio(tmp_path):
+    from dpo_dist.data import load_train_eval
+
+    train_path = write_jsonl(tmp_path / "train.jsonl", [dict(TEXT, chosen=f" c{i}") for i in range(20)])
+    eval_path = write_jsonl(tmp_path / "eval.jsonl", [dict(TEXT, chosen=f" e{i}") for i in range(3)])
+    train, eval_, reports = load_train_eval(train_path, eval_source=eval_path, num_samples=10, seed=0)
+    assert len(train) == 10 and eval_["chosen"] == [" e0", " e1", " e2"] and len(reports) == 2
+    train, eval_, _ = load_train_eval(train_path, eval_ratio=0.5, num_samples=10, seed=0)
+    assert len(train) == len(eval_) == 5
+    assert set(train["row"]) | set(eval_["row"]) == set(take_subset(load_pairs(train_path)[0], 10, 0)["row"])
+    with pytest.raises(DataError, match="either eval_ratio or an eval file"):
+        load_train_eval(train_path, eval_source=eval_path, eval_ratio=0.1)

@@ -1,0 +1,202 @@
+"""Reference log-probs: the cache equals the online reference, is keyed by everything it depends on, and a damaged
+file is recomputed, never trusted."""
+
+import os
+import subprocess
+import sys
+
+import datasets
+import pytest
+import torch
+
+from dpo_dist import cache
+from dpo_dist.collate import PreferenceCollator
+from dpo_dist.distributed import build_accelerator
+from dpo_dist.logprobs import concatenated_forward
+from dpo_dist.reference import online_reference_logps, precompute_reference, reference_fingerprint_parts
+from dpo_dist.tokenization import Truncation, tokenize_pairs
+from tiny import CORPUS, make_llama, make_tokenizer
+
+TRUNCATION = Truncation(max_length=48, max_prompt_length=24)
+# Summed log-probs here are about -150, where one fp32 step is 1.5e-5: "within 1e-5" allows that one rounding step.
+CLOSE = dict(atol=1e-5, rtol=1e-7)
+
+
+def make_pairs(n=10):
+    rows = []
+    for i in range(n):
+        words = CORPUS[i % len(CORPUS)].split()
+        cut = 3 + i % 4
+        rows.append({"prompt": " ".join(words[:cut]), "chosen": " " + " ".join(words[cut:]),
+                     "rejected": " " + " ".join(words[cut:][::-1]) + f" {i}", "row": i})
+    return datasets.Dataset.from_list(rows)
+
+
+class Setup:
+    def __init__(self, tmp_path, tokenizer_kind="nobos", truncation=TRUNCATION, seed=0):
+        self.tok = make_tokenizer(tokenizer_kind)
+        self.model_dir = str(tmp_path / f"model-{seed}")
+        if not os.path.isdir(self.model_dir):
+            make_llama(len(self.tok), seed=seed).save_pretrained(self.model_dir)
+        from transformers import AutoModelForCausalLM
+
+        self.model = AutoModelForCausalLM.from_pretrained(self.model_dir).eval()
+        self.truncation = truncation
+        self.tokenized, _ = tokenize_pairs(make_pairs(), self.tok, truncation)
+        self.collator = PreferenceCollator(pad_token_id=0)
+        self.cache_dir = str(tmp_path / "cache")
+
+    def parts(self):
+        identity = cache.model_identity(self.model_dir)
+        return reference_fingerprint_parts(identity, self.tok, self.truncation, self.tokenized)
+
+    def precompute(self, model=None):
+        return precompute_reference(
+            model or self.model, self.tokenized, fingerprint_parts=self.parts(), cache_dir=self.cache_dir,
+            collator=self.collator, accelerator=build_accelerator(cpu=True), batch_size=3,
+        )
+
+
+class NoForward(torch.nn.Module):
+    """A model that must not be run: the cache should answer."""
+
+    def forward(self, *args, **kwargs):
+        raise AssertionError("the reference model ran although the cache holds this fingerprint")
+
+
+def cached_logps(dataset):
+    return torch.tensor([dataset["ref_chosen_logps"], dataset["ref_rejected_logps"]]).T
+
+
+def test_cached_equals_online_and_is_reused(tmp_path):
+    setup = Setup(tmp_path)
+    first = setup.precompute()
+    files = os.listdir(setup.cache_dir)
+    assert len(files) == 1 and files[0].endswith(".safetensors")
+    # Online, batch by batch, in another grouping than the precompute used.
+    for start in range(0, len(first), 4):
+        examples = [first[i] for i in range(start, min(start + 4, len(first)))]
+        batch = setup.collator(examples)
+        online = online_reference_logps(setup.model, batch)
+        torch.testing.assert_close(online.chosen_logps, batch["ref_chosen_logps"], **CLOSE)
+        torch.testing.assert_close(online.rejected_logps, batch["ref_rejected_logps"], **CLOSE)
+    again = setup.precompute(model=NoForward())
+    assert torch.equal(cached_logps(again), cached_logps(first))
+    assert again["row"] == first["row"]
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        dict(tokenizer_kind="chatml"),  # same vocabulary, other special tokens and a chat template
+        dict(truncation=Truncation(max_length=40, max_prompt_length=24)),
+        dict(truncation=Truncation(max_length=48, max_prompt_length=20)),
+        dict(seed=1),  # other weights
+    ],
+)
+def test_any_change_in_the_fingerprint_recomputes(tmp_path, change):
+    base = Setup(tmp_path)
+    base.precompute()
+    changed = Setup(tmp_path, **change)
+    assert cache.fingerprint(changed.parts()) != cache.fingerprint(base.parts())
+    with pytest.raises(AssertionError, match="the reference model ran"):
+        changed.precompute(model=NoForward())
+    changed.precompute()
+    assert len(os.listdir(base.cache_dir)) == 2
+
+
+def test_data_change_changes_the_fingerprint(tmp_path):
+    setup = Setup(tmp_path)
+    before = cache.fingerprint(setup.parts())
+    setup.tokenized = setup.tokenized.select(range(len(setup.tokenized) - 1))
+    assert cache.fingerprint(setup.parts()) != before
+
+
+def damage_truncate(path):
+    size = os.path.getsize(path)
+    with open(path, "r+b") as handle:
+        handle.truncate(size // 2)
+
+
+def damage_flip_a_value(path):
+    with open(path, "r+b") as handle:
+        handle.seek(-3, os.SEEK_END)  # inside the last float of the tensor data
+        byte = handle.read(1)
+        handle.seek(-3, os.SEEK_END)
+        handle.write(bytes([byte[0] ^ 0x40]))
+
+
+@pytest.mark.parametrize("damage", [damage_truncate, damage_flip_a_value])
+def test_damaged_cache_is_recomputed(tmp_path, damage, caplog):
+    setup = Setup(tmp_path)
+    first = setup.precompute()
+    path = os.path.join(setup.cache_dir, os.listdir(setup.cache_dir)[0])
+    damage(path)
+    with pytest.raises(AssertionError, match="the reference model ran"):
+        setup.precompute(model=NoForward())
+    assert "recomputing" in caplog.text
+    again = setup.precompute()
+    assert torch.equal(cached_logps(again), cached_logps(first))
+    assert cache.read_cache(path, cache.fingerprint(setup.parts()), len(first)) is not None, "rewritten whole"
+
+
+def test_write_is_atomic(tmp_path, monkeypatch):
+    """A write that dies midway leaves no file under the cache's name and no temporary behind."""
+    import safetensors.torch
+
+    def dies(tensors, path, metadata=None):
+        with open(path, "wb") as handle:
+            handle.write(b"half")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(safetensors.torch, "save_file", dies)
+    path = str(tmp_path / "c" / "reference-x.safetensors")
+    with pytest.raises(KeyboardInterrupt):
+        cache.write_cache(path, "x", torch.zeros(3, 2), {})
+    assert os.listdir(tmp_path / "c") == []
+
+
+def test_lora_reference_is_the_base_with_adapters_off(tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    setup = Setup(tmp_path)
+    base = setup.precompute()
+    batch = setup.collator([base[i] for i in range(4)])
+    policy = get_peft_model(setup.model, LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False))
+    policy.train()
+    with torch.no_grad():
+        adapted = concatenated_forward(policy, batch)
+    assert (adapted.chosen_logps - batch["ref_chosen_logps"]).abs().max() > 1e-3, "the adapters change the model"
+    reference = online_reference_logps(policy, batch)
+    assert policy.training, "training mode restored"
+    torch.testing.assert_close(reference.chosen_logps, batch["ref_chosen_logps"], **CLOSE)
+    torch.testing.assert_close(reference.rejected_logps, batch["ref_rejected_logps"], **CLOSE)
+    assert not reference.chosen_logps.requires_grad
+
+
+def free_port():
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.mark.multiprocess
+def test_two_processes_equal_one(tmp_path):
+    """Pairs sharded over 2 processes (an odd count, so one shard is padded) gather back equal and in order."""
+    setup = Setup(tmp_path)
+    setup.tokenized = setup.tokenized.select(range(9))
+    single = cached_logps(setup.precompute())
+    script = os.path.join(os.path.dirname(__file__), "scripts", "precompute_reference.py")
+    out = tmp_path / "two.pt"
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.dirname(__file__), os.getcwd()]))
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
+         script, setup.model_dir, str(tmp_path / "cache2"), str(out)],
+        env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    two = torch.load(out)
+    assert two["num_processes"] == 2
+    torch.testing.assert_close(two["logps"], single, **CLOSE)
