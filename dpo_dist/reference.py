@@ -50,6 +50,29 @@ def online_reference_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor
         return concatenated_forward(model, batch, **kwargs)
 
 
+def batch_reference_logps(
+    mode: str, model: torch.nn.Module | None, batch: dict[str, torch.Tensor], **kwargs: Any
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """``(ref_chosen_logps, ref_rejected_logps)`` for one batch under ``mode``; ``(None, None)`` for ``none``.
+
+    ``precomputed`` reads the batch's cached columns; ``online`` runs ``model`` as the reference (a frozen copy, or
+    the policy, whose adapters are switched off). Shape: each (B,).
+    """
+    if mode == "precomputed":
+        missing = [c for c in REFERENCE_COLUMNS if c not in batch]
+        if missing:
+            raise KeyError(f"reference mode 'precomputed' but the batch has no {missing}: run precompute_reference first")
+        return batch[REFERENCE_COLUMNS[0]], batch[REFERENCE_COLUMNS[1]]
+    if mode == "online":
+        if model is None:
+            raise ValueError("reference mode 'online' needs a reference model")
+        out = online_reference_logps(model, batch, **kwargs)
+        return out.chosen_logps, out.rejected_logps
+    if mode == "none":
+        return None, None
+    raise ValueError(f"reference mode {mode!r} is not one of {REFERENCE_MODES}")
+
+
 def compute_reference_logps(
     model: torch.nn.Module,
     tokenized: datasets.Dataset,

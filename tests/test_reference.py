@@ -13,7 +13,7 @@ from dpo_dist import cache
 from dpo_dist.collate import PreferenceCollator
 from dpo_dist.distributed import build_accelerator
 from dpo_dist.logprobs import concatenated_forward
-from dpo_dist.reference import online_reference_logps, precompute_reference, reference_fingerprint_parts
+from dpo_dist.reference import batch_reference_logps, online_reference_logps, precompute_reference, reference_fingerprint_parts
 from dpo_dist.tokenization import Truncation, tokenize_pairs
 from tiny import CORPUS, make_llama, make_tokenizer
 
@@ -200,3 +200,19 @@ def test_two_processes_equal_one(tmp_path):
     two = torch.load(out)
     assert two["num_processes"] == 2
     torch.testing.assert_close(two["logps"], single, **CLOSE)
+
+
+def test_one_option_chooses_the_reference(tmp_path):
+    setup = Setup(tmp_path)
+    tokenized = setup.precompute()
+    batch = setup.collator([tokenized[i] for i in range(3)])
+    cached = batch_reference_logps("precomputed", NoForward(), batch)
+    online = batch_reference_logps("online", setup.model, batch)
+    for a, b in zip(cached, online):
+        torch.testing.assert_close(a, b, **CLOSE)
+    assert batch_reference_logps("none", None, batch) == (None, None)
+    plain = setup.collator([setup.tokenized[i] for i in range(3)])
+    with pytest.raises(KeyError, match="run precompute_reference first"):
+        batch_reference_logps("precomputed", None, plain)
+    with pytest.raises(ValueError, match="is not one of"):
+        batch_reference_logps("cached", None, plain)
