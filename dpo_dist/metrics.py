@@ -1,0 +1,97 @@
+"""What a user sees: ``metrics.jsonl`` (one JSON object per optimizer step), trackers, a summary and a plot.
+
+Step metrics, each a mean over every pair of the optimizer step on every process:
+
+- ``loss``: the preference loss (plus the RPO term when ``loss.rpo_alpha`` > 0);
+- ``rewards/chosen``, ``rewards/rejected``: beta x (policy - reference) log-prob of each response;
+- ``rewards/margins``: chosen minus rejected reward; ``rewards/accuracies``: fraction of pairs with chosen > rejected;
+- ``logps/chosen``, ``logps/rejected``: the policy's summed log-prob of each response;
+- ``grad_norm`` (before clipping), ``lr``, ``tokens/s`` (non-padding tokens), ``examples_seen``, ``epoch``;
+- ``eval/*``: the same pair metrics on the eval split, at eval steps.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from typing import Any
+
+PLOTTED = ("loss", "rewards/margins", "rewards/accuracies", "rewards/chosen", "rewards/rejected")
+
+
+class MetricsLog:
+    """Appends records to ``<output_dir>/metrics.jsonl`` on the main process and forwards them to trackers."""
+
+    def __init__(self, output_dir: str, accelerator: Any, *, resume_step: int = 0):
+        self.path = os.path.join(output_dir, "metrics.jsonl")
+        self.accelerator = accelerator
+        self.records: list[dict[str, Any]] = []
+        if accelerator.is_main_process:
+            kept = [r for r in read_metrics(self.path) if r["step"] <= resume_step] if resume_step else []
+            with open(self.path, "w", encoding="utf-8") as handle:  # a resumed run continues the log, no duplicates
+                for record in kept:
+                    handle.write(json.dumps(record) + "\n")
+            self.records = kept
+
+    def write(self, record: dict[str, Any]) -> None:
+        if self.accelerator.is_main_process:
+            with open(self.path, "a", encoding="utf-8") as handle:
+                handle.write(json.dumps(record) + "\n")
+            self.records.append(record)
+        self.accelerator.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
+
+
+def read_metrics(path: str) -> list[dict[str, Any]]:
+    if not os.path.isfile(path):
+        return []
+    with open(path, encoding="utf-8") as handle:
+        return [json.loads(line) for line in handle if line.strip()]
+
+
+def summary(records: list[dict[str, Any]]) -> str:
+    """A few lines: first and last training values, and the last eval."""
+    if not records:
+        return "no optimizer step was taken"
+    first, last = records[0], records[-1]
+    lines = [f"steps: {last['step']}, pairs seen: {last['examples_seen']}, epochs: {last['epoch']:.2f}"]
+    for key in ("loss", "rewards/margins", "rewards/accuracies", "rewards/chosen", "rewards/rejected"):
+        lines.append(f"{key:>20}: {first[key]: .4f} (step {first['step']}) -> {last[key]: .4f} (step {last['step']})")
+    evals = [r for r in records if "eval/loss" in r]
+    if evals:
+        e = evals[-1]
+        lines.append(
+            f"eval (step {e['step']}): loss {e['eval/loss']:.4f}, reward accuracy {e['eval/rewards/accuracies']:.3f}, "
+            f"margin {e['eval/rewards/margins']:.4f}"
+        )
+    return "\n".join(lines)
+
+
+def plot(records: list[dict[str, Any]], path: str) -> None:
+    """Training curves (and eval points) to a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    steps = [r["step"] for r in records]
+    panels = [("loss", ["loss"]), ("rewards", ["rewards/chosen", "rewards/rejected", "rewards/margins"]),
+              ("accuracy", ["rewards/accuracies"])]
+    for axis, (title, keys) in zip(axes, panels):
+        for key in keys:
+            axis.plot(steps, [r[key] for r in records], label=f"train {key}")
+            evals = [(r["step"], r[f"eval/{key}"]) for r in records if f"eval/{key}" in r]
+            if evals:
+                axis.plot(*zip(*evals), "o--", label=f"eval {key}")
+        axis.set_title(title)
+        axis.set_xlabel("optimizer step")
+        axis.legend(fontsize=7)
+        axis.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def is_finite(*values: float) -> bool:
+    return all(math.isfinite(v) for v in values)

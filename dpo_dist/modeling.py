@@ -1,0 +1,113 @@
+"""Load the policy (full, LoRA, or LoRA on a 4/8-bit base), the tokenizer, and an online reference copy."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+
+from dpo_dist.builtin_model import SMOLLM2, smollm2_folder
+from dpo_dist.config import Config
+
+logger = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_source(name_or_path: str) -> str:
+    """A built-in name -> its local folder; anything else is passed to ``from_pretrained`` as given."""
+    return smollm2_folder() if name_or_path == SMOLLM2 else name_or_path
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """``auto``: float32 on CPU (bf16 matmuls are tens of times slower there), bf16 where the GPU has it, else fp16."""
+    if name != "auto":
+        return DTYPES[name]
+    if device.type != "cuda":
+        return torch.float32
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+def load_tokenizer(source: str, cfg: Config) -> Any:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(
+        source, revision=cfg.model.revision, trust_remote_code=cfg.model.trust_remote_code
+    )
+    if tokenizer.eos_token is None:
+        raise ValueError(f"the tokenizer of {source} has no eos_token; DPO needs one to end responses")
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token  # padding is masked out; any id will do
+        logger.info("tokenizer has no pad token: padding with eos (%r), which the attention mask hides", tokenizer.eos_token)
+    return tokenizer
+
+
+def disable_dropout(model: torch.nn.Module) -> None:
+    """Dropout off everywhere: DPO compares log-probs of policy and reference, which dropout would make noisy."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+
+
+def _load_base(source: str, cfg: Config, dtype: torch.dtype, device: torch.device) -> torch.nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    kwargs: dict[str, Any] = {
+        "revision": cfg.model.revision,
+        "dtype": dtype,
+        "trust_remote_code": cfg.model.trust_remote_code,
+    }
+    if cfg.model.attn_implementation:
+        kwargs["attn_implementation"] = cfg.model.attn_implementation
+    if cfg.model.quantization != "none":
+        from transformers import BitsAndBytesConfig
+
+        if cfg.model.quantization == "4bit":
+            kwargs["quantization_config"] = BitsAndBytesConfig(
+                load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype
+            )
+        else:
+            kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
+        kwargs["device_map"] = {"": device}
+    model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+    disable_dropout(model)
+    model.config.use_cache = False
+    return model
+
+
+def load_policy(cfg: Config, device: torch.device) -> tuple[torch.nn.Module, Any]:
+    """The trainable policy and its tokenizer."""
+    source = resolve_source(cfg.model.name_or_path)
+    tokenizer = load_tokenizer(source, cfg)
+    dtype = resolve_dtype(cfg.model.dtype, device)
+    model = _load_base(source, cfg, dtype, device)
+    checkpointing = {"use_reentrant": False}
+    if cfg.model.quantization != "none":
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=cfg.model.gradient_checkpointing, gradient_checkpointing_kwargs=checkpointing
+        )
+    elif cfg.model.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpointing)
+    if cfg.lora.enabled:
+        from peft import LoraConfig, get_peft_model
+
+        lora = LoraConfig(
+            r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
+            target_modules=cfg.lora.target_modules, task_type="CAUSAL_LM",
+        )
+        model = get_peft_model(model, lora)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    logger.info("policy %s: %s, %.2fM of %.2fM parameters trainable", source, dtype, trainable / 1e6, total / 1e6)
+    return model, tokenizer
+
+
+def load_reference_copy(cfg: Config, device: torch.device) -> torch.nn.Module:
+    """A frozen second copy of the initial weights: the online reference for full fine-tuning."""
+    source = resolve_source(cfg.model.name_or_path)
+    model = _load_base(source, cfg, resolve_dtype(cfg.model.dtype, device), device)
+    model.requires_grad_(False)
+    return model.eval()

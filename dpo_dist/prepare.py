@@ -1,0 +1,76 @@
+"""From config to tokenized train and eval pairs, with reference log-probs attached when they are precomputed."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import datasets
+
+from dpo_dist import cache
+from dpo_dist.builtin_model import cache_root
+from dpo_dist.collate import PreferenceCollator
+from dpo_dist.config import Config
+from dpo_dist.data import load_train_eval
+from dpo_dist.reference import precompute_reference, reference_fingerprint_parts
+from dpo_dist.sentiment import SENTIMENT, ensure_sentiment_data
+from dpo_dist.tokenization import Truncation, tokenize_pairs
+
+logger = logging.getLogger(__name__)
+
+
+def model_identity(cfg: Config, source: str, dtype: str) -> dict:
+    return cache.model_identity(source, revision=cfg.model.revision, dtype=dtype, quantization=cfg.model.quantization)
+
+
+def load_pairs_for(cfg: Config, accelerator: Any, model: Any, tokenizer: Any, identity: dict):
+    """Train and eval pairs as in ``cfg.data``; the built-in sentiment set is built first (main process) if needed."""
+    d = cfg.data
+    source, eval_source, eval_ratio = d.source, d.eval_source, d.eval_ratio
+    if d.source == SENTIMENT:
+        paths = None
+        if accelerator.is_main_process:
+            paths = ensure_sentiment_data(model, tokenizer, d.sentiment, identity, accelerator.device, cache_root())
+        from accelerate.utils import broadcast_object_list
+
+        source, eval_source = broadcast_object_list([paths])[0]
+        eval_ratio = 0.0
+    train, eval_, reports = load_train_eval(
+        source, split=d.split, eval_source=eval_source, eval_split=d.eval_split, eval_ratio=eval_ratio,
+        num_samples=d.num_samples, seed=cfg.train.seed, data_format=d.data_format, on_bad_row=d.on_bad_row,
+        hh_as_messages=d.hh_as_messages,
+    )
+    for report in reports:
+        accelerator.print(report.summary())
+    return train, eval_
+
+
+def prepare_datasets(
+    cfg: Config, accelerator: Any, model: Any, tokenizer: Any, identity: dict
+) -> tuple[datasets.Dataset, datasets.Dataset | None, dict]:
+    """Tokenized train and eval pairs (with ``ref_*_logps`` columns when ``reference.mode`` is precomputed) and
+    counts of what was dropped."""
+    truncation = Truncation(cfg.data.max_length, cfg.data.max_prompt_length)
+    train, eval_ = load_pairs_for(cfg, accelerator, model, tokenizer, identity)
+    with accelerator.main_process_first():
+        train_tok, train_dropped = tokenize_pairs(train, tokenizer, truncation)
+        eval_tok, eval_dropped = tokenize_pairs(eval_, tokenizer, truncation) if eval_ is not None else (None, 0)
+    counts = {"train_pairs": len(train_tok), "eval_pairs": len(eval_tok) if eval_tok is not None else 0,
+              "dropped_too_long": train_dropped + eval_dropped}
+    if cfg.reference.mode == "precomputed":
+        collator = PreferenceCollator(pad_token_id=tokenizer.pad_token_id)
+        cache_dir = cfg.reference.cache_dir or cache.default_cache_dir()
+        sets = [("train", train_tok), ("eval", eval_tok)]
+        for name, tokenized in sets:
+            if tokenized is None:
+                continue
+            parts = reference_fingerprint_parts(identity, tokenizer, truncation, tokenized)
+            tokenized = precompute_reference(
+                model, tokenized, fingerprint_parts=parts, cache_dir=cache_dir, collator=collator,
+                accelerator=accelerator, batch_size=cfg.train.eval_batch_size, chunk_size=cfg.train.logps_chunk_size,
+            )
+            if name == "train":
+                train_tok = tokenized
+            else:
+                eval_tok = tokenized
+    return train_tok, eval_tok, counts

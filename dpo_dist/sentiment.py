@@ -1,0 +1,147 @@
+"""The built-in preference set, after the DPO paper's controlled-sentiment task (Rafailov et al. 2023, sec. 6.1).
+
+Short movie-review openings written for this project are continued by the reference model itself (several sampled
+completions per prompt); the VADER sentiment analyzer scores each completion, and the most and the least positive
+completion of a prompt become chosen and rejected when their scores differ by at least ``min_score_gap``. A DPO run
+on these pairs should make the model's continuations more positive. Held-out prompts (``eval_prompts``) give the
+eval pairs and never appear in training.
+
+The set is built on first use, on the main process, and cached as JSON lines named by a fingerprint of its settings,
+the prompts and the generating model, so a change of any of them rebuilds it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import random
+import tempfile
+from typing import Any
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+SENTIMENT = "builtin:sentiment"
+VERSION = 1
+
+FILMS = [
+    "the new space western", "this quiet family drama", "the latest superhero sequel", "that black-and-white noir",
+    "the animated film about a lost robot", "this three-hour historical epic", "the low-budget horror movie",
+    "the romantic comedy set in Paris", "this documentary about deep-sea fish", "the heist thriller",
+    "the musical remake", "this war film", "the coming-of-age story", "the courtroom drama", "this silent film revival",
+    "the kung fu comedy", "the time-travel mystery", "this biopic of a jazz pianist", "the zombie road movie",
+    "the sports drama about a small-town team", "this slow-burn art film", "the disaster movie",
+    "the children's fantasy adventure", "this political satire", "the spy film", "the nature documentary",
+    "the psychological thriller", "this period romance", "the stop-motion fairy tale", "the science fiction epic",
+]
+OPENINGS = [
+    "I watched {film} last night, and",
+    "My honest review of {film}:",
+    "Having just seen {film}, I have to say",
+    "Ten minutes into {film}, I",
+    "Everyone told me {film} would be",
+    "The ending of {film}",
+    "I went to {film} with my friends and",
+    "Compared with the trailer, {film}",
+]
+
+
+def prompts() -> list[str]:
+    """240 prompts: every opening with every film."""
+    return [opening.format(film=film) for film in FILMS for opening in OPENINGS]
+
+
+def vader_scores(texts: list[str]) -> list[float]:
+    try:
+        from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
+    except ImportError:
+        raise ImportError("the built-in sentiment set needs VADER: python3 -m pip install vadersentiment") from None
+    analyzer = SentimentIntensityAnalyzer()
+    return [analyzer.polarity_scores(text)["compound"] for text in texts]
+
+
+def dataset_paths(settings: Any, model_identity: dict, root: str) -> tuple[str, str]:
+    """The cached train and eval files for these settings, prompts and generating model."""
+    parts = {"version": VERSION, "settings": dataclasses.asdict(settings), "prompts": prompts(), "model": model_identity}
+    key = hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:20]
+    base = os.path.join(root, "data", f"sentiment-{key}")
+    return f"{base}-train.jsonl", f"{base}-eval.jsonl"
+
+
+@torch.no_grad()
+def sample_completions(model: Any, tokenizer: Any, texts: list[str], settings: Any, device: torch.device) -> list[list[str]]:
+    """``completions_per_prompt`` sampled continuations of each prompt (temperature 1, no top-k/top-p)."""
+    torch.manual_seed(settings.seed)
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "left"
+    k = settings.completions_per_prompt
+    out: list[list[str]] = []
+    try:
+        for start in range(0, len(texts), 32):
+            batch = tokenizer(texts[start : start + 32], return_tensors="pt", padding=True).to(device)
+            generated = model.generate(
+                **batch, do_sample=True, temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=settings.max_new_tokens,
+                num_return_sequences=k, pad_token_id=tokenizer.pad_token_id,
+            )
+            decoded = tokenizer.batch_decode(generated[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
+            out += [decoded[i : i + k] for i in range(0, len(decoded), k)]
+    finally:
+        tokenizer.padding_side = side
+    return out
+
+
+def build_pairs(model: Any, tokenizer: Any, settings: Any, device: torch.device) -> list[dict[str, Any]]:
+    """Sample, score and pair; each row says its split (``train`` or ``eval``, by prompt)."""
+    chosen_prompts = prompts()
+    if not 1 <= settings.num_prompts <= len(chosen_prompts):
+        raise ValueError(f"data.sentiment.num_prompts must be in [1, {len(chosen_prompts)}], got {settings.num_prompts}")
+    if not 0 <= settings.eval_prompts < settings.num_prompts:
+        raise ValueError("data.sentiment.eval_prompts must be below data.sentiment.num_prompts")
+    if settings.completions_per_prompt < 2:
+        raise ValueError("data.sentiment.completions_per_prompt must be at least 2 to make a pair")
+    random.Random(settings.seed).shuffle(chosen_prompts)
+    chosen_prompts = chosen_prompts[: settings.num_prompts]
+    was_training = model.training
+    model.eval()
+    completions = sample_completions(model, tokenizer, chosen_prompts, settings, device)
+    model.train(was_training)
+    rows = []
+    for index, (prompt, texts) in enumerate(zip(chosen_prompts, completions)):
+        scores = vader_scores(texts)
+        best = max(range(len(texts)), key=scores.__getitem__)
+        worst = min(range(len(texts)), key=scores.__getitem__)
+        if scores[best] - scores[worst] < settings.min_score_gap or not texts[best].strip() or not texts[worst].strip():
+            continue
+        rows.append({
+            "prompt": prompt, "chosen": texts[best], "rejected": texts[worst],
+            "chosen_score": scores[best], "rejected_score": scores[worst],
+            "split": "eval" if index >= settings.num_prompts - settings.eval_prompts else "train",
+        })
+    return rows
+
+
+def ensure_sentiment_data(model: Any, tokenizer: Any, settings: Any, model_identity: dict, device: torch.device,
+                          root: str) -> tuple[str, str]:
+    """The cached train and eval JSON-lines files, built first if absent. Call on the main process only."""
+    paths = dataset_paths(settings, model_identity, root)
+    if all(os.path.isfile(p) for p in paths):
+        return paths
+    logger.info("building the sentiment preference set (%d prompts x %d completions) into %s",
+                settings.num_prompts, settings.completions_per_prompt, os.path.dirname(paths[0]))
+    by_split: dict[str, list[dict[str, Any]]] = {"train": [], "eval": []}
+    for row in build_pairs(model, tokenizer, settings, device):
+        by_split[row.pop("split")].append(row)
+    os.makedirs(os.path.dirname(paths[0]), exist_ok=True)
+    for split, path in zip(("train", "eval"), paths):
+        handle, tmp = tempfile.mkstemp(prefix=".sentiment-", dir=os.path.dirname(path))
+        with os.fdopen(handle, "w", encoding="utf-8") as out:
+            for row in by_split[split]:
+                out.write(json.dumps(row) + "\n")
+        os.replace(tmp, path)
+    logger.info("sentiment set: %d train pairs, %d eval pairs (prompts whose completions differ by less than %.2f "
+                "in VADER score make no pair)", len(by_split["train"]), len(by_split["eval"]), settings.min_score_gap)
+    return paths

@@ -1,0 +1,282 @@
+"""The DPO training loop on ``accelerate.Accelerator``.
+
+    accelerate launch launch/train.py [--config RECIPE.yaml] [section.key=value ...]
+    accelerate launch --multi_gpu --num_processes 2 launch/train.py ...     (DDP; works on CPU-only machines too)
+    python launch/train.py ...                                              (one process)
+
+``train(cfg)`` reads top to bottom: build the accelerator, load the policy, prepare the pairs (reference log-probs
+precomputed and cached), then one ``train_step`` per optimizer step, ``evaluate`` and ``save_checkpoint`` on their
+schedules, and the final export. Data order is a pure function of (seed, epoch): the position in the data is the
+optimizer step, which is what a resumed run restores.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from typing import Any
+
+import torch
+
+from dpo_dist.checkpoint import (
+    TrainState, adapter_only_checkpoints, latest_checkpoint, load_checkpoint, save_checkpoint, save_final_model,
+)
+from dpo_dist.collate import PreferenceCollator
+from dpo_dist.config import Config, save_config, to_dict
+from dpo_dist.distributed import build_accelerator, gather_in_order, shard_indices
+from dpo_dist.logprobs import concatenated_forward
+from dpo_dist.loss import LENGTH_AVERAGED, preference_loss
+from dpo_dist.metrics import MetricsLog, is_finite, plot, summary
+from dpo_dist.modeling import load_policy, load_reference_copy, resolve_dtype, resolve_source
+from dpo_dist.prepare import model_identity, prepare_datasets
+from dpo_dist.reference import batch_reference_logps
+
+logger = logging.getLogger(__name__)
+
+# Per-pair statistics, one column each, reduced once per optimizer step.
+STATS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "logps/chosen", "logps/rejected", "tokens")
+
+
+class TrainingError(RuntimeError):
+    """The run cannot go on (a non-finite loss, say); the message says where and what is left on disk."""
+
+
+def pair_losses(model: Any, batch: dict[str, torch.Tensor], cfg: Config, reference_model: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """The mean loss of a batch of B pairs and their statistics.
+
+    Shape: -> loss (), stats (B, len(STATS)).
+    """
+    policy = concatenated_forward(model, batch, chunk_size=cfg.train.logps_chunk_size)
+    ref_chosen, ref_rejected = batch_reference_logps(
+        cfg.reference.mode, reference_model, batch, chunk_size=cfg.train.logps_chunk_size
+    )
+    policy_chosen, policy_rejected = policy.chosen_logps, policy.rejected_logps
+    if cfg.loss.loss_type in LENGTH_AVERAGED:
+        policy_chosen = policy_chosen / policy.chosen_tokens.clamp(min=1)
+        policy_rejected = policy_rejected / policy.rejected_tokens.clamp(min=1)
+    losses, chosen_rewards, rejected_rewards = preference_loss(
+        policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta=cfg.loss.beta, loss_type=cfg.loss.loss_type,
+        label_smoothing=cfg.loss.label_smoothing, simpo_gamma=cfg.loss.simpo_gamma,
+    )
+    if cfg.loss.rpo_alpha:
+        losses = losses + cfg.loss.rpo_alpha * -(policy.chosen_logps / policy.chosen_tokens.clamp(min=1))
+    b = losses.shape[0]
+    tokens = batch["attention_mask"].view(2, b, -1).sum(dim=(0, 2))  # chosen row + rejected row of each pair
+    stats = torch.stack([
+        losses.detach(), chosen_rewards, rejected_rewards, (chosen_rewards > rejected_rewards).float(),
+        policy.chosen_logps.detach(), policy.rejected_logps.detach(), tokens.float(),
+    ], dim=1)
+    return losses.mean(), stats
+
+
+def reduce_stats(stats: torch.Tensor, prefix: str = "") -> dict[str, float]:
+    """Means over pairs (tokens: the sum). Shape: stats (N, len(STATS))."""
+    values = dict(zip(STATS, stats.double().mean(0).tolist()))
+    values["tokens"] = float(stats[:, STATS.index("tokens")].sum())
+    values["rewards/margins"] = values["rewards/chosen"] - values["rewards/rejected"]
+    return {f"{prefix}{k}": v for k, v in values.items() if not (prefix and k == "tokens")}
+
+
+class DataOrder:
+    """Which pairs each process takes at each optimizer step.
+
+    Each epoch is a seeded permutation of the pairs, wrapped around to fill its last global batch (so no pair is
+    left out; the few repeated ones are logged). Global step ``g`` takes the ``g``-th block of ``P x B x A`` pairs;
+    micro-step ``a`` of process ``r`` takes its ``(a * P + r)``-th run of ``B``.
+    """
+
+    def __init__(self, num_pairs: int, *, per_device: int, accumulation: int, processes: int, seed: int):
+        self.n, self.b, self.a, self.p, self.seed = num_pairs, per_device, accumulation, processes, seed
+        self.global_batch = per_device * accumulation * processes
+        self.steps_per_epoch = math.ceil(num_pairs / self.global_batch)
+        self.repeated_per_epoch = self.steps_per_epoch * self.global_batch - num_pairs
+        self._epoch, self._order = -1, []
+
+    def micro_batches(self, step: int, rank: int) -> list[list[int]]:
+        epoch, within = divmod(step, self.steps_per_epoch)
+        if epoch != self._epoch:
+            generator = torch.Generator().manual_seed(self.seed + epoch)
+            order = torch.randperm(self.n, generator=generator).tolist()
+            length = self.steps_per_epoch * self.global_batch
+            self._order = (order * math.ceil(length / self.n))[:length]
+            self._epoch = epoch
+        block = self._order[within * self.global_batch : (within + 1) * self.global_batch]
+        return [block[(a * self.p + rank) * self.b : (a * self.p + rank + 1) * self.b] for a in range(self.a)]
+
+
+def lr_lambda(total_steps: int, warmup_steps: int, kind: str):
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / (warmup_steps + 1)
+        if kind == "constant":
+            return 1.0
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        if kind == "linear":
+            return max(0.0, 1.0 - progress)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    return factor
+
+
+def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+@torch.no_grad()
+def evaluate(model: Any, eval_tok: Any, cfg: Config, accelerator: Any, reference_model: Any, collator: Any) -> dict[str, float]:
+    """Pair metrics over the whole eval split, sharded over processes; ``eval/``-prefixed."""
+    shard = shard_indices(len(eval_tok), accelerator)
+    rows = [torch.zeros(0, len(STATS), device=accelerator.device)]
+    was_training = model.training
+    model.eval()
+    for start in range(0, len(shard), cfg.train.eval_batch_size):
+        batch = to_device(collator([eval_tok[i] for i in shard[start : start + cfg.train.eval_batch_size]]), accelerator.device)
+        rows.append(pair_losses(model, batch, cfg, reference_model)[1])
+    model.train(was_training)
+    return reduce_stats(gather_in_order(torch.cat(rows), len(eval_tok), accelerator), prefix="eval/")
+
+
+def train_step(model: Any, optimizer: Any, micro_batches: list[dict[str, torch.Tensor]], cfg: Config, accelerator: Any,
+               reference_model: Any) -> dict[str, float]:
+    """One optimizer step over ``A`` micro-batches; returns the step's metrics, reduced over all processes once."""
+    stats = []
+    record: dict[str, float] = {}
+    for batch in micro_batches:
+        with accelerator.accumulate(model):
+            loss, batch_stats = pair_losses(model, batch, cfg, reference_model)
+            accelerator.backward(loss)
+            stats.append(batch_stats)
+            if accelerator.sync_gradients:
+                max_norm = cfg.train.max_grad_norm if cfg.train.max_grad_norm is not None else float("inf")
+                grad_norm = accelerator.clip_grad_norm_(model.parameters(), max_norm)
+                step_stats = accelerator.gather(torch.cat(stats))
+                record = reduce_stats(step_stats)
+                record["grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")
+                if not is_finite(record["loss"], record["grad_norm"]):
+                    return record  # the caller stops before this update is applied
+            optimizer.step()
+            optimizer.zero_grad()
+    return record
+
+
+def train(cfg: Config) -> dict[str, Any]:
+    t = cfg.train
+    accelerator = build_accelerator(
+        timeout_s=t.collective_timeout_s, gradient_accumulation_steps=t.gradient_accumulation_steps,
+        log_with=t.report_to or None, project_dir=t.output_dir,
+    )
+    from accelerate.utils import set_seed
+
+    set_seed(t.seed)
+    if accelerator.is_main_process:
+        os.makedirs(t.output_dir, exist_ok=True)
+        save_config(cfg, os.path.join(t.output_dir, "config.yaml"))
+    global_batch = t.per_device_batch_size * t.gradient_accumulation_steps * accelerator.num_processes
+    accelerator.print(
+        f"global batch {global_batch} pairs = {t.per_device_batch_size} per device x {t.gradient_accumulation_steps} "
+        f"accumulation x {accelerator.num_processes} processes"
+    )
+
+    with accelerator.main_process_first():
+        model, tokenizer = load_policy(cfg, accelerator.device)
+    model.to(accelerator.device)
+    dtype_name = str(resolve_dtype(cfg.model.dtype, accelerator.device)).removeprefix("torch.")
+    identity = model_identity(cfg, resolve_source(cfg.model.name_or_path), dtype_name)
+    train_tok, eval_tok, counts = prepare_datasets(cfg, accelerator, model, tokenizer, identity)
+    accelerator.print(f"pairs: {counts}")
+
+    order = DataOrder(len(train_tok), per_device=t.per_device_batch_size, accumulation=t.gradient_accumulation_steps,
+                      processes=accelerator.num_processes, seed=t.seed)
+    total_steps = t.max_steps or t.epochs * order.steps_per_epoch
+    if order.repeated_per_epoch:
+        accelerator.print(f"each epoch repeats {order.repeated_per_epoch} pairs to fill its last global batch")
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=t.learning_rate,
+                                  betas=tuple(t.adam_betas), weight_decay=t.weight_decay)
+    warmup = round(t.warmup_ratio * total_steps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(total_steps, warmup, t.lr_scheduler))
+    model, optimizer = accelerator.prepare(model, optimizer)
+    accelerator.register_for_checkpointing(scheduler)  # stepped here once per optimizer step, not by Accelerate
+    if cfg.lora.enabled:
+        adapter_only_checkpoints(accelerator, model)
+    reference_model = None
+    if cfg.reference.mode == "online":
+        reference_model = model if cfg.lora.enabled else load_reference_copy(cfg, accelerator.device).to(accelerator.device)
+
+    state = TrainState()
+    resume_from = latest_checkpoint(t.output_dir) if t.resume == "auto" else None if t.resume == "never" else t.resume
+    if resume_from:
+        state = load_checkpoint(accelerator, resume_from)
+        accelerator.print(f"resumed from {resume_from} at step {state.global_step}")
+    metrics = MetricsLog(t.output_dir, accelerator, resume_step=state.global_step)
+    if t.report_to:
+        accelerator.init_trackers("dpo_dist", config={k: str(v) for k, v in to_dict(cfg).items()})
+    collator = PreferenceCollator(pad_token_id=tokenizer.pad_token_id)
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=total_steps, initial=state.global_step, desc="DPO",
+               disable=not (accelerator.is_local_main_process and t.progress_bar))
+    model.train()
+    stop_reason = None
+    while state.global_step < total_steps and stop_reason is None:
+        started = time.perf_counter()
+        micro_batches = [to_device(collator([train_tok[i] for i in indices]), accelerator.device)
+                         for indices in order.micro_batches(state.global_step, accelerator.process_index)]
+        lr = scheduler.get_last_lr()[0]
+        record = train_step(model, optimizer, micro_batches, cfg, accelerator, reference_model)
+        step = state.global_step + 1
+        if not is_finite(record["loss"], record["grad_norm"]):
+            last = latest_checkpoint(t.output_dir)
+            raise TrainingError(
+                f"non-finite loss at step {step} (loss={record['loss']}, grad_norm={record['grad_norm']}): stopped "
+                f"before applying it; last good checkpoint: {last or 'none (set train.save_every)'}"
+            )
+        scheduler.step()
+        state.global_step = step
+        tokens = record.pop("tokens")
+        record = {"step": step, "epoch": step / order.steps_per_epoch, **record, "lr": lr,
+                  "tokens/s": tokens / (time.perf_counter() - started), "examples_seen": step * order.global_batch}
+        improved = False
+        if eval_tok is not None and (step == total_steps or (t.eval_every and step % t.eval_every == 0)):
+            record.update(evaluate(model, eval_tok, cfg, accelerator, reference_model, collator))
+            improved, stop_reason = track_best(state, record, cfg)
+        metrics.write(record)
+        if t.save_every and (step % t.save_every == 0 or improved):
+            path = os.path.join(t.output_dir, f"checkpoint-{step}")
+            if improved:
+                state.best_checkpoint = path
+            save_checkpoint(accelerator, t.output_dir, state, keep_last=t.keep_last)
+        bar.update(1)
+        bar.set_postfix(loss=f"{record['loss']:.4f}", acc=f"{record['rewards/accuracies']:.2f}")
+    bar.close()
+    if stop_reason:
+        accelerator.print(stop_reason)
+
+    save_final_model(accelerator, model, tokenizer, os.path.join(t.output_dir, "model"))
+    text = summary(metrics.records)
+    if accelerator.is_main_process:
+        with open(os.path.join(t.output_dir, "summary.txt"), "w", encoding="utf-8") as handle:
+            handle.write(text + "\n")
+        if t.plot and metrics.records:
+            plot(metrics.records, os.path.join(t.output_dir, "training_curves.png"))
+    accelerator.print(text)
+    accelerator.end_training()
+    return {"records": metrics.records, "state": state, "counts": counts, "output_dir": t.output_dir}
+
+
+def track_best(state: TrainState, record: dict[str, float], cfg: Config) -> tuple[bool, str | None]:
+    """Update the best eval metric; returns (improved, a stop message when patience ran out)."""
+    t = cfg.train
+    if t.metric_for_best not in record:
+        raise TrainingError(f"train.metric_for_best={t.metric_for_best!r} is not an eval metric; eval gives {sorted(k for k in record if k.startswith('eval/'))}")
+    value = record[t.metric_for_best]
+    better = state.best_metric is None or (value > state.best_metric if t.greater_is_better else value < state.best_metric)
+    if better:
+        state.best_metric, state.evals_without_improvement = value, 0
+        return True, None
+    state.evals_without_improvement += 1
+    if t.early_stopping_patience and state.evals_without_improvement >= t.early_stopping_patience:
+        return False, (f"early stopping at step {state.global_step}: {t.metric_for_best} has not improved on "
+                       f"{state.best_metric:.4f} for {state.evals_without_improvement} evals")
+    return False, None

@@ -1,0 +1,63 @@
+"""Train a policy with DPO.
+
+    accelerate launch launch/train.py                                   # the default run (offline, CPU is fine)
+    accelerate launch launch/train.py --config recipes/hh_rlhf_lora.yaml train.max_steps=100 loss.beta=0.05
+    accelerate launch --multi_gpu --num_processes 2 launch/train.py ... # DDP, on GPUs or CPU-only machines
+    python launch/train.py ...                                          # one process
+
+Options are ``section.key=value`` overrides on top of the recipe (or the defaults); ``--help`` lists them all.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from dpo_dist.config import ConfigError, describe, load_config  # noqa: E402
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description="DPO training on accelerate. Options are section.key=value overrides; see the list below.",
+        epilog="options (section.key, type, default):\n" + "\n".join(describe()),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--config", help="a YAML recipe (see recipes/); overrides apply on top of it")
+    parser.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as error:
+        print(f"config error: {error}", file=sys.stderr)
+        return 2
+    rank = int(os.environ.get("RANK", "0"))
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    import datasets
+    import transformers
+
+    datasets.disable_progress_bars()  # one progress bar: the trainer's
+    transformers.utils.logging.disable_progress_bar()
+    logging.getLogger("accelerate").setLevel(logging.WARNING)
+    from dpo_dist.data import DataError
+    from dpo_dist.tokenization import TokenizationError
+    from dpo_dist.trainer import TrainingError, train
+
+    try:
+        train(cfg)
+    except (DataError, TokenizationError, TrainingError, FileNotFoundError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,271 @@
+"""The training loop on tiny models built here: first step, learning, batch arithmetic, DDP, resume, stops."""
+
+import json
+import math
+import os
+import random
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from dpo_dist.config import load_config
+from dpo_dist.metrics import read_metrics
+from tiny import make_llama, make_tokenizer
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+WORDS = "the movie was film great music acting start finish bread flour water salt capital France Paris".split()
+# Compared between runs: everything a step logs except its wall-clock speed.
+COMPARED = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen",
+            "logps/rejected", "grad_norm", "lr", "examples_seen", "epoch")
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    """Each in-process run builds its own Accelerator; Accelerate keeps process-wide state, reset it after."""
+    yield
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    folder = str(tmp_path_factory.mktemp("tiny-llama"))
+    tokenizer = make_tokenizer("nobos")
+    tokenizer.pad_token = "<pad>"
+    make_llama(len(tokenizer), seed=0).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def synthetic_pairs(path, n, seed=0):
+    """A learnable preference: the chosen response ends in 'yes', the rejected one in 'no', after the same words."""
+    rng = random.Random(seed)
+    with open(path, "w") as handle:
+        for _ in range(n):
+            prompt = " ".join(rng.choices(WORDS, k=rng.randint(3, 8)))
+            middle = " ".join(rng.choices(WORDS, k=rng.randint(1, 4)))
+            handle.write(json.dumps({"prompt": prompt, "chosen": f" {middle} yes", "rejected": f" {middle} no"}) + "\n")
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def data_file(tmp_path_factory):
+    return synthetic_pairs(tmp_path_factory.mktemp("data") / "pairs.jsonl", 80)
+
+
+def overrides(model_dir, data_file, out, **extra):
+    base = {
+        "model.name_or_path": model_dir, "data.source": data_file, "data.eval_ratio": 0.2, "data.max_length": 48,
+        "data.max_prompt_length": 24, "train.output_dir": str(out), "train.progress_bar": False, "train.plot": False,
+        "reference.cache_dir": str(out) + "-refcache", "lora.enabled": False, "train.learning_rate": 1e-3,
+        "train.max_steps": 4, "train.per_device_batch_size": 8, "train.eval_every": None, "train.warmup_ratio": 0.0,
+    }
+    base.update(extra)
+    return [f"{k}={json.dumps(v) if not isinstance(v, str) else v}" for k, v in base.items()]
+
+
+def run(model_dir, data_file, out, **extra):
+    from dpo_dist.trainer import train
+
+    return train(load_config(None, overrides(model_dir, data_file, out, **extra)))
+
+
+def assert_same_trajectory(a, b, atol):
+    assert len(a) == len(b) and len(a) >= 4
+    for ra, rb in zip(a, b):
+        assert ra["step"] == rb["step"]
+        for key in COMPARED + tuple(k for k in ra if k.startswith("eval/")):
+            assert rb[key] == pytest.approx(ra[key], abs=atol), (ra["step"], key)
+
+
+def test_first_step_is_ln2_with_zero_rewards(tiny_model_dir, data_file, tmp_path):
+    """Policy = reference at step 1: every loss is -log sigma(0) = ln 2 = 0.693147, every reward 0 (up to the fp32
+    noise between the precomputed reference's batches and the training batches, ~1e-7)."""
+    first = run(tiny_model_dir, data_file, tmp_path / "out", **{"train.max_steps": 1})["records"][0]
+    assert first["step"] == 1
+    assert first["loss"] == pytest.approx(math.log(2), abs=1e-6)
+    for key in ("rewards/chosen", "rewards/rejected", "rewards/margins"):
+        assert abs(first[key]) < 1e-5, key
+    lines = read_metrics(str(tmp_path / "out" / "metrics.jsonl"))
+    assert lines == [first]
+    assert {"grad_norm", "lr", "tokens/s", "examples_seen", "epoch", "logps/chosen", "logps/rejected"} <= set(first)
+    assert first["examples_seen"] == 8 and first["grad_norm"] > 0
+
+
+def test_learns_a_learnable_preference(tiny_model_dir, data_file, tmp_path):
+    out = tmp_path / "out"
+    result = run(tiny_model_dir, data_file, out, **{"train.max_steps": 30, "train.eval_every": 10})
+    evals = [r for r in result["records"] if "eval/rewards/accuracies" in r]
+    assert [r["step"] for r in evals] == [10, 20, 30]
+    assert evals[-1]["eval/rewards/accuracies"] > 0.9
+    assert evals[-1]["eval/rewards/margins"] > evals[0]["eval/rewards/margins"] > 0
+    assert result["counts"] == {"train_pairs": 64, "eval_pairs": 16, "dropped_too_long": 0}
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_pretrained(str(out / "model"))  # the final full model loads
+    assert os.path.isfile(out / "model" / "tokenizer.json") and os.path.isfile(out / "config.yaml")
+    assert "eval (step 30)" in open(out / "summary.txt").read()
+
+
+def test_batch_times_accumulation_is_one_global_batch(tiny_model_dir, data_file, tmp_path):
+    """8 x 1, 4 x 2 and 2 x 4 see the same 8 pairs per step and give the same trajectory (fp32 tolerance)."""
+    runs = [
+        run(tiny_model_dir, data_file, tmp_path / f"b{b}", **{
+            "train.per_device_batch_size": b, "train.gradient_accumulation_steps": 8 // b, "train.max_grad_norm": 0.5,
+        })["records"]
+        for b in (8, 4, 2)
+    ]
+    assert runs[0][0]["grad_norm"] > 0.5, "clipping must be active for this test to cover it"
+    assert_same_trajectory(runs[0], runs[1], atol=1e-5)
+    assert_same_trajectory(runs[0], runs[2], atol=1e-5)
+
+
+def free_port():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("lora", [False, True])
+def test_two_process_ddp_equals_one_process(tiny_model_dir, data_file, tmp_path, lora):
+    extra = {"lora.enabled": lora, "train.eval_every": 2, "train.max_steps": 5}
+    one = run(tiny_model_dir, data_file, tmp_path / "one", **extra)["records"]
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+               "--main_process_port", str(free_port()), os.path.join(ROOT, "launch", "train.py")]
+    command += overrides(tiny_model_dir, data_file, tmp_path / "two", **extra, **{"train.per_device_batch_size": 4})
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert "x 2 processes" in result.stdout
+    two = read_metrics(str(tmp_path / "two" / "metrics.jsonl"))
+    assert_same_trajectory(one, two, atol=1e-5)
+
+
+def test_resumed_run_continues_the_same_trajectory(tiny_model_dir, data_file, tmp_path, monkeypatch):
+    extra = {"train.max_steps": 6, "train.save_every": 3, "train.eval_every": 3, "lora.enabled": True,
+             "train.warmup_ratio": 0.34}
+    whole = run(tiny_model_dir, data_file, tmp_path / "whole", **extra)["records"]
+
+    from dpo_dist import metrics as metrics_module
+
+    real_write = metrics_module.MetricsLog.write
+
+    def interrupted(self, record):
+        if record["step"] == 5:
+            raise KeyboardInterrupt("killed after step 5, before its log line")
+        real_write(self, record)
+
+    monkeypatch.setattr(metrics_module.MetricsLog, "write", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run(tiny_model_dir, data_file, tmp_path / "cut", **extra)
+    monkeypatch.setattr(metrics_module.MetricsLog, "write", real_write)
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    assert [r["step"] for r in read_metrics(str(tmp_path / "cut" / "metrics.jsonl"))] == [1, 2, 3, 4]
+    resumed = run(tiny_model_dir, data_file, tmp_path / "cut", **extra)
+    assert resumed["state"].global_step == 6
+    assert_same_trajectory(whole, read_metrics(str(tmp_path / "cut" / "metrics.jsonl")), atol=1e-6)
+
+
+def test_checkpoints_keep_last_k_and_the_best(tiny_model_dir, data_file, tmp_path):
+    """lr 0 keeps eval/loss flat, so the first eval stays the best: checkpoint-1 is kept beside the last two."""
+    out = tmp_path / "out"
+    result = run(tiny_model_dir, data_file, out, **{"train.max_steps": 5, "train.save_every": 1, "train.eval_every": 1,
+                                                     "train.keep_last": 2, "train.learning_rate": 0.0})
+    assert sorted(n for n in os.listdir(out) if n.startswith("checkpoint")) == ["checkpoint-1", "checkpoint-4", "checkpoint-5"]
+    assert result["state"].best_checkpoint == str(out / "checkpoint-1")
+
+
+def test_early_stopping_with_patience(tiny_model_dir, data_file, tmp_path, capsys):
+    result = run(tiny_model_dir, data_file, tmp_path / "out", **{
+        "train.max_steps": 20, "train.eval_every": 2, "train.early_stopping_patience": 2, "train.learning_rate": 0.0})
+    assert result["records"][-1]["step"] == 6  # best at 2, no improvement at 4 and 6
+    assert "early stopping at step 6" in capsys.readouterr().out
+
+
+def test_non_finite_loss_stops_naming_the_step(tiny_model_dir, data_file, tmp_path, monkeypatch):
+    from dpo_dist import trainer
+
+    real = trainer.preference_loss
+    calls = {"n": 0}
+
+    def poisoned(*args, **kwargs):
+        calls["n"] += 1
+        losses, chosen, rejected = real(*args, **kwargs)
+        return (losses * float("nan") if calls["n"] == 3 else losses), chosen, rejected
+
+    monkeypatch.setattr(trainer, "preference_loss", poisoned)
+    out = tmp_path / "out"
+    with pytest.raises(trainer.TrainingError, match=r"non-finite loss at step 3 .*last good checkpoint: .*checkpoint-2"):
+        run(tiny_model_dir, data_file, out, **{"train.save_every": 2, "train.max_steps": 6})
+    from safetensors.torch import load_file
+
+    assert load_file(str(out / "checkpoint-2" / "model.safetensors"))  # intact and loadable
+    assert [r["step"] for r in read_metrics(str(out / "metrics.jsonl"))] == [1, 2]
+
+
+def test_lora_adapter_is_saved_for_peft(tiny_model_dir, data_file, tmp_path):
+    out = tmp_path / "out"
+    run(tiny_model_dir, data_file, out, **{"lora.enabled": True, "lora.r": 4, "train.max_steps": 3})
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    ids = torch.tensor([[5, 6, 7, 8, 9]])
+    before = base(ids).logits
+    model = PeftModel.from_pretrained(base, str(out / "model"))
+    assert not torch.allclose(model(ids).logits, before), "the trained adapter changes the model"
+
+
+def test_online_reference_equals_precomputed(tiny_model_dir, data_file, tmp_path):
+    for lora in (False, True):
+        extra = {"lora.enabled": lora, "train.max_steps": 4}
+        precomputed = run(tiny_model_dir, data_file, tmp_path / f"pre{lora}", **extra)["records"]
+        from accelerate.state import AcceleratorState, GradientState
+
+        AcceleratorState._reset_state(reset_partial_state=True)
+        GradientState._reset_state()
+        online = run(tiny_model_dir, data_file, tmp_path / f"on{lora}", **extra, **{"reference.mode": "online"})["records"]
+        assert_same_trajectory(precomputed, online, atol=1e-5)
+
+
+def cli(*args, timeout=300):
+    return subprocess.run([sys.executable, os.path.join(ROOT, "launch", "train.py"), *args],
+                          capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+
+
+def test_bad_config_exits_nonzero_naming_the_key():
+    result = cli("train.learning_rat=0.1")
+    assert result.returncode == 2
+    assert "unknown config key 'train.learning_rat'" in result.stderr and "train.learning_rate" in result.stderr
+    result = cli("train.max_steps=ten")
+    assert result.returncode == 2 and "train.max_steps: 'ten' is not int or null" in result.stderr
+
+
+def test_bad_data_exits_nonzero_naming_the_row(tiny_model_dir, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"prompt": "p", "chosen": " a", "rejected": " b"}) + "\n"
+                   + json.dumps({"prompt": "p", "chosen": " same", "rejected": " same"}) + "\n")
+    result = cli(*overrides(tiny_model_dir, str(bad), tmp_path / "out"))
+    assert result.returncode == 1
+    assert "bad.jsonl: row 1: chosen is identical to rejected" in result.stderr
+
+
+def test_help_lists_every_option():
+    from dpo_dist.config import Config, describe
+
+    result = cli("--help", timeout=60)
+    assert result.returncode == 0
+    lines = describe(Config())
+    assert len(lines) > 50
+    for line in lines:
+        key = line.split()[0]
+        assert key in result.stdout
