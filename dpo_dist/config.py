@@ -10,6 +10,7 @@ The defaults are the default run: SmolLM2-135M-Instruct with LoRA on the built-i
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import os
 import types
 import typing
@@ -60,10 +61,11 @@ class LoraSettings:
 @dataclass
 class SentimentDataConfig:
     num_prompts: int = option(240, "built-in sentiment set: movie-review prompts used (at most 240)")
-    completions_per_prompt: int = option(4, "completions sampled from the reference model per prompt")
-    max_new_tokens: int = option(24, "length of each sampled completion in tokens")
-    min_score_gap: float = option(0.3, "least VADER compound-score gap between chosen and rejected")
-    eval_prompts: int = option(40, "prompts held out for evaluation (never in training)")
+    completions_per_prompt: int = option(6, "completions sampled from the reference model per prompt")
+    pairs_per_prompt: int = option(2, "pairs made per prompt: i-th most positive vs i-th least positive completion")
+    max_new_tokens: int = option(20, "length of each sampled completion in tokens")
+    min_score_gap: float = option(0.6, "least VADER compound-score gap between chosen and rejected")
+    eval_prompts: int = option(48, "prompts held out for evaluation (never in training)")
     seed: int = option(0, "sampling seed")
 
 
@@ -108,18 +110,18 @@ class ReferenceSettings:
 class TrainSettings:
     output_dir: str = option("outputs/default", "where checkpoints, metrics.jsonl, the final model and plots go")
     seed: int = option(42, "seed for data order, subsets, splits and initialization")
-    epochs: int = option(1, "passes over the training pairs (ignored when max_steps is set)")
+    epochs: int = option(2, "passes over the training pairs (ignored when max_steps is set)")
     max_steps: int | None = option(None, "optimizer steps to run (overrides epochs)")
     per_device_batch_size: int = option(8, "pairs per process per micro-batch")
     gradient_accumulation_steps: int = option(1, "micro-batches per optimizer step")
     eval_batch_size: int = option(16, "pairs per process per eval and reference batch")
-    learning_rate: float = option(5e-4, "peak learning rate (AdamW)")
+    learning_rate: float = option(2e-4, "peak learning rate (AdamW)")
     weight_decay: float = option(0.0, "AdamW weight decay")
     adam_betas: list[float] = option([0.9, 0.999], "AdamW betas")
     lr_scheduler: Literal["cosine", "linear", "constant"] = option("cosine", "decay after warmup")
     warmup_ratio: float = option(0.1, "fraction of steps spent warming up linearly from 0")
     max_grad_norm: float | None = option(1.0, "clip the global gradient norm to this (null: no clipping)")
-    eval_every: int | None = option(25, "evaluate every N optimizer steps (and at the end); null: only at the end")
+    eval_every: int | None = option(20, "evaluate every N optimizer steps (and at the end); null: only at the end")
     save_every: int | None = option(None, "checkpoint every N optimizer steps; null: no intermediate checkpoints")
     keep_last: int = option(2, "intermediate checkpoints kept (the best is kept too)")
     metric_for_best: str = option("eval/loss", "eval metric that picks the best checkpoint and drives early stopping")
@@ -189,6 +191,8 @@ class Config:
         for tracker in t.report_to:
             if tracker not in known_trackers:
                 raise ConfigError(f"train.report_to: unknown tracker {tracker!r}; valid: {', '.join(known_trackers)}")
+            if importlib.util.find_spec(tracker) is None:
+                raise ConfigError(f"train.report_to: {tracker} is not installed (python3 -m pip install {tracker.replace('_', '-')})")
         if not t.metric_for_best.startswith("eval/"):
             raise ConfigError(f"train.metric_for_best must be an eval metric (eval/...), got {t.metric_for_best!r}")
         if d.eval_ratio == 0.0 and d.eval_source is None and d.eval_split is None and d.source != "builtin:sentiment":

@@ -2,7 +2,8 @@
 
 Short movie-review openings written for this project are continued by the reference model itself (several sampled
 completions per prompt); the VADER sentiment analyzer scores each completion, and the most and the least positive
-completion of a prompt become chosen and rejected when their scores differ by at least ``min_score_gap``. A DPO run
+completion of a prompt become chosen and rejected when their scores differ by at least ``min_score_gap`` (and
+the second most against the second least, and so on, up to ``pairs_per_prompt`` pairs). A DPO run
 on these pairs should make the model's continuations more positive. Held-out prompts (``eval_prompts``) give the
 eval pairs and never appear in training.
 
@@ -85,7 +86,7 @@ def sample_completions(model: Any, tokenizer: Any, texts: list[str], settings: A
             batch = tokenizer(texts[start : start + 32], return_tensors="pt", padding=True).to(device)
             generated = model.generate(
                 **batch, do_sample=True, temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=settings.max_new_tokens,
-                num_return_sequences=k, pad_token_id=tokenizer.pad_token_id,
+                num_return_sequences=k, pad_token_id=tokenizer.pad_token_id, use_cache=True,
             )
             decoded = tokenizer.batch_decode(generated[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
             out += [decoded[i : i + k] for i in range(0, len(decoded), k)]
@@ -111,16 +112,17 @@ def build_pairs(model: Any, tokenizer: Any, settings: Any, device: torch.device)
     model.train(was_training)
     rows = []
     for index, (prompt, texts) in enumerate(zip(chosen_prompts, completions)):
+        texts = [t for t in texts if t.strip()]
         scores = vader_scores(texts)
-        best = max(range(len(texts)), key=scores.__getitem__)
-        worst = min(range(len(texts)), key=scores.__getitem__)
-        if scores[best] - scores[worst] < settings.min_score_gap or not texts[best].strip() or not texts[worst].strip():
-            continue
-        rows.append({
-            "prompt": prompt, "chosen": texts[best], "rejected": texts[worst],
-            "chosen_score": scores[best], "rejected_score": scores[worst],
-            "split": "eval" if index >= settings.num_prompts - settings.eval_prompts else "train",
-        })
+        ranked = sorted(range(len(texts)), key=scores.__getitem__, reverse=True)
+        split = "eval" if index >= settings.num_prompts - settings.eval_prompts else "train"
+        # The i-th most positive against the i-th least positive, while they are distinct and far enough apart.
+        for i in range(min(settings.pairs_per_prompt, len(ranked) // 2)):
+            best, worst = ranked[i], ranked[-1 - i]
+            if scores[best] - scores[worst] < settings.min_score_gap:
+                break
+            rows.append({"prompt": prompt, "chosen": texts[best], "rejected": texts[worst],
+                         "chosen_score": scores[best], "rejected_score": scores[worst], "split": split})
     return rows
 
 

@@ -37,7 +37,7 @@ def tiny_model_dir(tmp_path_factory):
     folder = str(tmp_path_factory.mktemp("tiny-llama"))
     tokenizer = make_tokenizer("nobos")
     tokenizer.pad_token = "<pad>"
-    make_llama(len(tokenizer), seed=0).save_pretrained(folder)
+    make_llama(len(tokenizer), seed=0, tie_word_embeddings=True).save_pretrained(folder)  # tied, like SmolLM2
     tokenizer.save_pretrained(folder)
     return folder
 
@@ -76,10 +76,14 @@ def run(model_dir, data_file, out, **extra):
 
 
 def assert_same_trajectory(a, b, atol):
+    """Equal step by step. At step 1 policy = reference, so every reward is float noise (~1e-7) and which side of 0
+    it falls on, the accuracy, is a coin toss: accuracies are compared from step 2 on."""
     assert len(a) == len(b) and len(a) >= 4
     for ra, rb in zip(a, b):
         assert ra["step"] == rb["step"]
         for key in COMPARED + tuple(k for k in ra if k.startswith("eval/")):
+            if ra["step"] == 1 and key.endswith("accuracies"):
+                continue
             assert rb[key] == pytest.approx(ra[key], abs=atol), (ra["step"], key)
 
 

@@ -1,0 +1,99 @@
+"""The typed config: every shipped recipe loads; unknown keys and wrong types are errors naming the key."""
+
+import glob
+import os
+
+import pytest
+
+from dpo_dist.config import Config, ConfigError, describe, load_config, parse_override
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RECIPES = sorted(glob.glob(os.path.join(ROOT, "recipes", "*.yaml")))
+
+
+def test_there_are_recipes():
+    assert len(RECIPES) >= 2
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=os.path.basename)
+def test_every_shipped_recipe_loads_and_validates(path):
+    cfg = load_config(path)
+    assert isinstance(cfg, Config)
+    assert cfg.train.output_dir.startswith("outputs/")
+
+
+def test_the_seed_projects_recipe():
+    cfg = load_config(os.path.join(ROOT, "recipes", "tinyllama_ultrafeedback_qlora.yaml"))
+    assert cfg.model.name_or_path == "TinyLlama/TinyLlama-1.1B-Chat-v1.0"
+    assert cfg.data.source == "argilla/ultrafeedback-binarized-preferences-cleaned"
+    assert (cfg.data.num_samples, cfg.loss.beta, cfg.model.quantization, cfg.lora.enabled) == (500, 0.1, "4bit", True)
+
+
+def test_defaults_are_the_default_run():
+    cfg = load_config()
+    assert cfg.model.name_or_path == "builtin:smollm2-135m-instruct" and cfg.data.source == "builtin:sentiment"
+
+
+def test_overrides_are_typed_yaml():
+    cfg = load_config(None, ["train.max_steps=20", "loss.beta=0.05", "lora.target_modules=[q_proj, v_proj]",
+                             "train.eval_every=null", "train.learning_rate=1", "model.dtype=float32"])
+    assert cfg.train.max_steps == 20 and cfg.loss.beta == 0.05
+    assert cfg.lora.target_modules == ["q_proj", "v_proj"] and cfg.train.eval_every is None
+    assert cfg.train.learning_rate == 1.0 and isinstance(cfg.train.learning_rate, float)
+    assert parse_override("a.b.c=x y") == {"a": {"b": {"c": "x y"}}}
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("train.bogus=1", r"unknown config key 'train.bogus'; valid keys here: train.output_dir, train.seed"),
+        ("trian.max_steps=1", r"unknown config key 'trian'; valid keys here: model, lora, data"),
+        ("train.max_steps=1.5", r"train.max_steps: 1.5 is not int or null"),
+        ("train.max_steps=true", r"train.max_steps: True is not int or null"),
+        ("loss.loss_type=dpo", r"loss.loss_type: 'dpo' is not one of sigmoid, robust, hinge, ipo, simpo"),
+        ("train.adam_betas=[0.9, x]", r"train.adam_betas\[1\]: 'x' \(str\) is not float"),
+        ("train", r"override 'train' should look like section.key=value"),
+        ("train=3", r"train is a section"),
+        ("train.max_steps=0", r"train.max_steps must be positive"),
+        ("data.max_prompt_length=600", r"data.max_prompt_length \(600\) must be below data.max_length \(512\)"),
+        ("loss.loss_type=simpo", r"simpo is reference-free: set reference.mode=none"),
+        ("train.report_to=[neptune]", r"unknown tracker 'neptune'"),
+        ("train.resume=/nonexistent", r"train.resume must be auto, never, or a checkpoint folder"),
+    ],
+)
+def test_bad_values_name_the_key(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, [override])
+
+
+def test_recipe_errors_name_the_file(tmp_path):
+    bad = tmp_path / "r.yaml"
+    bad.write_text("train:\n  epoch: 3\n")
+    with pytest.raises(ConfigError, match=r"r.yaml: unknown config key 'train.epoch'"):
+        load_config(str(bad))
+    bad.write_text("train: [1, 2\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(str(bad))
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(str(tmp_path / "missing.yaml"))
+
+
+def test_describe_gives_type_default_and_meaning():
+    text = "\n".join(describe())
+    assert "train.learning_rate (float; default: 0.0002)" in text
+    assert "peak learning rate" in text
+    assert "data.sentiment.num_prompts (int; default: 240)" in text
+
+
+def test_quantization_needs_lora():
+    with pytest.raises(ConfigError, match=r"model.quantization=4bit .* set lora.enabled=true"):
+        load_config(None, ["model.quantization=4bit", "lora.enabled=false"])
+
+
+def test_a_requested_tracker_must_be_installed(monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))
+    with pytest.raises(ConfigError, match=r"train.report_to: wandb is not installed \(python3 -m pip install wandb\)"):
+        load_config(None, ["train.report_to=[wandb]"])
