@@ -133,6 +133,7 @@ class TrainSettings:
     plot: bool = option(True, "draw training curves to training_curves.png at the end")
     progress_bar: bool = option(True, "show a tqdm progress bar on the main process")
     collective_timeout_s: int = option(1800, "seconds before a stuck collective fails the run")
+    cpu_threads: int | None = option(None, "threads per process on CPU; null: this machine's CPUs / its processes")
 
 
 @dataclass
@@ -158,7 +159,7 @@ class Config:
             "loss.beta": self.loss.beta,
             "data.max_length": d.max_length,
         }
-        for key in ("train.max_steps", "train.eval_every", "train.save_every", "train.early_stopping_patience",
+        for key in ("train.max_steps", "train.eval_every", "train.save_every", "train.early_stopping_patience", "train.cpu_threads",
                     "data.num_samples", "data.max_prompt_length"):
             value = get_key(self, key)
             if value is not None:

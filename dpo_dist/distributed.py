@@ -44,3 +44,16 @@ def shard_indices(n: int, accelerator: Any) -> list[int]:
 def gather_in_order(local: torch.Tensor, n: int, accelerator: Any) -> torch.Tensor:
     """The rows every process computed for its ``shard_indices``, in dataset order, padding dropped."""
     return accelerator.gather(local.contiguous())[:n]
+
+
+def set_cpu_threads(requested: int | None, accelerator: Any) -> int | None:
+    """Threads per process for CPU runs: ``requested``, or the CPUs this process may use divided by the processes on
+    this machine. ``accelerate launch`` without a config sets ``OMP_NUM_THREADS=1`` on machines without GPUs, which
+    halves a 2-core machine's speed; this undoes that. Returns the count, or None on GPU runs."""
+    if accelerator.device.type != "cpu":
+        return None
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes))
+    available = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    threads = requested or max(1, available // max(1, local))
+    torch.set_num_threads(threads)
+    return threads

@@ -11,7 +11,7 @@ from dpo_dist import cache
 from dpo_dist.builtin_model import cache_root
 from dpo_dist.collate import PreferenceCollator
 from dpo_dist.config import Config
-from dpo_dist.data import load_train_eval
+from dpo_dist.data import DataError, load_train_eval
 from dpo_dist.reference import precompute_reference, reference_fingerprint_parts
 from dpo_dist.sentiment import SENTIMENT, ensure_sentiment_data
 from dpo_dist.tokenization import Truncation, tokenize_pairs
@@ -55,6 +55,10 @@ def prepare_datasets(
     with accelerator.main_process_first():
         train_tok, train_dropped = tokenize_pairs(train, tokenizer, truncation)
         eval_tok, eval_dropped = tokenize_pairs(eval_, tokenizer, truncation) if eval_ is not None else (None, 0)
+    for name, tokenized in (("training", train_tok), ("eval", eval_tok)):
+        if tokenized is not None and len(tokenized) == 0:
+            raise DataError(f"every {name} pair was dropped: its prompt leaves no room for a response within "
+                            f"data.max_length={cfg.data.max_length}; raise it or set data.max_prompt_length")
     counts = {"train_pairs": len(train_tok), "eval_pairs": len(eval_tok) if eval_tok is not None else 0,
               "dropped_too_long": train_dropped + eval_dropped}
     if cfg.reference.mode == "precomputed":

@@ -25,7 +25,7 @@ from dpo_dist.checkpoint import (
 )
 from dpo_dist.collate import PreferenceCollator
 from dpo_dist.config import Config, save_config, to_dict
-from dpo_dist.distributed import build_accelerator, gather_in_order, shard_indices
+from dpo_dist.distributed import build_accelerator, gather_in_order, set_cpu_threads, shard_indices
 from dpo_dist.logprobs import concatenated_forward
 from dpo_dist.loss import LENGTH_AVERAGED, preference_loss
 from dpo_dist.metrics import MetricsLog, is_finite, plot, summary
@@ -170,13 +170,14 @@ def train(cfg: Config) -> dict[str, Any]:
     from accelerate.utils import set_seed
 
     set_seed(t.seed)
+    threads = set_cpu_threads(t.cpu_threads, accelerator)
     if accelerator.is_main_process:
         os.makedirs(t.output_dir, exist_ok=True)
         save_config(cfg, os.path.join(t.output_dir, "config.yaml"))
     global_batch = t.per_device_batch_size * t.gradient_accumulation_steps * accelerator.num_processes
     accelerator.print(
         f"global batch {global_batch} pairs = {t.per_device_batch_size} per device x {t.gradient_accumulation_steps} "
-        f"accumulation x {accelerator.num_processes} processes"
+        f"accumulation x {accelerator.num_processes} processes" + (f", {threads} CPU threads each" if threads else "")
     )
 
     with accelerator.main_process_first():
@@ -211,7 +212,7 @@ def train(cfg: Config) -> dict[str, Any]:
         accelerator.print(f"resumed from {resume_from} at step {state.global_step}")
     metrics = MetricsLog(t.output_dir, accelerator, resume_step=state.global_step)
     if t.report_to:
-        accelerator.init_trackers("dpo_dist", config={k: str(v) for k, v in to_dict(cfg).items()})
+        accelerator.init_trackers("dpo_dist", config=flat_config(cfg))
     collator = PreferenceCollator(pad_token_id=tokenizer.pad_token_id)
     from tqdm.auto import tqdm
 
@@ -263,6 +264,21 @@ def train(cfg: Config) -> dict[str, Any]:
     accelerator.print(text)
     accelerator.end_training()
     return {"records": metrics.records, "state": state, "counts": counts, "output_dir": t.output_dir}
+
+
+def flat_config(cfg: Config) -> dict[str, Any]:
+    """``{"train.learning_rate": 0.0002, ...}``: what trackers show as the run's hyperparameters."""
+    flat: dict[str, Any] = {}
+
+    def walk(node: dict, prefix: str) -> None:
+        for key, value in node.items():
+            if isinstance(value, dict):
+                walk(value, f"{prefix}{key}.")
+            else:
+                flat[f"{prefix}{key}"] = value if isinstance(value, (int, float, str, bool)) else str(value)
+
+    walk(to_dict(cfg), "")
+    return flat
 
 
 def track_best(state: TrainState, record: dict[str, float], cfg: Config) -> tuple[bool, str | None]:

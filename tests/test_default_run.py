@@ -35,4 +35,4 @@ def test_default_recipe_runs_a_few_steps(tmp_path):
     for name in ("summary.txt", "training_curves.png", "config.yaml", "model/adapter_model.safetensors",
                  "model/tokenizer.json"):
         assert os.path.isfile(out / name), name
-    assert "global batch 2 pairs = 2 per device x 1 accumulation x 1 processes" in result.stdout
+    assert "global batch 2 pairs = 2 per device x 1 accumulation x 1 processes, " in result.stdout

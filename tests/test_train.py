@@ -4,6 +4,7 @@ import json
 import math
 import os
 import random
+import re
 import socket
 import subprocess
 import sys
@@ -146,7 +147,7 @@ def test_two_process_ddp_equals_one_process(tiny_model_dir, data_file, tmp_path,
     command += overrides(tiny_model_dir, data_file, tmp_path / "two", **extra, **{"train.per_device_batch_size": 4})
     result = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert result.returncode == 0, result.stderr[-4000:]
-    assert "x 2 processes" in result.stdout
+    assert re.search(r"x 2 processes, \d+ CPU threads each", result.stdout), result.stdout[-2000:]
     two = read_metrics(str(tmp_path / "two" / "metrics.jsonl"))
     assert_same_trajectory(one, two, atol=1e-5)
 
@@ -273,3 +274,24 @@ def test_help_lists_every_option():
     for line in lines:
         key = line.split()[0]
         assert key in result.stdout
+
+
+def test_accelerate_launch_on_cpu_uses_every_core(tiny_model_dir, data_file, tmp_path):
+    """Plain `accelerate launch` sets OMP_NUM_THREADS=1 without GPUs; the trainer gives one process all the CPUs."""
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1",
+               os.path.join(ROOT, "launch", "train.py"), *overrides(tiny_model_dir, data_file, tmp_path / "out",
+                                                                   **{"train.max_steps": 1})]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"x 1 processes, {len(os.sched_getaffinity(0))} CPU threads each" in result.stdout
+
+
+def test_every_pair_dropped_is_an_error(tiny_model_dir, tmp_path):
+    long_prompts = tmp_path / "long.jsonl"
+    long_prompts.write_text("".join(
+        json.dumps({"prompt": " ".join(WORDS * 3), "chosen": " yes", "rejected": " no"}) + "\n" for _ in range(10)))
+    from dpo_dist.data import DataError
+
+    with pytest.raises(DataError, match="every training pair was dropped"):
+        run(tiny_model_dir, str(long_prompts), tmp_path / "out", **{"data.max_prompt_length": None,
+                                                                     "data.max_length": 16})
