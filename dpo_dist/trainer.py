@@ -16,6 +16,7 @@ import logging
 import math
 import os
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -161,7 +162,29 @@ def train_step(model: Any, optimizer: Any, micro_batches: list[dict[str, torch.T
     return record
 
 
-def train(cfg: Config) -> dict[str, Any]:
+@dataclass
+class Run:
+    """Everything a training run holds, built by :func:`setup`."""
+
+    cfg: Config
+    accelerator: Any
+    model: Any
+    tokenizer: Any
+    optimizer: Any
+    scheduler: Any
+    train_tok: Any
+    eval_tok: Any
+    counts: dict
+    order: DataOrder
+    total_steps: int
+    reference_model: Any
+    state: TrainState
+    metrics: MetricsLog
+    collator: PreferenceCollator
+
+
+def setup(cfg: Config) -> Run:
+    """Accelerator, policy, pairs (with reference log-probs), optimizer and schedule, resumed state."""
     t = cfg.train
     accelerator = build_accelerator(
         timeout_s=t.collective_timeout_s, gradient_accumulation_steps=t.gradient_accumulation_steps,
@@ -213,19 +236,26 @@ def train(cfg: Config) -> dict[str, Any]:
     metrics = MetricsLog(t.output_dir, accelerator, resume_step=state.global_step)
     if t.report_to:
         accelerator.init_trackers("dpo_dist", config=flat_config(cfg))
-    collator = PreferenceCollator(pad_token_id=tokenizer.pad_token_id)
+    return Run(cfg, accelerator, model, tokenizer, optimizer, scheduler, train_tok, eval_tok, counts, order,
+               total_steps, reference_model, state, metrics, PreferenceCollator(pad_token_id=tokenizer.pad_token_id))
+
+
+def train(cfg: Config) -> dict[str, Any]:
+    """Run DPO training as configured; returns the metric records, the final state and the pair counts."""
+    run = setup(cfg)
+    t, accelerator, state = cfg.train, run.accelerator, run.state
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=total_steps, initial=state.global_step, desc="DPO",
+    bar = tqdm(total=run.total_steps, initial=state.global_step, desc="DPO",
                disable=not (accelerator.is_local_main_process and t.progress_bar))
-    model.train()
+    run.model.train()
     stop_reason = None
-    while state.global_step < total_steps and stop_reason is None:
+    while state.global_step < run.total_steps and stop_reason is None:
         started = time.perf_counter()
-        micro_batches = [to_device(collator([train_tok[i] for i in indices]), accelerator.device)
-                         for indices in order.micro_batches(state.global_step, accelerator.process_index)]
-        lr = scheduler.get_last_lr()[0]
-        record = train_step(model, optimizer, micro_batches, cfg, accelerator, reference_model)
+        micro_batches = [to_device(run.collator([run.train_tok[i] for i in indices]), accelerator.device)
+                         for indices in run.order.micro_batches(state.global_step, accelerator.process_index)]
+        lr = run.scheduler.get_last_lr()[0]
+        record = train_step(run.model, run.optimizer, micro_batches, cfg, accelerator, run.reference_model)
         step = state.global_step + 1
         if not is_finite(record["loss"], record["grad_norm"]):
             last = latest_checkpoint(t.output_dir)
@@ -233,37 +263,41 @@ def train(cfg: Config) -> dict[str, Any]:
                 f"non-finite loss at step {step} (loss={record['loss']}, grad_norm={record['grad_norm']}): stopped "
                 f"before applying it; last good checkpoint: {last or 'none (set train.save_every)'}"
             )
-        scheduler.step()
+        run.scheduler.step()
         state.global_step = step
         tokens = record.pop("tokens")
-        record = {"step": step, "epoch": step / order.steps_per_epoch, **record, "lr": lr,
-                  "tokens/s": tokens / (time.perf_counter() - started), "examples_seen": step * order.global_batch}
+        record = {"step": step, "epoch": step / run.order.steps_per_epoch, **record, "lr": lr,
+                  "tokens/s": tokens / (time.perf_counter() - started), "examples_seen": step * run.order.global_batch}
         improved = False
-        if eval_tok is not None and (step == total_steps or (t.eval_every and step % t.eval_every == 0)):
-            record.update(evaluate(model, eval_tok, cfg, accelerator, reference_model, collator))
+        if run.eval_tok is not None and (step == run.total_steps or (t.eval_every and step % t.eval_every == 0)):
+            record.update(evaluate(run.model, run.eval_tok, cfg, accelerator, run.reference_model, run.collator))
             improved, stop_reason = track_best(state, record, cfg)
-        metrics.write(record)
+        run.metrics.write(record)
         if t.save_every and (step % t.save_every == 0 or improved):
-            path = os.path.join(t.output_dir, f"checkpoint-{step}")
             if improved:
-                state.best_checkpoint = path
+                state.best_checkpoint = os.path.join(t.output_dir, f"checkpoint-{step}")
             save_checkpoint(accelerator, t.output_dir, state, keep_last=t.keep_last)
         bar.update(1)
         bar.set_postfix(loss=f"{record['loss']:.4f}", acc=f"{record['rewards/accuracies']:.2f}")
     bar.close()
     if stop_reason:
         accelerator.print(stop_reason)
+    finish(run)
+    return {"records": run.metrics.records, "state": state, "counts": run.counts, "output_dir": t.output_dir}
 
-    save_final_model(accelerator, model, tokenizer, os.path.join(t.output_dir, "model"))
-    text = summary(metrics.records)
+
+def finish(run: Run) -> None:
+    """The final model, summary and plot."""
+    t, accelerator = run.cfg.train, run.accelerator
+    save_final_model(accelerator, run.model, run.tokenizer, os.path.join(t.output_dir, "model"))
+    text = summary(run.metrics.records)
     if accelerator.is_main_process:
         with open(os.path.join(t.output_dir, "summary.txt"), "w", encoding="utf-8") as handle:
             handle.write(text + "\n")
-        if t.plot and metrics.records:
-            plot(metrics.records, os.path.join(t.output_dir, "training_curves.png"))
+        if t.plot and run.metrics.records:
+            plot(run.metrics.records, os.path.join(t.output_dir, "training_curves.png"))
     accelerator.print(text)
     accelerator.end_training()
-    return {"records": metrics.records, "state": state, "counts": counts, "output_dir": t.output_dir}
 
 
 def flat_config(cfg: Config) -> dict[str, Any]:
