@@ -44,10 +44,20 @@ def load_tokenizer(source: str, cfg: Config) -> Any:
 
 
 def disable_dropout(model: torch.nn.Module) -> None:
-    """Dropout off everywhere: DPO compares log-probs of policy and reference, which dropout would make noisy."""
+    """Dropout off everywhere: DPO compares log-probs of policy and reference, which dropout would make noisy.
+
+    Both kinds: ``nn.Dropout`` modules, and attention dropout passed as a float (``attention_dropout`` on Llama-style
+    attention modules and their config), which no module-type check would find.
+    """
     for module in model.modules():
         if isinstance(module, torch.nn.Dropout):
             module.p = 0.0
+        if isinstance(getattr(module, "attention_dropout", None), float):
+            module.attention_dropout = 0.0
+    config = getattr(model, "config", None)
+    for name in ("attention_dropout", "hidden_dropout", "dropout", "resid_pdrop", "embd_pdrop", "attn_pdrop"):
+        if isinstance(getattr(config, name, None), float):
+            setattr(config, name, 0.0)
 
 
 def _load_base(source: str, cfg: Config, dtype: torch.dtype, device: torch.device) -> torch.nn.Module:

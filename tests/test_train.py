@@ -36,8 +36,8 @@ def fresh_accelerate_state():
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
     folder = str(tmp_path_factory.mktemp("tiny-llama"))
-    tokenizer = make_tokenizer("nobos")
-    tokenizer.pad_token = "<pad>"
+    tokenizer = make_tokenizer("nobos")  # no pad token: the trainer pads with EOS
+    assert tokenizer.pad_token is None
     make_llama(len(tokenizer), seed=0, tie_word_embeddings=True).save_pretrained(folder)  # tied, like SmolLM2
     tokenizer.save_pretrained(folder)
     return folder
@@ -295,3 +295,32 @@ def test_every_pair_dropped_is_an_error(tiny_model_dir, tmp_path):
     with pytest.raises(DataError, match="every training pair was dropped"):
         run(tiny_model_dir, str(long_prompts), tmp_path / "out", **{"data.max_prompt_length": None,
                                                                      "data.max_length": 16})
+
+
+def test_gradient_checkpointing_gives_the_same_trajectory(tiny_model_dir, data_file, tmp_path):
+    for lora in (False, True):
+        plain = run(tiny_model_dir, data_file, tmp_path / f"plain{lora}", **{"lora.enabled": lora})["records"]
+        from accelerate.state import AcceleratorState, GradientState
+
+        AcceleratorState._reset_state(reset_partial_state=True)
+        GradientState._reset_state()
+        checkpointed = run(tiny_model_dir, data_file, tmp_path / f"ckpt{lora}",
+                           **{"lora.enabled": lora, "model.gradient_checkpointing": True})["records"]
+        assert_same_trajectory(plain, checkpointed, atol=1e-5)
+
+
+def test_dropout_is_off_in_the_policy(tmp_path):
+    """Attention dropout 0.5 in the config: after loading, two training-mode forwards agree exactly."""
+    from dpo_dist.modeling import load_policy
+
+    tokenizer = make_tokenizer("nobos")
+    folder = str(tmp_path / "m")
+    make_llama(len(tokenizer), attention_dropout=0.5).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    for lora in (False, True):
+        cfg = load_config(None, [f"model.name_or_path={folder}", f"lora.enabled={str(lora).lower()}", "lora.dropout=0.0"])
+        model, tok = load_policy(cfg, torch.device("cpu"))
+        model.train()
+        ids = torch.tensor([[5, 6, 7, 8, 9, 10]])
+        torch.testing.assert_close(model(ids).logits, model(ids).logits, rtol=0, atol=0)
+        assert tok.pad_token == tok.eos_token
