@@ -97,7 +97,10 @@ def save_checkpoint(accelerator: Any, output_dir: str, state: TrainState, *, kee
 
 
 def load_checkpoint(accelerator: Any, path: str) -> TrainState:
-    accelerator.load_state(path, strict=False)  # adapter-only files are checked exactly by the pre-hook
+    if getattr(accelerator.state, "deepspeed_plugin", None) is not None:
+        accelerator.load_state(path)  # DeepSpeed's own checkpoint format, every rank its shards
+    else:
+        accelerator.load_state(path, strict=False)  # adapter-only files are checked exactly by the pre-hook
     with open(os.path.join(path, STATE_FILE), encoding="utf-8") as handle:
         return TrainState(**json.load(handle))
 

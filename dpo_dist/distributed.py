@@ -28,9 +28,76 @@ def build_accelerator(*, timeout_s: int | None = None, **kwargs: Any):
         state_kwargs["timeout"] = datetime.timedelta(seconds=timeout_s)
         kwargs.setdefault("kwargs_handlers", []).append(InitProcessGroupKwargs(timeout=state_kwargs["timeout"]))
     if not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        PartialState(cpu=True, **state_kwargs)
-        kwargs.setdefault("cpu", True)
+        if uses_deepspeed():
+            # DeepSpeed on CPU: without gloo set first, Accelerate reports 1 process while DeepSpeed sees them all.
+            PartialState(backend="gloo", **state_kwargs)
+        else:
+            PartialState(cpu=True, **state_kwargs)
+            kwargs.setdefault("cpu", True)
     return Accelerator(**kwargs)
+
+
+def uses_deepspeed() -> bool:
+    """Whether ``accelerate launch`` was given a DeepSpeed config."""
+    return os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+
+
+class DeepSpeedConfigError(ValueError):
+    """The DeepSpeed config disagrees with the training config, or asks for what cannot work."""
+
+
+def configure_deepspeed(accelerator: Any, *, per_device_batch_size: int, gradient_accumulation_steps: int,
+                        max_grad_norm: float | None, dtype: torch.dtype) -> dict | None:
+    """Write batch size, accumulation, clipping and precision from the training config into DeepSpeed's config.
+
+    A value the DeepSpeed config leaves out or sets to ``auto`` is filled in; one it sets to something else is an
+    error naming both (the training config is the one owner of these numbers). Returns the DeepSpeed config, or None
+    without DeepSpeed.
+    """
+    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    if plugin is None:
+        return None
+    config = plugin.deepspeed_config
+    wanted = {
+        "train_micro_batch_size_per_gpu": (per_device_batch_size, "train.per_device_batch_size"),
+        "gradient_accumulation_steps": (gradient_accumulation_steps, "train.gradient_accumulation_steps"),
+        "train_batch_size": (per_device_batch_size * gradient_accumulation_steps * accelerator.num_processes,
+                             "train.per_device_batch_size x train.gradient_accumulation_steps x processes"),
+        "gradient_clipping": (float(max_grad_norm or 0.0), "train.max_grad_norm"),
+    }
+    for key, (value, source) in wanted.items():
+        current = config.get(key, "auto")
+        if current != "auto" and current != value:
+            raise DeepSpeedConfigError(
+                f"the DeepSpeed config sets {key}={current}, the training config {source} gives {value}: "
+                f"remove {key} from the DeepSpeed config (or set it to auto) and set it in the training config"
+            )
+        config[key] = value
+    for precision, enabled in (("bf16", dtype == torch.bfloat16), ("fp16", dtype == torch.float16)):
+        section = config.setdefault(precision, {})
+        current = section.get("enabled", "auto")
+        if current != "auto" and bool(current) != enabled:
+            raise DeepSpeedConfigError(
+                f"the DeepSpeed config sets {precision}.enabled={current} but model.dtype resolves to {dtype}: "
+                f"set model.dtype to match or {precision}.enabled to auto"
+            )
+        section["enabled"] = enabled
+    zero = config.setdefault("zero_optimization", {})
+    if zero.get("stage") == 3:
+        zero["stage3_gather_16bit_weights_on_model_save"] = True  # the final export consolidates the shards
+    if accelerator.gradient_accumulation_steps != gradient_accumulation_steps:
+        raise DeepSpeedConfigError(
+            f"accelerate launch set gradient accumulation to {accelerator.gradient_accumulation_steps} (its config or "
+            f"ACCELERATE_GRADIENT_ACCUMULATION_STEPS), the training config to {gradient_accumulation_steps}: "
+            "remove it from the accelerate config; train.gradient_accumulation_steps owns it"
+        )
+    return config
+
+
+def zero_stage(accelerator: Any) -> int:
+    """The DeepSpeed ZeRO stage, 0 without DeepSpeed."""
+    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    return int(plugin.zero_stage) if plugin is not None else 0
 
 
 def shard_indices(n: int, accelerator: Any) -> list[int]:

@@ -45,11 +45,10 @@ def load_pairs_for(cfg: Config, accelerator: Any, model: Any, tokenizer: Any, id
     return train, eval_
 
 
-def prepare_datasets(
+def tokenized_pairs(
     cfg: Config, accelerator: Any, model: Any, tokenizer: Any, identity: dict
 ) -> tuple[datasets.Dataset, datasets.Dataset | None, dict]:
-    """Tokenized train and eval pairs (with ``ref_*_logps`` columns when ``reference.mode`` is precomputed) and
-    counts of what was dropped."""
+    """Tokenized train and eval pairs, and counts of what was kept and dropped."""
     truncation = Truncation(cfg.data.max_length, cfg.data.max_prompt_length)
     train, eval_ = load_pairs_for(cfg, accelerator, model, tokenizer, identity)
     with accelerator.main_process_first():
@@ -61,20 +60,24 @@ def prepare_datasets(
                             f"data.max_length={cfg.data.max_length}; raise it or set data.max_prompt_length")
     counts = {"train_pairs": len(train_tok), "eval_pairs": len(eval_tok) if eval_tok is not None else 0,
               "dropped_too_long": train_dropped + eval_dropped}
-    if cfg.reference.mode == "precomputed":
-        collator = PreferenceCollator(pad_token_id=tokenizer.pad_token_id)
-        cache_dir = cfg.reference.cache_dir or cache.default_cache_dir()
-        sets = [("train", train_tok), ("eval", eval_tok)]
-        for name, tokenized in sets:
-            if tokenized is None:
-                continue
+    return train_tok, eval_tok, counts
+
+
+def attach_reference(
+    cfg: Config, accelerator: Any, model: Any, tokenizer: Any, identity: dict, *tokenized_sets: datasets.Dataset | None
+) -> list[datasets.Dataset | None]:
+    """Each set with ``ref_chosen_logps`` / ``ref_rejected_logps`` columns (from the cache, or computed by every
+    process with ``model`` as the reference: call it after ``accelerator.prepare``, so ZeRO-3 shards serve it)."""
+    truncation = Truncation(cfg.data.max_length, cfg.data.max_prompt_length)
+    collator = PreferenceCollator(pad_token_id=tokenizer.pad_token_id)
+    cache_dir = cfg.reference.cache_dir or cache.default_cache_dir()
+    out = []
+    for tokenized in tokenized_sets:
+        if tokenized is not None:
             parts = reference_fingerprint_parts(identity, tokenizer, truncation, tokenized)
             tokenized = precompute_reference(
                 model, tokenized, fingerprint_parts=parts, cache_dir=cache_dir, collator=collator,
                 accelerator=accelerator, batch_size=cfg.train.eval_batch_size, chunk_size=cfg.train.logps_chunk_size,
             )
-            if name == "train":
-                train_tok = tokenized
-            else:
-                eval_tok = tokenized
-    return train_tok, eval_tok, counts
+        out.append(tokenized)
+    return out

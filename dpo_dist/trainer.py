@@ -12,6 +12,7 @@ optimizer step, which is what a resumed run restores.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -26,13 +27,16 @@ from dpo_dist.checkpoint import (
 )
 from dpo_dist.collate import PreferenceCollator
 from dpo_dist.config import Config, save_config, to_dict
-from dpo_dist.distributed import build_accelerator, gather_in_order, set_cpu_threads, shard_indices
+from dpo_dist.distributed import (
+    build_accelerator, configure_deepspeed, gather_in_order, set_cpu_threads, shard_indices, zero_stage,
+)
 from dpo_dist.logprobs import concatenated_forward
 from dpo_dist.loss import LENGTH_AVERAGED, preference_loss
 from dpo_dist.metrics import MetricsLog, is_finite, plot, summary
 from dpo_dist.modeling import load_policy, load_reference_copy, resolve_dtype, resolve_source
-from dpo_dist.prepare import model_identity, prepare_datasets
+from dpo_dist.prepare import attach_reference, model_identity, tokenized_pairs
 from dpo_dist.reference import batch_reference_logps
+from dpo_dist.sentiment import SENTIMENT
 
 logger = logging.getLogger(__name__)
 
@@ -203,12 +207,15 @@ def setup(cfg: Config) -> Run:
         f"accumulation x {accelerator.num_processes} processes" + (f", {threads} CPU threads each" if threads else "")
     )
 
+    stage = zero_stage(accelerator)
+    check_combination(cfg, stage)
     with accelerator.main_process_first():
-        model, tokenizer = load_policy(cfg, accelerator.device)
+        resolve_source(cfg.model.name_or_path)  # a built-in model is converted once, by the main process
+    model, tokenizer = load_policy(cfg, accelerator.device)  # together: under ZeRO-3 loading is a collective
     model.to(accelerator.device)
-    dtype_name = str(resolve_dtype(cfg.model.dtype, accelerator.device)).removeprefix("torch.")
-    identity = model_identity(cfg, resolve_source(cfg.model.name_or_path), dtype_name)
-    train_tok, eval_tok, counts = prepare_datasets(cfg, accelerator, model, tokenizer, identity)
+    dtype = resolve_dtype(cfg.model.dtype, accelerator.device)
+    identity = model_identity(cfg, resolve_source(cfg.model.name_or_path), str(dtype).removeprefix("torch."))
+    train_tok, eval_tok, counts = tokenized_pairs(cfg, accelerator, model, tokenizer, identity)
     accelerator.print(f"pairs: {counts}")
 
     order = DataOrder(len(train_tok), per_device=t.per_device_batch_size, accumulation=t.gradient_accumulation_steps,
@@ -216,14 +223,19 @@ def setup(cfg: Config) -> Run:
     total_steps = t.max_steps or t.epochs * order.steps_per_epoch
     if order.repeated_per_epoch:
         accelerator.print(f"each epoch repeats {order.repeated_per_epoch} pairs to fill its last global batch")
+    configure_deepspeed(accelerator, per_device_batch_size=t.per_device_batch_size,
+                        gradient_accumulation_steps=t.gradient_accumulation_steps, max_grad_norm=t.max_grad_norm,
+                        dtype=dtype)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=t.learning_rate,
                                   betas=tuple(t.adam_betas), weight_decay=t.weight_decay)
     warmup = round(t.warmup_ratio * total_steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(total_steps, warmup, t.lr_scheduler))
     model, optimizer = accelerator.prepare(model, optimizer)
     accelerator.register_for_checkpointing(scheduler)  # stepped here once per optimizer step, not by Accelerate
-    if cfg.lora.enabled:
+    if cfg.lora.enabled and not stage:
         adapter_only_checkpoints(accelerator, model)
+    if cfg.reference.mode == "precomputed":  # after prepare: under ZeRO-3 every rank serves its shard
+        train_tok, eval_tok = attach_reference(cfg, accelerator, model, tokenizer, identity, train_tok, eval_tok)
     reference_model = None
     if cfg.reference.mode == "online":
         reference_model = model if cfg.lora.enabled else load_reference_copy(cfg, accelerator.device).to(accelerator.device)
@@ -291,13 +303,76 @@ def finish(run: Run) -> None:
     t, accelerator = run.cfg.train, run.accelerator
     save_final_model(accelerator, run.model, run.tokenizer, os.path.join(t.output_dir, "model"))
     text = summary(run.metrics.records)
+    memory = torch.tensor([[peak_memory_gb(accelerator.device), held_state_gb(run.model, run.optimizer)]],
+                          device=accelerator.device)
+    memory = accelerator.gather(memory).tolist()
     if accelerator.is_main_process:
+        with open(os.path.join(t.output_dir, "peak_memory.json"), "w", encoding="utf-8") as handle:
+            json.dump({"device": accelerator.device.type, "per_rank_peak_gb": [m[0] for m in memory],
+                       "per_rank_state_gb": [m[1] for m in memory]}, handle)
         with open(os.path.join(t.output_dir, "summary.txt"), "w", encoding="utf-8") as handle:
             handle.write(text + "\n")
         if t.plot and run.metrics.records:
             plot(run.metrics.records, os.path.join(t.output_dir, "training_curves.png"))
     accelerator.print(text)
     accelerator.end_training()
+
+
+def check_combination(cfg: Config, stage: int) -> None:
+    """Combinations that cannot work stop the run at start, naming the fix."""
+    if stage and cfg.model.quantization != "none":
+        raise TrainingError(
+            f"model.quantization={cfg.model.quantization} cannot be sharded by DeepSpeed ZeRO-{stage}: launch without a "
+            "DeepSpeed config (QLoRA trains on one device), or set model.quantization=none"
+        )
+    if stage == 3 and cfg.reference.mode == "online" and not cfg.lora.enabled:
+        raise TrainingError(
+            "reference.mode=online with full fine-tuning under ZeRO-3 would hold a second unsharded model on every "
+            "rank: use reference.mode=precomputed (computed once on the sharded policy), or LoRA"
+        )
+    if stage == 3 and cfg.data.source == SENTIMENT:
+        raise TrainingError(
+            "the built-in sentiment set is sampled by one process from an unsharded model: build it once without "
+            "ZeRO-3 (python launch/train.py train.max_steps=1; it is cached), then point data.source and "
+            "data.eval_source at the cached files in ~/.cache/dpo_dist/data/, or use your own data"
+        )
+
+
+def peak_memory_gb(device: torch.device) -> float:
+    """This process's peak memory: GPU memory allocated on CUDA, resident memory (max RSS) on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+def held_state_gb(model: Any, optimizer: Any) -> float:
+    """GiB of parameters, gradients and optimizer state this process holds (each tensor once): what ZeRO shards.
+
+    Under ZeRO-3 a parameter's local part is ``param.ds_tensor``; DeepSpeed's inner optimizer holds flat fp32
+    partitions and their AdamW moments, reached by unwrapping ``.optimizer``.
+    """
+    seen: dict[int, int] = {}
+
+    def count(tensor: Any) -> None:
+        if isinstance(tensor, torch.Tensor) and tensor.numel():
+            seen[tensor.data_ptr()] = tensor.numel() * tensor.element_size()
+
+    for param in model.parameters():
+        count(getattr(param, "ds_tensor", param))
+        count(param.grad)
+    inner = optimizer
+    while hasattr(inner, "optimizer"):
+        inner = inner.optimizer
+    for group in inner.param_groups:
+        for param in group["params"]:
+            count(param)
+            count(param.grad)
+    for state in inner.state.values():
+        for value in state.values():
+            count(value)
+    return sum(seen.values()) / 2**30
 
 
 def flat_config(cfg: Config) -> dict[str, Any]:

@@ -48,12 +48,13 @@ def main(argv: list[str] | None = None) -> int:
     transformers.utils.logging.disable_progress_bar()
     logging.getLogger("accelerate").setLevel(logging.WARNING)
     from dpo_dist.data import DataError
+    from dpo_dist.distributed import DeepSpeedConfigError
     from dpo_dist.tokenization import TokenizationError
     from dpo_dist.trainer import TrainingError, train
 
     try:
         train(cfg)
-    except (DataError, TokenizationError, TrainingError, FileNotFoundError) as error:
+    except (DataError, TokenizationError, TrainingError, DeepSpeedConfigError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
     return 0

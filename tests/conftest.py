@@ -18,3 +18,17 @@ def hh_dir():
     if not os.path.isdir(HH_DIR):
         pytest.skip(f"the HH-RLHF test splits are not at {os.path.abspath(HH_DIR)} (they sit beside the project in CI)")
     return HH_DIR
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    from training import save_tiny_model
+
+    return save_tiny_model(str(tmp_path_factory.mktemp("tiny-llama")))
+
+
+@pytest.fixture(scope="session")
+def data_file(tmp_path_factory):
+    from training import synthetic_pairs
+
+    return synthetic_pairs(tmp_path_factory.mktemp("data") / "pairs.jsonl", 80)

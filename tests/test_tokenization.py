@@ -7,7 +7,6 @@ import pytest
 
 from dpo_dist.collate import IGNORE_INDEX, PreferenceCollator
 from dpo_dist.data import load_pairs
-from dpo_dist.formats import normalize_row
 from dpo_dist.tokenization import TokenizationError, Truncation, tokenize_pair, tokenize_pairs, uses_bos
 from tiny import make_tokenizer
 

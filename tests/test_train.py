@@ -3,9 +3,7 @@
 import json
 import math
 import os
-import random
 import re
-import socket
 import subprocess
 import sys
 
@@ -15,77 +13,13 @@ import torch
 from dpo_dist.config import load_config
 from dpo_dist.metrics import read_metrics
 from tiny import make_llama, make_tokenizer
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-WORDS = "the movie was film great music acting start finish bread flour water salt capital France Paris".split()
-# Compared between runs: everything a step logs except its wall-clock speed.
-COMPARED = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen",
-            "logps/rejected", "grad_norm", "lr", "examples_seen", "epoch")
+from training import ROOT, WORDS, accelerate_launch, assert_same_trajectory, overrides, reset_accelerate_state, run
 
 
 @pytest.fixture(autouse=True)
 def fresh_accelerate_state():
-    """Each in-process run builds its own Accelerator; Accelerate keeps process-wide state, reset it after."""
     yield
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
-
-
-@pytest.fixture(scope="session")
-def tiny_model_dir(tmp_path_factory):
-    folder = str(tmp_path_factory.mktemp("tiny-llama"))
-    tokenizer = make_tokenizer("nobos")  # no pad token: the trainer pads with EOS
-    assert tokenizer.pad_token is None
-    make_llama(len(tokenizer), seed=0, tie_word_embeddings=True).save_pretrained(folder)  # tied, like SmolLM2
-    tokenizer.save_pretrained(folder)
-    return folder
-
-
-def synthetic_pairs(path, n, seed=0):
-    """A learnable preference: the chosen response ends in 'yes', the rejected one in 'no', after the same words."""
-    rng = random.Random(seed)
-    with open(path, "w") as handle:
-        for _ in range(n):
-            prompt = " ".join(rng.choices(WORDS, k=rng.randint(3, 8)))
-            middle = " ".join(rng.choices(WORDS, k=rng.randint(1, 4)))
-            handle.write(json.dumps({"prompt": prompt, "chosen": f" {middle} yes", "rejected": f" {middle} no"}) + "\n")
-    return str(path)
-
-
-@pytest.fixture(scope="session")
-def data_file(tmp_path_factory):
-    return synthetic_pairs(tmp_path_factory.mktemp("data") / "pairs.jsonl", 80)
-
-
-def overrides(model_dir, data_file, out, **extra):
-    base = {
-        "model.name_or_path": model_dir, "data.source": data_file, "data.eval_ratio": 0.2, "data.max_length": 48,
-        "data.max_prompt_length": 24, "train.output_dir": str(out), "train.progress_bar": False, "train.plot": False,
-        "reference.cache_dir": str(out) + "-refcache", "lora.enabled": False, "train.learning_rate": 1e-3,
-        "train.max_steps": 4, "train.per_device_batch_size": 8, "train.eval_every": None, "train.warmup_ratio": 0.0,
-    }
-    base.update(extra)
-    return [f"{k}={json.dumps(v) if not isinstance(v, str) else v}" for k, v in base.items()]
-
-
-def run(model_dir, data_file, out, **extra):
-    from dpo_dist.trainer import train
-
-    return train(load_config(None, overrides(model_dir, data_file, out, **extra)))
-
-
-def assert_same_trajectory(a, b, atol):
-    """Equal step by step. At step 1 policy = reference, so every reward is float noise (~1e-7) and which side of 0
-    it falls on, the accuracy, is a coin toss: accuracies are compared from step 2 on."""
-    assert len(a) == len(b) and len(a) >= 4
-    for ra, rb in zip(a, b):
-        assert ra["step"] == rb["step"]
-        for key in COMPARED + tuple(k for k in ra if k.startswith("eval/")):
-            if ra["step"] == 1 and key.endswith("accuracies"):
-                continue
-            assert rb[key] == pytest.approx(ra[key], abs=atol), (ra["step"], key)
+    reset_accelerate_state()
 
 
 def test_first_step_is_ln2_with_zero_rewards(tiny_model_dir, data_file, tmp_path):
@@ -130,20 +64,13 @@ def test_batch_times_accumulation_is_one_global_batch(tiny_model_dir, data_file,
     assert_same_trajectory(runs[0], runs[2], atol=1e-5)
 
 
-def free_port():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.mark.multiprocess
 @pytest.mark.parametrize("lora", [False, True])
 def test_two_process_ddp_equals_one_process(tiny_model_dir, data_file, tmp_path, lora):
     extra = {"lora.enabled": lora, "train.eval_every": 2, "train.max_steps": 5}
     one = run(tiny_model_dir, data_file, tmp_path / "one", **extra)["records"]
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-               "--main_process_port", str(free_port()), os.path.join(ROOT, "launch", "train.py")]
+    command = accelerate_launch("--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+                                "--dynamo_backend", "no", os.path.join(ROOT, "launch", "train.py"))
     command += overrides(tiny_model_dir, data_file, tmp_path / "two", **extra, **{"train.per_device_batch_size": 4})
     result = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert result.returncode == 0, result.stderr[-4000:]
@@ -170,10 +97,7 @@ def test_resumed_run_continues_the_same_trajectory(tiny_model_dir, data_file, tm
     with pytest.raises(KeyboardInterrupt):
         run(tiny_model_dir, data_file, tmp_path / "cut", **extra)
     monkeypatch.setattr(metrics_module.MetricsLog, "write", real_write)
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
+    reset_accelerate_state()
     assert [r["step"] for r in read_metrics(str(tmp_path / "cut" / "metrics.jsonl"))] == [1, 2, 3, 4]
     resumed = run(tiny_model_dir, data_file, tmp_path / "cut", **extra)
     assert resumed["state"].global_step == 6
@@ -234,10 +158,7 @@ def test_online_reference_equals_precomputed(tiny_model_dir, data_file, tmp_path
     for lora in (False, True):
         extra = {"lora.enabled": lora, "train.max_steps": 4}
         precomputed = run(tiny_model_dir, data_file, tmp_path / f"pre{lora}", **extra)["records"]
-        from accelerate.state import AcceleratorState, GradientState
-
-        AcceleratorState._reset_state(reset_partial_state=True)
-        GradientState._reset_state()
+        reset_accelerate_state()
         online = run(tiny_model_dir, data_file, tmp_path / f"on{lora}", **extra, **{"reference.mode": "online"})["records"]
         assert_same_trajectory(precomputed, online, atol=1e-5)
 
@@ -278,9 +199,8 @@ def test_help_lists_every_option():
 
 def test_accelerate_launch_on_cpu_uses_every_core(tiny_model_dir, data_file, tmp_path):
     """Plain `accelerate launch` sets OMP_NUM_THREADS=1 without GPUs; the trainer gives one process all the CPUs."""
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1",
-               os.path.join(ROOT, "launch", "train.py"), *overrides(tiny_model_dir, data_file, tmp_path / "out",
-                                                                   **{"train.max_steps": 1})]
+    command = accelerate_launch("--num_processes", "1", os.path.join(ROOT, "launch", "train.py"),
+                                *overrides(tiny_model_dir, data_file, tmp_path / "out", **{"train.max_steps": 1}))
     result = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"x 1 processes, {len(os.sched_getaffinity(0))} CPU threads each" in result.stdout
@@ -300,10 +220,7 @@ def test_every_pair_dropped_is_an_error(tiny_model_dir, tmp_path):
 def test_gradient_checkpointing_gives_the_same_trajectory(tiny_model_dir, data_file, tmp_path):
     for lora in (False, True):
         plain = run(tiny_model_dir, data_file, tmp_path / f"plain{lora}", **{"lora.enabled": lora})["records"]
-        from accelerate.state import AcceleratorState, GradientState
-
-        AcceleratorState._reset_state(reset_partial_state=True)
-        GradientState._reset_state()
+        reset_accelerate_state()
         checkpointed = run(tiny_model_dir, data_file, tmp_path / f"ckpt{lora}",
                            **{"lora.enabled": lora, "model.gradient_checkpointing": True})["records"]
         assert_same_trajectory(plain, checkpointed, atol=1e-5)

@@ -1,0 +1,93 @@
+"""Shared by the training tests: a tiny model and data on disk, run helpers, trajectory comparison."""
+
+import json
+import os
+import random
+import socket
+
+import pytest
+
+from dpo_dist.config import load_config
+from tiny import make_llama, make_tokenizer
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+WORDS = "the movie was film great music acting start finish bread flour water salt capital France Paris".split()
+# Compared between runs: everything a step logs except its wall-clock speed.
+COMPARED = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen",
+            "logps/rejected", "grad_norm", "lr", "examples_seen", "epoch")
+
+
+def reset_accelerate_state():
+    """Each in-process run builds its own Accelerator; Accelerate keeps process-wide state."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+
+
+def save_tiny_model(folder):
+    tokenizer = make_tokenizer("nobos")  # no pad token: the trainer pads with EOS
+    assert tokenizer.pad_token is None
+    make_llama(len(tokenizer), seed=0, tie_word_embeddings=True).save_pretrained(folder)  # tied, like SmolLM2
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def synthetic_pairs(path, n, seed=0):
+    """A learnable preference: the chosen response ends in 'yes', the rejected one in 'no', after the same words."""
+    rng = random.Random(seed)
+    with open(path, "w") as handle:
+        for _ in range(n):
+            prompt = " ".join(rng.choices(WORDS, k=rng.randint(3, 8)))
+            middle = " ".join(rng.choices(WORDS, k=rng.randint(1, 4)))
+            handle.write(json.dumps({"prompt": prompt, "chosen": f" {middle} yes", "rejected": f" {middle} no"}) + "\n")
+    return str(path)
+
+
+def overrides(model_dir, data_file, out, **extra):
+    base = {
+        "model.name_or_path": model_dir, "data.source": data_file, "data.eval_ratio": 0.2, "data.max_length": 48,
+        "data.max_prompt_length": 24, "train.output_dir": str(out), "train.progress_bar": False, "train.plot": False,
+        "reference.cache_dir": str(out) + "-refcache", "lora.enabled": False, "train.learning_rate": 1e-3,
+        "train.max_steps": 4, "train.per_device_batch_size": 8, "train.eval_every": None, "train.warmup_ratio": 0.0,
+    }
+    base.update(extra)
+    return [f"{k}={json.dumps(v) if not isinstance(v, str) else v}" for k, v in base.items()]
+
+
+def run(model_dir, data_file, out, **extra):
+    from dpo_dist.trainer import train
+
+    return train(load_config(None, overrides(model_dir, data_file, out, **extra)))
+
+
+def assert_same_trajectory(a, b, atol):
+    """Equal step by step. At step 1 policy = reference, so every reward is float noise (~1e-7) and which side of 0
+    it falls on, the accuracy, is a coin toss: accuracies are compared from step 2 on."""
+    assert len(a) == len(b) and len(a) >= 4
+    for ra, rb in zip(a, b):
+        assert ra["step"] == rb["step"]
+        for key in COMPARED + tuple(k for k in ra if k.startswith("eval/")):
+            if ra["step"] == 1 and key.endswith("accuracies"):
+                continue
+            assert rb[key] == pytest.approx(ra[key], abs=atol), (ra["step"], key)
+
+
+
+
+def free_port():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def accelerate_launch(*args):
+    """``accelerate launch`` as a command list, on a free port."""
+    import sys
+
+    return [sys.executable, "-m", "accelerate.commands.launch", "--main_process_port", str(free_port()), *args]
+
+
+def read_jsonl(path):
+    with open(path) as handle:
+        return [json.loads(line) for line in handle if line.strip()]
