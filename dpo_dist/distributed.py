@@ -124,3 +124,25 @@ def set_cpu_threads(requested: int | None, accelerator: Any) -> int | None:
     threads = requested or max(1, available // max(1, local))
     torch.set_num_threads(threads)
     return threads
+
+
+def prepare_frozen(model: torch.nn.Module, accelerator: Any) -> torch.nn.Module:
+    """A frozen model (the online reference for full fine-tuning) placed like the policy: under ZeRO-3 it is wrapped
+    in its own DeepSpeed engine, so its parameters stay sharded and are gathered layer by layer for each forward
+    (it was built sharded, since ``zero3_init_flag`` is on); otherwise it is moved to the device."""
+    model.requires_grad_(False)
+    model.eval()
+    if zero_stage(accelerator) != 3:
+        return model.to(accelerator.device)
+    import copy
+
+    import deepspeed
+
+    policy_config = accelerator.state.deepspeed_plugin.deepspeed_config
+    config = {key: copy.deepcopy(policy_config[key]) for key in
+              ("train_micro_batch_size_per_gpu", "train_batch_size", "gradient_accumulation_steps", "bf16", "fp16")
+              if key in policy_config}
+    config["zero_optimization"] = {"stage": 3, "stage3_param_persistence_threshold": 0}
+    engine, *_ = deepspeed.initialize(model=model, config=config)
+    engine.eval()
+    return engine

@@ -120,4 +120,4 @@ def load_reference_copy(cfg: Config, device: torch.device) -> torch.nn.Module:
     source = resolve_source(cfg.model.name_or_path)
     model = _load_base(source, cfg, resolve_dtype(cfg.model.dtype, device), device)
     model.requires_grad_(False)
-    return model.eval()
+    return model.eval()  # placed by distributed.prepare_frozen (sharded under ZeRO-3)

@@ -28,7 +28,8 @@ from dpo_dist.checkpoint import (
 from dpo_dist.collate import PreferenceCollator
 from dpo_dist.config import Config, save_config, to_dict
 from dpo_dist.distributed import (
-    build_accelerator, configure_deepspeed, gather_in_order, set_cpu_threads, shard_indices, zero_stage,
+    build_accelerator, configure_deepspeed, gather_in_order, prepare_frozen, set_cpu_threads, shard_indices,
+    zero_stage,
 )
 from dpo_dist.logprobs import concatenated_forward
 from dpo_dist.loss import LENGTH_AVERAGED, preference_loss
@@ -237,8 +238,8 @@ def setup(cfg: Config) -> Run:
     if cfg.reference.mode == "precomputed":  # after prepare: under ZeRO-3 every rank serves its shard
         train_tok, eval_tok = attach_reference(cfg, accelerator, model, tokenizer, identity, train_tok, eval_tok)
     reference_model = None
-    if cfg.reference.mode == "online":
-        reference_model = model if cfg.lora.enabled else load_reference_copy(cfg, accelerator.device).to(accelerator.device)
+    if cfg.reference.mode == "online":  # LoRA: the policy with adapters off; full: a frozen copy, sharded under ZeRO-3
+        reference_model = model if cfg.lora.enabled else prepare_frozen(load_reference_copy(cfg, accelerator.device), accelerator)
 
     state = TrainState()
     resume_from = latest_checkpoint(t.output_dir) if t.resume == "auto" else None if t.resume == "never" else t.resume
@@ -324,11 +325,6 @@ def check_combination(cfg: Config, stage: int) -> None:
         raise TrainingError(
             f"model.quantization={cfg.model.quantization} cannot be sharded by DeepSpeed ZeRO-{stage}: launch without a "
             "DeepSpeed config (QLoRA trains on one device), or set model.quantization=none"
-        )
-    if stage == 3 and cfg.reference.mode == "online" and not cfg.lora.enabled:
-        raise TrainingError(
-            "reference.mode=online with full fine-tuning under ZeRO-3 would hold a second unsharded model on every "
-            "rank: use reference.mode=precomputed (computed once on the sharded policy), or LoRA"
         )
     if stage == 3 and cfg.data.source == SENTIMENT:
         raise TrainingError(

@@ -85,3 +85,12 @@ def test_zero3_resume_equals_uninterrupted(tiny_model_dir, data_file, tmp_path):
     result = launch_zero(3, tiny_model_dir, data_file, out, **extra)
     assert "resumed from" in result.stdout and "checkpoint-3 at step 3" in result.stdout
     assert_same_trajectory(whole, read_jsonl(out / "metrics.jsonl"), atol=1e-6)
+
+
+@pytest.mark.parametrize("lora", [False, True], ids=["full-second-sharded-model", "lora-adapters-off"])
+def test_zero3_online_reference_equals_one_process(lora, one_process, tiny_model_dir, data_file, tmp_path):
+    """The online reference under ZeRO-3 (no precompute): the trajectory of the precomputed single-process run."""
+    out = tmp_path / "out"
+    launch_zero(3, tiny_model_dir, data_file, out, **STEPS, **{"lora.enabled": lora, "reference.mode": "online"})
+    assert not os.path.exists(f"{out}-refcache"), "no reference cache in online mode"
+    assert_same_trajectory(one_process[lora][0], read_jsonl(out / "metrics.jsonl"), atol=1e-4)
