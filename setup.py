@@ -28,6 +28,6 @@ setup(
         "deepspeed": ["deepspeed>=0.15"],
         "qlora": ["bitsandbytes>=0.45"],
         "eval": ["evaluate>=0.4"],
-        "dev": ["pytest>=8", "deepspeed>=0.15"],
+        "dev": ["pytest>=8", "deepspeed>=0.15", "bitsandbytes>=0.45"],
     },
 )

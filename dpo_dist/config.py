@@ -116,6 +116,9 @@ class TrainSettings:
     gradient_accumulation_steps: int = option(1, "micro-batches per optimizer step")
     eval_batch_size: int = option(16, "pairs per process per eval and reference batch")
     learning_rate: float = option(2e-4, "peak learning rate (AdamW)")
+    optimizer: Literal["adamw", "adamw_8bit", "paged_adamw", "paged_adamw_8bit"] = option(
+        "adamw", "torch AdamW, or bitsandbytes' 8-bit and/or paged AdamW (their state takes less memory)"
+    )
     weight_decay: float = option(0.0, "AdamW weight decay")
     adam_betas: list[float] = option([0.9, 0.999], "AdamW betas")
     lr_scheduler: Literal["cosine", "linear", "constant"] = option("cosine", "decay after warmup")
@@ -188,6 +191,10 @@ class Config:
             )
         if t.resume not in ("auto", "never") and not os.path.isdir(t.resume):
             raise ConfigError(f"train.resume must be auto, never, or a checkpoint folder; {t.resume!r} is none of these")
+        if t.optimizer != "adamw" and importlib.util.find_spec("bitsandbytes") is None:
+            raise ConfigError(f"train.optimizer={t.optimizer} needs bitsandbytes: python3 -m pip install -e '.[qlora]'")
+        if self.model.quantization != "none" and importlib.util.find_spec("bitsandbytes") is None:
+            raise ConfigError(f"model.quantization={self.model.quantization} needs bitsandbytes: python3 -m pip install -e '.[qlora]'")
         known_trackers = ("tensorboard", "wandb", "comet_ml", "mlflow")
         for tracker in t.report_to:
             if tracker not in known_trackers:

@@ -112,6 +112,20 @@ class DataOrder:
         return [block[(a * self.p + rank) * self.b : (a * self.p + rank + 1) * self.b] for a in range(self.a)]
 
 
+def build_optimizer(model: Any, cfg: Config) -> torch.optim.Optimizer:
+    """AdamW over the trainable parameters: torch's, or bitsandbytes' 8-bit / paged variants."""
+    t = cfg.train
+    params = [p for p in model.parameters() if p.requires_grad]
+    kwargs = {"lr": t.learning_rate, "betas": tuple(t.adam_betas), "weight_decay": t.weight_decay}
+    if t.optimizer == "adamw":
+        return torch.optim.AdamW(params, **kwargs)
+    import bitsandbytes as bnb
+
+    cls = {"adamw_8bit": bnb.optim.AdamW8bit, "paged_adamw": bnb.optim.PagedAdamW,
+           "paged_adamw_8bit": bnb.optim.PagedAdamW8bit}[t.optimizer]
+    return cls(params, **kwargs)
+
+
 def lr_lambda(total_steps: int, warmup_steps: int, kind: str):
     def factor(step: int) -> float:
         if step < warmup_steps:
@@ -213,7 +227,8 @@ def setup(cfg: Config) -> Run:
     with accelerator.main_process_first():
         resolve_source(cfg.model.name_or_path)  # a built-in model is converted once, by the main process
     model, tokenizer = load_policy(cfg, accelerator.device)  # together: under ZeRO-3 loading is a collective
-    model.to(accelerator.device)
+    if cfg.model.quantization == "none":
+        model.to(accelerator.device)  # a quantized base was loaded onto its device already
     dtype = resolve_dtype(cfg.model.dtype, accelerator.device)
     identity = model_identity(cfg, resolve_source(cfg.model.name_or_path), str(dtype).removeprefix("torch."))
     train_tok, eval_tok, counts = tokenized_pairs(cfg, accelerator, model, tokenizer, identity)
@@ -227,8 +242,7 @@ def setup(cfg: Config) -> Run:
     configure_deepspeed(accelerator, per_device_batch_size=t.per_device_batch_size,
                         gradient_accumulation_steps=t.gradient_accumulation_steps, max_grad_norm=t.max_grad_norm,
                         dtype=dtype)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=t.learning_rate,
-                                  betas=tuple(t.adam_betas), weight_decay=t.weight_decay)
+    optimizer = build_optimizer(model, cfg)
     warmup = round(t.warmup_ratio * total_steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(total_steps, warmup, t.lr_scheduler))
     model, optimizer = accelerator.prepare(model, optimizer)

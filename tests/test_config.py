@@ -97,3 +97,14 @@ def test_a_requested_tracker_must_be_installed(monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))
     with pytest.raises(ConfigError, match=r"train.report_to: wandb is not installed \(python3 -m pip install wandb\)"):
         load_config(None, ["train.report_to=[wandb]"])
+
+
+def test_bitsandbytes_options_need_bitsandbytes(monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "bitsandbytes" else real(name, *a))
+    with pytest.raises(ConfigError, match=r"train.optimizer=adamw_8bit needs bitsandbytes"):
+        load_config(None, ["train.optimizer=adamw_8bit"])
+    with pytest.raises(ConfigError, match=r"model.quantization=4bit needs bitsandbytes"):
+        load_config(None, ["model.quantization=4bit"])

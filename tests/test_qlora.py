@@ -1,0 +1,86 @@
+"""QLoRA on CPU: a 4-bit NF4 base really is 4-bit, DPO on it learns, the adapter reloads onto a 4-bit and a
+full-precision base, and merging into the full-precision base gives the same outputs."""
+
+import importlib.util
+
+import pytest
+import torch
+
+from training import reset_accelerate_state, run
+
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None,
+                                reason="needs bitsandbytes: python3 -m pip install -e '.[qlora]' (the dev extra has it)")
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    yield
+    reset_accelerate_state()
+
+
+def load_4bit(folder):
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                bnb_4bit_compute_dtype=torch.float32)
+    return AutoModelForCausalLM.from_pretrained(folder, quantization_config=config, device_map={"": "cpu"})
+
+
+def test_the_policy_base_is_4bit_nf4(tiny_model_dir):
+    import bitsandbytes as bnb
+
+    from dpo_dist.config import load_config
+    from dpo_dist.modeling import load_policy
+
+    cfg = load_config(None, [f"model.name_or_path={tiny_model_dir}", "model.quantization=4bit"])
+    model, _ = load_policy(cfg, torch.device("cpu"))
+    layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert len(layers) == 14  # 7 linear layers x 2 blocks; lm_head stays in full precision
+    for layer in layers:
+        weight = layer.weight
+        assert weight.dtype == torch.uint8 and weight.quant_state.quant_type == "nf4"
+        assert weight.numel() * 2 == layer.in_features * layer.out_features, "two 4-bit values per byte"
+        assert weight.quant_state.nested, "double quantization of the scales"
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n for n in trainable)
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "adamw_8bit"])
+def test_dpo_on_a_4bit_base_learns(tiny_model_dir, data_file, tmp_path, optimizer):
+    result = run(tiny_model_dir, data_file, tmp_path / "out", **{
+        "model.quantization": "4bit", "lora.enabled": True, "train.max_steps": 12, "train.learning_rate": 3e-3,
+        "train.optimizer": optimizer})
+    losses = [r["loss"] for r in result["records"]]
+    assert abs(losses[0] - 0.693147) < 1e-4
+    assert sum(losses[-3:]) / 3 < losses[0] - 0.05, losses
+
+
+def test_adapter_reloads_on_4bit_and_full_precision_bases_and_merges(tiny_model_dir, data_file, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from dpo_dist.export import merge_adapter
+
+    out = tmp_path / "out"
+    run(tiny_model_dir, data_file, out, **{"model.quantization": "4bit", "lora.enabled": True, "lora.r": 4,
+                                           "train.max_steps": 6, "train.learning_rate": 3e-3})
+    adapter = str(out / "model")
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10, 11, 12]])
+    with torch.no_grad():
+        base_4bit = load_4bit(tiny_model_dir)(ids).logits
+        base_full = AutoModelForCausalLM.from_pretrained(tiny_model_dir)(ids).logits
+        on_4bit = PeftModel.from_pretrained(load_4bit(tiny_model_dir), adapter)(ids).logits
+        on_full = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), adapter)(ids).logits
+    assert (on_4bit - base_4bit).abs().max() > 1e-3, "the adapter changes the 4-bit model"
+    # The adapter adds the same update to either base: what separates the two is the base's quantization error.
+    quantization_error = (base_4bit - base_full).abs().max()
+    assert 0 < quantization_error < 0.5
+    assert (on_4bit - on_full).abs().max() <= 1.5 * quantization_error
+    torch.testing.assert_close(on_full - base_full, on_4bit - base_4bit, atol=2 * quantization_error.item(), rtol=0)
+
+    merged = merge_adapter(tiny_model_dir, adapter, str(tmp_path / "merged"))
+    reloaded = AutoModelForCausalLM.from_pretrained(str(tmp_path / "merged"))
+    with torch.no_grad():
+        torch.testing.assert_close(merged(ids).logits, on_full, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(reloaded(ids).logits, on_full, atol=1e-5, rtol=1e-5)
+    assert not any("lora" in name for name, _ in reloaded.named_parameters()), "an ordinary model, no adapter left"
