@@ -135,6 +135,8 @@ class TrainSettings:
     report_to: list[str] = option([], "trackers besides metrics.jsonl: tensorboard, wandb, comet_ml, mlflow")
     plot: bool = option(True, "draw training curves to training_curves.png at the end")
     progress_bar: bool = option(True, "show a tqdm progress bar on the main process")
+    debug: bool = option(False, "anomaly detection (NaN/inf names the op), one decoded training pair with its masked "
+                                "labels, and time and memory of the first steps")
     collective_timeout_s: int = option(1800, "seconds before a stuck collective fails the run")
     cpu_threads: int | None = option(None, "threads per process on CPU; null: this machine's CPUs / its processes")
 

@@ -27,6 +27,7 @@ from dpo_dist.checkpoint import (
 )
 from dpo_dist.collate import PreferenceCollator
 from dpo_dist.config import Config, save_config, to_dict
+from dpo_dist.debug import show_pair
 from dpo_dist.distributed import (
     build_accelerator, configure_deepspeed, gather_in_order, prepare_frozen, set_cpu_threads, shard_indices,
     zero_stage,
@@ -271,6 +272,9 @@ def train(cfg: Config) -> dict[str, Any]:
     """Run DPO training as configured; returns the metric records, the final state and the pair counts."""
     run = setup(cfg)
     t, accelerator, state = cfg.train, run.accelerator, run.state
+    if t.debug:
+        torch.autograd.set_detect_anomaly(True)
+        accelerator.print(show_pair(run.train_tok[0], run.tokenizer))
     from tqdm.auto import tqdm
 
     bar = tqdm(total=run.total_steps, initial=state.global_step, desc="DPO",
@@ -304,6 +308,10 @@ def train(cfg: Config) -> dict[str, Any]:
             if improved:
                 state.best_checkpoint = os.path.join(t.output_dir, f"checkpoint-{step}")
             save_checkpoint(accelerator, t.output_dir, state, keep_last=t.keep_last)
+        if t.debug and step <= 3:
+            if accelerator.is_main_process:
+                bar.write(f"debug: step {step} took {time.perf_counter() - started:.2f} s, peak memory so far "
+                          f"{peak_memory_gb(accelerator.device):.2f} GiB ({accelerator.device.type})")
         bar.update(1)
         bar.set_postfix(loss=f"{record['loss']:.4f}", acc=f"{record['rewards/accuracies']:.2f}")
     bar.close()

@@ -241,3 +241,14 @@ def test_dropout_is_off_in_the_policy(tmp_path):
         ids = torch.tensor([[5, 6, 7, 8, 9, 10]])
         torch.testing.assert_close(model(ids).logits, model(ids).logits, rtol=0, atol=0)
         assert tok.pad_token == tok.eos_token
+
+
+def test_debug_shows_a_pair_with_masked_labels_and_first_step_costs(tiny_model_dir, data_file, tmp_path, capsys):
+    run(tiny_model_dir, data_file, tmp_path / "out", **{"train.debug": True, "train.max_steps": 3})
+    shown = capsys.readouterr().out
+    assert "as the model sees it: [masked] <scored>" in shown
+    chosen_line = shown.split("chosen: ")[1].split("\n")[1]
+    assert chosen_line.strip().startswith("[") and chosen_line.strip().endswith("<<|endoftext|>>"), chosen_line
+    assert "debug: step 3 took" in shown and "GiB (cpu)" in shown
+    assert torch.is_anomaly_enabled()
+    torch.autograd.set_detect_anomaly(False)
