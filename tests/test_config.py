@@ -108,3 +108,12 @@ def test_bitsandbytes_options_need_bitsandbytes(monkeypatch):
         load_config(None, ["train.optimizer=adamw_8bit"])
     with pytest.raises(ConfigError, match=r"model.quantization=4bit needs bitsandbytes"):
         load_config(None, ["model.quantization=4bit"])
+
+
+def test_accelerate_configs_named_in_recipes_exist():
+    """Every accelerate config a recipe's comment tells users to launch with is shipped."""
+    import re
+
+    for path in RECIPES:
+        for name in re.findall(r"accelerate_configs/([\w.]+\.yaml)", open(path).read()):
+            assert os.path.isfile(os.path.join(ROOT, "accelerate_configs", name)), (path, name)
