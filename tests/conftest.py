@@ -31,4 +31,5 @@ def tiny_model_dir(tmp_path_factory):
 def data_file(tmp_path_factory):
     from training import synthetic_pairs
 
-    return synthetic_pairs(tmp_path_factory.mktemp("data") / "pairs.jsonl", 80)
+    # 81 pairs: 65 train and 16 eval, so 2 processes get uneven shards of the training set (one padded)
+    return synthetic_pairs(tmp_path_factory.mktemp("data") / "pairs.jsonl", 81)

@@ -45,7 +45,7 @@ def test_the_policy_base_is_4bit_nf4(tiny_model_dir):
     assert trainable and all("lora_" in n for n in trainable)
 
 
-@pytest.mark.parametrize("optimizer", ["adamw", "adamw_8bit"])
+@pytest.mark.parametrize("optimizer", ["adamw", "adamw_8bit", "paged_adamw_8bit"])
 def test_dpo_on_a_4bit_base_learns(tiny_model_dir, data_file, tmp_path, optimizer):
     result = run(tiny_model_dir, data_file, tmp_path / "out", **{
         "model.quantization": "4bit", "lora.enabled": True, "train.max_steps": 12, "train.learning_rate": 3e-3,

@@ -43,7 +43,7 @@ def test_learns_a_learnable_preference(tiny_model_dir, data_file, tmp_path):
     assert [r["step"] for r in evals] == [10, 20, 30]
     assert evals[-1]["eval/rewards/accuracies"] > 0.9
     assert evals[-1]["eval/rewards/margins"] > evals[0]["eval/rewards/margins"] > 0
-    assert result["counts"] == {"train_pairs": 64, "eval_pairs": 16, "dropped_too_long": 0}
+    assert result["counts"] == {"train_pairs": 65, "eval_pairs": 16, "dropped_too_long": 0}
     from transformers import AutoModelForCausalLM
 
     AutoModelForCausalLM.from_pretrained(str(out / "model"))  # the final full model loads
