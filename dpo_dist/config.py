@@ -19,6 +19,10 @@ from typing import Any, Literal, Union
 
 import yaml
 
+from dpo_dist.metrics import EVAL_METRICS
+
+SENTIMENT = "builtin:sentiment"  # the source name of the built-in preference set (dpo_dist/sentiment.py)
+
 
 class ConfigError(ValueError):
     """A config that cannot be used; the message names the key."""
@@ -72,7 +76,7 @@ class SentimentDataConfig:
 @dataclass
 class DataConfig:
     source: str = option(
-        "builtin:sentiment",
+        SENTIMENT,
         "preference data: a .json/.jsonl/.jsonl.gz/.parquet file, a dataset folder, a Hub dataset, or "
         "builtin:sentiment (movie-review continuations scored with VADER, built offline and cached)",
     )
@@ -203,11 +207,18 @@ class Config:
                 raise ConfigError(f"train.report_to: unknown tracker {tracker!r}; valid: {', '.join(known_trackers)}")
             if importlib.util.find_spec(tracker) is None:
                 raise ConfigError(f"train.report_to: {tracker} is not installed (python3 -m pip install {tracker.replace('_', '-')})")
-        if not t.metric_for_best.startswith("eval/"):
-            raise ConfigError(f"train.metric_for_best must be an eval metric (eval/...), got {t.metric_for_best!r}")
-        if d.eval_ratio == 0.0 and d.eval_source is None and d.eval_split is None and d.source != "builtin:sentiment":
-            if t.early_stopping_patience is not None:
-                raise ConfigError("train.early_stopping_patience needs eval data: set data.eval_ratio or an eval source")
+        if t.metric_for_best not in EVAL_METRICS:
+            raise ConfigError(f"train.metric_for_best {t.metric_for_best!r} is not one of {', '.join(EVAL_METRICS)}")
+        has_eval = d.eval_ratio > 0 or d.eval_source is not None or d.eval_split is not None or d.source == SENTIMENT
+        if t.early_stopping_patience is not None and not has_eval:
+            raise ConfigError("train.early_stopping_patience needs eval data: set data.eval_ratio or an eval source")
+        if d.source == SENTIMENT:
+            from dpo_dist.sentiment import check_settings
+
+            try:
+                check_settings(d.sentiment)
+            except ValueError as error:
+                raise ConfigError(str(error)) from None
         return self
 
 
@@ -215,20 +226,15 @@ def _is_config(value_type: Any) -> bool:
     return isinstance(value_type, type) and dataclasses.is_dataclass(value_type)
 
 
-def _field_types(cls: type) -> dict[str, Any]:
-    return typing.get_type_hints(cls)
-
-
 def _check_value(key: str, value: Any, expected: Any) -> Any:
     """``value`` if it is of type ``expected`` (ints accepted for floats), else a ConfigError naming ``key``."""
     origin = typing.get_origin(expected)
     if origin in (Union, types.UnionType):
-        errors = []
         for option_type in typing.get_args(expected):
             try:
                 return _check_value(key, value, option_type)
-            except ConfigError as error:
-                errors.append(error)
+            except ConfigError:
+                continue
         raise ConfigError(f"{key}: {value!r} is not {_type_name(expected)}")
     if origin is Literal:
         if value not in typing.get_args(expected):
@@ -266,7 +272,7 @@ def _type_name(expected: Any) -> str:
 
 
 def _apply(node: Any, values: dict[str, Any], prefix: str = "") -> None:
-    types_ = _field_types(type(node))
+    types_ = typing.get_type_hints(type(node))
     for name, value in values.items():
         key = f"{prefix}{name}"
         if name not in types_:
@@ -341,7 +347,7 @@ def describe(node: Any = None, prefix: str = "") -> list[str]:
     """One line per option: ``section.key (type, default: value)  meaning``."""
     node = Config() if node is None else node
     lines = []
-    types_ = _field_types(type(node))
+    types_ = typing.get_type_hints(type(node))
     for f in dataclasses.fields(node):
         value = getattr(node, f.name)
         if _is_config(types_[f.name]):

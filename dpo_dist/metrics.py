@@ -17,7 +17,9 @@ import math
 import os
 from typing import Any
 
-PLOTTED = ("loss", "rewards/margins", "rewards/accuracies", "rewards/chosen", "rewards/rejected")
+# Per-pair statistics, one column each, reduced once per optimizer step (tokens: summed, the rest: averaged).
+STATS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "logps/chosen", "logps/rejected", "tokens")
+EVAL_METRICS = tuple(f"eval/{k}" for k in STATS if k != "tokens") + ("eval/rewards/margins",)
 
 
 class MetricsLog:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 from typing import Any
 
 import datasets
@@ -10,16 +9,17 @@ import datasets
 from dpo_dist import cache
 from dpo_dist.builtin_model import cache_root
 from dpo_dist.collate import PreferenceCollator
-from dpo_dist.config import Config
+from dpo_dist.config import SENTIMENT, Config
 from dpo_dist.data import DataError, load_train_eval
 from dpo_dist.reference import precompute_reference, reference_fingerprint_parts
-from dpo_dist.sentiment import SENTIMENT, ensure_sentiment_data
+from dpo_dist.sentiment import ensure_sentiment_data
 from dpo_dist.tokenization import Truncation, tokenize_pairs
 
-logger = logging.getLogger(__name__)
-
-
-def model_identity(cfg: Config, source: str, dtype: str) -> dict:
+def model_identity(cfg: Config, source: str, dtype: str, accelerator: Any) -> dict | None:
+    """The digest of the model's weight files, on the main process and only where something is keyed by it (the
+    reference cache, the built-in sentiment set): hashing a large checkpoint on every rank would read it N times."""
+    if not accelerator.is_main_process or (cfg.reference.mode != "precomputed" and cfg.data.source != SENTIMENT):
+        return None
     return cache.model_identity(source, revision=cfg.model.revision, dtype=dtype, quantization=cfg.model.quantization)
 
 
@@ -74,7 +74,8 @@ def attach_reference(
     out = []
     for tokenized in tokenized_sets:
         if tokenized is not None:
-            parts = reference_fingerprint_parts(identity, tokenizer, truncation, tokenized)
+            parts = (reference_fingerprint_parts(identity, tokenizer, truncation, tokenized)
+                     if accelerator.is_main_process else None)  # hashed once, by the process that reads the cache
             tokenized = precompute_reference(
                 model, tokenized, fingerprint_parts=parts, cache_dir=cache_dir, collator=collator,
                 accelerator=accelerator, batch_size=cfg.train.eval_batch_size, chunk_size=cfg.train.logps_chunk_size,

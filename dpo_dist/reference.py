@@ -115,7 +115,7 @@ def precompute_reference(
     model: torch.nn.Module,
     tokenized: datasets.Dataset,
     *,
-    fingerprint_parts: dict,
+    fingerprint_parts: dict | None,
     cache_dir: str,
     collator: Callable[[list[dict]], dict[str, torch.Tensor]],
     accelerator: Any,
@@ -125,15 +125,18 @@ def precompute_reference(
     """``tokenized`` with ``ref_chosen_logps`` / ``ref_rejected_logps`` columns, from the cache when it holds this
     fingerprint, else computed (all processes) and written (main process).
 
-    The main process alone reads the cache and tells the others, so nodes need no shared disk and all processes
-    agree whether to run the reference forwards.
+    The main process alone fingerprints, reads the cache and tells the others, so nodes need no shared disk, all
+    processes agree whether to run the reference forwards, and the hashing is done once (other processes may pass
+    ``fingerprint_parts=None``).
     """
     from accelerate.utils import broadcast, broadcast_object_list
 
-    key = cache.fingerprint(fingerprint_parts)
-    path = cache.cache_path(cache_dir, key)
     n = len(tokenized)
-    cached = cache.read_cache(path, key, n) if accelerator.is_main_process else None
+    cached = key = path = None
+    if accelerator.is_main_process:
+        key = cache.fingerprint(fingerprint_parts)
+        path = cache.cache_path(cache_dir, key)
+        cached = cache.read_cache(path, key, n)
     hit = broadcast_object_list([cached is not None])[0]
     if hit:
         logger.info("reference log-probs for %d pairs read from %s", n, path)

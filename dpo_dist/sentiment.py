@@ -26,7 +26,6 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-SENTIMENT = "builtin:sentiment"
 VERSION = 1
 
 FILMS = [
@@ -95,15 +94,22 @@ def sample_completions(model: Any, tokenizer: Any, texts: list[str], settings: A
     return out
 
 
-def build_pairs(model: Any, tokenizer: Any, settings: Any, device: torch.device) -> list[dict[str, Any]]:
-    """Sample, score and pair; each row says its split (``train`` or ``eval``, by prompt)."""
-    chosen_prompts = prompts()
-    if not 1 <= settings.num_prompts <= len(chosen_prompts):
-        raise ValueError(f"data.sentiment.num_prompts must be in [1, {len(chosen_prompts)}], got {settings.num_prompts}")
+def check_settings(settings: Any) -> None:
+    """``data.sentiment.*`` values that can make pairs; a ValueError naming the key otherwise."""
+    if not 1 <= settings.num_prompts <= len(prompts()):
+        raise ValueError(f"data.sentiment.num_prompts must be in [1, {len(prompts())}], got {settings.num_prompts}")
     if not 0 <= settings.eval_prompts < settings.num_prompts:
-        raise ValueError("data.sentiment.eval_prompts must be below data.sentiment.num_prompts")
+        raise ValueError("data.sentiment.eval_prompts must be at least 0 and below data.sentiment.num_prompts")
     if settings.completions_per_prompt < 2:
         raise ValueError("data.sentiment.completions_per_prompt must be at least 2 to make a pair")
+    if settings.pairs_per_prompt < 1 or settings.max_new_tokens < 1:
+        raise ValueError("data.sentiment.pairs_per_prompt and data.sentiment.max_new_tokens must be positive")
+
+
+def build_pairs(model: Any, tokenizer: Any, settings: Any, device: torch.device) -> list[dict[str, Any]]:
+    """Sample, score and pair; each row says its split (``train`` or ``eval``, by prompt)."""
+    check_settings(settings)
+    chosen_prompts = prompts()
     random.Random(settings.seed).shuffle(chosen_prompts)
     chosen_prompts = chosen_prompts[: settings.num_prompts]
     was_training = model.training

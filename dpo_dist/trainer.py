@@ -13,7 +13,6 @@ optimizer step, which is what a resumed run restores.
 from __future__ import annotations
 
 import json
-import logging
 import math
 import os
 import time
@@ -26,7 +25,7 @@ from dpo_dist.checkpoint import (
     TrainState, adapter_only_checkpoints, latest_checkpoint, load_checkpoint, save_checkpoint, save_final_model,
 )
 from dpo_dist.collate import PreferenceCollator
-from dpo_dist.config import Config, save_config, to_dict
+from dpo_dist.config import SENTIMENT, Config, save_config, to_dict
 from dpo_dist.debug import show_pair
 from dpo_dist.distributed import (
     build_accelerator, configure_deepspeed, gather_in_order, prepare_frozen, set_cpu_threads, shard_indices,
@@ -34,16 +33,10 @@ from dpo_dist.distributed import (
 )
 from dpo_dist.logprobs import concatenated_forward
 from dpo_dist.loss import LENGTH_AVERAGED, preference_loss
-from dpo_dist.metrics import MetricsLog, is_finite, plot, summary
+from dpo_dist.metrics import STATS, MetricsLog, is_finite, plot, summary
 from dpo_dist.modeling import load_policy, load_reference_copy, resolve_dtype, resolve_source
 from dpo_dist.prepare import attach_reference, model_identity, tokenized_pairs
 from dpo_dist.reference import batch_reference_logps
-from dpo_dist.sentiment import SENTIMENT
-
-logger = logging.getLogger(__name__)
-
-# Per-pair statistics, one column each, reduced once per optimizer step.
-STATS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "logps/chosen", "logps/rejected", "tokens")
 
 
 class TrainingError(RuntimeError):
@@ -231,7 +224,7 @@ def setup(cfg: Config) -> Run:
     if cfg.model.quantization == "none":
         model.to(accelerator.device)  # a quantized base was loaded onto its device already
     dtype = resolve_dtype(cfg.model.dtype, accelerator.device)
-    identity = model_identity(cfg, resolve_source(cfg.model.name_or_path), str(dtype).removeprefix("torch."))
+    identity = model_identity(cfg, resolve_source(cfg.model.name_or_path), str(dtype).removeprefix("torch."), accelerator)
     train_tok, eval_tok, counts = tokenized_pairs(cfg, accelerator, model, tokenizer, identity)
     accelerator.print(f"pairs: {counts}")
 
@@ -308,10 +301,9 @@ def train(cfg: Config) -> dict[str, Any]:
             if improved:
                 state.best_checkpoint = os.path.join(t.output_dir, f"checkpoint-{step}")
             save_checkpoint(accelerator, t.output_dir, state, keep_last=t.keep_last)
-        if t.debug and step <= 3:
-            if accelerator.is_main_process:
-                bar.write(f"debug: step {step} took {time.perf_counter() - started:.2f} s, peak memory so far "
-                          f"{peak_memory_gb(accelerator.device):.2f} GiB ({accelerator.device.type})")
+        if t.debug and step <= 3 and accelerator.is_main_process:
+            bar.write(f"debug: step {step} took {time.perf_counter() - started:.2f} s, peak memory so far "
+                      f"{peak_memory_gb(accelerator.device):.2f} GiB ({accelerator.device.type})")
         bar.update(1)
         bar.set_postfix(loss=f"{record['loss']:.4f}", acc=f"{record['rewards/accuracies']:.2f}")
     bar.close()
@@ -411,8 +403,6 @@ def flat_config(cfg: Config) -> dict[str, Any]:
 def track_best(state: TrainState, record: dict[str, float], cfg: Config) -> tuple[bool, str | None]:
     """Update the best eval metric; returns (improved, a stop message when patience ran out)."""
     t = cfg.train
-    if t.metric_for_best not in record:
-        raise TrainingError(f"train.metric_for_best={t.metric_for_best!r} is not an eval metric; eval gives {sorted(k for k in record if k.startswith('eval/'))}")
     value = record[t.metric_for_best]
     better = state.best_metric is None or (value > state.best_metric if t.greater_is_better else value < state.best_metric)
     if better:

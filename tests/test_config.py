@@ -59,6 +59,9 @@ def test_overrides_are_typed_yaml():
         ("loss.loss_type=simpo", r"simpo is reference-free: set reference.mode=none"),
         ("train.report_to=[neptune]", r"unknown tracker 'neptune'"),
         ("train.resume=/nonexistent", r"train.resume must be auto, never, or a checkpoint folder"),
+        ("train.metric_for_best=eval/acc", r"train.metric_for_best 'eval/acc' is not one of eval/loss, eval/rewards/chosen"),
+        ("data.sentiment.num_prompts=500", r"data.sentiment.num_prompts must be in \[1, 240\], got 500"),
+        ("data.sentiment.completions_per_prompt=1", r"data.sentiment.completions_per_prompt must be at least 2"),
     ],
 )
 def test_bad_values_name_the_key(override, message):
@@ -117,3 +120,11 @@ def test_accelerate_configs_named_in_recipes_exist():
     for path in RECIPES:
         for name in re.findall(r"accelerate_configs/([\w.]+\.yaml)", open(path).read()):
             assert os.path.isfile(os.path.join(ROOT, "accelerate_configs", name)), (path, name)
+
+
+def test_early_stopping_needs_eval_data():
+    with pytest.raises(ConfigError, match="train.early_stopping_patience needs eval data"):
+        load_config(None, ["data.source=pairs.jsonl", "data.eval_ratio=0", "train.early_stopping_patience=2"])
+    load_config(None, ["data.source=pairs.jsonl", "data.eval_ratio=0.1", "train.early_stopping_patience=2"])
+    load_config(None, ["train.early_stopping_patience=2", "train.metric_for_best=eval/rewards/margins",
+                       "train.greater_is_better=true"])  # the built-in set has held-out prompts

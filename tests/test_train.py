@@ -252,3 +252,25 @@ def test_debug_shows_a_pair_with_masked_labels_and_first_step_costs(tiny_model_d
     assert "debug: step 3 took" in shown and "GiB (cpu)" in shown
     assert torch.is_anomaly_enabled()
     torch.autograd.set_detect_anomaly(False)
+
+
+@pytest.mark.parametrize("kind, expected", [
+    ("constant", [1 / 3, 2 / 3, 1.0, 1.0, 1.0, 1.0]),
+    ("linear", [1 / 3, 2 / 3, 1.0, 0.75, 0.5, 0.25]),
+    ("cosine", [1 / 3, 2 / 3, 1.0, 0.8535534, 0.5, 0.1464466]),
+])
+def test_learning_rate_schedules(kind, expected):
+    """Warmup 2 of 6 steps: (step + 1) / 3, then constant, linear to 0, or half a cosine to 0 over the last 4."""
+    from dpo_dist.trainer import lr_lambda
+
+    factor = lr_lambda(6, 2, kind)
+    assert [factor(step) for step in range(6)] == pytest.approx(expected, abs=1e-6)
+
+
+def test_explicit_cpu_threads(tiny_model_dir, data_file, tmp_path, capsys):
+    before = torch.get_num_threads()
+    try:
+        run(tiny_model_dir, data_file, tmp_path / "out", **{"train.cpu_threads": 1, "train.max_steps": 1})
+        assert torch.get_num_threads() == 1 and "1 CPU threads each" in capsys.readouterr().out
+    finally:
+        torch.set_num_threads(before)
