@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -21,6 +22,8 @@ import yaml
 
 from dpo_dist.metrics import EVAL_METRICS
 
+# A number in exponent notation without a dot (1e-3): YAML 1.2 and Python read it as a float, PyYAML as a string.
+FLOAT_TEXT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 SENTIMENT = "builtin:sentiment"  # the source name of the built-in preference set (dpo_dist/sentiment.py)
 
 
@@ -251,6 +254,8 @@ def _check_value(key: str, value: Any, expected: Any) -> Any:
         return None
     if expected is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if expected is float and isinstance(value, str) and FLOAT_TEXT.fullmatch(value.strip()):
+        return float(value)  # PyYAML (YAML 1.1) reads 1e-3 and 5e-7 as strings; everyone writes them
     if expected in (int, float) and isinstance(value, bool):
         raise ConfigError(f"{key}: {value!r} is not {expected.__name__}")
     if not isinstance(value, expected):

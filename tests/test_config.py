@@ -40,6 +40,10 @@ def test_overrides_are_typed_yaml():
     assert cfg.train.max_steps == 20 and cfg.loss.beta == 0.05
     assert cfg.lora.target_modules == ["q_proj", "v_proj"] and cfg.train.eval_every is None
     assert cfg.train.learning_rate == 1.0 and isinstance(cfg.train.learning_rate, float)
+    # PyYAML reads 1e-3 as a string; a float option takes it as the number everyone means, in recipes too
+    assert load_config(None, ["train.learning_rate=1e-3", "train.max_grad_norm=5E+1"]).train.learning_rate == 0.001
+    assert load_config(None, ["train.max_grad_norm=5E+1"]).train.max_grad_norm == 50.0
+    assert load_config(None, ["train.output_dir=1e-3"]).train.output_dir == "1e-3"  # a str option keeps the text
     assert parse_override("a.b.c=x y") == {"a": {"b": {"c": "x y"}}}
 
 
@@ -52,6 +56,7 @@ def test_overrides_are_typed_yaml():
         ("train.max_steps=true", r"train.max_steps: True is not int or null"),
         ("loss.loss_type=dpo", r"loss.loss_type: 'dpo' is not one of sigmoid, robust, hinge, ipo, simpo"),
         ("train.adam_betas=[0.9, x]", r"train.adam_betas\[1\]: 'x' \(str\) is not float"),
+        ("loss.beta=1e-3x", r"loss.beta: '1e-3x' \(str\) is not float"),
         ("train", r"override 'train' should look like section.key=value"),
         ("train=3", r"train is a section"),
         ("train.max_steps=0", r"train.max_steps must be positive"),
