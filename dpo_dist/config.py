@@ -146,6 +146,10 @@ class TrainSettings:
                                 "labels, and time and memory of the first steps")
     collective_timeout_s: int = option(1800, "seconds before a stuck collective fails the run")
     cpu_threads: int | None = option(None, "threads per process on CPU; null: this machine's CPUs / its processes")
+    single_device_fallback: bool = option(
+        True, "a launch that asks for ZeRO or several processes on a machine with one device (one GPU, or one CPU "
+        "process) trains QLoRA on that device instead, with the same global batch, and says so; false: run as launched"
+    )
 
 
 @dataclass

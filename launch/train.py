@@ -33,11 +33,17 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
+    from dpo_dist.fallback import apply_fallback
+
     try:
-        cfg = load_config(args.config, args.overrides)
+        cfg, fallback = apply_fallback(load_config(args.config, args.overrides))
     except ConfigError as error:
         print(f"config error: {error}", file=sys.stderr)
         return 2
+    if cfg is None:
+        return 0  # the single-device fallback trains in local rank 0 alone
+    if fallback:
+        print(fallback, flush=True)
     rank = int(os.environ.get("RANK", "0"))
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
