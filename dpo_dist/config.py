@@ -1,6 +1,6 @@
 """The training config: one tree of typed dataclasses, loaded from YAML with dotted overrides.
 
-    cfg = load_config("recipes/hh_rlhf_lora.yaml", ["train.max_steps=20", "loss.beta=0.05"])
+    cfg = load_config("recipes/hh_rlhf_smollm2_lora.yaml", ["train.max_steps=20", "loss.beta=0.05"])
 
 An unknown key or a value of the wrong type is a :class:`ConfigError` naming the key and the valid keys, raised
 before any model is loaded. ``describe()`` lists every option with its type, default and meaning (``--help``).

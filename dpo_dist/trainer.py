@@ -35,6 +35,7 @@ from dpo_dist.logprobs import concatenated_forward
 from dpo_dist.loss import LENGTH_AVERAGED, preference_loss
 from dpo_dist.metrics import STATS, MetricsLog, is_finite, plot, summary
 from dpo_dist.modeling import load_policy, load_reference_copy, resolve_dtype, resolve_source
+from dpo_dist.preemption import Preempted, StopSignals
 from dpo_dist.prepare import attach_reference, model_identity, tokenized_pairs
 from dpo_dist.reference import batch_reference_logps
 
@@ -273,6 +274,19 @@ def train(cfg: Config) -> dict[str, Any]:
     bar = tqdm(total=run.total_steps, initial=state.global_step, desc="DPO",
                disable=not (accelerator.is_local_main_process and t.progress_bar))
     run.model.train()
+    signals = StopSignals()  # SIGUSR1/SIGTERM (preemption): checkpoint at the end of this step and exit
+    try:
+        loop(run, bar, signals)
+    finally:
+        signals.close()
+        bar.close()
+    finish(run)
+    return {"records": run.metrics.records, "state": state, "counts": run.counts, "output_dir": t.output_dir}
+
+
+def loop(run: Run, bar: Any, signals: StopSignals) -> None:
+    """Optimizer steps until the end, early stopping, or a stop signal (then a checkpoint and :class:`Preempted`)."""
+    cfg, t, accelerator, state = run.cfg, run.cfg.train, run.accelerator, run.state
     stop_reason = None
     while state.global_step < run.total_steps and stop_reason is None:
         started = time.perf_counter()
@@ -297,20 +311,25 @@ def train(cfg: Config) -> dict[str, Any]:
             record.update(evaluate(run.model, run.eval_tok, cfg, accelerator, run.reference_model, run.collator))
             improved, stop_reason = track_best(state, record, cfg)
         run.metrics.write(record)
-        if t.save_every and (step % t.save_every == 0 or improved):
+        saved = bool(t.save_every and (step % t.save_every == 0 or improved))
+        if saved:
             if improved:
                 state.best_checkpoint = os.path.join(t.output_dir, f"checkpoint-{step}")
             save_checkpoint(accelerator, t.output_dir, state, keep_last=t.keep_last)
+        if step < run.total_steps and stop_reason is None and signals.agreed(accelerator):
+            path = save_checkpoint(accelerator, t.output_dir, state, keep_last=t.keep_last) if not saved else \
+                os.path.join(t.output_dir, f"checkpoint-{step}")
+            accelerator.end_training()
+            raise Preempted(f"stopped by {signals.received.name if signals.received else 'a signal to another process'}"
+                            f" after step {step}: checkpoint written to {path}; run the same command again "
+                            "(train.resume=auto) to continue from it")
         if t.debug and step <= 3 and accelerator.is_main_process:
             bar.write(f"debug: step {step} took {time.perf_counter() - started:.2f} s, peak memory so far "
                       f"{peak_memory_gb(accelerator.device):.2f} GiB ({accelerator.device.type})")
         bar.update(1)
         bar.set_postfix(loss=f"{record['loss']:.4f}", acc=f"{record['rewards/accuracies']:.2f}")
-    bar.close()
     if stop_reason:
         accelerator.print(stop_reason)
-    finish(run)
-    return {"records": run.metrics.records, "state": state, "counts": run.counts, "output_dir": t.output_dir}
 
 
 def finish(run: Run) -> None:
@@ -329,7 +348,9 @@ def finish(run: Run) -> None:
             handle.write(text + "\n")
         if t.plot and run.metrics.records:
             plot(run.metrics.records, os.path.join(t.output_dir, "training_curves.png"))
-    accelerator.print(text)
+    if accelerator.is_main_process:  # accelerator.print prints once per node; the records are on the main process
+        print(text, flush=True)
+    accelerator.wait_for_everyone()  # every process done with every collective before any tears its group down
     accelerator.end_training()
 
 

@@ -11,6 +11,7 @@ HH_DIR = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "
 def pytest_configure(config):
     config.addinivalue_line("markers", "hh_rlhf: needs the real HH-RLHF test splits at ../shared/data/hh-rlhf")
     config.addinivalue_line("markers", "multiprocess: launches several processes")
+    config.addinivalue_line("markers", "slurm: runs jobs on a local SLURM cluster (slurm/local_cluster.sh; needs root or the packages)")
 
 
 @pytest.fixture

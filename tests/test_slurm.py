@@ -1,0 +1,141 @@
+"""slurm/dpo.sbatch on a real SLURM cluster run here (slurm/local_cluster.sh: slurmctld and two slurmd nodes on this
+machine): 2-node training, preemption by signal and by requeue, a killed rank, and the checkpoints it relies on."""
+
+import os
+import signal
+import subprocess
+import time
+
+import pytest
+
+from training import ROOT, assert_same_trajectory, overrides, read_jsonl, reset_accelerate_state, run
+
+pytestmark = pytest.mark.slurm
+TRAINING = {"lora.enabled": False, "train.per_device_batch_size": 4, "train.eval_every": 5}
+LONG = {**TRAINING, "train.max_steps": 300, "train.eval_every": 50}  # long enough to be preempted mid-run
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("slurm")
+    script = os.path.join(ROOT, "slurm", "local_cluster.sh")
+    result = subprocess.run(["bash", script, "up", str(folder)], capture_output=True, text=True, timeout=600)
+    if result.returncode == 3:
+        pytest.skip(f"no SLURM cluster here: {result.stderr.strip()}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    env = dict(os.environ, SLURM_CONF=str(folder / "slurm.conf"))
+    yield env
+    subprocess.run(["bash", script, "down", str(folder)], capture_output=True, timeout=120)
+
+
+def submit(env, log, *args, wait=False):
+    command = ["sbatch", "--parsable", f"--output={log}", f"--chdir={ROOT}", *(["--wait"] if wait else []),
+               os.path.join(ROOT, "slurm", "dpo.sbatch"), *args]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=900, env=env)
+    return result, result.stdout.strip().split(";")[0]
+
+
+def job_state(env, job):
+    """(state, restarts). SLURM holds a requeued job back for 2 minutes (Reason=BeginTime); that wait is lifted here,
+    as an admin would with ``scontrol update``, to keep the test short."""
+    out = subprocess.run(["scontrol", "show", "job", job, "-o"], capture_output=True, text=True, env=env).stdout
+    fields = dict(item.split("=", 1) for item in out.split() if "=" in item)
+    if fields.get("JobState") == "PENDING" and fields.get("Reason") == "BeginTime":
+        subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], capture_output=True, env=env)
+    return fields.get("JobState"), int(fields.get("Restarts", 0))
+
+
+def wait_for(predicate, timeout, what):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.5)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+def steps_written(out):
+    path = out / "metrics.jsonl"
+    return len(read_jsonl(path)) if path.exists() else 0
+
+
+def trainer_pids(out, rank):
+    """PIDs of the trainer processes writing to ``out`` with the given global rank."""
+    pids = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            cmdline = open(f"/proc/{pid}/cmdline", "rb").read().split(b"\0")
+            environ = open(f"/proc/{pid}/environ", "rb").read().split(b"\0")
+        except OSError:
+            continue
+        if any(arg.endswith(b"launch/train.py") for arg in cmdline[:3]) and f"train.output_dir={out}".encode() in cmdline \
+                and f"RANK={rank}".encode() in environ:
+            pids.append(int(pid))
+    return pids
+
+
+@pytest.fixture(scope="module")
+def single(tiny_model_dir, data_file, tmp_path_factory):
+    """What one process computes: the 2-node run must write the same trajectory."""
+    folder = tmp_path_factory.mktemp("single") / "out"
+    records = run(tiny_model_dir, data_file, folder, **{**TRAINING, "train.max_steps": 5, "train.per_device_batch_size": 8})
+    reset_accelerate_state()
+    return records["records"]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(cluster, tiny_model_dir, data_file, tmp_path_factory):
+    """The long 2-node run, not interrupted: a preempted and resumed job must repeat it exactly."""
+    folder = tmp_path_factory.mktemp("uninterrupted")
+    result, _ = submit(cluster, folder / "job.log", *overrides(tiny_model_dir, data_file, folder / "out", **LONG), wait=True)
+    assert result.returncode == 0, (folder / "job.log").read_text()[-4000:]
+    return read_jsonl(folder / "out" / "metrics.jsonl")
+
+
+def test_two_nodes_train_like_one_process(cluster, single, tiny_model_dir, data_file, tmp_path):
+    out = tmp_path / "out"
+    result, job = submit(cluster, tmp_path / "job.log", *overrides(tiny_model_dir, data_file, out, **TRAINING,
+                                                                   **{"train.max_steps": 5}), wait=True)
+    log = (tmp_path / "job.log").read_text()
+    assert result.returncode == 0, log[-4000:]
+    assert "machine rank 0 of 2, 1 processes" in log and "machine rank 1 of 2, 1 processes" in log
+    assert "4 per device x 1 accumulation x 2 processes" in log
+    assert_same_trajectory(single, read_jsonl(out / "metrics.jsonl"), atol=1e-5)
+    assert os.path.isdir(out / "model")
+
+
+@pytest.mark.parametrize("how", ["usr1-before-time-limit", "scontrol-requeue"])
+def test_preempted_job_resumes_and_finishes_the_same(how, cluster, uninterrupted, tiny_model_dir, data_file, tmp_path):
+    """SIGUSR1 to the batch shell (what --signal=B:USR1@300 sends before the time limit) or ``scontrol requeue``
+    (SIGTERM to every process, then back in the queue): the trainers checkpoint the step they are in and stop, the
+    job runs again and resumes, and the final metrics are those of an uninterrupted run."""
+    out = tmp_path / "out"
+    result, job = submit(cluster, tmp_path / "job.log", *overrides(tiny_model_dir, data_file, out, **LONG))
+    assert result.returncode == 0, result.stderr
+    wait_for(lambda: steps_written(out) >= 3, 300, "the first training steps")
+    if how == "scontrol-requeue":
+        subprocess.run(["scontrol", "requeue", job], check=True, env=cluster)
+    else:
+        subprocess.run(["scancel", "--signal=USR1", "--batch", job], check=True, env=cluster)
+    wait_for(lambda: job_state(cluster, job) == ("COMPLETED", 1), 600, "the requeued job to finish")
+    log = (tmp_path / "job.log").read_text()
+    assert "preempted: stopped by" in log and "resumed from" in log, log[-4000:]
+    records = read_jsonl(out / "metrics.jsonl")
+    assert [r["step"] for r in records] == list(range(1, 301))
+    assert_same_trajectory(uninterrupted, records, atol=1e-6)
+
+
+def test_a_killed_rank_fails_the_whole_job_quickly(cluster, tiny_model_dir, data_file, tmp_path):
+    out = tmp_path / "out"
+    result, job = submit(cluster, tmp_path / "job.log", *overrides(tiny_model_dir, data_file, out, **{
+        **LONG, "train.max_steps": 10_000, "train.collective_timeout_s": 60}))
+    assert result.returncode == 0, result.stderr
+    wait_for(lambda: steps_written(out) >= 2, 300, "the first training steps")
+    (pid,) = wait_for(lambda: trainer_pids(out, 1), 30, "the rank-1 trainer")
+    os.kill(pid, signal.SIGKILL)
+    killed = time.monotonic()
+    wait_for(lambda: job_state(cluster, job)[0] in ("FAILED", "CANCELLED", "NODE_FAIL"), 180, "the job to fail")
+    assert time.monotonic() - killed < 180
+    assert job_state(cluster, job)[1] == 0, "a failure is not a preemption: no requeue"
+    assert not trainer_pids(out, 0), "rank 0 does not hang on"
