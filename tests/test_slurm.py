@@ -28,9 +28,9 @@ def cluster(tmp_path_factory):
     subprocess.run(["bash", script, "down", str(folder)], capture_output=True, timeout=120)
 
 
-def submit(env, log, *args, wait=False):
-    command = ["sbatch", "--parsable", f"--output={log}", f"--chdir={ROOT}", *(["--wait"] if wait else []),
-               os.path.join(ROOT, "slurm", "dpo.sbatch"), *args]
+def submit(env, log, *args, wait=False, script="dpo.sbatch", options=()):
+    command = ["sbatch", "--parsable", f"--output={log}", f"--chdir={ROOT}", *(["--wait"] if wait else []), *options,
+               os.path.join(ROOT, "slurm", script), *args]
     result = subprocess.run(command, capture_output=True, text=True, timeout=900, env=env)
     return result, result.stdout.strip().split(";")[0]
 
@@ -103,6 +103,20 @@ def test_two_nodes_train_like_one_process(cluster, single, tiny_model_dir, data_
     assert "4 per device x 1 accumulation x 2 processes" in log
     assert_same_trajectory(single, read_jsonl(out / "metrics.jsonl"), atol=1e-5)
     assert os.path.isdir(out / "model")
+
+
+def test_single_gpu_qlora_job(cluster, tiny_model_dir, data_file, tmp_path):
+    """slurm/qlora.sbatch (one node, one GPU, accelerate_configs/single_gpu_qlora.yaml); the test cluster has no
+    GPUs, so it is submitted with --gpus-per-node=0 and trains the 4-bit base on the CPU."""
+    out = tmp_path / "out"
+    args = overrides(tiny_model_dir, data_file, out, **{"model.quantization": "4bit", "lora.enabled": True,
+                                                        "train.max_steps": 2})
+    result, _ = submit(cluster, tmp_path / "job.log", *args, wait=True, script="qlora.sbatch",
+                       options=("--gpus-per-node=0", "--export=ALL,RECIPE="))
+    log = (tmp_path / "job.log").read_text()
+    assert result.returncode == 0, log[-4000:]
+    assert "accelerate_configs/single_gpu_qlora.yaml" in log and "machine rank 0 of 1, 1 processes" in log
+    assert len(read_jsonl(out / "metrics.jsonl")) == 2
 
 
 @pytest.mark.parametrize("how", ["usr1-before-time-limit", "scontrol-requeue"])
