@@ -317,11 +317,12 @@ def loop(run: Run, bar: Any, signals: StopSignals) -> None:
                 state.best_checkpoint = os.path.join(t.output_dir, f"checkpoint-{step}")
             save_checkpoint(accelerator, t.output_dir, state, keep_last=t.keep_last)
         if step < run.total_steps and stop_reason is None and signals.agreed(accelerator):
-            path = save_checkpoint(accelerator, t.output_dir, state, keep_last=t.keep_last) if not saved else \
-                os.path.join(t.output_dir, f"checkpoint-{step}")
+            if not saved:
+                save_checkpoint(accelerator, t.output_dir, state, keep_last=t.keep_last)
             accelerator.end_training()
-            raise Preempted(f"stopped by {signals.received.name if signals.received else 'a signal to another process'}"
-                            f" after step {step}: checkpoint written to {path}; run the same command again "
+            by = signals.received.name if signals.received else "a signal to another process"
+            raise Preempted(f"stopped by {by} after step {step}: checkpoint written to "
+                            f"{os.path.join(t.output_dir, f'checkpoint-{step}')}; run the same command again "
                             "(train.resume=auto) to continue from it")
         if t.debug and step <= 3 and accelerator.is_main_process:
             bar.write(f"debug: step {step} took {time.perf_counter() - started:.2f} s, peak memory so far "
