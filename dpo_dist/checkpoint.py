@@ -19,6 +19,10 @@ CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 STATE_FILE = "trainer_state.json"
 
 
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be resumed into this run; the message names it and the likely cause."""
+
+
 @dataclass
 class TrainState:
     global_step: int = 0
@@ -61,7 +65,7 @@ def adapter_only_checkpoints(accelerator: Any, model: Any) -> None:
         with safe_open(path, framework="pt") as handle:
             keys = set(handle.keys())
         if keys != trainable:
-            raise ValueError(
+            raise CheckpointError(
                 f"{path} holds {len(keys)} tensors, the policy has {len(trainable)} trainable ones: "
                 "the checkpoint was written by another model or LoRA setup"
             )
@@ -96,11 +100,26 @@ def save_checkpoint(accelerator: Any, output_dir: str, state: TrainState, *, kee
     return final
 
 
-def load_checkpoint(accelerator: Any, path: str) -> TrainState:
+def load_checkpoint(accelerator: Any, path: str, *, adapter_only: bool) -> TrainState:
+    """Restore model, optimizer, scheduler and RNG states. A full model's weights must match the checkpoint key for
+    key (strict): a checkpoint written by another model, or by a run with another number of processes (DDP stores
+    ``module.``-prefixed keys), is an error, never a silent restart from the initial weights."""
     if getattr(accelerator.state, "deepspeed_plugin", None) is not None:
         accelerator.load_state(path)  # DeepSpeed's own checkpoint format, every rank its shards
-    else:
-        accelerator.load_state(path, strict=False)  # adapter-only files are checked exactly by the pre-hook
+        return _read_state(path)
+    try:  # adapter-only files hold a subset of the keys; the pre-hook checks them exactly
+        accelerator.load_state(path, strict=not adapter_only)
+    except RuntimeError as error:
+        if isinstance(error, CheckpointError):
+            raise
+        raise CheckpointError(
+            f"{path} does not fit this model: {str(error).splitlines()[0]} (was it written by another model, or by a "
+            "run with another number of processes? resume with the same setup, or set train.resume=never)"
+        ) from error
+    return _read_state(path)
+
+
+def _read_state(path: str) -> TrainState:
     with open(os.path.join(path, STATE_FILE), encoding="utf-8") as handle:
         return TrainState(**json.load(handle))
 

@@ -89,7 +89,7 @@ class DataConfig:
     on_bad_row: Literal["error", "skip"] = option("error", "a malformed row stops loading (error) or is counted and left out (skip)")
     eval_source: str | None = option(None, "eval data file/folder/Hub dataset (default: the training source)")
     eval_split: str | None = option(None, "eval split of the source (instead of eval_ratio)")
-    eval_ratio: float = option(0.1, "fraction of pairs held out for eval when no eval file/split is given")
+    eval_ratio: float = option(0.1, "fraction of pairs held out for eval; ignored when an eval file/split is given")
     num_samples: int | None = option(None, "take a seeded random subset of this many pairs (all: null)")
     max_length: int = option(512, "prompt + response tokens at most")
     max_prompt_length: int | None = option(256, "prompt tokens at most (keeps the end)")

@@ -198,5 +198,8 @@ def load_train_eval(
         return train, eval_, [report]
     if eval_ratio:
         raise DataError("give either eval_ratio or an eval file/split, not both")
+    if eval_source is None and os.path.isfile(source):
+        raise DataError(f"{source} is a file, which has no splits: an eval split names a split of a dataset folder or "
+                        "Hub dataset; for a file give a separate eval file (data.eval_source) or data.eval_ratio")
     eval_, eval_report = load_pairs(eval_source or source, split=eval_split or split, **load_kwargs)
     return pairs, eval_, [report, eval_report]

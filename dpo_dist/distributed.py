@@ -76,7 +76,9 @@ def configure_deepspeed(accelerator: Any, *, per_device_batch_size: int, gradien
     for precision, enabled in (("bf16", dtype == torch.bfloat16), ("fp16", dtype == torch.float16)):
         section = config.setdefault(precision, {})
         current = section.get("enabled", "auto")
-        if current != "auto" and bool(current) != enabled:
+        # Only a precision the DeepSpeed config switches on is a choice: accelerate writes enabled=False for both
+        # whenever its mixed_precision is "no" (our ZeRO configs), which must not veto model.dtype=bfloat16 on GPUs.
+        if current not in ("auto", False) and bool(current) != enabled:
             raise DeepSpeedConfigError(
                 f"the DeepSpeed config sets {precision}.enabled={current} but model.dtype resolves to {dtype}: "
                 f"set model.dtype to match or {precision}.enabled to auto"

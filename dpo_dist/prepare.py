@@ -26,7 +26,8 @@ def model_identity(cfg: Config, source: str, dtype: str, accelerator: Any) -> di
 def load_pairs_for(cfg: Config, accelerator: Any, model: Any, tokenizer: Any, identity: dict):
     """Train and eval pairs as in ``cfg.data``; the built-in sentiment set is built first (main process) if needed."""
     d = cfg.data
-    source, eval_source, eval_ratio = d.source, d.eval_source, d.eval_ratio
+    source, eval_source = d.source, d.eval_source
+    eval_ratio = 0.0 if d.eval_source is not None or d.eval_split is not None else d.eval_ratio  # a given eval set wins
     if d.source == SENTIMENT:
         paths = None
         if accelerator.is_main_process:

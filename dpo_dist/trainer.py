@@ -253,7 +253,7 @@ def setup(cfg: Config) -> Run:
     state = TrainState()
     resume_from = latest_checkpoint(t.output_dir) if t.resume == "auto" else None if t.resume == "never" else t.resume
     if resume_from:
-        state = load_checkpoint(accelerator, resume_from)
+        state = load_checkpoint(accelerator, resume_from, adapter_only=cfg.lora.enabled)
         accelerator.print(f"resumed from {resume_from} at step {state.global_step}")
     metrics = MetricsLog(t.output_dir, accelerator, resume_step=state.global_step)
     if t.report_to:

@@ -57,6 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     datasets.disable_progress_bars()  # one progress bar: the trainer's
     transformers.utils.logging.disable_progress_bar()
     logging.getLogger("accelerate").setLevel(logging.WARNING)
+    from dpo_dist.checkpoint import CheckpointError
     from dpo_dist.data import DataError
     from dpo_dist.distributed import DeepSpeedConfigError
     from dpo_dist.preemption import PREEMPTED_EXIT_CODE, Preempted
@@ -66,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         train(cfg)
         status = 0
-    except (DataError, TokenizationError, TrainingError, DeepSpeedConfigError, FileNotFoundError) as error:
+    except (DataError, TokenizationError, TrainingError, DeepSpeedConfigError, CheckpointError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)
         status = 1
     except Preempted as stop:

@@ -193,3 +193,6 @@ def test_train_eval_from_files_or_ratio(tmp_path):
     assert set(train["row"]) | set(eval_["row"]) == set(take_subset(load_pairs(train_path)[0], 10, 0)["row"])
     with pytest.raises(DataError, match="either eval_ratio or an eval file"):
         load_train_eval(train_path, eval_source=eval_path, eval_ratio=0.1)
+    # a file has no splits: asking for an eval split of one would evaluate on the training pairs
+    with pytest.raises(DataError, match=r"train.jsonl is a file, which has no splits.*data.eval_source"):
+        load_train_eval(train_path, eval_split="test")

@@ -30,6 +30,10 @@ def test_auto_and_missing_values_are_filled_from_the_training_config():
     assert config["bf16"]["enabled"] is False and config["fp16"]["enabled"] is False
     assert config["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] is True
     assert configure({}, dtype=torch.bfloat16)["bf16"]["enabled"] is True
+    # what accelerate writes for mixed_precision "no" (the shipped ZeRO configs): bf16 weights on a GPU still train
+    accelerate_no = {"bf16": {"enabled": False}, "fp16": {"enabled": False}}
+    assert configure(accelerate_no, dtype=torch.bfloat16)["bf16"]["enabled"] is True
+    assert configure(accelerate_no, dtype=torch.bfloat16)["fp16"]["enabled"] is False
     assert configure({}, max_grad_norm=None)["gradient_clipping"] == 0.0
     assert configure_deepspeed(SimpleNamespace(state=SimpleNamespace()), per_device_batch_size=1,
                                gradient_accumulation_steps=1, max_grad_norm=1.0, dtype=torch.float32) is None
@@ -42,6 +46,7 @@ def test_auto_and_missing_values_are_filled_from_the_training_config():
         ({"train_micro_batch_size_per_gpu": 8}, r"train_micro_batch_size_per_gpu=8.*train.per_device_batch_size gives 4"),
         ({"gradient_accumulation_steps": 1}, r"gradient_accumulation_steps=1.*gives 2"),
         ({"bf16": {"enabled": True}}, r"bf16.enabled=True but model.dtype resolves to torch.float32"),
+        ({"fp16": {"enabled": True}, "bf16": {"enabled": False}}, r"fp16.enabled=True but model.dtype resolves"),
     ],
 )
 def test_a_forced_mismatch_is_an_error(ds_config, message):

@@ -72,3 +72,20 @@ def test_a_stop_signal_checkpoints_the_step_and_stops(sig, tiny_model_dir, data_
     whole = run(tiny_model_dir, data_file, tmp_path / "whole", **settings)["records"]
     reset_accelerate_state()
     assert_same_trajectory(whole, resumed, atol=1e-6)
+
+
+def test_a_checkpoint_that_does_not_fit_is_an_error_not_a_silent_restart(tiny_model_dir, data_file, tmp_path):
+    """Full fine-tuning: weights whose keys do not match the model (here renamed as a 2-process DDP run names them,
+    ``module.``-prefixed) stop the resume with the checkpoint named, instead of loading nothing."""
+    from safetensors.torch import load_file, save_file
+
+    from dpo_dist.checkpoint import CheckpointError
+
+    out = tmp_path / "out"
+    run(tiny_model_dir, data_file, out, **{**SETTINGS, "train.max_steps": 2})
+    reset_accelerate_state()
+    weights = out / "checkpoint-2" / "model.safetensors"
+    save_file({f"module.{k}": v.contiguous() for k, v in load_file(weights).items()}, weights)
+    with pytest.raises(CheckpointError, match=r"checkpoint-2 does not fit this model: .*another number of processes"):
+        run(tiny_model_dir, data_file, out, **{**SETTINGS, "train.max_steps": 4})
+    reset_accelerate_state()

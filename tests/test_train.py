@@ -274,3 +274,10 @@ def test_explicit_cpu_threads(tiny_model_dir, data_file, tmp_path, capsys):
         assert torch.get_num_threads() == 1 and "1 CPU threads each" in capsys.readouterr().out
     finally:
         torch.set_num_threads(before)
+
+
+def test_a_given_eval_file_wins_over_eval_ratio(tiny_model_dir, data_file, tmp_path):
+    """data.eval_ratio has a default; naming an eval file must not clash with it (it is ignored, as --help says)."""
+    result = run(tiny_model_dir, data_file, tmp_path / "out", **{"data.eval_source": data_file, "data.eval_ratio": 0.2,
+                                                                "train.max_steps": 1})
+    assert result["counts"]["train_pairs"] == 81 and result["counts"]["eval_pairs"] == 81
