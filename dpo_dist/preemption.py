@@ -39,10 +39,10 @@ class StopSignals:
 
     def agreed(self, accelerator: Any) -> bool:
         """Whether any process got a stop signal. A collective: every process calls it at the same step."""
+        if accelerator.num_processes == 1:
+            return self.received is not None
         flag = torch.tensor([1.0 if self.received else 0.0], device=accelerator.device)
-        if accelerator.num_processes > 1:
-            flag = accelerator.reduce(flag, reduction="max")
-        return bool(flag.item())
+        return bool(accelerator.reduce(flag, reduction="max").item())
 
     def close(self) -> None:
         for sig, handler in self._previous.items():
