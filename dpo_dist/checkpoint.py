@@ -109,9 +109,9 @@ def load_checkpoint(accelerator: Any, path: str, *, adapter_only: bool) -> Train
         return _read_state(path)
     try:  # adapter-only files hold a subset of the keys; the pre-hook checks them exactly
         accelerator.load_state(path, strict=not adapter_only)
+    except CheckpointError:
+        raise
     except RuntimeError as error:
-        if isinstance(error, CheckpointError):
-            raise
         raise CheckpointError(
             f"{path} does not fit this model: {str(error).splitlines()[0]} (was it written by another model, or by a "
             "run with another number of processes? resume with the same setup, or set train.resume=never)"

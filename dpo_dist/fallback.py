@@ -21,6 +21,7 @@ import os
 from dataclasses import dataclass
 
 from dpo_dist.config import Config, ConfigError
+from dpo_dist.distributed import uses_deepspeed
 
 # What torchrun / accelerate launch set for a distributed worker; removed to make the survivor a plain process.
 DISTRIBUTED_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK",
@@ -51,7 +52,7 @@ def read_launch() -> Launch:
         world_size=int(os.environ.get("WORLD_SIZE", "1")),
         local_world_size=local_world_size,
         local_rank=int(os.environ.get("LOCAL_RANK", "0")),
-        deepspeed=os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true",
+        deepspeed=uses_deepspeed(),
         devices=torch.cuda.device_count() if torch.cuda.is_available() else 0,
     )
 

@@ -1,5 +1,5 @@
 """slurm/dpo.sbatch on a real SLURM cluster run here (slurm/local_cluster.sh: slurmctld and two slurmd nodes on this
-machine): 2-node training, preemption by signal and by requeue, a killed rank, and the checkpoints it relies on."""
+machine): 2-node training, the single-GPU QLoRA script, preemption by signal and by requeue, and a killed rank."""
 
 import os
 import signal
@@ -147,9 +147,7 @@ def test_a_killed_rank_fails_the_whole_job_quickly(cluster, tiny_model_dir, data
     assert result.returncode == 0, result.stderr
     wait_for(lambda: steps_written(out) >= 2, 300, "the first training steps")
     (pid,) = wait_for(lambda: trainer_pids(out, 1), 30, "the rank-1 trainer")
-    os.kill(pid, signal.SIGKILL)
-    killed = time.monotonic()
-    wait_for(lambda: job_state(cluster, job)[0] in ("FAILED", "CANCELLED", "NODE_FAIL"), 180, "the job to fail")
-    assert time.monotonic() - killed < 180
+    os.kill(pid, signal.SIGKILL)  # the job must fail within 60 s (measured: about 2 s), not hang in a collective
+    wait_for(lambda: job_state(cluster, job)[0] in ("FAILED", "CANCELLED", "NODE_FAIL"), 60, "the job to fail")
     assert job_state(cluster, job)[1] == 0, "a failure is not a preemption: no requeue"
     assert not trainer_pids(out, 0), "rank 0 does not hang on"
