@@ -60,7 +60,7 @@ def disable_dropout(model: torch.nn.Module) -> None:
             setattr(config, name, 0.0)
 
 
-def _load_base(source: str, cfg: Config, dtype: torch.dtype, device: torch.device) -> torch.nn.Module:
+def load_base(source: str, cfg: Config, dtype: torch.dtype, device: torch.device) -> torch.nn.Module:
     from transformers import AutoModelForCausalLM
 
     kwargs: dict[str, Any] = {
@@ -91,7 +91,7 @@ def load_policy(cfg: Config, device: torch.device) -> tuple[torch.nn.Module, Any
     source = resolve_source(cfg.model.name_or_path)
     tokenizer = load_tokenizer(source, cfg)
     dtype = resolve_dtype(cfg.model.dtype, device)
-    model = _load_base(source, cfg, dtype, device)
+    model = load_base(source, cfg, dtype, device)
     checkpointing = {"use_reentrant": False}
     if cfg.model.quantization != "none":
         from peft import prepare_model_for_kbit_training
@@ -118,6 +118,6 @@ def load_policy(cfg: Config, device: torch.device) -> tuple[torch.nn.Module, Any
 def load_reference_copy(cfg: Config, device: torch.device) -> torch.nn.Module:
     """A frozen second copy of the initial weights: the online reference for full fine-tuning."""
     source = resolve_source(cfg.model.name_or_path)
-    model = _load_base(source, cfg, resolve_dtype(cfg.model.dtype, device), device)
+    model = load_base(source, cfg, resolve_dtype(cfg.model.dtype, device), device)
     model.requires_grad_(False)
     return model.eval()  # placed by distributed.prepare_frozen (sharded under ZeRO-3)

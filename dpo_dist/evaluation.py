@@ -1,0 +1,212 @@
+"""Evaluate a trained run against its base: held-out preference metrics, generation win-rate, KL divergence.
+
+    results = evaluate_run("outputs/default", EvalOptions())      # what launch/evaluate.py runs
+
+1. **Preference metrics** on the run's eval split (the pairs it never trained on): the implicit DPO reward
+   ``beta * (log pi - log pi_ref)`` of each response, with the base as the reference; reward accuracy (through the
+   local ``evaluate`` module ``accuracy``), mean margin and loss, the same numbers the trainer's ``eval/*`` reports.
+2. **Win rate**: ``samples_per_prompt`` responses sampled from the trained model and from the base for each
+   held-out prompt, with the same random numbers for both, the i-th of one against the i-th of the other, judged
+   pairwise (:mod:`dpo_dist.judges`); wins, losses, ties and the win rate with a prompt-level bootstrap interval
+   (the local ``evaluate`` module ``win_rate``), and each side's mean response length.
+3. **KL divergence** of the trained model from the base, ``KL(pi || pi_ref) = E_{y ~ pi}[log pi(y|x) - log
+   pi_ref(y|x)]`` per response (summed over its tokens), estimated from responses sampled from the trained model at
+   temperature 1 with no top-p/top-k (separate samples are drawn for it when the win-rate sampling is not that).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from dpo_dist.collate import PreferenceCollator
+from dpo_dist.config import SENTIMENT, Config
+from dpo_dist.eval_metrics import load_metric
+from dpo_dist.generation import Sampling, response_logps, sample_responses
+from dpo_dist.judges import JUDGE_INSTRUCTION, ScoreJudge, build_judge
+from dpo_dist.metrics import STATS
+from dpo_dist.modeling import resolve_dtype, resolve_source
+from dpo_dist.prepare import load_pairs_for, model_identity
+from dpo_dist.reference import as_reference
+from dpo_dist.tokenization import Truncation, tokenize_pairs
+from dpo_dist.trained import load_base_model, load_trained, run_config
+
+
+@dataclass
+class EvalOptions:
+    judge: str = "auto"  # sentiment | reward_model:PATH | llm:PATH | none; auto: sentiment for the sentiment task
+    samples_per_prompt: int = 4
+    num_prompts: int | None = None  # held-out prompts used (all by default)
+    sampling: Sampling = field(default_factory=Sampling)
+    max_new_tokens: int | None = None  # None: the sentiment task's length, else 128
+    batch_size: int = 16
+    base: str | None = None
+    eval_source: str | None = None
+    judge_instruction: str = JUDGE_INSTRUCTION
+    seed: int = 0
+
+
+def mean_and_stderr(values: list[float], groups: list[int]) -> tuple[float, float]:
+    """The mean, and its standard error over groups (responses to one prompt are not independent: the error is
+    that of the per-prompt means). Shape: values, groups (N,)."""
+    by_group: dict[int, list[float]] = {}
+    for value, group in zip(values, groups):
+        by_group.setdefault(group, []).append(value)
+    means = [sum(v) / len(v) for v in by_group.values()]
+    mean = sum(values) / len(values)
+    if len(means) < 2:
+        return mean, float("nan")
+    centre = sum(means) / len(means)
+    variance = sum((m - centre) ** 2 for m in means) / (len(means) - 1)
+    return mean, math.sqrt(variance / len(means))
+
+
+def kl_estimate(policy_logps: torch.Tensor, ref_logps: torch.Tensor, groups: list[int]) -> dict[str, float]:
+    """Monte Carlo ``KL(pi || pi_ref)`` per response from responses sampled from ``pi``: the mean log-ratio.
+
+    Shape: policy_logps, ref_logps (N,) summed log-probs of the same N sampled responses.
+    """
+    kl, stderr = mean_and_stderr((policy_logps.double() - ref_logps.double()).tolist(), groups)
+    return {"kl": kl, "kl_stderr": stderr}
+
+
+def held_out_pairs(cfg: Config, model: Any, tokenizer: Any, device: torch.device) -> tuple[Any, dict[int, Any]]:
+    """The run's eval pairs, tokenized as in training, and each one's raw prompt by row."""
+    from accelerate import Accelerator
+
+    accelerator = Accelerator(cpu=device.type == "cpu")
+    identity = model_identity(cfg, resolve_source(cfg.model.name_or_path),
+                              str(resolve_dtype(cfg.model.dtype, device)).removeprefix("torch."), accelerator)
+    with as_reference(model) as base:  # the sentiment set, if not cached, is sampled from the base
+        _, eval_pairs = load_pairs_for(cfg, accelerator, base, tokenizer, identity)
+    if eval_pairs is None or len(eval_pairs) == 0:
+        raise ValueError("the run has no eval split (data.eval_ratio=0 and no data.eval_source): pass --eval_source "
+                         "FILE with held-out pairs")
+    tokenized, _ = tokenize_pairs(eval_pairs, tokenizer, Truncation(cfg.data.max_length, cfg.data.max_prompt_length))
+    prompts = {row: prompt for row, prompt in zip(eval_pairs["row"], eval_pairs["prompt"])}
+    return tokenized, prompts
+
+
+@torch.no_grad()
+def preference_metrics(model: Any, reference: Any, tokenized: Any, cfg: Config, tokenizer: Any,
+                       batch_size: int, device: torch.device) -> dict[str, float]:
+    """Loss, reward accuracy and margin of the held-out pairs, the base as reference."""
+    from dpo_dist.trainer import pair_losses, reduce_stats
+
+    cfg = dataclasses.replace(cfg, reference=dataclasses.replace(
+        cfg.reference, mode="none" if cfg.reference.mode == "none" else "online"))
+    collator = PreferenceCollator(pad_token_id=tokenizer.pad_token_id)
+    rows = []
+    for start in range(0, len(tokenized), batch_size):
+        batch = collator([tokenized[i] for i in range(start, min(start + batch_size, len(tokenized)))])
+        rows.append(pair_losses(model, {k: v.to(device) for k, v in batch.items()}, cfg, reference)[1].cpu())
+    stats = torch.cat(rows)
+    record = reduce_stats(stats)
+    correct = stats[:, STATS.index("rewards/accuracies")].long().tolist()
+    accuracy = load_metric("accuracy").compute(predictions=correct, references=[1] * len(correct))["accuracy"]
+    return {"pairs": len(tokenized), "loss": record["loss"], "reward_accuracy": accuracy,
+            "margin": record["rewards/margins"], "rewards/chosen": record["rewards/chosen"],
+            "rewards/rejected": record["rewards/rejected"]}
+
+
+def prompt_text(prompt: Any) -> str:
+    """A raw prompt as a judge reads it: the text, or a conversation's messages as ``role: content`` lines."""
+    if isinstance(prompt, str):
+        return prompt
+    return "\n".join(f"{m['role']}: {m['content']}" for m in prompt)
+
+
+def unique_prompts(tokenized: Any, raw: dict[int, Any], limit: int | None) -> tuple[list[list[int]], list[str]]:
+    """Each held-out prompt once (a prompt may have several pairs), in order: token ids and judge text."""
+    seen: dict[tuple[int, ...], str] = {}
+    for ids, row in zip(tokenized["prompt_input_ids"], tokenized["row"]):
+        seen.setdefault(tuple(ids), prompt_text(raw[row]))
+    items = list(seen.items())[:limit]
+    return [list(ids) for ids, _ in items], [text for _, text in items]
+
+
+def decode(tokenizer: Any, ids: list[int]) -> str:
+    return tokenizer.decode(ids, skip_special_tokens=True)
+
+
+def evaluate_run(path: str, opts: EvalOptions) -> dict[str, Any]:
+    """All three evaluations of the run at ``path``; returns the results (see ``eval_report`` for the files)."""
+    cfg = run_config(path)
+    if cfg is None:
+        raise FileNotFoundError(f"{path}: no config.yaml here or beside it: evaluate a training run's output folder "
+                                "(it has config.yaml and model/)")
+    if opts.eval_source is not None:
+        cfg.data.eval_source, cfg.data.eval_split = opts.eval_source, None
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    trained = load_trained(path, device=device, base=opts.base, cfg=cfg)
+    model, tokenizer = trained.model, trained.tokenizer
+    reference = model if trained.is_adapter else load_base_model(trained, device)
+    tokenized, raw_prompts = held_out_pairs(cfg, reference, tokenizer, device)
+    results: dict[str, Any] = {
+        "model": trained.folder, "base": trained.base_source, "adapter": trained.is_adapter,
+        "preference": preference_metrics(model, reference, tokenized, cfg, tokenizer, opts.batch_size, device),
+    }
+
+    judge_spec = opts.judge if opts.judge != "auto" else "sentiment" if cfg.data.source == SENTIMENT else "none"
+    max_new = opts.max_new_tokens or (cfg.data.sentiment.max_new_tokens if cfg.data.source == SENTIMENT else 128)
+    sampling = dataclasses.replace(opts.sampling, max_new_tokens=max_new, seed=opts.seed)
+    prompt_ids, prompt_texts = unique_prompts(tokenized, raw_prompts, opts.num_prompts)
+    n = opts.samples_per_prompt
+    generate = dict(n=n, batch_size=max(1, opts.batch_size // n), device=device)
+    policy_samples = sample_responses(model, tokenizer, prompt_ids, sampling=sampling, **generate)
+    with as_reference(reference) as base:
+        base_samples = sample_responses(base, tokenizer, prompt_ids, sampling=sampling, **generate)
+    groups = [i for i in range(len(prompt_ids)) for _ in range(n)]
+    flat_prompts = [prompt_ids[g] for g in groups]
+    policy_flat = [r for rs in policy_samples for r in rs]
+    base_flat = [r for rs in base_samples for r in rs]
+
+    kl_samples = policy_flat if sampling.exact else [r for rs in sample_responses(
+        model, tokenizer, prompt_ids, sampling=Sampling(max_new_tokens=max_new, seed=opts.seed), **generate) for r in rs]
+    score = dict(batch_size=opts.batch_size, device=device, pad_id=tokenizer.pad_token_id)
+    model.eval()
+    policy_logps = response_logps(model, flat_prompts, kl_samples, **score)
+    with as_reference(reference) as base:
+        ref_logps = response_logps(base, flat_prompts, kl_samples, **score)
+    results["kl"] = {**kl_estimate(policy_logps, ref_logps, groups), "responses": len(kl_samples),
+                     "from_separate_samples": not sampling.exact}
+
+    eos = tokenizer.eos_token_id
+    sides = {"policy": policy_flat, "base": base_flat}
+    results["generation"] = {
+        "prompts": len(prompt_ids), "samples_per_prompt": n, "sampling": dataclasses.asdict(sampling),
+        **{f"{side}_mean_tokens": sum(len(r) - (r[-1:] == [eos]) for r in rs) / len(rs) for side, rs in sides.items()},
+        **{f"{side}_ended_with_eos": sum(r[-1:] == [eos] for r in rs) / len(rs) for side, rs in sides.items()},
+    }
+    texts = {side: [decode(tokenizer, r) for r in rs] for side, rs in sides.items()}
+    judge_prompts = [prompt_texts[g] for g in groups]
+    results["samples"] = [{"prompt": p, "policy": a, "base": b} for p, a, b in
+                          zip(judge_prompts, texts["policy"], texts["base"])]
+    if judge_spec != "none":
+        judge = build_judge(judge_spec, device, seed=opts.seed, instruction=opts.judge_instruction)
+        outcomes, details = judge.compare(judge_prompts, texts["policy"], texts["base"])
+        win = load_metric("win_rate").compute(outcomes=outcomes, groups=groups, seed=opts.seed)
+        results["win_rate"] = {"judge": judge.name, **win}
+        for sample, outcome in zip(results["samples"], outcomes):
+            sample["outcome"] = outcome
+        if isinstance(judge, ScoreJudge):
+            scores, base_scores = details.pop("scores"), details.pop("baseline_scores")
+            for sample, a, b in zip(results["samples"], scores, base_scores):
+                sample["policy_score"], sample["base_score"] = a, b
+            policy_mean, policy_err = mean_and_stderr(scores, groups)
+            base_mean, base_err = mean_and_stderr(base_scores, groups)
+            results["reward"] = {"judge": judge.name, "policy_mean": policy_mean, "policy_stderr": policy_err,
+                                 "base_mean": base_mean, "base_stderr": base_err}
+        results["win_rate"].update(details)
+    return results
+
+
+def output_dir_for(path: str) -> str:
+    """Where results go by default: ``<run>/eval`` (beside ``model/`` when given the model folder)."""
+    run = os.path.dirname(os.path.normpath(path)) if os.path.basename(os.path.normpath(path)) == "model" else path
+    return os.path.join(run, "eval")

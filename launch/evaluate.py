@@ -1,0 +1,96 @@
+"""Evaluate a trained run against its base model.
+
+    python launch/evaluate.py outputs/default                                   # the default run: VADER judge
+    python launch/evaluate.py outputs/mine --judge reward_model:path/to/reward-model
+    python launch/evaluate.py outputs/mine --judge llm:path/to/judge-lm --samples_per_prompt 2
+
+Held-out preference metrics (reward accuracy, margin, loss), the win rate of sampled responses against the base's
+judged pairwise, and the KL divergence from the base. Writes ``results.json``, ``results.md``, ``samples.jsonl`` and
+(score judges) ``reward_vs_kl.png`` into ``<run>/eval`` or ``--out``, and prints the markdown.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+# This file is named evaluate.py: drop its own folder from the import path so that `import evaluate` finds the
+# Hugging Face package, not this script; the project root goes in its place.
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.getcwd()) != HERE]
+sys.path.insert(0, os.path.dirname(HERE))
+
+from dpo_dist.evaluation import EvalOptions, evaluate_run, output_dir_for  # noqa: E402
+from dpo_dist.generation import Sampling  # noqa: E402
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("run", help="a training run's output folder (config.yaml and model/)")
+    parser.add_argument("--judge", default="auto",
+                        help="sentiment | reward_model:PATH | llm:PATH | none (default: sentiment for the built-in "
+                             "sentiment task, none otherwise)")
+    parser.add_argument("--judge_instruction", default=None, help="the LLM judge's instruction (what 'better' means)")
+    parser.add_argument("--samples_per_prompt", type=int, default=4)
+    parser.add_argument("--num_prompts", type=int, default=None, help="use the first N held-out prompts (default all)")
+    parser.add_argument("--max_new_tokens", type=int, default=None,
+                        help="default: the sentiment task's length (20) for it, else 128")
+    parser.add_argument("--temperature", type=float, default=1.0)
+    parser.add_argument("--top_p", type=float, default=1.0)
+    parser.add_argument("--top_k", type=int, default=0)
+    parser.add_argument("--batch_size", type=int, default=16)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--base", default=None, help="the base model (default: the run's model.name_or_path)")
+    parser.add_argument("--eval_source", default=None, help="held-out pairs to use instead of the run's eval split")
+    parser.add_argument("--out", default=None, help="output folder (default: <run>/eval)")
+    parser.add_argument("--no_plot", action="store_true")
+    args = parser.parse_args(argv)
+    if args.samples_per_prompt < 1 or args.batch_size < 1 or (args.num_prompts is not None and args.num_prompts < 1):
+        parser.error("--samples_per_prompt, --batch_size and --num_prompts must be positive")
+    if args.temperature <= 0 or not 0 < args.top_p <= 1 or args.top_k < 0:
+        parser.error("--temperature must be > 0, --top_p in (0, 1], --top_k >= 0")
+    return args
+
+
+def quiet() -> None:
+    """Warnings and errors only: no progress bars for loading weights or mapping a few dozen rows."""
+    import logging
+    import warnings
+
+    import datasets
+    import transformers
+
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    datasets.disable_progress_bars()
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+    warnings.filterwarnings("ignore", category=FutureWarning)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    quiet()
+    from dpo_dist.data import DataError
+    from dpo_dist.eval_report import markdown, write_report
+    from dpo_dist.judges import JUDGE_INSTRUCTION
+
+    options = EvalOptions(
+        judge=args.judge, samples_per_prompt=args.samples_per_prompt, num_prompts=args.num_prompts,
+        sampling=Sampling(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k),
+        max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, base=args.base,
+        eval_source=args.eval_source, judge_instruction=args.judge_instruction or JUDGE_INSTRUCTION, seed=args.seed,
+    )
+    try:
+        results = evaluate_run(args.run, options)
+    except (DataError, ValueError, OSError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    print(markdown(results))
+    for path in write_report(results, args.out or output_dir_for(args.run), plot=not args.no_plot):
+        print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
