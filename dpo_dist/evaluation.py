@@ -34,7 +34,7 @@ from dpo_dist.modeling import resolve_dtype, resolve_source
 from dpo_dist.prepare import load_pairs_for, model_identity
 from dpo_dist.reference import as_reference
 from dpo_dist.tokenization import Truncation, tokenize_pairs
-from dpo_dist.trained import load_base_model, load_trained, run_config
+from dpo_dist.trained import load_base_model, load_trained, model_folder, run_config
 
 
 @dataclass
@@ -136,6 +136,7 @@ def decode(tokenizer: Any, ids: list[int]) -> str:
 
 def evaluate_run(path: str, opts: EvalOptions) -> dict[str, Any]:
     """All three evaluations of the run at ``path``; returns the results (see ``eval_report`` for the files)."""
+    model_folder(path)  # a clear error first when there is no model at all
     cfg = run_config(path)
     if cfg is None:
         raise FileNotFoundError(f"{path}: no config.yaml here or beside it: evaluate a training run's output folder "

@@ -78,7 +78,7 @@ def test_adapter_reloads_on_4bit_and_full_precision_bases_and_merges(tiny_model_
     assert (on_4bit - on_full).abs().max() <= 1.5 * quantization_error
     torch.testing.assert_close(on_full - base_full, on_4bit - base_4bit, atol=2 * quantization_error.item(), rtol=0)
 
-    merged = merge_adapter(tiny_model_dir, adapter, str(tmp_path / "merged"))
+    merged = merge_adapter(str(out), str(tmp_path / "merged"), dtype="float32")
     reloaded = AutoModelForCausalLM.from_pretrained(str(tmp_path / "merged"))
     with torch.no_grad():
         torch.testing.assert_close(merged(ids).logits, on_full, atol=1e-5, rtol=1e-5)

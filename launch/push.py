@@ -1,0 +1,35 @@
+"""Upload a trained adapter or a merged model to the Hugging Face Hub (needs the network and `huggingface-cli login`
+or HF_TOKEN).
+
+    python launch/push.py outputs/default my-name/smollm2-dpo-sentiment-lora        # the run's adapter (model/)
+    python launch/push.py outputs/default/merged my-name/smollm2-dpo-sentiment --private
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("folder", help="a run's output folder (its model/ is pushed), an adapter or a model folder")
+    parser.add_argument("repo_id", help="owner/name on the Hub; created if missing")
+    parser.add_argument("--private", action="store_true")
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    from dpo_dist.export import push_to_hub
+
+    try:
+        url = push_to_hub(args.folder, args.repo_id, private=args.private)
+    except Exception as error:  # no model in the folder, no network, no token, no permission: say which, briefly
+        print(f"error: could not push {args.folder} to {args.repo_id}: {type(error).__name__}: {error}", file=sys.stderr)
+        return 1
+    print(f"pushed to {url}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,234 @@
+"""launch/evaluate.py and what it is built from: local evaluate modules, the KL estimate, the judges, the report."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from tiny import make_llama, make_tokenizer
+from training import ROOT, read_jsonl, reset_accelerate_state, run
+
+
+# --- the local evaluate modules ------------------------------------------------------------------------------------
+
+def test_local_accuracy_module():
+    from dpo_dist.eval_metrics import load_metric
+
+    metric = load_metric("accuracy")
+    assert metric.compute(predictions=[1, 0, 1, 1], references=[1, 1, 1, 0])["accuracy"] == 0.5
+    assert metric.compute(predictions=[1, 0], references=[1, 1], sample_weight=[3, 1])["accuracy"] == 0.75
+    with pytest.raises(ValueError, match="no local metric"):
+        load_metric("bleu")
+
+
+def test_win_rate_module_counts_ties_half_and_bootstraps_prompts():
+    from dpo_dist.eval_metrics import load_metric
+
+    metric = load_metric("win_rate")
+    result = metric.compute(outcomes=[1, 1, 0.5, 0, 1, 0], groups=[0, 0, 1, 1, 2, 2])
+    assert (result["wins"], result["losses"], result["ties"], result["prompts"]) == (3, 2, 1, 3)
+    assert result["win_rate"] == pytest.approx(3.5 / 6)
+    assert result["ci_low"] <= result["win_rate"] <= result["ci_high"]
+    assert metric.compute(outcomes=[1, 1, 0.5, 0, 1, 0], groups=[0, 0, 1, 1, 2, 2]) == result, "seeded"
+    # Every prompt won: no resample can say otherwise.
+    assert metric.compute(outcomes=[1.0] * 8, groups=[0, 0, 1, 1, 2, 2, 3, 3])["ci_low"] == 1.0
+    # 200 prompts won 60% of the time: the interval is about +-0.07 around 0.6 and excludes 0.5.
+    outcomes = [1.0 if i % 5 < 3 else 0.0 for i in range(200)]
+    wide = metric.compute(outcomes=outcomes, groups=list(range(200)))
+    assert 0.5 < wide["ci_low"] < 0.6 < wide["ci_high"] < 0.7
+    with pytest.raises(ValueError, match="outcomes must be"):
+        metric.compute(outcomes=[0.3], groups=[0])
+
+
+# --- sampling and the KL estimate ------------------------------------------------------------------------------
+
+def test_kl_estimate_from_samples_matches_the_exact_kl():
+    """One-token responses: the exact KL is a sum over the vocabulary, which the sampled estimate must agree with."""
+    from dpo_dist.evaluation import kl_estimate
+    from dpo_dist.generation import Sampling, response_logps, sample_responses
+
+    tokenizer = make_tokenizer("nobos")
+    reference = make_llama(len(tokenizer), seed=0)
+    policy = make_llama(len(tokenizer), seed=0)
+    with torch.no_grad():
+        for p in policy.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    prompts = [tokenizer("the movie was")["input_ids"], tokenizer("bread flour")["input_ids"]]
+    n = 1500
+    samples = sample_responses(policy, tokenizer, prompts, n=n, sampling=Sampling(max_new_tokens=1, seed=3),
+                               batch_size=2, device=torch.device("cpu"))
+    assert all(len(r) == 1 for rs in samples for r in rs)
+    flat_prompts = [p for p in prompts for _ in range(n)]
+    flat = [r for rs in samples for r in rs]
+    kwargs = dict(batch_size=500, device=torch.device("cpu"))
+    estimate = kl_estimate(response_logps(policy, flat_prompts, flat, **kwargs),
+                           response_logps(reference, flat_prompts, flat, **kwargs), groups=list(range(len(flat))))
+    exact = []
+    with torch.no_grad():
+        for ids in prompts:
+            logp = torch.log_softmax(policy(torch.tensor([ids])).logits[0, -1].double(), -1)
+            logq = torch.log_softmax(reference(torch.tensor([ids])).logits[0, -1].double(), -1)
+            exact.append(float((logp.exp() * (logp - logq)).sum()))
+    exact_kl = sum(exact) / len(exact)
+    assert exact_kl > 0.05, "the perturbation must make a KL worth estimating"
+    assert abs(estimate["kl"] - exact_kl) < 4 * estimate["kl_stderr"], (estimate, exact_kl)
+    assert estimate["kl_stderr"] < 0.2 * exact_kl
+
+
+def test_samples_stop_at_eos_and_use_the_same_random_numbers_for_the_same_model():
+    from dpo_dist.generation import Sampling, sample_responses
+
+    tokenizer = make_tokenizer("nobos")
+    model = make_llama(len(tokenizer), seed=1)
+    eos = tokenizer.eos_token_id
+    with torch.no_grad():
+        model.lm_head.weight[eos] += 0.5  # EOS likely enough to end some responses early
+    prompts = [tokenizer("the film")["input_ids"], tokenizer("Human: What is the capital of France?")["input_ids"]]
+    kwargs = dict(n=8, sampling=Sampling(max_new_tokens=12, seed=5), batch_size=1, device=torch.device("cpu"))
+    first, second = sample_responses(model, tokenizer, prompts, **kwargs), sample_responses(model, tokenizer, prompts, **kwargs)
+    assert first == second
+    flat = [r for rs in first for r in rs]
+    assert any(r[-1] == eos and len(r) < 12 for r in flat), "some responses ended"
+    assert all(eos not in r[:-1] for r in flat), "nothing after the first EOS"
+    assert all(len(r) == 12 or r[-1] == eos for r in flat)
+
+
+# --- judges ------------------------------------------------------------------------------------------------------
+
+def test_sentiment_judge_prefers_the_more_positive_response():
+    from dpo_dist.judges import SentimentJudge
+
+    outcomes, details = SentimentJudge().compare(
+        ["p", "p", "p"], ["a wonderful, delightful film", "it was a film", "awful and boring"],
+        ["a terrible film", "it was a movie", "great fun"])
+    assert outcomes == [1.0, 0.5, 0.0]
+    assert details["scores"][0] > 0 > details["baseline_scores"][0]
+
+
+def test_llm_judge_randomizes_positions_and_reads_the_answer_logprobs(tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    from dpo_dist.judges import LLMJudge
+
+    judge = LLMJudge(tiny_model_dir, torch.device("cpu"), seed=1)
+    prompts, responses, baseline = ["the movie"] * 40, ["great music"] * 40, ["bad acting"] * 40
+    # The answers' log-probs are the model's own: checked against a plain forward for one context.
+    context = judge.context(prompts[0], responses[0], baseline[0])
+    logp_a, logp_b = judge.answer_logps([context])
+    ids = judge.tokenizer(context, add_special_tokens=False)["input_ids"]
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    for letter, got in (("A", logp_a), ("B", logp_b)):
+        answer = judge.tokenizer(" " + letter, add_special_tokens=False)["input_ids"]
+        with torch.no_grad():
+            logps = torch.log_softmax(model(torch.tensor([ids + answer])).logits[0], -1)
+        expected = sum(logps[len(ids) - 1 + i, token].item() for i, token in enumerate(answer))
+        assert got.item() == pytest.approx(expected, abs=1e-4)
+
+    # A judge that always answers A: each side wins exactly where it was shown first.
+    judge.answer_logps = lambda contexts: (torch.zeros(len(contexts)), torch.full((len(contexts),), -1.0))
+    outcomes, details = judge.compare(prompts, responses, baseline)
+    assert details["judge_picked_a"] == 1.0
+    assert sum(outcomes) == details["responses_shown_as_a"]
+    assert 10 < details["responses_shown_as_a"] < 30, "positions are drawn at random"
+
+    # A judge that reads the content (prefers the response mentioning music) gives the same verdict in either position.
+    def by_content(contexts):
+        a_music = torch.tensor([float("music" in c.split("[Response A]")[1].split("[Response B]")[0]) for c in contexts])
+        return a_music, 1 - a_music
+
+    judge.answer_logps = by_content
+    assert judge.compare(prompts, responses, baseline)[0] == [1.0] * 40
+
+
+def test_reward_model_judge_scores_with_the_classifier(tmp_path):
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    from dpo_dist.judges import RewardModelJudge, build_judge
+
+    tokenizer = make_tokenizer("chatml")
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, num_labels=1,
+                         pad_token_id=tokenizer.pad_token_id)
+    LlamaForSequenceClassification(config).save_pretrained(tmp_path / "rm")
+    tokenizer.save_pretrained(tmp_path / "rm")
+    judge = build_judge(f"reward_model:{tmp_path / 'rm'}", torch.device("cpu"))
+    assert isinstance(judge, RewardModelJudge)
+    prompts, first, second = ["the film", "bread"], ["was great", "flour water salt"], ["was bad", "yes"]
+    outcomes, details = judge.compare(prompts, first, second)
+    model = LlamaForSequenceClassification.from_pretrained(tmp_path / "rm").eval()
+    for prompt, response, score in zip(prompts, first, details["scores"]):
+        text = tokenizer.apply_chat_template([{"role": "user", "content": prompt},
+                                              {"role": "assistant", "content": response}], tokenize=False)
+        with torch.no_grad():
+            expected = model(**tokenizer(text, return_tensors="pt")).logits[0, 0].item()
+        assert score == pytest.approx(expected, abs=1e-4)
+    assert outcomes == [1.0 if a > b else 0.0 for a, b in zip(details["scores"], details["baseline_scores"])]
+    with pytest.raises(ValueError, match="unknown judge"):
+        build_judge("vibes", torch.device("cpu"))
+
+
+# --- the whole evaluation on a trained run -----------------------------------------------------------------------
+
+def lora_run(tiny_model_dir, data_file, out, **extra):
+    reset_accelerate_state()
+    settings = {"lora.enabled": True, "lora.r": 4, "train.max_steps": 6, "train.learning_rate": 5e-3,
+                "train.eval_every": 6, **extra}
+    run(tiny_model_dir, data_file, out, **settings)
+    reset_accelerate_state()
+    return out
+
+
+def evaluate_cli(*args):
+    return subprocess.run([sys.executable, os.path.join(ROOT, "launch", "evaluate.py"), *map(str, args)],
+                          capture_output=True, text=True, timeout=600)
+
+
+def test_evaluate_reproduces_the_trainers_eval_and_writes_the_report(tiny_model_dir, data_file, tmp_path):
+    out = lora_run(tiny_model_dir, data_file, tmp_path / "run")
+    done = evaluate_cli(out, "--judge", "sentiment", "--samples_per_prompt", 3, "--max_new_tokens", 8)
+    assert done.returncode == 0, done.stderr
+    results = json.load(open(out / "eval" / "results.json"))
+    trainer_eval = [r for r in read_jsonl(out / "metrics.jsonl") if "eval/loss" in r][-1]
+    p = results["preference"]
+    assert p["pairs"] == 16
+    assert p["loss"] == pytest.approx(trainer_eval["eval/loss"], abs=1e-5)
+    assert p["reward_accuracy"] == pytest.approx(trainer_eval["eval/rewards/accuracies"], abs=1e-6)
+    assert p["margin"] == pytest.approx(trainer_eval["eval/rewards/margins"], abs=1e-5)
+
+    samples = read_jsonl(out / "eval" / "samples.jsonl")
+    assert len(samples) == results["generation"]["prompts"] * 3 == results["win_rate"]["comparisons"]
+    for s in samples:
+        assert s["outcome"] == (1.0 if s["policy_score"] > s["base_score"] else 0.5 if s["policy_score"] == s["base_score"] else 0.0)
+    assert results["win_rate"]["win_rate"] == pytest.approx(sum(s["outcome"] for s in samples) / len(samples))
+    assert results["reward"]["policy_mean"] == pytest.approx(sum(s["policy_score"] for s in samples) / len(samples))
+    assert results["kl"]["kl"] > 0, "a trained adapter moved away from its base"
+    assert not results["kl"]["from_separate_samples"]
+    for name in ("results.md", "reward_vs_kl.png"):
+        assert os.path.getsize(out / "eval" / name) > 0
+    assert "| win rate | 95% interval |" in done.stdout
+
+
+def test_an_unchanged_model_has_zero_kl_and_ties_everywhere(tiny_model_dir, data_file, tmp_path):
+    """Learning rate 0: the adapter is still the identity, so the trained model is the base. Sampled with the same
+    random numbers, every response pair is identical: KL exactly 0, every comparison a tie, win rate 0.5."""
+    out = lora_run(tiny_model_dir, data_file, tmp_path / "run", **{"train.learning_rate": 0.0, "train.max_steps": 1,
+                                                                   "train.eval_every": 1})
+    done = evaluate_cli(out, "--judge", "sentiment", "--samples_per_prompt", 2, "--max_new_tokens", 6,
+                        "--temperature", 0.7, "--num_prompts", 5, "--out", tmp_path / "eval")
+    assert done.returncode == 0, done.stderr
+    results = json.load(open(tmp_path / "eval" / "results.json"))
+    assert results["kl"]["kl"] == 0.0 and results["kl"]["from_separate_samples"]
+    assert results["win_rate"]["ties"] == results["win_rate"]["comparisons"] == 10
+    assert results["win_rate"]["win_rate"] == 0.5
+    assert results["preference"]["margin"] == 0.0
+
+
+def test_evaluate_errors_name_the_problem(tmp_path, tiny_model_dir):
+    done = evaluate_cli(tmp_path)
+    assert done.returncode == 1 and "no model here" in done.stderr
+    done = evaluate_cli(tiny_model_dir)  # a model folder, not a run: no config.yaml says what its held-out data is
+    assert done.returncode == 1 and "no config.yaml" in done.stderr
