@@ -351,6 +351,8 @@ def finish(run: Run) -> None:
             plot(run.metrics.records, os.path.join(t.output_dir, "training_curves.png"))
     if accelerator.is_main_process:  # accelerator.print prints once per node; the records are on the main process
         print(text, flush=True)
+        print(f"next: python launch/evaluate.py {t.output_dir}  (win rate and KL against the base) · "
+              f"python launch/chat.py {t.output_dir} · python launch/merge.py {t.output_dir}", flush=True)
     accelerator.wait_for_everyone()  # every process done with every collective before any tears its group down
     accelerator.end_training()
 

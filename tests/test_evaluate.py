@@ -187,8 +187,13 @@ def evaluate_cli(*args):
                           capture_output=True, text=True, timeout=600)
 
 
-def test_evaluate_reproduces_the_trainers_eval_and_writes_the_report(tiny_model_dir, data_file, tmp_path):
-    out = lora_run(tiny_model_dir, data_file, tmp_path / "run")
+@pytest.fixture(scope="module")
+def trained_run(tiny_model_dir, data_file, tmp_path_factory):
+    return lora_run(tiny_model_dir, data_file, tmp_path_factory.mktemp("evaluate") / "run")
+
+
+def test_evaluate_reproduces_the_trainers_eval_and_writes_the_report(trained_run):
+    out = trained_run
     done = evaluate_cli(out, "--judge", "sentiment", "--samples_per_prompt", 3, "--max_new_tokens", 8)
     assert done.returncode == 0, done.stderr
     results = json.load(open(out / "eval" / "results.json"))
@@ -212,6 +217,18 @@ def test_evaluate_reproduces_the_trainers_eval_and_writes_the_report(tiny_model_
     assert "| win rate | 95% interval |" in done.stdout
 
 
+def test_evaluate_with_an_llm_judge(trained_run, tiny_model_dir, tmp_path):
+    done = evaluate_cli(trained_run, "--judge", f"llm:{tiny_model_dir}", "--num_prompts", 3, "--samples_per_prompt", 2,
+                        "--max_new_tokens", 5, "--out", tmp_path)
+    assert done.returncode == 0, done.stderr
+    results = json.load(open(tmp_path / "results.json"))
+    w = results["win_rate"]
+    assert w["judge"].startswith("LLM judge") and w["comparisons"] == 6 == w["wins"] + w["losses"] + w["ties"]
+    assert 0 <= w["judge_picked_a"] <= 1 and "reward" not in results
+    assert not os.path.exists(tmp_path / "reward_vs_kl.png"), "no per-response scores to plot"
+    assert "picked the response shown first" in open(tmp_path / "results.md").read()
+
+
 def test_an_unchanged_model_has_zero_kl_and_ties_everywhere(tiny_model_dir, data_file, tmp_path):
     """Learning rate 0: the adapter is still the identity, so the trained model is the base. Sampled with the same
     random numbers, every response pair is identical: KL exactly 0, every comparison a tie, win rate 0.5."""
@@ -232,3 +249,20 @@ def test_evaluate_errors_name_the_problem(tmp_path, tiny_model_dir):
     assert done.returncode == 1 and "no model here" in done.stderr
     done = evaluate_cli(tiny_model_dir)  # a model folder, not a run: no config.yaml says what its held-out data is
     assert done.returncode == 1 and "no config.yaml" in done.stderr
+
+
+def test_evaluate_a_fully_fine_tuned_model_against_its_base(tiny_model_dir, data_file, tmp_path):
+    out = tmp_path / "run"
+    reset_accelerate_state()
+    run(tiny_model_dir, data_file, out, **{"train.eval_every": 4})
+    reset_accelerate_state()
+    done = evaluate_cli(out, "--judge", "none", "--num_prompts", 4, "--samples_per_prompt", 2, "--max_new_tokens", 6)
+    assert done.returncode == 0, done.stderr
+    results = json.load(open(out / "eval" / "results.json"))
+    trainer_eval = [r for r in read_jsonl(out / "metrics.jsonl") if "eval/loss" in r][-1]
+    assert not results["adapter"] and results["base"] == tiny_model_dir
+    assert results["preference"]["loss"] == pytest.approx(trainer_eval["eval/loss"], abs=1e-5)
+    assert results["preference"]["margin"] == pytest.approx(trainer_eval["eval/rewards/margins"], abs=1e-5)
+    # 8 responses: the estimate is noisy (it can fall below 0 for a model this close to its base), but it varies.
+    assert results["kl"]["kl_stderr"] > 0 and "win_rate" not in results
+    assert "No win rate: no judge was given" in done.stdout
