@@ -139,6 +139,11 @@ class TrainSettings:
     early_stopping_patience: int | None = option(None, "stop after this many evals without improvement; null: never")
     resume: str = option("auto", "auto: resume from the latest checkpoint in output_dir if any; never; or a checkpoint path")
     logps_chunk_size: int = option(1024, "tokens per chunk in the log-softmax")
+    packing: Literal["auto", "on", "off"] = option(
+        "auto", "prompt sharing and padding-free packing: each pair as prompt|chosen|rejected, the prompt computed once, "
+        "pairs packed into rows with a block-diagonal attention mask, the LM head on scored tokens only; auto: on "
+        "where supported (sdpa/eager attention, a plain LM head, no ZeRO-3), off: padded chosen and rejected rows"
+    )
     report_to: list[str] = option([], "trackers besides metrics.jsonl: tensorboard, wandb, comet_ml, mlflow")
     plot: bool = option(True, "draw training curves to training_curves.png at the end")
     progress_bar: bool = option(True, "show a tqdm progress bar on the main process")
@@ -244,6 +249,8 @@ def _check_value(key: str, value: Any, expected: Any) -> Any:
                 continue
         raise ConfigError(f"{key}: {value!r} is not {_type_name(expected)}")
     if origin is Literal:
+        if isinstance(value, bool) and {"on", "off"} <= set(typing.get_args(expected)):
+            value = "on" if value else "off"  # YAML reads on/off (and yes/no, true/false) as booleans
         if value not in typing.get_args(expected):
             raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(str, typing.get_args(expected)))}")
         return value

@@ -90,3 +90,81 @@ def concatenated_forward(
     logps, tokens = sequence_logps(outputs.logits, batch["labels"], chunk_size=chunk_size)
     b = logps.shape[0] // 2
     return PairLogps(logps[:b], logps[b:], tokens[:b], tokens[b:])
+
+
+class _HeadLogps(torch.autograd.Function):
+    """log softmax(hidden @ weight.T + bias)[targets], chunked, from hidden states: the LM head runs only on the
+    scored positions, and no (tokens, vocab) logits are ever held; the backward recomputes each chunk's logits.
+
+    hidden: (K, H); weight: (V, H); bias: (V,) or None; targets: (K,) int64 -> (K,) float32.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, chunk_size):
+        token_logps = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
+        logsumexps = torch.empty_like(token_logps)
+        for start in range(0, hidden.shape[0], chunk_size):
+            end = start + chunk_size
+            logits = torch.nn.functional.linear(hidden[start:end], weight, bias).float()  # (c, V)
+            logsumexps[start:end] = torch.logsumexp(logits, dim=-1)
+            token_logps[start:end] = logits.gather(1, targets[start:end, None]).squeeze(1) - logsumexps[start:end]
+        ctx.save_for_backward(hidden, weight, bias, targets, logsumexps)
+        ctx.chunk_size = chunk_size
+        return token_logps
+
+    @staticmethod
+    def backward(ctx, grad_token_logps):
+        hidden, weight, bias, targets, logsumexps = ctx.saved_tensors
+        need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
+        grad_hidden = torch.empty_like(hidden) if need_hidden else None
+        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if need_weight else None
+        grad_bias = torch.zeros_like(bias, dtype=torch.float32) if need_bias else None
+        for start in range(0, hidden.shape[0], ctx.chunk_size):
+            end = start + ctx.chunk_size
+            grad = grad_token_logps[start:end, None].float()
+            logits = torch.nn.functional.linear(hidden[start:end], weight, bias).float()
+            grad_logits = torch.exp(logits - logsumexps[start:end, None]) * -grad  # onehot(t) - softmax(x), scaled
+            grad_logits.scatter_add_(1, targets[start:end, None], grad)
+            if need_hidden:
+                grad_hidden[start:end] = (grad_logits.to(weight.dtype) @ weight).to(hidden.dtype)
+            if need_weight:
+                grad_weight += grad_logits.T @ hidden[start:end].float()
+            if need_bias:
+                grad_bias += grad_logits.sum(0)
+        return (grad_hidden, grad_weight.to(weight.dtype) if need_weight else None,
+                grad_bias.to(bias.dtype) if need_bias else None, None, None)
+
+
+def output_head(model: torch.nn.Module) -> torch.nn.Module:
+    """The LM head (a Linear over the vocabulary) of a causal LM, through DDP and PEFT wrappers."""
+    model = getattr(model, "module", model)
+    head = model.get_output_embeddings()
+    if not isinstance(head, torch.nn.Linear):
+        raise TypeError(f"packed scoring needs a Linear LM head, found {type(head).__name__}")
+    return head
+
+
+def packed_forward(
+    model: torch.nn.Module, batch: dict[str, torch.Tensor], *, chunk_size: int = DEFAULT_CHUNK_SIZE
+) -> PairLogps:
+    """Score a :class:`dpo_dist.packing.PackedPairCollator` batch: one forward over the packed rows (through the
+    model's own ``forward``, so DDP and hooks see it), then the LM head on the scored positions only."""
+    outputs = model(
+        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], position_ids=batch["position_ids"],
+        use_cache=False, output_hidden_states=True, logits_to_keep=1,
+    )
+    hidden = outputs.hidden_states[-1]
+    hidden = hidden.reshape(-1, hidden.shape[-1])[batch["pred_rows"]]  # (K, H); a row scored twice is gathered twice
+    head = output_head(model)
+    token_logps = _HeadLogps.apply(hidden, head.weight, head.bias, batch["targets"], chunk_size)
+    b = batch["pair_tokens"].shape[0]
+    seq = batch["seq_index"]
+    logps = torch.zeros(2 * b, dtype=torch.float32, device=token_logps.device).index_add(0, seq, token_logps)
+    tokens = torch.zeros(2 * b, dtype=torch.long, device=seq.device).index_add(0, seq, torch.ones_like(seq))
+    return PairLogps(logps[:b], logps[b:], tokens[:b], tokens[b:])
+
+
+def pair_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor], *, chunk_size: int = DEFAULT_CHUNK_SIZE) -> PairLogps:
+    """Both sides' log-probs of a batch from either collator: packed (prompt shared) or padded."""
+    forward = packed_forward if "pred_rows" in batch else concatenated_forward
+    return forward(model, batch, chunk_size=chunk_size)

@@ -6,7 +6,7 @@ Step metrics, each a mean over every pair of the optimizer step on every process
 - ``rewards/chosen``, ``rewards/rejected``: beta x (policy - reference) log-prob of each response;
 - ``rewards/margins``: chosen minus rejected reward; ``rewards/accuracies``: fraction of pairs with chosen > rejected;
 - ``logps/chosen``, ``logps/rejected``: the policy's summed log-prob of each response;
-- ``grad_norm`` (before clipping), ``lr``, ``tokens/s`` (non-padding tokens), ``examples_seen``, ``epoch``;
+- ``grad_norm`` (before clipping), ``lr``, ``tokens/s`` (non-padding tokens), ``step_time_s``, ``examples_seen``, ``epoch``;
 - ``eval/*``: the same pair metrics on the eval split, at eval steps.
 """
 

@@ -65,12 +65,14 @@ def tokenized_pairs(
 
 
 def attach_reference(
-    cfg: Config, accelerator: Any, model: Any, tokenizer: Any, identity: dict, *tokenized_sets: datasets.Dataset | None
+    cfg: Config, accelerator: Any, model: Any, tokenizer: Any, identity: dict, *tokenized_sets: datasets.Dataset | None,
+    collator: Any = None,
 ) -> list[datasets.Dataset | None]:
     """Each set with ``ref_chosen_logps`` / ``ref_rejected_logps`` columns (from the cache, or computed by every
-    process with ``model`` as the reference: call it after ``accelerator.prepare``, so ZeRO-3 shards serve it)."""
+    process with ``model`` as the reference: call it after ``accelerator.prepare``, so ZeRO-3 shards serve it),
+    batched by ``collator`` (the training collator, so reference and policy are scored the same way)."""
     truncation = Truncation(cfg.data.max_length, cfg.data.max_prompt_length)
-    collator = PreferenceCollator(pad_token_id=tokenizer.pad_token_id)
+    collator = collator or PreferenceCollator(pad_token_id=tokenizer.pad_token_id)
     cache_dir = cfg.reference.cache_dir or cache.default_cache_dir()
     out = []
     for tokenized in tokenized_sets:

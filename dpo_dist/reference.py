@@ -22,7 +22,7 @@ import torch
 from dpo_dist import cache
 from dpo_dist.collate import REFERENCE_COLUMNS
 from dpo_dist.distributed import gather_in_order, shard_indices
-from dpo_dist.logprobs import DEFAULT_CHUNK_SIZE, PairLogps, concatenated_forward
+from dpo_dist.logprobs import DEFAULT_CHUNK_SIZE, PairLogps, pair_logps
 from dpo_dist.tokenization import PAIR_COLUMNS, Truncation
 
 logger = logging.getLogger(__name__)
@@ -47,7 +47,7 @@ def as_reference(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
 def online_reference_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor], **kwargs: Any) -> PairLogps:
     """The reference's log-probs for one collated batch (a frozen copy, or the policy with adapters off)."""
     with as_reference(model):
-        return concatenated_forward(model, batch, **kwargs)
+        return pair_logps(model, batch, **kwargs)
 
 
 def batch_reference_logps(
@@ -96,7 +96,7 @@ def compute_reference_logps(
         for offset in range(0, len(shard), batch_size):
             batch = collator([pairs[i] for i in shard[offset : offset + batch_size]])
             batch = {k: v.to(accelerator.device) for k, v in batch.items()}
-            out = concatenated_forward(model, batch, chunk_size=chunk_size)
+            out = pair_logps(model, batch, chunk_size=chunk_size)
             results.append(torch.stack([out.chosen_logps, out.rejected_logps], dim=-1).float())
     return gather_in_order(torch.cat(results), len(tokenized), accelerator).cpu()
 

@@ -31,10 +31,11 @@ from dpo_dist.distributed import (
     build_accelerator, configure_deepspeed, gather_in_order, prepare_frozen, set_cpu_threads, shard_indices,
     zero_stage,
 )
-from dpo_dist.logprobs import concatenated_forward
+from dpo_dist.logprobs import pair_logps
 from dpo_dist.loss import LENGTH_AVERAGED, preference_loss
 from dpo_dist.metrics import STATS, MetricsLog, is_finite, plot, summary
 from dpo_dist.modeling import load_policy, load_reference_copy, resolve_dtype, resolve_source
+from dpo_dist.packing import PackedPairCollator, choose_packing
 from dpo_dist.preemption import Preempted, StopSignals
 from dpo_dist.prepare import attach_reference, model_identity, tokenized_pairs
 from dpo_dist.reference import batch_reference_logps
@@ -49,7 +50,7 @@ def pair_losses(model: Any, batch: dict[str, torch.Tensor], cfg: Config, referen
 
     Shape: -> loss (), stats (B, len(STATS)).
     """
-    policy = concatenated_forward(model, batch, chunk_size=cfg.train.logps_chunk_size)
+    policy = pair_logps(model, batch, chunk_size=cfg.train.logps_chunk_size)
     ref_chosen, ref_rejected = batch_reference_logps(
         cfg.reference.mode, reference_model, batch, chunk_size=cfg.train.logps_chunk_size
     )
@@ -64,7 +65,10 @@ def pair_losses(model: Any, batch: dict[str, torch.Tensor], cfg: Config, referen
     if cfg.loss.rpo_alpha:
         losses = losses + cfg.loss.rpo_alpha * -(policy.chosen_logps / policy.chosen_tokens.clamp(min=1))
     b = losses.shape[0]
-    tokens = batch["attention_mask"].view(2, b, -1).sum(dim=(0, 2))  # chosen row + rejected row of each pair
+    if "pair_tokens" in batch:  # packed: the pair's tokens as two sequences, the same count as the padded form's
+        tokens = batch["pair_tokens"]
+    else:
+        tokens = batch["attention_mask"].view(2, b, -1).sum(dim=(0, 2))  # chosen row + rejected row of each pair
     stats = torch.stack([
         losses.detach(), chosen_rewards, rejected_rewards, (chosen_rewards > rejected_rewards).float(),
         policy.chosen_logps.detach(), policy.rejected_logps.detach(), tokens.float(),
@@ -194,7 +198,7 @@ class Run:
     reference_model: Any
     state: TrainState
     metrics: MetricsLog
-    collator: PreferenceCollator
+    collator: Any  # PackedPairCollator or PreferenceCollator
 
 
 def setup(cfg: Config) -> Run:
@@ -244,8 +248,17 @@ def setup(cfg: Config) -> Run:
     accelerator.register_for_checkpointing(scheduler)  # stepped here once per optimizer step, not by Accelerate
     if cfg.lora.enabled and not stage:
         adapter_only_checkpoints(accelerator, model)
+    try:
+        packed, why_not = choose_packing(t.packing, model, stage)
+    except ValueError as error:
+        raise TrainingError(str(error)) from None
+    accelerator.print("packing: on (each pair as prompt|chosen|rejected with the prompt computed once, pairs packed "
+                      "into rows)" if packed else f"packing: off ({why_not})")
+    collator = (PackedPairCollator(tokenizer.pad_token_id) if packed
+                else PreferenceCollator(pad_token_id=tokenizer.pad_token_id))
     if cfg.reference.mode == "precomputed":  # after prepare: under ZeRO-3 every rank serves its shard
-        train_tok, eval_tok = attach_reference(cfg, accelerator, model, tokenizer, identity, train_tok, eval_tok)
+        train_tok, eval_tok = attach_reference(cfg, accelerator, model, tokenizer, identity, train_tok, eval_tok,
+                                               collator=collator)
     reference_model = None
     if cfg.reference.mode == "online":  # LoRA: the policy with adapters off; full: a frozen copy, sharded under ZeRO-3
         reference_model = model if cfg.lora.enabled else prepare_frozen(load_reference_copy(cfg, accelerator.device), accelerator)
@@ -259,7 +272,7 @@ def setup(cfg: Config) -> Run:
     if t.report_to:
         accelerator.init_trackers("dpo_dist", config=flat_config(cfg))
     return Run(cfg, accelerator, model, tokenizer, optimizer, scheduler, train_tok, eval_tok, counts, order,
-               total_steps, reference_model, state, metrics, PreferenceCollator(pad_token_id=tokenizer.pad_token_id))
+               total_steps, reference_model, state, metrics, collator)
 
 
 def train(cfg: Config) -> dict[str, Any]:
@@ -303,9 +316,9 @@ def loop(run: Run, bar: Any, signals: StopSignals) -> None:
             )
         run.scheduler.step()
         state.global_step = step
-        tokens = record.pop("tokens")
+        tokens, elapsed = record.pop("tokens"), time.perf_counter() - started
         record = {"step": step, "epoch": step / run.order.steps_per_epoch, **record, "lr": lr,
-                  "tokens/s": tokens / (time.perf_counter() - started), "examples_seen": step * run.order.global_batch}
+                  "tokens/s": tokens / elapsed, "step_time_s": elapsed, "examples_seen": step * run.order.global_batch}
         improved = False
         if run.eval_tok is not None and (step == run.total_steps or (t.eval_every and step % t.eval_every == 0)):
             record.update(evaluate(run.model, run.eval_tok, cfg, accelerator, run.reference_model, run.collator))

@@ -133,3 +133,11 @@ def test_early_stopping_needs_eval_data():
     load_config(None, ["data.source=pairs.jsonl", "data.eval_ratio=0.1", "train.early_stopping_patience=2"])
     load_config(None, ["train.early_stopping_patience=2", "train.metric_for_best=eval/rewards/margins",
                        "train.greater_is_better=true"])  # the built-in set has held-out prompts
+
+
+def test_on_off_options_accept_what_yaml_makes_of_on_and_off():
+    from dpo_dist.config import load_config
+
+    assert load_config(None, ["train.packing=on"]).train.packing == "on"  # YAML reads `on` as true
+    assert load_config(None, ["train.packing=off"]).train.packing == "off"
+    assert load_config(None, ["train.packing=auto"]).train.packing == "auto"

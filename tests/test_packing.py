@@ -1,0 +1,104 @@
+"""Prompt sharing and packing: the same log-probs and gradients as scoring chosen and rejected as separate rows."""
+
+import random
+
+import pytest
+import torch
+
+from tiny import make_gpt2, make_llama
+
+
+def random_pairs(n, seed, vocab=90, bos=None):
+    rng = random.Random(seed)
+    pairs = []
+    for _ in range(n):
+        prompt = ([bos] if bos is not None else []) + [rng.randrange(5, vocab) for _ in range(rng.randint(1, 12))]
+        pairs.append({"prompt_input_ids": prompt,
+                      "chosen_input_ids": [rng.randrange(5, vocab) for _ in range(rng.randint(1, 9))],
+                      "rejected_input_ids": [rng.randrange(5, vocab) for _ in range(rng.randint(1, 9))],
+                      "ref_chosen_logps": -1.5, "ref_rejected_logps": -2.5})
+    return pairs
+
+
+def test_rows_are_planned_first_fit_decreasing():
+    from dpo_dist.packing import plan_rows
+
+    assert plan_rows([5, 3, 2, 4, 1], 5) == [[0], [3, 4], [1, 2]]
+    assert sorted(i for row in plan_rows([7, 1, 1, 6, 2, 3], 7) for i in row) == list(range(6))
+    assert all(sum([7, 1, 1, 6, 2, 3][i] for i in row) <= 7 for row in plan_rows([7, 1, 1, 6, 2, 3], 7))
+
+
+@pytest.mark.parametrize("make_model", [make_llama, make_gpt2], ids=["llama", "gpt2"])
+def test_packed_logps_and_gradients_equal_the_padded_form(make_model):
+    from dpo_dist.collate import PreferenceCollator
+    from dpo_dist.logprobs import concatenated_forward, packed_forward
+    from dpo_dist.packing import PackedPairCollator
+
+    model = make_model(100, seed=3) if make_model is make_gpt2 else make_model(100, seed=3, tie_word_embeddings=True)
+    model.config._attn_implementation = "sdpa"
+    pairs = random_pairs(7, seed=1, bos=1)
+    packed = PackedPairCollator(pad_token_id=0)(pairs)
+    assert packed["input_ids"].shape[0] < 7, "several pairs share a row"
+    padded = PreferenceCollator(pad_token_id=0)(pairs)
+    weights = torch.randn(14)  # a loss that weighs every sequence differently checks each one's gradient
+
+    def grads(forward, batch):
+        model.zero_grad()
+        out = forward(model, batch, chunk_size=5)  # chunks smaller than the batch's scored tokens
+        logps = torch.cat([out.chosen_logps, out.rejected_logps])
+        (logps * weights).sum().backward()
+        return logps.detach(), torch.cat([out.chosen_tokens, out.rejected_tokens]), {
+            n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    logps_packed, tokens_packed, grads_packed = grads(packed_forward, packed)
+    logps_padded, tokens_padded, grads_padded = grads(concatenated_forward, padded)
+    torch.testing.assert_close(logps_packed, logps_padded, atol=1e-5, rtol=1e-5)
+    assert tokens_packed.tolist() == tokens_padded.tolist()
+    assert grads_packed.keys() == grads_padded.keys() and len(grads_packed) > 5
+    for name in grads_padded:
+        torch.testing.assert_close(grads_packed[name], grads_padded[name], atol=1e-5, rtol=1e-4, msg=name)
+    assert packed["pair_tokens"].tolist() == padded["attention_mask"].view(2, 7, -1).sum((0, 2)).tolist()
+    assert packed["ref_chosen_logps"].tolist() == [-1.5] * 7
+
+
+def test_packed_forward_without_bos_skips_nothing_the_padded_form_scores():
+    """No BOS and a one-token prompt: the prompt's only token predicts both responses' first tokens."""
+    from dpo_dist.collate import PreferenceCollator
+    from dpo_dist.logprobs import concatenated_forward, packed_forward
+    from dpo_dist.packing import PackedPairCollator
+
+    model = make_llama(100, seed=5)
+    pairs = [{"prompt_input_ids": [7], "chosen_input_ids": [8, 9], "rejected_input_ids": [10]},
+             *random_pairs(3, seed=2)]
+    with torch.no_grad():
+        a = packed_forward(model, PackedPairCollator(0)(pairs))
+        b = concatenated_forward(model, PreferenceCollator(0)(pairs))
+    torch.testing.assert_close(a.chosen_logps, b.chosen_logps, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(a.rejected_logps, b.rejected_logps, atol=1e-5, rtol=1e-5)
+
+
+def test_packing_is_refused_where_it_cannot_work():
+    from dpo_dist.packing import choose_packing
+
+    model = make_llama(100)
+    model.config._attn_implementation = "sdpa"
+    assert choose_packing("auto", model, 0) == (True, "")
+    assert choose_packing("auto", model, 3)[0] is False
+    assert choose_packing("off", model, 0) == (False, "train.packing=off")
+    model.config._attn_implementation = "flash_attention_2"
+    assert "takes no 4D attention mask" in choose_packing("auto", model, 0)[1]
+    with pytest.raises(ValueError, match="train.packing=on"):
+        choose_packing("on", model, 0)
+
+
+def test_training_with_and_without_packing_follows_the_same_trajectory(tiny_model_dir, data_file, tmp_path):
+    from training import assert_same_trajectory, read_jsonl, reset_accelerate_state, run
+
+    for mode in ("on", "off"):
+        reset_accelerate_state()
+        run(tiny_model_dir, data_file, tmp_path / mode, **{"train.packing": mode, "train.eval_every": 2,
+                                                          "reference.cache_dir": str(tmp_path / f"cache-{mode}")})
+    reset_accelerate_state()
+    on, off = read_jsonl(tmp_path / "on" / "metrics.jsonl"), read_jsonl(tmp_path / "off" / "metrics.jsonl")
+    assert_same_trajectory(on, off, atol=1e-5)
+    assert [r["tokens/s"] > 0 for r in on] and on[0]["step_time_s"] > 0
