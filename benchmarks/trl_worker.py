@@ -63,7 +63,7 @@ def main(spec_path: str, result_path: str) -> None:
     peft_config = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM")
     setup_started = time.perf_counter()
     trainer = DPOTrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer,
-                         peft_config=peft_config)
+                         peft_config=peft_config, callbacks=[Timer()])
     set_peft_model_state_dict(trainer.model, load_file(spec["init_adapter"]))
     trainer.train()
     status = dict(line.split(":", 1) for line in open("/proc/self/status") if ":" in line)

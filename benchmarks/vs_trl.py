@@ -33,8 +33,11 @@ sys.path.insert(0, ROOT)
 
 HH = os.path.join(ROOT, "..", "shared", "data", "hh-rlhf", "helpful-base-test.jsonl.gz")
 TRL_VERSION = "1.16.0"
-VARIANTS = {  # dpo-dist configurations (section.key overrides) compared with TRL
-    "default": {},
+VARIANTS = {  # dpo-dist configurations (section.key overrides), each one lever away from the default
+    "default": {},  # reference precomputed, packing and prompt sharing on (train.packing=auto)
+    "no-sharing": {"train.share_prompt": False},  # packed, but prompt|chosen and prompt|rejected as two segments
+    "padded": {"train.packing": "off"},  # padded chosen and rejected rows, full logits then chunked log-softmax
+    "online-ref": {"reference.mode": "online"},  # the reference forward in every step instead of precomputed
 }
 
 
@@ -61,24 +64,66 @@ def matmul_peak_gflops(threads: int, size: int = 2048, repeats: int = 10) -> flo
     return best
 
 
-def step_flops(config, prompt: int, chosen: int, rejected: int, *, shared_prompt: bool) -> float:
+def step_flops(config, prompt: int, chosen: int, rejected: int, *, shared_prompt: bool,
+               reference_forward: bool = False) -> float:
     """Model FLOPs of one pair in a LoRA step: forward (2 per weight per token) and the backward's input gradients
     (2 more; the frozen base needs no weight gradients) through the transformer's linear layers for every token, the
     LM head for the scored (response) tokens only, and causal attention (QK^T and AV, forward and backward). LoRA's
-    own matmuls (r=16) are left out (under 1%). ``shared_prompt``: the prompt is computed once for both responses."""
+    own matmuls (r=16) are left out (under 1%). ``shared_prompt``: the prompt is computed once for both responses;
+    ``reference_forward``: a reference forward (no backward) in the step too."""
     h, layers, inter = config.hidden_size, config.num_hidden_layers, config.intermediate_size
     kv = h * config.num_key_value_heads // config.num_attention_heads
     per_token = layers * (2 * h * h + 2 * h * kv + 3 * h * inter)  # q, o; k, v; gate, up, down
     head = h * config.vocab_size
 
-    def sequence(length: int, scored: int) -> float:
+    def forward(length: int, scored: int) -> float:
         attention = layers * 2 * 2 * h * length * (length + 1) / 2  # QK^T and AV over the causal half
-        return 4 * (per_token * length + head * scored) + 2 * attention
+        return 2 * (per_token * length + head * scored) + attention
 
     if shared_prompt:
-        whole = sequence(prompt + chosen, chosen) + sequence(prompt + rejected, rejected) - sequence(prompt, 0)
-        return whole
-    return sequence(prompt + chosen, chosen) + sequence(prompt + rejected, rejected)
+        once = forward(prompt + chosen, chosen) + forward(prompt + rejected, rejected) - forward(prompt, 0)
+    else:
+        once = forward(prompt + chosen, chosen) + forward(prompt + rejected, rejected)
+    return once * (3 if reference_forward else 2)  # forward + input-gradient backward (+ the reference's forward)
+
+
+def positions_per_step(lengths: list[list[tuple[int, int, int]]], batch: int, seed: int) -> dict[str, float]:
+    """Token positions the forward computes per step (padding included) under each way of batching the same pairs,
+    and the non-padding tokens: each lever's saving on its own, from the data alone.
+
+    - padded: chosen and rejected rows padded to the batch's longest (TRL; dpo-dist with train.packing=off);
+    - length-grouped: the same, with the pairs sorted by length within windows of 32 batches before batching (the
+      batches then hold other pairs, so the loss trajectory is no longer the same);
+    - packed: prompt|chosen|rejected segments, prompt once, packed into rows as long as the longest segment.
+    """
+    import random
+
+    from dpo_dist.packing import plan_rows
+
+    def padded(step):
+        return 2 * len(step) * max(p + max(c, r) for p, c, r in step)
+
+    def packed(step):
+        segments = [p + c + r for p, c, r in step]
+        rows = plan_rows(segments, max(segments))
+        return len(rows) * max(sum(segments[i] for i in row) for row in rows)
+
+    pairs = [pair for step in lengths for pair in step]
+    shuffled = pairs[:]
+    random.Random(seed).shuffle(shuffled)
+    window = 32 * batch
+    grouped = []
+    for start in range(0, len(shuffled), window):
+        grouped += sorted(shuffled[start : start + window], key=lambda t: t[0] + max(t[1], t[2]))
+    grouped_steps = [grouped[i : i + batch] for i in range(0, len(grouped), batch)]
+    steps = len(lengths)
+    return {
+        "non_padding_unshared": sum(2 * p + c + r for p, c, r in pairs) / steps,
+        "padded": sum(map(padded, lengths)) / steps,
+        "length_grouped": sum(map(padded, grouped_steps)) / len(grouped_steps),
+        "packed_shared": sum(map(packed, lengths)) / steps,
+        "non_padding_shared": sum(p + c + r for p, c, r in pairs) / steps,
+    }
 
 
 def prepare(args, work: str) -> dict:
@@ -196,8 +241,12 @@ def main() -> None:
     timed = range(args.warmup, args.steps)
     summary = {}
     for label, results in runs.items():
-        shared = label != "trl" and VARIANTS[label].get("train.packing", "auto") != "off"
-        flops = [sum(step_flops(data["config"], p, c, r, shared_prompt=shared) for p, c, r in step)
+        overrides = VARIANTS.get(label, {})
+        shared = (label != "trl" and overrides.get("train.packing", "auto") != "off"
+                  and overrides.get("train.share_prompt", True))
+        online = overrides.get("reference.mode") == "online"
+        flops = [sum(step_flops(data["config"], p, c, r, shared_prompt=shared, reference_forward=online)
+                     for p, c, r in step)
                  for step in data["lengths"]]
         step_times = [res["step_times"][s] for res in results for s in timed]
         rates = [tokens[s] / res["step_times"][s] for res in results for s in timed]
@@ -223,12 +272,17 @@ def main() -> None:
               f"{s['s_per_step']:.2f} | {s['train_peak_rss_gb']:.2f} | "
               f"{s['train_peak_rss_gb'] / trl['train_peak_rss_gb']:.2f}x | {s['process_peak_rss_gb']:.2f} | "
               f"{100 * s['utilization']:.0f}% | {diff:.2e} |")
+    positions = positions_per_step(data["lengths"], args.batch, args.seed)
+    print(f"\ntoken positions computed per step (padding included): padded {positions['padded']:.0f}, "
+          f"length-grouped padded {positions['length_grouped']:.0f}, packed with the prompt shared "
+          f"{positions['packed_shared']:.0f}; non-padding tokens: {positions['non_padding_unshared']:.0f} as two "
+          f"sequences per pair, {positions['non_padding_shared']:.0f} with the prompt once")
     print("\nlosses (first steps):")
     for label, s in summary.items():
         print(f"  {label:>12}: " + " ".join(f"{x:.5f}" for x in s["losses"]))
     if args.json:
         json.dump({"date": datetime.date.today().isoformat(), "args": vars(args), "matmul_peak_gflops": peak,
-                   "summary": summary, "runs": runs}, open(args.json, "w"), indent=2)
+                   "positions_per_step": positions, "summary": summary, "runs": runs}, open(args.json, "w"), indent=2)
 
 
 if __name__ == "__main__":

@@ -144,6 +144,8 @@ class TrainSettings:
         "pairs packed into rows with a block-diagonal attention mask, the LM head on scored tokens only; auto: on "
         "where supported (sdpa/eager attention, a plain LM head, no ZeRO-3), off: padded chosen and rejected rows"
     )
+    share_prompt: bool = option(True, "with packing: compute each prompt once for both responses (false: "
+                                      "prompt|chosen and prompt|rejected packed as separate segments)")
     report_to: list[str] = option([], "trackers besides metrics.jsonl: tensorboard, wandb, comet_ml, mlflow")
     plot: bool = option(True, "draw training curves to training_curves.png at the end")
     progress_bar: bool = option(True, "show a tqdm progress bar on the main process")

@@ -94,28 +94,39 @@ def concatenated_forward(
 
 class _HeadLogps(torch.autograd.Function):
     """log softmax(hidden @ weight.T + bias)[targets], chunked, from hidden states: the LM head runs only on the
-    scored positions, and no (tokens, vocab) logits are ever held; the backward recomputes each chunk's logits.
+    scored positions, and no (tokens, vocab) logits are ever held.
+
+    Backward, two ways. A frozen head (LoRA, or the reference) needs only the hidden states' gradient, and token k's
+    log-prob depends on its own hidden state alone, with gradient ``J_k = weight[t_k] - softmax_k @ weight``: the
+    forward computes J (K, H) from each chunk's softmax while it has it, and the backward just scales it (no logits
+    recomputed). A trainable head recomputes each chunk's logits in the backward for the weight's gradient.
 
     hidden: (K, H); weight: (V, H); bias: (V,) or None; targets: (K,) int64 -> (K,) float32.
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, chunk_size):
+    def forward(ctx, hidden, weight, bias, targets, chunk_size, precompute_jacobian):
         token_logps = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
         logsumexps = torch.empty_like(token_logps)
+        jacobian = torch.empty_like(hidden) if precompute_jacobian else None
         for start in range(0, hidden.shape[0], chunk_size):
             end = start + chunk_size
             logits = torch.nn.functional.linear(hidden[start:end], weight, bias).float()  # (c, V)
             logsumexps[start:end] = torch.logsumexp(logits, dim=-1)
             token_logps[start:end] = logits.gather(1, targets[start:end, None]).squeeze(1) - logsumexps[start:end]
-        ctx.save_for_backward(hidden, weight, bias, targets, logsumexps)
+            if precompute_jacobian:
+                probs = torch.exp(logits.sub_(logsumexps[start:end, None])).to(weight.dtype)
+                jacobian[start:end] = (weight[targets[start:end]] - probs @ weight).to(hidden.dtype)
+        ctx.save_for_backward(hidden, weight, bias, targets, logsumexps, jacobian)
         ctx.chunk_size = chunk_size
         return token_logps
 
     @staticmethod
     def backward(ctx, grad_token_logps):
-        hidden, weight, bias, targets, logsumexps = ctx.saved_tensors
+        hidden, weight, bias, targets, logsumexps, jacobian = ctx.saved_tensors
         need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
+        if jacobian is not None and not (need_weight or need_bias):
+            return grad_token_logps[:, None].to(jacobian.dtype) * jacobian, None, None, None, None, None
         grad_hidden = torch.empty_like(hidden) if need_hidden else None
         grad_weight = torch.zeros_like(weight, dtype=torch.float32) if need_weight else None
         grad_bias = torch.zeros_like(bias, dtype=torch.float32) if need_bias else None
@@ -132,7 +143,7 @@ class _HeadLogps(torch.autograd.Function):
             if need_bias:
                 grad_bias += grad_logits.sum(0)
         return (grad_hidden, grad_weight.to(weight.dtype) if need_weight else None,
-                grad_bias.to(bias.dtype) if need_bias else None, None, None)
+                grad_bias.to(bias.dtype) if need_bias else None, None, None, None)
 
 
 def output_head(model: torch.nn.Module) -> torch.nn.Module:
@@ -156,7 +167,9 @@ def packed_forward(
     hidden = outputs.hidden_states[-1]
     hidden = hidden.reshape(-1, hidden.shape[-1])[batch["pred_rows"]]  # (K, H); a row scored twice is gathered twice
     head = output_head(model)
-    token_logps = _HeadLogps.apply(hidden, head.weight, head.bias, batch["targets"], chunk_size)
+    frozen_head = not head.weight.requires_grad and (head.bias is None or not head.bias.requires_grad)
+    precompute_jacobian = torch.is_grad_enabled() and hidden.requires_grad and frozen_head
+    token_logps = _HeadLogps.apply(hidden, head.weight, head.bias, batch["targets"], chunk_size, precompute_jacobian)
     b = batch["pair_tokens"].shape[0]
     seq = batch["seq_index"]
     logps = torch.zeros(2 * b, dtype=torch.float32, device=token_logps.device).index_add(0, seq, token_logps)

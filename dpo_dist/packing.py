@@ -45,20 +45,34 @@ class PackedPairCollator:
     """Pairs (``prompt_input_ids``, ``chosen_input_ids``, ``rejected_input_ids``, optional reference log-probs) ->
     a packed batch for :func:`dpo_dist.logprobs.packed_forward`.
 
+    ``share_prompt=True``: one segment per pair, ``prompt | chosen | rejected``. ``False``: two segments per pair,
+    ``prompt | chosen`` and ``prompt | rejected`` (packing alone, to measure what sharing adds).
+
     Keys: ``input_ids``, ``position_ids`` (R, W); ``attention_mask`` (R, 1, W, W) bool; ``pred_rows``, ``targets``,
     ``seq_index`` (K,): for each scored token, the flat position (in R*W) that predicts it, its id, and its sequence
     (pair b's chosen is b, its rejected B + b); ``pair_tokens`` (B,): the pair's tokens counted as two sequences
     (prompt twice), the figure throughput is reported in.
     """
 
-    def __init__(self, pad_token_id: int):
+    def __init__(self, pad_token_id: int, *, share_prompt: bool = True):
         self.pad_token_id = pad_token_id
+        self.share_prompt = share_prompt
+
+    def segments(self, examples: Sequence[dict[str, Any]]) -> list[tuple[list[int], list[tuple[list[int], int]]]]:
+        """(prompt, [(response, sequence index), ...]) per segment."""
+        b = len(examples)
+        out = []
+        for i, e in enumerate(examples):
+            prompt, chosen, rejected = (list(e[f"{k}_input_ids"]) for k in ("prompt", "chosen", "rejected"))
+            if self.share_prompt:
+                out.append((prompt, [(chosen, i), (rejected, b + i)]))
+            else:
+                out += [(prompt, [(chosen, i)]), (prompt, [(rejected, b + i)])]
+        return out
 
     def __call__(self, examples: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        b = len(examples)
-        parts = [(list(e["prompt_input_ids"]), list(e["chosen_input_ids"]), list(e["rejected_input_ids"]))
-                 for e in examples]
-        lengths = [len(p) + len(c) + len(r) for p, c, r in parts]
+        segments = self.segments(examples)
+        lengths = [len(prompt) + sum(len(r) for r, _ in responses) for prompt, responses in segments]
         rows = plan_rows(lengths, max(lengths))
         width = max(sum(lengths[i] for i in row) for row in rows)
         input_ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)
@@ -68,29 +82,33 @@ class PackedPairCollator:
         for r, row in enumerate(rows):
             start = 0
             for i in row:
-                p, c, r_ = parts[i]
-                n_p, n_c, n_r = len(p), len(c), len(r_)
-                end = start + n_p + n_c + n_r
-                input_ids[r, start:end] = torch.tensor(p + c + r_)
-                position_ids[r, start:end] = torch.tensor(
-                    list(range(n_p + n_c)) + list(range(n_p, n_p + n_r)))
-                causal = torch.ones(n_p + n_c + n_r, n_p + n_c + n_r, dtype=torch.bool).tril()
-                causal[n_p + n_c :, n_p : n_p + n_c] = False  # rejected does not see chosen
-                mask[r, start:end, start:end] = causal
-                base = r * width + start
-                for offset, response, seq in ((n_p, c, i), (n_p + n_c, r_, b + i)):
+                prompt, responses = segments[i]
+                n_p, end = len(prompt), start + lengths[i]
+                input_ids[r, start : start + n_p] = torch.tensor(prompt, dtype=torch.long)
+                position_ids[r, start : start + n_p] = torch.arange(n_p)
+                mask[r, start : start + n_p, start : start + n_p] = torch.ones(n_p, n_p, dtype=torch.bool).tril()
+                offset = start + n_p
+                for response, seq in responses:
+                    n = len(response)
+                    span = slice(offset, offset + n)
+                    input_ids[r, span] = torch.tensor(response, dtype=torch.long)
+                    position_ids[r, span] = torch.arange(n_p, n_p + n)
+                    mask[r, span, start : start + n_p] = True  # the prompt
+                    mask[r, span, span] = torch.ones(n, n, dtype=torch.bool).tril()  # itself, causally
                     for k, token in enumerate(response):
                         if k == 0 and n_p == 0:
-                            continue  # nothing predicts the first token of a sequence (as in the unpacked form)
-                        pred_rows.append(base + (n_p - 1 if k == 0 else offset + k - 1))
+                            continue  # nothing predicts the first token of a sequence (as in the padded form)
+                        pred_rows.append(r * width + (start + n_p - 1 if k == 0 else offset + k - 1))
                         targets.append(token)
                         seq_index.append(seq)
+                    offset += n
                 start = end
         batch = {
             "input_ids": input_ids, "position_ids": position_ids, "attention_mask": mask[:, None],
             "pred_rows": torch.tensor(pred_rows, dtype=torch.long), "targets": torch.tensor(targets, dtype=torch.long),
             "seq_index": torch.tensor(seq_index, dtype=torch.long),
-            "pair_tokens": torch.tensor([len(p) * 2 + len(c) + len(r) for p, c, r in parts], dtype=torch.long),
+            "pair_tokens": torch.tensor([2 * len(e["prompt_input_ids"]) + len(e["chosen_input_ids"])
+                                         + len(e["rejected_input_ids"]) for e in examples], dtype=torch.long),
         }
         for column in REFERENCE_COLUMNS:
             if column in examples[0]:

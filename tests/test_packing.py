@@ -28,17 +28,23 @@ def test_rows_are_planned_first_fit_decreasing():
     assert all(sum([7, 1, 1, 6, 2, 3][i] for i in row) <= 7 for row in plan_rows([7, 1, 1, 6, 2, 3], 7))
 
 
+@pytest.mark.parametrize("share_prompt", [True, False], ids=["shared-prompt", "packed-only"])
+@pytest.mark.parametrize("frozen_head", [False, True], ids=["trainable-head", "frozen-head"])
 @pytest.mark.parametrize("make_model", [make_llama, make_gpt2], ids=["llama", "gpt2"])
-def test_packed_logps_and_gradients_equal_the_padded_form(make_model):
+def test_packed_logps_and_gradients_equal_the_padded_form(make_model, frozen_head, share_prompt):
+    """Both backward paths of the packed LM head: a trainable head (full fine-tuning) recomputes the logits; a frozen
+    one (LoRA) scales the gradients its forward kept."""
     from dpo_dist.collate import PreferenceCollator
     from dpo_dist.logprobs import concatenated_forward, packed_forward
     from dpo_dist.packing import PackedPairCollator
 
     model = make_model(100, seed=3) if make_model is make_gpt2 else make_model(100, seed=3, tie_word_embeddings=True)
     model.config._attn_implementation = "sdpa"
+    if frozen_head:
+        model.get_output_embeddings().weight.requires_grad_(False)
     pairs = random_pairs(7, seed=1, bos=1)
-    packed = PackedPairCollator(pad_token_id=0)(pairs)
-    assert packed["input_ids"].shape[0] < 7, "several pairs share a row"
+    packed = PackedPairCollator(pad_token_id=0, share_prompt=share_prompt)(pairs)
+    assert packed["input_ids"].shape[0] < (7 if share_prompt else 14), "several segments share a row"
     padded = PreferenceCollator(pad_token_id=0)(pairs)
     weights = torch.randn(14)  # a loss that weighs every sequence differently checks each one's gradient
 
