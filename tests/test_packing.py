@@ -108,3 +108,15 @@ def test_training_with_and_without_packing_follows_the_same_trajectory(tiny_mode
     on, off = read_jsonl(tmp_path / "on" / "metrics.jsonl"), read_jsonl(tmp_path / "off" / "metrics.jsonl")
     assert_same_trajectory(on, off, atol=1e-5)
     assert [r["tokens/s"] > 0 for r in on] and on[0]["step_time_s"] > 0
+
+
+def test_row_choice_trades_padding_against_row_width():
+    from dpo_dist.packing import choose_rows
+
+    # Capacity = the longest (544) would take 3 rows (1632 positions); one row of 668 beside it wastes far less.
+    rows = choose_rows([221, 185, 544, 262])
+    assert sorted(map(sorted, rows)) == [[0, 1, 3], [2]]
+    # Segments that pack without padding do; very long ones are not forced into one quadratic row.
+    rows = choose_rows([40, 30, 20, 10])
+    assert len(rows) * max(sum([40, 30, 20, 10][i] for i in row) for row in rows) == 100
+    assert len(choose_rows([2000, 1990, 1980, 1970])) == 4
