@@ -94,18 +94,18 @@ def positions_per_step(lengths: list[list[tuple[int, int, int]]], batch: int, se
     - padded: chosen and rejected rows padded to the batch's longest (TRL; dpo-dist with train.packing=off);
     - length-grouped: the same, with the pairs sorted by length within windows of 32 batches before batching (the
       batches then hold other pairs, so the loss trajectory is no longer the same);
-    - packed: prompt|chosen|rejected segments, prompt once, packed into rows as long as the longest segment.
+    - packed: prompt|chosen|rejected segments, prompt once, packed into rows (``dpo_dist.packing.choose_rows``).
     """
     import random
 
-    from dpo_dist.packing import plan_rows
+    from dpo_dist.packing import choose_rows
 
     def padded(step):
         return 2 * len(step) * max(p + max(c, r) for p, c, r in step)
 
     def packed(step):
         segments = [p + c + r for p, c, r in step]
-        rows = plan_rows(segments, max(segments))
+        rows = choose_rows(segments)
         return len(rows) * max(sum(segments[i] for i in row) for row in rows)
 
     pairs = [pair for step in lengths for pair in step]
