@@ -74,7 +74,9 @@ def load_trained(
 ) -> Trained:
     """Load a run's model onto ``device`` in eval mode. ``dtype`` and ``quantization`` default to the run's."""
     folder = model_folder(path)
-    cfg = cfg or run_config(path) or Config()
+    cfg = cfg or run_config(path)
+    from_run = cfg is not None  # the run's config names the base it trained from
+    cfg = cfg or Config()
     if dtype is not None:
         cfg.model.dtype = dtype
     if quantization is not None:
@@ -83,7 +85,7 @@ def load_trained(
     adapter = is_adapter(folder)
     if base is not None:
         base_source = resolve_source(base)
-    elif cfg.model.name_or_path and run_config(path) is not None:
+    elif from_run:
         base_source = resolve_source(cfg.model.name_or_path)
     else:
         base_source = adapter_base(folder) if adapter else None
