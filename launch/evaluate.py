@@ -71,7 +71,6 @@ def quiet() -> None:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     quiet()
-    from dpo_dist.data import DataError
     from dpo_dist.eval_report import markdown, write_report
     from dpo_dist.judges import JUDGE_INSTRUCTION
 
@@ -83,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         results = evaluate_run(args.run, options)
-    except (DataError, ValueError, OSError) as error:
+    except (ValueError, OSError) as error:  # DataError is a ValueError: a bad eval file, a missing model, no eval split
         print(f"error: {error}", file=sys.stderr)
         return 1
     print(markdown(results))

@@ -100,14 +100,17 @@ def test_packing_is_refused_where_it_cannot_work():
 def test_training_with_and_without_packing_follows_the_same_trajectory(tiny_model_dir, data_file, tmp_path):
     from training import assert_same_trajectory, read_jsonl, reset_accelerate_state, run
 
-    for mode in ("on", "off"):
+    for mode, share in (("on", True), ("on", False), ("off", True)):
         reset_accelerate_state()
-        run(tiny_model_dir, data_file, tmp_path / mode, **{"train.packing": mode, "train.eval_every": 2,
-                                                          "reference.cache_dir": str(tmp_path / f"cache-{mode}")})
+        name = f"{mode}-{share}"
+        run(tiny_model_dir, data_file, tmp_path / name, **{"train.packing": mode, "train.share_prompt": share,
+                                                          "train.eval_every": 2,
+                                                          "reference.cache_dir": str(tmp_path / f"cache-{name}")})
     reset_accelerate_state()
-    on, off = read_jsonl(tmp_path / "on" / "metrics.jsonl"), read_jsonl(tmp_path / "off" / "metrics.jsonl")
+    on, off = read_jsonl(tmp_path / "on-True" / "metrics.jsonl"), read_jsonl(tmp_path / "off-True" / "metrics.jsonl")
     assert_same_trajectory(on, off, atol=1e-5)
-    assert [r["tokens/s"] > 0 for r in on] and on[0]["step_time_s"] > 0
+    assert_same_trajectory(read_jsonl(tmp_path / "on-False" / "metrics.jsonl"), off, atol=1e-5)
+    assert all(r["tokens/s"] > 0 and r["step_time_s"] > 0 for r in on)
 
 
 def test_row_choice_trades_padding_against_row_width():
