@@ -159,11 +159,16 @@ def packing_unsupported(model: Any, zero_stage: int) -> str | None:
     return None
 
 
-def choose_packing(setting: str, model: Any, zero_stage: int) -> tuple[bool, str]:
-    """``train.packing`` resolved for this model: (on, the reason when off). ``on`` where unsupported is an error."""
+def choose_packing(setting: str, model: Any, zero_stage: int, *, share_prompt: bool = True) -> tuple[bool, str]:
+    """``train.packing`` resolved for this model: (on, the line that says so and why). ``on`` where unsupported is an
+    error."""
     if setting == "off":
-        return False, "train.packing=off"
+        return False, "packing: off (train.packing=off)"
     reason = packing_unsupported(model, zero_stage)
     if reason and setting == "on":
         raise ValueError(f"train.packing=on, but {reason}; use train.packing=auto or off")
-    return reason is None, reason or ""
+    if reason:
+        return False, f"packing: off ({reason})"
+    if share_prompt:
+        return True, "packing: on (each pair as prompt|chosen|rejected with the prompt computed once, packed into rows)"
+    return True, "packing: on (prompt|chosen and prompt|rejected segments packed into rows; train.share_prompt=false)"

@@ -249,12 +249,10 @@ def setup(cfg: Config) -> Run:
     if cfg.lora.enabled and not stage:
         adapter_only_checkpoints(accelerator, model)
     try:
-        packed, why_not = choose_packing(t.packing, model, stage)
+        packed, said = choose_packing(t.packing, model, stage, share_prompt=t.share_prompt)
     except ValueError as error:
         raise TrainingError(str(error)) from None
-    accelerator.print(("packing: on (each pair as prompt|chosen|rejected with the prompt computed once, pairs packed "
-                       "into rows)" if t.share_prompt else "packing: on (prompt|chosen and prompt|rejected segments "
-                       "packed into rows; train.share_prompt=false)") if packed else f"packing: off ({why_not})")
+    accelerator.print(said)
     collator = (PackedPairCollator(tokenizer.pad_token_id, share_prompt=t.share_prompt) if packed
                 else PreferenceCollator(pad_token_id=tokenizer.pad_token_id))
     if cfg.reference.mode == "precomputed":  # after prepare: under ZeRO-3 every rank serves its shard

@@ -88,9 +88,10 @@ def test_packing_is_refused_where_it_cannot_work():
 
     model = make_llama(100)
     model.config._attn_implementation = "sdpa"
-    assert choose_packing("auto", model, 0) == (True, "")
-    assert choose_packing("auto", model, 3)[0] is False
-    assert choose_packing("off", model, 0) == (False, "train.packing=off")
+    assert choose_packing("auto", model, 0)[0] is True
+    assert choose_packing("auto", model, 3) == (False, "packing: off (ZeRO-3 partitions the LM head, which packed "
+                                                       "scoring reads outside the forward)")
+    assert choose_packing("off", model, 0) == (False, "packing: off (train.packing=off)")
     model.config._attn_implementation = "flash_attention_2"
     assert "takes no 4D attention mask" in choose_packing("auto", model, 0)[1]
     with pytest.raises(ValueError, match="train.packing=on"):
