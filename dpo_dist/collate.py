@@ -19,7 +19,8 @@ class PreferenceCollator:
 
     Returns ``input_ids``, ``attention_mask``, ``position_ids`` (counting real tokens only, so the padding side
     does not move positions) and ``labels`` (response ids; ``-100`` on the prompt and on padding), each of shape
-    ``(2B, T)``, plus ``ref_chosen_logps`` / ``ref_rejected_logps`` of shape ``(B,)`` when the examples carry them.
+    ``(2B, T)``; ``pair_tokens`` (B,), each pair's non-padding tokens over its two rows; and ``ref_chosen_logps`` /
+    ``ref_rejected_logps`` of shape ``(B,)`` when the examples carry them.
     """
 
     def __init__(self, pad_token_id: int, *, padding_side: str = "right", pad_to_multiple_of: int | None = None):
@@ -45,6 +46,7 @@ class PreferenceCollator:
             "labels": self._pad(labels, width, IGNORE_INDEX),
         }
         batch["position_ids"] = (batch["attention_mask"].cumsum(-1) - 1).clamp(min=0)
+        batch["pair_tokens"] = batch["attention_mask"].view(2, len(examples), -1).sum(dim=(0, 2))  # both rows of a pair
         for column in REFERENCE_COLUMNS:
             if column in examples[0]:
                 batch[column] = torch.tensor([float(e[column]) for e in examples], dtype=torch.float32)

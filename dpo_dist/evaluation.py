@@ -130,10 +130,6 @@ def unique_prompts(tokenized: Any, raw: dict[int, Any], limit: int | None) -> tu
     return [list(ids) for ids, _ in items], [text for _, text in items]
 
 
-def decode(tokenizer: Any, ids: list[int]) -> str:
-    return tokenizer.decode(ids, skip_special_tokens=True)
-
-
 def evaluate_run(path: str, opts: EvalOptions) -> dict[str, Any]:
     """All three evaluations of the run at ``path``; returns the results (see ``eval_report`` for the files)."""
     model_folder(path)  # a clear error first when there is no model at all
@@ -184,7 +180,7 @@ def evaluate_run(path: str, opts: EvalOptions) -> dict[str, Any]:
         **{f"{side}_mean_tokens": sum(len(r) - (r[-1:] == [eos]) for r in rs) / len(rs) for side, rs in sides.items()},
         **{f"{side}_ended_with_eos": sum(r[-1:] == [eos] for r in rs) / len(rs) for side, rs in sides.items()},
     }
-    texts = {side: [decode(tokenizer, r) for r in rs] for side, rs in sides.items()}
+    texts = {side: tokenizer.batch_decode(rs, skip_special_tokens=True) for side, rs in sides.items()}
     judge_prompts = [prompt_texts[g] for g in groups]
     results["samples"] = [{"prompt": p, "policy": a, "base": b} for p, a, b in
                           zip(judge_prompts, texts["policy"], texts["base"])]

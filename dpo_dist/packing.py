@@ -112,12 +112,13 @@ class PackedPairCollator:
                     position_ids[r, span] = torch.arange(n_p, n_p + n)
                     mask[r, span, start : start + n_p] = True  # the prompt
                     mask[r, span, span] = torch.ones(n, n, dtype=torch.bool).tril()  # itself, causally
-                    for k, token in enumerate(response):
-                        if k == 0 and n_p == 0:
-                            continue  # nothing predicts the first token of a sequence (as in the padded form)
-                        pred_rows.append(r * width + (start + n_p - 1 if k == 0 else offset + k - 1))
-                        targets.append(token)
-                        seq_index.append(seq)
+                    # Token k is predicted by the position before it: the prompt's last for k = 0 (with no prompt,
+                    # nothing predicts it, as in the padded form), its own response's previous token after that.
+                    first = 0 if n_p else 1
+                    predictors = ([start + n_p - 1] if n_p else []) + list(range(offset, offset + n - 1))
+                    pred_rows += [r * width + position for position in predictors]
+                    targets += response[first:]
+                    seq_index += [seq] * (n - first)
                     offset += n
                 start = end
         batch = {
@@ -131,10 +132,6 @@ class PackedPairCollator:
             if column in examples[0]:
                 batch[column] = torch.tensor([e[column] for e in examples], dtype=torch.float32)
         return batch
-
-
-def is_packed(batch: dict[str, torch.Tensor]) -> bool:
-    return "pred_rows" in batch
 
 
 # Architectures whose attention takes a 4D boolean mask with explicit position ids (Llama's code path in

@@ -64,11 +64,7 @@ def pair_losses(model: Any, batch: dict[str, torch.Tensor], cfg: Config, referen
     )
     if cfg.loss.rpo_alpha:
         losses = losses + cfg.loss.rpo_alpha * -(policy.chosen_logps / policy.chosen_tokens.clamp(min=1))
-    b = losses.shape[0]
-    if "pair_tokens" in batch:  # packed: the pair's tokens as two sequences, the same count as the padded form's
-        tokens = batch["pair_tokens"]
-    else:
-        tokens = batch["attention_mask"].view(2, b, -1).sum(dim=(0, 2))  # chosen row + rejected row of each pair
+    tokens = batch["pair_tokens"]  # each pair as two sequences (the prompt twice), whichever collator made the batch
     stats = torch.stack([
         losses.detach(), chosen_rewards, rejected_rewards, (chosen_rewards > rejected_rewards).float(),
         policy.chosen_logps.detach(), policy.rejected_logps.detach(), tokens.float(),

@@ -63,7 +63,7 @@ def test_packed_logps_and_gradients_equal_the_padded_form(make_model, frozen_hea
     assert grads_packed.keys() == grads_padded.keys() and len(grads_packed) > 5
     for name in grads_padded:
         torch.testing.assert_close(grads_packed[name], grads_padded[name], atol=1e-5, rtol=1e-4, msg=name)
-    assert packed["pair_tokens"].tolist() == padded["attention_mask"].view(2, 7, -1).sum((0, 2)).tolist()
+    assert packed["pair_tokens"].tolist() == padded["pair_tokens"].tolist() == padded["attention_mask"].view(2, 7, -1).sum((0, 2)).tolist()
     assert packed["ref_chosen_logps"].tolist() == [-1.5] * 7
 
 
