@@ -1,4 +1,4 @@
-"""One dpo-dist training run for benchmarks/vs_trl.py: the real trainer (``dpo_dist.trainer.train``), one process.
+"""One dpo-dist training run for benchmarks/vs_trl.py: the real trainer (``dpo_dist.train.trainer.train``), one process.
 
     python benchmarks/dpo_dist_worker.py SPEC.json RESULT.json
 
@@ -20,7 +20,7 @@ def main(spec_path: str, result_path: str) -> None:
     from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
 
-    import dpo_dist.trainer as trainer
+    import dpo_dist.train.trainer as trainer
     from dpo_dist.config import load_config
 
     load_policy, train_step = trainer.load_policy, trainer.train_step

@@ -94,11 +94,11 @@ def positions_per_step(lengths: list[list[tuple[int, int, int]]], batch: int, se
     - padded: chosen and rejected rows padded to the batch's longest (TRL; dpo-dist with train.packing=off);
     - length-grouped: the same, with the pairs sorted by length within windows of 32 batches before batching (the
       batches then hold other pairs, so the loss trajectory is no longer the same);
-    - packed: prompt|chosen|rejected segments, prompt once, packed into rows (``dpo_dist.packing.choose_rows``).
+    - packed: prompt|chosen|rejected segments, prompt once, packed into rows (``dpo_dist.data.packing.choose_rows``).
     """
     import random
 
-    from dpo_dist.packing import choose_rows
+    from dpo_dist.data.packing import choose_rows
 
     def padded(step):
         return 2 * len(step) * max(p + max(c, r) for p, c, r in step)
@@ -133,12 +133,12 @@ def prepare(args, work: str) -> dict:
     from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM
 
-    from dpo_dist.builtin_model import smollm2_folder
+    from dpo_dist.model.builtin import smollm2_folder
     from dpo_dist.config import Config
-    from dpo_dist.data import load_pairs
-    from dpo_dist.modeling import load_tokenizer
-    from dpo_dist.tokenization import Truncation, tokenize_pairs
-    from dpo_dist.trainer import DataOrder
+    from dpo_dist.data.load import load_pairs
+    from dpo_dist.model.load import load_tokenizer
+    from dpo_dist.data.tokenization import Truncation, tokenize_pairs
+    from dpo_dist.train.trainer import DataOrder
 
     model_dir = smollm2_folder()
     tokenizer = load_tokenizer(model_dir, Config())
@@ -147,7 +147,7 @@ def prepare(args, work: str) -> dict:
         source = HH
         pairs, _ = load_pairs(HH, data_format="hh", on_bad_row="skip")
     else:
-        from dpo_dist.sentiment import prompts
+        from dpo_dist.data.sentiment import prompts
 
         source = "built-in (sentiment prompts with fixed responses)"
         import datasets

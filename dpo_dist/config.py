@@ -20,11 +20,11 @@ from typing import Any, Literal, Union
 
 import yaml
 
-from dpo_dist.metrics import EVAL_METRICS
+from dpo_dist.train.metrics import EVAL_METRICS
 
 # A number in exponent notation without a dot (1e-3): YAML 1.2 and Python read it as a float, PyYAML as a string.
 FLOAT_TEXT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
-SENTIMENT = "builtin:sentiment"  # the source name of the built-in preference set (dpo_dist/sentiment.py)
+SENTIMENT = "builtin:sentiment"  # the source name of the built-in preference set (dpo_dist/data/sentiment.py)
 
 
 class ConfigError(ValueError):
@@ -227,7 +227,7 @@ class Config:
         if t.early_stopping_patience is not None and not has_eval:
             raise ConfigError("train.early_stopping_patience needs eval data: set data.eval_ratio or an eval source")
         if d.source == SENTIMENT:
-            from dpo_dist.sentiment import check_settings
+            from dpo_dist.data.sentiment import check_settings
 
             try:
                 check_settings(d.sentiment)

@@ -48,8 +48,8 @@ def load(args: argparse.Namespace):
     import torch
     import transformers
 
-    from dpo_dist.chat import Chat, ChatSampling
-    from dpo_dist.trained import load_trained
+    from dpo_dist.eval.chat import Chat, ChatSampling
+    from dpo_dist.model.trained import load_trained
 
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()

@@ -33,8 +33,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     import transformers
 
-    from dpo_dist.export import merge_adapter, push_to_hub
-    from dpo_dist.trained import model_folder
+    from dpo_dist.model.export import merge_adapter, push_to_hub
+    from dpo_dist.model.trained import model_folder
 
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()

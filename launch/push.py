@@ -20,7 +20,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("repo_id", help="owner/name on the Hub; created if missing")
     parser.add_argument("--private", action="store_true")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
-    from dpo_dist.export import push_to_hub
+    from dpo_dist.model.export import push_to_hub
 
     try:
         url = push_to_hub(args.folder, args.repo_id, private=args.private)

@@ -37,7 +37,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    from dpo_dist.fallback import apply_fallback
+    from dpo_dist.model.single_device import apply_fallback
 
     try:
         cfg, fallback = apply_fallback(load_config(args.config, args.overrides))
@@ -57,12 +57,12 @@ def main(argv: list[str] | None = None) -> int:
     datasets.disable_progress_bars()  # one progress bar: the trainer's
     transformers.utils.logging.disable_progress_bar()
     logging.getLogger("accelerate").setLevel(logging.WARNING)
-    from dpo_dist.checkpoint import CheckpointError
-    from dpo_dist.data import DataError
+    from dpo_dist.train.checkpoint import CheckpointError
+    from dpo_dist.data.load import DataError
     from dpo_dist.distributed import DeepSpeedConfigError
-    from dpo_dist.preemption import PREEMPTED_EXIT_CODE, Preempted
-    from dpo_dist.tokenization import TokenizationError
-    from dpo_dist.trainer import TrainingError, train
+    from dpo_dist.train.preemption import PREEMPTED_EXIT_CODE, Preempted
+    from dpo_dist.data.tokenization import TokenizationError
+    from dpo_dist.train.trainer import TrainingError, train
 
     try:
         train(cfg)

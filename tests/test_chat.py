@@ -126,8 +126,8 @@ def test_sampling_options_are_seeded_and_bad_folders_are_named(adapter_dir, tmp_
 def test_answers_stream_in_pieces_and_old_exchanges_make_room(adapter_dir):
     from transformers import AutoTokenizer
 
-    from dpo_dist.chat import Chat, ChatSampling
-    from dpo_dist.trained import load_trained
+    from dpo_dist.eval.chat import Chat, ChatSampling
+    from dpo_dist.model.trained import load_trained
 
     trained = load_trained(str(adapter_dir / "adapter"), device=torch.device("cpu"), base=str(adapter_dir / "base"))
     chat = Chat(trained.model, trained.tokenizer, torch.device("cpu"), sampling=ChatSampling(max_new_tokens=MAX_NEW, greedy=True))

@@ -6,8 +6,8 @@ import json
 import datasets
 import pytest
 
-from dpo_dist.data import DataError, load_pairs, split_pairs, take_subset
-from dpo_dist.formats import hh_to_messages, normalize_row
+from dpo_dist.data.load import DataError, load_pairs, split_pairs, take_subset
+from dpo_dist.data.formats import hh_to_messages, normalize_row
 
 TEXT = {"prompt": "Q: 2+2?", "chosen": " 4", "rejected": " 5"}
 CONV_EXPLICIT = {
@@ -182,7 +182,7 @@ def test_subset_and_split_are_seeded_and_disjoint(tmp_path):
 
 
 def test_train_eval_from_files_or_ratio(tmp_path):
-    from dpo_dist.data import load_train_eval
+    from dpo_dist.data.load import load_train_eval
 
     train_path = write_jsonl(tmp_path / "train.jsonl", [dict(TEXT, chosen=f" c{i}") for i in range(20)])
     eval_path = write_jsonl(tmp_path / "eval.jsonl", [dict(TEXT, chosen=f" e{i}") for i in range(3)])

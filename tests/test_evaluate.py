@@ -15,7 +15,7 @@ from training import ROOT, read_jsonl, reset_accelerate_state, run
 # --- the local evaluate modules ------------------------------------------------------------------------------------
 
 def test_local_accuracy_module():
-    from dpo_dist.eval_metrics import load_metric
+    from dpo_dist.eval.metrics import load_metric
 
     metric = load_metric("accuracy")
     assert metric.compute(predictions=[1, 0, 1, 1], references=[1, 1, 1, 0])["accuracy"] == 0.5
@@ -25,7 +25,7 @@ def test_local_accuracy_module():
 
 
 def test_win_rate_module_counts_ties_half_and_bootstraps_prompts():
-    from dpo_dist.eval_metrics import load_metric
+    from dpo_dist.eval.metrics import load_metric
 
     metric = load_metric("win_rate")
     result = metric.compute(outcomes=[1, 1, 0.5, 0, 1, 0], groups=[0, 0, 1, 1, 2, 2])
@@ -47,8 +47,8 @@ def test_win_rate_module_counts_ties_half_and_bootstraps_prompts():
 
 def test_kl_estimate_from_samples_matches_the_exact_kl():
     """One-token responses: the exact KL is a sum over the vocabulary, which the sampled estimate must agree with."""
-    from dpo_dist.evaluation import kl_estimate
-    from dpo_dist.generation import Sampling, response_logps, sample_responses
+    from dpo_dist.eval.against_base import kl_estimate
+    from dpo_dist.eval.generation import Sampling, response_logps, sample_responses
 
     tokenizer = make_tokenizer("nobos")
     reference = make_llama(len(tokenizer), seed=0)
@@ -79,7 +79,7 @@ def test_kl_estimate_from_samples_matches_the_exact_kl():
 
 
 def test_samples_stop_at_eos_and_use_the_same_random_numbers_for_the_same_model():
-    from dpo_dist.generation import Sampling, sample_responses
+    from dpo_dist.eval.generation import Sampling, sample_responses
 
     tokenizer = make_tokenizer("nobos")
     model = make_llama(len(tokenizer), seed=1)
@@ -99,7 +99,7 @@ def test_samples_stop_at_eos_and_use_the_same_random_numbers_for_the_same_model(
 # --- judges ------------------------------------------------------------------------------------------------------
 
 def test_sentiment_judge_prefers_the_more_positive_response():
-    from dpo_dist.judges import SentimentJudge
+    from dpo_dist.eval.judges import SentimentJudge
 
     outcomes, details = SentimentJudge().compare(
         ["p", "p", "p"], ["a wonderful, delightful film", "it was a film", "awful and boring"],
@@ -111,7 +111,7 @@ def test_sentiment_judge_prefers_the_more_positive_response():
 def test_llm_judge_randomizes_positions_and_reads_the_answer_logprobs(tiny_model_dir):
     from transformers import AutoModelForCausalLM
 
-    from dpo_dist.judges import LLMJudge
+    from dpo_dist.eval.judges import LLMJudge
 
     judge = LLMJudge(tiny_model_dir, torch.device("cpu"), seed=1)
     prompts, responses, baseline = ["the movie"] * 40, ["great music"] * 40, ["bad acting"] * 40
@@ -146,7 +146,7 @@ def test_llm_judge_randomizes_positions_and_reads_the_answer_logprobs(tiny_model
 def test_reward_model_judge_scores_with_the_classifier(tmp_path):
     from transformers import LlamaConfig, LlamaForSequenceClassification
 
-    from dpo_dist.judges import RewardModelJudge, build_judge
+    from dpo_dist.eval.judges import RewardModelJudge, build_judge
 
     tokenizer = make_tokenizer("chatml")
     torch.manual_seed(0)

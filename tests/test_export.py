@@ -91,7 +91,7 @@ def test_merge_errors_name_the_problem(run_dir, tmp_path):
 
 
 def test_push_to_hub_uploads_the_model_folder(run_dir):
-    from dpo_dist.export import push_to_hub
+    from dpo_dist.model.export import push_to_hub
 
     calls = []
 

@@ -32,7 +32,7 @@ def test_killed_during_a_checkpoint_write_the_previous_one_stays(tiny_model_dir,
         process.kill()
         process.wait()
         log.close()
-    from dpo_dist.checkpoint import latest_checkpoint
+    from dpo_dist.train.checkpoint import latest_checkpoint
 
     assert os.path.isdir(out / "checkpoint-4.tmp") and not os.path.exists(out / "checkpoint-4")
     assert latest_checkpoint(str(out)) == str(out / "checkpoint-2")
@@ -47,8 +47,8 @@ def test_killed_during_a_checkpoint_write_the_previous_one_stays(tiny_model_dir,
 def test_a_stop_signal_checkpoints_the_step_and_stops(sig, tiny_model_dir, data_file, tmp_path, monkeypatch):
     """The signal arrives during step 3 (no checkpoint is due: save_every is 4): the trainer finishes the step, writes
     checkpoint-3, raises Preempted naming it; the same command resumes there to the uninterrupted trajectory."""
-    import dpo_dist.trainer as trainer
-    from dpo_dist.preemption import Preempted
+    import dpo_dist.train.trainer as trainer
+    from dpo_dist.train.preemption import Preempted
 
     out, settings = tmp_path / "out", {**SETTINGS, "train.save_every": 4}
     real_step, steps = trainer.train_step, []
@@ -79,7 +79,7 @@ def test_a_checkpoint_that_does_not_fit_is_an_error_not_a_silent_restart(tiny_mo
     ``module.``-prefixed) stop the resume with the checkpoint named, instead of loading nothing."""
     from safetensors.torch import load_file, save_file
 
-    from dpo_dist.checkpoint import CheckpointError
+    from dpo_dist.train.checkpoint import CheckpointError
 
     out = tmp_path / "out"
     run(tiny_model_dir, data_file, out, **{**SETTINGS, "train.max_steps": 2})

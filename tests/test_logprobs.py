@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from dpo_dist.collate import IGNORE_INDEX, PreferenceCollator
-from dpo_dist.logprobs import concatenated_forward, sequence_logps
-from dpo_dist.tokenization import Truncation, tokenize_pair
+from dpo_dist.data.collate import IGNORE_INDEX, PreferenceCollator
+from dpo_dist.train.logprobs import concatenated_forward, sequence_logps
+from dpo_dist.data.tokenization import Truncation, tokenize_pair
 from tiny import make_gpt2, make_llama, make_tokenizer
 
 

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from dpo_dist.loss import LOSS_TYPES, preference_loss
+from dpo_dist.train.loss import LOSS_TYPES, preference_loss
 
 LN2 = math.log(2)
 

@@ -3,8 +3,8 @@
 import subprocess
 import sys
 
-CORE = ["dpo_dist", "dpo_dist.formats", "dpo_dist.data", "dpo_dist.tokenization", "dpo_dist.collate",
-        "dpo_dist.logprobs", "dpo_dist.loss", "dpo_dist.cache", "dpo_dist.reference", "dpo_dist.distributed"]
+CORE = ["dpo_dist", "dpo_dist.data.formats", "dpo_dist.data.load", "dpo_dist.data.tokenization", "dpo_dist.data.collate",
+        "dpo_dist.train.logprobs", "dpo_dist.train.loss", "dpo_dist.train.reference_cache", "dpo_dist.train.reference", "dpo_dist.distributed"]
 
 # A meta-path hook that makes any import of deepspeed or bitsandbytes fail, installed or not.
 BLOCK = """

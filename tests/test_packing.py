@@ -21,7 +21,7 @@ def random_pairs(n, seed, vocab=90, bos=None):
 
 
 def test_rows_are_planned_first_fit_decreasing():
-    from dpo_dist.packing import plan_rows
+    from dpo_dist.data.packing import plan_rows
 
     assert plan_rows([5, 3, 2, 4, 1], 5) == [[0], [3, 4], [1, 2]]
     assert sorted(i for row in plan_rows([7, 1, 1, 6, 2, 3], 7) for i in row) == list(range(6))
@@ -34,9 +34,9 @@ def test_rows_are_planned_first_fit_decreasing():
 def test_packed_logps_and_gradients_equal_the_padded_form(make_model, frozen_head, share_prompt):
     """Both backward paths of the packed LM head: a trainable head (full fine-tuning) recomputes the logits; a frozen
     one (LoRA) scales the gradients its forward kept."""
-    from dpo_dist.collate import PreferenceCollator
-    from dpo_dist.logprobs import concatenated_forward, packed_forward
-    from dpo_dist.packing import PackedPairCollator
+    from dpo_dist.data.collate import PreferenceCollator
+    from dpo_dist.train.logprobs import concatenated_forward, packed_forward
+    from dpo_dist.data.packing import PackedPairCollator
 
     model = make_model(100, seed=3) if make_model is make_gpt2 else make_model(100, seed=3, tie_word_embeddings=True)
     model.config._attn_implementation = "sdpa"
@@ -69,9 +69,9 @@ def test_packed_logps_and_gradients_equal_the_padded_form(make_model, frozen_hea
 
 def test_packed_forward_without_bos_skips_nothing_the_padded_form_scores():
     """No BOS and a one-token prompt: the prompt's only token predicts both responses' first tokens."""
-    from dpo_dist.collate import PreferenceCollator
-    from dpo_dist.logprobs import concatenated_forward, packed_forward
-    from dpo_dist.packing import PackedPairCollator
+    from dpo_dist.data.collate import PreferenceCollator
+    from dpo_dist.train.logprobs import concatenated_forward, packed_forward
+    from dpo_dist.data.packing import PackedPairCollator
 
     model = make_llama(100, seed=5)
     pairs = [{"prompt_input_ids": [7], "chosen_input_ids": [8, 9], "rejected_input_ids": [10]},
@@ -84,7 +84,7 @@ def test_packed_forward_without_bos_skips_nothing_the_padded_form_scores():
 
 
 def test_packing_is_refused_where_it_cannot_work():
-    from dpo_dist.packing import choose_packing
+    from dpo_dist.data.packing import choose_packing
 
     model = make_llama(100)
     model.config._attn_implementation = "sdpa"
@@ -115,7 +115,7 @@ def test_training_with_and_without_packing_follows_the_same_trajectory(tiny_mode
 
 
 def test_row_choice_trades_padding_against_row_width():
-    from dpo_dist.packing import choose_rows
+    from dpo_dist.data.packing import choose_rows
 
     # Capacity = the longest (544) would take 3 rows (1632 positions); one row of 668 beside it wastes far less.
     rows = choose_rows([221, 185, 544, 262])

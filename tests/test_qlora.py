@@ -30,7 +30,7 @@ def test_the_policy_base_is_4bit_nf4(tiny_model_dir):
     import bitsandbytes as bnb
 
     from dpo_dist.config import load_config
-    from dpo_dist.modeling import load_policy
+    from dpo_dist.model.load import load_policy
 
     cfg = load_config(None, [f"model.name_or_path={tiny_model_dir}", "model.quantization=4bit"])
     model, _ = load_policy(cfg, torch.device("cpu"))
@@ -59,7 +59,7 @@ def test_adapter_reloads_on_4bit_and_full_precision_bases_and_merges(tiny_model_
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from dpo_dist.export import merge_adapter
+    from dpo_dist.model.export import merge_adapter
 
     out = tmp_path / "out"
     run(tiny_model_dir, data_file, out, **{"model.quantization": "4bit", "lora.enabled": True, "lora.r": 4,

@@ -9,12 +9,12 @@ import datasets
 import pytest
 import torch
 
-from dpo_dist import cache
-from dpo_dist.collate import PreferenceCollator
+from dpo_dist.train import reference_cache as cache
+from dpo_dist.data.collate import PreferenceCollator
 from dpo_dist.distributed import build_accelerator
-from dpo_dist.logprobs import concatenated_forward
-from dpo_dist.reference import batch_reference_logps, online_reference_logps, precompute_reference, reference_fingerprint_parts
-from dpo_dist.tokenization import Truncation, tokenize_pairs
+from dpo_dist.train.logprobs import concatenated_forward
+from dpo_dist.train.reference import batch_reference_logps, online_reference_logps, precompute_reference, reference_fingerprint_parts
+from dpo_dist.data.tokenization import Truncation, tokenize_pairs
 from tiny import CORPUS, make_llama, make_tokenizer
 
 TRUNCATION = Truncation(max_length=48, max_prompt_length=24)

@@ -5,9 +5,9 @@ import os
 import datasets
 import pytest
 
-from dpo_dist.collate import IGNORE_INDEX, PreferenceCollator
-from dpo_dist.data import load_pairs
-from dpo_dist.tokenization import TokenizationError, Truncation, tokenize_pair, tokenize_pairs, uses_bos
+from dpo_dist.data.collate import IGNORE_INDEX, PreferenceCollator
+from dpo_dist.data.load import load_pairs
+from dpo_dist.data.tokenization import TokenizationError, Truncation, tokenize_pair, tokenize_pairs, uses_bos
 from tiny import make_tokenizer
 
 TOKENIZERS = ("bos", "nobos", "chatml", "zephyr")

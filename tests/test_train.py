@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from dpo_dist.config import load_config
-from dpo_dist.metrics import read_metrics
+from dpo_dist.train.metrics import read_metrics
 from tiny import make_llama, make_tokenizer
 from training import ROOT, WORDS, accelerate_launch, assert_same_trajectory, overrides, reset_accelerate_state, run
 
@@ -84,7 +84,7 @@ def test_resumed_run_continues_the_same_trajectory(tiny_model_dir, data_file, tm
              "train.warmup_ratio": 0.34}
     whole = run(tiny_model_dir, data_file, tmp_path / "whole", **extra)["records"]
 
-    from dpo_dist import metrics as metrics_module
+    from dpo_dist.train import metrics as metrics_module
 
     real_write = metrics_module.MetricsLog.write
 
@@ -121,7 +121,7 @@ def test_early_stopping_with_patience(tiny_model_dir, data_file, tmp_path, capsy
 
 
 def test_non_finite_loss_stops_naming_the_step(tiny_model_dir, data_file, tmp_path, monkeypatch):
-    from dpo_dist import trainer
+    from dpo_dist.train import trainer
 
     real = trainer.preference_loss
     calls = {"n": 0}
@@ -210,7 +210,7 @@ def test_every_pair_dropped_is_an_error(tiny_model_dir, tmp_path):
     long_prompts = tmp_path / "long.jsonl"
     long_prompts.write_text("".join(
         json.dumps({"prompt": " ".join(WORDS * 3), "chosen": " yes", "rejected": " no"}) + "\n" for _ in range(10)))
-    from dpo_dist.data import DataError
+    from dpo_dist.data.load import DataError
 
     with pytest.raises(DataError, match="every training pair was dropped"):
         run(tiny_model_dir, str(long_prompts), tmp_path / "out", **{"data.max_prompt_length": None,
@@ -228,7 +228,7 @@ def test_gradient_checkpointing_gives_the_same_trajectory(tiny_model_dir, data_f
 
 def test_dropout_is_off_in_the_policy(tmp_path):
     """Attention dropout 0.5 in the config: after loading, two training-mode forwards agree exactly."""
-    from dpo_dist.modeling import load_policy
+    from dpo_dist.model.load import load_policy
 
     tokenizer = make_tokenizer("nobos")
     folder = str(tmp_path / "m")
@@ -261,7 +261,7 @@ def test_debug_shows_a_pair_with_masked_labels_and_first_step_costs(tiny_model_d
 ])
 def test_learning_rate_schedules(kind, expected):
     """Warmup 2 of 6 steps: (step + 1) / 3, then constant, linear to 0, or half a cosine to 0 over the last 4."""
-    from dpo_dist.trainer import lr_lambda
+    from dpo_dist.train.trainer import lr_lambda
 
     factor = lr_lambda(6, 2, kind)
     assert [factor(step) for step in range(6)] == pytest.approx(expected, abs=1e-6)

@@ -56,7 +56,7 @@ def overrides(model_dir, data_file, out, **extra):
 
 
 def run(model_dir, data_file, out, **extra):
-    from dpo_dist.trainer import train
+    from dpo_dist.train.trainer import train
 
     return train(load_config(None, overrides(model_dir, data_file, out, **extra)))
 

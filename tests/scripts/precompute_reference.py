@@ -5,11 +5,11 @@ import sys
 import torch
 from transformers import AutoModelForCausalLM
 
-from dpo_dist import cache
-from dpo_dist.collate import PreferenceCollator
+from dpo_dist.train import reference_cache as cache
+from dpo_dist.data.collate import PreferenceCollator
 from dpo_dist.distributed import build_accelerator
-from dpo_dist.reference import precompute_reference, reference_fingerprint_parts
-from dpo_dist.tokenization import tokenize_pairs
+from dpo_dist.train.reference import precompute_reference, reference_fingerprint_parts
+from dpo_dist.data.tokenization import tokenize_pairs
 from test_reference import TRUNCATION, make_pairs
 from tiny import make_tokenizer
 

@@ -21,24 +21,24 @@ from typing import Any
 
 import torch
 
-from dpo_dist.checkpoint import (
+from dpo_dist.train.checkpoint import (
     TrainState, adapter_only_checkpoints, latest_checkpoint, load_checkpoint, save_checkpoint, save_final_model,
 )
-from dpo_dist.collate import PreferenceCollator
+from dpo_dist.data.collate import PreferenceCollator
 from dpo_dist.config import SENTIMENT, Config, save_config, to_dict
-from dpo_dist.debug import show_pair
+from dpo_dist.data.show import show_pair
 from dpo_dist.distributed import (
     build_accelerator, configure_deepspeed, gather_in_order, prepare_frozen, set_cpu_threads, shard_indices,
     zero_stage,
 )
-from dpo_dist.logprobs import pair_logps
-from dpo_dist.loss import LENGTH_AVERAGED, preference_loss
-from dpo_dist.metrics import STATS, MetricsLog, is_finite, plot, summary
-from dpo_dist.modeling import load_policy, load_reference_copy, resolve_dtype, resolve_source
-from dpo_dist.packing import PackedPairCollator, choose_packing
-from dpo_dist.preemption import Preempted, StopSignals
-from dpo_dist.prepare import attach_reference, model_identity, tokenized_pairs
-from dpo_dist.reference import batch_reference_logps
+from dpo_dist.train.logprobs import pair_logps
+from dpo_dist.train.loss import LENGTH_AVERAGED, preference_loss
+from dpo_dist.train.metrics import STATS, MetricsLog, is_finite, plot, summary
+from dpo_dist.model.load import load_policy, load_reference_copy, resolve_dtype, resolve_source
+from dpo_dist.data.packing import PackedPairCollator, choose_packing
+from dpo_dist.train.preemption import Preempted, StopSignals
+from dpo_dist.train.inputs import attach_reference, model_identity, tokenized_pairs
+from dpo_dist.train.reference import batch_reference_logps
 
 
 class TrainingError(RuntimeError):
@@ -376,7 +376,7 @@ def check_combination(cfg: Config, stage: int) -> None:
         raise TrainingError(
             "the built-in sentiment set is sampled by one process from an unsharded model: build it once without "
             "ZeRO-3 (python launch/train.py train.max_steps=1; it is cached), then point data.source and "
-            "data.eval_source at the cached files in ~/.cache/dpo_dist/data/, or use your own data"
+            "data.eval_source at the cached files in ~/.cache/dpo_dist/data/load/, or use your own data"
         )
 
 

@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from dpo_dist.builtin_model import SMOLLM2, smollm2_folder
+from dpo_dist.model.builtin import SMOLLM2, smollm2_folder
 from dpo_dist.config import Config
 
 logger = logging.getLogger(__name__)

@@ -21,7 +21,7 @@ from typing import Any, Iterator, Literal
 
 import datasets
 
-from dpo_dist.formats import FORMATS, RowError, detect_format, normalize_row
+from dpo_dist.data.formats import FORMATS, RowError, detect_format, normalize_row
 
 logger = logging.getLogger(__name__)
 

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from dpo_dist.config import Config, load_config
-from dpo_dist.modeling import load_base, load_tokenizer, resolve_dtype, resolve_source
+from dpo_dist.model.load import load_base, load_tokenizer, resolve_dtype, resolve_source
 
 MODEL_FILES = ("adapter_config.json", "config.json")
 

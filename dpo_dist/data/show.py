@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from dpo_dist.collate import IGNORE_INDEX, PreferenceCollator
+from dpo_dist.data.collate import IGNORE_INDEX, PreferenceCollator
 
 
 def show_pair(example: dict[str, Any], tokenizer: Any) -> str:

@@ -7,7 +7,7 @@
    local ``evaluate`` module ``accuracy``), mean margin and loss, the same numbers the trainer's ``eval/*`` reports.
 2. **Win rate**: ``samples_per_prompt`` responses sampled from the trained model and from the base for each
    held-out prompt, with the same random numbers for both, the i-th of one against the i-th of the other, judged
-   pairwise (:mod:`dpo_dist.judges`); wins, losses, ties and the win rate with a prompt-level bootstrap interval
+   pairwise (:mod:`dpo_dist.eval.judges`); wins, losses, ties and the win rate with a prompt-level bootstrap interval
    (the local ``evaluate`` module ``win_rate``), and each side's mean response length.
 3. **KL divergence** of the trained model from the base, ``KL(pi || pi_ref) = E_{y ~ pi}[log pi(y|x) - log
    pi_ref(y|x)]`` per response (summed over its tokens), estimated from responses sampled from the trained model at
@@ -24,17 +24,17 @@ from typing import Any
 
 import torch
 
-from dpo_dist.collate import PreferenceCollator
+from dpo_dist.data.collate import PreferenceCollator
 from dpo_dist.config import SENTIMENT, Config
-from dpo_dist.eval_metrics import load_metric
-from dpo_dist.generation import Sampling, response_logps, sample_responses
-from dpo_dist.judges import JUDGE_INSTRUCTION, ScoreJudge, build_judge
-from dpo_dist.metrics import STATS
-from dpo_dist.modeling import resolve_dtype, resolve_source
-from dpo_dist.prepare import load_pairs_for, model_identity
-from dpo_dist.reference import as_reference
-from dpo_dist.tokenization import Truncation, tokenize_pairs
-from dpo_dist.trained import load_base_model, load_trained, model_folder, run_config
+from dpo_dist.eval.metrics import load_metric
+from dpo_dist.eval.generation import Sampling, response_logps, sample_responses
+from dpo_dist.eval.judges import JUDGE_INSTRUCTION, ScoreJudge, build_judge
+from dpo_dist.train.metrics import STATS
+from dpo_dist.model.load import resolve_dtype, resolve_source
+from dpo_dist.train.inputs import load_pairs_for, model_identity
+from dpo_dist.train.reference import as_reference
+from dpo_dist.data.tokenization import Truncation, tokenize_pairs
+from dpo_dist.model.trained import load_base_model, load_trained, model_folder, run_config
 
 
 @dataclass
@@ -96,7 +96,7 @@ def held_out_pairs(cfg: Config, model: Any, tokenizer: Any, device: torch.device
 def preference_metrics(model: Any, reference: Any, tokenized: Any, cfg: Config, tokenizer: Any,
                        batch_size: int, device: torch.device) -> dict[str, float]:
     """Loss, reward accuracy and margin of the held-out pairs, the base as reference."""
-    from dpo_dist.trainer import pair_losses, reduce_stats
+    from dpo_dist.train.trainer import pair_losses, reduce_stats
 
     cfg = dataclasses.replace(cfg, reference=dataclasses.replace(
         cfg.reference, mode="none" if cfg.reference.mode == "none" else "online"))

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from dpo_dist.collate import IGNORE_INDEX
+from dpo_dist.data.collate import IGNORE_INDEX
 
 DEFAULT_CHUNK_SIZE = 1024
 
@@ -158,7 +158,7 @@ def output_head(model: torch.nn.Module) -> torch.nn.Module:
 def packed_forward(
     model: torch.nn.Module, batch: dict[str, torch.Tensor], *, chunk_size: int = DEFAULT_CHUNK_SIZE
 ) -> PairLogps:
-    """Score a :class:`dpo_dist.packing.PackedPairCollator` batch: one forward over the packed rows (through the
+    """Score a :class:`dpo_dist.data.packing.PackedPairCollator` batch: one forward over the packed rows (through the
     model's own ``forward``, so DDP and hooks see it), then the LM head on the scored positions only."""
     outputs = model(
         input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], position_ids=batch["position_ids"],

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from dpo_dist.tokenization import uses_bos
+from dpo_dist.data.tokenization import uses_bos
 
 
 @dataclass

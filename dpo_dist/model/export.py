@@ -18,8 +18,8 @@ from typing import Any
 
 import torch
 
-from dpo_dist.modeling import DTYPES
-from dpo_dist.trained import load_trained, model_folder
+from dpo_dist.model.load import DTYPES
+from dpo_dist.model.trained import load_trained, model_folder
 
 
 def merge_adapter(run: str, out: str, *, base: str | None = None, dtype: str = "bfloat16") -> Any:

@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from dpo_dist.generation import response_logps
+from dpo_dist.eval.generation import response_logps
 
 JUDGE_INSTRUCTION = (
     "Compare two responses to the same prompt. Decide which response is better: more helpful, more accurate, "
@@ -52,7 +52,7 @@ class SentimentJudge(ScoreJudge):
     name = "sentiment (VADER compound score, -1 to 1)"
 
     def scores(self, prompts: list[str], responses: list[str]) -> list[float]:
-        from dpo_dist.sentiment import vader_scores
+        from dpo_dist.data.sentiment import vader_scores
 
         return vader_scores(responses)
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from dpo_dist.logprobs import IGNORE_INDEX, sequence_logps
+from dpo_dist.train.logprobs import IGNORE_INDEX, sequence_logps
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,7 @@ from typing import Any, Sequence
 
 import torch
 
-from dpo_dist.collate import REFERENCE_COLUMNS
+from dpo_dist.data.collate import REFERENCE_COLUMNS
 
 
 def plan_rows(lengths: Sequence[int], capacity: int) -> list[list[int]]:
@@ -60,7 +60,7 @@ def choose_rows(lengths: Sequence[int], attention_tokens: int = 2048) -> list[li
 
 class PackedPairCollator:
     """Pairs (``prompt_input_ids``, ``chosen_input_ids``, ``rejected_input_ids``, optional reference log-probs) ->
-    a packed batch for :func:`dpo_dist.logprobs.packed_forward`.
+    a packed batch for :func:`dpo_dist.train.logprobs.packed_forward`.
 
     ``share_prompt=True``: one segment per pair, ``prompt | chosen | rejected``. ``False``: two segments per pair,
     ``prompt | chosen`` and ``prompt | rejected`` (packing alone, to measure what sharing adds).
