@@ -138,7 +138,7 @@ def prepare(args, work: str) -> dict:
     from dpo_dist.data.load import load_pairs
     from dpo_dist.model.load import load_tokenizer
     from dpo_dist.data.tokenization import Truncation, tokenize_pairs
-    from dpo_dist.train.trainer import DataOrder
+    from dpo_dist.data.order import DataOrder
 
     model_dir = smollm2_folder()
     tokenizer = load_tokenizer(model_dir, Config())

@@ -20,11 +20,14 @@ from typing import Any, Literal, Union
 
 import yaml
 
-from dpo_dist.train.metrics import EVAL_METRICS
-
 # A number in exponent notation without a dot (1e-3): YAML 1.2 and Python read it as a float, PyYAML as a string.
 FLOAT_TEXT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 SENTIMENT = "builtin:sentiment"  # the source name of the built-in preference set (dpo_dist/data/sentiment.py)
+# Per-pair statistics, one column each, reduced once per optimizer step (tokens: summed, the rest: averaged); the
+# metric names train.metric_for_best may take.
+STATS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "logps/chosen", "logps/rejected", "tokens")
+EVAL_METRICS = tuple(f"eval/{k}" for k in STATS if k != "tokens") + ("eval/rewards/margins",)
+SENTIMENT_PROMPTS = 240  # prompts in the built-in sentiment set (dpo_dist.data.sentiment.prompts() checks the count)
 
 
 class ConfigError(ValueError):
@@ -74,6 +77,18 @@ class SentimentDataConfig:
     min_score_gap: float = option(0.6, "least VADER compound-score gap between chosen and rejected")
     eval_prompts: int = option(48, "prompts held out for evaluation (never in training)")
     seed: int = option(0, "sampling seed")
+
+
+def check_sentiment(settings: SentimentDataConfig) -> None:
+    """``data.sentiment.*`` values that can make pairs; a ValueError naming the key otherwise."""
+    if not 1 <= settings.num_prompts <= SENTIMENT_PROMPTS:
+        raise ValueError(f"data.sentiment.num_prompts must be in [1, {SENTIMENT_PROMPTS}], got {settings.num_prompts}")
+    if not 0 <= settings.eval_prompts < settings.num_prompts:
+        raise ValueError("data.sentiment.eval_prompts must be at least 0 and below data.sentiment.num_prompts")
+    if settings.completions_per_prompt < 2:
+        raise ValueError("data.sentiment.completions_per_prompt must be at least 2 to make a pair")
+    if settings.pairs_per_prompt < 1 or settings.max_new_tokens < 1:
+        raise ValueError("data.sentiment.pairs_per_prompt and data.sentiment.max_new_tokens must be positive")
 
 
 @dataclass
@@ -227,10 +242,8 @@ class Config:
         if t.early_stopping_patience is not None and not has_eval:
             raise ConfigError("train.early_stopping_patience needs eval data: set data.eval_ratio or an eval source")
         if d.source == SENTIMENT:
-            from dpo_dist.data.sentiment import check_settings
-
             try:
-                check_settings(d.sentiment)
+                check_sentiment(d.sentiment)
             except ValueError as error:
                 raise ConfigError(str(error)) from None
         return self

@@ -7,7 +7,7 @@ import torch
 
 from dpo_dist.config import load_config
 from dpo_dist.distributed import DeepSpeedConfigError, configure_deepspeed
-from dpo_dist.train.trainer import TrainingError, check_combination
+from dpo_dist.train.checks import TrainingError, check_combination
 
 
 def fake_accelerator(ds_config, processes=2, accumulation=2):

@@ -261,7 +261,7 @@ def test_debug_shows_a_pair_with_masked_labels_and_first_step_costs(tiny_model_d
 ])
 def test_learning_rate_schedules(kind, expected):
     """Warmup 2 of 6 steps: (step + 1) / 3, then constant, linear to 0, or half a cosine to 0 over the last 4."""
-    from dpo_dist.train.trainer import lr_lambda
+    from dpo_dist.train.optim import lr_lambda
 
     factor = lr_lambda(6, 2, kind)
     assert [factor(step) for step in range(6)] == pytest.approx(expected, abs=1e-6)

@@ -24,6 +24,8 @@ from typing import Any
 
 import torch
 
+from dpo_dist.config import SENTIMENT_PROMPTS, check_sentiment
+
 logger = logging.getLogger(__name__)
 
 VERSION = 1
@@ -51,8 +53,10 @@ OPENINGS = [
 
 
 def prompts() -> list[str]:
-    """240 prompts: every opening with every film."""
-    return [opening.format(film=film) for film in FILMS for opening in OPENINGS]
+    """240 prompts (``SENTIMENT_PROMPTS``, which the config validates against): every opening with every film."""
+    texts = [opening.format(film=film) for film in FILMS for opening in OPENINGS]
+    assert len(texts) == SENTIMENT_PROMPTS, "config.SENTIMENT_PROMPTS must count the built-in prompts"
+    return texts
 
 
 def vader_scores(texts: list[str]) -> list[float]:
@@ -94,21 +98,9 @@ def sample_completions(model: Any, tokenizer: Any, texts: list[str], settings: A
     return out
 
 
-def check_settings(settings: Any) -> None:
-    """``data.sentiment.*`` values that can make pairs; a ValueError naming the key otherwise."""
-    if not 1 <= settings.num_prompts <= len(prompts()):
-        raise ValueError(f"data.sentiment.num_prompts must be in [1, {len(prompts())}], got {settings.num_prompts}")
-    if not 0 <= settings.eval_prompts < settings.num_prompts:
-        raise ValueError("data.sentiment.eval_prompts must be at least 0 and below data.sentiment.num_prompts")
-    if settings.completions_per_prompt < 2:
-        raise ValueError("data.sentiment.completions_per_prompt must be at least 2 to make a pair")
-    if settings.pairs_per_prompt < 1 or settings.max_new_tokens < 1:
-        raise ValueError("data.sentiment.pairs_per_prompt and data.sentiment.max_new_tokens must be positive")
-
-
 def build_pairs(model: Any, tokenizer: Any, settings: Any, device: torch.device) -> list[dict[str, Any]]:
     """Sample, score and pair; each row says its split (``train`` or ``eval``, by prompt)."""
-    check_settings(settings)
+    check_sentiment(settings)
     chosen_prompts = prompts()
     random.Random(settings.seed).shuffle(chosen_prompts)
     chosen_prompts = chosen_prompts[: settings.num_prompts]

@@ -24,17 +24,16 @@ from typing import Any
 
 import torch
 
+from dpo_dist.config import SENTIMENT, STATS, Config
 from dpo_dist.data.collate import PreferenceCollator
-from dpo_dist.config import SENTIMENT, Config
-from dpo_dist.eval.metrics import load_metric
+from dpo_dist.data.tokenization import Truncation, tokenize_pairs
 from dpo_dist.eval.generation import Sampling, response_logps, sample_responses
 from dpo_dist.eval.judges import JUDGE_INSTRUCTION, ScoreJudge, build_judge
-from dpo_dist.train.metrics import STATS
+from dpo_dist.eval.metrics import load_metric
 from dpo_dist.model.load import resolve_dtype, resolve_source
+from dpo_dist.model.trained import load_base_model, load_trained, model_folder, run_config
 from dpo_dist.train.inputs import load_pairs_for, model_identity
 from dpo_dist.train.reference import as_reference
-from dpo_dist.data.tokenization import Truncation, tokenize_pairs
-from dpo_dist.model.trained import load_base_model, load_trained, model_folder, run_config
 
 
 @dataclass
@@ -96,7 +95,8 @@ def held_out_pairs(cfg: Config, model: Any, tokenizer: Any, device: torch.device
 def preference_metrics(model: Any, reference: Any, tokenized: Any, cfg: Config, tokenizer: Any,
                        batch_size: int, device: torch.device) -> dict[str, float]:
     """Loss, reward accuracy and margin of the held-out pairs, the base as reference."""
-    from dpo_dist.train.trainer import pair_losses, reduce_stats
+    from dpo_dist.train.metrics import reduce_stats
+    from dpo_dist.train.objective import pair_losses
 
     cfg = dataclasses.replace(cfg, reference=dataclasses.replace(
         cfg.reference, mode="none" if cfg.reference.mode == "none" else "online"))

@@ -7,8 +7,8 @@ from typing import Any
 
 import torch
 
-from dpo_dist.model.builtin import SMOLLM2, smollm2_folder
 from dpo_dist.config import Config
+from dpo_dist.model.builtin import SMOLLM2, smollm2_folder
 
 logger = logging.getLogger(__name__)
 

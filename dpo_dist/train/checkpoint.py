@@ -15,6 +15,8 @@ import shutil
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from dpo_dist.config import Config
+
 CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 STATE_FILE = "trainer_state.json"
 
@@ -137,3 +139,18 @@ def save_final_model(accelerator: Any, model: Any, tokenizer: Any, path: str) ->
             shutil.rmtree(path)
         os.replace(tmp, path)
     accelerator.wait_for_everyone()
+
+
+def track_best(state: TrainState, record: dict[str, float], cfg: Config) -> tuple[bool, str | None]:
+    """Update the best eval metric; returns (improved, a stop message when patience ran out)."""
+    t = cfg.train
+    value = record[t.metric_for_best]
+    better = state.best_metric is None or (value > state.best_metric if t.greater_is_better else value < state.best_metric)
+    if better:
+        state.best_metric, state.evals_without_improvement = value, 0
+        return True, None
+    state.evals_without_improvement += 1
+    if t.early_stopping_patience and state.evals_without_improvement >= t.early_stopping_patience:
+        return False, (f"early stopping at step {state.global_step}: {t.metric_for_best} has not improved on "
+                       f"{state.best_metric:.4f} for {state.evals_without_improvement} evals")
+    return False, None

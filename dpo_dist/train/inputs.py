@@ -6,14 +6,15 @@ from typing import Any
 
 import datasets
 
-from dpo_dist.train import reference_cache as cache
-from dpo_dist.model.builtin import cache_root
-from dpo_dist.data.collate import PreferenceCollator
 from dpo_dist.config import SENTIMENT, Config
+from dpo_dist.data.collate import PreferenceCollator
 from dpo_dist.data.load import DataError, load_train_eval
-from dpo_dist.train.reference import precompute_reference, reference_fingerprint_parts
 from dpo_dist.data.sentiment import ensure_sentiment_data
 from dpo_dist.data.tokenization import Truncation, tokenize_pairs
+from dpo_dist.model.builtin import cache_root
+from dpo_dist.train import reference_cache as cache
+from dpo_dist.train.reference import precompute_reference, reference_fingerprint_parts
+
 
 def model_identity(cfg: Config, source: str, dtype: str, accelerator: Any) -> dict | None:
     """The digest of the model's weight files, on the main process and only where something is keyed by it (the

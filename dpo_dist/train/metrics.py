@@ -17,9 +17,9 @@ import math
 import os
 from typing import Any
 
-# Per-pair statistics, one column each, reduced once per optimizer step (tokens: summed, the rest: averaged).
-STATS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "logps/chosen", "logps/rejected", "tokens")
-EVAL_METRICS = tuple(f"eval/{k}" for k in STATS if k != "tokens") + ("eval/rewards/margins",)
+import torch
+
+from dpo_dist.config import STATS, Config, to_dict
 
 
 class MetricsLog:
@@ -97,3 +97,63 @@ def plot(records: list[dict[str, Any]], path: str) -> None:
 
 def is_finite(*values: float) -> bool:
     return all(math.isfinite(v) for v in values)
+
+
+def reduce_stats(stats: torch.Tensor, prefix: str = "") -> dict[str, float]:
+    """Means over pairs (tokens: the sum). Shape: stats (N, len(STATS))."""
+    values = dict(zip(STATS, stats.double().mean(0).tolist()))
+    values["tokens"] = float(stats[:, STATS.index("tokens")].sum())
+    values["rewards/margins"] = values["rewards/chosen"] - values["rewards/rejected"]
+    return {f"{prefix}{k}": v for k, v in values.items() if not (prefix and k == "tokens")}
+
+
+def peak_memory_gb(device: torch.device) -> float:
+    """This process's peak memory: GPU memory allocated on CUDA, resident memory (max RSS) on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+def held_state_gb(model: Any, optimizer: Any) -> float:
+    """GiB of parameters, gradients and optimizer state this process holds (each tensor once): what ZeRO shards.
+
+    Under ZeRO-3 a parameter's local part is ``param.ds_tensor``; DeepSpeed's inner optimizer holds flat fp32
+    partitions and their AdamW moments, reached by unwrapping ``.optimizer``.
+    """
+    seen: dict[int, int] = {}
+
+    def count(tensor: Any) -> None:
+        if isinstance(tensor, torch.Tensor) and tensor.numel():
+            seen[tensor.data_ptr()] = tensor.numel() * tensor.element_size()
+
+    for param in model.parameters():
+        count(getattr(param, "ds_tensor", param))
+        count(param.grad)
+    inner = optimizer
+    while hasattr(inner, "optimizer"):
+        inner = inner.optimizer
+    for group in inner.param_groups:
+        for param in group["params"]:
+            count(param)
+            count(param.grad)
+    for state in inner.state.values():
+        for value in state.values():
+            count(value)
+    return sum(seen.values()) / 2**30
+
+
+def flat_config(cfg: Config) -> dict[str, Any]:
+    """``{"train.learning_rate": 0.0002, ...}``: what trackers show as the run's hyperparameters."""
+    flat: dict[str, Any] = {}
+
+    def walk(node: dict, prefix: str) -> None:
+        for key, value in node.items():
+            if isinstance(value, dict):
+                walk(value, f"{prefix}{key}.")
+            else:
+                flat[f"{prefix}{key}"] = value if isinstance(value, (int, float, str, bool)) else str(value)
+
+    walk(to_dict(cfg), "")
+    return flat

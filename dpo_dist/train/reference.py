@@ -19,11 +19,11 @@ from typing import Any, Callable, Iterator
 import datasets
 import torch
 
-from dpo_dist.train import reference_cache as cache
 from dpo_dist.data.collate import REFERENCE_COLUMNS
-from dpo_dist.distributed import gather_in_order, shard_indices
-from dpo_dist.train.logprobs import DEFAULT_CHUNK_SIZE, PairLogps, pair_logps
 from dpo_dist.data.tokenization import PAIR_COLUMNS, Truncation
+from dpo_dist.distributed import gather_in_order, shard_indices
+from dpo_dist.train import reference_cache as cache
+from dpo_dist.train.logprobs import DEFAULT_CHUNK_SIZE, PairLogps, pair_logps
 
 logger = logging.getLogger(__name__)
 

@@ -13,7 +13,6 @@ optimizer step, which is what a resumed run restores.
 from __future__ import annotations
 
 import json
-import math
 import os
 import time
 from dataclasses import dataclass
@@ -21,118 +20,45 @@ from typing import Any
 
 import torch
 
-from dpo_dist.train.checkpoint import (
-    TrainState, adapter_only_checkpoints, latest_checkpoint, load_checkpoint, save_checkpoint, save_final_model,
-)
+from dpo_dist.config import STATS, Config, save_config
 from dpo_dist.data.collate import PreferenceCollator
-from dpo_dist.config import SENTIMENT, Config, save_config, to_dict
+from dpo_dist.data.order import DataOrder
+from dpo_dist.data.packing import PackedPairCollator, choose_packing
 from dpo_dist.data.show import show_pair
 from dpo_dist.distributed import (
-    build_accelerator, configure_deepspeed, gather_in_order, prepare_frozen, set_cpu_threads, shard_indices,
+    build_accelerator,
+    configure_deepspeed,
+    gather_in_order,
+    prepare_frozen,
+    set_cpu_threads,
+    shard_indices,
     zero_stage,
 )
-from dpo_dist.train.logprobs import pair_logps
-from dpo_dist.train.loss import LENGTH_AVERAGED, preference_loss
-from dpo_dist.train.metrics import STATS, MetricsLog, is_finite, plot, summary
 from dpo_dist.model.load import load_policy, load_reference_copy, resolve_dtype, resolve_source
-from dpo_dist.data.packing import PackedPairCollator, choose_packing
-from dpo_dist.train.preemption import Preempted, StopSignals
+from dpo_dist.train.checkpoint import (
+    TrainState,
+    adapter_only_checkpoints,
+    latest_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+    save_final_model,
+    track_best,
+)
+from dpo_dist.train.checks import TrainingError, check_combination
 from dpo_dist.train.inputs import attach_reference, model_identity, tokenized_pairs
-from dpo_dist.train.reference import batch_reference_logps
-
-
-class TrainingError(RuntimeError):
-    """The run cannot go on (a non-finite loss, say); the message says where and what is left on disk."""
-
-
-def pair_losses(model: Any, batch: dict[str, torch.Tensor], cfg: Config, reference_model: Any) -> tuple[torch.Tensor, torch.Tensor]:
-    """The mean loss of a batch of B pairs and their statistics.
-
-    Shape: -> loss (), stats (B, len(STATS)).
-    """
-    policy = pair_logps(model, batch, chunk_size=cfg.train.logps_chunk_size)
-    ref_chosen, ref_rejected = batch_reference_logps(
-        cfg.reference.mode, reference_model, batch, chunk_size=cfg.train.logps_chunk_size
-    )
-    policy_chosen, policy_rejected = policy.chosen_logps, policy.rejected_logps
-    if cfg.loss.loss_type in LENGTH_AVERAGED:
-        policy_chosen = policy_chosen / policy.chosen_tokens.clamp(min=1)
-        policy_rejected = policy_rejected / policy.rejected_tokens.clamp(min=1)
-    losses, chosen_rewards, rejected_rewards = preference_loss(
-        policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta=cfg.loss.beta, loss_type=cfg.loss.loss_type,
-        label_smoothing=cfg.loss.label_smoothing, simpo_gamma=cfg.loss.simpo_gamma,
-    )
-    if cfg.loss.rpo_alpha:
-        losses = losses + cfg.loss.rpo_alpha * -(policy.chosen_logps / policy.chosen_tokens.clamp(min=1))
-    tokens = batch["pair_tokens"]  # each pair as two sequences (the prompt twice), whichever collator made the batch
-    stats = torch.stack([
-        losses.detach(), chosen_rewards, rejected_rewards, (chosen_rewards > rejected_rewards).float(),
-        policy.chosen_logps.detach(), policy.rejected_logps.detach(), tokens.float(),
-    ], dim=1)
-    return losses.mean(), stats
-
-
-def reduce_stats(stats: torch.Tensor, prefix: str = "") -> dict[str, float]:
-    """Means over pairs (tokens: the sum). Shape: stats (N, len(STATS))."""
-    values = dict(zip(STATS, stats.double().mean(0).tolist()))
-    values["tokens"] = float(stats[:, STATS.index("tokens")].sum())
-    values["rewards/margins"] = values["rewards/chosen"] - values["rewards/rejected"]
-    return {f"{prefix}{k}": v for k, v in values.items() if not (prefix and k == "tokens")}
-
-
-class DataOrder:
-    """Which pairs each process takes at each optimizer step.
-
-    Each epoch is a seeded permutation of the pairs, wrapped around to fill its last global batch (so no pair is
-    left out; the few repeated ones are logged). Global step ``g`` takes the ``g``-th block of ``P x B x A`` pairs;
-    micro-step ``a`` of process ``r`` takes its ``(a * P + r)``-th run of ``B``.
-    """
-
-    def __init__(self, num_pairs: int, *, per_device: int, accumulation: int, processes: int, seed: int):
-        self.n, self.b, self.a, self.p, self.seed = num_pairs, per_device, accumulation, processes, seed
-        self.global_batch = per_device * accumulation * processes
-        self.steps_per_epoch = math.ceil(num_pairs / self.global_batch)
-        self.repeated_per_epoch = self.steps_per_epoch * self.global_batch - num_pairs
-        self._epoch, self._order = -1, []
-
-    def micro_batches(self, step: int, rank: int) -> list[list[int]]:
-        epoch, within = divmod(step, self.steps_per_epoch)
-        if epoch != self._epoch:
-            generator = torch.Generator().manual_seed(self.seed + epoch)
-            order = torch.randperm(self.n, generator=generator).tolist()
-            length = self.steps_per_epoch * self.global_batch
-            self._order = (order * math.ceil(length / self.n))[:length]
-            self._epoch = epoch
-        block = self._order[within * self.global_batch : (within + 1) * self.global_batch]
-        return [block[(a * self.p + rank) * self.b : (a * self.p + rank + 1) * self.b] for a in range(self.a)]
-
-
-def build_optimizer(model: Any, cfg: Config) -> torch.optim.Optimizer:
-    """AdamW over the trainable parameters: torch's, or bitsandbytes' 8-bit / paged variants."""
-    t = cfg.train
-    params = [p for p in model.parameters() if p.requires_grad]
-    kwargs = {"lr": t.learning_rate, "betas": tuple(t.adam_betas), "weight_decay": t.weight_decay}
-    if t.optimizer == "adamw":
-        return torch.optim.AdamW(params, **kwargs)
-    import bitsandbytes as bnb
-
-    cls = {"adamw_8bit": bnb.optim.AdamW8bit, "paged_adamw": bnb.optim.PagedAdamW,
-           "paged_adamw_8bit": bnb.optim.PagedAdamW8bit}[t.optimizer]
-    return cls(params, **kwargs)
-
-
-def lr_lambda(total_steps: int, warmup_steps: int, kind: str):
-    def factor(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / (warmup_steps + 1)
-        if kind == "constant":
-            return 1.0
-        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-        if kind == "linear":
-            return max(0.0, 1.0 - progress)
-        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-
-    return factor
+from dpo_dist.train.metrics import (
+    MetricsLog,
+    flat_config,
+    held_state_gb,
+    is_finite,
+    peak_memory_gb,
+    plot,
+    reduce_stats,
+    summary,
+)
+from dpo_dist.train.objective import pair_losses
+from dpo_dist.train.optim import build_optimizer, lr_lambda
+from dpo_dist.train.preemption import Preempted, StopSignals
 
 
 def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
@@ -364,84 +290,3 @@ def finish(run: Run) -> None:
     accelerator.wait_for_everyone()  # every process done with every collective before any tears its group down
     accelerator.end_training()
 
-
-def check_combination(cfg: Config, stage: int) -> None:
-    """Combinations that cannot work stop the run at start, naming the fix."""
-    if stage and cfg.model.quantization != "none":
-        raise TrainingError(
-            f"model.quantization={cfg.model.quantization} cannot be sharded by DeepSpeed ZeRO-{stage}: launch without a "
-            "DeepSpeed config (QLoRA trains on one device), or set model.quantization=none"
-        )
-    if stage == 3 and cfg.data.source == SENTIMENT:
-        raise TrainingError(
-            "the built-in sentiment set is sampled by one process from an unsharded model: build it once without "
-            "ZeRO-3 (python launch/train.py train.max_steps=1; it is cached), then point data.source and "
-            "data.eval_source at the cached files in ~/.cache/dpo_dist/data/load/, or use your own data"
-        )
-
-
-def peak_memory_gb(device: torch.device) -> float:
-    """This process's peak memory: GPU memory allocated on CUDA, resident memory (max RSS) on CPU."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**30
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
-
-
-def held_state_gb(model: Any, optimizer: Any) -> float:
-    """GiB of parameters, gradients and optimizer state this process holds (each tensor once): what ZeRO shards.
-
-    Under ZeRO-3 a parameter's local part is ``param.ds_tensor``; DeepSpeed's inner optimizer holds flat fp32
-    partitions and their AdamW moments, reached by unwrapping ``.optimizer``.
-    """
-    seen: dict[int, int] = {}
-
-    def count(tensor: Any) -> None:
-        if isinstance(tensor, torch.Tensor) and tensor.numel():
-            seen[tensor.data_ptr()] = tensor.numel() * tensor.element_size()
-
-    for param in model.parameters():
-        count(getattr(param, "ds_tensor", param))
-        count(param.grad)
-    inner = optimizer
-    while hasattr(inner, "optimizer"):
-        inner = inner.optimizer
-    for group in inner.param_groups:
-        for param in group["params"]:
-            count(param)
-            count(param.grad)
-    for state in inner.state.values():
-        for value in state.values():
-            count(value)
-    return sum(seen.values()) / 2**30
-
-
-def flat_config(cfg: Config) -> dict[str, Any]:
-    """``{"train.learning_rate": 0.0002, ...}``: what trackers show as the run's hyperparameters."""
-    flat: dict[str, Any] = {}
-
-    def walk(node: dict, prefix: str) -> None:
-        for key, value in node.items():
-            if isinstance(value, dict):
-                walk(value, f"{prefix}{key}.")
-            else:
-                flat[f"{prefix}{key}"] = value if isinstance(value, (int, float, str, bool)) else str(value)
-
-    walk(to_dict(cfg), "")
-    return flat
-
-
-def track_best(state: TrainState, record: dict[str, float], cfg: Config) -> tuple[bool, str | None]:
-    """Update the best eval metric; returns (improved, a stop message when patience ran out)."""
-    t = cfg.train
-    value = record[t.metric_for_best]
-    better = state.best_metric is None or (value > state.best_metric if t.greater_is_better else value < state.best_metric)
-    if better:
-        state.best_metric, state.evals_without_improvement = value, 0
-        return True, None
-    state.evals_without_improvement += 1
-    if t.early_stopping_patience and state.evals_without_improvement >= t.early_stopping_patience:
-        return False, (f"early stopping at step {state.global_step}: {t.metric_for_best} has not improved on "
-                       f"{state.best_metric:.4f} for {state.evals_without_improvement} evals")
-    return False, None

@@ -1,0 +1,37 @@
+"""The order pairs are taken in: each process's micro-batches at each optimizer step, a pure function of (seed, epoch).
+
+The position in the data is the optimizer step, which is what a resumed run restores.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+class DataOrder:
+    """Which pairs each process takes at each optimizer step.
+
+    Each epoch is a seeded permutation of the pairs, wrapped around to fill its last global batch (so no pair is
+    left out; the few repeated ones are logged). Global step ``g`` takes the ``g``-th block of ``P x B x A`` pairs;
+    micro-step ``a`` of process ``r`` takes its ``(a * P + r)``-th run of ``B``.
+    """
+
+    def __init__(self, num_pairs: int, *, per_device: int, accumulation: int, processes: int, seed: int):
+        self.n, self.b, self.a, self.p, self.seed = num_pairs, per_device, accumulation, processes, seed
+        self.global_batch = per_device * accumulation * processes
+        self.steps_per_epoch = math.ceil(num_pairs / self.global_batch)
+        self.repeated_per_epoch = self.steps_per_epoch * self.global_batch - num_pairs
+        self._epoch, self._order = -1, []
+
+    def micro_batches(self, step: int, rank: int) -> list[list[int]]:
+        epoch, within = divmod(step, self.steps_per_epoch)
+        if epoch != self._epoch:
+            generator = torch.Generator().manual_seed(self.seed + epoch)
+            order = torch.randperm(self.n, generator=generator).tolist()
+            length = self.steps_per_epoch * self.global_batch
+            self._order = (order * math.ceil(length / self.n))[:length]
+            self._epoch = epoch
+        block = self._order[within * self.global_batch : (within + 1) * self.global_batch]
+        return [block[(a * self.p + rank) * self.b : (a * self.p + rank + 1) * self.b] for a in range(self.a)]

@@ -1,0 +1,24 @@
+"""Why a run stops: combinations that cannot work, refused at start, and the error the loop stops with."""
+
+from __future__ import annotations
+
+from dpo_dist.config import SENTIMENT, Config
+
+
+class TrainingError(RuntimeError):
+    """The run cannot go on (a non-finite loss, say); the message says where and what is left on disk."""
+
+
+def check_combination(cfg: Config, stage: int) -> None:
+    """Combinations that cannot work stop the run at start, naming the fix."""
+    if stage and cfg.model.quantization != "none":
+        raise TrainingError(
+            f"model.quantization={cfg.model.quantization} cannot be sharded by DeepSpeed ZeRO-{stage}: launch without a "
+            "DeepSpeed config (QLoRA trains on one device), or set model.quantization=none"
+        )
+    if stage == 3 and cfg.data.source == SENTIMENT:
+        raise TrainingError(
+            "the built-in sentiment set is sampled by one process from an unsharded model: build it once without "
+            "ZeRO-3 (python launch/train.py train.max_steps=1; it is cached), then point data.source and "
+            "data.eval_source at the cached files in ~/.cache/dpo_dist/data/load/, or use your own data"
+        )

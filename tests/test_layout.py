@@ -1,0 +1,130 @@
+"""The package's layout follows the data flow: data -> model -> train -> eval, and no module imports from a later stage.
+
+``config`` and ``distributed`` sit at the top: every stage may use them, and they import no stage.
+"""
+
+from __future__ import annotations
+
+import ast
+import pathlib
+
+import pytest
+
+from dpo_dist.config import SENTIMENT_PROMPTS
+
+PACKAGE = pathlib.Path(__file__).resolve().parent.parent / "dpo_dist"
+STAGES = {"config": 0, "distributed": 0, "data": 1, "model": 2, "train": 3, "eval": 4}
+TOP_LEVEL = {"__init__.py", "config.py", "distributed.py", "data", "model", "train", "eval", "__pycache__"}
+LOOP = {"to_device", "evaluate", "train_step", "Run", "setup", "train", "loop", "finish"}
+
+
+def stage_of(module: str) -> int:
+    """``dpo_dist.train.loss`` -> 3; ``dpo_dist`` itself -> 0."""
+    parts = module.split(".")
+    return STAGES[parts[1]] if len(parts) > 1 else 0
+
+
+def imported_modules(source: str, module: str) -> list[tuple[int, str]]:
+    """(line, module) of every dpo_dist import in ``source``, at module level or inside functions.
+
+    ``from dpo_dist.train import reference_cache`` names the module ``dpo_dist.train.reference_cache``.
+    """
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            found += [(node.lineno, a.name) for a in node.names if a.name.split(".")[0] == "dpo_dist"]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and (node.module or "").split(".")[0] == "dpo_dist":
+            if node.module.count(".") == 0 or node.module in ("dpo_dist.data", "dpo_dist.model", "dpo_dist.train", "dpo_dist.eval"):
+                found += [(node.lineno, f"{node.module}.{a.name}") for a in node.names]
+            else:
+                found.append((node.lineno, node.module))
+        elif isinstance(node, ast.ImportFrom) and node.level:
+            raise AssertionError(f"{module}: line {node.lineno}: relative import; write dpo_dist.<stage>.<module>")
+    return found
+
+
+def backward_arrows(source: str, module: str) -> list[str]:
+    """Each import in ``source`` (the text of ``module``) that points to a later stage, as one readable line."""
+    return [f"{module} (stage {stage_of(module)}) line {line} imports {target} (stage {stage_of(target)})"
+            for line, target in imported_modules(source, module) if stage_of(target) > stage_of(module)]
+
+
+def package_modules() -> list[tuple[str, pathlib.Path]]:
+    out = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+        out.append((".".join(p for p in parts if p != "__init__"), path))
+    return out
+
+
+def test_no_module_imports_from_a_later_stage():
+    arrows = [a for module, path in package_modules() for a in backward_arrows(path.read_text(encoding="utf-8"), module)]
+    assert not arrows, "imports against the data flow:\n" + "\n".join(arrows)
+
+
+def test_the_import_check_catches_an_arrow_back():
+    """A data module importing the trainer (even inside a function), or config importing a stage, is reported."""
+    source = "def f():\n    from dpo_dist.train.trainer import train\n"
+    assert backward_arrows(source, "dpo_dist.data.collate") == [
+        "dpo_dist.data.collate (stage 1) line 2 imports dpo_dist.train.trainer (stage 3)"]
+    assert backward_arrows("from dpo_dist.data import sentiment\n", "dpo_dist.config")
+    assert backward_arrows("import dpo_dist.eval.report\n", "dpo_dist.train.metrics")
+    assert not backward_arrows("from dpo_dist.config import Config\nfrom dpo_dist.data.collate import IGNORE_INDEX\n",
+                               "dpo_dist.train.logprobs")
+    with pytest.raises(AssertionError, match="relative import"):
+        imported_modules("from .collate import IGNORE_INDEX\n", "dpo_dist.data.packing")
+
+
+def test_every_module_sits_in_a_stage():
+    """Only the two cross-cutting modules live at the top; everything else is in a stage's folder."""
+    assert {p.name for p in PACKAGE.iterdir()} <= TOP_LEVEL, sorted({p.name for p in PACKAGE.iterdir()} - TOP_LEVEL)
+    for stage in ("data", "model", "train", "eval"):
+        doc = ast.get_docstring(ast.parse((PACKAGE / stage / "__init__.py").read_text(encoding="utf-8")))
+        assert doc and doc.startswith(f"Stage {STAGES[stage]}, "), f"dpo_dist/{stage}/__init__.py says what the stage does"
+
+
+def test_trainer_holds_only_the_loop():
+    tree = ast.parse((PACKAGE / "train" / "trainer.py").read_text(encoding="utf-8"))
+    defined = {n.name for n in tree.body if isinstance(n, (ast.FunctionDef, ast.ClassDef))}
+    assert defined == LOOP, f"trainer.py should hold the loop only; move {sorted(defined - LOOP)} to their stage"
+
+
+def import_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One cycle in a module -> imported-modules graph, as a path that ends where it starts; None if there is none."""
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+
+    def visit(node: str, path: list[str]) -> list[str] | None:
+        state[node] = 1
+        for target in sorted(graph.get(node, ())):
+            if state.get(target) == 1:
+                return path[path.index(target):] + [target] if target in path else [node, target]
+            if target in graph and not state.get(target):
+                cycle = visit(target, path + [target])
+                if cycle:
+                    return cycle
+        state[node] = 2
+        return None
+
+    for start in sorted(graph):
+        if not state.get(start):
+            cycle = visit(start, [start])
+            if cycle:
+                return cycle
+    return None
+
+
+def test_no_import_cycles_at_module_level():
+    graph = {}
+    for module, path in package_modules():
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        top = ast.Module(body=[n for n in tree.body if isinstance(n, (ast.Import, ast.ImportFrom))], type_ignores=[])
+        graph[module] = {t for _, t in imported_modules(ast.unparse(top), module) if t != module}
+    assert import_cycle(graph) is None, " -> ".join(import_cycle(graph))
+    assert import_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+
+
+def test_config_counts_the_builtin_prompts():
+    """The config validates data.sentiment.num_prompts against a count that the data stage owns the text of."""
+    from dpo_dist.data.sentiment import prompts
+
+    assert len(prompts()) == SENTIMENT_PROMPTS
