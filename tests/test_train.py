@@ -121,9 +121,9 @@ def test_early_stopping_with_patience(tiny_model_dir, data_file, tmp_path, capsy
 
 
 def test_non_finite_loss_stops_naming_the_step(tiny_model_dir, data_file, tmp_path, monkeypatch):
-    from dpo_dist.train import trainer
+    from dpo_dist.train import objective, trainer
 
-    real = trainer.preference_loss
+    real = objective.preference_loss
     calls = {"n": 0}
 
     def poisoned(*args, **kwargs):
@@ -131,7 +131,7 @@ def test_non_finite_loss_stops_naming_the_step(tiny_model_dir, data_file, tmp_pa
         losses, chosen, rejected = real(*args, **kwargs)
         return (losses * float("nan") if calls["n"] == 3 else losses), chosen, rejected
 
-    monkeypatch.setattr(trainer, "preference_loss", poisoned)
+    monkeypatch.setattr(objective, "preference_loss", poisoned)
     out = tmp_path / "out"
     with pytest.raises(trainer.TrainingError, match=r"non-finite loss at step 3 .*last good checkpoint: .*checkpoint-2"):
         run(tiny_model_dir, data_file, out, **{"train.save_every": 2, "train.max_steps": 6})

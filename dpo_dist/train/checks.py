@@ -20,5 +20,5 @@ def check_combination(cfg: Config, stage: int) -> None:
         raise TrainingError(
             "the built-in sentiment set is sampled by one process from an unsharded model: build it once without "
             "ZeRO-3 (python launch/train.py train.max_steps=1; it is cached), then point data.source and "
-            "data.eval_source at the cached files in ~/.cache/dpo_dist/data/load/, or use your own data"
+            "data.eval_source at the cached files in ~/.cache/dpo_dist/data/, or use your own data"
         )
