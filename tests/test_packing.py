@@ -84,7 +84,7 @@ def test_packed_forward_without_bos_skips_nothing_the_padded_form_scores():
 
 
 def test_packing_is_refused_where_it_cannot_work():
-    from dpo_dist.data.packing import choose_packing
+    from dpo_dist.model.attention import choose_packing
 
     model = make_llama(100)
     model.config._attn_implementation = "sdpa"

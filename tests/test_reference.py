@@ -13,7 +13,10 @@ from dpo_dist.train import reference_cache as cache
 from dpo_dist.data.collate import PreferenceCollator
 from dpo_dist.distributed import build_accelerator
 from dpo_dist.train.logprobs import concatenated_forward
-from dpo_dist.train.reference import batch_reference_logps, online_reference_logps, precompute_reference, reference_fingerprint_parts
+from dpo_dist.data.packing import PackedPairCollator
+from dpo_dist.train.reference import (
+    batch_reference_logps, online_reference_logps, precompute_reference, reference_fingerprint_parts, scoring_identity,
+)
 from dpo_dist.data.tokenization import Truncation, tokenize_pairs
 from tiny import CORPUS, make_llama, make_tokenizer
 
@@ -33,27 +36,34 @@ def make_pairs(n=10):
 
 
 class Setup:
-    def __init__(self, tmp_path, tokenizer_kind="nobos", truncation=TRUNCATION, seed=0):
+    def __init__(self, tmp_path, tokenizer_kind="nobos", truncation=TRUNCATION, seed=0, kernel="sdpa", layout="padded",
+                 chunk_size=1024, mixed_precision="no", device_type="cpu"):
         self.tok = make_tokenizer(tokenizer_kind)
         self.model_dir = str(tmp_path / f"model-{seed}")
         if not os.path.isdir(self.model_dir):
             make_llama(len(self.tok), seed=seed).save_pretrained(self.model_dir)
         from transformers import AutoModelForCausalLM
 
-        self.model = AutoModelForCausalLM.from_pretrained(self.model_dir).eval()
+        self.model = AutoModelForCausalLM.from_pretrained(self.model_dir, attn_implementation=kernel).eval()
         self.truncation = truncation
         self.tokenized, _ = tokenize_pairs(make_pairs(), self.tok, truncation)
-        self.collator = PreferenceCollator(pad_token_id=0)
+        self.collator = (PreferenceCollator(pad_token_id=0) if layout == "padded"
+                         else PackedPairCollator(0, share_prompt=layout == "packed-shared-prompt"))
+        self.chunk_size = chunk_size
+        self.scoring = dict(chunk_size=chunk_size, mixed_precision=mixed_precision, device_type=device_type)
         self.cache_dir = str(tmp_path / "cache")
+
+    def scoring_identity(self):
+        return scoring_identity(self.model, self.collator, **self.scoring)
 
     def parts(self):
         identity = cache.model_identity(self.model_dir)
-        return reference_fingerprint_parts(identity, self.tok, self.truncation, self.tokenized)
+        return reference_fingerprint_parts(identity, self.tok, self.truncation, self.tokenized, self.scoring_identity())
 
     def precompute(self, model=None):
         return precompute_reference(
             model or self.model, self.tokenized, fingerprint_parts=self.parts(), cache_dir=self.cache_dir,
-            collator=self.collator, accelerator=build_accelerator(cpu=True), batch_size=3,
+            collator=self.collator, accelerator=build_accelerator(cpu=True), batch_size=3, chunk_size=self.chunk_size,
         )
 
 
@@ -61,6 +71,10 @@ class NoForward(torch.nn.Module):
     """A model that must not be run: the cache should answer."""
 
     def forward(self, *args, **kwargs):
+        raise AssertionError("the reference model ran although the cache holds this fingerprint")
+
+    @property
+    def config(self):  # read first by packed scoring, to build the attention mask
         raise AssertionError("the reference model ran although the cache holds this fingerprint")
 
 
@@ -99,6 +113,50 @@ def test_any_change_in_the_fingerprint_recomputes(tmp_path, change):
     base.precompute()
     changed = Setup(tmp_path, **change)
     assert cache.fingerprint(changed.parts()) != cache.fingerprint(base.parts())
+    with pytest.raises(AssertionError, match="the reference model ran"):
+        changed.precompute(model=NoForward())
+    changed.precompute()
+    assert len(os.listdir(base.cache_dir)) == 2
+
+
+def test_a_chat_template_alone_changes_the_fingerprint(tmp_path):
+    setup = Setup(tmp_path, tokenizer_kind="chatml")
+    before = cache.fingerprint(setup.parts())
+    setup.tok.chat_template = setup.tok.chat_template.replace("<|im_start|>", "<|im_start|> ")
+    assert cache.fingerprint(setup.parts()) != before
+
+
+def bump_version(monkeypatch, library):
+    import importlib
+
+    module = importlib.import_module(library)
+    monkeypatch.setattr(module, "__version__", module.__version__ + "+other")
+
+
+@pytest.mark.parametrize("field,change", [
+    ("attn_implementation", dict(kernel="eager")),
+    ("layout", dict(layout="padded")),  # the padded collator has no share_prompt: that field changes too
+    ("share_prompt", dict(layout="packed")),
+    ("chunk_size", dict(chunk_size=5)),
+    ("mixed_precision", dict(mixed_precision="bf16")),
+    ("device_type", dict(device_type="cuda")),
+    ("torch", "version"), ("transformers", "version"), ("peft", "version"), ("bitsandbytes", "version"),
+])
+def test_each_scoring_field_alone_makes_a_new_cache_entry(tmp_path, monkeypatch, field, change):
+    """The sdpa cache is not reused for eager attention (where it once gave a step-1 loss of 2.82 instead of ln 2),
+    nor for another layout, chunking, precision, device or library version."""
+    if change == "version":
+        pytest.importorskip(field, reason=f"{field} is not installed")
+    base = Setup(tmp_path, layout="packed-shared-prompt")
+    base.precompute()
+    before = base.scoring_identity()
+    if change == "version":
+        bump_version(monkeypatch, field)
+        changed = Setup(tmp_path, layout="packed-shared-prompt")
+    else:
+        changed = Setup(tmp_path, **{"layout": "packed-shared-prompt", **change})
+    after = changed.scoring_identity()
+    assert [k for k in after if after[k] != before[k]] == [field] + (["share_prompt"] if field == "layout" else [])
     with pytest.raises(AssertionError, match="the reference model ran"):
         changed.precompute(model=NoForward())
     changed.precompute()

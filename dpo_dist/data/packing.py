@@ -2,9 +2,12 @@
 
 Each pair becomes one segment, ``prompt | chosen | rejected``, with the prompt computed once for both responses:
 
-- **Attention** (a boolean mask per row, ``(R, 1, W, W)``): causal within a segment, never across segments (so
-  several pairs share a row, block-diagonally), and the rejected tokens do not see the chosen ones — they see the
-  prompt and themselves, exactly as in a ``prompt | rejected`` sequence of their own.
+- **Attention** (:func:`packed_mask`, from per-token segment, branch and position ids): causal within a segment,
+  never across segments (so several pairs share a row, block-diagonally), and the rejected tokens do not see the
+  chosen ones — they see the prompt and themselves, exactly as in a ``prompt | rejected`` sequence of their own. A
+  sliding window is a distance in position ids, not in row offsets (the rejected tokens sit after the chosen ones
+  in the row but continue the prompt's positions). ``dpo_dist.model.attention`` turns this into what each attention
+  kernel and layer type takes.
 - **Positions** restart at 0 for each segment; the rejected response continues from the end of the prompt, as the
   chosen one does.
 - **Scoring**: a response's first token is predicted by the prompt's last position (used twice, once per response),
@@ -24,6 +27,32 @@ from typing import Any, Sequence
 import torch
 
 from dpo_dist.data.collate import REFERENCE_COLUMNS
+
+# Branch ids: which part of its segment a token is in. Padding is its own segment (-1) on branch PROMPT.
+PROMPT, CHOSEN, REJECTED = 0, 1, 2
+PAD_SEGMENT = -1
+
+
+def packed_mask(segment_ids: torch.Tensor, branch_ids: torch.Tensor, position_ids: torch.Tensor, *,
+                sliding_window: int | None = None) -> torch.Tensor:
+    """Which keys each query may attend to in packed rows: the same segment, at or before the query in the row,
+    in the prompt or in the query's own response, and (with a window) fewer than ``sliding_window`` positions back,
+    as transformers' ``sliding_window_overlay`` counts (``q - k < window``).
+
+    Padding tokens form one segment of their own, so each attends at least to itself (no all-masked row, no NaN).
+
+    Shape: segment_ids, branch_ids, position_ids (R, W) -> (R, 1, W, W) bool.
+    """
+    width = segment_ids.shape[1]
+    index = torch.arange(width, device=segment_ids.device)
+    causal = index[:, None] >= index[None, :]  # (W, W): key at or before the query in the row
+    same_segment = segment_ids[:, :, None] == segment_ids[:, None, :]
+    key_branch = branch_ids[:, None, :]
+    visible_branch = (key_branch == PROMPT) | (key_branch == branch_ids[:, :, None])
+    mask = same_segment & visible_branch & causal
+    if sliding_window is not None:
+        mask &= (position_ids[:, :, None] - position_ids[:, None, :]) < sliding_window
+    return mask[:, None]
 
 
 def plan_rows(lengths: Sequence[int], capacity: int) -> list[list[int]]:
@@ -65,7 +94,8 @@ class PackedPairCollator:
     ``share_prompt=True``: one segment per pair, ``prompt | chosen | rejected``. ``False``: two segments per pair,
     ``prompt | chosen`` and ``prompt | rejected`` (packing alone, to measure what sharing adds).
 
-    Keys: ``input_ids``, ``position_ids`` (R, W); ``attention_mask`` (R, 1, W, W) bool; ``pred_rows``, ``targets``,
+    Keys: ``input_ids``, ``position_ids``, ``segment_ids``, ``branch_ids`` (R, W) (the attention mask is built from
+    them per model, :func:`dpo_dist.model.attention.packed_attention_mask`); ``pred_rows``, ``targets``,
     ``seq_index`` (K,): for each scored token, the flat position (in R*W) that predicts it, its id, and its sequence
     (pair b's chosen is b, its rejected B + b); ``pair_tokens`` (B,): the pair's tokens counted as two sequences
     (prompt twice), the figure throughput is reported in.
@@ -94,7 +124,8 @@ class PackedPairCollator:
         width = max(sum(lengths[i] for i in row) for row in rows)
         input_ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)
         position_ids = torch.zeros((len(rows), width), dtype=torch.long)
-        mask = torch.eye(width, dtype=torch.bool).repeat(len(rows), 1, 1)  # padding attends to itself (no NaN rows)
+        segment_ids = torch.full((len(rows), width), PAD_SEGMENT, dtype=torch.long)
+        branch_ids = torch.full((len(rows), width), PROMPT, dtype=torch.long)
         pred_rows, targets, seq_index = [], [], []
         for r, row in enumerate(rows):
             start = 0
@@ -103,15 +134,14 @@ class PackedPairCollator:
                 n_p, end = len(prompt), start + lengths[i]
                 input_ids[r, start : start + n_p] = torch.tensor(prompt, dtype=torch.long)
                 position_ids[r, start : start + n_p] = torch.arange(n_p)
-                mask[r, start : start + n_p, start : start + n_p] = torch.ones(n_p, n_p, dtype=torch.bool).tril()
+                segment_ids[r, start:end] = i
                 offset = start + n_p
                 for response, seq in responses:
                     n = len(response)
                     span = slice(offset, offset + n)
                     input_ids[r, span] = torch.tensor(response, dtype=torch.long)
                     position_ids[r, span] = torch.arange(n_p, n_p + n)
-                    mask[r, span, start : start + n_p] = True  # the prompt
-                    mask[r, span, span] = torch.ones(n, n, dtype=torch.bool).tril()  # itself, causally
+                    branch_ids[r, span] = CHOSEN if seq < len(examples) else REJECTED
                     # Token k is predicted by the position before it: the prompt's last for k = 0 (with no prompt,
                     # nothing predicts it, as in the padded form), its own response's previous token after that.
                     first = 0 if n_p else 1
@@ -122,7 +152,7 @@ class PackedPairCollator:
                     offset += n
                 start = end
         batch = {
-            "input_ids": input_ids, "position_ids": position_ids, "attention_mask": mask[:, None],
+            "input_ids": input_ids, "position_ids": position_ids, "segment_ids": segment_ids, "branch_ids": branch_ids,
             "pred_rows": torch.tensor(pred_rows, dtype=torch.long), "targets": torch.tensor(targets, dtype=torch.long),
             "seq_index": torch.tensor(seq_index, dtype=torch.long),
             "pair_tokens": torch.tensor([2 * len(e["prompt_input_ids"]) + len(e["chosen_input_ids"])
@@ -132,40 +162,3 @@ class PackedPairCollator:
             if column in examples[0]:
                 batch[column] = torch.tensor([e[column] for e in examples], dtype=torch.float32)
         return batch
-
-
-# Architectures whose attention takes a 4D boolean mask with explicit position ids (Llama's code path in
-# transformers, and GPT-2's); tested on Llama and GPT-2.
-PACKING_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gpt2")
-
-
-def packing_unsupported(model: Any, zero_stage: int) -> str | None:
-    """Why packing cannot run with this model and setup, or None when it can."""
-    base = getattr(model, "module", model)
-    base = base.get_base_model() if hasattr(base, "get_base_model") else base
-    config = base.config
-    if zero_stage == 3:
-        return "ZeRO-3 partitions the LM head, which packed scoring reads outside the forward"
-    if config.model_type not in PACKING_MODEL_TYPES:
-        return f"model type {config.model_type!r} is not one packing is verified on ({', '.join(PACKING_MODEL_TYPES)})"
-    attention = getattr(config, "_attn_implementation", None)
-    if attention not in ("sdpa", "eager"):
-        return f"attention {attention!r} takes no 4D attention mask (sdpa and eager do)"
-    if not isinstance(base.get_output_embeddings(), torch.nn.Linear):
-        return "the LM head is not a plain Linear layer"
-    return None
-
-
-def choose_packing(setting: str, model: Any, zero_stage: int, *, share_prompt: bool = True) -> tuple[bool, str]:
-    """``train.packing`` resolved for this model: (on, the line that says so and why). ``on`` where unsupported is an
-    error."""
-    if setting == "off":
-        return False, "packing: off (train.packing=off)"
-    reason = packing_unsupported(model, zero_stage)
-    if reason and setting == "on":
-        raise ValueError(f"train.packing=on, but {reason}; use train.packing=auto or off")
-    if reason:
-        return False, f"packing: off ({reason})"
-    if share_prompt:
-        return True, "packing: on (each pair as prompt|chosen|rejected with the prompt computed once, packed into rows)"
-    return True, "packing: on (prompt|chosen and prompt|rejected segments packed into rows; train.share_prompt=false)"

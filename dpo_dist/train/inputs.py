@@ -13,7 +13,7 @@ from dpo_dist.data.sentiment import ensure_sentiment_data
 from dpo_dist.data.tokenization import Truncation, tokenize_pairs
 from dpo_dist.model.builtin import cache_root
 from dpo_dist.train import reference_cache as cache
-from dpo_dist.train.reference import precompute_reference, reference_fingerprint_parts
+from dpo_dist.train.reference import precompute_reference, reference_fingerprint_parts, scoring_identity
 
 
 def model_identity(cfg: Config, source: str, dtype: str, accelerator: Any) -> dict | None:
@@ -75,10 +75,12 @@ def attach_reference(
     truncation = Truncation(cfg.data.max_length, cfg.data.max_prompt_length)
     collator = collator or PreferenceCollator(pad_token_id=tokenizer.pad_token_id)
     cache_dir = cfg.reference.cache_dir or cache.default_cache_dir()
+    scoring = scoring_identity(model, collator, chunk_size=cfg.train.logps_chunk_size,
+                               mixed_precision=str(accelerator.mixed_precision), device_type=accelerator.device.type)
     out = []
     for tokenized in tokenized_sets:
         if tokenized is not None:
-            parts = (reference_fingerprint_parts(identity, tokenizer, truncation, tokenized)
+            parts = (reference_fingerprint_parts(identity, tokenizer, truncation, tokenized, scoring)
                      if accelerator.is_main_process else None)  # hashed once, by the process that reads the cache
             tokenized = precompute_reference(
                 model, tokenized, fingerprint_parts=parts, cache_dir=cache_dir, collator=collator,

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from dpo_dist.data.collate import IGNORE_INDEX
+from dpo_dist.model.attention import packed_attention_mask
 
 DEFAULT_CHUNK_SIZE = 1024
 
@@ -159,10 +160,11 @@ def packed_forward(
     model: torch.nn.Module, batch: dict[str, torch.Tensor], *, chunk_size: int = DEFAULT_CHUNK_SIZE
 ) -> PairLogps:
     """Score a :class:`dpo_dist.data.packing.PackedPairCollator` batch: one forward over the packed rows (through the
-    model's own ``forward``, so DDP and hooks see it), then the LM head on the scored positions only."""
+    model's own ``forward``, so DDP and hooks see it) with the mask its kernel and layer types take
+    (:func:`dpo_dist.model.attention.packed_attention_mask`), then the LM head on the scored positions only."""
     outputs = model(
-        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], position_ids=batch["position_ids"],
-        use_cache=False, output_hidden_states=True, logits_to_keep=1,
+        input_ids=batch["input_ids"], attention_mask=packed_attention_mask(model, batch),
+        position_ids=batch["position_ids"], use_cache=False, output_hidden_states=True, logits_to_keep=1,
     )
     hidden = outputs.hidden_states[-1]
     hidden = hidden.reshape(-1, hidden.shape[-1])[batch["pred_rows"]]  # (K, H); a row scored twice is gathered twice

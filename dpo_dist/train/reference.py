@@ -4,7 +4,7 @@
 
 - ``precomputed``: before training, the frozen reference scores every pair once (for LoRA: the policy with its
   adapters disabled, so one model is held; for full fine-tuning: the initial weights). Pairs are sharded across
-  processes and gathered back in order; the result is cached on disk (``cache.py``) and reused by any later run with
+  processes and gathered back in order; the result is cached on disk (``reference_cache.py``) and reused by any later run with
   the same fingerprint without a reference forward.
 - ``online``: the reference forward runs on every batch (``online_reference_logps``).
 - ``none``: reference-free losses (the reference log-probs are taken as 0, or the loss ignores them, as SimPO).
@@ -14,14 +14,17 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import sys
 from typing import Any, Callable, Iterator
 
 import datasets
 import torch
 
 from dpo_dist.data.collate import REFERENCE_COLUMNS
+from dpo_dist.data.packing import PackedPairCollator
 from dpo_dist.data.tokenization import PAIR_COLUMNS, Truncation
 from dpo_dist.distributed import gather_in_order, shard_indices
+from dpo_dist.model.attention import base_model
 from dpo_dist.train import reference_cache as cache
 from dpo_dist.train.logprobs import DEFAULT_CHUNK_SIZE, PairLogps, pair_logps
 
@@ -101,13 +104,39 @@ def compute_reference_logps(
     return gather_in_order(torch.cat(results), len(tokenized), accelerator).cpu()
 
 
-def reference_fingerprint_parts(model_identity: dict, tokenizer: Any, truncation: Truncation, tokenized: datasets.Dataset) -> dict:
-    """Everything the reference log-probs depend on (see ``cache.py``)."""
+def scoring_identity(model: Any, collator: Any, *, chunk_size: int, mixed_precision: str = "no",
+                     device_type: str = "cpu") -> dict:
+    """How the log-probs are computed, beyond the model, tokenizer and data: the attention kernel, padded or packed
+    (and whether the prompt is shared), the log-prob chunking, mixed precision, the device type, and the versions of
+    the libraries that do the arithmetic. Numbers computed one way are never reused for another."""
+    import transformers
+
+    identity = {
+        "attn_implementation": getattr(base_model(model).config, "_attn_implementation", None),
+        "layout": "packed" if isinstance(collator, PackedPairCollator) else "padded",
+        "share_prompt": getattr(collator, "share_prompt", None),
+        "chunk_size": chunk_size,
+        "mixed_precision": mixed_precision,
+        "device_type": device_type,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+    }
+    for library in ("peft", "bitsandbytes"):  # the adapter switch and 4-bit arithmetic, where they are used
+        module = sys.modules.get(library)
+        identity[library] = getattr(module, "__version__", None) if module else None
+    return identity
+
+
+def reference_fingerprint_parts(model_identity: dict, tokenizer: Any, truncation: Truncation,
+                                tokenized: datasets.Dataset, scoring: dict) -> dict:
+    """Everything the reference log-probs depend on (see ``reference_cache.py``); ``scoring`` from
+    :func:`scoring_identity`."""
     return {
         "model": model_identity,
         "tokenizer": cache.tokenizer_identity(tokenizer),
         "truncation": truncation,
         "data": cache.data_identity(tokenized, PAIR_COLUMNS),
+        "scoring": scoring,
     }
 
 

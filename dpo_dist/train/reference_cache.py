@@ -5,7 +5,9 @@ A cache entry is one safetensors file named by the fingerprint of everything the
 - the model: a digest of its weight files (and config), its dtype and quantization;
 - the tokenizer: its vocabulary and merges, special tokens and chat template;
 - the truncation settings (``max_length``, ``max_prompt_length``);
-- the data: every token id of every tokenized pair, in order.
+- the data: every token id of every tokenized pair, in order;
+- the scoring path: attention kernel, padded or packed (prompt shared or not), chunking, mixed precision, device
+  type, and the torch / transformers / peft / bitsandbytes versions (``reference.scoring_identity``).
 
 Any change gives another fingerprint, hence another file: nothing stale is ever read. A file that fails to open, whose
 stored fingerprint or shape differs, or whose checksum does not match its contents is reported and recomputed.

@@ -23,7 +23,7 @@ import torch
 from dpo_dist.config import STATS, Config, save_config
 from dpo_dist.data.collate import PreferenceCollator
 from dpo_dist.data.order import DataOrder
-from dpo_dist.data.packing import PackedPairCollator, choose_packing
+from dpo_dist.data.packing import PackedPairCollator
 from dpo_dist.data.show import show_pair
 from dpo_dist.distributed import (
     build_accelerator,
@@ -34,6 +34,7 @@ from dpo_dist.distributed import (
     shard_indices,
     zero_stage,
 )
+from dpo_dist.model.attention import choose_packing
 from dpo_dist.model.load import load_policy, load_reference_copy, resolve_dtype, resolve_source
 from dpo_dist.train.checkpoint import (
     TrainState,

@@ -8,7 +8,7 @@ from transformers import AutoModelForCausalLM
 from dpo_dist.train import reference_cache as cache
 from dpo_dist.data.collate import PreferenceCollator
 from dpo_dist.distributed import build_accelerator
-from dpo_dist.train.reference import precompute_reference, reference_fingerprint_parts
+from dpo_dist.train.reference import precompute_reference, reference_fingerprint_parts, scoring_identity
 from dpo_dist.data.tokenization import tokenize_pairs
 from test_reference import TRUNCATION, make_pairs
 from tiny import make_tokenizer
@@ -19,7 +19,8 @@ tok = make_tokenizer("nobos")
 tokenized, _ = tokenize_pairs(make_pairs(), tok, TRUNCATION)
 tokenized = tokenized.select(range(9))
 model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
-parts = reference_fingerprint_parts(cache.model_identity(model_dir), tok, TRUNCATION, tokenized)
+scoring = scoring_identity(model, PreferenceCollator(pad_token_id=0), chunk_size=1024)
+parts = reference_fingerprint_parts(cache.model_identity(model_dir), tok, TRUNCATION, tokenized, scoring)
 result = precompute_reference(
     model, tokenized, fingerprint_parts=parts, cache_dir=cache_dir, collator=PreferenceCollator(pad_token_id=0),
     accelerator=accelerator, batch_size=2,

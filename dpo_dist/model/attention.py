@@ -1,0 +1,110 @@
+"""The attention mask a packed batch needs, in the form this model's attention kernel and layer types take.
+
+A 4D mask passed to a transformers model skips the model's own mask building, sliding windows included, so the
+mask must carry everything the model would have applied:
+
+- **Kernel.** ``sdpa`` takes a boolean mask (True: attend). ``eager`` *adds* the mask to the attention scores, so it
+  needs an additive float mask (0 to attend, the dtype's minimum to mask); a boolean one would add 0/1 and mask
+  nothing. Other kernels (flash attention, FlexAttention) take no 4D mask of ours: packing is refused for them.
+- **Layer types.** Mistral applies ``sliding_window`` in every layer (one mask). Qwen2/Qwen3 name each layer's type
+  in ``config.layer_types`` (``full_attention``, ``sliding_attention``) and take a dict with a mask per type. Llama and
+  GPT-2 have full attention only. The window counts position ids (``dpo_dist.data.packing.packed_mask``).
+
+Packing runs only on the model types listed here, each tested against an unpadded forward with and without a
+sliding window (tests/test_exactness.py).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from dpo_dist.data.packing import packed_mask
+
+PACKING_KERNELS = ("sdpa", "eager")
+ONE_MASK = ("llama", "mistral", "gpt2")  # one mask for every layer (Mistral's carries its sliding window)
+MASK_PER_LAYER_TYPE = ("qwen2", "qwen3")  # a dict {layer type: mask}
+PACKING_MODEL_TYPES = ONE_MASK + MASK_PER_LAYER_TYPE
+LAYER_TYPES = ("full_attention", "sliding_attention")
+
+
+def base_model(model: Any) -> Any:
+    """The transformers model under DDP (``.module``) and PEFT wrappers."""
+    base = getattr(model, "module", model)
+    return base.get_base_model() if hasattr(base, "get_base_model") else base
+
+
+def layer_windows(config: Any) -> dict[str, int | None]:
+    """The sliding window of each layer type the model has (None: full attention)."""
+    if config.model_type == "mistral":
+        return {"full_attention": getattr(config, "sliding_window", None)}
+    if config.model_type in MASK_PER_LAYER_TYPE:
+        types = getattr(config, "layer_types", None) or ["full_attention"]
+        return {t: (config.sliding_window if t == "sliding_attention" else None) for t in dict.fromkeys(types)}
+    return {"full_attention": None}
+
+
+def packing_unsupported(model: Any, zero_stage: int) -> str | None:
+    """Why packing cannot run with this model and setup, or None when it can."""
+    base = base_model(model)
+    config = base.config
+    if zero_stage == 3:
+        return "ZeRO-3 partitions the LM head, which packed scoring reads outside the forward"
+    if config.model_type not in PACKING_MODEL_TYPES:
+        return f"model type {config.model_type!r} is not one packing is verified on ({', '.join(PACKING_MODEL_TYPES)})"
+    attention = getattr(config, "_attn_implementation", None)
+    if attention not in PACKING_KERNELS:
+        return (f"attention {attention!r} takes no 4D attention mask of ours (packing runs with "
+                f"{' or '.join(PACKING_KERNELS)}; model.attn_implementation=sdpa, or train.packing=off)")
+    unknown = set(getattr(config, "layer_types", None) or ()) - set(LAYER_TYPES)
+    if unknown:
+        return f"layer types {sorted(unknown)} have masks packing does not build (it builds {', '.join(LAYER_TYPES)})"
+    if not isinstance(base.get_output_embeddings(), torch.nn.Linear):
+        return "the LM head is not a plain Linear layer"
+    return None
+
+
+def choose_packing(setting: str, model: Any, zero_stage: int, *, share_prompt: bool = True) -> tuple[bool, str]:
+    """``train.packing`` resolved for this model: (on, the line that says so and why). ``on`` where unsupported is an
+    error."""
+    if setting == "off":
+        return False, "packing: off (train.packing=off)"
+    reason = packing_unsupported(model, zero_stage)
+    if reason and setting == "on":
+        raise ValueError(f"train.packing=on, but {reason}; use train.packing=auto or off")
+    if reason:
+        return False, f"packing: off ({reason})"
+    if share_prompt:
+        return True, "packing: on (each pair as prompt|chosen|rejected with the prompt computed once, packed into rows)"
+    return True, "packing: on (prompt|chosen and prompt|rejected segments packed into rows; train.share_prompt=false)"
+
+
+def for_kernel(mask: torch.Tensor, kernel: str, dtype: torch.dtype) -> torch.Tensor:
+    """A boolean mask (True: attend) as ``kernel`` takes it: as is for sdpa, additive (0 / dtype min) for eager."""
+    if kernel == "sdpa":
+        return mask
+    if kernel == "eager":
+        return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, torch.finfo(dtype).min)
+    raise ValueError(f"attention {kernel!r} takes no 4D mask of ours; packing runs with {' or '.join(PACKING_KERNELS)}")
+
+
+def packed_attention_mask(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor | dict[str, torch.Tensor]:
+    """The ``attention_mask`` argument for a packed batch (``PackedPairCollator``): one mask, or a dict by layer type.
+
+    Shape: each mask (R, 1, W, W), bool (sdpa) or the embedding dtype (eager).
+    """
+    base = base_model(model)
+    config = base.config
+    kernel = config._attn_implementation
+    dtype = base.get_input_embeddings().weight.dtype
+    dtype = dtype if dtype.is_floating_point else torch.float32
+    masks = {
+        layer_type: for_kernel(packed_mask(batch["segment_ids"], batch["branch_ids"], batch["position_ids"],
+                                           sliding_window=window), kernel, dtype)
+        for layer_type, window in layer_windows(config).items()
+    }
+    if config.model_type in MASK_PER_LAYER_TYPE:
+        return masks
+    (mask,) = masks.values()
+    return mask
