@@ -20,6 +20,11 @@ CONV_ULTRAFEEDBACK = {
     "chosen": [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}],
     "rejected": [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "5"}],
 }
+CONV_PROMPT_STRING = {  # a string prompt beside the responses alone: the string is the user turn
+    "prompt": "2+2?",
+    "chosen": [{"role": "assistant", "content": "4"}],
+    "rejected": [{"role": "assistant", "content": "5"}],
+}
 HH = {
     "chosen": "\n\nHuman: hi\n\nAssistant: hello\n\nHuman: 2+2?\n\nAssistant: 4",
     "rejected": "\n\nHuman: hi\n\nAssistant: hello\n\nHuman: 2+2?\n\nAssistant: 5",
@@ -48,6 +53,7 @@ def write_jsonl(path, rows, gz=False):
                 "rejected": [{"role": "assistant", "content": "5"}],
             },
         ),
+        (CONV_PROMPT_STRING, "conversational", CONV_EXPLICIT),
         (
             HH,
             "hh",
@@ -120,8 +126,8 @@ def test_hh_pair_whose_prompts_differ(tmp_path):
 def test_conversational_bad_rows(tmp_path):
     differ = dict(CONV_ULTRAFEEDBACK, rejected=[{"role": "user", "content": "3+3?"}, {"role": "assistant", "content": "6"}])
     bad_message = dict(CONV_EXPLICIT, chosen=[{"role": "assistant"}])
-    ends_with_user = dict(CONV_EXPLICIT, chosen=[{"role": "user", "content": "x"}])
-    path = write_jsonl(tmp_path / "d.jsonl", [CONV_EXPLICIT, differ, bad_message, ends_with_user])
+    ends_with_tool = dict(CONV_EXPLICIT, chosen=[{"role": "assistant", "content": "4"}, {"role": "tool", "content": "x"}])
+    path = write_jsonl(tmp_path / "d.jsonl", [CONV_EXPLICIT, differ, bad_message, ends_with_tool])
     _, report = load_pairs(path, on_bad_row="skip")
     assert dict(report.skipped) == {"prompts_differ": 1, "wrong_type": 1, "no_assistant_turn": 1}
     with pytest.raises(DataError, match=r"row 2: chosen\[0\] should be a \{role, content\} message"):

@@ -1,12 +1,13 @@
 """Token boundaries in token space: BOS once, EOS once, prompt keeps its end, responses keep their start."""
 
+import json
 import os
 
 import datasets
 import pytest
 
 from dpo_dist.data.collate import IGNORE_INDEX, PreferenceCollator
-from dpo_dist.data.load import load_pairs
+from dpo_dist.data.load import DataError, load_pairs
 from dpo_dist.data.tokenization import TokenizationError, Truncation, tokenize_pair, tokenize_pairs, uses_bos
 from tiny import make_tokenizer
 
@@ -186,3 +187,168 @@ def test_real_hh_pairs_keep_every_invariant(hh_dir, kind):
             assert got == full[: 512 - len(ids["prompt_input_ids"])]
     if not chat:
         assert cut_prompts > 0 and cut_responses > 0, "the real data must exercise both truncations"
+
+
+# Conversational rows: what the prompt is, and rows that are bad only as conversations. Every case is loaded from a
+# file (so errors name the file and row) and checked down to the token ids.
+
+def user(text):
+    return {"role": "user", "content": text}
+
+
+def assistant(text):
+    return {"role": "assistant", "content": text}
+
+
+def system(text):
+    return {"role": "system", "content": text}
+
+
+def load_rows(tmp_path, rows, **kwargs):
+    path = tmp_path / "chat.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return load_pairs(str(path), **kwargs)
+
+
+def expected_ids(tok, prompt_messages, response):
+    """What a conversational pair must become: the template's rendering of ``prompt_messages`` with the generation
+    prompt (BOS once in front if the tokenizer uses one), and the response text followed by one EOS."""
+    prompt = encode(tok, tok.apply_chat_template(prompt_messages, tokenize=False, add_generation_prompt=True))
+    if uses_bos(tok) and prompt[:1] != [tok.bos_token_id]:
+        prompt = [tok.bos_token_id] + prompt
+    return prompt, encode(tok, response) + [tok.eos_token_id]
+
+
+def check_pair_ids(tok, ids, prompt_messages, chosen, rejected):
+    check_invariants(tok, ids)
+    prompt, chosen_ids = expected_ids(tok, prompt_messages, chosen)
+    assert ids["prompt_input_ids"] == prompt
+    assert ids["chosen_input_ids"] == chosen_ids
+    assert ids["rejected_input_ids"] == expected_ids(tok, prompt_messages, rejected)[1]
+
+
+@pytest.mark.parametrize("kind", ("chatml", "zephyr"))
+def test_prompt_string_beside_assistant_only_lists_is_the_user_turn(tmp_path, kind):
+    """A string prompt beside assistant-only chosen/rejected was read as an empty prompt (the text lost); with a
+    system message first the prompt was only the system message. The string is the user turn, after any system."""
+    tok = make_tokenizer(kind)
+    rows = [
+        {"prompt": "2+2?", "chosen": [assistant("4")], "rejected": [assistant("5")]},
+        {"prompt": "2+2?", "chosen": [system("Be brief."), assistant("4")],
+         "rejected": [system("Be brief."), assistant("5")]},
+    ]
+    pairs, report = load_rows(tmp_path, rows, tokenizer=tok)
+    assert report.rows_kept == 2
+    assert pairs[0]["prompt"] == [user("2+2?")]
+    assert pairs[1]["prompt"] == [system("Be brief."), user("2+2?")]
+    tokenized, _ = tokenize_pairs(pairs, tok, WIDE)
+    check_pair_ids(tok, tokenized[0], [user("2+2?")], "4", "5")
+    check_pair_ids(tok, tokenized[1], [system("Be brief."), user("2+2?")], "4", "5")
+    if kind == "chatml":
+        assert tok.decode(tokenized[1]["prompt_input_ids"]) == (
+            "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\n2+2?<|im_end|>\n<|im_start|>assistant\n")
+        assert tok.decode(tokenized[1]["chosen_input_ids"]) == "4<|im_end|>"
+    # the same ids as the explicit layout (prompt message list beside the responses)
+    explicit, _ = load_rows(tmp_path, [{"prompt": [user("2+2?")], "chosen": [assistant("4")],
+                                        "rejected": [assistant("5")]}])
+    assert tokenize_pairs(explicit, tok, WIDE)[0][0] == tokenized[0]
+
+
+def test_conversation_with_no_prompt_at_all_is_a_bad_row(tmp_path):
+    """No prompt field and no message before the response (it crashed in the chat template, naming no row)."""
+    tok = make_tokenizer("chatml")
+    good = {"prompt": "2+2?", "chosen": [assistant("4")], "rejected": [assistant("5")]}
+    no_prompt = {"chosen": [assistant("4")], "rejected": [assistant("5")]}
+    empty_string = dict(good, prompt=" ")
+    with pytest.raises(DataError, match=r"chat\.jsonl: row 1: no message before the response"):
+        load_rows(tmp_path, [good, no_prompt])
+    pairs, report = load_rows(tmp_path, [good, no_prompt, empty_string, good], on_bad_row="skip")
+    assert dict(report.skipped) == {"no_prompt": 2} and pairs["row"] == [0, 3]
+    for ids in tokenize_pairs(pairs, tok, WIDE)[0]:
+        check_pair_ids(tok, ids, [user("2+2?")], "4", "5")
+
+
+def test_prompt_string_beside_whole_conversations_must_be_one_of_their_user_turns(tmp_path):
+    """UltraFeedback-binarized: the string repeats the conversations' user turn. One that matches none would be lost."""
+    tok = make_tokenizer("chatml")
+    convo = {"prompt": "2+2?", "chosen": [user("2+2?"), assistant("4")], "rejected": [user("2+2?"), assistant("5")]}
+    other = dict(convo, prompt="3+3?")
+    with pytest.raises(DataError, match=r"row 1: the prompt string '3\+3\?' is not the content of any user message"):
+        load_rows(tmp_path, [convo, other])
+    pairs, report = load_rows(tmp_path, [convo, other, dict(convo, prompt=" 2+2?\n")], on_bad_row="skip")
+    assert dict(report.skipped) == {"prompts_differ": 1} and pairs["row"] == [0, 2]
+    for ids in tokenize_pairs(pairs, tok, WIDE)[0]:
+        check_pair_ids(tok, ids, [user("2+2?")], "4", "5")
+
+
+def test_prompt_list_that_is_not_a_prefix_is_a_bad_row(tmp_path):
+    """It passed validation, then tokenization failed naming no row, and skip could not leave it out."""
+    tok = make_tokenizer("chatml")
+    prompt = [system("Be brief."), user("2+2?")]
+    whole = {"prompt": prompt, "chosen": prompt + [assistant("4")], "rejected": prompt + [assistant("5")]}
+    not_prefix = dict(whole, chosen=[user("3+3?"), assistant("6")])
+    past_prompt = dict(whole, rejected=prompt + [assistant("5"), user("sure?"), assistant("yes")])
+    with pytest.raises(DataError, match=r"row 1: the prompt messages are not a prefix of the chosen conversation"):
+        load_rows(tmp_path, [whole, not_prefix])
+    with pytest.raises(DataError, match=r"row 1: rejected has a user message after the prompt"):
+        load_rows(tmp_path, [whole, past_prompt])
+    pairs, report = load_rows(tmp_path, [whole, not_prefix, past_prompt, whole], on_bad_row="skip")
+    assert dict(report.skipped) == {"prompt_not_prefix": 2} and pairs["row"] == [0, 3]
+    assert pairs[0]["chosen"] == [assistant("4")], "the repeated prompt messages are dropped from the response"
+    for ids in tokenize_pairs(pairs, tok, WIDE)[0]:
+        check_pair_ids(tok, ids, prompt, "4", "5")
+    # a multi-message response (a tool result between assistant turns) stays whole
+    tool = dict(whole, chosen=[assistant("calc(2+2)"), {"role": "tool", "content": "4"}, assistant("4")])
+    pairs, _ = load_rows(tmp_path, [tool], tokenizer=tok)
+    ids = tokenize_pairs(pairs, tok, WIDE)[0][0]
+    assert tok.decode(ids["chosen_input_ids"]) == (
+        "calc(2+2)<|im_end|>\n<|im_start|>tool\n4<|im_end|>\n<|im_start|>assistant\n4<|im_end|>")
+    assert ids["prompt_input_ids"] == expected_ids(tok, prompt, "")[0]
+
+
+def test_unknown_role_is_a_bad_row(tmp_path):
+    """``wizard`` was kept and trained as ``<|im_start|>wizard``."""
+    tok = make_tokenizer("chatml")
+    good = {"prompt": [user("2+2?")], "chosen": [assistant("4")], "rejected": [assistant("5")]}
+    wizard = dict(good, prompt=[{"role": "wizard", "content": "2+2?"}])
+    with pytest.raises(DataError, match=r"row 1: prompt\[0\] has role 'wizard'; roles: system, user, assistant, tool"):
+        load_rows(tmp_path, [good, wizard])
+    pairs, report = load_rows(tmp_path, [wizard, good], on_bad_row="skip")
+    assert dict(report.skipped) == {"unknown_role": 1} and pairs["row"] == [1]
+    ids = tokenize_pairs(pairs, tok, WIDE)[0][0]
+    check_pair_ids(tok, ids, [user("2+2?")], "4", "5")
+    assert "wizard" not in tok.decode(ids["prompt_input_ids"])
+
+
+# ChatML that accepts only user and assistant, like templates that raise on a system message
+USER_ASSISTANT_ONLY = (
+    "{% for m in messages %}{% if m['role'] not in ['user', 'assistant'] %}"
+    "{{ raise_exception(m['role'] + ' role not supported') }}{% endif %}"
+    "<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def test_row_the_chat_template_rejects_is_named_and_skippable(tmp_path):
+    """A template that raises on a row's role: named by file and row while loading with the tokenizer (or by row when
+    tokenizing), skipped and counted with on_bad_row=skip; before, a jinja2 traceback naming no row."""
+    tok = make_tokenizer("chatml")
+    tok.chat_template = USER_ASSISTANT_ONLY
+    good = {"prompt": [user("2+2?")], "chosen": [assistant("4")], "rejected": [assistant("5")]}
+    with_system = dict(good, prompt=[system("Be brief."), user("2+2?")])
+    with pytest.raises(DataError, match=r"chat\.jsonl: row 1: the chat template cannot render this row "
+                                        r"\(roles assistant, system, user\): TemplateError: system role not supported"):
+        load_rows(tmp_path, [good, with_system], tokenizer=tok)
+    pairs, _ = load_rows(tmp_path, [good, with_system])  # without the tokenizer, tokenizing names the row
+    with pytest.raises(TokenizationError, match=r"^row 1: the chat template cannot render this row"):
+        tokenize_pairs(pairs, tok, WIDE)
+    pairs, report = load_rows(tmp_path, [good, with_system, good], tokenizer=tok, on_bad_row="skip")
+    assert dict(report.skipped) == {"template_error": 1} and pairs["row"] == [0, 2]
+    for ids in tokenize_pairs(pairs, tok, WIDE)[0]:
+        check_pair_ids(tok, ids, [user("2+2?")], "4", "5")
+    # the ChatML template accepts the system message: the same rows all load, system rendered in the prompt
+    pairs, report = load_rows(tmp_path, [good, with_system], tokenizer=make_tokenizer("chatml"))
+    ids = tokenize_pairs(pairs, make_tokenizer("chatml"), WIDE)[0][1]
+    check_pair_ids(make_tokenizer("chatml"), ids, [system("Be brief."), user("2+2?")], "4", "5")
+    with pytest.raises(TokenizationError, match="chat_template"):
+        load_rows(tmp_path, [good], tokenizer=make_tokenizer("bos"))

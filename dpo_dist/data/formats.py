@@ -3,14 +3,19 @@
 Three layouts are understood (see the README for one example record of each):
 
 - ``text``: ``prompt``, ``chosen``, ``rejected`` are strings.
-- ``conversational``: ``chosen`` / ``rejected`` are lists of ``{"role", "content"}`` messages, either the responses
-  alone beside a ``prompt`` message list, or whole conversations sharing their leading messages (the
-  UltraFeedback-binarized layout, where a ``prompt`` string may sit beside them and is not needed).
+- ``conversational``: ``chosen`` / ``rejected`` are lists of ``{"role", "content"}`` messages (roles in ``ROLES``):
+
+  - beside a ``prompt`` message list: the responses alone, or whole conversations that begin with the prompt
+    messages;
+  - beside a ``prompt`` string or no prompt: whole conversations sharing their leading messages, which are the
+    prompt (the UltraFeedback-binarized layout; the string must then be the content of one of their user messages),
+    or, when those leading messages hold no user message (assistant-only lists, perhaps after a system message),
+    the string is the user message: ``[system...,] user(prompt)`` is the prompt.
 - ``hh``: Anthropic HH transcripts: ``chosen`` / ``rejected`` are whole ``\\n\\nHuman: ... \\n\\nAssistant: ...`` texts;
   the prompt is the shared text up to and including the last ``\\n\\nAssistant:``.
 
 Every function here is pure: a bad row raises :class:`RowError` with a short reason (one of ``REASONS``), and the
-caller (``data.py``) decides whether that stops loading or skips the row.
+caller (``load.py``) decides whether that stops loading or skips the row.
 """
 
 from __future__ import annotations
@@ -32,7 +37,16 @@ REASONS = (
     "identical_responses",
     "prompts_differ",
     "no_assistant_turn",
+    "no_prompt",
+    "prompt_not_prefix",
+    "unknown_role",
+    "template_error",
 )
+
+# The message roles a row may use: the ones chat templates are written for. Any other role ("wizard") is a bad row;
+# a template that rejects one of these on some row (no system role, strict alternation) is found by rendering the
+# row (``tokenization.render_conversation``, at load when ``load_pairs`` is given the tokenizer).
+ROLES = ("system", "user", "assistant", "tool")
 
 
 class RowError(ValueError):
@@ -156,6 +170,8 @@ def _messages(row: dict[str, Any], key: str) -> list[dict[str, str]]:
             raise RowError("wrong_type", f"{key}[{i}] should be a {{role, content}} message, got {message!r:.80}")
         if not isinstance(message["role"], str) or not isinstance(message["content"], str):
             raise RowError("wrong_type", f"{key}[{i}] role and content should be strings")
+        if message["role"] not in ROLES:
+            raise RowError("unknown_role", f"{key}[{i}] has role {message['role']!r}; roles: {', '.join(ROLES)}")
         messages.append({"role": message["role"], "content": message["content"]})
     return messages
 
@@ -165,16 +181,21 @@ def _normalize_conversational(row: dict[str, Any]) -> dict[str, Any]:
     rejected = _messages(row, "rejected")
     if isinstance(row.get("prompt"), list):
         prompt = _messages(row, "prompt")
-        # Whole conversations beside an explicit prompt: drop the repeated prompt messages.
-        for side in (chosen, rejected):
-            if side[: len(prompt)] == prompt:
-                del side[: len(prompt)]
+        if not prompt:
+            raise RowError("no_prompt", "the prompt message list is empty")
+        chosen = _response_after(prompt, chosen, "chosen")
+        rejected = _response_after(prompt, rejected, "rejected")
     else:
         # Shared leading messages are the prompt; each side's response starts at its last run of assistant turns.
         prompt = _conversation_prompt(chosen)
         if rejected[: len(prompt)] != prompt or _conversation_prompt(rejected) != prompt:
             raise RowError("prompts_differ", "chosen and rejected conversations differ before the final assistant turn")
         chosen, rejected = chosen[len(prompt) :], rejected[len(prompt) :]
+        if row.get("prompt") is not None:
+            prompt = _with_prompt_string(prompt, _field(row, "prompt", str))
+        if not prompt:
+            raise RowError("no_prompt", "no message before the response: chosen and rejected hold only assistant "
+                                        "messages and there is no prompt field")
     for side, messages in (("chosen", chosen), ("rejected", rejected)):
         if not messages:
             raise RowError("empty_response", f"{side} has no response message after the prompt")
@@ -182,6 +203,45 @@ def _normalize_conversational(row: dict[str, Any]) -> dict[str, Any]:
             raise RowError("no_assistant_turn", f"{side} does not end with an assistant message")
     _check_responses(_joined(chosen), _joined(rejected))
     return {"prompt": prompt, "chosen": chosen, "rejected": rejected}
+
+
+def _response_after(prompt: list[dict[str, str]], messages: list[dict[str, str]], side: str) -> list[dict[str, str]]:
+    """One side beside a prompt message list: the response alone, or a whole conversation beginning with the prompt.
+
+    A response is what the model says after the prompt: it starts with an assistant message and holds no user or
+    system message (tool results between assistant turns are fine). Anything else means the prompt list is not what
+    precedes this side's response, and the prompt/response boundary is unknown.
+    """
+    if messages[: len(prompt)] == prompt:
+        messages = messages[len(prompt) :]
+    elif messages and messages[0]["role"] != "assistant":
+        raise RowError("prompt_not_prefix", f"the prompt messages are not a prefix of the {side} conversation "
+                                            f"({side}[0] is a {messages[0]['role']} message: "
+                                            f"{messages[0]['content']!r:.60})")
+    for message in messages:
+        if message["role"] in ("user", "system"):
+            raise RowError("prompt_not_prefix", f"{side} has a {message['role']} message after the prompt "
+                                                f"({message['content']!r:.60}): the prompt list must hold every "
+                                                "message before the final assistant response")
+    return messages
+
+
+def _with_prompt_string(prompt: list[dict[str, str]], text: str) -> list[dict[str, str]]:
+    """The shared leading messages with the row's ``prompt`` string accounted for, never dropped.
+
+    With a user message among them (whole conversations, UltraFeedback-binarized) the string repeats one of them
+    and adds nothing; if it matches none, the row is ambiguous. Without one (assistant-only lists, perhaps after a
+    system message) the string is the user's turn, right before the response.
+    """
+    if not text.strip():
+        raise RowError("no_prompt", "the prompt string is empty")
+    users = [m["content"] for m in prompt if m["role"] == "user"]
+    if not users:
+        return prompt + [{"role": "user", "content": text}]
+    if text.strip() not in (content.strip() for content in users):
+        raise RowError("prompts_differ", f"the prompt string {text!r:.60} is not the content of any user message of "
+                                         "the conversations (drop the prompt field, or make it one of them)")
+    return prompt
 
 
 def _conversation_prompt(messages: list[dict[str, str]]) -> list[dict[str, str]]:

@@ -2,6 +2,7 @@
 
     pairs, report = load_pairs("data/train.jsonl.gz")                  # fails on the first bad row, naming it
     pairs, report = load_pairs("Anthropic/hh-rlhf", on_bad_row="skip")  # skips bad rows, counts them by reason
+    pairs, report = load_pairs("chat.jsonl", tokenizer=tokenizer)       # also renders each conversation's template
     train, eval_ = split_pairs(pairs, eval_ratio=0.05, seed=42)
 
 A bad row is never silently kept or dropped: by default loading stops with :class:`DataError` naming the source, the
@@ -22,6 +23,7 @@ from typing import Any, Iterator, Literal
 import datasets
 
 from dpo_dist.data.formats import FORMATS, RowError, detect_format, normalize_row
+from dpo_dist.data.tokenization import render_conversation
 
 logger = logging.getLogger(__name__)
 
@@ -55,6 +57,7 @@ def load_pairs(
     data_format: str = "auto",
     on_bad_row: Literal["error", "skip"] = "error",
     hh_as_messages: bool = False,
+    tokenizer: Any = None,
 ) -> tuple[datasets.Dataset, LoadReport]:
     """Load, validate and normalize preference pairs.
 
@@ -65,6 +68,9 @@ def load_pairs(
         data_format: ``auto`` (detected from the first row), or one of ``text``, ``conversational``, ``hh``.
         on_bad_row: ``error`` stops at the first bad row; ``skip`` leaves bad rows out and counts them.
         hh_as_messages: turn HH transcripts into chat messages, to be rendered with the tokenizer's chat template.
+        tokenizer: when given, every conversational pair is rendered with its chat template while loading, so a row
+            the template rejects (a role it does not accept, say) is a bad row like any other (``template_error``),
+            named or skipped here rather than failing tokenization later.
 
     Returns:
         A dataset with columns ``prompt``, ``chosen``, ``rejected`` (strings, or message lists for conversational
@@ -84,6 +90,8 @@ def load_pairs(
             if report.data_format == "auto":
                 report.data_format = detect_format(raw)
             pair = normalize_row(raw, report.data_format, hh_as_messages=hh_as_messages)
+            if tokenizer is not None and isinstance(pair["prompt"], list):
+                render_conversation(pair, tokenizer)
         except RowError as error:
             if on_bad_row == "error":
                 raise DataError(

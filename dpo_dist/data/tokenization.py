@@ -24,6 +24,8 @@ from typing import Any
 
 import datasets
 
+from dpo_dist.data.formats import RowError
+
 logger = logging.getLogger(__name__)
 
 PAIR_COLUMNS = ("prompt_input_ids", "chosen_input_ids", "rejected_input_ids")
@@ -115,17 +117,29 @@ def _response_ids(tokenizer: Any, text: str) -> list[int]:
 
 def render_conversation(pair: dict[str, Any], tokenizer: Any) -> tuple[str, str, str]:
     """Render prompt and response messages with the chat template; each response is the text the template adds
-    after the prompt's generation prompt."""
+    after the prompt's generation prompt.
+
+    A row the template cannot render (it raises: a role it does not accept, strict alternation) or renders with an
+    ambiguous prompt/response boundary raises :class:`RowError` (``template_error``), so the caller can name the row;
+    a tokenizer without a chat template raises :class:`TokenizationError`.
+    """
     if not getattr(tokenizer, "chat_template", None):
         raise TokenizationError(
             "conversational pairs need a tokenizer with a chat_template (set tokenizer.chat_template, or use text data)"
         )
-    prompt_text = tokenizer.apply_chat_template(pair["prompt"], tokenize=False, add_generation_prompt=True)
+    try:
+        prompt_text = tokenizer.apply_chat_template(pair["prompt"], tokenize=False, add_generation_prompt=True)
+        fulls = [tokenizer.apply_chat_template(pair["prompt"] + pair[side], tokenize=False)
+                 for side in ("chosen", "rejected")]
+    except Exception as error:  # jinja2's TemplateError (raise_exception), or whatever the template's code raises
+        roles = sorted({m["role"] for m in pair["prompt"] + pair["chosen"] + pair["rejected"]})
+        raise RowError("template_error", f"the chat template cannot render this row (roles {', '.join(roles)}): "
+                                         f"{type(error).__name__}: {error}") from error
     responses = []
-    for side in ("chosen", "rejected"):
-        full = tokenizer.apply_chat_template(pair["prompt"] + pair[side], tokenize=False)
+    for full in fulls:
         if not full.startswith(prompt_text):
-            raise TokenizationError(
+            raise RowError(
+                "template_error",
                 "the chat template renders the prompt differently with and without the response, so the prompt/"
                 f"response boundary is ambiguous:\nprompt: {prompt_text[-200:]!r}\nfull: {full[:len(prompt_text)][-200:]!r}"
             )
@@ -142,7 +156,13 @@ def tokenize_pairs(
     add_bos = uses_bos(tokenizer)
 
     def encode(pair: dict[str, Any]) -> dict[str, Any]:
-        ids = tokenize_pair(pair, tokenizer, truncation, add_bos=add_bos)
+        try:
+            ids = tokenize_pair(pair, tokenizer, truncation, add_bos=add_bos)
+        except RowError as error:
+            raise TokenizationError(
+                f"row {pair.get('row', '?')}: {error} (load_pairs(..., tokenizer=) finds such rows while loading, "
+                "naming the file, and on_bad_row=skip leaves them out)"
+            ) from error
         if ids is None:
             return {"keep": False, **{column: [] for column in PAIR_COLUMNS}}
         return {"keep": True, **ids}

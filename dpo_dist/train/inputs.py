@@ -40,7 +40,7 @@ def load_pairs_for(cfg: Config, accelerator: Any, model: Any, tokenizer: Any, id
     train, eval_, reports = load_train_eval(
         source, split=d.split, eval_source=eval_source, eval_split=d.eval_split, eval_ratio=eval_ratio,
         num_samples=d.num_samples, seed=cfg.train.seed, data_format=d.data_format, on_bad_row=d.on_bad_row,
-        hh_as_messages=d.hh_as_messages,
+        hh_as_messages=d.hh_as_messages, tokenizer=tokenizer,
     )
     for report in reports:
         accelerator.print(report.summary())
