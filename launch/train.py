@@ -60,10 +60,11 @@ def main(argv: list[str] | None = None) -> int:
     from dpo_dist.train.checkpoint import CheckpointError
     from dpo_dist.data.load import DataError
     from dpo_dist.distributed import DeepSpeedConfigError
-    from dpo_dist.train.preemption import PREEMPTED_EXIT_CODE, Preempted
+    from dpo_dist.train.preemption import PREEMPTED_EXIT_CODE, Preempted, stop_with_launcher
     from dpo_dist.data.tokenization import TokenizationError
     from dpo_dist.train.trainer import TrainingError, train
 
+    stop_with_launcher()  # a signal that kills the launcher alone reaches this process as SIGTERM
     try:
         train(cfg)
         status = 0

@@ -67,7 +67,7 @@ def tokenized_pairs(
 
 def attach_reference(
     cfg: Config, accelerator: Any, model: Any, tokenizer: Any, identity: dict, *tokenized_sets: datasets.Dataset | None,
-    collator: Any = None,
+    collator: Any = None, stop_check: Any = None,
 ) -> list[datasets.Dataset | None]:
     """Each set with ``ref_chosen_logps`` / ``ref_rejected_logps`` columns (from the cache, or computed by every
     process with ``model`` as the reference: call it after ``accelerator.prepare``, so ZeRO-3 shards serve it),
@@ -85,6 +85,7 @@ def attach_reference(
             tokenized = precompute_reference(
                 model, tokenized, fingerprint_parts=parts, cache_dir=cache_dir, collator=collator,
                 accelerator=accelerator, batch_size=cfg.train.eval_batch_size, chunk_size=cfg.train.logps_chunk_size,
+                stop_check=stop_check,
             )
         out.append(tokenized)
     return out

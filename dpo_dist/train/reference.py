@@ -84,23 +84,28 @@ def compute_reference_logps(
     accelerator: Any,
     batch_size: int,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
+    stop_check: Callable[[str], None] | None = None,
 ) -> torch.Tensor:
     """Score every pair with the reference, sharded across processes, gathered back in dataset order.
 
     Pairs are sharded with ``distributed.shard_indices`` (every process runs the same number of forwards) and
-    gathered back in order.
+    gathered back in order. ``stop_check(where)``, a collective called after every batch on every process, may end
+    the precompute by raising (a preemption signal).
 
     Shape: -> (N, 2) float32 on CPU: column 0 chosen, column 1 rejected, summed over response tokens.
     """
     shard = shard_indices(len(tokenized), accelerator)
     pairs = tokenized.select_columns(list(PAIR_COLUMNS))
     results = [torch.zeros(0, 2, device=accelerator.device)]
+    batches = range(0, len(shard), batch_size)
     with as_reference(model):
-        for offset in range(0, len(shard), batch_size):
+        for number, offset in enumerate(batches, 1):
             batch = collator([pairs[i] for i in shard[offset : offset + batch_size]])
             batch = {k: v.to(accelerator.device) for k, v in batch.items()}
             out = pair_logps(model, batch, chunk_size=chunk_size)
             results.append(torch.stack([out.chosen_logps, out.rejected_logps], dim=-1).float())
+            if stop_check is not None:
+                stop_check(f"while computing reference log-probs (batch {number} of {len(batches)}, nothing cached)")
     return gather_in_order(torch.cat(results), len(tokenized), accelerator).cpu()
 
 
@@ -150,6 +155,7 @@ def precompute_reference(
     accelerator: Any,
     batch_size: int,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
+    stop_check: Callable[[str], None] | None = None,
 ) -> datasets.Dataset:
     """``tokenized`` with ``ref_chosen_logps`` / ``ref_rejected_logps`` columns, from the cache when it holds this
     fingerprint, else computed (all processes) and written (main process).
@@ -175,7 +181,8 @@ def precompute_reference(
     else:
         logger.info("computing reference log-probs for %d pairs on %d processes", n, accelerator.num_processes)
         logps = compute_reference_logps(
-            model, tokenized, collator=collator, accelerator=accelerator, batch_size=batch_size, chunk_size=chunk_size
+            model, tokenized, collator=collator, accelerator=accelerator, batch_size=batch_size, chunk_size=chunk_size,
+            stop_check=stop_check,
         )
         if accelerator.is_main_process:
             cache.write_cache(path, key, logps, fingerprint_parts)

@@ -124,8 +124,9 @@ class Run:
     collator: Any  # PackedPairCollator or PreferenceCollator
 
 
-def setup(cfg: Config) -> Run:
-    """Accelerator, policy, pairs (with reference log-probs), optimizer and schedule, resumed state."""
+def setup(cfg: Config, signals: StopSignals) -> Run:
+    """Accelerator, policy, pairs (with reference log-probs), optimizer and schedule, resumed state. A stop signal
+    during the reference precompute stops it at the next batch (:class:`Preempted`)."""
     t = cfg.train
     accelerator = build_accelerator(
         timeout_s=t.collective_timeout_s, gradient_accumulation_steps=t.gradient_accumulation_steps,
@@ -180,7 +181,8 @@ def setup(cfg: Config) -> Run:
                 else PreferenceCollator(pad_token_id=tokenizer.pad_token_id))
     if cfg.reference.mode == "precomputed":  # after prepare: under ZeRO-3 every rank serves its shard
         train_tok, eval_tok = attach_reference(cfg, accelerator, model, tokenizer, identity, train_tok, eval_tok,
-                                               collator=collator)
+                                               collator=collator,
+                                               stop_check=lambda where: signals.stop_if_asked(accelerator, where))
     reference_model = None
     if cfg.reference.mode == "online":  # LoRA: the policy with adapters off; full: a frozen copy, sharded under ZeRO-3
         reference_model = model if cfg.lora.enabled else prepare_frozen(load_reference_copy(cfg, accelerator.device), accelerator)
@@ -198,23 +200,29 @@ def setup(cfg: Config) -> Run:
 
 
 def train(cfg: Config) -> dict[str, Any]:
-    """Run DPO training as configured; returns the metric records, the final state and the pair counts."""
-    run = setup(cfg)
-    t, accelerator, state = cfg.train, run.accelerator, run.state
-    if t.debug:
-        torch.autograd.set_detect_anomaly(True)
-        accelerator.print(show_pair(run.train_tok[0], run.tokenizer))
-    from tqdm.auto import tqdm
+    """Run DPO training as configured; returns the metric records, the final state and the pair counts.
 
-    bar = tqdm(total=run.total_steps, initial=state.global_step, desc="DPO",
-               disable=not (accelerator.is_local_main_process and t.progress_bar))
-    run.model.train()
-    signals = StopSignals()  # SIGUSR1/SIGTERM (preemption): checkpoint at the end of this step and exit
+    SIGUSR1/SIGTERM (preemption) are recorded from the start: before the first step they stop the run cleanly
+    (nothing to checkpoint), after it they checkpoint the current step and stop (:class:`Preempted` either way)."""
+    signals = StopSignals()
     try:
-        loop(run, bar, signals)
+        run = setup(cfg, signals)
+        t, accelerator, state = cfg.train, run.accelerator, run.state
+        signals.stop_if_asked(accelerator, "during setup")
+        if t.debug:
+            torch.autograd.set_detect_anomaly(True)
+            accelerator.print(show_pair(run.train_tok[0], run.tokenizer))
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=run.total_steps, initial=state.global_step, desc="DPO",
+                   disable=not (accelerator.is_local_main_process and t.progress_bar))
+        run.model.train()
+        try:
+            loop(run, bar, signals)
+        finally:
+            bar.close()
     finally:
         signals.close()
-        bar.close()
     finish(run)
     return {"records": run.metrics.records, "state": state, "counts": run.counts, "output_dir": t.output_dir}
 
@@ -255,7 +263,7 @@ def loop(run: Run, bar: Any, signals: StopSignals) -> None:
             if not saved:
                 save_checkpoint(accelerator, t.output_dir, state, keep_last=t.keep_last)
             accelerator.end_training()
-            by = signals.received.name if signals.received else "a signal to another process"
+            by = signals.by()
             raise Preempted(f"stopped by {by} after step {step}: checkpoint written to "
                             f"{os.path.join(t.output_dir, f'checkpoint-{step}')}; run the same command again "
                             "(train.resume=auto) to continue from it")

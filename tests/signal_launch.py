@@ -1,0 +1,76 @@
+"""``launch/train.py`` that says when it has reached a point, for tests/test_signals.py to signal its launcher there.
+
+    python tests/signal_launch.py RUN_DIR WHEN section.key=value ...
+
+WHEN is ``step:N`` (after optimizer step N) or ``reference:N`` (after batch N of the reference precompute). When
+that point is reached this creates ``RUN_DIR/reached``; from then on each step (or batch) takes a second longer, so
+the signal arrives while the run is still going. Every process writes the status it exits with to
+``RUN_DIR/status-<rank>`` (distributed processes end with ``os._exit``, which skips ``atexit``). Everything else is the
+real entry point.
+"""
+
+import os
+import runpy
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+run_dir, when = sys.argv.pop(1), sys.argv.pop(1)
+kind, count = when.split(":")
+rank = os.environ.get("RANK", "0")
+calls = []
+
+
+def reached() -> None:
+    calls.append(1)
+    if len(calls) == int(count) and rank == "0":
+        open(os.path.join(run_dir, "reached"), "w").close()
+    if len(calls) >= int(count):
+        time.sleep(1.0)
+
+
+def record_status(code) -> None:
+    with open(os.path.join(run_dir, f"status-{rank}"), "w") as handle:
+        handle.write(str(code))
+
+
+if kind == "step":
+    from dpo_dist.train import trainer
+
+    real_step = trainer.train_step
+
+    def train_step(*args, **kwargs):
+        record = real_step(*args, **kwargs)
+        reached()
+        return record
+
+    trainer.train_step = train_step
+else:
+    from dpo_dist.train import reference
+
+    real_logps = reference.pair_logps
+
+    def pair_logps(*args, **kwargs):
+        out = real_logps(*args, **kwargs)
+        reached()
+        return out
+
+    reference.pair_logps = pair_logps
+
+real_exit = os._exit
+
+
+def exit_recorded(code):
+    record_status(code)
+    real_exit(code)
+
+
+os._exit = exit_recorded
+sys.argv = [os.path.join(ROOT, "launch", "train.py"), *sys.argv[1:]]
+try:
+    runpy.run_path(sys.argv[0], run_name="__main__")
+except SystemExit as stop:
+    record_status(stop.code if isinstance(stop.code, int) else 1)
+    raise

@@ -1,0 +1,105 @@
+"""Preemption through every documented way to start training: a stop signal sent to the process we started (the
+trainer itself, or its launcher) checkpoints at the next step boundary, or stops cleanly before training starts, and
+every trainer process exits with the requeue status (75).
+
+The launch forms and signals are listed once, in ``faults_signals`` below; the run is tests/signal_launch.py, which
+is the real entry point plus a marker file at a known point and the exit status of each process written down.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from dpo_dist.train.metrics import read_metrics
+from dpo_dist.train.preemption import PREEMPTED_EXIT_CODE
+from training import ROOT, accelerate_launch, overrides
+
+SCRIPT = os.path.join(ROOT, "tests", "signal_launch.py")
+# How a user starts training, as a command list for a script, and how many trainer processes that makes.
+LAUNCHES = {
+    "python": (lambda *a: [sys.executable, *a], 1),
+    "accelerate": (lambda *a: accelerate_launch("--num_processes", "1", "--mixed_precision", "no",
+                                                "--dynamo_backend", "no", *a), 1),
+    # torchrun's agent without PET_SIGNALS_TO_HANDLE: SIGUSR1 kills it (the README's plain DDP command)
+    "accelerate-ddp": (lambda *a: accelerate_launch("--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+                                                    "--mixed_precision", "no", "--dynamo_backend", "no", *a), 2),
+    "accelerate-zero2": (lambda *a: accelerate_launch("--config_file", os.path.join(ROOT, "accelerate_configs", "zero2.yaml"),
+                                                      "--num_processes", "2", *a), 2),
+}
+SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
+def start(launch: str, run_dir, when: str, model_dir: str, data_file: str, **extra) -> subprocess.Popen:
+    command, _ = LAUNCHES[launch]
+    args = [SCRIPT, str(run_dir), when, *overrides(model_dir, data_file, run_dir / "out", **extra)]
+    log = open(run_dir / "log.txt", "w")
+    # its own session: the signal goes to the launcher alone, as `kill PID` from a shell or a scheduler would send it
+    return subprocess.Popen(command(*args), stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True)
+
+
+def signal_when_reached(process: subprocess.Popen, run_dir, sig: signal.Signals, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while not (run_dir / "reached").exists():
+        assert process.poll() is None, (run_dir / "log.txt").read_text()[-3000:]
+        assert time.monotonic() < deadline, "the run never reached the point to signal at"
+        time.sleep(0.2)
+    process.send_signal(sig)
+
+
+def wait_for_trainers(run_dir, processes: int, timeout: float = 180) -> list[int]:
+    """The exit status of every trainer process (they may outlive a launcher that died of the signal)."""
+    deadline = time.monotonic() + timeout
+    paths = [run_dir / f"status-{rank}" for rank in range(processes)]
+    while not all(p.exists() and p.read_text() for p in paths):
+        assert time.monotonic() < deadline, "trainers still running: " + (run_dir / "log.txt").read_text()[-3000:]
+        time.sleep(0.2)
+    return [int(p.read_text()) for p in paths]
+
+
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("sig", SIGNALS, ids=lambda s: s.name)
+@pytest.mark.parametrize("launch", list(LAUNCHES))
+def test_a_signal_to_what_we_started_checkpoints_and_stops(launch, sig, tiny_model_dir, data_file, tmp_path):
+    """Signalled after step 2 of 8 (no checkpoint due): the current step ends, checkpoint-N is written for the step
+    the processes agreed on, nothing trains past it, and every trainer exits with 75."""
+    process = start(launch, tmp_path, "step:2", tiny_model_dir, data_file, **{
+        "train.max_steps": 8, "train.per_device_batch_size": 4 if LAUNCHES[launch][1] == 2 else 8})
+    signal_when_reached(process, tmp_path, sig)
+    statuses = wait_for_trainers(tmp_path, LAUNCHES[launch][1])
+    process.wait(timeout=60)
+    log = (tmp_path / "log.txt").read_text()
+    assert statuses == [PREEMPTED_EXIT_CODE] * LAUNCHES[launch][1], log[-3000:]
+    records = read_metrics(str(tmp_path / "out" / "metrics.jsonl"))
+    last = records[-1]["step"]
+    assert 2 <= last < 8, log[-3000:]
+    assert (tmp_path / "out" / f"checkpoint-{last}" / "trainer_state.json").exists()
+    assert f"preempted: stopped by" in log and f"after step {last}" in log
+    if launch == "python":
+        assert process.returncode == PREEMPTED_EXIT_CODE
+
+
+@pytest.mark.parametrize("launch", ["python", "accelerate"])
+def test_a_signal_during_the_reference_precompute_stops_cleanly(launch, tiny_model_dir, data_file, tmp_path):
+    """SIGUSR1 while the reference log-probs are computed (before any step): a clean stop at the next batch, with a
+    message and the requeue status, nothing trained, nothing cached half-done; the same command then trains."""
+    extra = {"train.max_steps": 2, "train.eval_batch_size": 4}
+    process = start(launch, tmp_path, "reference:2", tiny_model_dir, data_file, **extra)
+    signal_when_reached(process, tmp_path, signal.SIGUSR1)
+    assert wait_for_trainers(tmp_path, 1) == [PREEMPTED_EXIT_CODE]
+    process.wait(timeout=60)
+    log = (tmp_path / "log.txt").read_text()
+    assert "preempted: stopped by" in log and "while computing reference log-probs (batch" in log, log[-3000:]
+    out = tmp_path / "out"
+    assert not (out / "metrics.jsonl").exists() or not read_metrics(str(out / "metrics.jsonl"))
+    assert not os.path.exists(str(out) + "-refcache") or not os.listdir(str(out) + "-refcache")
+    again = subprocess.run([sys.executable, os.path.join(ROOT, "launch", "train.py"),
+                            *overrides(tiny_model_dir, data_file, out, **extra)],
+                           capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert [r["step"] for r in read_metrics(str(out / "metrics.jsonl"))] == [1, 2]
