@@ -60,6 +60,29 @@ def disable_dropout(model: torch.nn.Module) -> None:
             setattr(config, name, 0.0)
 
 
+def one_4bit_path(model: torch.nn.Module) -> None:
+    """Every bitsandbytes ``Linear4bit`` in ``model`` computes the same way in eval/no-grad as in training: the weight
+    de-quantized to the compute dtype, then a plain matmul.
+
+    Why: on a CPU with AVX512-BF16 (Intel Sapphire Rapids and newer) bitsandbytes 0.50 sends a ``Linear4bit`` that
+    runs in eval mode without grad down another path: it repacks the weight in place for a bf16 CPU kernel
+    (``_convert_weight_packed_for_cpu``) and computes in bf16. That breaks DPO three ways. (1) The repacking fails
+    on layers narrower than the quantization block (``shape '[32, 0]' is invalid``). (2) The reference (eval, no
+    grad) gets bf16 numerics and the policy (train, grad) fp32, so step 1 is not ln 2 (SmolLM2-135M: off by up to
+    3e-3). (3) The weight stays repacked, so every later training forward runs the bf16 kernel, which has no
+    backward: no gradient flows through the 4-bit layers any more (torch only warns). With the switch off, both
+    passes call the same ``gemm_4bit`` (de-quantize + matmul; ``MatMul4Bit`` runs it as its forward too), so they
+    agree exactly, on any CPU. ``forward`` reads the switch only for CPU inputs: on a GPU this changes nothing.
+    Call it before the first forward (``load_base`` does, right after loading): undoing a repacking is lossy, as
+    bitsandbytes rounds the block scales to bf16 when it repacks.
+    """
+    from bitsandbytes.nn import Linear4bit
+
+    for module in model.modules():
+        if isinstance(module, Linear4bit):
+            module.support_avx512bf16_for_cpu = False
+
+
 def load_base(source: str, cfg: Config, dtype: torch.dtype, device: torch.device) -> torch.nn.Module:
     from transformers import AutoModelForCausalLM
 
@@ -81,6 +104,8 @@ def load_base(source: str, cfg: Config, dtype: torch.dtype, device: torch.device
             kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
         kwargs["device_map"] = {"": device}
     model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+    if cfg.model.quantization == "4bit":
+        one_4bit_path(model)  # reference and policy, evaluation and chat: one 4-bit numerics on any CPU
     disable_dropout(model)
     model.config.use_cache = False
     return model
