@@ -97,7 +97,7 @@ def test_the_matrix_covers_every_accepted_model_type_and_kernel():
 @pytest.mark.parametrize("model_type,window", MODELS, ids=[f"{m}-window{w}" if w else m for m, w in MODELS])
 def test_log_probs_equal_an_unpadded_forward(model_type, window, kernel, layout):
     model = tiny_model(model_type, window, kernel)
-    assert choose_packing("auto", model, 0)[0], choose_packing("auto", model, 0)[1]
+    assert choose_packing("auto", model)[0], choose_packing("auto", model)[1]
     pairs = random_pairs()
     chosen, rejected = scored(model, pairs, layout)
     want_chosen, want_rejected = expected(model, pairs)
@@ -135,10 +135,10 @@ def test_other_kernels_are_refused_with_the_way_out(kernel, message):
     model = tiny_model("llama", None, "sdpa")
     model.config._attn_implementation = kernel
     try:
-        on, said = choose_packing("auto", model, 0)
+        on, said = choose_packing("auto", model)
         assert not on and message in said and "model.attn_implementation=sdpa, or train.packing=off" in said
         with pytest.raises(ValueError, match="train.packing=on, but " + message):
-            choose_packing("on", model, 0)
+            choose_packing("on", model)
     finally:
         model.config._attn_implementation = "sdpa"
 
@@ -149,11 +149,11 @@ def test_other_model_types_and_layer_types_are_refused():
     neox = AutoModelForCausalLM.from_config(GPTNeoXConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=1,
                                                           num_attention_heads=4, intermediate_size=64),
                                             attn_implementation="sdpa")
-    assert choose_packing("auto", neox, 0) == (False, "packing: off (model type 'gpt_neox' is not one packing is "
+    assert choose_packing("auto", neox) == (False, "packing: off (model type 'gpt_neox' is not one packing is "
                                                f"verified on ({', '.join(PACKING_MODEL_TYPES)}))")
     qwen = AutoModelForCausalLM.from_config(tiny_config("qwen2", WINDOW), attn_implementation="sdpa")
     qwen.config.layer_types = ["full_attention", "chunked_attention"]
-    assert "layer types ['chunked_attention']" in choose_packing("auto", qwen, 0)[1]
+    assert "layer types ['chunked_attention']" in choose_packing("auto", qwen)[1]
 
 
 def test_eager_with_packing_trains_from_ln2(tmp_path):

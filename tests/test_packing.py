@@ -28,12 +28,16 @@ def test_rows_are_planned_first_fit_decreasing():
     assert all(sum([7, 1, 1, 6, 2, 3][i] for i in row) <= 7 for row in plan_rows([7, 1, 1, 6, 2, 3], 7))
 
 
+@pytest.mark.parametrize("head_in_forward", [False, True], ids=["head-after-forward", "head-in-forward"])
 @pytest.mark.parametrize("share_prompt", [True, False], ids=["shared-prompt", "packed-only"])
 @pytest.mark.parametrize("frozen_head", [False, True], ids=["trainable-head", "frozen-head"])
 @pytest.mark.parametrize("make_model", [make_llama, make_gpt2], ids=["llama", "gpt2"])
-def test_packed_logps_and_gradients_equal_the_padded_form(make_model, frozen_head, share_prompt):
-    """Both backward paths of the packed LM head: a trainable head (full fine-tuning) recomputes the logits; a frozen
-    one (LoRA) scales the gradients its forward kept."""
+def test_packed_logps_and_gradients_equal_the_padded_form(make_model, frozen_head, share_prompt, head_in_forward):
+    """Both backward paths of the packed LM head run after the forward: a trainable head (full fine-tuning)
+    recomputes the logits; a frozen one (LoRA) scales the gradients its forward kept. A sharded head (ZeRO-3, FSDP2)
+    runs inside the forward on the scored positions (``logits_to_keep``), here forced on an unsharded model."""
+    import functools
+
     from dpo_dist.data.collate import PreferenceCollator
     from dpo_dist.train.logprobs import concatenated_forward, packed_forward
     from dpo_dist.data.packing import PackedPairCollator
@@ -56,7 +60,8 @@ def test_packed_logps_and_gradients_equal_the_padded_form(make_model, frozen_hea
         return logps.detach(), torch.cat([out.chosen_tokens, out.rejected_tokens]), {
             n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
-    logps_packed, tokens_packed, grads_packed = grads(packed_forward, packed)
+    logps_packed, tokens_packed, grads_packed = grads(
+        functools.partial(packed_forward, head_in_forward=head_in_forward), packed)
     logps_padded, tokens_padded, grads_padded = grads(concatenated_forward, padded)
     torch.testing.assert_close(logps_packed, logps_padded, atol=1e-5, rtol=1e-5)
     assert tokens_packed.tolist() == tokens_padded.tolist()
@@ -88,14 +93,12 @@ def test_packing_is_refused_where_it_cannot_work():
 
     model = make_llama(100)
     model.config._attn_implementation = "sdpa"
-    assert choose_packing("auto", model, 0)[0] is True
-    assert choose_packing("auto", model, 3) == (False, "packing: off (ZeRO-3 partitions the LM head, which packed "
-                                                       "scoring reads outside the forward)")
-    assert choose_packing("off", model, 0) == (False, "packing: off (train.packing=off)")
+    assert choose_packing("auto", model)[0] is True
+    assert choose_packing("off", model) == (False, "packing: off (train.packing=off)")
     model.config._attn_implementation = "flash_attention_2"
-    assert "takes no 4D attention mask" in choose_packing("auto", model, 0)[1]
+    assert "takes no 4D attention mask" in choose_packing("auto", model)[1]
     with pytest.raises(ValueError, match="train.packing=on"):
-        choose_packing("on", model, 0)
+        choose_packing("on", model)
 
 
 def test_training_with_and_without_packing_follows_the_same_trajectory(tiny_model_dir, data_file, tmp_path):

@@ -45,12 +45,11 @@ def layer_windows(config: Any) -> dict[str, int | None]:
     return {"full_attention": None}
 
 
-def packing_unsupported(model: Any, zero_stage: int) -> str | None:
-    """Why packing cannot run with this model and setup, or None when it can."""
+def packing_unsupported(model: Any) -> str | None:
+    """Why packing cannot run with this model and setup, or None when it can. Any ZeRO stage can: under ZeRO-3 the
+    packed scoring runs the partitioned LM head inside the forward (``logprobs.packed_forward``)."""
     base = base_model(model)
     config = base.config
-    if zero_stage == 3:
-        return "ZeRO-3 partitions the LM head, which packed scoring reads outside the forward"
     if config.model_type not in PACKING_MODEL_TYPES:
         return f"model type {config.model_type!r} is not one packing is verified on ({', '.join(PACKING_MODEL_TYPES)})"
     attention = getattr(config, "_attn_implementation", None)
@@ -65,12 +64,12 @@ def packing_unsupported(model: Any, zero_stage: int) -> str | None:
     return None
 
 
-def choose_packing(setting: str, model: Any, zero_stage: int, *, share_prompt: bool = True) -> tuple[bool, str]:
+def choose_packing(setting: str, model: Any, *, share_prompt: bool = True) -> tuple[bool, str]:
     """``train.packing`` resolved for this model: (on, the line that says so and why). ``on`` where unsupported is an
     error."""
     if setting == "off":
         return False, "packing: off (train.packing=off)"
-    reason = packing_unsupported(model, zero_stage)
+    reason = packing_unsupported(model)
     if reason and setting == "on":
         raise ValueError(f"train.packing=on, but {reason}; use train.packing=auto or off")
     if reason:

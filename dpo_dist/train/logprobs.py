@@ -18,7 +18,8 @@ DEFAULT_CHUNK_SIZE = 1024
 
 
 class _TokenLogps(torch.autograd.Function):
-    """log softmax(logits[rows])[targets], chunked. logits: (M, V) any float dtype; rows, targets: (K,) int64."""
+    """log softmax(logits[rows])[targets], chunked. logits: (M, V) any float dtype; rows, targets: (K,) int64 (a row
+    may be scored more than once)."""
 
     @staticmethod
     def forward(ctx, logits: torch.Tensor, rows: torch.Tensor, targets: torch.Tensor, chunk_size: int) -> torch.Tensor:
@@ -44,7 +45,9 @@ class _TokenLogps(torch.autograd.Function):
             # d/dx [x_t - logsumexp(x)] = onehot(t) - softmax(x)
             chunk_grad = torch.exp(logits[rows[start:end]].float() - logsumexps[start:end, None]) * -grad
             chunk_grad.scatter_add_(1, targets[start:end, None], grad)
-            grad_logits[rows[start:end]] = chunk_grad.to(grad_logits.dtype)
+            # index_add, not assignment: a row scored twice (packed, the prompt's last position predicts both
+            # responses' first tokens) gets both gradients
+            grad_logits.index_add_(0, rows[start:end], chunk_grad.to(grad_logits.dtype))
         return grad_logits, None, None, None
 
 
@@ -156,22 +159,53 @@ def output_head(model: torch.nn.Module) -> torch.nn.Module:
     return head
 
 
+def head_is_sharded(head: torch.nn.Module) -> bool:
+    """Whether the LM head's weight lives in shards that only the model's forward gathers: DeepSpeed ZeRO-3
+    (a partitioned parameter, ``ds_id``) or FSDP2 (a ``DTensor``)."""
+    weight = head.weight
+    if hasattr(weight, "ds_id"):
+        return True
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # pragma: no cover - torch without distributed
+        return False
+    return isinstance(weight, DTensor)
+
+
 def packed_forward(
-    model: torch.nn.Module, batch: dict[str, torch.Tensor], *, chunk_size: int = DEFAULT_CHUNK_SIZE
+    model: torch.nn.Module, batch: dict[str, torch.Tensor], *, chunk_size: int = DEFAULT_CHUNK_SIZE,
+    head_in_forward: bool | None = None,
 ) -> PairLogps:
     """Score a :class:`dpo_dist.data.packing.PackedPairCollator` batch: one forward over the packed rows (through the
     model's own ``forward``, so DDP and hooks see it) with the mask its kernel and layer types take
-    (:func:`dpo_dist.model.attention.packed_attention_mask`), then the LM head on the scored positions only."""
-    outputs = model(
-        input_ids=batch["input_ids"], attention_mask=packed_attention_mask(model, batch),
-        position_ids=batch["position_ids"], use_cache=False, output_hidden_states=True, logits_to_keep=1,
-    )
-    hidden = outputs.hidden_states[-1]
-    hidden = hidden.reshape(-1, hidden.shape[-1])[batch["pred_rows"]]  # (K, H); a row scored twice is gathered twice
+    (:func:`dpo_dist.model.attention.packed_attention_mask`), the LM head on the scored positions only.
+
+    Where the head is sharded (ZeRO-3, FSDP2: ``head_in_forward=None`` finds out) it must run inside the forward,
+    which gathers it: the scored positions go in as ``logits_to_keep`` (a boolean (R, W) mask), the forward returns
+    their logits ``(P, V)`` in the model's dtype, and the log-softmax is taken in fp32 a chunk at a time
+    (:func:`sequence_logps`' function). Elsewhere the head runs here, from the final hidden states, and no
+    ``(tokens, vocab)`` logits are held at all (:class:`_HeadLogps`)."""
     head = output_head(model)
-    frozen_head = not head.weight.requires_grad and (head.bias is None or not head.bias.requires_grad)
-    precompute_jacobian = torch.is_grad_enabled() and hidden.requires_grad and frozen_head
-    token_logps = _HeadLogps.apply(hidden, head.weight, head.bias, batch["targets"], chunk_size, precompute_jacobian)
+    if head_in_forward is None:
+        head_in_forward = head_is_sharded(head)
+    mask = packed_attention_mask(model, batch)
+    if head_in_forward:
+        keep = torch.zeros(batch["input_ids"].numel(), dtype=torch.bool, device=batch["pred_rows"].device)
+        keep[batch["pred_rows"]] = True
+        outputs = model(input_ids=batch["input_ids"], attention_mask=mask, position_ids=batch["position_ids"],
+                        use_cache=False, logits_to_keep=keep.view_as(batch["input_ids"]))
+        logits = outputs.logits.reshape(-1, outputs.logits.shape[-1])  # (P, V): the kept positions, row-major
+        rows = torch.searchsorted(keep.nonzero()[:, 0], batch["pred_rows"])  # each scored token's logits row
+        token_logps = _TokenLogps.apply(logits, rows, batch["targets"], chunk_size)
+    else:
+        outputs = model(input_ids=batch["input_ids"], attention_mask=mask, position_ids=batch["position_ids"],
+                        use_cache=False, output_hidden_states=True, logits_to_keep=1)
+        hidden = outputs.hidden_states[-1]
+        hidden = hidden.reshape(-1, hidden.shape[-1])[batch["pred_rows"]]  # (K, H); a row scored twice: gathered twice
+        frozen_head = not head.weight.requires_grad and (head.bias is None or not head.bias.requires_grad)
+        precompute_jacobian = torch.is_grad_enabled() and hidden.requires_grad and frozen_head
+        token_logps = _HeadLogps.apply(hidden, head.weight, head.bias, batch["targets"], chunk_size,
+                                       precompute_jacobian)
     b = batch["pair_tokens"].shape[0]
     seq = batch["seq_index"]
     logps = torch.zeros(2 * b, dtype=torch.float32, device=token_logps.device).index_add(0, seq, token_logps)

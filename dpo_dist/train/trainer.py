@@ -173,7 +173,7 @@ def setup(cfg: Config, signals: StopSignals) -> Run:
     if cfg.lora.enabled and not stage:
         adapter_only_checkpoints(accelerator, model)
     try:
-        packed, said = choose_packing(t.packing, model, stage, share_prompt=t.share_prompt)
+        packed, said = choose_packing(t.packing, model, share_prompt=t.share_prompt)
     except ValueError as error:
         raise TrainingError(str(error)) from None
     accelerator.print(said)
