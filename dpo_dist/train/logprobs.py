@@ -164,9 +164,9 @@ def packed_forward(
         input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], position_ids=batch["position_ids"],
         use_cache=False, output_hidden_states=True, logits_to_keep=1,
     )
-    hidden = outputs.hidden_states[-1]
-    hidden = hidden.reshape(-1, hidden.shape[-1])[batch["pred_rows"]]  # (K, H); a row scored twice is gathered twice
     head = output_head(model)
+    hidden = outputs.hidden_states[-1].to(head.weight.dtype)  # accelerate's mixed precision hands back fp32 outputs
+    hidden = hidden.reshape(-1, hidden.shape[-1])[batch["pred_rows"]]  # (K, H); a row scored twice is gathered twice
     frozen_head = not head.weight.requires_grad and (head.bias is None or not head.bias.requires_grad)
     precompute_jacobian = torch.is_grad_enabled() and hidden.requires_grad and frozen_head
     token_logps = _HeadLogps.apply(hidden, head.weight, head.bias, batch["targets"], chunk_size, precompute_jacobian)

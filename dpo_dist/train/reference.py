@@ -101,14 +101,19 @@ def compute_reference_logps(
     return gather_in_order(torch.cat(results), len(tokenized), accelerator).cpu()
 
 
-def reference_fingerprint_parts(model_identity: dict, tokenizer: Any, truncation: Truncation, tokenized: datasets.Dataset) -> dict:
-    """Everything the reference log-probs depend on (see ``cache.py``)."""
-    return {
+def reference_fingerprint_parts(model_identity: dict, tokenizer: Any, truncation: Truncation, tokenized: datasets.Dataset,
+                                autocast: torch.dtype | None = None) -> dict:
+    """Everything the reference log-probs depend on (see ``cache.py``); ``autocast``: the dtype the forward ran
+    under (mixed precision), named only when there is one, so runs without it keep their keys."""
+    parts = {
         "model": model_identity,
         "tokenizer": cache.tokenizer_identity(tokenizer),
         "truncation": truncation,
         "data": cache.data_identity(tokenized, PAIR_COLUMNS),
     }
+    if autocast is not None:
+        parts["autocast"] = str(autocast).removeprefix("torch.")
+    return parts
 
 
 def precompute_reference(
