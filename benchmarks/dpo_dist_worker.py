@@ -25,8 +25,8 @@ def main(spec_path: str, result_path: str) -> None:
 
     load_policy, train_step = trainer.load_policy, trainer.train_step
 
-    def load_with_initial_adapter(cfg, device):
-        model, tokenizer = load_policy(cfg, device)
+    def load_with_initial_adapter(cfg, device, *args):
+        model, tokenizer = load_policy(cfg, device, *args)
         set_peft_model_state_dict(model, load_file(spec["init_adapter"]))
         return model, tokenizer
 

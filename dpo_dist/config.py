@@ -49,7 +49,9 @@ class ModelConfig:
     )
     revision: str | None = option(None, "Hub revision (branch, tag or commit)")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = option(
-        "auto", "weights dtype; auto: float32 on CPU, bfloat16 on GPUs that have it, else float16"
+        "auto", "training precision; bfloat16/float16 train in mixed precision (full fine-tuning: fp32 weights under "
+        "autocast; LoRA: the frozen base in that dtype, fp32 adapters; fp16 with loss scaling); auto: float32 on CPU, "
+        "bfloat16 on GPUs that have it, else float16"
     )
     attn_implementation: str | None = option(None, "attention kernel (sdpa, eager, flash_attention_2); None: transformers' choice")
     gradient_checkpointing: bool = option(False, "recompute activations in backward to save memory")

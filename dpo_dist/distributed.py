@@ -13,28 +13,54 @@ from typing import Any
 import torch
 
 
-def build_accelerator(*, timeout_s: int | None = None, **kwargs: Any):
-    """An ``accelerate.Accelerator`` that sees every process, GPUs or not.
+def process_state(*, timeout_s: int | None = None):
+    """Accelerate's ``PartialState``: this process's place in the group and its device, known before the Accelerator
+    is built (its precision depends on the device).
 
     ``accelerate launch --multi_gpu --num_processes N`` on a machine without GPUs leaves each process alone unless
-    Accelerate's state is created with ``cpu=True`` first; then the processes form one MULTI_CPU group over gloo.
+    the state is created with ``cpu=True`` first; then the processes form one MULTI_CPU group over gloo.
     ``timeout_s`` bounds how long a collective may wait for a missing rank.
     """
-    from accelerate import Accelerator, PartialState
-    from accelerate.utils import InitProcessGroupKwargs
+    from accelerate import PartialState
 
-    state_kwargs: dict[str, Any] = {}
+    kwargs: dict[str, Any] = {}
     if timeout_s is not None:
-        state_kwargs["timeout"] = datetime.timedelta(seconds=timeout_s)
-        kwargs.setdefault("kwargs_handlers", []).append(InitProcessGroupKwargs(timeout=state_kwargs["timeout"]))
+        kwargs["timeout"] = datetime.timedelta(seconds=timeout_s)
     if not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         if uses_deepspeed():
             # DeepSpeed on CPU: without gloo set first, Accelerate reports 1 process while DeepSpeed sees them all.
-            PartialState(backend="gloo", **state_kwargs)
-        else:
-            PartialState(cpu=True, **state_kwargs)
-            kwargs.setdefault("cpu", True)
-    return Accelerator(**kwargs)
+            return PartialState(backend="gloo", **kwargs)
+        return PartialState(cpu=True, **kwargs)
+    return PartialState(**kwargs)
+
+
+def build_accelerator(*, timeout_s: int | None = None, mixed_precision: str = "no", **kwargs: Any):
+    """An ``accelerate.Accelerator`` that sees every process, GPUs or not (see :func:`process_state`).
+
+    ``mixed_precision`` (``no``, ``bf16``, ``fp16``) is the policy's autocast, and for fp16 its GradScaler. Accelerate
+    1.15 leaves fp16 off on CPU without a word (no autocast, no scaler: fp32); torch has both there, so they are
+    switched on: fp16 runs the same code on CPU as on GPUs.
+    """
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedType, InitProcessGroupKwargs
+
+    state = process_state(timeout_s=timeout_s)
+    if timeout_s is not None:
+        kwargs.setdefault("kwargs_handlers", []).append(InitProcessGroupKwargs(timeout=datetime.timedelta(seconds=timeout_s)))
+    if state.distributed_type == DistributedType.MULTI_CPU:
+        kwargs.setdefault("cpu", True)
+    accelerator = Accelerator(mixed_precision=mixed_precision, **kwargs)
+    if mixed_precision == "fp16" and accelerator.device.type == "cpu" and not accelerator.native_amp:
+        scaler_kwargs = accelerator.scaler_handler.to_kwargs() if accelerator.scaler_handler is not None else {}
+        accelerator.native_amp = True
+        accelerator.scaler = torch.amp.GradScaler("cpu", **scaler_kwargs)
+    return accelerator
+
+
+def launch_mixed_precision() -> str:
+    """What ``accelerate launch`` was asked for (``--mixed_precision`` or its config's ``mixed_precision``): no, bf16,
+    fp16 or fp8; ``no`` when not launched by it."""
+    return os.environ.get("ACCELERATE_MIXED_PRECISION", "no").lower()
 
 
 def uses_deepspeed() -> bool:
@@ -131,10 +157,15 @@ def set_cpu_threads(requested: int | None, accelerator: Any) -> int | None:
 def prepare_frozen(model: torch.nn.Module, accelerator: Any) -> torch.nn.Module:
     """A frozen model (the online reference for full fine-tuning) placed like the policy: under ZeRO-3 it is wrapped
     in its own DeepSpeed engine, so its parameters stay sharded and are gathered layer by layer for each forward
-    (it was built sharded, since ``zero3_init_flag`` is on); otherwise it is moved to the device."""
+    (it was built sharded, since ``zero3_init_flag`` is on); otherwise it is moved to the device, its forward under
+    the policy's autocast when mixed precision is on (so at step 1 it computes exactly what the policy computes)."""
     model.requires_grad_(False)
     model.eval()
     if zero_stage(accelerator) != 3:
+        if accelerator.native_amp:  # the policy's forward runs under autocast (accelerate wrapped it in prepare)
+            from accelerate.utils import convert_outputs_to_fp32
+
+            model.forward = convert_outputs_to_fp32(accelerator.autocast()(model.forward))
         return model.to(accelerator.device)
     import copy
 

@@ -1,6 +1,7 @@
 """DeepSpeed ZeRO-2/3 on 2 CPU processes computes what one process without DeepSpeed computes."""
 
 import importlib.util
+import json
 import os
 import shutil
 import subprocess
@@ -95,3 +96,24 @@ def test_zero3_online_reference_equals_one_process(lora, one_process, tiny_model
     launch_zero(3, tiny_model_dir, data_file, out, **STEPS, **{"lora.enabled": lora, "reference.mode": "online"})
     assert not os.path.exists(f"{out}-refcache"), "no reference cache in online mode"
     assert_same_trajectory(one_process[lora][0], read_jsonl(out / "metrics.jsonl"), atol=1e-4)
+
+
+def test_a_non_finite_loss_stops_before_deepspeed_steps(tiny_model_dir, data_file, tmp_path):
+    """Under DeepSpeed, accelerate's backward at the last micro-batch steps the engine, so the loss is checked before
+    that backward: at the NaN step 2 the engine never steps (1 engine step for 2 train steps), the weights stay as
+    step 1 left them, and the message says so. (Before, the engine stepped first; DeepSpeed 0.19 then skips non-finite
+    gradients by its own check, which its config can switch off.)"""
+    out, results = tmp_path / "out", tmp_path / "results"
+    results.mkdir()
+    command = accelerate_launch("--config_file", os.path.join(ROOT, "accelerate_configs", "zero2.yaml"),
+                                "--num_processes", "2", os.path.join(ROOT, "tests", "scripts", "nonfinite_deepspeed.py"),
+                                str(results))
+    command += overrides(tiny_model_dir, data_file, out, **{"train.per_device_batch_size": 4, "train.save_every": 1})
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-4000:]
+    for rank in (0, 1):
+        found = json.loads((results / f"rank{rank}.json").read_text())
+        assert found["train_steps"] == 2 and found["engine_steps"] == 1, found
+        assert found["moved_by_failed_step"] == 0.0 and found["finite"], found
+        assert "non-finite loss at step 2" in found["message"] and "stopped before applying it" in found["message"]
+        assert f"last good checkpoint: {out / 'checkpoint-1'}" in found["message"]

@@ -79,7 +79,7 @@ def test_a_signal_to_what_we_started_checkpoints_and_stops(launch, sig, tiny_mod
     last = records[-1]["step"]
     assert 2 <= last < 8, log[-3000:]
     assert (tmp_path / "out" / f"checkpoint-{last}" / "trainer_state.json").exists()
-    assert f"preempted: stopped by" in log and f"after step {last}" in log
+    assert "preempted: stopped by" in log and f"after step {last}" in log
     if launch == "python":
         assert process.returncode == PREEMPTED_EXIT_CODE
 

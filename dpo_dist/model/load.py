@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -27,6 +28,62 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     if device.type != "cuda":
         return torch.float32
     return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+SHORT = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+
+
+@dataclass(frozen=True)
+class Precision:
+    """How the policy's numbers are held and computed.
+
+    ``compute``: what ``model.dtype`` resolves to; ``weights``: the dtype the policy is loaded in (for LoRA the frozen
+    base: peft keeps the adapters in fp32); ``mixed_precision``: the Accelerator's setting (``no``, ``bf16``, ``fp16``:
+    its forward under autocast, and for fp16 a GradScaler); ``said``: one line for the log.
+    """
+
+    compute: torch.dtype
+    weights: torch.dtype
+    mixed_precision: str
+    said: str
+
+    @property
+    def autocast(self) -> torch.dtype | None:
+        """The dtype the policy's forward is autocast to; None when it runs in its weights' dtype."""
+        return self.compute if self.mixed_precision != "no" else None
+
+    @property
+    def loss_scaling(self) -> bool:
+        """fp16 gradients are scaled (a GradScaler, or DeepSpeed's loss scaler): a step whose scaled gradients
+        overflow is skipped and the scale lowered, which is routine, not an error."""
+        return self.compute == torch.float16
+
+
+def resolve_precision(cfg: Config, device: torch.device, *, deepspeed: bool) -> Precision:
+    """What ``model.dtype`` means for training on ``device``.
+
+    fp32 is fp32. A half dtype: under DeepSpeed, DeepSpeed's bf16/fp16 section (``configure_deepspeed`` writes it):
+    half weights, fp32 master copies in its optimizer. Otherwise accelerate's mixed precision, so no update is rounded
+    away: full fine-tuning keeps fp32 weights (what AdamW steps) and runs the forward under autocast; LoRA keeps the
+    frozen base in the half dtype (peft keeps the adapters in fp32), under autocast and a GradScaler for fp16
+    (fp16 gradients underflow without loss scaling); bf16 has fp32's range and needs neither, so a bf16 LoRA run
+    computes in its weights' dtype as before.
+    """
+    compute = resolve_dtype(cfg.model.dtype, device)
+    half = SHORT[compute]
+    if compute == torch.float32:
+        return Precision(compute, compute, "no", "precision: fp32 weights and compute")
+    scaling = compute == torch.float16
+    if deepspeed:
+        return Precision(compute, compute, "no", f"precision: {half} weights and compute, fp32 master weights in "
+                         f"DeepSpeed's optimizer (its {half} section{', dynamic loss scaling' if scaling else ''})")
+    amp = f"{half} autocast (mixed precision{', GradScaler loss scaling' if scaling else ''})"
+    if not cfg.lora.enabled:
+        return Precision(compute, torch.float32, half, f"precision: fp32 weights, {amp}")
+    base = f"{cfg.model.quantization} base computing in {half}" if cfg.model.quantization != "none" else f"base in {half}"
+    if scaling:
+        return Precision(compute, compute, half, f"precision: frozen {base}, LoRA adapters in fp32, {amp}")
+    return Precision(compute, compute, "no", f"precision: frozen {base}, LoRA adapters in fp32, {half} compute")
 
 
 def load_tokenizer(source: str, cfg: Config) -> Any:
@@ -111,11 +168,12 @@ def load_base(source: str, cfg: Config, dtype: torch.dtype, device: torch.device
     return model
 
 
-def load_policy(cfg: Config, device: torch.device) -> tuple[torch.nn.Module, Any]:
-    """The trainable policy and its tokenizer."""
+def load_policy(cfg: Config, device: torch.device, weights: torch.dtype | None = None) -> tuple[torch.nn.Module, Any]:
+    """The trainable policy and its tokenizer; ``weights``: the dtype it is loaded in (``Precision.weights``;
+    default: ``model.dtype`` resolved on ``device``). A 4/8-bit base computes in ``model.dtype``."""
     source = resolve_source(cfg.model.name_or_path)
     tokenizer = load_tokenizer(source, cfg)
-    dtype = resolve_dtype(cfg.model.dtype, device)
+    dtype = weights or resolve_dtype(cfg.model.dtype, device)
     model = load_base(source, cfg, dtype, device)
     checkpointing = {"use_reentrant": False}
     if cfg.model.quantization != "none":
@@ -140,9 +198,10 @@ def load_policy(cfg: Config, device: torch.device) -> tuple[torch.nn.Module, Any
     return model, tokenizer
 
 
-def load_reference_copy(cfg: Config, device: torch.device) -> torch.nn.Module:
-    """A frozen second copy of the initial weights: the online reference for full fine-tuning."""
+def load_reference_copy(cfg: Config, device: torch.device, weights: torch.dtype | None = None) -> torch.nn.Module:
+    """A frozen second copy of the initial weights: the online reference for full fine-tuning, in the policy's
+    ``weights`` dtype (under the same autocast, it computes what the policy computed at step 1)."""
     source = resolve_source(cfg.model.name_or_path)
-    model = load_base(source, cfg, resolve_dtype(cfg.model.dtype, device), device)
+    model = load_base(source, cfg, weights or resolve_dtype(cfg.model.dtype, device), device)
     model.requires_grad_(False)
     return model.eval()  # placed by distributed.prepare_frozen (sharded under ZeRO-3)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import datasets
+import torch
 
 from dpo_dist.config import SENTIMENT, Config
 from dpo_dist.data.collate import PreferenceCollator
@@ -67,16 +68,19 @@ def tokenized_pairs(
 
 def attach_reference(
     cfg: Config, accelerator: Any, model: Any, tokenizer: Any, identity: dict, *tokenized_sets: datasets.Dataset | None,
-    collator: Any = None, stop_check: Any = None,
+    collator: Any = None, stop_check: Any = None, autocast: torch.dtype | None = None,
 ) -> list[datasets.Dataset | None]:
     """Each set with ``ref_chosen_logps`` / ``ref_rejected_logps`` columns (from the cache, or computed by every
-    process with ``model`` as the reference: call it after ``accelerator.prepare``, so ZeRO-3 shards serve it),
-    batched by ``collator`` (the training collator, so reference and policy are scored the same way)."""
+    process with ``model`` as the reference: call it after ``accelerator.prepare``, so ZeRO-3 shards serve it and
+    the forward runs under the policy's autocast), batched by ``collator`` (the training collator, so reference and
+    policy are scored the same way). ``autocast``: the dtype the forward is autocast to, part of the cache key
+    (:func:`dpo_dist.train.reference.scoring_identity`)."""
     truncation = Truncation(cfg.data.max_length, cfg.data.max_prompt_length)
     collator = collator or PreferenceCollator(pad_token_id=tokenizer.pad_token_id)
     cache_dir = cfg.reference.cache_dir or cache.default_cache_dir()
     scoring = scoring_identity(model, collator, chunk_size=cfg.train.logps_chunk_size,
-                               mixed_precision=str(accelerator.mixed_precision), device_type=accelerator.device.type)
+                               mixed_precision=str(autocast).removeprefix("torch.") if autocast else "no",
+                               device_type=accelerator.device.type)
     out = []
     for tokenized in tokenized_sets:
         if tokenized is not None:

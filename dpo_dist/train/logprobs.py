@@ -200,7 +200,7 @@ def packed_forward(
     else:
         outputs = model(input_ids=batch["input_ids"], attention_mask=mask, position_ids=batch["position_ids"],
                         use_cache=False, output_hidden_states=True, logits_to_keep=1)
-        hidden = outputs.hidden_states[-1]
+        hidden = outputs.hidden_states[-1].to(head.weight.dtype)  # accelerate's autocast hands back fp32 outputs
         hidden = hidden.reshape(-1, hidden.shape[-1])[batch["pred_rows"]]  # (K, H); a row scored twice: gathered twice
         frozen_head = not head.weight.requires_grad and (head.bias is None or not head.bias.requires_grad)
         precompute_jacobian = torch.is_grad_enabled() and hidden.requires_grad and frozen_head

@@ -2,7 +2,8 @@
 
 A cache entry is one safetensors file named by the fingerprint of everything the reference log-probs depend on:
 
-- the model: a digest of its weight files (and config), its dtype and quantization;
+- the model: a digest of its weight files (and config), its dtype and quantization, and the autocast dtype its
+  forward ran under when mixed precision is on;
 - the tokenizer: its vocabulary and merges, special tokens and chat template;
 - the truncation settings (``max_length``, ``max_prompt_length``);
 - the data: every token id of every tokenized pair, in order;

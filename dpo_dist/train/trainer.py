@@ -29,13 +29,16 @@ from dpo_dist.distributed import (
     build_accelerator,
     configure_deepspeed,
     gather_in_order,
+    launch_mixed_precision,
     prepare_frozen,
+    process_state,
     set_cpu_threads,
     shard_indices,
+    uses_deepspeed,
     zero_stage,
 )
 from dpo_dist.model.attention import choose_packing
-from dpo_dist.model.load import load_policy, load_reference_copy, resolve_dtype, resolve_source
+from dpo_dist.model.load import Precision, load_policy, load_reference_copy, resolve_precision, resolve_source
 from dpo_dist.train.checkpoint import (
     TrainState,
     adapter_only_checkpoints,
@@ -45,7 +48,7 @@ from dpo_dist.train.checkpoint import (
     save_final_model,
     track_best,
 )
-from dpo_dist.train.checks import TrainingError, check_combination
+from dpo_dist.train.checks import TrainingError, check_combination, check_launch_precision, check_step
 from dpo_dist.train.inputs import attach_reference, model_identity, tokenized_pairs
 from dpo_dist.train.metrics import (
     MetricsLog,
@@ -82,25 +85,33 @@ def evaluate(model: Any, eval_tok: Any, cfg: Config, accelerator: Any, reference
 
 def train_step(model: Any, optimizer: Any, micro_batches: list[dict[str, torch.Tensor]], cfg: Config, accelerator: Any,
                reference_model: Any) -> dict[str, float]:
-    """One optimizer step over ``A`` micro-batches; returns the step's metrics, reduced over all processes once."""
+    """One optimizer step over ``A`` micro-batches; returns the step's metrics, reduced over all processes once, and
+    ``update_applied`` (1 or 0).
+
+    The step's loss is checked before the last micro-batch's backward (under DeepSpeed that backward steps the
+    engine), the gradient norm before ``optimizer.step`` (a no-op under DeepSpeed; a GradScaler skips a step whose
+    gradients overflowed): a non-finite one returns with the update not applied.
+    """
     stats = []
     record: dict[str, float] = {}
     for batch in micro_batches:
         with accelerator.accumulate(model):
             loss, batch_stats = pair_losses(model, batch, cfg, reference_model)
-            accelerator.backward(loss)
             stats.append(batch_stats)
+            if accelerator.sync_gradients:
+                record = reduce_stats(accelerator.gather(torch.cat(stats)))
+                if not is_finite(record["loss"]):
+                    return {**record, "grad_norm": float("nan"), "update_applied": 0.0}
+            accelerator.backward(loss)
             if accelerator.sync_gradients:
                 max_norm = cfg.train.max_grad_norm if cfg.train.max_grad_norm is not None else float("inf")
                 grad_norm = accelerator.clip_grad_norm_(model.parameters(), max_norm)
-                step_stats = accelerator.gather(torch.cat(stats))
-                record = reduce_stats(step_stats)
                 record["grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")
-                if not is_finite(record["loss"], record["grad_norm"]):
-                    return record  # the caller stops before this update is applied
+                if not is_finite(record["grad_norm"]) and accelerator.scaler is None and not zero_stage(accelerator):
+                    return {**record, "update_applied": 0.0}
             optimizer.step()
             optimizer.zero_grad()
-    return record
+    return {**record, "update_applied": 0.0 if optimizer.step_was_skipped else 1.0}
 
 
 @dataclass
@@ -109,6 +120,7 @@ class Run:
 
     cfg: Config
     accelerator: Any
+    precision: Precision
     model: Any
     tokenizer: Any
     optimizer: Any
@@ -128,9 +140,13 @@ def setup(cfg: Config, signals: StopSignals) -> Run:
     """Accelerator, policy, pairs (with reference log-probs), optimizer and schedule, resumed state. A stop signal
     during the reference precompute stops it at the next batch (:class:`Preempted`)."""
     t = cfg.train
+    device = process_state(timeout_s=t.collective_timeout_s).device
+    precision = resolve_precision(cfg, device, deepspeed=uses_deepspeed())
+    check_launch_precision(launch_mixed_precision(), precision.compute)
     accelerator = build_accelerator(
-        timeout_s=t.collective_timeout_s, gradient_accumulation_steps=t.gradient_accumulation_steps,
-        log_with=t.report_to or None, project_dir=t.output_dir,
+        timeout_s=t.collective_timeout_s, mixed_precision=precision.mixed_precision,
+        gradient_accumulation_steps=t.gradient_accumulation_steps, log_with=t.report_to or None,
+        project_dir=t.output_dir,
     )
     from accelerate.utils import set_seed
 
@@ -149,10 +165,11 @@ def setup(cfg: Config, signals: StopSignals) -> Run:
     check_combination(cfg, stage)
     with accelerator.main_process_first():
         resolve_source(cfg.model.name_or_path)  # a built-in model is converted once, by the main process
-    model, tokenizer = load_policy(cfg, accelerator.device)  # together: under ZeRO-3 loading is a collective
+    accelerator.print(precision.said)
+    model, tokenizer = load_policy(cfg, accelerator.device, precision.weights)  # together: under ZeRO-3 loading is a collective
     if cfg.model.quantization == "none":
         model.to(accelerator.device)  # a quantized base was loaded onto its device already
-    dtype = resolve_dtype(cfg.model.dtype, accelerator.device)
+    dtype = precision.compute
     identity = model_identity(cfg, resolve_source(cfg.model.name_or_path), str(dtype).removeprefix("torch."), accelerator)
     train_tok, eval_tok, counts = tokenized_pairs(cfg, accelerator, model, tokenizer, identity)
     accelerator.print(f"pairs: {counts}")
@@ -181,11 +198,12 @@ def setup(cfg: Config, signals: StopSignals) -> Run:
                 else PreferenceCollator(pad_token_id=tokenizer.pad_token_id))
     if cfg.reference.mode == "precomputed":  # after prepare: under ZeRO-3 every rank serves its shard
         train_tok, eval_tok = attach_reference(cfg, accelerator, model, tokenizer, identity, train_tok, eval_tok,
-                                               collator=collator,
+                                               collator=collator, autocast=precision.autocast,
                                                stop_check=lambda where: signals.stop_if_asked(accelerator, where))
     reference_model = None
     if cfg.reference.mode == "online":  # LoRA: the policy with adapters off; full: a frozen copy, sharded under ZeRO-3
-        reference_model = model if cfg.lora.enabled else prepare_frozen(load_reference_copy(cfg, accelerator.device), accelerator)
+        reference_model = model if cfg.lora.enabled else prepare_frozen(
+            load_reference_copy(cfg, accelerator.device, precision.weights), accelerator)
 
     state = TrainState()
     resume_from = latest_checkpoint(t.output_dir) if t.resume == "auto" else None if t.resume == "never" else t.resume
@@ -195,7 +213,7 @@ def setup(cfg: Config, signals: StopSignals) -> Run:
     metrics = MetricsLog(t.output_dir, accelerator, resume_step=state.global_step)
     if t.report_to:
         accelerator.init_trackers("dpo_dist", config=flat_config(cfg))
-    return Run(cfg, accelerator, model, tokenizer, optimizer, scheduler, train_tok, eval_tok, counts, order,
+    return Run(cfg, accelerator, precision, model, tokenizer, optimizer, scheduler, train_tok, eval_tok, counts, order,
                total_steps, reference_model, state, metrics, collator)
 
 
@@ -238,12 +256,11 @@ def loop(run: Run, bar: Any, signals: StopSignals) -> None:
         lr = run.scheduler.get_last_lr()[0]
         record = train_step(run.model, run.optimizer, micro_batches, cfg, accelerator, run.reference_model)
         step = state.global_step + 1
+        applied = bool(record.pop("update_applied"))
         if not is_finite(record["loss"], record["grad_norm"]):
-            last = latest_checkpoint(t.output_dir)
-            raise TrainingError(
-                f"non-finite loss at step {step} (loss={record['loss']}, grad_norm={record['grad_norm']}): stopped "
-                f"before applying it; last good checkpoint: {last or 'none (set train.save_every)'}"
-            )
+            said = check_step(step, record, applied=applied, loss_scaling=run.precision.loss_scaling,
+                              last_checkpoint=latest_checkpoint(t.output_dir))
+            accelerator.print(said)  # a skipped fp16 overflow; anything else raised
         run.scheduler.step()
         state.global_step = step
         tokens, elapsed = record.pop("tokens"), time.perf_counter() - started
