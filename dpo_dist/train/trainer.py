@@ -45,7 +45,7 @@ from dpo_dist.train.checkpoint import (
     save_final_model,
     track_best,
 )
-from dpo_dist.train.checks import TrainingError, check_combination
+from dpo_dist.train.checks import TrainingError, check_combination, non_finite_error
 from dpo_dist.train.inputs import attach_reference, model_identity, tokenized_pairs
 from dpo_dist.train.metrics import (
     MetricsLog,
@@ -231,11 +231,7 @@ def loop(run: Run, bar: Any, signals: StopSignals) -> None:
         record = train_step(run.model, run.optimizer, micro_batches, cfg, accelerator, run.reference_model)
         step = state.global_step + 1
         if not is_finite(record["loss"], record["grad_norm"]):
-            last = latest_checkpoint(t.output_dir)
-            raise TrainingError(
-                f"non-finite loss at step {step} (loss={record['loss']}, grad_norm={record['grad_norm']}): stopped "
-                f"before applying it; last good checkpoint: {last or 'none (set train.save_every)'}"
-            )
+            raise non_finite_error(cfg, step, record, accelerator)
         run.scheduler.step()
         state.global_step = step
         tokens, elapsed = record.pop("tokens"), time.perf_counter() - started
