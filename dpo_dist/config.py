@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import math
 import os
 import re
 import types
@@ -28,6 +29,12 @@ SENTIMENT = "builtin:sentiment"  # the source name of the built-in preference se
 STATS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "logps/chosen", "logps/rejected", "tokens")
 EVAL_METRICS = tuple(f"eval/{k}" for k in STATS if k != "tokens") + ("eval/rewards/margins",)
 SENTIMENT_PROMPTS = 240  # prompts in the built-in sentiment set (dpo_dist.data.sentiment.prompts() checks the count)
+# transformers' attention kernels for training (its ALL_ATTENTION_FUNCTIONS and eager; tests/test_faults.py checks the
+# list against the installed transformers). Left out: paged|eager, which serves a paged KV cache (generation only),
+# and Hub kernels (org/name), which load code from the Hub.
+AttnImplementation = Literal[
+    "eager", "sdpa", "flash_attention_2", "flash_attention_3", "flash_attention_4", "flex_attention"
+]
 
 
 class ConfigError(ValueError):
@@ -53,7 +60,9 @@ class ModelConfig:
         "autocast; LoRA: the frozen base in that dtype, fp32 adapters; fp16 with loss scaling); auto: float32 on CPU, "
         "bfloat16 on GPUs that have it, else float16"
     )
-    attn_implementation: str | None = option(None, "attention kernel (sdpa, eager, flash_attention_2); None: transformers' choice")
+    attn_implementation: AttnImplementation | None = option(
+        None, "attention kernel; null: transformers' choice (sdpa where the model has it)"
+    )
     gradient_checkpointing: bool = option(False, "recompute activations in backward to save memory")
     quantization: Literal["none", "4bit", "8bit"] = option(
         "none", "load the base weights in 4-bit NF4 (QLoRA) or 8-bit with bitsandbytes; needs LoRA"
@@ -91,6 +100,8 @@ def check_sentiment(settings: SentimentDataConfig) -> None:
         raise ValueError("data.sentiment.completions_per_prompt must be at least 2 to make a pair")
     if settings.pairs_per_prompt < 1 or settings.max_new_tokens < 1:
         raise ValueError("data.sentiment.pairs_per_prompt and data.sentiment.max_new_tokens must be positive")
+    if not 0.0 <= settings.min_score_gap < 2.0:  # VADER compound scores lie in [-1, 1]
+        raise ValueError(f"data.sentiment.min_score_gap must be in [0, 2), got {settings.min_score_gap}")
 
 
 @dataclass
@@ -187,6 +198,9 @@ class Config:
 
     def validate(self) -> "Config":
         """Checks across keys, before anything is loaded."""
+        for key, value in float_values(self):
+            if not math.isfinite(value):
+                raise ConfigError(f"{key} must be a finite number, got {value}")
         t, d = self.train, self.data
         positive = {
             "train.per_device_batch_size": t.per_device_batch_size,
@@ -197,24 +211,31 @@ class Config:
             "train.logps_chunk_size": t.logps_chunk_size,
             "lora.r": self.lora.r,
             "loss.beta": self.loss.beta,
+            "lora.alpha": self.lora.alpha,
             "data.max_length": d.max_length,
+            "train.collective_timeout_s": t.collective_timeout_s,
         }
-        for key in ("train.max_steps", "train.eval_every", "train.save_every", "train.early_stopping_patience", "train.cpu_threads",
-                    "data.num_samples", "data.max_prompt_length"):
+        for key in ("train.max_grad_norm", "train.max_steps", "train.eval_every", "train.save_every",
+                    "train.early_stopping_patience", "train.cpu_threads", "data.num_samples", "data.max_prompt_length"):
             value = get_key(self, key)
             if value is not None:
                 positive[key] = value
         for key, value in positive.items():
             if value <= 0:
                 raise ConfigError(f"{key} must be positive, got {value}")
+        for key in ("train.learning_rate", "train.weight_decay", "loss.rpo_alpha", "train.seed", "data.sentiment.seed"):
+            if get_key(self, key) < 0:
+                raise ConfigError(f"{key} must not be negative, got {get_key(self, key)}")
+        if not 0.0 <= self.lora.dropout < 1.0:
+            raise ConfigError(f"lora.dropout must be in [0, 1), got {self.lora.dropout}")
         if d.max_prompt_length is not None and d.max_prompt_length >= d.max_length:
             raise ConfigError(f"data.max_prompt_length ({d.max_prompt_length}) must be below data.max_length ({d.max_length})")
         if not 0.0 <= d.eval_ratio < 1.0:
             raise ConfigError(f"data.eval_ratio must be in [0, 1), got {d.eval_ratio}")
         if not 0.0 <= t.warmup_ratio < 1.0:
             raise ConfigError(f"train.warmup_ratio must be in [0, 1), got {t.warmup_ratio}")
-        if len(t.adam_betas) != 2:
-            raise ConfigError(f"train.adam_betas must be two numbers, got {t.adam_betas}")
+        if len(t.adam_betas) != 2 or not all(0.0 <= b < 1.0 for b in t.adam_betas):
+            raise ConfigError(f"train.adam_betas must be two numbers in [0, 1), got {t.adam_betas}")
         if not 0.0 <= self.loss.label_smoothing < 0.5:
             raise ConfigError(f"loss.label_smoothing must be in [0, 0.5), got {self.loss.label_smoothing}")
         if self.loss.label_smoothing and self.loss.loss_type not in ("sigmoid", "robust"):
@@ -249,6 +270,20 @@ class Config:
             except ValueError as error:
                 raise ConfigError(str(error)) from None
         return self
+
+
+def float_values(node: Any, prefix: str = "") -> list[tuple[str, float]]:
+    """Every float in the config tree, list items included, as ``(dotted key, value)``."""
+    found = []
+    for f in dataclasses.fields(node):
+        value, key = getattr(node, f.name), f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(value):
+            found += float_values(value, f"{key}.")
+        elif isinstance(value, float):
+            found.append((key, value))
+        elif isinstance(value, list):
+            found += [(f"{key}[{i}]", v) for i, v in enumerate(value) if isinstance(v, float)]
+    return found
 
 
 def _is_config(value_type: Any) -> bool:

@@ -89,49 +89,7 @@ def test_format_can_be_forced(tmp_path):
         load_pairs(path, data_format="chat")
 
 
-BAD_ROWS = [
-    ({"prompt": "p", "chosen": "a"}, "missing field 'rejected'", "missing_field"),
-    ({"prompt": "p", "chosen": "a", "rejected": 3}, "field 'rejected' should be str, got int", "wrong_type"),
-    ({"prompt": "p", "chosen": "  ", "rejected": "b"}, "chosen response is empty", "empty_response"),
-    ({"prompt": "p", "chosen": "same", "rejected": "same"}, "chosen is identical to rejected", "identical_responses"),
-]
-
-
-@pytest.mark.parametrize("bad, message, reason", BAD_ROWS)
-def test_bad_row_fails_naming_row_and_reason(tmp_path, bad, message, reason):
-    path = write_jsonl(tmp_path / "d.jsonl", [TEXT, TEXT, bad, TEXT])
-    with pytest.raises(DataError, match=rf"d\.jsonl: row 2: {message}"):
-        load_pairs(path)
-
-
-def test_skip_reports_counts_by_reason(tmp_path):
-    rows = [TEXT] + [bad for bad, _, _ in BAD_ROWS] + [TEXT, BAD_ROWS[3][0]]
-    pairs, report = load_pairs(write_jsonl(tmp_path / "d.jsonl", rows), on_bad_row="skip")
-    assert pairs["row"] == [0, 5]
-    assert report.rows_read == 7 and report.rows_kept == 2
-    assert dict(report.skipped) == {"missing_field": 1, "wrong_type": 1, "empty_response": 1, "identical_responses": 2}
-    assert "2 of 7 rows kept" in report.summary() and "2 identical_responses" in report.summary()
-
-
-def test_hh_pair_whose_prompts_differ(tmp_path):
-    bad = {"chosen": "\n\nHuman: a\n\nAssistant: x", "rejected": "\n\nHuman: b\n\nAssistant: y"}
-    no_turn = {"chosen": "just text", "rejected": "\n\nHuman: b\n\nAssistant: y"}
-    path = write_jsonl(tmp_path / "d.jsonl", [HH, bad, no_turn])
-    with pytest.raises(DataError, match="row 1: chosen and rejected transcripts differ"):
-        load_pairs(path)
-    _, report = load_pairs(path, on_bad_row="skip")
-    assert dict(report.skipped) == {"prompts_differ": 1, "no_assistant_turn": 1}
-
-
-def test_conversational_bad_rows(tmp_path):
-    differ = dict(CONV_ULTRAFEEDBACK, rejected=[{"role": "user", "content": "3+3?"}, {"role": "assistant", "content": "6"}])
-    bad_message = dict(CONV_EXPLICIT, chosen=[{"role": "assistant"}])
-    ends_with_tool = dict(CONV_EXPLICIT, chosen=[{"role": "assistant", "content": "4"}, {"role": "tool", "content": "x"}])
-    path = write_jsonl(tmp_path / "d.jsonl", [CONV_EXPLICIT, differ, bad_message, ends_with_tool])
-    _, report = load_pairs(path, on_bad_row="skip")
-    assert dict(report.skipped) == {"prompts_differ": 1, "wrong_type": 1, "no_assistant_turn": 1}
-    with pytest.raises(DataError, match=r"row 2: chosen\[0\] should be a \{role, content\} message"):
-        load_pairs(write_jsonl(tmp_path / "e.jsonl", [CONV_EXPLICIT, CONV_EXPLICIT, bad_message]))
+# Bad rows of every format, named or skipped by reason: tests/faults.py (BAD_ROWS), run by tests/test_faults.py.
 
 
 def test_file_types(tmp_path):

@@ -116,4 +116,4 @@ def test_a_non_finite_loss_stops_before_deepspeed_steps(tiny_model_dir, data_fil
         assert found["train_steps"] == 2 and found["engine_steps"] == 1, found
         assert found["moved_by_failed_step"] == 0.0 and found["finite"], found
         assert "non-finite loss at step 2" in found["message"] and "stopped before applying it" in found["message"]
-        assert f"last good checkpoint: {out / 'checkpoint-1'}" in found["message"]
+        assert f"Last checkpoint: {out / 'checkpoint-1'}" in found["message"]

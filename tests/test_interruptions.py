@@ -9,6 +9,7 @@ import time
 
 import pytest
 
+from faults import STOP_SIGNALS
 from training import ROOT, assert_same_trajectory, overrides, reset_accelerate_state, run
 
 SETTINGS = {"lora.enabled": False, "train.per_device_batch_size": 8, "train.max_steps": 6, "train.save_every": 2}
@@ -43,7 +44,7 @@ def test_killed_during_a_checkpoint_write_the_previous_one_stays(tiny_model_dir,
     assert_same_trajectory(whole, resumed, atol=1e-6)
 
 
-@pytest.mark.parametrize("sig", [signal.SIGUSR1, signal.SIGTERM])
+@pytest.mark.parametrize("sig", [getattr(signal, name) for name in STOP_SIGNALS], ids=STOP_SIGNALS)
 def test_a_stop_signal_checkpoints_the_step_and_stops(sig, tiny_model_dir, data_file, tmp_path, monkeypatch):
     """The signal arrives during step 3 (no checkpoint is due: save_every is 4): the trainer finishes the step, writes
     checkpoint-3, raises Preempted naming it; the same command resumes there to the uninterrupted trajectory."""

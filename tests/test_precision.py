@@ -181,19 +181,24 @@ def test_accelerate_launch_precision_must_agree_with_model_dtype():
 def test_a_finite_step_and_an_fp16_overflow_go_on():
     """An fp16 step whose loss is finite but whose scaled gradients overflowed was skipped by the loss scaler: routine,
     a line for the log. Without loss scaling, the same numbers stop the run (next test)."""
-    assert check_step(3, {"loss": 0.69, "grad_norm": 1.0}, applied=True, loss_scaling=False, last_checkpoint=None) is None
-    said = check_step(3, {"loss": 0.69, "grad_norm": math.inf}, applied=False, loss_scaling=True, last_checkpoint=None)
+    cfg = load_config(None, [])
+    assert check_step(3, {"loss": 0.69, "grad_norm": 1.0}, applied=True, loss_scaling=False, cfg=cfg) is None
+    said = check_step(3, {"loss": 0.69, "grad_norm": math.inf}, applied=False, loss_scaling=True, cfg=cfg)
     assert said == ("step 3: the fp16 gradients overflowed at the current loss scale; the loss scaler skipped this "
                     "update and lowered the scale")
 
 
 @pytest.mark.parametrize("record, applied, loss_scaling, message", [
-    ({"loss": 0.69, "grad_norm": math.inf}, False, False, r"non-finite gradient norm at step 3 .*stopped before applying"),
-    ({"loss": math.nan, "grad_norm": math.nan}, False, True, r"non-finite loss at step 3 .*stopped before applying it; "
-                                                             r"last good checkpoint: out/checkpoint-2"),
+    ({"loss": 0.69, "grad_norm": math.inf}, False, False, r"non-finite grad_norm at step 3 .*stopped before applying"),
+    ({"loss": math.nan, "grad_norm": math.nan}, False, True, r"non-finite loss and grad_norm at step 3 .*stopped before "
+                                                             r"applying it\. Last checkpoint: .*checkpoint-2"),
     ({"loss": 0.69, "grad_norm": math.nan}, True, False, r"DeepSpeed applied this update before it could be checked .*"
-                                                         r"resume from the last good checkpoint: out/checkpoint-2"),
+                                                         r"Last checkpoint: .*checkpoint-2"),
 ], ids=["inf-gradients", "nan-loss", "deepspeed-applied"])
-def test_a_non_finite_step_stops_saying_whether_its_update_was_applied(record, applied, loss_scaling, message):
+def test_a_non_finite_step_stops_saying_whether_its_update_was_applied(record, applied, loss_scaling, message,
+                                                                       tmp_path):
+    (tmp_path / "checkpoint-2").mkdir()
+    (tmp_path / "checkpoint-2" / "trainer_state.json").write_text("{}")
+    cfg = load_config(None, [f"train.output_dir={tmp_path}"])
     with pytest.raises(TrainingError, match=message):
-        check_step(3, record, applied=applied, loss_scaling=loss_scaling, last_checkpoint="out/checkpoint-2")
+        check_step(3, record, applied=applied, loss_scaling=loss_scaling, cfg=cfg)

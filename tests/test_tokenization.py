@@ -9,6 +9,7 @@ import pytest
 from dpo_dist.data.collate import IGNORE_INDEX, PreferenceCollator
 from dpo_dist.data.load import DataError, load_pairs
 from dpo_dist.data.tokenization import TokenizationError, Truncation, tokenize_pair, tokenize_pairs, uses_bos
+from faults import USER_ASSISTANT_ONLY
 from tiny import make_tokenizer
 
 TOKENIZERS = ("bos", "nobos", "chatml", "zephyr")
@@ -320,13 +321,6 @@ def test_unknown_role_is_a_bad_row(tmp_path):
     assert "wizard" not in tok.decode(ids["prompt_input_ids"])
 
 
-# ChatML that accepts only user and assistant, like templates that raise on a system message
-USER_ASSISTANT_ONLY = (
-    "{% for m in messages %}{% if m['role'] not in ['user', 'assistant'] %}"
-    "{{ raise_exception(m['role'] + ' role not supported') }}{% endif %}"
-    "<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
 
 
 def test_row_the_chat_template_rejects_is_named_and_skippable(tmp_path):

@@ -133,12 +133,68 @@ def test_non_finite_loss_stops_naming_the_step(tiny_model_dir, data_file, tmp_pa
 
     monkeypatch.setattr(objective, "preference_loss", poisoned)
     out = tmp_path / "out"
-    with pytest.raises(trainer.TrainingError, match=r"non-finite loss at step 3 .*last good checkpoint: .*checkpoint-2"):
+    stopped = (r"^non-finite loss and grad_norm at step 3 \(loss=nan, grad_norm=nan\): stopped before applying it\. "
+               r"Last checkpoint: \S+/checkpoint-2 ")
+    with pytest.raises(trainer.TrainingError, match=stopped):
         run(tiny_model_dir, data_file, out, **{"train.save_every": 2, "train.max_steps": 6})
     from safetensors.torch import load_file
 
     assert load_file(str(out / "checkpoint-2" / "model.safetensors"))  # intact and loadable
     assert [r["step"] for r in read_metrics(str(out / "metrics.jsonl"))] == [1, 2]
+
+
+def test_diverged_weights_name_the_gradient_and_the_way_out(tiny_model_dir, data_file, tmp_path):
+    """lr 1e6: Adam moves every weight by about the learning rate at step 1 (largest |weight| 1 -> 1e6), so at step 2
+    the loss is still finite (about ln 2) but the gradient norm is NaN. The message said "non-finite loss" and sent
+    the user to checkpoint-1 as the last good one, from which a rerun fails the same way, even with a lower learning
+    rate. Now it names grad_norm, gives the checkpoint's largest |weight| beside the starting model's, and the way out,
+    which works: starting over with train.resume=never and a lower learning rate."""
+    from dpo_dist.train.checks import TrainingError
+
+    out = tmp_path / "out"
+    settings = {"train.save_every": 1, "train.max_steps": 4, "train.learning_rate": 1e6}
+    with pytest.raises(TrainingError) as error:
+        run(tiny_model_dir, data_file, out, **settings)
+    reset_accelerate_state()
+    message = str(error.value)
+    assert re.match(r"non-finite grad_norm at step 2 \(loss=0\.6\d+, grad_norm=nan\): stopped before applying it\. ",
+                    message), message
+    assert (f"Last checkpoint: {out}/checkpoint-1 (largest |weight| 1e+06; the starting model's: 1); if it has "
+            "diverged already, a rerun resumes from it (train.resume=auto) and fails the same way, even with a lower "
+            "learning rate: start over with train.resume=never and a lower train.learning_rate (now 1e+06), or resume "
+            "from an earlier checkpoint with train.resume=<path> (none earlier is kept)") in message, message
+    again = r"^non-finite grad_norm at step 2 .*checkpoint-1 \(largest \|weight\| 1e\+06"
+    with pytest.raises(TrainingError, match=again):
+        run(tiny_model_dir, data_file, out, **{**settings, "train.learning_rate": 1e-3})  # resumes from checkpoint-1
+    reset_accelerate_state()
+    records = run(tiny_model_dir, data_file, out, **{**settings, "train.learning_rate": 1e-3, "train.resume": "never"})
+    assert [r["step"] for r in records["records"]] == [1, 2, 3, 4]
+    assert all(math.isfinite(r["loss"]) and math.isfinite(r["grad_norm"]) for r in records["records"])
+
+
+def test_non_finite_message_without_checkpoints_and_for_lora(tmp_path):
+    """No checkpoint: say so and lower the learning rate. LoRA: the adapter's largest |weight| alone (there is no
+    starting adapter to compare with), NaN if a weight is; earlier checkpoints are listed."""
+
+    from safetensors.torch import save_file
+
+    from dpo_dist.train.checks import non_finite_error
+
+    cfg = load_config(None, [f"train.output_dir={tmp_path}", "train.learning_rate=0.5"])
+    record = {"loss": float("inf"), "grad_norm": 3.0}
+    assert str(non_finite_error(cfg, 7, record, applied=False)) == (
+        "non-finite loss at step 7 (loss=inf, grad_norm=3): stopped before applying it; no checkpoint was written "
+        "(set train.save_every to keep some); lower train.learning_rate (now 0.5)")
+    for step, weight in ((2, 0.25), (4, float("nan"))):
+        os.makedirs(tmp_path / f"checkpoint-{step}")
+        (tmp_path / f"checkpoint-{step}" / "trainer_state.json").write_text("{}")
+        save_file({"a": torch.tensor([0.5, -weight]), "b": torch.tensor([0.1])},
+                  str(tmp_path / f"checkpoint-{step}" / "model.safetensors"))
+    message = str(non_finite_error(cfg, 5, record, applied=False))
+    assert f"Last checkpoint: {tmp_path}/checkpoint-4 (largest |weight| nan); if it has diverged already" in message
+    assert message.endswith(f"train.resume=<path> (kept: {tmp_path}/checkpoint-2)")
+    assert "DeepSpeed applied this update before it could be checked" in str(
+        non_finite_error(cfg, 5, record, applied=True))
 
 
 def test_lora_adapter_is_saved_for_peft(tiny_model_dir, data_file, tmp_path):

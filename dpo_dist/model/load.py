@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -14,11 +15,55 @@ from dpo_dist.model.builtin import SMOLLM2, smollm2_folder
 logger = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+MODEL_FILES = ("adapter_config.json", "config.json")  # a folder holds a model (or a LoRA adapter) if it has one
+
+
+class ModelError(ValueError):
+    """A model or tokenizer that cannot be loaded as configured: one line naming the key, the source and the way out."""
+
+    def __init__(self, message: str):
+        super().__init__(" ".join(message.split()))  # one line: transformers' messages span several
 
 
 def resolve_source(name_or_path: str) -> str:
-    """A built-in name -> its local folder; anything else is passed to ``from_pretrained`` as given."""
-    return smollm2_folder() if name_or_path == SMOLLM2 else name_or_path
+    """A built-in name -> its local folder; a local folder -> itself, if it holds a model; anything else is a Hub id,
+    passed to ``from_pretrained`` as given. A path that does not exist, or a folder with no model in it, is a
+    :class:`ModelError` (transformers would read the path as a malformed Hub id)."""
+    if name_or_path == SMOLLM2:
+        return smollm2_folder()
+    if os.path.exists(name_or_path):
+        check_model_folder(name_or_path)
+        return name_or_path
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(name_or_path)
+    except HFValidationError:
+        raise ModelError(f"model.name_or_path: {name_or_path} does not exist (not a local folder, and not a Hub id, "
+                         "which looks like org/name)") from None
+    return name_or_path
+
+
+def check_model_folder(path: str) -> None:
+    """A ModelError unless ``path`` is a folder with a model's (or an adapter's) config in it; it names the subfolders
+    that have one (a run's output folder holds its final model in ``model/``)."""
+    if not os.path.isdir(path):
+        raise ModelError(f"model.name_or_path: {path} is a file; give the folder that holds config.json")
+    if any(os.path.isfile(os.path.join(path, name)) for name in MODEL_FILES):
+        return
+    inside = sorted(os.path.join(path, name) for name in os.listdir(path)
+                    if any(os.path.isfile(os.path.join(path, name, f)) for f in MODEL_FILES))
+    raise ModelError(f"model.name_or_path: no model in {path} (no config.json or adapter_config.json)"
+                     + (f"; the model folders in it: {', '.join(inside)}" if inside else ""))
+
+
+def load_error(what: str, source: str, error: Exception, cfg: Config) -> ModelError:
+    """``from_pretrained``'s error as a ModelError naming the key that caused it."""
+    if isinstance(error, ImportError) and cfg.model.attn_implementation:  # flash attention not installed
+        return ModelError(f"model.attn_implementation={cfg.model.attn_implementation}: {str(error).rstrip('.')}; set "
+                          "model.attn_implementation=sdpa (or null) or install the kernel")
+    hint = " (not a local folder either)" if not os.path.exists(source) else ""
+    return ModelError(f"model.name_or_path={source}{hint}: cannot load the {what}: {error}")
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
@@ -89,11 +134,14 @@ def resolve_precision(cfg: Config, device: torch.device, *, deepspeed: bool) -> 
 def load_tokenizer(source: str, cfg: Config) -> Any:
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(
-        source, revision=cfg.model.revision, trust_remote_code=cfg.model.trust_remote_code
-    )
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(
+            source, revision=cfg.model.revision, trust_remote_code=cfg.model.trust_remote_code
+        )
+    except (OSError, ValueError, ImportError) as error:
+        raise load_error("tokenizer", source, error, cfg) from error
     if tokenizer.eos_token is None:
-        raise ValueError(f"the tokenizer of {source} has no eos_token; DPO needs one to end responses")
+        raise ModelError(f"the tokenizer of {source} has no eos_token; DPO needs one to end responses")
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token  # padding is masked out; any id will do
         logger.info("tokenizer has no pad token: padding with eos (%r), which the attention mask hides", tokenizer.eos_token)
@@ -160,7 +208,10 @@ def load_base(source: str, cfg: Config, dtype: torch.dtype, device: torch.device
         else:
             kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
         kwargs["device_map"] = {"": device}
-    model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+    except (OSError, ValueError, ImportError) as error:
+        raise load_error("model", source, error, cfg) from error
     if cfg.model.quantization == "4bit":
         one_4bit_path(model)  # reference and policy, evaluation and chat: one 4-bit numerics on any CPU
     disable_dropout(model)

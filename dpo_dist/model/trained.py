@@ -18,9 +18,7 @@ from typing import Any
 import torch
 
 from dpo_dist.config import Config, load_config
-from dpo_dist.model.load import load_base, load_tokenizer, resolve_dtype, resolve_source
-
-MODEL_FILES = ("adapter_config.json", "config.json")
+from dpo_dist.model.load import MODEL_FILES, load_base, load_tokenizer, resolve_dtype, resolve_source
 
 
 def model_folder(path: str) -> str:

@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import glob
+import math
+import os
+
 import torch
 
 from dpo_dist.config import SENTIMENT, Config
+from dpo_dist.model.load import resolve_source
+from dpo_dist.train.checkpoint import list_checkpoints
 from dpo_dist.train.metrics import is_finite
 
 LAUNCH_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -43,13 +49,12 @@ def check_launch_precision(launched: str, compute: torch.dtype) -> None:
     )
 
 
-def check_step(step: int, record: dict[str, float], *, applied: bool, loss_scaling: bool,
-               last_checkpoint: str | None) -> str | None:
+def check_step(step: int, record: dict[str, float], *, applied: bool, loss_scaling: bool, cfg: Config) -> str | None:
     """None for a step whose loss and gradient norm are finite.
 
     A finite loss whose fp16 gradients overflowed, the update skipped by the loss scaler (a GradScaler, or
     DeepSpeed's), is routine: the scale is lowered and training goes on; returns a line saying so. Anything else
-    non-finite raises :class:`TrainingError`, saying whether the update was applied: the loop checks the loss before
+    non-finite raises :func:`non_finite_error`, saying whether the update was applied: the loop checks the loss before
     the backward that would apply it (under DeepSpeed the last micro-batch's backward steps the engine) and the
     gradient norm before ``optimizer.step``, except under DeepSpeed, whose step comes first and skips non-finite
     gradients unless its overflow check is off.
@@ -60,14 +65,54 @@ def check_step(step: int, record: dict[str, float], *, applied: bool, loss_scali
     if is_finite(loss) and loss_scaling and not applied:
         return (f"step {step}: the fp16 gradients overflowed at the current loss scale; the loss scaler skipped this "
                 "update and lowered the scale")
-    what = "loss" if not is_finite(loss) else "gradient norm"
-    last = f"last good checkpoint: {last_checkpoint or 'none (set train.save_every)'}"
-    if applied:
-        raise TrainingError(
-            f"non-finite {what} at step {step} (loss={loss}, grad_norm={grad_norm}): DeepSpeed applied this update "
-            "before it could be checked (its overflow check is off, e.g. bf16.check_grad_overflow=false), so the "
-            f"weights in memory are not finite and the run stops without saving them; resume from the {last}"
-        )
-    raise TrainingError(
-        f"non-finite {what} at step {step} (loss={loss}, grad_norm={grad_norm}): stopped before applying it; {last}"
+    raise non_finite_error(cfg, step, record, applied=applied)
+
+
+def non_finite_error(cfg: Config, step: int, record: dict[str, float], *, applied: bool) -> TrainingError:
+    """The error a non-finite loss or gradient norm stops the run with: which of them, whether the update was applied,
+    and what is left to resume from. The last checkpoint may already hold diverged weights: a learning rate far too
+    high blows the weights up a step or more before the loss or gradient turns non-finite (lr 1e6 on the tiny test
+    model: every weight moves by 1e6 at step 1, the gradient is NaN at step 2), and a rerun would resume from it and
+    fail the same way. So the message gives its largest |weight| (beside the starting model's, for full fine-tuning
+    from a local folder), says so, and gives the way out."""
+    bad = " and ".join(key for key in ("loss", "grad_norm") if not math.isfinite(record[key]))
+    head = (f"non-finite {bad} at step {step} (loss={record['loss']:.6g}, grad_norm={record['grad_norm']:.6g}): "
+            + ("DeepSpeed applied this update before it could be checked (its overflow check is off, e.g. "
+               "bf16.check_grad_overflow=false), so the weights in memory are not finite and the run stops without "
+               "saving them" if applied else "stopped before applying it"))
+    t = cfg.train
+    found = [path for _, path in list_checkpoints(t.output_dir)]
+    if not found:
+        return TrainingError(f"{head}; no checkpoint was written (set train.save_every to keep some); lower "
+                             f"train.learning_rate (now {t.learning_rate:g})")
+    last, earlier = found[-1], found[:-1]
+    largest = largest_weight(last)  # nan or inf if any weight is
+    weights = ""
+    if largest is not None:
+        start = None if cfg.lora.enabled else largest_weight(resolve_source(cfg.model.name_or_path))
+        weights = (f" (largest |weight| {largest:.3g}"
+                   + (f"; the starting model's: {start:.3g})" if start is not None else ")"))
+    return TrainingError(
+        f"{head}. Last checkpoint: {last}{weights}; if it has diverged already, a rerun resumes from it "
+        f"(train.resume=auto) and fails the same way, even with a lower learning rate: start over with "
+        f"train.resume=never and a lower train.learning_rate (now {t.learning_rate:g}), or resume from an earlier "
+        f"checkpoint with train.resume=<path> ({'kept: ' + ', '.join(earlier) if earlier else 'none earlier is kept'})"
     )
+
+
+def largest_weight(folder: str) -> float | None:
+    """The largest |value| over the ``*.safetensors`` weights in ``folder`` (NaN if any is NaN; inf if any is
+    infinite), read one tensor at a time; None if the folder has none (a Hub id, a DeepSpeed checkpoint)."""
+    from safetensors import safe_open
+
+    largest = None
+    for path in sorted(glob.glob(os.path.join(folder, "*.safetensors"))):
+        with safe_open(path, framework="pt") as handle:
+            for key in handle.keys():
+                tensor = handle.get_tensor(key)
+                if tensor.numel() and tensor.is_floating_point():
+                    value = float(tensor.abs().max())  # NaN if any element is NaN
+                    if not math.isfinite(value):
+                        return value
+                    largest = value if largest is None else max(largest, value)
+    return largest

@@ -258,8 +258,7 @@ def loop(run: Run, bar: Any, signals: StopSignals) -> None:
         step = state.global_step + 1
         applied = bool(record.pop("update_applied"))
         if not is_finite(record["loss"], record["grad_norm"]):
-            said = check_step(step, record, applied=applied, loss_scaling=run.precision.loss_scaling,
-                              last_checkpoint=latest_checkpoint(t.output_dir))
+            said = check_step(step, record, applied=applied, loss_scaling=run.precision.loss_scaling, cfg=cfg)
             accelerator.print(said)  # a skipped fp16 overflow; anything else raised
         run.scheduler.step()
         state.global_step = step
