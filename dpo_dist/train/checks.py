@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dpo_dist.config import SENTIMENT, Config
+from dpo_dist.config import Config
 
 
 class TrainingError(RuntimeError):
@@ -15,10 +15,4 @@ def check_combination(cfg: Config, stage: int) -> None:
         raise TrainingError(
             f"model.quantization={cfg.model.quantization} cannot be sharded by DeepSpeed ZeRO-{stage}: launch without a "
             "DeepSpeed config (QLoRA trains on one device), or set model.quantization=none"
-        )
-    if stage == 3 and cfg.data.source == SENTIMENT:
-        raise TrainingError(
-            "the built-in sentiment set is sampled by one process from an unsharded model: build it once without "
-            "ZeRO-3 (python launch/train.py train.max_steps=1; it is cached), then point data.source and "
-            "data.eval_source at the cached files in ~/.cache/dpo_dist/data/, or use your own data"
         )
