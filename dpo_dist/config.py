@@ -170,7 +170,7 @@ class TrainSettings:
     packing: Literal["auto", "on", "off"] = option(
         "auto", "prompt sharing and padding-free packing: each pair as prompt|chosen|rejected, the prompt computed once, "
         "pairs packed into rows with a block-diagonal attention mask, the LM head on scored tokens only; auto: on "
-        "where supported (sdpa/eager attention, a plain LM head, no ZeRO-3), off: padded chosen and rejected rows"
+        "where supported (sdpa/eager attention, a plain LM head), off: padded chosen and rejected rows"
     )
     share_prompt: bool = option(True, "with packing: compute each prompt once for both responses (false: "
                                       "prompt|chosen and prompt|rejected packed as separate segments)")
@@ -180,6 +180,8 @@ class TrainSettings:
     debug: bool = option(False, "anomaly detection (NaN/inf names the op), one decoded training pair with its masked "
                                 "labels, and time and memory of the first steps")
     collective_timeout_s: int = option(1800, "seconds before a stuck collective fails the run")
+    stop_grace_s: int = option(600, "after SIGUSR1/SIGTERM, seconds to reach the next step boundary and write the "
+                                    "checkpoint before the process exits anyway (status 124; a rank stuck in a collective)")
     cpu_threads: int | None = option(None, "threads per process on CPU; null: this machine's CPUs / its processes")
     single_device_fallback: bool = option(
         True, "a launch that asks for ZeRO or several processes on a machine with one device (one GPU, or one CPU "
@@ -214,6 +216,7 @@ class Config:
             "lora.alpha": self.lora.alpha,
             "data.max_length": d.max_length,
             "train.collective_timeout_s": t.collective_timeout_s,
+            "train.stop_grace_s": t.stop_grace_s,
         }
         for key in ("train.max_grad_norm", "train.max_steps", "train.eval_every", "train.save_every",
                     "train.early_stopping_patience", "train.cpu_threads", "data.num_samples", "data.max_prompt_length"):

@@ -47,6 +47,7 @@ BAD_CONFIG = [
     ("train.adam_betas=[0.9, 1.0]", "train.adam_betas must be two numbers in [0, 1), got [0.9, 1.0]"),
     ("train.max_grad_norm=0", "train.max_grad_norm must be positive, got 0.0"),
     ("train.collective_timeout_s=0", "train.collective_timeout_s must be positive, got 0"),
+    ("train.stop_grace_s=0", "train.stop_grace_s must be positive, got 0"),
     ("lora.alpha=0", "lora.alpha must be positive, got 0"),
     ("lora.dropout=1", "lora.dropout must be in [0, 1), got 1.0"),
     ("data.sentiment.min_score_gap=2", "data.sentiment.min_score_gap must be in [0, 2), got 2.0"),

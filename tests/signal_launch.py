@@ -2,11 +2,12 @@
 
     python tests/signal_launch.py RUN_DIR WHEN section.key=value ...
 
-WHEN is ``step:N`` (after optimizer step N) or ``reference:N`` (after batch N of the reference precompute). When
-that point is reached this creates ``RUN_DIR/reached``; from then on each step (or batch) takes a second longer, so
-the signal arrives while the run is still going. Every process writes the status it exits with to
-``RUN_DIR/status-<rank>`` (distributed processes end with ``os._exit``, which skips ``atexit``). Everything else is the
-real entry point.
+WHEN is ``step:N`` (after optimizer step N), ``reference:N`` (after batch N of the reference precompute) or
+``stuck:N`` (after step N rank 1 hangs before its next step, so rank 0 waits in that step's collective). When that
+point is reached this creates ``RUN_DIR/reached``; from then on each step (or batch) takes a second longer, so
+the signal arrives while the run is still going. Every process writes its pid to ``RUN_DIR/pid-<rank>`` and the status
+it exits with to ``RUN_DIR/status-<rank>`` (distributed processes end with ``os._exit``, which skips ``atexit``).
+Everything else is the real entry point.
 """
 
 import os
@@ -21,6 +22,8 @@ run_dir, when = sys.argv.pop(1), sys.argv.pop(1)
 kind, count = when.split(":")
 rank = os.environ.get("RANK", "0")
 calls = []
+with open(os.path.join(run_dir, f"pid-{rank}"), "w") as handle:
+    handle.write(str(os.getpid()))
 
 
 def reached() -> None:
@@ -36,12 +39,15 @@ def record_status(code) -> None:
         handle.write(str(code))
 
 
-if kind == "step":
+if kind in ("step", "stuck"):
     from dpo_dist.train import trainer
 
     real_step = trainer.train_step
 
     def train_step(*args, **kwargs):
+        if kind == "stuck" and rank == "1" and len(calls) == int(count):
+            while True:  # a rank that never comes back (a hung data loader, a deadlock)
+                time.sleep(3600)
         record = real_step(*args, **kwargs)
         reached()
         return record

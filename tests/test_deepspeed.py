@@ -5,6 +5,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 
 import pytest
 import torch
@@ -30,13 +31,17 @@ def one_process(tiny_model_dir, data_file, tmp_path_factory):
     return out
 
 
-def launch_zero(stage, tiny_model_dir, data_file, out, **extra):
-    command = accelerate_launch("--config_file", os.path.join(ROOT, "accelerate_configs", f"zero{stage}.yaml"),
+def launch_zero(stage, tiny_model_dir, data_file, out, config=None, env=None, **extra):
+    config = config or f"zero{stage}.yaml"
+    command = accelerate_launch("--config_file", os.path.join(ROOT, "accelerate_configs", config),
                                 "--num_processes", "2", os.path.join(ROOT, "launch", "train.py"))
-    command += overrides(tiny_model_dir, data_file, out, **{"train.per_device_batch_size": 4, **extra})
-    result = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    extra = {"train.per_device_batch_size": 4, **extra}
+    command += overrides(tiny_model_dir, data_file, out, **extra)
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=ROOT,
+                            env={**os.environ, **(env or {})})
     assert result.returncode == 0, result.stderr[-4000:]
-    assert "4 per device x 1 accumulation x 2 processes" in result.stdout
+    accumulation = extra.get("train.gradient_accumulation_steps", 1)
+    assert f"{extra['train.per_device_batch_size']} per device x {accumulation} accumulation x 2 processes" in result.stdout
     return result
 
 
@@ -117,3 +122,42 @@ def test_a_non_finite_loss_stops_before_deepspeed_steps(tiny_model_dir, data_fil
         assert found["moved_by_failed_step"] == 0.0 and found["finite"], found
         assert "non-finite loss at step 2" in found["message"] and "stopped before applying it" in found["message"]
         assert f"Last checkpoint: {out / 'checkpoint-1'}" in found["message"]
+
+
+def test_zero3_offload_equals_one_process(one_process, tiny_model_dir, data_file, tmp_path):
+    """accelerate_configs/zero3_offload.yaml (optimizer state and parameters in CPU memory) runs and computes what
+    one process does."""
+    out = tmp_path / "out"
+    result = launch_zero(3, tiny_model_dir, data_file, out, config="zero3_offload.yaml", **STEPS)
+    assert "packing: on" in result.stdout
+    assert_same_trajectory(one_process[False][0], read_jsonl(out / "metrics.jsonl"), atol=1e-4)
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_zero_with_gradient_accumulation_equals_one_process(stage, one_process, tiny_model_dir, data_file, tmp_path):
+    """2 per device x 2 accumulation x 2 processes: the global batch of 8 one process takes at once, the same steps
+    (DeepSpeed accumulates and steps inside backward; the trainer's micro-batch order must match)."""
+    out = tmp_path / "out"
+    launch_zero(stage, tiny_model_dir, data_file, out, **STEPS, **{
+        "train.per_device_batch_size": 2, "train.gradient_accumulation_steps": 2})
+    assert_same_trajectory(one_process[False][0], read_jsonl(out / "metrics.jsonl"), atol=1e-4)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("vaderSentiment") is None, reason="the built-in set needs vadersentiment")
+def test_builtin_sentiment_set_is_built_under_zero3(tiny_model_dir, tmp_path):
+    """The default data under ZeRO-3 (the model loaded partitioned): the main process samples the set from an
+    unsharded copy, the run trains, and the files equal those one process builds."""
+    settings = {"data.source": "builtin:sentiment", "data.sentiment.num_prompts": 16, "data.sentiment.eval_prompts": 4,
+                "data.sentiment.completions_per_prompt": 4, "data.sentiment.max_new_tokens": 12,
+                "data.sentiment.min_score_gap": 0.0, "train.max_steps": 2, "train.per_device_batch_size": 2}
+    launch_zero(3, tiny_model_dir, "unused", tmp_path / "zero3", env={"XDG_CACHE_HOME": str(tmp_path / "cache-zero3")},
+                **settings)
+    one = subprocess.run([sys.executable, os.path.join(ROOT, "launch", "train.py"),
+                          *overrides(tiny_model_dir, "unused", tmp_path / "one", **settings)],
+                         capture_output=True, text=True, timeout=600, cwd=ROOT,
+                         env={**os.environ, "XDG_CACHE_HOME": str(tmp_path / "cache-one")})
+    assert one.returncode == 0, one.stderr[-3000:]
+    built = {d: sorted((tmp_path / d / "dpo_dist" / "data").iterdir()) for d in ("cache-zero3", "cache-one")}
+    assert [p.name for p in built["cache-zero3"]] == [p.name for p in built["cache-one"]] and built["cache-one"]
+    for zero3, single in zip(built["cache-zero3"], built["cache-one"]):
+        assert zero3.read_text() == single.read_text() and zero3.read_text()

@@ -64,10 +64,11 @@ def test_accelerate_launch_accumulation_must_agree():
     "stage, overrides, message",
     [
         (2, ["model.quantization=4bit"], r"cannot be sharded by DeepSpeed ZeRO-2: launch without a DeepSpeed config"),
-        (3, [], r"build it once without ZeRO-3"),
+        (3, ["model.quantization=8bit"], r"cannot be sharded by DeepSpeed ZeRO-3: launch without a DeepSpeed config"),
     ],
 )
 def test_combinations_that_cannot_work_name_the_fix(stage, overrides, message):
     with pytest.raises(TrainingError, match=message):
         check_combination(load_config(None, overrides), stage)
     check_combination(load_config(None, overrides), 0)  # fine without DeepSpeed
+    check_combination(load_config(None, []), 3)  # the defaults (the built-in sentiment set) under ZeRO-3

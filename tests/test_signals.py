@@ -103,3 +103,29 @@ def test_a_signal_during_the_reference_precompute_stops_cleanly(launch, tiny_mod
                            capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert again.returncode == 0, again.stderr[-3000:]
     assert [r["step"] for r in read_metrics(str(out / "metrics.jsonl"))] == [1, 2]
+
+
+@pytest.mark.multiprocess
+def test_a_rank_stuck_in_a_collective_exits_within_the_grace_period(tiny_model_dir, data_file, tmp_path):
+    """Rank 1 hangs before step 3, so rank 0 blocks in step 3's gradient all-reduce, inside gloo, where Python never
+    runs its signal handler. SIGTERM to both: each exits within train.stop_grace_s (10 s) with status 124 and says
+    why, long before the collective timeout (600 s here)."""
+    process = start("accelerate-ddp", tmp_path, "stuck:2", tiny_model_dir, data_file, **{
+        "train.max_steps": 8, "train.per_device_batch_size": 4, "train.stop_grace_s": 10,
+        "train.collective_timeout_s": 600})
+    deadline = time.monotonic() + 300
+    while not (tmp_path / "reached").exists():
+        assert process.poll() is None and time.monotonic() < deadline, (tmp_path / "log.txt").read_text()[-3000:]
+        time.sleep(0.2)
+    time.sleep(3)  # rank 0 is in step 3's collective by now
+    signalled = time.monotonic()
+    for rank in (0, 1):
+        os.kill(int((tmp_path / f"pid-{rank}").read_text()), signal.SIGTERM)
+    statuses = wait_for_trainers(tmp_path, 2, timeout=90)
+    assert time.monotonic() - signalled < 60
+    log = (tmp_path / "log.txt").read_text()
+    assert statuses == [124, 124], log[-3000:]
+    assert log.count("has not reached a step boundary since") == 2, log[-3000:]
+    process.kill()
+    process.wait(timeout=60)
+

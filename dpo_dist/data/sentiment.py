@@ -20,7 +20,7 @@ import logging
 import os
 import random
 import tempfile
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -124,16 +124,17 @@ def build_pairs(model: Any, tokenizer: Any, settings: Any, device: torch.device)
     return rows
 
 
-def ensure_sentiment_data(model: Any, tokenizer: Any, settings: Any, model_identity: dict, device: torch.device,
-                          root: str) -> tuple[str, str]:
-    """The cached train and eval JSON-lines files, built first if absent. Call on the main process only."""
+def ensure_sentiment_data(sampler: Callable[[], Any], tokenizer: Any, settings: Any, model_identity: dict,
+                          device: torch.device, root: str) -> tuple[str, str]:
+    """The cached train and eval JSON-lines files, built first if absent, sampling from the model ``sampler()``
+    returns (called only then). Call on the main process only."""
     paths = dataset_paths(settings, model_identity, root)
     if all(os.path.isfile(p) for p in paths):
         return paths
     logger.info("building the sentiment preference set (%d prompts x %d completions) into %s",
                 settings.num_prompts, settings.completions_per_prompt, os.path.dirname(paths[0]))
     by_split: dict[str, list[dict[str, Any]]] = {"train": [], "eval": []}
-    for row in build_pairs(model, tokenizer, settings, device):
+    for row in build_pairs(sampler(), tokenizer, settings, device):
         by_split[row.pop("split")].append(row)
     os.makedirs(os.path.dirname(paths[0]), exist_ok=True)
     for split, path in zip(("train", "eval"), paths):

@@ -8,7 +8,7 @@ import os
 
 import torch
 
-from dpo_dist.config import SENTIMENT, Config
+from dpo_dist.config import Config
 from dpo_dist.model.load import resolve_source
 from dpo_dist.train.checkpoint import list_checkpoints
 from dpo_dist.train.metrics import is_finite
@@ -27,14 +27,6 @@ def check_combination(cfg: Config, stage: int) -> None:
             f"model.quantization={cfg.model.quantization} cannot be sharded by DeepSpeed ZeRO-{stage}: launch without a "
             "DeepSpeed config (QLoRA trains on one device), or set model.quantization=none"
         )
-    if stage == 3 and cfg.data.source == SENTIMENT:
-        raise TrainingError(
-            "the built-in sentiment set is sampled by one process from an unsharded model: build it once without "
-            "ZeRO-3 (python launch/train.py train.max_steps=1; it is cached), then point data.source and "
-            "data.eval_source at the cached files in ~/.cache/dpo_dist/data/, or use your own data"
-        )
-
-
 def check_launch_precision(launched: str, compute: torch.dtype) -> None:
     """``accelerate launch --mixed_precision`` (or its config's ``mixed_precision``) set to bf16 or fp16 must be what
     ``model.dtype`` resolves to; ``no`` (the shipped configs) leaves the choice to ``model.dtype``."""

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any
+import contextlib
+from typing import Any, Callable, Iterator
 
 import datasets
 import torch
@@ -25,6 +26,36 @@ def model_identity(cfg: Config, source: str, dtype: str, accelerator: Any) -> di
     return cache.model_identity(source, revision=cfg.model.revision, dtype=dtype, quantization=cfg.model.quantization)
 
 
+@contextlib.contextmanager
+def sampling_model(cfg: Config, accelerator: Any, model: Any) -> Iterator[Callable[[], Any]]:
+    """What the main process samples the built-in set from, by itself: the policy, or under ZeRO-3 with
+    ``zero3_init_flag`` (a partitioned model: every forward is a collective) an unsharded copy (one full copy in
+    memory while it samples, loaded only when the set is not cached yet).
+
+    Inside, transformers does not see the DeepSpeed config: ``from_pretrained`` would build the copy partitioned
+    (``zero.Init``) and ``generate`` would sync every token with the other ranks (``synced_gpus``), which are waiting
+    elsewhere; both are collectives this process would run alone."""
+    if not any(hasattr(p, "ds_id") for p in model.parameters()):
+        yield lambda: model
+        return
+    from transformers.integrations import set_hf_deepspeed_config, unset_hf_deepspeed_config
+
+    from dpo_dist.model.load import load_base, resolve_dtype, resolve_source
+
+    def unsharded_copy() -> Any:
+        copy = load_base(resolve_source(cfg.model.name_or_path), cfg, resolve_dtype(cfg.model.dtype, accelerator.device),
+                         accelerator.device)
+        return copy.to(accelerator.device)
+
+    plugin = accelerator.state.deepspeed_plugin
+    unset_hf_deepspeed_config()
+    try:
+        yield unsharded_copy
+    finally:
+        if getattr(plugin, "dschf", None) is not None:
+            set_hf_deepspeed_config(plugin.dschf)
+
+
 def load_pairs_for(cfg: Config, accelerator: Any, model: Any, tokenizer: Any, identity: dict):
     """Train and eval pairs as in ``cfg.data``; the built-in sentiment set is built first (main process) if needed."""
     d = cfg.data
@@ -33,7 +64,9 @@ def load_pairs_for(cfg: Config, accelerator: Any, model: Any, tokenizer: Any, id
     if d.source == SENTIMENT:
         paths = None
         if accelerator.is_main_process:
-            paths = ensure_sentiment_data(model, tokenizer, d.sentiment, identity, accelerator.device, cache_root())
+            with sampling_model(cfg, accelerator, model) as sampler:
+                paths = ensure_sentiment_data(sampler, tokenizer, d.sentiment, identity, accelerator.device,
+                                              cache_root())
         from accelerate.utils import broadcast_object_list
 
         source, eval_source = broadcast_object_list([paths])[0]

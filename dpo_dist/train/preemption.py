@@ -12,12 +12,15 @@ from __future__ import annotations
 import ctypes
 import os
 import signal
+import sys
+import threading
 from typing import Any
 
 import torch
 
 STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
 PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: stopped with a checkpoint; run the same command again to continue
+STUCK_EXIT_CODE = 124  # as timeout(1): a stop signal found no step boundary within its grace period
 
 
 class Preempted(Exception):
@@ -25,16 +28,57 @@ class Preempted(Exception):
 
 
 class StopSignals:
-    """Records SIGUSR1 / SIGTERM instead of dying; restores the previous handlers on ``close``."""
+    """Records SIGUSR1 / SIGTERM instead of dying; restores the previous handlers on ``close``.
 
-    def __init__(self, signals: tuple[signal.Signals, ...] = STOP_SIGNALS):
+    With ``grace_s``, a stop signal also starts a clock: a process that has not finished (checkpointed and closed
+    this) ``grace_s`` seconds later exits with status 124 and a message. That bounds a rank stuck in a collective,
+    whose main thread never returns to Python to run the handler: the signal is seen by a watcher thread through
+    ``signal.set_wakeup_fd``, which the C-level handler writes to whatever the main thread is doing.
+    """
+
+    def __init__(self, signals: tuple[signal.Signals, ...] = STOP_SIGNALS, *, grace_s: float | None = None):
         self.received: signal.Signals | None = None
         self._previous = {}
+        self._closed = threading.Event()
+        self._wakeup: tuple[int, int, int] | None = None  # (read end, write end, the previous wakeup fd)
         for sig in signals:
             try:
                 self._previous[sig] = signal.signal(sig, self._record)
             except ValueError:  # not the main thread (an in-process test runner, say): signals stay as they were
                 pass
+        if grace_s is not None and self._previous:
+            read, write = os.pipe()
+            os.set_blocking(write, False)
+            self._wakeup = (read, write, signal.set_wakeup_fd(write, warn_on_full_buffer=False))
+            numbers = {int(sig) for sig in self._previous}
+            threading.Thread(target=self._watch, args=(read, numbers, grace_s), daemon=True,
+                             name="stop-signal-watchdog").start()
+
+    def _watch(self, read: int, numbers: set[int], grace_s: float) -> None:
+        """Runs in its own thread: at the first stop signal, wait ``grace_s`` for :meth:`close`, else exit."""
+        try:
+            self._wait_for_a_stop(read, numbers, grace_s)
+        finally:
+            os.close(read)
+
+    def _wait_for_a_stop(self, read: int, numbers: set[int], grace_s: float) -> None:
+        while not self._closed.is_set():
+            try:
+                data = os.read(read, 64)
+            except OSError:
+                return
+            if not data:
+                return
+            stop = next((n for n in data if n in numbers), None)
+            if stop is None:
+                continue  # another signal with a Python handler (SIGINT, SIGCHLD) also wakes the pipe
+            if not self._closed.wait(grace_s):
+                print(f"{signal.Signals(stop).name} was received {grace_s:g} s ago and this process has not reached "
+                      "a step boundary since (stuck in a collective, waiting for a rank that is gone?): exiting with "
+                      f"status {STUCK_EXIT_CODE}, no checkpoint written by this stop (the last one stands; "
+                      "train.stop_grace_s sets the wait)", file=sys.stderr, flush=True)
+                os._exit(STUCK_EXIT_CODE)
+            return
 
     def _record(self, signum: int, frame: Any) -> None:
         self.received = signal.Signals(signum)
@@ -57,6 +101,12 @@ class StopSignals:
                             "last one, if any, is as it was); run the same command again to continue")
 
     def close(self) -> None:
+        self._closed.set()
+        if self._wakeup is not None:
+            read, write, previous = self._wakeup
+            signal.set_wakeup_fd(previous)
+            os.close(write)  # the watcher's read returns empty and it ends
+            self._wakeup = None
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
         self._previous.clear()

@@ -222,7 +222,7 @@ def train(cfg: Config) -> dict[str, Any]:
 
     SIGUSR1/SIGTERM (preemption) are recorded from the start: before the first step they stop the run cleanly
     (nothing to checkpoint), after it they checkpoint the current step and stop (:class:`Preempted` either way)."""
-    signals = StopSignals()
+    signals = StopSignals(grace_s=cfg.train.stop_grace_s)
     try:
         run = setup(cfg, signals)
         t, accelerator, state = cfg.train, run.accelerator, run.state
