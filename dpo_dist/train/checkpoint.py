@@ -101,8 +101,8 @@ def save_checkpoint(accelerator: Any, output_dir: str, state: TrainState, *, kee
 
     Once all have written, every process fsyncs every file (on a shared file system each node flushes what it wrote);
     the main process then writes ``trainer_state.json``, fsyncs it and every folder of the checkpoint, renames it into
-    place and fsyncs the output folder: a crash or power loss leaves the whole checkpoint or none. The best is recognised by its step, not its
-    path string (a resumed run may spell ``output_dir`` differently)."""
+    place and fsyncs the output folder: a crash or power loss leaves the whole checkpoint or none. The best is
+    recognised by its step, not its path string (a resumed run may spell ``output_dir`` differently)."""
     final = os.path.join(output_dir, f"checkpoint-{state.global_step}")
     tmp = final + ".tmp"
     if accelerator.is_main_process and os.path.exists(tmp):
@@ -163,7 +163,8 @@ def remove_partial_writes(output_dir: str) -> list[str]:
     removed = []
     for name in sorted(os.listdir(output_dir)):
         path = os.path.join(output_dir, name)
-        if name.endswith(".tmp") and (CHECKPOINT.match(name[: -len(".tmp")]) or name == "model.tmp") and os.path.isdir(path):
+        partial = name == "model.tmp" or (name.endswith(".tmp") and CHECKPOINT.match(name[: -len(".tmp")]))
+        if partial and os.path.isdir(path):
             shutil.rmtree(path)
             removed.append(name)
     return removed
