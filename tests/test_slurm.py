@@ -13,6 +13,7 @@ from training import ROOT, assert_same_trajectory, overrides, read_jsonl, reset_
 pytestmark = pytest.mark.slurm
 TRAINING = {"lora.enabled": False, "train.per_device_batch_size": 4, "train.eval_every": 5}
 LONG = {**TRAINING, "train.max_steps": 300, "train.eval_every": 50}  # long enough to be preempted mid-run
+LONG_LORA = {**LONG, "lora.enabled": True}  # the default setup
 
 
 @pytest.fixture(scope="module")
@@ -84,13 +85,41 @@ def single(tiny_model_dir, data_file, tmp_path_factory):
     return records["records"]
 
 
+def run_uninterrupted(cluster, tiny_model_dir, data_file, folder, settings):
+    result, _ = submit(cluster, folder / "job.log", *overrides(tiny_model_dir, data_file, folder / "out", **settings),
+                       wait=True)
+    assert result.returncode == 0, (folder / "job.log").read_text()[-4000:]
+    return read_jsonl(folder / "out" / "metrics.jsonl")
+
+
 @pytest.fixture(scope="module")
 def uninterrupted(cluster, tiny_model_dir, data_file, tmp_path_factory):
     """The long 2-node run, not interrupted: a preempted and resumed job must repeat it exactly."""
-    folder = tmp_path_factory.mktemp("uninterrupted")
-    result, _ = submit(cluster, folder / "job.log", *overrides(tiny_model_dir, data_file, folder / "out", **LONG), wait=True)
-    assert result.returncode == 0, (folder / "job.log").read_text()[-4000:]
-    return read_jsonl(folder / "out" / "metrics.jsonl")
+    return run_uninterrupted(cluster, tiny_model_dir, data_file, tmp_path_factory.mktemp("uninterrupted"), LONG)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted_lora(cluster, tiny_model_dir, data_file, tmp_path_factory):
+    """The same with LoRA, the default."""
+    return run_uninterrupted(cluster, tiny_model_dir, data_file, tmp_path_factory.mktemp("uninterrupted-lora"), LONG_LORA)
+
+
+def preempt_and_finish(how, cluster, tiny_model_dir, data_file, tmp_path, settings):
+    """Submit the long job, preempt it after its first steps, wait until the requeued job has finished; its records."""
+    out = tmp_path / "out"
+    result, job = submit(cluster, tmp_path / "job.log", *overrides(tiny_model_dir, data_file, out, **settings))
+    assert result.returncode == 0, result.stderr
+    wait_for(lambda: steps_written(out) >= 3, 300, "the first training steps")
+    if how == "scontrol-requeue":
+        subprocess.run(["scontrol", "requeue", job], check=True, env=cluster)
+    else:
+        subprocess.run(["scancel", "--signal=USR1", "--batch", job], check=True, env=cluster)
+    wait_for(lambda: job_state(cluster, job) == ("COMPLETED", 1), 600, "the requeued job to finish")
+    log = (tmp_path / "job.log").read_text()
+    assert "preempted: stopped by" in log and "resumed from" in log, log[-4000:]
+    records = read_jsonl(out / "metrics.jsonl")
+    assert [r["step"] for r in records] == list(range(1, 301))
+    return records
 
 
 def test_two_nodes_train_like_one_process(cluster, single, tiny_model_dir, data_file, tmp_path):
@@ -124,20 +153,22 @@ def test_preempted_job_resumes_and_finishes_the_same(how, cluster, uninterrupted
     """SIGUSR1 to the batch shell (what --signal=B:USR1@300 sends before the time limit) or ``scontrol requeue``
     (SIGTERM to every process, then back in the queue): the trainers checkpoint the step they are in and stop, the
     job runs again and resumes, and the final metrics are those of an uninterrupted run."""
-    out = tmp_path / "out"
-    result, job = submit(cluster, tmp_path / "job.log", *overrides(tiny_model_dir, data_file, out, **LONG))
-    assert result.returncode == 0, result.stderr
-    wait_for(lambda: steps_written(out) >= 3, 300, "the first training steps")
-    if how == "scontrol-requeue":
-        subprocess.run(["scontrol", "requeue", job], check=True, env=cluster)
-    else:
-        subprocess.run(["scancel", "--signal=USR1", "--batch", job], check=True, env=cluster)
-    wait_for(lambda: job_state(cluster, job) == ("COMPLETED", 1), 600, "the requeued job to finish")
-    log = (tmp_path / "job.log").read_text()
-    assert "preempted: stopped by" in log and "resumed from" in log, log[-4000:]
-    records = read_jsonl(out / "metrics.jsonl")
-    assert [r["step"] for r in records] == list(range(1, 301))
+    records = preempt_and_finish(how, cluster, tiny_model_dir, data_file, tmp_path, LONG)
     assert_same_trajectory(uninterrupted, records, atol=1e-6)
+
+
+def test_preempted_lora_job_resumes_and_finishes_the_same(cluster, uninterrupted_lora, tiny_model_dir, data_file,
+                                                          tmp_path):
+    """The default setup, LoRA over DDP on 2 nodes, requeued (``scontrol requeue``): the preemption checkpoint holds
+    only the adapter, the requeued job resumes from it, and the final metrics are those of an uninterrupted run."""
+    from safetensors import safe_open
+
+    records = preempt_and_finish("scontrol-requeue", cluster, tiny_model_dir, data_file, tmp_path, LONG_LORA)
+    assert_same_trajectory(uninterrupted_lora, records, atol=1e-6)
+    (checkpoint,) = [n for n in os.listdir(tmp_path / "out") if n.startswith("checkpoint-")]
+    with safe_open(str(tmp_path / "out" / checkpoint / "model.safetensors"), framework="pt") as handle:
+        names = list(handle.keys())
+    assert names and all(".lora_A." in name or ".lora_B." in name for name in names), names[:5]
 
 
 def test_a_killed_rank_fails_the_whole_job_quickly(cluster, tiny_model_dir, data_file, tmp_path):

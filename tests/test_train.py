@@ -113,11 +113,57 @@ def test_checkpoints_keep_last_k_and_the_best(tiny_model_dir, data_file, tmp_pat
     assert result["state"].best_checkpoint == str(out / "checkpoint-1")
 
 
+def test_the_best_checkpoint_is_kept_however_output_dir_is_spelled(tiny_model_dir, data_file, tmp_path, monkeypatch):
+    """A run with a relative output_dir records checkpoint-1 as its best (lr 0: eval/loss stays flat); resumed with
+    the absolute path of the same folder it still keeps checkpoint-1 beside the last two."""
+    monkeypatch.chdir(tmp_path)
+    settings = {"train.save_every": 1, "train.eval_every": 1, "train.keep_last": 2, "train.learning_rate": 0.0}
+    run(tiny_model_dir, data_file, "out", **settings, **{"train.max_steps": 3})
+    reset_accelerate_state()
+    result = run(tiny_model_dir, data_file, tmp_path / "out", **settings, **{"train.max_steps": 5})
+    assert [r["step"] for r in result["records"]] == [1, 2, 3, 4, 5]
+    assert result["state"].best_checkpoint == os.path.join("out", "checkpoint-1")  # as the first run wrote it
+    assert sorted(n for n in os.listdir(tmp_path / "out") if n.startswith("checkpoint")) == [
+        "checkpoint-1", "checkpoint-4", "checkpoint-5"]
+
+
 def test_early_stopping_with_patience(tiny_model_dir, data_file, tmp_path, capsys):
     result = run(tiny_model_dir, data_file, tmp_path / "out", **{
         "train.max_steps": 20, "train.eval_every": 2, "train.early_stopping_patience": 2, "train.learning_rate": 0.0})
     assert result["records"][-1]["step"] == 6  # best at 2, no improvement at 4 and 6
     assert "early stopping at step 6" in capsys.readouterr().out
+
+
+def adapter_or_model_tensors(folder):
+    """The tensors of a checkpoint or of the final export, named alike (PEFT drops the adapter name on export)."""
+    from safetensors.torch import load_file
+
+    name = "adapter_model.safetensors" if os.path.isfile(os.path.join(folder, "adapter_model.safetensors")) else "model.safetensors"
+    return {k.replace(".default.", "."): v for k, v in load_file(os.path.join(folder, name)).items()}
+
+
+@pytest.mark.parametrize("lora,save_every", [(False, 2), (False, None), (True, 2)],
+                         ids=["full", "full-no-save-every", "lora"])
+def test_early_stopping_exports_the_best_checkpoint(lora, save_every, tiny_model_dir, data_file, tmp_path, capsys):
+    """greater_is_better on eval/loss makes the first eval (step 2, before learning lowers the loss) the best: the
+    patience of 2 evals runs out at step 6, and model/ holds the weights of checkpoint-2 (written as the best even
+    without save_every), not those of step 6; the log says which."""
+    out = tmp_path / "out"
+    result = run(tiny_model_dir, data_file, out, **{
+        "lora.enabled": lora, "train.max_steps": 20, "train.eval_every": 2, "train.early_stopping_patience": 2,
+        "train.greater_is_better": True, "train.save_every": save_every})
+    losses = [r["eval/loss"] for r in result["records"] if "eval/loss" in r]
+    assert len(losses) == 3 and losses[0] > losses[1] > losses[2]
+    assert result["records"][-1]["step"] == 6
+    exported, best = adapter_or_model_tensors(out / "model"), adapter_or_model_tensors(out / "checkpoint-2")
+    assert set(exported) == set(best) and len(best) > 0
+    for name in best:
+        torch.testing.assert_close(exported[name], best[name], rtol=0, atol=0)
+    if save_every:  # checkpoint-6 holds the last weights: they differ
+        last = adapter_or_model_tensors(out / "checkpoint-6")
+        assert any(not torch.equal(last[name], best[name]) for name in best)
+    log = capsys.readouterr().out
+    assert f"model/: the weights of {out / 'checkpoint-2'}, the best eval/loss ({losses[0]:.4f}), not those of the last step 6" in log
 
 
 def test_non_finite_loss_stops_naming_the_step(tiny_model_dir, data_file, tmp_path, monkeypatch):

@@ -1,9 +1,12 @@
 """Checkpoints that are whole or absent, resume from the latest, and the final export.
 
 A checkpoint is written into ``checkpoint-<step>.tmp`` (Accelerate's ``save_state``: model, optimizer, scheduler,
-RNG states of every process, then ``trainer_state.json`` last) and renamed to ``checkpoint-<step>`` only when all of
-it is on disk, so a run killed mid-write leaves the previous checkpoint as the latest. For LoRA policies only the
-trainable (adapter) weights are stored.
+RNG states of every process, then ``trainer_state.json`` last), fsynced file by file and folder by folder, and renamed
+to ``checkpoint-<step>`` only when all of it is on disk, so a run killed mid-write leaves the previous checkpoint as
+the latest; the ``.tmp`` it leaves is removed when the next run starts. For LoRA policies only the trainable (adapter)
+weights are stored, with any number of processes, with or without DeepSpeed. A run that starts from step N (a resume,
+or 0) moves checkpoints past N, left by a run it does not continue, to ``abandoned/``. The best checkpoint is known by
+its step; with early stopping its weights are what the final export holds.
 """
 
 from __future__ import annotations
@@ -52,23 +55,37 @@ def latest_checkpoint(output_dir: str) -> str | None:
 
 
 def adapter_only_checkpoints(accelerator: Any, model: Any) -> None:
-    """Store only trainable weights in checkpoints of a LoRA policy; check on load that the file holds exactly them."""
-    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    """Store only trainable weights in checkpoints of a LoRA policy; check on load that the file holds exactly them.
+
+    ``model`` is what ``prepare`` returned (the DDP wrapper with 2+ processes), while Accelerate saves and loads the
+    entries of ``accelerator._models`` (the unwrapped model, in Accelerate 1.15): the policy is found among them by
+    identity after unwrapping, and the trainable names are taken from that entry, so they match its state dict keys
+    with or without a ``module.`` prefix."""
+    policy = accelerator.unwrap_model(model)
+
+    def trainable(m: Any) -> set[str]:
+        return {name for name, p in m.named_parameters() if p.requires_grad}
+
+    def is_policy(m: Any) -> bool:
+        return accelerator.unwrap_model(m) is policy
 
     def keep_trainable(models: list, weights: list, output_dir: str) -> None:
         for i, m in enumerate(models):
-            if m is model:
-                weights[i] = {k: v for k, v in weights[i].items() if k in trainable}
+            if is_policy(m):
+                names = trainable(m)
+                weights[i] = {k: v for k, v in weights[i].items() if k in names}
 
     def check_file(models: list, input_dir: str) -> None:
         from safetensors import safe_open
 
+        (entry,) = [m for m in models if is_policy(m)]
+        expected = trainable(entry)
         path = os.path.join(input_dir, "model.safetensors")
         with safe_open(path, framework="pt") as handle:
             keys = set(handle.keys())
-        if keys != trainable:
+        if keys != expected:
             raise CheckpointError(
-                f"{path} holds {len(keys)} tensors, the policy has {len(trainable)} trainable ones: "
+                f"{path} holds {len(keys)} tensors, the policy has {len(expected)} trainable ones: "
                 "the checkpoint was written by another model or LoRA setup"
             )
 
@@ -76,30 +93,103 @@ def adapter_only_checkpoints(accelerator: Any, model: Any) -> None:
     accelerator.register_load_state_pre_hook(check_file)
 
 
-def save_checkpoint(accelerator: Any, output_dir: str, state: TrainState, *, keep_last: int) -> str:
-    """Write ``checkpoint-<step>`` atomically (all processes call this), then prune old ones (never the best)."""
+def save_checkpoint(accelerator: Any, output_dir: str, state: TrainState, *, keep_last: int,
+                    adapter_only: bool = False) -> str:
+    """Write ``checkpoint-<step>`` atomically (all processes call this), then prune old ones (never the best).
+    ``adapter_only`` (LoRA) under DeepSpeed leaves the frozen weights out of its checkpoint (without DeepSpeed the
+    hooks of :func:`adapter_only_checkpoints` do it).
+
+    Once all have written, every process fsyncs every file (on a shared file system each node flushes what it wrote);
+    the main process then writes ``trainer_state.json``, fsyncs it and every folder of the checkpoint, renames it into
+    place and fsyncs the output folder: a crash or power loss leaves the whole checkpoint or none. The best is
+    recognised by its step, not its path string (a resumed run may spell ``output_dir`` differently)."""
     final = os.path.join(output_dir, f"checkpoint-{state.global_step}")
     tmp = final + ".tmp"
     if accelerator.is_main_process and os.path.exists(tmp):
         shutil.rmtree(tmp)
     accelerator.wait_for_everyone()
-    accelerator.save_state(tmp)
+    deepspeed = getattr(accelerator.state, "deepspeed_plugin", None) is not None
+    accelerator.save_state(tmp, **({"exclude_frozen_parameters": True} if deepspeed and adapter_only else {}))
+    accelerator.wait_for_everyone()
+    _fsync_tree(tmp, files=True)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         with open(os.path.join(tmp, STATE_FILE), "w", encoding="utf-8") as handle:
             json.dump(asdict(state), handle, indent=1)
-            handle.flush()
-            os.fsync(handle.fileno())
+        _fsync(os.path.join(tmp, STATE_FILE))
+        _fsync_tree(tmp, files=False)
         if os.path.exists(final):
             shutil.rmtree(final)
         os.replace(tmp, final)
-        keep = {path for _, path in list_checkpoints(output_dir)[-keep_last:]}
-        keep |= {final, state.best_checkpoint}
-        for _, path in list_checkpoints(output_dir):
-            if path not in keep:
+        _fsync(output_dir)
+        found = list_checkpoints(output_dir)
+        keep = {step for step, _ in found[-keep_last:]} | {state.global_step, checkpoint_step(state.best_checkpoint)}
+        for step, path in found:
+            if step not in keep:
                 shutil.rmtree(path)
     accelerator.wait_for_everyone()
     return final
+
+
+def checkpoint_step(path: str | None) -> int | None:
+    """The step of a ``checkpoint-<step>`` path (any spelling of the folder it is in), or None."""
+    match = CHECKPOINT.match(os.path.basename(os.path.normpath(path))) if path else None
+    return int(match.group(1)) if match else None
+
+
+def _fsync(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(root: str, *, files: bool) -> None:
+    """fsync every file under ``root`` (``files``), or every folder, ``root`` included (their entries)."""
+    for folder, _, names in os.walk(root, topdown=False):
+        if not files:
+            _fsync(folder)
+            continue
+        for name in names:
+            _fsync(os.path.join(folder, name))
+
+
+def remove_partial_writes(output_dir: str) -> list[str]:
+    """Delete what a run killed in the middle of a write left behind (``checkpoint-<step>.tmp``, ``model.tmp``); the
+    names removed. Call on the main process before anything is written."""
+    if not os.path.isdir(output_dir):
+        return []
+    removed = []
+    for name in sorted(os.listdir(output_dir)):
+        path = os.path.join(output_dir, name)
+        partial = name == "model.tmp" or (name.endswith(".tmp") and CHECKPOINT.match(name[: -len(".tmp")]))
+        if partial and os.path.isdir(path):
+            shutil.rmtree(path)
+            removed.append(name)
+    return removed
+
+
+ABANDONED = "abandoned"
+
+
+def set_aside_later_checkpoints(output_dir: str, step: int) -> list[str]:
+    """Move the checkpoints past ``step`` (the step this run starts from) into ``<output_dir>/abandoned/``: they belong
+    to a run that went further and is not continued (a resume from an older checkpoint, or train.resume=never), and
+    left in place they would outrank this run's own checkpoints (latest, kept last). Returns the names moved. Main
+    process only."""
+    later = [(s, path) for s, path in list_checkpoints(output_dir) if s > step]
+    if not later:
+        return []
+    aside = os.path.join(output_dir, ABANDONED)
+    os.makedirs(aside, exist_ok=True)
+    for _, path in later:
+        target = os.path.join(aside, os.path.basename(path))
+        if os.path.exists(target):
+            shutil.rmtree(target)
+        os.replace(path, target)
+    _fsync(output_dir)
+    return [os.path.basename(path) for _, path in later]
 
 
 def load_checkpoint(accelerator: Any, path: str, *, adapter_only: bool) -> TrainState:
@@ -107,7 +197,8 @@ def load_checkpoint(accelerator: Any, path: str, *, adapter_only: bool) -> Train
     key (strict): a checkpoint written by another model, or by a run with another number of processes (DDP stores
     ``module.``-prefixed keys), is an error, never a silent restart from the initial weights."""
     if getattr(accelerator.state, "deepspeed_plugin", None) is not None:
-        accelerator.load_state(path)  # DeepSpeed's own checkpoint format, every rank its shards
+        # DeepSpeed's own checkpoint format, every rank its shards; a LoRA one holds only the trainable weights
+        accelerator.load_state(path, **({"custom_load_fn": _load_trainable(path)} if adapter_only else {}))
         return _read_state(path)
     try:  # adapter-only files hold a subset of the keys; the pre-hook checks them exactly
         accelerator.load_state(path, strict=not adapter_only)
@@ -119,6 +210,25 @@ def load_checkpoint(accelerator: Any, path: str, *, adapter_only: bool) -> Train
             "run with another number of processes? resume with the same setup, or set train.resume=never)"
         ) from error
     return _read_state(path)
+
+
+def _load_trainable(path: str) -> Any:
+    """DeepSpeed's ``custom_load_fn`` for a LoRA checkpoint: its module weights must be the trainable ones. DeepSpeed
+    leaves frozen weights out by parameter, so a frozen weight tied to another (an output layer tied to the
+    embeddings) stays in under its second name: those are allowed, nothing else."""
+
+    def load(src: dict, dst: Any) -> None:
+        params = dict(dst.named_parameters(remove_duplicate=False))
+        expected = {name for name, p in params.items() if p.requires_grad}
+        keys = set(src) - {name for name, _ in dst.named_buffers()}
+        if expected - keys or keys - expected - {name for name, p in params.items() if not p.requires_grad}:
+            raise CheckpointError(
+                f"{path} holds {len(keys)} weights, the policy has {len(expected)} trainable ones: the checkpoint was "
+                "written by another model or LoRA setup"
+            )
+        dst.load_state_dict(src, strict=False)
+
+    return load
 
 
 def _read_state(path: str) -> TrainState:
@@ -139,6 +249,23 @@ def save_final_model(accelerator: Any, model: Any, tokenizer: Any, path: str) ->
             shutil.rmtree(path)
         os.replace(tmp, path)
     accelerator.wait_for_everyone()
+
+
+def load_best_for_export(accelerator: Any, state: TrainState, output_dir: str, cfg: Config) -> str:
+    """With early stopping, at the end: load the best checkpoint's weights (with its optimizer and RNG states,
+    harmless once training is over) so that the final export is the best model, not the last. Returns a line saying
+    which weights ``model/`` gets. All processes call this."""
+    t = cfg.train
+    best = checkpoint_step(state.best_checkpoint)
+    if best is None or best == state.global_step:
+        return f"model/: the weights at step {state.global_step}, the last"
+    path = os.path.join(output_dir, f"checkpoint-{best}")
+    if not os.path.isfile(os.path.join(path, STATE_FILE)):
+        return (f"model/: the weights at step {state.global_step}, the last: the best checkpoint {path} is not there "
+                "any more")
+    load_checkpoint(accelerator, path, adapter_only=cfg.lora.enabled)
+    return (f"model/: the weights of {path}, the best {t.metric_for_best} ({state.best_metric:.4f}), not those of the "
+            f"last step {state.global_step}")
 
 
 def track_best(state: TrainState, record: dict[str, float], cfg: Config) -> tuple[bool, str | None]:

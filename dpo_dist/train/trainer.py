@@ -40,12 +40,16 @@ from dpo_dist.distributed import (
 from dpo_dist.model.attention import choose_packing
 from dpo_dist.model.load import Precision, load_policy, load_reference_copy, resolve_precision, resolve_source
 from dpo_dist.train.checkpoint import (
+    ABANDONED,
     TrainState,
     adapter_only_checkpoints,
     latest_checkpoint,
+    load_best_for_export,
     load_checkpoint,
+    remove_partial_writes,
     save_checkpoint,
     save_final_model,
+    set_aside_later_checkpoints,
     track_best,
 )
 from dpo_dist.train.checks import TrainingError, check_combination, check_launch_precision, check_step
@@ -155,6 +159,8 @@ def setup(cfg: Config, signals: StopSignals) -> Run:
     if accelerator.is_main_process:
         os.makedirs(t.output_dir, exist_ok=True)
         save_config(cfg, os.path.join(t.output_dir, "config.yaml"))
+        for name in remove_partial_writes(t.output_dir):
+            print(f"removed {os.path.join(t.output_dir, name)}: left by a run killed while writing it", flush=True)
     global_batch = t.per_device_batch_size * t.gradient_accumulation_steps * accelerator.num_processes
     accelerator.print(
         f"global batch {global_batch} pairs = {t.per_device_batch_size} per device x {t.gradient_accumulation_steps} "
@@ -210,6 +216,12 @@ def setup(cfg: Config, signals: StopSignals) -> Run:
     if resume_from:
         state = load_checkpoint(accelerator, resume_from, adapter_only=cfg.lora.enabled)
         accelerator.print(f"resumed from {resume_from} at step {state.global_step}")
+    accelerator.wait_for_everyone()  # every process has read the checkpoints before any is moved
+    if accelerator.is_main_process:
+        moved = set_aside_later_checkpoints(t.output_dir, state.global_step)
+        if moved:
+            print(f"{', '.join(moved)} (from a run that went past step {state.global_step}, not continued) moved to "
+                  f"{os.path.join(t.output_dir, ABANDONED)}/", flush=True)
     metrics = MetricsLog(t.output_dir, accelerator, resume_step=state.global_step)
     if t.report_to:
         accelerator.init_trackers("dpo_dist", config=flat_config(cfg))
@@ -270,14 +282,15 @@ def loop(run: Run, bar: Any, signals: StopSignals) -> None:
             record.update(evaluate(run.model, run.eval_tok, cfg, accelerator, run.reference_model, run.collator))
             improved, stop_reason = track_best(state, record, cfg)
         run.metrics.write(record)
-        saved = bool(t.save_every and (step % t.save_every == 0 or improved))
+        saved = (bool(t.save_every and step % t.save_every == 0)
+                 or improved and bool(t.save_every or t.early_stopping_patience))  # early stopping exports the best
         if saved:
             if improved:
                 state.best_checkpoint = os.path.join(t.output_dir, f"checkpoint-{step}")
-            save_checkpoint(accelerator, t.output_dir, state, keep_last=t.keep_last)
+            save_checkpoint(accelerator, t.output_dir, state, keep_last=t.keep_last, adapter_only=cfg.lora.enabled)
         if step < run.total_steps and stop_reason is None and signals.agreed(accelerator):
             if not saved:
-                save_checkpoint(accelerator, t.output_dir, state, keep_last=t.keep_last)
+                save_checkpoint(accelerator, t.output_dir, state, keep_last=t.keep_last, adapter_only=cfg.lora.enabled)
             accelerator.end_training()
             by = signals.by()
             raise Preempted(f"stopped by {by} after step {step}: checkpoint written to "
@@ -295,6 +308,10 @@ def loop(run: Run, bar: Any, signals: StopSignals) -> None:
 def finish(run: Run) -> None:
     """The final model, summary and plot."""
     t, accelerator = run.cfg.train, run.accelerator
+    exported = f"model/: the weights at step {run.state.global_step}, the last"
+    if t.early_stopping_patience:  # selection by metric: the best checkpoint's weights, whether or not it stopped early
+        exported = load_best_for_export(accelerator, run.state, t.output_dir, run.cfg)
+    accelerator.print(exported)
     save_final_model(accelerator, run.model, run.tokenizer, os.path.join(t.output_dir, "model"))
     text = summary(run.metrics.records)
     memory = torch.tensor([[peak_memory_gb(accelerator.device), held_state_gb(run.model, run.optimizer)]],
