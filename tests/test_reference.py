@@ -77,6 +77,9 @@ class NoForward(torch.nn.Module):
     def config(self):  # read first by packed scoring, to build the attention mask
         raise AssertionError("the reference model ran although the cache holds this fingerprint")
 
+    def get_output_embeddings(self):  # read first by packed scoring, for the LM head
+        raise AssertionError("the reference model ran although the cache holds this fingerprint")
+
 
 def cached_logps(dataset):
     return torch.tensor([dataset["ref_chosen_logps"], dataset["ref_rejected_logps"]]).T
@@ -119,6 +122,17 @@ def test_any_change_in_the_fingerprint_recomputes(tmp_path, change):
     assert len(os.listdir(base.cache_dir)) == 2
 
 
+def test_the_scoring_key_does_not_depend_on_what_was_imported(tmp_path):
+    """Two processes that imported different libraries before (one ran QLoRA, one did not) key the same numbers the
+    same way: the one-process and ZeRO-2 runs once named the same reference log-probs differently."""
+    setup = Setup(tmp_path)
+    before = setup.scoring_identity()
+    import bitsandbytes  # noqa: F401
+    import peft  # noqa: F401
+
+    assert setup.scoring_identity() == before and before["bitsandbytes"] is None
+
+
 def test_a_chat_template_alone_changes_the_fingerprint(tmp_path):
     setup = Setup(tmp_path, tokenizer_kind="chatml")
     before = cache.fingerprint(setup.parts())
@@ -127,10 +141,19 @@ def test_a_chat_template_alone_changes_the_fingerprint(tmp_path):
 
 
 def bump_version(monkeypatch, library):
+    """Another installed version of ``library``: torch and transformers by their ``__version__``, the others by
+    their installed distribution's metadata."""
     import importlib
 
-    module = importlib.import_module(library)
-    monkeypatch.setattr(module, "__version__", module.__version__ + "+other")
+    from dpo_dist.train import reference
+
+    if library in ("torch", "transformers"):
+        module = importlib.import_module(library)
+        monkeypatch.setattr(module, "__version__", module.__version__ + "+other")
+        return
+    real = reference.installed_version
+    monkeypatch.setattr(reference, "installed_version",
+                        lambda name: real(name) + "+other" if name == library else real(name))
 
 
 @pytest.mark.parametrize("field,change", [
@@ -144,10 +167,12 @@ def bump_version(monkeypatch, library):
 ])
 def test_each_scoring_field_alone_makes_a_new_cache_entry(tmp_path, monkeypatch, field, change):
     """The sdpa cache is not reused for eager attention (where it once gave a step-1 loss of 2.82 instead of ln 2),
-    nor for another layout, chunking, precision, device or library version."""
+    nor for another layout, chunking, precision, device or library version (bitsandbytes: of a quantized model)."""
     if change == "version":
         pytest.importorskip(field, reason=f"{field} is not installed")
     base = Setup(tmp_path, layout="packed-shared-prompt")
+    quantized = field == "bitsandbytes"  # the version counts only for a 4/8-bit model; marked so here
+    base.model.is_quantized = quantized
     base.precompute()
     before = base.scoring_identity()
     if change == "version":
@@ -155,6 +180,7 @@ def test_each_scoring_field_alone_makes_a_new_cache_entry(tmp_path, monkeypatch,
         changed = Setup(tmp_path, layout="packed-shared-prompt")
     else:
         changed = Setup(tmp_path, **{"layout": "packed-shared-prompt", **change})
+    changed.model.is_quantized = quantized
     after = changed.scoring_identity()
     assert [k for k in after if after[k] != before[k]] == [field] + (["share_prompt"] if field == "layout" else [])
     with pytest.raises(AssertionError, match="the reference model ran"):

@@ -13,8 +13,8 @@
 from __future__ import annotations
 
 import contextlib
+import importlib.metadata
 import logging
-import sys
 from typing import Any, Callable, Iterator
 
 import datasets
@@ -126,10 +126,19 @@ def scoring_identity(model: Any, collator: Any, *, chunk_size: int, mixed_precis
         "torch": torch.__version__,
         "transformers": transformers.__version__,
     }
-    for library in ("peft", "bitsandbytes"):  # the adapter switch and 4-bit arithmetic, where they are used
-        module = sys.modules.get(library)
-        identity[library] = getattr(module, "__version__", None) if module else None
+    # the adapter switch, and the 4-bit arithmetic of a quantized model: named by the installed version, not by what
+    # this process happened to import already (the key must not depend on what ran before)
+    quantized = getattr(base_model(model), "is_quantized", False)
+    for library, used in (("peft", True), ("bitsandbytes", quantized)):
+        identity[library] = installed_version(library) if used else None
     return identity
+
+
+def installed_version(distribution: str) -> str | None:
+    try:
+        return importlib.metadata.version(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        return None
 
 
 def reference_fingerprint_parts(model_identity: dict, tokenizer: Any, truncation: Truncation,
