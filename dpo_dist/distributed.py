@@ -17,7 +17,8 @@ def build_accelerator(*, timeout_s: int | None = None, **kwargs: Any):
     """An ``accelerate.Accelerator`` that sees every process, GPUs or not.
 
     ``accelerate launch --multi_gpu --num_processes N`` on a machine without GPUs leaves each process alone unless
-    Accelerate's state is created with ``cpu=True`` first; then the processes form one MULTI_CPU group over gloo.
+    Accelerate's state is created with ``cpu=True`` first; then the processes form one MULTI_CPU group over gloo
+    (under an FSDP config, switched to FSDP after: :func:`_fsdp_on_cpu`).
     ``timeout_s`` bounds how long a collective may wait for a missing rank.
     """
     from accelerate import Accelerator, PartialState
@@ -34,7 +35,37 @@ def build_accelerator(*, timeout_s: int | None = None, **kwargs: Any):
         else:
             PartialState(cpu=True, **state_kwargs)
             kwargs.setdefault("cpu", True)
+            if uses_fsdp():
+                return _fsdp_on_cpu(Accelerator(**kwargs))
     return Accelerator(**kwargs)
+
+
+def _fsdp_on_cpu(accelerator: Any) -> Any:
+    """FSDP over gloo on a machine without GPUs. Accelerate turns an FSDP config into FSDP only for GPU-like
+    distributed types; with ``cpu=True`` (how CPU processes join) it silently runs MULTI_CPU data parallel and
+    shards nothing. ``fully_shard`` itself works on CPU tensors over gloo, so the state is switched to FSDP here,
+    with the plugin read from the launch config as Accelerate would have."""
+    from accelerate import PartialState
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+    from torch.distributed.fsdp import CPUOffloadPolicy
+
+    state = accelerator.state
+    if state.distributed_type == DistributedType.MULTI_CPU:
+        plugin = FullyShardedDataParallelPlugin()
+        if isinstance(plugin.cpu_offload, CPUOffloadPolicy) and plugin.cpu_offload.pin_memory:
+            # Pinned memory needs an accelerator ("Cannot access accelerator device when none is available").
+            plugin.cpu_offload = CPUOffloadPolicy(pin_memory=False)
+        if state.mixed_precision != "no":
+            plugin.set_mixed_precision(state.mixed_precision)
+        state.fsdp_plugin = plugin
+        # Both: every later AcceleratorState() copies PartialState's distributed type over its own.
+        PartialState().distributed_type = state.distributed_type = DistributedType.FSDP
+    return accelerator
+
+
+def uses_fsdp() -> bool:
+    """Whether ``accelerate launch`` was given an FSDP config."""
+    return os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
 
 
 def uses_deepspeed() -> bool:
@@ -102,6 +133,14 @@ def zero_stage(accelerator: Any) -> int:
     return int(plugin.zero_stage) if plugin is not None else 0
 
 
+def fsdp_version(accelerator: Any) -> int:
+    """The FSDP version (2: ``fully_shard``), 0 without FSDP."""
+    from accelerate.utils import DistributedType
+
+    plugin = getattr(accelerator.state, "fsdp_plugin", None)
+    return int(plugin.fsdp_version) if accelerator.distributed_type == DistributedType.FSDP and plugin else 0
+
+
 def shard_indices(n: int, accelerator: Any) -> list[int]:
     """This process's contiguous share of ``range(n)``, padded to ``ceil(n / processes)`` by repeating the last
     index, so every process runs the same number of batches (ZeRO-3 needs every rank in every forward)."""
@@ -131,9 +170,14 @@ def set_cpu_threads(requested: int | None, accelerator: Any) -> int | None:
 def prepare_frozen(model: torch.nn.Module, accelerator: Any) -> torch.nn.Module:
     """A frozen model (the online reference for full fine-tuning) placed like the policy: under ZeRO-3 it is wrapped
     in its own DeepSpeed engine, so its parameters stay sharded and are gathered layer by layer for each forward
-    (it was built sharded, since ``zero3_init_flag`` is on); otherwise it is moved to the device."""
+    (it was built sharded, since ``zero3_init_flag`` is on); under FSDP2 it is ``fully_shard``-ed with the policy's
+    units and settings (Accelerate's own wrapping, without an optimizer); otherwise it is moved to the device."""
     model.requires_grad_(False)
     model.eval()
+    if fsdp_version(accelerator) == 2:
+        from accelerate.utils.fsdp_utils import fsdp2_prepare_model
+
+        return fsdp2_prepare_model(accelerator, model.to(accelerator.device))
     if zero_stage(accelerator) != 3:
         return model.to(accelerator.device)
     import copy

@@ -9,12 +9,19 @@ class TrainingError(RuntimeError):
     """The run cannot go on (a non-finite loss, say); the message says where and what is left on disk."""
 
 
-def check_combination(cfg: Config, stage: int) -> None:
-    """Combinations that cannot work stop the run at start, naming the fix."""
-    if stage and cfg.model.quantization != "none":
+def check_combination(cfg: Config, stage: int, fsdp: int = 0) -> None:
+    """Combinations that cannot work stop the run at start, naming the fix. ``stage``: the ZeRO stage (0: none);
+    ``fsdp``: the FSDP version (0: none)."""
+    if fsdp == 1:
         raise TrainingError(
-            f"model.quantization={cfg.model.quantization} cannot be sharded by DeepSpeed ZeRO-{stage}: launch without a "
-            "DeepSpeed config (QLoRA trains on one device), or set model.quantization=none"
+            "the accelerate config asks for FSDP version 1; dpo_dist runs FSDP2 (fully_shard): set fsdp_version: 2 "
+            "(accelerate_configs/fsdp.yaml)"
+        )
+    if (stage or fsdp) and cfg.model.quantization != "none":
+        engine, config = ("FSDP2", "an FSDP") if fsdp else (f"DeepSpeed ZeRO-{stage}", "a DeepSpeed")
+        raise TrainingError(
+            f"model.quantization={cfg.model.quantization} cannot be sharded by {engine}: launch without {config} "
+            "config (QLoRA trains on one device), or set model.quantization=none"
         )
     if stage == 3 and cfg.data.source == SENTIMENT:
         raise TrainingError(
