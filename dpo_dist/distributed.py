@@ -24,6 +24,11 @@ def build_accelerator(*, timeout_s: int | None = None, **kwargs: Any):
     from accelerate import Accelerator, PartialState
     from accelerate.utils import InitProcessGroupKwargs
 
+    if uses_fsdp() and os.environ.get("FSDP_VERSION", "1") != "2":
+        raise FSDPConfigError(
+            f"the accelerate config asks for FSDP version {os.environ.get('FSDP_VERSION', '1')}; dpo_dist runs FSDP2 "
+            "(fully_shard): set fsdp_version: 2 in its fsdp_config (accelerate_configs/fsdp.yaml)"
+        )
     state_kwargs: dict[str, Any] = {}
     if timeout_s is not None:
         state_kwargs["timeout"] = datetime.timedelta(seconds=timeout_s)
@@ -71,6 +76,10 @@ def uses_fsdp() -> bool:
 def uses_deepspeed() -> bool:
     """Whether ``accelerate launch`` was given a DeepSpeed config."""
     return os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+
+
+class FSDPConfigError(ValueError):
+    """The accelerate config asks for an FSDP setup dpo_dist does not run."""
 
 
 class DeepSpeedConfigError(ValueError):
@@ -139,6 +148,16 @@ def fsdp_version(accelerator: Any) -> int:
 
     plugin = getattr(accelerator.state, "fsdp_plugin", None)
     return int(plugin.fsdp_version) if accelerator.distributed_type == DistributedType.FSDP and plugin else 0
+
+
+def fsdp_summary(model: Any, accelerator: Any) -> str:
+    """What FSDP2 did to the prepared policy, in one line (the trainer prints it)."""
+    from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule
+
+    modules = sum(isinstance(m, FSDPModule) for m in model.modules())
+    offload = isinstance(accelerator.state.fsdp_plugin.cpu_offload, CPUOffloadPolicy)
+    return (f"FSDP2: parameters, gradients and optimizer state sharded over {accelerator.num_processes} processes "
+            f"({modules} fully_shard-ed modules)" + (", offloaded to CPU memory" if offload else ""))
 
 
 def shard_indices(n: int, accelerator: Any) -> list[int]:

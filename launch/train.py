@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("accelerate").setLevel(logging.WARNING)
     from dpo_dist.train.checkpoint import CheckpointError
     from dpo_dist.data.load import DataError
-    from dpo_dist.distributed import DeepSpeedConfigError
+    from dpo_dist.distributed import DeepSpeedConfigError, FSDPConfigError
     from dpo_dist.train.preemption import PREEMPTED_EXIT_CODE, Preempted, stop_with_launcher
     from dpo_dist.data.tokenization import TokenizationError
     from dpo_dist.train.trainer import TrainingError, train
@@ -68,7 +68,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         train(cfg)
         status = 0
-    except (DataError, TokenizationError, TrainingError, DeepSpeedConfigError, CheckpointError, OSError) as error:
+    except (DataError, TokenizationError, TrainingError, DeepSpeedConfigError, FSDPConfigError, CheckpointError,
+            OSError) as error:
         print(f"error: {error}", file=sys.stderr)
         status = 1
     except Preempted as stop:

@@ -12,11 +12,6 @@ class TrainingError(RuntimeError):
 def check_combination(cfg: Config, stage: int, fsdp: int = 0) -> None:
     """Combinations that cannot work stop the run at start, naming the fix. ``stage``: the ZeRO stage (0: none);
     ``fsdp``: the FSDP version (0: none)."""
-    if fsdp == 1:
-        raise TrainingError(
-            "the accelerate config asks for FSDP version 1; dpo_dist runs FSDP2 (fully_shard): set fsdp_version: 2 "
-            "(accelerate_configs/fsdp.yaml)"
-        )
     if (stage or fsdp) and cfg.model.quantization != "none":
         engine, config = ("FSDP2", "an FSDP") if fsdp else (f"DeepSpeed ZeRO-{stage}", "a DeepSpeed")
         raise TrainingError(

@@ -28,6 +28,7 @@ from dpo_dist.data.show import show_pair
 from dpo_dist.distributed import (
     build_accelerator,
     configure_deepspeed,
+    fsdp_summary,
     fsdp_version,
     gather_in_order,
     prepare_frozen,
@@ -171,6 +172,8 @@ def setup(cfg: Config, signals: StopSignals) -> Run:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(total_steps, warmup, t.lr_scheduler))
     model, optimizer = accelerator.prepare(model, optimizer)
     accelerator.register_for_checkpointing(scheduler)  # stepped here once per optimizer step, not by Accelerate
+    if fsdp_version(accelerator):
+        accelerator.print(fsdp_summary(model, accelerator))
     if cfg.lora.enabled and not stage and not fsdp_version(accelerator):  # ZeRO, FSDP: sharded, every weight
         adapter_only_checkpoints(accelerator, model)
     try:
