@@ -18,11 +18,17 @@ def process_state(*, timeout_s: int | None = None):
     is built (its precision depends on the device).
 
     ``accelerate launch --multi_gpu --num_processes N`` on a machine without GPUs leaves each process alone unless
-    the state is created with ``cpu=True`` first; then the processes form one MULTI_CPU group over gloo.
+    the state is created with ``cpu=True`` first; then the processes form one MULTI_CPU group over gloo (under an
+    FSDP config, switched to FSDP once the Accelerator exists: :func:`_fsdp_on_cpu`).
     ``timeout_s`` bounds how long a collective may wait for a missing rank.
     """
     from accelerate import PartialState
 
+    if uses_fsdp() and os.environ.get("FSDP_VERSION", "1") != "2":
+        raise FSDPConfigError(
+            f"the accelerate config asks for FSDP version {os.environ.get('FSDP_VERSION', '1')}; dpo_dist runs FSDP2 "
+            "(fully_shard): set fsdp_version: 2 in its fsdp_config (accelerate_configs/fsdp.yaml)"
+        )
     kwargs: dict[str, Any] = {}
     if timeout_s is not None:
         kwargs["timeout"] = datetime.timedelta(seconds=timeout_s)
@@ -47,13 +53,16 @@ def build_accelerator(*, timeout_s: int | None = None, mixed_precision: str = "n
     state = process_state(timeout_s=timeout_s)
     if timeout_s is not None:
         kwargs.setdefault("kwargs_handlers", []).append(InitProcessGroupKwargs(timeout=datetime.timedelta(seconds=timeout_s)))
-    if state.distributed_type == DistributedType.MULTI_CPU:
+    multi_cpu = state.distributed_type == DistributedType.MULTI_CPU
+    if multi_cpu:
         kwargs.setdefault("cpu", True)
     accelerator = Accelerator(mixed_precision=mixed_precision, **kwargs)
     if mixed_precision == "fp16" and accelerator.device.type == "cpu" and not accelerator.native_amp:
         scaler_kwargs = accelerator.scaler_handler.to_kwargs() if accelerator.scaler_handler is not None else {}
         accelerator.native_amp = True
         accelerator.scaler = torch.amp.GradScaler("cpu", **scaler_kwargs)
+    if multi_cpu and uses_fsdp():
+        return _fsdp_on_cpu(accelerator)
     return accelerator
 
 
@@ -63,9 +72,41 @@ def launch_mixed_precision() -> str:
     return os.environ.get("ACCELERATE_MIXED_PRECISION", "no").lower()
 
 
+def _fsdp_on_cpu(accelerator: Any) -> Any:
+    """FSDP over gloo on a machine without GPUs. Accelerate turns an FSDP config into FSDP only for GPU-like
+    distributed types; with ``cpu=True`` (how CPU processes join) it silently runs MULTI_CPU data parallel and
+    shards nothing. ``fully_shard`` itself works on CPU tensors over gloo, so the state is switched to FSDP here,
+    with the plugin read from the launch config as Accelerate would have."""
+    from accelerate import PartialState
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+    from torch.distributed.fsdp import CPUOffloadPolicy
+
+    state = accelerator.state
+    if state.distributed_type == DistributedType.MULTI_CPU:
+        plugin = FullyShardedDataParallelPlugin()
+        if isinstance(plugin.cpu_offload, CPUOffloadPolicy) and plugin.cpu_offload.pin_memory:
+            # Pinned memory needs an accelerator ("Cannot access accelerator device when none is available").
+            plugin.cpu_offload = CPUOffloadPolicy(pin_memory=False)
+        if state.mixed_precision != "no":
+            plugin.set_mixed_precision(state.mixed_precision)
+        state.fsdp_plugin = plugin
+        # Both: every later AcceleratorState() copies PartialState's distributed type over its own.
+        PartialState().distributed_type = state.distributed_type = DistributedType.FSDP
+    return accelerator
+
+
+def uses_fsdp() -> bool:
+    """Whether ``accelerate launch`` was given an FSDP config."""
+    return os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+
+
 def uses_deepspeed() -> bool:
     """Whether ``accelerate launch`` was given a DeepSpeed config."""
     return os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+
+
+class FSDPConfigError(ValueError):
+    """The accelerate config asks for an FSDP setup dpo_dist does not run."""
 
 
 class DeepSpeedConfigError(ValueError):
@@ -128,6 +169,24 @@ def zero_stage(accelerator: Any) -> int:
     return int(plugin.zero_stage) if plugin is not None else 0
 
 
+def fsdp_version(accelerator: Any) -> int:
+    """The FSDP version (2: ``fully_shard``), 0 without FSDP."""
+    from accelerate.utils import DistributedType
+
+    plugin = getattr(accelerator.state, "fsdp_plugin", None)
+    return int(plugin.fsdp_version) if accelerator.distributed_type == DistributedType.FSDP and plugin else 0
+
+
+def fsdp_summary(model: Any, accelerator: Any) -> str:
+    """What FSDP2 did to the prepared policy, in one line (the trainer prints it)."""
+    from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule
+
+    modules = sum(isinstance(m, FSDPModule) for m in model.modules())
+    offload = isinstance(accelerator.state.fsdp_plugin.cpu_offload, CPUOffloadPolicy)
+    return (f"FSDP2: parameters, gradients and optimizer state sharded over {accelerator.num_processes} processes "
+            f"({modules} fully_shard-ed modules)" + (", offloaded to CPU memory" if offload else ""))
+
+
 def shard_indices(n: int, accelerator: Any) -> list[int]:
     """This process's contiguous share of ``range(n)``, padded to ``ceil(n / processes)`` by repeating the last
     index, so every process runs the same number of batches (ZeRO-3 needs every rank in every forward)."""
@@ -157,10 +216,16 @@ def set_cpu_threads(requested: int | None, accelerator: Any) -> int | None:
 def prepare_frozen(model: torch.nn.Module, accelerator: Any) -> torch.nn.Module:
     """A frozen model (the online reference for full fine-tuning) placed like the policy: under ZeRO-3 it is wrapped
     in its own DeepSpeed engine, so its parameters stay sharded and are gathered layer by layer for each forward
-    (it was built sharded, since ``zero3_init_flag`` is on); otherwise it is moved to the device, its forward under
-    the policy's autocast when mixed precision is on (so at step 1 it computes exactly what the policy computes)."""
+    (it was built sharded, since ``zero3_init_flag`` is on); under FSDP2 it is ``fully_shard``-ed with the policy's
+    units and settings (Accelerate's own wrapping, without an optimizer); otherwise it is moved to the device, its
+    forward under the policy's autocast when mixed precision is on (so at step 1 it computes exactly what the policy
+    computes)."""
     model.requires_grad_(False)
     model.eval()
+    if fsdp_version(accelerator) == 2:
+        from accelerate.utils.fsdp_utils import fsdp2_prepare_model
+
+        return fsdp2_prepare_model(accelerator, model.to(accelerator.device))
     if zero_stage(accelerator) != 3:
         if accelerator.native_amp:  # the policy's forward runs under autocast (accelerate wrapped it in prepare)
             from accelerate.utils import convert_outputs_to_fp32

@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("accelerate").setLevel(logging.WARNING)
     from dpo_dist.train.checkpoint import CheckpointError
     from dpo_dist.data.load import DataError
-    from dpo_dist.distributed import DeepSpeedConfigError
+    from dpo_dist.distributed import DeepSpeedConfigError, FSDPConfigError
     from dpo_dist.model.load import ModelError
     from dpo_dist.train.preemption import PREEMPTED_EXIT_CODE, Preempted, stop_with_launcher
     from dpo_dist.data.tokenization import TokenizationError
@@ -73,7 +73,8 @@ def main(argv: list[str] | None = None) -> int:
     except ModelError as error:  # a setting names a model that cannot be loaded: a config error, found at load
         print(f"model error: {error}", file=sys.stderr)
         status = 2
-    except (DataError, TokenizationError, TrainingError, DeepSpeedConfigError, CheckpointError, OSError) as error:
+    except (DataError, TokenizationError, TrainingError, DeepSpeedConfigError, FSDPConfigError, CheckpointError,
+            OSError) as error:
         print(f"error: {error}", file=sys.stderr)
         status = 1
     except Preempted as stop:

@@ -122,12 +122,17 @@ def preempt_and_finish(how, cluster, tiny_model_dir, data_file, tmp_path, settin
     return records
 
 
-def test_two_nodes_train_like_one_process(cluster, single, tiny_model_dir, data_file, tmp_path):
+@pytest.mark.parametrize("accel_config", ["ddp", "fsdp"])
+def test_two_nodes_train_like_one_process(accel_config, cluster, single, tiny_model_dir, data_file, tmp_path):
     out = tmp_path / "out"
     result, job = submit(cluster, tmp_path / "job.log", *overrides(tiny_model_dir, data_file, out, **TRAINING,
-                                                                   **{"train.max_steps": 5}), wait=True)
+                                                                   **{"train.max_steps": 5}), wait=True,
+                         options=(f"--export=ALL,ACCEL_CONFIG=accelerate_configs/{accel_config}.yaml",))
     log = (tmp_path / "job.log").read_text()
     assert result.returncode == 0, log[-4000:]
+    assert f"; accelerate_configs/{accel_config}.yaml" in log
+    if accel_config == "fsdp":  # sharded over the two nodes' processes
+        assert "FSDP2: parameters, gradients and optimizer state sharded over 2 processes" in log
     assert "machine rank 0 of 2, 1 processes" in log and "machine rank 1 of 2, 1 processes" in log
     assert "4 per device x 1 accumulation x 2 processes" in log
     assert_same_trajectory(single, read_jsonl(out / "metrics.jsonl"), atol=1e-5)

@@ -20,12 +20,14 @@ class TrainingError(RuntimeError):
     """The run cannot go on (a non-finite loss, say); the message says where and what is left on disk."""
 
 
-def check_combination(cfg: Config, stage: int) -> None:
-    """Combinations that cannot work stop the run at start, naming the fix."""
-    if stage and cfg.model.quantization != "none":
+def check_combination(cfg: Config, stage: int, fsdp: int = 0) -> None:
+    """Combinations that cannot work stop the run at start, naming the fix. ``stage``: the ZeRO stage (0: none);
+    ``fsdp``: the FSDP version (0: none)."""
+    if (stage or fsdp) and cfg.model.quantization != "none":
+        engine, config = ("FSDP2", "an FSDP") if fsdp else (f"DeepSpeed ZeRO-{stage}", "a DeepSpeed")
         raise TrainingError(
-            f"model.quantization={cfg.model.quantization} cannot be sharded by DeepSpeed ZeRO-{stage}: launch without a "
-            "DeepSpeed config (QLoRA trains on one device), or set model.quantization=none"
+            f"model.quantization={cfg.model.quantization} cannot be sharded by {engine}: launch without {config} "
+            "config (QLoRA trains on one device), or set model.quantization=none"
         )
 def check_launch_precision(launched: str, compute: torch.dtype) -> None:
     """``accelerate launch --mixed_precision`` (or its config's ``mixed_precision``) set to bf16 or fp16 must be what

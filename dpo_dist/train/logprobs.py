@@ -159,17 +159,20 @@ def output_head(model: torch.nn.Module) -> torch.nn.Module:
     return head
 
 
-def head_is_sharded(head: torch.nn.Module) -> bool:
-    """Whether the LM head's weight lives in shards that only the model's forward gathers: DeepSpeed ZeRO-3
-    (a partitioned parameter, ``ds_id``) or FSDP2 (a ``DTensor``)."""
+def head_is_sharded(head: torch.nn.Module, model: torch.nn.Module | None = None) -> bool:
+    """Whether the LM head's weight lives in shards that only the model's forward gathers: DeepSpeed ZeRO-3 (a
+    partitioned parameter, ``ds_id``) or FSDP2 (a ``DTensor``, or a head in or under a ``fully_shard``-ed module:
+    a unit not resharded after its forward, as Accelerate's LM-head unit, holds the plain gathered weight from a
+    forward without grad until the next backward)."""
     weight = head.weight
     if hasattr(weight, "ds_id"):
         return True
     try:
+        from torch.distributed.fsdp import FSDPModule
         from torch.distributed.tensor import DTensor
     except ImportError:  # pragma: no cover - torch without distributed
         return False
-    return isinstance(weight, DTensor)
+    return isinstance(weight, DTensor) or any(isinstance(m, FSDPModule) for m in (head, model) if m is not None)
 
 
 def packed_forward(
@@ -187,7 +190,7 @@ def packed_forward(
     ``(tokens, vocab)`` logits are held at all (:class:`_HeadLogps`)."""
     head = output_head(model)
     if head_in_forward is None:
-        head_in_forward = head_is_sharded(head)
+        head_in_forward = head_is_sharded(head, model)
     mask = packed_attention_mask(model, batch)
     if head_in_forward:
         keep = torch.zeros(batch["input_ids"].numel(), dtype=torch.bool, device=batch["pred_rows"].device)

@@ -117,14 +117,20 @@ def peak_memory_gb(device: torch.device) -> float:
 
 
 def held_state_gb(model: Any, optimizer: Any) -> float:
-    """GiB of parameters, gradients and optimizer state this process holds (each tensor once): what ZeRO shards.
+    """GiB of parameters, gradients and optimizer state this process holds (each tensor once): what ZeRO and FSDP
+    shard.
 
     Under ZeRO-3 a parameter's local part is ``param.ds_tensor``; DeepSpeed's inner optimizer holds flat fp32
-    partitions and their AdamW moments, reached by unwrapping ``.optimizer``.
+    partitions and their AdamW moments, reached by unwrapping ``.optimizer``. Under FSDP2 parameters, gradients and
+    AdamW moments are ``DTensor``s, counted by their local shards.
     """
     seen: dict[int, int] = {}
 
+    from torch.distributed.tensor import DTensor
+
     def count(tensor: Any) -> None:
+        if isinstance(tensor, DTensor):  # FSDP2: this process's shard
+            tensor = tensor.to_local()
         if isinstance(tensor, torch.Tensor) and tensor.numel():
             seen[tensor.data_ptr()] = tensor.numel() * tensor.element_size()
 

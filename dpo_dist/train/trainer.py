@@ -28,6 +28,8 @@ from dpo_dist.data.show import show_pair
 from dpo_dist.distributed import (
     build_accelerator,
     configure_deepspeed,
+    fsdp_summary,
+    fsdp_version,
     gather_in_order,
     launch_mixed_precision,
     prepare_frozen,
@@ -168,7 +170,7 @@ def setup(cfg: Config, signals: StopSignals) -> Run:
     )
 
     stage = zero_stage(accelerator)
-    check_combination(cfg, stage)
+    check_combination(cfg, stage, fsdp_version(accelerator))
     with accelerator.main_process_first():
         resolve_source(cfg.model.name_or_path)  # a built-in model is converted once, by the main process
     accelerator.print(precision.said)
@@ -193,7 +195,9 @@ def setup(cfg: Config, signals: StopSignals) -> Run:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(total_steps, warmup, t.lr_scheduler))
     model, optimizer = accelerator.prepare(model, optimizer)
     accelerator.register_for_checkpointing(scheduler)  # stepped here once per optimizer step, not by Accelerate
-    if cfg.lora.enabled and not stage:
+    if fsdp_version(accelerator):
+        accelerator.print(fsdp_summary(model, accelerator))
+    if cfg.lora.enabled and not stage and not fsdp_version(accelerator):  # ZeRO, FSDP: sharded, every weight
         adapter_only_checkpoints(accelerator, model)
     try:
         packed, said = choose_packing(t.packing, model, share_prompt=t.share_prompt)

@@ -1,0 +1,194 @@
+"""FSDP2 (accelerate, ``fsdp_version: 2``) on 2 CPU processes computes what one process without sharding computes."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from dpo_dist.config import load_config
+from dpo_dist.train.checks import TrainingError, check_combination
+from training import (
+    ROOT,
+    accelerate_launch,
+    assert_same_trajectory,
+    free_port,
+    overrides,
+    read_jsonl,
+    reset_accelerate_state,
+    run,
+)
+
+STEPS = {"train.max_steps": 5, "train.eval_every": 2}
+SHARDED = "FSDP2: parameters, gradients and optimizer state sharded over 2 processes"
+
+
+@pytest.fixture(scope="module")
+def one_process(tiny_model_dir, data_file, tmp_path_factory):
+    """The single-process, unsharded runs everything is compared with: full fine-tuning and LoRA."""
+    out = {}
+    for lora in (False, True):
+        folder = tmp_path_factory.mktemp(f"one-lora{lora}") / "out"
+        out[lora] = (run(tiny_model_dir, data_file, folder, **STEPS, **{"lora.enabled": lora})["records"], folder)
+        reset_accelerate_state()
+    return out
+
+
+def launch_fsdp(tiny_model_dir, data_file, out, *, config="fsdp", launch_args=(), check=True, **extra):
+    command = accelerate_launch("--config_file", os.path.join(ROOT, "accelerate_configs", f"{config}.yaml"),
+                                *launch_args, "--num_processes", "2", os.path.join(ROOT, "launch", "train.py"))
+    command += overrides(tiny_model_dir, data_file, out, **{"train.per_device_batch_size": 4, **extra})
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    if check:
+        assert result.returncode == 0, result.stderr[-4000:]
+        assert "4 per device x 1 accumulation x 2 processes" in result.stdout
+        assert SHARDED in result.stdout, result.stdout[-2000:]
+    return result
+
+
+def cached_tensors(folder):
+    from safetensors.torch import load_file
+
+    return {name: load_file(os.path.join(folder, name))["logps"] for name in sorted(os.listdir(folder))}
+
+
+def held_state(folder):
+    with open(os.path.join(folder, "peak_memory.json")) as handle:
+        return json.load(handle)["per_rank_state_gb"]
+
+
+def exported_logits(folder, tiny_model_dir, lora):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir if lora else str(folder))
+    if lora:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, str(folder))
+    with torch.no_grad():
+        return model(torch.tensor([[5, 6, 7, 8, 9, 10, 11]])).logits
+
+
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_fsdp_trajectory_equals_one_process(lora, one_process, tiny_model_dir, data_file, tmp_path):
+    records, single_out = one_process[lora]
+    out = tmp_path / "out"
+    result = launch_fsdp(tiny_model_dir, data_file, out, **STEPS, **{"lora.enabled": lora})
+    assert "packing: on" in result.stdout, result.stdout[-2000:]  # the LM head runs inside the forward
+    assert_same_trajectory(records, read_jsonl(out / "metrics.jsonl"), atol=1e-4)
+    # Sharded: each rank holds half the parameters, gradients and AdamW moments one process holds.
+    (one,) = held_state(single_out)
+    assert held_state(out) == [pytest.approx(one / 2, rel=0.02)] * 2
+    # The reference log-probs computed on the sharded model equal the single-process cache, file for file.
+    single, sharded = cached_tensors(f"{single_out}-refcache"), cached_tensors(f"{out}-refcache")
+    assert list(single) == list(sharded) and len(single) == 2  # train and eval: same fingerprints
+    for name in single:
+        torch.testing.assert_close(sharded[name], single[name], atol=1e-5, rtol=1e-7)
+    # The final export (gathered from the shards) gives the single-process model's logits.
+    torch.testing.assert_close(exported_logits(out / "model", tiny_model_dir, lora),
+                               exported_logits(single_out / "model", tiny_model_dir, lora), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_fsdp_resume_equals_uninterrupted(lora, tiny_model_dir, data_file, tmp_path):
+    """Run 6 steps with checkpoints at 3 and 6; then take the run back to checkpoint-3 and resume: steps 4-6 repeat
+    exactly (sharded parameters and optimizer state, scheduler, RNG, data position all restored)."""
+    out = tmp_path / "out"
+    extra = {"train.max_steps": 6, "train.save_every": 3, "train.eval_every": 3, "train.warmup_ratio": 0.34,
+             "lora.enabled": lora}
+    launch_fsdp(tiny_model_dir, data_file, out, **extra)
+    whole = read_jsonl(out / "metrics.jsonl")
+    for part in ("pytorch_model_fsdp_0", "optimizer_0"):  # torch.distributed.checkpoint: a file per rank
+        assert sorted(os.listdir(out / "checkpoint-3" / part)) == [".metadata", "__0_0.distcp", "__1_0.distcp"]
+    shutil.rmtree(out / "checkpoint-6")
+    shutil.rmtree(out / "model")
+    result = launch_fsdp(tiny_model_dir, data_file, out, **extra)
+    assert "resumed from" in result.stdout and "checkpoint-3 at step 3" in result.stdout
+    assert_same_trajectory(whole, read_jsonl(out / "metrics.jsonl"), atol=1e-6)
+
+
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("lora", [False, True], ids=["full-second-sharded-model", "lora-adapters-off"])
+def test_fsdp_online_reference_equals_one_process(lora, one_process, tiny_model_dir, data_file, tmp_path):
+    """The online reference under FSDP2 (no precompute): the trajectory of the precomputed single-process run."""
+    out = tmp_path / "out"
+    launch_fsdp(tiny_model_dir, data_file, out, **STEPS, **{"lora.enabled": lora, "reference.mode": "online"})
+    assert not os.path.exists(f"{out}-refcache"), "no reference cache in online mode"
+    assert_same_trajectory(one_process[lora][0], read_jsonl(out / "metrics.jsonl"), atol=1e-4)
+
+
+@pytest.mark.multiprocess
+def test_fsdp_offload_equals_one_process(one_process, tiny_model_dir, data_file, tmp_path):
+    """accelerate_configs/fsdp_offload.yaml (CPUOffloadPolicy: the optimizer step on CPU shards); on a machine
+    without an accelerator its memory is not pinned (pinning needs one)."""
+    records, single_out = one_process[False]
+    out = tmp_path / "out"
+    result = launch_fsdp(tiny_model_dir, data_file, out, config="fsdp_offload", **STEPS)
+    assert f"{SHARDED} (" in result.stdout and ", offloaded to CPU memory" in result.stdout
+    assert_same_trajectory(records, read_jsonl(out / "metrics.jsonl"), atol=1e-4)
+    torch.testing.assert_close(exported_logits(out / "model", tiny_model_dir, False),
+                               exported_logits(single_out / "model", tiny_model_dir, False), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.multiprocess
+def test_fsdp_every_rank_loading_the_checkpoint_equals_one_process(one_process, tiny_model_dir, data_file, tmp_path):
+    """fsdp.yaml has only the first process read the checkpoint (the others start on the meta device and get their
+    shards from it); with fsdp_cpu_ram_efficient_loading off every process reads it: the same trajectory."""
+    out = tmp_path / "out"
+    launch_fsdp(tiny_model_dir, data_file, out, launch_args=("--fsdp_cpu_ram_efficient_loading", "false"), **STEPS)
+    assert_same_trajectory(one_process[False][0], read_jsonl(out / "metrics.jsonl"), atol=1e-4)
+
+
+@pytest.mark.multiprocess
+def test_fsdp_version_1_is_refused(tiny_model_dir, data_file, tmp_path):
+    result = launch_fsdp(tiny_model_dir, data_file, tmp_path / "out", launch_args=("--fsdp_version", "1"),
+                         check=False)
+    assert result.returncode != 0
+    assert "error: the accelerate config asks for FSDP version 1; dpo_dist runs FSDP2 (fully_shard): set fsdp_version: 2" \
+           in result.stderr, result.stderr[-3000:]
+
+
+def test_quantized_base_under_fsdp_is_refused():
+    cfg = load_config(None, ["model.quantization=4bit", "lora.enabled=true"])
+    with pytest.raises(TrainingError, match="model.quantization=4bit cannot be sharded by FSDP2: launch without an FSDP"):
+        check_combination(cfg, 0, 2)
+    check_combination(cfg, 0, 0)  # fine unsharded
+
+
+def test_lm_head_of_a_fully_sharded_model_counts_as_sharded_after_a_no_grad_forward(tmp_path):
+    """A unit that is not resharded after its forward holds the plain gathered weight from a forward without grad
+    until the next backward: the head's weight alone no longer shows the sharding, the model does. (One process
+    over gloo, in a subprocess, so this test process never joins a process group.)"""
+    script = textwrap.dedent(f"""
+        import os, sys
+        sys.path[:0] = [{ROOT!r}, {os.path.join(ROOT, "tests")!r}]
+        import torch
+        import torch.distributed as dist
+        from torch.distributed.fsdp import fully_shard
+        from torch.distributed.tensor import DTensor
+        from dpo_dist.train.logprobs import head_is_sharded, output_head
+        from tiny import make_llama
+
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT="{free_port()}")
+        dist.init_process_group("gloo", rank=0, world_size=1)
+        model = make_llama(64)
+        for layer in model.model.layers:
+            fully_shard(layer)
+        fully_shard(model, reshard_after_forward=False)  # the root, as Accelerate's: its weights stay gathered
+        head = output_head(model)
+        print("before", isinstance(head.weight, DTensor), head_is_sharded(head), head_is_sharded(head, model))
+        with torch.no_grad():
+            model(torch.tensor([[1, 2, 3]]))
+        print("after", isinstance(head.weight, DTensor), head_is_sharded(head), head_is_sharded(head, model))
+        dist.destroy_process_group()
+    """)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = [line for line in result.stdout.splitlines() if line.startswith(("before", "after"))]
+    assert lines == ["before True True True", "after False False True"]
