@@ -18,7 +18,7 @@ from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, MistralC
 
 from dpo_dist.data.collate import PreferenceCollator
 from dpo_dist.data.packing import PackedPairCollator
-from dpo_dist.model.attention import PACKING_KERNELS, PACKING_MODEL_TYPES, choose_packing, layer_windows
+from dpo_dist.model.attention import FLEX_BLOCK, PACKING_KERNELS, PACKING_MODEL_TYPES, choose_packing, layer_windows
 from dpo_dist.train.logprobs import concatenated_forward, packed_forward
 
 VOCAB = 96
@@ -28,6 +28,14 @@ MODELS = [("llama", None), ("mistral", None), ("mistral", WINDOW), ("qwen2", Non
           ("qwen3", None), ("qwen3", WINDOW), ("gpt2", None)]
 LAYOUTS = ("packed-shared-prompt", "packed", "padded")
 EXACT = dict(rtol=1e-5, atol=1e-5)  # summed log-probs of about -40: fp32 noise is ~1e-6
+# FlexAttention on this CPU with torch 2.13: the packed rows of a model without a window compile and are exact; for
+# these two cases the compiler fails (the same code path trains on GPUs, where no GPU was lent to check it):
+FLEX_CPU_COMPILE_ERROR = (
+    "torch 2.13's inductor cannot compile FlexAttention's CPU kernel for {what}: CppCompileError: "
+    "'cur_kvSplitSize0' was not declared in this scope (flex does not train on CPU anyway: no backward there)"
+)
+FLEX_GPT2 = ("transformers 5.24 has no flex_attention for GPT-2 (ValueError at load: GPT2LMHeadModel does not support "
+             "an attention implementation through torch's flex_attention); such a model never reaches packing")
 
 
 def tiny_config(model_type: str, window: int | None):
@@ -74,10 +82,12 @@ def unpadded_logps(model, prompt: list[int], response: list[int]) -> float:
 
 @torch.no_grad()
 def scored(model, pairs: list[dict], layout: str):
+    block = FLEX_BLOCK if model.config._attn_implementation == "flex_attention" else None
     if layout == "padded":
-        out = concatenated_forward(model, PreferenceCollator(pad_token_id=0)(pairs))
+        out = concatenated_forward(model, PreferenceCollator(pad_token_id=0, pad_to_multiple_of=block)(pairs))
     else:
-        out = packed_forward(model, PackedPairCollator(0, share_prompt=layout == "packed-shared-prompt")(pairs))
+        collator = PackedPairCollator(0, share_prompt=layout == "packed-shared-prompt", pad_to_multiple_of=block)
+        out = packed_forward(model, collator(pairs))
     return out.chosen_logps, out.rejected_logps
 
 
@@ -89,18 +99,30 @@ def expected(model, pairs: list[dict]):
 
 def test_the_matrix_covers_every_accepted_model_type_and_kernel():
     assert {m for m, _ in MODELS} == set(PACKING_MODEL_TYPES)
-    assert PACKING_KERNELS == ("sdpa", "eager")
+    assert PACKING_KERNELS == ("sdpa", "eager", "flex_attention")
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("kernel", PACKING_KERNELS)
 @pytest.mark.parametrize("model_type,window", MODELS, ids=[f"{m}-window{w}" if w else m for m, w in MODELS])
 def test_log_probs_equal_an_unpadded_forward(model_type, window, kernel, layout):
+    """No-grad passes (the reference precompute, evaluation); FlexAttention is compiled on first use (a C++
+    compiler; about 10 s a shape on CPU here) and has no backward on CPU, so it trains only on GPUs."""
+    if kernel == "flex_attention":
+        if model_type == "gpt2":
+            pytest.skip(FLEX_GPT2)
+        if window is not None:
+            pytest.skip(FLEX_CPU_COMPILE_ERROR.format(what="a sliding-window mask_mod"))
+        if layout == "padded":
+            pytest.skip(FLEX_CPU_COMPILE_ERROR.format(what="transformers' own mask over padded rows"))
     model = tiny_model(model_type, window, kernel)
     assert choose_packing("auto", model)[0], choose_packing("auto", model)[1]
     pairs = random_pairs()
     chosen, rejected = scored(model, pairs, layout)
-    want_chosen, want_rejected = expected(model, pairs)
+    # FlexAttention compiles a kernel per shape, and on CPU torch 2.13's compiler fails on rows that are not whole
+    # blocks (an unpadded sequence): the unpadded reference runs on the same weights with sdpa.
+    want_chosen, want_rejected = expected(tiny_model(model_type, window, "sdpa") if kernel == "flex_attention" else model,
+                                          pairs)
     torch.testing.assert_close(chosen, want_chosen, **EXACT)
     torch.testing.assert_close(rejected, want_rejected, **EXACT)
 
@@ -129,7 +151,7 @@ def test_a_boolean_mask_under_eager_would_mask_nothing(monkeypatch):
 
 @pytest.mark.parametrize("kernel,message", [
     ("flash_attention_2", "attention 'flash_attention_2' takes no 4D attention mask of ours"),
-    ("flex_attention", "attention 'flex_attention' takes no 4D attention mask of ours"),
+    ("flash_attention_3", "attention 'flash_attention_3' takes no 4D attention mask of ours"),
 ])
 def test_other_kernels_are_refused_with_the_way_out(kernel, message):
     model = tiny_model("llama", None, "sdpa")
@@ -171,3 +193,18 @@ def test_eager_with_packing_trains_from_ln2(tmp_path):
         assert first[kernel]["loss"] == pytest.approx(math.log(2), abs=1e-6)
     assert first["eager"]["logps/chosen"] == pytest.approx(first["sdpa"]["logps/chosen"], rel=1e-5)
     assert first["eager"]["logps/rejected"] == pytest.approx(first["sdpa"]["logps/rejected"], rel=1e-5)
+
+
+def test_flex_attention_training_is_refused_on_cpu(tmp_path):
+    """torch's FlexAttention has no backward on CPU: a training run says so before loading anything, with the way
+    out; it is exact in no-grad passes there (the matrix above)."""
+    from training import run, save_tiny_model, synthetic_pairs
+
+    from dpo_dist.train.checks import TrainingError
+
+    model_dir = save_tiny_model(str(tmp_path / "model"))
+    with pytest.raises(TrainingError, match=r"flex_attention cannot train on CPU: .*NotImplementedError: FlexAttention "
+                                            r"does not support backward on CPU.*model.attn_implementation=sdpa"):
+        run(model_dir, synthetic_pairs(tmp_path / "pairs.jsonl", 8), tmp_path / "out",
+            **{"model.attn_implementation": "flex_attention"})
+

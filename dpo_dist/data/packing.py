@@ -55,6 +55,20 @@ def packed_mask(segment_ids: torch.Tensor, branch_ids: torch.Tensor, position_id
     return mask[:, None]
 
 
+def packed_mask_mod(segment_ids: torch.Tensor, branch_ids: torch.Tensor, position_ids: torch.Tensor, *,
+                    sliding_window: int | None = None):
+    """:func:`packed_mask` as a FlexAttention ``mask_mod(batch, head, query, key) -> bool``, the same rule."""
+
+    def mask_mod(b, h, q, k):
+        visible = (segment_ids[b, q] == segment_ids[b, k]) & (k <= q)
+        visible = visible & ((branch_ids[b, k] == PROMPT) | (branch_ids[b, k] == branch_ids[b, q]))
+        if sliding_window is not None:
+            visible = visible & (position_ids[b, q] - position_ids[b, k] < sliding_window)
+        return visible
+
+    return mask_mod
+
+
 def plan_rows(lengths: Sequence[int], capacity: int) -> list[list[int]]:
     """Segment indices per row: first-fit decreasing into rows of ``capacity`` tokens."""
     rows: list[list[int]] = []
@@ -101,8 +115,9 @@ class PackedPairCollator:
     (prompt twice), the figure throughput is reported in.
     """
 
-    def __init__(self, pad_token_id: int, *, share_prompt: bool = True):
+    def __init__(self, pad_token_id: int, *, share_prompt: bool = True, pad_to_multiple_of: int | None = None):
         self.pad_token_id = pad_token_id
+        self.pad_to_multiple_of = pad_to_multiple_of  # FlexAttention's block size: rows a whole number of blocks
         self.share_prompt = share_prompt
 
     def segments(self, examples: Sequence[dict[str, Any]]) -> list[tuple[list[int], list[tuple[list[int], int]]]]:
@@ -122,6 +137,8 @@ class PackedPairCollator:
         lengths = [len(prompt) + sum(len(r) for r, _ in responses) for prompt, responses in segments]
         rows = choose_rows(lengths)
         width = max(sum(lengths[i] for i in row) for row in rows)
+        if self.pad_to_multiple_of:
+            width = -(-width // self.pad_to_multiple_of) * self.pad_to_multiple_of
         input_ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)
         position_ids = torch.zeros((len(rows), width), dtype=torch.long)
         segment_ids = torch.full((len(rows), width), PAD_SEGMENT, dtype=torch.long)

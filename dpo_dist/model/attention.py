@@ -5,7 +5,8 @@ mask must carry everything the model would have applied:
 
 - **Kernel.** ``sdpa`` takes a boolean mask (True: attend). ``eager`` *adds* the mask to the attention scores, so it
   needs an additive float mask (0 to attend, the dtype's minimum to mask); a boolean one would add 0/1 and mask
-  nothing. Other kernels (flash attention, FlexAttention) take no 4D mask of ours: packing is refused for them.
+  nothing. ``flex_attention`` takes a ``BlockMask`` built from the same rule as a ``mask_mod`` (rows padded to whole
+  blocks), and skips the blocks no query sees. Flash attention takes no mask of ours: packing is refused for it.
 - **Layer types.** Mistral applies ``sliding_window`` in every layer (one mask). Qwen2/Qwen3 name each layer's type
   in ``config.layer_types`` (``full_attention``, ``sliding_attention``) and take a dict with a mask per type. Llama and
   GPT-2 have full attention only. The window counts position ids (``dpo_dist.data.packing.packed_mask``).
@@ -20,9 +21,10 @@ from typing import Any
 
 import torch
 
-from dpo_dist.data.packing import packed_mask
+from dpo_dist.data.packing import packed_mask, packed_mask_mod
 
-PACKING_KERNELS = ("sdpa", "eager")
+PACKING_KERNELS = ("sdpa", "eager", "flex_attention")
+FLEX_BLOCK = 128  # FlexAttention's block size: packed rows are padded to a multiple of it
 ONE_MASK = ("llama", "mistral", "gpt2")  # one mask for every layer (Mistral's carries its sliding window)
 MASK_PER_LAYER_TYPE = ("qwen2", "qwen3")  # a dict {layer type: mask}
 PACKING_MODEL_TYPES = ONE_MASK + MASK_PER_LAYER_TYPE
@@ -91,19 +93,45 @@ def for_kernel(mask: torch.Tensor, kernel: str, dtype: torch.dtype) -> torch.Ten
 def packed_attention_mask(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor | dict[str, torch.Tensor]:
     """The ``attention_mask`` argument for a packed batch (``PackedPairCollator``): one mask, or a dict by layer type.
 
-    Shape: each mask (R, 1, W, W), bool (sdpa) or the embedding dtype (eager).
+    Shape: each mask (R, 1, W, W), bool (sdpa) or the embedding dtype (eager); a ``BlockMask`` for flex_attention.
     """
     base = base_model(model)
     config = base.config
     kernel = config._attn_implementation
     dtype = base.get_input_embeddings().weight.dtype
     dtype = dtype if dtype.is_floating_point else torch.float32
-    masks = {
-        layer_type: for_kernel(packed_mask(batch["segment_ids"], batch["branch_ids"], batch["position_ids"],
-                                           sliding_window=window), kernel, dtype)
-        for layer_type, window in layer_windows(config).items()
-    }
+    if kernel == "flex_attention":
+        masks = {layer_type: block_mask(batch, window) for layer_type, window in layer_windows(config).items()}
+    else:
+        masks = {
+            layer_type: for_kernel(packed_mask(batch["segment_ids"], batch["branch_ids"], batch["position_ids"],
+                                               sliding_window=window), kernel, dtype)
+            for layer_type, window in layer_windows(config).items()
+        }
     if config.model_type in MASK_PER_LAYER_TYPE:
         return masks
     (mask,) = masks.values()
     return mask
+
+
+def block_mask(batch: dict[str, torch.Tensor], window: int | None) -> Any:
+    """A FlexAttention ``BlockMask`` for a packed batch whose rows are whole blocks (``FLEX_BLOCK``)."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    segment_ids = batch["segment_ids"]
+    rows, width = segment_ids.shape
+    if width % FLEX_BLOCK:
+        raise ValueError(f"FlexAttention rows must be a multiple of {FLEX_BLOCK} positions, got {width}: build the "
+                         f"collator with pad_to_multiple_of={FLEX_BLOCK}")
+    mod = packed_mask_mod(segment_ids, batch["branch_ids"], batch["position_ids"], sliding_window=window)
+    return create_block_mask(mod, B=rows, H=None, Q_LEN=width, KV_LEN=width, device=segment_ids.device)
+
+
+def flex_training_unsupported(kernel: str | None, device: torch.device) -> str | None:
+    """Why this kernel cannot train on this device, or None. torch 2.13's FlexAttention has no backward on CPU."""
+    if kernel == "flex_attention" and device.type == "cpu":
+        return ("model.attn_implementation=flex_attention cannot train on CPU: torch's FlexAttention has no backward "
+                "there (NotImplementedError: FlexAttention does not support backward on CPU); use "
+                "model.attn_implementation=sdpa on CPU (flex is exact in no-grad passes there, and trains on GPUs)")
+    return None
+

@@ -39,7 +39,7 @@ from dpo_dist.distributed import (
     uses_deepspeed,
     zero_stage,
 )
-from dpo_dist.model.attention import choose_packing
+from dpo_dist.model.attention import FLEX_BLOCK, base_model, choose_packing, flex_training_unsupported
 from dpo_dist.model.load import Precision, load_policy, load_reference_copy, resolve_precision, resolve_source
 from dpo_dist.train.checkpoint import (
     ABANDONED,
@@ -171,6 +171,9 @@ def setup(cfg: Config, signals: StopSignals) -> Run:
 
     stage = zero_stage(accelerator)
     check_combination(cfg, stage, fsdp_version(accelerator))
+    refused = flex_training_unsupported(cfg.model.attn_implementation, accelerator.device)
+    if refused:
+        raise TrainingError(refused)
     with accelerator.main_process_first():
         resolve_source(cfg.model.name_or_path)  # a built-in model is converted once, by the main process
     accelerator.print(precision.said)
@@ -204,8 +207,9 @@ def setup(cfg: Config, signals: StopSignals) -> Run:
     except ValueError as error:
         raise TrainingError(str(error)) from None
     accelerator.print(said)
-    collator = (PackedPairCollator(tokenizer.pad_token_id, share_prompt=t.share_prompt) if packed
-                else PreferenceCollator(pad_token_id=tokenizer.pad_token_id))
+    block = FLEX_BLOCK if base_model(model).config._attn_implementation == "flex_attention" else None
+    collator = (PackedPairCollator(tokenizer.pad_token_id, share_prompt=t.share_prompt, pad_to_multiple_of=block)
+                if packed else PreferenceCollator(pad_token_id=tokenizer.pad_token_id, pad_to_multiple_of=block))
     if cfg.reference.mode == "precomputed":  # after prepare: under ZeRO-3 every rank serves its shard
         train_tok, eval_tok = attach_reference(cfg, accelerator, model, tokenizer, identity, train_tok, eval_tok,
                                                collator=collator, autocast=precision.autocast,
