@@ -179,7 +179,8 @@ def test_non_finite_loss_stops_naming_the_step(tiny_model_dir, data_file, tmp_pa
 
     monkeypatch.setattr(objective, "preference_loss", poisoned)
     out = tmp_path / "out"
-    stopped = (r"^non-finite loss and grad_norm at step 3 \(loss=nan, grad_norm=nan\): stopped before applying it\. "
+    stopped = (r"^non-finite loss at step 3 \(loss=nan; the step stopped before its backward, so no gradient norm\): "
+               r"stopped before applying it\. "
                r"Last checkpoint: \S+/checkpoint-2 ")
     with pytest.raises(trainer.TrainingError, match=stopped):
         run(tiny_model_dir, data_file, out, **{"train.save_every": 2, "train.max_steps": 6})
@@ -229,7 +230,8 @@ def test_non_finite_message_without_checkpoints_and_for_lora(tmp_path):
     cfg = load_config(None, [f"train.output_dir={tmp_path}", "train.learning_rate=0.5"])
     record = {"loss": float("inf"), "grad_norm": 3.0}
     assert str(non_finite_error(cfg, 7, record, applied=False)) == (
-        "non-finite loss at step 7 (loss=inf, grad_norm=3): stopped before applying it; no checkpoint was written "
+        "non-finite loss at step 7 (loss=inf; the step stopped before its backward, so no gradient norm): stopped "
+        "before applying it; no checkpoint was written "
         "(set train.save_every to keep some); lower train.learning_rate (now 0.5)")
     for step, weight in ((2, 0.25), (4, float("nan"))):
         os.makedirs(tmp_path / f"checkpoint-{step}")

@@ -69,8 +69,13 @@ def non_finite_error(cfg: Config, step: int, record: dict[str, float], *, applie
     model: every weight moves by 1e6 at step 1, the gradient is NaN at step 2), and a rerun would resume from it and
     fail the same way. So the message gives its largest |weight| (beside the starting model's, for full fine-tuning
     from a local folder), says so, and gives the way out."""
-    bad = " and ".join(key for key in ("loss", "grad_norm") if not math.isfinite(record[key]))
-    head = (f"non-finite {bad} at step {step} (loss={record['loss']:.6g}, grad_norm={record['grad_norm']:.6g}): "
+    if not math.isfinite(record["loss"]):  # checked first: the step stopped before its backward, no gradient yet
+        numbers = f"loss={record['loss']:.6g}; the step stopped before its backward, so no gradient norm"
+        bad = "loss"
+    else:
+        numbers = f"loss={record['loss']:.6g}, grad_norm={record['grad_norm']:.6g}"
+        bad = "grad_norm"
+    head = (f"non-finite {bad} at step {step} ({numbers}): "
             + ("DeepSpeed applied this update before it could be checked (its overflow check is off, e.g. "
                "bf16.check_grad_overflow=false), so the weights in memory are not finite and the run stops without "
                "saving them" if applied else "stopped before applying it"))
