@@ -83,7 +83,10 @@ def reporting_full_disk(target: str, partial: str, *, needed: Callable[[], tuple
         yield
     except Exception as error:
         written, free = tree_bytes(partial), free_bytes(partial)
-        total, basis = needed()
+        try:
+            total, basis = needed()
+        except Exception:  # an estimate that fails must not hide the error
+            total, basis = 0, ""
         if not out_of_space(error, free, total - written):
             raise
         if os.path.isdir(partial):
@@ -91,9 +94,9 @@ def reporting_full_disk(target: str, partial: str, *, needed: Callable[[], tuple
         elif os.path.exists(partial):
             os.remove(partial)
         free = max(free_bytes(target), free + written)  # a file the failed writer still holds open is freed later
+        need = f"about {size(total)} needed ({basis})" if total else "the space needed is not known"
         raise DiskFullError(
-            f"no space left on {target}: {size(free)} free, about {size(total)} needed ({basis}); "
-            f"the partial {partial} was removed; {then()}"
+            f"no space left on {target}: {size(free)} free, {need}; the partial {partial} was removed; {then()}"
         ) from error
 
 
