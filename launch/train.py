@@ -7,8 +7,9 @@
     sbatch slurm/dpo.sbatch ...                                         # SLURM, several nodes (see the README)
 
 SIGUSR1 or SIGTERM (preemption) makes it write a checkpoint after the current step and exit with status 75; the same
-command then continues from it (train.resume=auto). A config or model setting that cannot work is one line on stderr
-and exit status 2, before any step; a run that fails later (data, checkpoint, a non-finite loss) exits with 1.
+command then continues from it (train.resume=auto). A config or model setting that cannot work (an output folder that
+cannot be written too) is one line on stderr and exit status 2, before any step; a run that fails later (data,
+checkpoint, a full disk, a non-finite loss) exits with 1.
 
 Options are ``section.key=value`` overrides on top of the recipe (or the defaults); ``--help`` lists them all.
 """
@@ -64,16 +65,21 @@ def main(argv: list[str] | None = None) -> int:
     from dpo_dist.model.load import ModelError
     from dpo_dist.train.preemption import PREEMPTED_EXIT_CODE, Preempted, stop_with_launcher
     from dpo_dist.data.tokenization import TokenizationError
+    from dpo_dist.train.disk import DiskFullError
     from dpo_dist.train.trainer import TrainingError, train
 
     stop_with_launcher()  # a signal that kills the launcher alone reaches this process as SIGTERM
     try:
         train(cfg)
         status = 0
+    except ConfigError as error:  # a folder the run would write cannot be written: found before anything loads
+        print(f"config error: {error}", file=sys.stderr)
+        status = 2
     except ModelError as error:  # a setting names a model that cannot be loaded: a config error, found at load
         print(f"model error: {error}", file=sys.stderr)
         status = 2
     except (DataError, TokenizationError, TrainingError, DeepSpeedConfigError, FSDPConfigError, CheckpointError,
+            DiskFullError,
             OSError) as error:
         print(f"error: {error}", file=sys.stderr)
         status = 1

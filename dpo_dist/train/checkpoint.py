@@ -6,7 +6,9 @@ to ``checkpoint-<step>`` only when all of it is on disk, so a run killed mid-wri
 the latest; the ``.tmp`` it leaves is removed when the next run starts. For LoRA policies only the trainable (adapter)
 weights are stored, with any number of processes, with or without DeepSpeed. A run that starts from step N (a resume,
 or 0) moves checkpoints past N, left by a run it does not continue, to ``abandoned/``. The best checkpoint is known by
-its step; with early stopping its weights are what the final export holds.
+its step; with early stopping its weights are what the final export holds. The final state is a checkpoint before
+the export, so a failed export is retried by the same command. A write that runs out of space removes its ``.tmp``
+and says so in one line (:mod:`dpo_dist.train.disk`).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from dpo_dist.config import Config
+from dpo_dist.train.disk import reporting_full_disk, tensor_bytes, tree_bytes
 
 CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 STATE_FILE = "trainer_state.json"
@@ -93,9 +96,10 @@ def adapter_only_checkpoints(accelerator: Any, model: Any) -> None:
     accelerator.register_load_state_pre_hook(check_file)
 
 
-def save_checkpoint(accelerator: Any, output_dir: str, state: TrainState, *, keep_last: int,
+def save_checkpoint(accelerator: Any, output_dir: str, state: TrainState, *, keep_last: int | None,
                     adapter_only: bool = False) -> str:
-    """Write ``checkpoint-<step>`` atomically (all processes call this), then prune old ones (never the best).
+    """Write ``checkpoint-<step>`` atomically (all processes call this), then prune old ones (never the best;
+    ``keep_last=None``: none). A full disk is :class:`~dpo_dist.train.disk.DiskFullError`, the ``.tmp`` removed.
     ``adapter_only`` (LoRA) under DeepSpeed leaves the frozen weights out of its checkpoint (without DeepSpeed the
     hooks of :func:`adapter_only_checkpoints` do it).
 
@@ -109,26 +113,53 @@ def save_checkpoint(accelerator: Any, output_dir: str, state: TrainState, *, kee
         shutil.rmtree(tmp)
     accelerator.wait_for_everyone()
     deepspeed = getattr(accelerator.state, "deepspeed_plugin", None) is not None
-    accelerator.save_state(tmp, **({"exclude_frozen_parameters": True} if deepspeed and adapter_only else {}))
-    accelerator.wait_for_everyone()
-    _fsync_tree(tmp, files=True)
-    accelerator.wait_for_everyone()
+    with reporting_full_disk(final, tmp, needed=lambda: _checkpoint_bytes(accelerator, output_dir, adapter_only),
+                             then=lambda: _resume_hint(output_dir)):
+        accelerator.save_state(tmp, **({"exclude_frozen_parameters": True} if deepspeed and adapter_only else {}))
+        accelerator.wait_for_everyone()
+        _fsync_tree(tmp, files=True)
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            with open(os.path.join(tmp, STATE_FILE), "w", encoding="utf-8") as handle:
+                json.dump(asdict(state), handle, indent=1)
+            _fsync(os.path.join(tmp, STATE_FILE))
+            _fsync_tree(tmp, files=False)
+            if os.path.exists(final):
+                shutil.rmtree(final)
+            os.replace(tmp, final)
     if accelerator.is_main_process:
-        with open(os.path.join(tmp, STATE_FILE), "w", encoding="utf-8") as handle:
-            json.dump(asdict(state), handle, indent=1)
-        _fsync(os.path.join(tmp, STATE_FILE))
-        _fsync_tree(tmp, files=False)
-        if os.path.exists(final):
-            shutil.rmtree(final)
-        os.replace(tmp, final)
         _fsync(output_dir)
         found = list_checkpoints(output_dir)
-        keep = {step for step, _ in found[-keep_last:]} | {state.global_step, checkpoint_step(state.best_checkpoint)}
+        kept = found if keep_last is None else found[-keep_last:]
+        keep = {step for step, _ in kept} | {state.global_step, checkpoint_step(state.best_checkpoint)}
         for step, path in found:
             if step not in keep:
                 shutil.rmtree(path)
     accelerator.wait_for_everyone()
     return final
+
+
+def _checkpoint_bytes(accelerator: Any, output_dir: str, adapter_only: bool) -> tuple[int, str]:
+    """About what a checkpoint takes: the size of the latest one, or before the first, the weights it stores (the
+    trainable ones for LoRA) and the optimizer's state."""
+    found = list_checkpoints(output_dir)
+    if found:
+        return tree_bytes(found[-1][1]), f"the size of {os.path.basename(found[-1][1])}"
+    total = 0
+    for model in getattr(accelerator, "_models", []):
+        total += tensor_bytes(p for p in model.parameters() if p.requires_grad or not adapter_only)
+    for optimizer in getattr(accelerator, "_optimizers", []):
+        inner = getattr(optimizer, "optimizer", optimizer)
+        for values in getattr(inner, "state", {}).values():
+            total += tensor_bytes(v for v in values.values() if hasattr(v, "element_size"))
+    return total, "the weights and optimizer state to store"
+
+
+def _resume_hint(output_dir: str) -> str:
+    latest = latest_checkpoint(output_dir)
+    if latest is None:
+        return "no checkpoint is complete yet; free space and run the same command again (it starts over)"
+    return f"the last complete checkpoint is {latest}; free space and run the same command again to resume from it"
 
 
 def checkpoint_step(path: str | None) -> int | None:
@@ -237,18 +268,65 @@ def _read_state(path: str) -> TrainState:
 
 
 def save_final_model(accelerator: Any, model: Any, tokenizer: Any, path: str) -> None:
-    """The LoRA adapter (``PeftModel.from_pretrained`` loads it) or the full model, with the tokenizer; atomic."""
+    """The LoRA adapter (``PeftModel.from_pretrained`` loads it) or the full model, with the tokenizer; atomic. A full
+    disk is :class:`~dpo_dist.train.disk.DiskFullError`, the ``.tmp`` removed."""
     unwrapped = accelerator.unwrap_model(model)
     state_dict = accelerator.get_state_dict(model)
     if accelerator.is_main_process:
         tmp = path + ".tmp"
         shutil.rmtree(tmp, ignore_errors=True)
-        unwrapped.save_pretrained(tmp, state_dict=state_dict)
-        tokenizer.save_pretrained(tmp)
-        if os.path.exists(path):
-            shutil.rmtree(path)
-        os.replace(tmp, path)
+        with reporting_full_disk(path, tmp, needed=lambda: _export_bytes(unwrapped, state_dict, tokenizer),
+                                 then=lambda: _export_hint(os.path.dirname(path))):
+            unwrapped.save_pretrained(tmp, state_dict=state_dict)
+            tokenizer.save_pretrained(tmp)
+            if os.path.exists(path):
+                shutil.rmtree(path)
+            os.replace(tmp, path)
     accelerator.wait_for_everyone()
+
+
+def _export_bytes(unwrapped: Any, state_dict: dict, tokenizer: Any) -> tuple[int, str]:
+    """About what ``model/`` takes: the weights it stores (the adapter's for LoRA), the tokenizer's JSON and 16 KiB
+    for the small config files."""
+    weights = state_dict
+    if hasattr(unwrapped, "peft_config"):
+        from peft import get_peft_model_state_dict
+
+        weights = get_peft_model_state_dict(unwrapped, state_dict=state_dict)
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    text = len(backend.to_str(pretty=True).encode()) if backend is not None else 0
+    what = "adapter" if weights is not state_dict else "model"
+    return tensor_bytes(weights.values()) + text + (16 << 10), f"the {what} weights, the tokenizer and configs"
+
+
+def _export_hint(output_dir: str) -> str:
+    latest = latest_checkpoint(output_dir)
+    if latest is None:
+        return "free space and run the same command again"
+    return (f"the final state is in {latest}: free space and run the same command again to export it (it resumes "
+            "there and trains no further step)")
+
+
+def checkpoint_final_state(accelerator: Any, output_dir: str, state: TrainState, cfg: Config) -> None:
+    """Before the export, the final state as ``checkpoint-<last step>`` (unless the last step has one already): an
+    export that fails (a full disk) is retried by running the same command again, which resumes there, trains
+    nothing and exports. With ``train.save_every`` unset it is not meant to stay (:func:`drop_final_checkpoint`),
+    so it prunes nothing. All processes call this; the main process's folder decides."""
+    from accelerate.utils import broadcast_object_list
+
+    path = os.path.join(output_dir, f"checkpoint-{state.global_step}")
+    there = [os.path.isfile(os.path.join(path, STATE_FILE)) if accelerator.is_main_process else None]
+    if not broadcast_object_list(there)[0]:
+        save_checkpoint(accelerator, output_dir, state, keep_last=cfg.train.keep_last if cfg.train.save_every else None,
+                        adapter_only=cfg.lora.enabled)
+
+
+def drop_final_checkpoint(accelerator: Any, output_dir: str, state: TrainState, cfg: Config) -> None:
+    """Once ``model/`` is written: without ``train.save_every`` (no checkpoints asked for) the final one goes, unless
+    it is the best. Main process."""
+    best = checkpoint_step(state.best_checkpoint)
+    if accelerator.is_main_process and not cfg.train.save_every and best != state.global_step:
+        shutil.rmtree(os.path.join(output_dir, f"checkpoint-{state.global_step}"), ignore_errors=True)
 
 
 def load_best_for_export(accelerator: Any, state: TrainState, output_dir: str, cfg: Config) -> str:
@@ -266,6 +344,16 @@ def load_best_for_export(accelerator: Any, state: TrainState, output_dir: str, c
     load_checkpoint(accelerator, path, adapter_only=cfg.lora.enabled)
     return (f"model/: the weights of {path}, the best {t.metric_for_best} ({state.best_metric:.4f}), not those of the "
             f"last step {state.global_step}")
+
+
+def stopped_early(state: TrainState, cfg: Config) -> str | None:
+    """The early-stopping message if the state resumed from had run out of patience already (its run stopped there;
+    what is left is the export), else None."""
+    t = cfg.train
+    if t.early_stopping_patience and state.evals_without_improvement >= t.early_stopping_patience:
+        return (f"stopped early at step {state.global_step} already: {t.metric_for_best} had not improved on "
+                f"{state.best_metric:.4f} for {state.evals_without_improvement} evals")
+    return None
 
 
 def track_best(state: TrainState, record: dict[str, float], cfg: Config) -> tuple[bool, str | None]:

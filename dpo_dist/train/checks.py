@@ -5,12 +5,16 @@ from __future__ import annotations
 import glob
 import math
 import os
+from typing import Any
 
 import torch
 
-from dpo_dist.config import Config
+from dpo_dist.config import SENTIMENT, Config, ConfigError
+from dpo_dist.model.builtin import cache_root
 from dpo_dist.model.load import resolve_source
+from dpo_dist.train import reference_cache
 from dpo_dist.train.checkpoint import list_checkpoints
+from dpo_dist.train.disk import unwritable
 from dpo_dist.train.metrics import is_finite
 
 LAUNCH_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -29,6 +33,31 @@ def check_combination(cfg: Config, stage: int, fsdp: int = 0) -> None:
             f"model.quantization={cfg.model.quantization} cannot be sharded by {engine}: launch without {config} "
             "config (QLoRA trains on one device), or set model.quantization=none"
         )
+def check_output_locations(cfg: Config, accelerator: Any) -> None:
+    """Every folder the run will write, made if missing and written to now, before the model loads and the reference
+    log-probs are computed: ``train.output_dir`` on every process (each writes its part of a checkpoint), the reference
+    cache (precomputed mode) and the built-in data set's cache on the main process. A :class:`ConfigError` naming the
+    folder and the setting that moves it, on every process."""
+    places = [("train.output_dir", cfg.train.output_dir, "train.output_dir")]  # (what, folder, the setting)
+    if accelerator.is_main_process and cfg.reference.mode == "precomputed":
+        places.append(("reference.cache_dir", cfg.reference.cache_dir or reference_cache.default_cache_dir(),
+                       "reference.cache_dir"))
+    if accelerator.is_main_process and cfg.data.source == SENTIMENT:
+        places.append(("the built-in data set's cache", os.path.join(cache_root(), "data"), "XDG_CACHE_HOME"))
+    problem = None
+    for what, folder, setting in places:
+        why = unwritable(folder)
+        if why:
+            problem = f"{what}: {folder} cannot be written ({why}); set {setting} to a writable folder"
+            break
+    if accelerator.num_processes > 1:
+        from accelerate.utils import gather_object
+
+        problem = next((p for p in gather_object([problem]) if p), None)
+    if problem:
+        raise ConfigError(problem)
+
+
 def check_launch_precision(launched: str, compute: torch.dtype) -> None:
     """``accelerate launch --mixed_precision`` (or its config's ``mixed_precision``) set to bf16 or fp16 must be what
     ``model.dtype`` resolves to; ``no`` (the shipped configs) leaves the choice to ``model.dtype``."""

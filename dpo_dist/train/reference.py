@@ -26,6 +26,7 @@ from dpo_dist.data.tokenization import PAIR_COLUMNS, Truncation
 from dpo_dist.distributed import gather_in_order, shard_indices
 from dpo_dist.model.attention import base_model
 from dpo_dist.train import reference_cache as cache
+from dpo_dist.train.disk import DiskFullError
 from dpo_dist.train.logprobs import DEFAULT_CHUNK_SIZE, PairLogps, pair_logps
 
 logger = logging.getLogger(__name__)
@@ -194,8 +195,12 @@ def precompute_reference(
             stop_check=stop_check,
         )
         if accelerator.is_main_process:
-            cache.write_cache(path, key, logps, fingerprint_parts)
-            logger.info("reference log-probs cached at %s", path)
+            try:
+                cache.write_cache(path, key, logps, fingerprint_parts)
+                logger.info("reference log-probs cached at %s", path)
+            except DiskFullError as error:  # the log-probs are here: training needs no cache
+                logger.warning("reference log-probs not cached, training goes on (a later run computes them again): "
+                               "%s", error)
         accelerator.wait_for_everyone()
     tokenized = tokenized.remove_columns([c for c in REFERENCE_COLUMNS if c in tokenized.column_names])
     tokenized = tokenized.add_column(REFERENCE_COLUMNS[0], logps[:, 0].tolist())

@@ -27,6 +27,8 @@ from typing import Any
 
 import torch
 
+from dpo_dist.train.disk import reporting_full_disk, tensor_bytes
+
 logger = logging.getLogger(__name__)
 
 CACHE_VERSION = 1
@@ -113,7 +115,8 @@ def _checksum(tensor: torch.Tensor) -> str:
 
 
 def write_cache(path: str, key: str, logps: torch.Tensor, parts: dict) -> None:
-    """Atomically write ``logps`` (N, 2) float32: chosen in column 0, rejected in column 1."""
+    """Atomically write ``logps`` (N, 2) float32: chosen in column 0, rejected in column 1. A full disk is
+    :class:`~dpo_dist.train.disk.DiskFullError`, the temporary file removed."""
     from safetensors.torch import save_file
 
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
@@ -126,10 +129,13 @@ def write_cache(path: str, key: str, logps: torch.Tensor, parts: dict) -> None:
     handle, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=os.path.dirname(path) or ".")
     os.close(handle)
     try:
-        save_file({"logps": logps}, tmp, metadata=metadata)
-        with open(tmp, "rb") as written:
-            os.fsync(written.fileno())
-        os.replace(tmp, path)
+        needed = tensor_bytes([logps]) + sum(len(k) + len(v) for k, v in metadata.items())
+        with reporting_full_disk(path, tmp, needed=lambda: (needed, "the log-probs and their key"),
+                                 then=lambda: "nothing is cached"):
+            save_file({"logps": logps}, tmp, metadata=metadata)
+            with open(tmp, "rb") as written:
+                os.fsync(written.fileno())
+            os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)

@@ -45,6 +45,8 @@ from dpo_dist.train.checkpoint import (
     ABANDONED,
     TrainState,
     adapter_only_checkpoints,
+    checkpoint_final_state,
+    drop_final_checkpoint,
     latest_checkpoint,
     load_best_for_export,
     load_checkpoint,
@@ -52,9 +54,16 @@ from dpo_dist.train.checkpoint import (
     save_checkpoint,
     save_final_model,
     set_aside_later_checkpoints,
+    stopped_early,
     track_best,
 )
-from dpo_dist.train.checks import TrainingError, check_combination, check_launch_precision, check_step
+from dpo_dist.train.checks import (
+    TrainingError,
+    check_combination,
+    check_launch_precision,
+    check_output_locations,
+    check_step,
+)
 from dpo_dist.train.inputs import attach_reference, model_identity, tokenized_pairs
 from dpo_dist.train.metrics import (
     MetricsLog,
@@ -154,6 +163,7 @@ def setup(cfg: Config, signals: StopSignals) -> Run:
         gradient_accumulation_steps=t.gradient_accumulation_steps, log_with=t.report_to or None,
         project_dir=t.output_dir,
     )
+    check_output_locations(cfg, accelerator)  # before anything is loaded or computed
     from accelerate.utils import set_seed
 
     set_seed(t.seed)
@@ -268,7 +278,7 @@ def train(cfg: Config) -> dict[str, Any]:
 def loop(run: Run, bar: Any, signals: StopSignals) -> None:
     """Optimizer steps until the end, early stopping, or a stop signal (then a checkpoint and :class:`Preempted`)."""
     cfg, t, accelerator, state = run.cfg, run.cfg.train, run.accelerator, run.state
-    stop_reason = None
+    stop_reason = stopped_early(state, cfg)  # resumed from where it stopped early: only the export is left
     while state.global_step < run.total_steps and stop_reason is None:
         started = time.perf_counter()
         micro_batches = [to_device(run.collator([run.train_tok[i] for i in indices]), accelerator.device)
@@ -314,13 +324,16 @@ def loop(run: Run, bar: Any, signals: StopSignals) -> None:
 
 
 def finish(run: Run) -> None:
-    """The final model, summary and plot."""
+    """The final state as a checkpoint (so that a failed export is retried by the same command), the final model,
+    summary and plot."""
     t, accelerator = run.cfg.train, run.accelerator
+    checkpoint_final_state(accelerator, t.output_dir, run.state, run.cfg)
     exported = f"model/: the weights at step {run.state.global_step}, the last"
     if t.early_stopping_patience:  # selection by metric: the best checkpoint's weights, whether or not it stopped early
         exported = load_best_for_export(accelerator, run.state, t.output_dir, run.cfg)
     accelerator.print(exported)
     save_final_model(accelerator, run.model, run.tokenizer, os.path.join(t.output_dir, "model"))
+    drop_final_checkpoint(accelerator, t.output_dir, run.state, run.cfg)
     text = summary(run.metrics.records)
     memory = torch.tensor([[peak_memory_gb(accelerator.device), held_state_gb(run.model, run.optimizer)]],
                           device=accelerator.device)
