@@ -79,8 +79,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"model error: {error}", file=sys.stderr)
         status = 2
     except (DataError, TokenizationError, TrainingError, DeepSpeedConfigError, FSDPConfigError, CheckpointError,
-            DiskFullError,
-            OSError) as error:
+            DiskFullError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)
         status = 1
     except Preempted as stop:
