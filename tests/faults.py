@@ -122,8 +122,24 @@ USER_ASSISTANT_ONLY = (
 
 STOP_SIGNALS = ("SIGUSR1", "SIGTERM")  # checkpoint the step, exit 75; the same command resumes
 
+# How a user starts training: name -> (accelerate launch arguments before the script, or None for plain python;
+# trainer processes). tests/test_signals.py sends every STOP_SIGNAL to the process each form starts.
+LAUNCH_FORMS = {
+    "python": (None, 1),
+    "accelerate": (["--num_processes", "1", "--mixed_precision", "no", "--dynamo_backend", "no"], 1),
+    # torchrun's agent without PET_SIGNALS_TO_HANDLE: SIGUSR1 kills it (the README's plain DDP command)
+    "accelerate-ddp": (["--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+                        "--dynamo_backend", "no"], 2),
+    "accelerate-zero2": (["--config_file", "accelerate_configs/zero2.yaml", "--num_processes", "2"], 2),
+    "accelerate-fsdp2": (["--config_file", "accelerate_configs/fsdp.yaml", "--num_processes", "2"], 2),
+}
+
 # where a SIGKILL lands -> what must be left (tests/test_interruptions.py, tests/test_slurm.py)
 KILL_POINTS = {
     "inside a checkpoint write (tests/slow_checkpoint_launch.py)": "the previous checkpoint, whole; resume from it",
     "one rank of a multi-node SLURM job": "the whole job fails within a minute, no hang in a collective",
+    "a rank stuck in a collective, then SIGTERM (tests/test_signals.py)": "every rank exits within train.stop_grace_s, "
+                                                                          "status 124",
+    "a full disk during a checkpoint or the export (tests/test_disk.py)": "one line with the bytes needed; the "
+                                                                           "previous checkpoint, whole",
 }

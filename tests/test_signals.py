@@ -2,8 +2,9 @@
 trainer itself, or its launcher) checkpoints at the next step boundary, or stops cleanly before training starts, and
 every trainer process exits with the requeue status (75).
 
-The launch forms and signals are listed once, in ``faults_signals`` below; the run is tests/signal_launch.py, which
-is the real entry point plus a marker file at a known point and the exit status of each process written down.
+The launch forms and signals are listed once, in tests/faults.py (``LAUNCH_FORMS``, ``STOP_SIGNALS``); the run is
+tests/signal_launch.py, which is the real entry point plus a marker file at a known point and the exit status of
+each process written down.
 """
 
 from __future__ import annotations
@@ -18,29 +19,26 @@ import pytest
 
 from dpo_dist.train.metrics import read_metrics
 from dpo_dist.train.preemption import PREEMPTED_EXIT_CODE
+from faults import LAUNCH_FORMS, STOP_SIGNALS
 from training import ROOT, accelerate_launch, overrides
 
 SCRIPT = os.path.join(ROOT, "tests", "signal_launch.py")
-# How a user starts training, as a command list for a script, and how many trainer processes that makes.
-LAUNCHES = {
-    "python": (lambda *a: [sys.executable, *a], 1),
-    "accelerate": (lambda *a: accelerate_launch("--num_processes", "1", "--mixed_precision", "no",
-                                                "--dynamo_backend", "no", *a), 1),
-    # torchrun's agent without PET_SIGNALS_TO_HANDLE: SIGUSR1 kills it (the README's plain DDP command)
-    "accelerate-ddp": (lambda *a: accelerate_launch("--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-                                                    "--mixed_precision", "no", "--dynamo_backend", "no", *a), 2),
-    "accelerate-zero2": (lambda *a: accelerate_launch("--config_file", os.path.join(ROOT, "accelerate_configs", "zero2.yaml"),
-                                                      "--num_processes", "2", *a), 2),
-}
-SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+SIGNALS = tuple(getattr(signal, name) for name in STOP_SIGNALS)
+
+
+def command_for(launch: str, *args: str) -> list[str]:
+    launcher, _ = LAUNCH_FORMS[launch]
+    if launcher is None:
+        return [sys.executable, *args]
+    return accelerate_launch(*[os.path.join(ROOT, a) if a.startswith("accelerate_configs/") else a for a in launcher],
+                             *args)
 
 
 def start(launch: str, run_dir, when: str, model_dir: str, data_file: str, **extra) -> subprocess.Popen:
-    command, _ = LAUNCHES[launch]
     args = [SCRIPT, str(run_dir), when, *overrides(model_dir, data_file, run_dir / "out", **extra)]
     log = open(run_dir / "log.txt", "w")
     # its own session: the signal goes to the launcher alone, as `kill PID` from a shell or a scheduler would send it
-    return subprocess.Popen(command(*args), stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True)
+    return subprocess.Popen(command_for(launch, *args), stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True)
 
 
 def signal_when_reached(process: subprocess.Popen, run_dir, sig: signal.Signals, timeout: float = 300) -> None:
@@ -64,17 +62,17 @@ def wait_for_trainers(run_dir, processes: int, timeout: float = 180) -> list[int
 
 @pytest.mark.multiprocess
 @pytest.mark.parametrize("sig", SIGNALS, ids=lambda s: s.name)
-@pytest.mark.parametrize("launch", list(LAUNCHES))
+@pytest.mark.parametrize("launch", list(LAUNCH_FORMS))
 def test_a_signal_to_what_we_started_checkpoints_and_stops(launch, sig, tiny_model_dir, data_file, tmp_path):
     """Signalled after step 2 of 8 (no checkpoint due): the current step ends, checkpoint-N is written for the step
     the processes agreed on, nothing trains past it, and every trainer exits with 75."""
     process = start(launch, tmp_path, "step:2", tiny_model_dir, data_file, **{
-        "train.max_steps": 8, "train.per_device_batch_size": 4 if LAUNCHES[launch][1] == 2 else 8})
+        "train.max_steps": 8, "train.per_device_batch_size": 4 if LAUNCH_FORMS[launch][1] == 2 else 8})
     signal_when_reached(process, tmp_path, sig)
-    statuses = wait_for_trainers(tmp_path, LAUNCHES[launch][1])
+    statuses = wait_for_trainers(tmp_path, LAUNCH_FORMS[launch][1])
     process.wait(timeout=60)
     log = (tmp_path / "log.txt").read_text()
-    assert statuses == [PREEMPTED_EXIT_CODE] * LAUNCHES[launch][1], log[-3000:]
+    assert statuses == [PREEMPTED_EXIT_CODE] * LAUNCH_FORMS[launch][1], log[-3000:]
     records = read_metrics(str(tmp_path / "out" / "metrics.jsonl"))
     last = records[-1]["step"]
     assert 2 <= last < 8, log[-3000:]
