@@ -34,3 +34,17 @@ def data_file(tmp_path_factory):
 
     # 81 pairs: 65 train and 16 eval, so 2 processes get uneven shards of the training set (one padded)
     return synthetic_pairs(tmp_path_factory.mktemp("data") / "pairs.jsonl", 81)
+
+
+@pytest.fixture(scope="module")
+def one_process(tiny_model_dir, data_file, tmp_path_factory):
+    """The single-process, unsharded runs the DeepSpeed and FSDP runs are compared with: full fine-tuning and LoRA."""
+    from training import STEPS, reset_accelerate_state, run
+
+    out = {}
+    for lora in (False, True):
+        folder = tmp_path_factory.mktemp(f"one-lora{lora}") / "out"
+        out[lora] = (run(tiny_model_dir, data_file, folder, **STEPS, **{"lora.enabled": lora})["records"], folder)
+        reset_accelerate_state()
+    return out
+

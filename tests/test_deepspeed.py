@@ -10,25 +10,13 @@ import sys
 import pytest
 import torch
 
-from training import ROOT, accelerate_launch, assert_same_trajectory, overrides, read_jsonl, reset_accelerate_state, run
+from training import ROOT, STEPS, accelerate_launch, assert_same_trajectory, overrides, read_jsonl
 
 pytestmark = [
     pytest.mark.multiprocess,
     pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None,
                        reason="needs DeepSpeed: python3 -m pip install -e '.[deepspeed]' (the dev extra has it)"),
 ]
-STEPS = {"train.max_steps": 5, "train.eval_every": 2}
-
-
-@pytest.fixture(scope="module")
-def one_process(tiny_model_dir, data_file, tmp_path_factory):
-    """The single-process, no-DeepSpeed runs everything is compared with: full fine-tuning and LoRA."""
-    out = {}
-    for lora in (False, True):
-        folder = tmp_path_factory.mktemp(f"one-lora{lora}") / "out"
-        out[lora] = (run(tiny_model_dir, data_file, folder, **STEPS, **{"lora.enabled": lora})["records"], folder)
-        reset_accelerate_state()
-    return out
 
 
 def launch_zero(stage, tiny_model_dir, data_file, out, config=None, env=None, **extra):

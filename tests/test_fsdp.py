@@ -12,30 +12,9 @@ import torch
 
 from dpo_dist.config import load_config
 from dpo_dist.train.checks import TrainingError, check_combination
-from training import (
-    ROOT,
-    accelerate_launch,
-    assert_same_trajectory,
-    free_port,
-    overrides,
-    read_jsonl,
-    reset_accelerate_state,
-    run,
-)
+from training import ROOT, STEPS, accelerate_launch, assert_same_trajectory, free_port, overrides, read_jsonl
 
-STEPS = {"train.max_steps": 5, "train.eval_every": 2}
 SHARDED = "FSDP2: parameters, gradients and optimizer state sharded over 2 processes"
-
-
-@pytest.fixture(scope="module")
-def one_process(tiny_model_dir, data_file, tmp_path_factory):
-    """The single-process, unsharded runs everything is compared with: full fine-tuning and LoRA."""
-    out = {}
-    for lora in (False, True):
-        folder = tmp_path_factory.mktemp(f"one-lora{lora}") / "out"
-        out[lora] = (run(tiny_model_dir, data_file, folder, **STEPS, **{"lora.enabled": lora})["records"], folder)
-        reset_accelerate_state()
-    return out
 
 
 def launch_fsdp(tiny_model_dir, data_file, out, *, config="fsdp", launch_args=(), check=True, **extra):

@@ -12,6 +12,8 @@ from tiny import make_llama, make_tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORDS = "the movie was film great music acting start finish bread flour water salt capital France Paris".split()
+# The steps of the sharded runs (DeepSpeed, FSDP) and of the one-process runs they are compared with (conftest).
+STEPS = {"train.max_steps": 5, "train.eval_every": 2}
 # Compared between runs: everything a step logs except its wall-clock speed.
 COMPARED = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen",
             "logps/rejected", "grad_norm", "lr", "examples_seen", "epoch")
