@@ -11,6 +11,7 @@ import torch
 
 from dpo_dist.config import Config
 from dpo_dist.model.builtin import SMOLLM2, smollm2_folder
+from dpo_dist.model.lora_linear import fuse_lora
 
 logger = logging.getLogger(__name__)
 
@@ -243,6 +244,7 @@ def load_policy(cfg: Config, device: torch.device, weights: torch.dtype | None =
             target_modules=cfg.lora.target_modules, task_type="CAUSAL_LM",
         )
         model = get_peft_model(model, lora)
+        fuse_lora(model)  # peft's numbers with fewer passes over the activations, where exact (see lora_linear)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     logger.info("policy %s: %s, %.2fM of %.2fM parameters trainable", source, dtype, trainable / 1e6, total / 1e6)
