@@ -114,7 +114,8 @@ def f_divergence_scores(logratios: torch.Tensor, f_divergence_type: str = "rever
     if f_divergence_type == "alpha_divergence":  # f'(t) = (t^(a-1) - 1) / (a - 1); a = 1 is the log
         if abs(alpha - 1.0) < 1e-6:
             return logratios
-        exponent = torch.clamp(((alpha - 1.0) * logratios).float(), max=80.0)  # exp stays finite in fp32
+        wide = torch.promote_types(logratios.dtype, torch.float32)  # at least fp32, where exp(80) is finite
+        exponent = torch.clamp(((alpha - 1.0) * logratios).to(wide), max=80.0)
         return (torch.exp(exponent) / (alpha - 1.0)).to(logratios.dtype)
     raise ValueError(f"f_divergence_type {f_divergence_type!r} is not one of {F_DIVERGENCES}")
 
