@@ -124,13 +124,50 @@ class DataConfig:
     sentiment: SentimentDataConfig = field(default_factory=SentimentDataConfig)
 
 
+# The loss types dpo_dist.train.loss offers (its LOSS_TYPES; tests/test_loss.py checks they agree), the f-divergences,
+# and the loss types that take length-averaged log-probs and no reference.
+LOSS_NAMES = (
+    "sigmoid", "robust", "hinge", "ipo", "simpo", "exo_pair", "nca_pair", "bco_pair", "sppo_hard", "aot",
+    "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm", "orpo",
+)
+F_DIVERGENCE_NAMES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence")
+REFERENCE_FREE_LOSSES = ("simpo", "orpo")
+SMOOTHED_LOSSES = ("sigmoid", "robust", "exo_pair", "aot", "aot_unpaired")
+# Keys other trainers take that dpo_dist refuses, with the reason (asked for in any section).
+REFUSED_KEYS = {
+    name: (
+        "TR-DPO's moving reference (sync_ref_model, ref_model_mixup_alpha, ref_model_sync_steps) is not supported: "
+        "precomputed reference log-probs (reference.mode=precomputed) are computed once and cannot follow a reference "
+        "that moves, and the online reference (reference.mode=online) is the frozen base (LoRA: the policy with its "
+        "adapters off) or a frozen copy that is never updated; train with a fixed reference"
+    )
+    for name in ("sync_ref_model", "ref_model_mixup_alpha", "ref_model_sync_steps")
+}
+
+
 @dataclass
 class LossSettings:
-    loss_type: Literal["sigmoid", "robust", "hinge", "ipo", "simpo"] = option("sigmoid", "preference loss")
-    beta: float = option(0.1, "KL strength beta")
-    label_smoothing: float = option(0.0, "cDPO / robust: assumed label-flip probability")
+    loss_type: Union[str, list[str]] = option(
+        "sigmoid", "preference loss, or a list of them added with loss_weights: " + ", ".join(LOSS_NAMES)
+    )
+    loss_weights: list[float] | None = option(None, "with a list of loss types: the weight of each (null: all 1)")
+    beta: float = option(0.1, "KL strength beta (orpo: the odds-ratio term's weight lambda)")
+    label_smoothing: float = option(0.0, "cDPO / robust / aot: assumed label-flip probability; exo_pair: its epsilon")
     simpo_gamma: float = option(0.5, "SimPO target margin gamma")
+    discopop_tau: float = option(0.05, "DiscoPOP temperature tau")
+    f_divergence_type: Literal["reverse_kl", "forward_kl", "js_divergence", "alpha_divergence"] = option(
+        "reverse_kl", "f-divergence regularizer (f-DPO): the score f'(policy/reference) replaces the log-ratio"
+    )
+    f_alpha_divergence_coef: float = option(0.5, "alpha of alpha_divergence")
+    ld_alpha: float | None = option(
+        None, "LD-DPO: weight in [0, 1] of the longer response's tokens beyond the shorter one's length (null: off)"
+    )
+    use_weighting: bool = option(False, "WPO: weight each pair by the policy's per-token probabilities of both sides")
     rpo_alpha: float = option(0.0, "weight of the RPO term: NLL per token of the chosen response")
+
+    def types(self) -> tuple[str, ...]:
+        """The loss types, a single one as a 1-tuple."""
+        return (self.loss_type,) if isinstance(self.loss_type, str) else tuple(self.loss_type)
 
 
 @dataclass
@@ -239,12 +276,7 @@ class Config:
             raise ConfigError(f"train.warmup_ratio must be in [0, 1), got {t.warmup_ratio}")
         if len(t.adam_betas) != 2 or not all(0.0 <= b < 1.0 for b in t.adam_betas):
             raise ConfigError(f"train.adam_betas must be two numbers in [0, 1), got {t.adam_betas}")
-        if not 0.0 <= self.loss.label_smoothing < 0.5:
-            raise ConfigError(f"loss.label_smoothing must be in [0, 0.5), got {self.loss.label_smoothing}")
-        if self.loss.label_smoothing and self.loss.loss_type not in ("sigmoid", "robust"):
-            raise ConfigError(f"loss.label_smoothing applies to sigmoid and robust, not {self.loss.loss_type}")
-        if self.loss.loss_type == "simpo" and self.reference.mode != "none":
-            raise ConfigError("loss.loss_type=simpo is reference-free: set reference.mode=none")
+        self.check_loss()
         if self.model.quantization != "none" and not self.lora.enabled:
             raise ConfigError(
                 f"model.quantization={self.model.quantization} trains adapters on frozen quantized weights: "
@@ -273,6 +305,53 @@ class Config:
             except ValueError as error:
                 raise ConfigError(str(error)) from None
         return self
+
+
+    def check_loss(self) -> None:
+        """The ``loss`` section's names, weights and modifiers, and how they fit ``reference.mode``."""
+        loss = self.loss
+        types = loss.types()
+        key = "loss.loss_type"
+        if not types:
+            raise ConfigError(f"{key} is an empty list; give one or more of {', '.join(LOSS_NAMES)}")
+        for i, name in enumerate(types):
+            where = key if isinstance(loss.loss_type, str) else f"{key}[{i}]"
+            if name not in LOSS_NAMES:
+                raise ConfigError(f"{where}: {name!r} is not one of {', '.join(LOSS_NAMES)}")
+        if len(set(types)) != len(types):
+            raise ConfigError(f"{key} names a loss twice ({list(types)}); give it one weight in loss.loss_weights")
+        if loss.loss_weights is not None:
+            if len(loss.loss_weights) != len(types):
+                raise ConfigError(f"loss.loss_weights has {len(loss.loss_weights)} weights for the {len(types)} loss "
+                                  f"types in {key} ({list(types)}): give one weight per loss type")
+            if any(w < 0 for w in loss.loss_weights):
+                raise ConfigError(f"loss.loss_weights must not be negative, got {loss.loss_weights}")
+        free = [t for t in types if t in REFERENCE_FREE_LOSSES]
+        if free and len(types) > 1:
+            raise ConfigError(f"{key}: {free[0]} takes length-averaged log-probs and no reference; it cannot be "
+                              "combined with other loss types")
+        if free and self.reference.mode != "none":
+            raise ConfigError(f"{key}={free[0]} is reference-free: set reference.mode=none")
+        if free and loss.f_divergence_type != "reverse_kl":
+            raise ConfigError(f"loss.f_divergence_type regularizes the log-ratio to a reference; {free[0]} has none")
+        if free and loss.ld_alpha is not None:
+            raise ConfigError(f"loss.ld_alpha reweights summed log-probs; {free[0]} averages them over tokens")
+        if not 0.0 <= loss.label_smoothing < 0.5:
+            raise ConfigError(f"loss.label_smoothing must be in [0, 0.5), got {loss.label_smoothing}")
+        if loss.label_smoothing and not set(types) & set(SMOOTHED_LOSSES):
+            raise ConfigError(f"loss.label_smoothing applies to {', '.join(SMOOTHED_LOSSES)}, not {', '.join(types)}")
+        if "exo_pair" in types and loss.label_smoothing <= 0:
+            raise ConfigError("loss.loss_type exo_pair needs loss.label_smoothing above 0 (its epsilon; EXO suggests "
+                              "0.001)")
+        if loss.discopop_tau <= 0:
+            raise ConfigError(f"loss.discopop_tau must be positive, got {loss.discopop_tau}")
+        if loss.f_alpha_divergence_coef <= 0:
+            raise ConfigError(f"loss.f_alpha_divergence_coef must be positive, got {loss.f_alpha_divergence_coef}")
+        if loss.ld_alpha is not None and not 0.0 <= loss.ld_alpha <= 1.0:
+            raise ConfigError(f"loss.ld_alpha must be in [0, 1], got {loss.ld_alpha}")
+        if loss.use_weighting and {"aot", "aot_unpaired"} & set(types):
+            raise ConfigError("loss.use_weighting (WPO) is not defined for aot and aot_unpaired: they sort pairs "
+                              "within the batch, so a pair's loss term is not its own to weight")
 
 
 def float_values(node: Any, prefix: str = "") -> list[tuple[str, float]]:
@@ -346,6 +425,8 @@ def _apply(node: Any, values: dict[str, Any], prefix: str = "") -> None:
     types_ = typing.get_type_hints(type(node))
     for name, value in values.items():
         key = f"{prefix}{name}"
+        if name in REFUSED_KEYS:
+            raise ConfigError(f"{key}: {REFUSED_KEYS[name]}")
         if name not in types_:
             valid = ", ".join(f"{prefix}{n}" for n in types_)
             raise ConfigError(f"unknown config key {key!r}; valid keys here: {valid}")

@@ -107,3 +107,28 @@ def test_gradients_independent_of_padding_side(model_and_tok):
         (logps[:, 0] - logps[:, 1]).sum().backward()
         grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
     torch.testing.assert_close(grads[0], grads[1], atol=1e-5, rtol=1e-4)
+
+
+def test_wpo_collision_and_ld_ranks_by_hand():
+    """logits [0, ln 2, ln 3]: p = (1/6, 2/6, 3/6), sum p^2 = 14/36; the token 2 scores log(1/2) and its aligned
+    log-prob is log(1/2) - log(14/36) = log(9/7). Ranks: tokens of sequence 0 at predicting rows [7, 3, 5] rank
+    [2, 0, 1]; LD's shared sum over min(3, 2) = 2 tokens of each side, by rank: chosen -2 - 3, rejected -0.5 - 0.25."""
+    import math
+
+    from dpo_dist.train.logprobs import pair_sums, response_ranks, scored_token_logps
+
+    logits = torch.tensor([[[0.0, math.log(2), math.log(3)], [0.0, 0.0, 0.0]]])
+    labels = torch.tensor([[-100, 2]])
+    token_logps, collisions, _, _ = scored_token_logps(logits, labels, collision=True)
+    assert token_logps.item() == pytest.approx(math.log(0.5), abs=1e-6)
+    assert (token_logps - collisions).item() == pytest.approx(math.log(9 / 7), abs=1e-6)
+
+    seq = torch.tensor([0, 0, 0, 1, 1])
+    rows = torch.tensor([7, 3, 5, 12, 10])
+    assert response_ranks(seq, rows, 2).tolist() == [2, 0, 1, 1, 0]
+    values = torch.tensor([-1.0, -2.0, -3.0, -0.5, -0.25])
+    out = pair_sums(values, torch.zeros(5), seq, rows, 1, shared=True, aligned=True)
+    assert out.chosen_logps.item() == -6.0 and out.rejected_logps.item() == -0.75
+    assert out.chosen_shared_logps.item() == -5.0 and out.rejected_shared_logps.item() == -0.75
+    assert out.chosen_tokens.item() == 3 and out.rejected_tokens.item() == 2
+    assert out.chosen_aligned_logps.item() == -6.0  # collisions 0 here

@@ -1,11 +1,19 @@
 """Preference losses against hand-computed values (the arithmetic is in each docstring)."""
 
 import math
+import re
 
 import pytest
 import torch
 
-from dpo_dist.train.loss import LOSS_TYPES, preference_loss
+from dpo_dist.config import LOSS_NAMES, ConfigError, load_config
+from dpo_dist.train.loss import (
+    LOSS_TYPES,
+    length_desensitized_logps,
+    log1mexp,
+    preference_loss,
+    wpo_weights,
+)
 
 LN2 = math.log(2)
 
@@ -86,7 +94,7 @@ def test_sigmoid_gradient_at_zero_is_minus_beta_over_two():
     assert rejected.grad.item() == pytest.approx(beta / 2)
 
 
-@pytest.mark.parametrize("loss_type", [t for t in LOSS_TYPES if t != "simpo"])
+@pytest.mark.parametrize("loss_type", ["sigmoid", "robust", "hinge", "ipo"])
 def test_swapping_chosen_and_rejected(loss_type):
     """Swapping sides negates h and swaps the rewards. sigmoid: loss(h) - loss(-h) = -beta h (log sigma(x) -
     log sigma(-x) = x); ipo: (h - c)^2 vs (h + c)^2."""
@@ -123,3 +131,230 @@ def test_bad_arguments(kwargs, message):
     kwargs = {"beta": 0.1, **kwargs}
     with pytest.raises(ValueError, match=message):
         preference_loss(logps(-1.0), logps(-2.0), logps(-1.0), logps(-2.0), **kwargs)
+
+
+
+# ---- TRL's other loss types, ORPO, and the modifiers, against the papers' formulas computed here by hand ----
+# One pair throughout: policy_chosen -10, ref_chosen -10.5 (r_c = +0.5); policy_rejected -8, ref_rejected -7.7
+# (r_r = -0.3); h = r_c - r_r = 0.8; beta 0.1, so beta r_c = 0.05, beta r_r = -0.03, beta h = 0.08.
+PAIR = (logps(-10.0), logps(-8.0), logps(-10.5), logps(-7.7))
+
+
+def sig(x):
+    return 1 / (1 + math.exp(-x))
+
+
+def logsig(x):
+    return -math.log1p(math.exp(-x))
+
+
+def one(loss_type, *, args=PAIR, beta=0.1, **kwargs):
+    losses, chosen, rejected = preference_loss(*args, beta=beta, loss_type=loss_type, **kwargs)
+    return losses.item(), chosen.item(), rejected.item()
+
+
+HAND = {
+    # EXO (eq. 16), e = 0.001: q = (sigma(beta h), sigma(-beta h)), KL(q || (1 - e, e))
+    "exo_pair": (dict(label_smoothing=0.001),
+                 sig(0.08) * (math.log(sig(0.08)) - math.log(0.999)) + sig(-0.08) * (math.log(sig(-0.08)) - math.log(0.001))),
+    # NCA, pairwise: -log sig(beta r_c) - 1/2 log sig(-beta r_c) - 1/2 log sig(-beta r_r)
+    "nca_pair": ({}, -logsig(0.05) - 0.5 * logsig(-0.05) - 0.5 * logsig(0.03)),
+    # BCO, pairwise: -log sig(beta r_c) - log sig(-beta r_r)
+    "bco_pair": ({}, -logsig(0.05) - logsig(0.03)),
+    # SPPO hard: (r_c - 1/(2 beta))^2 + (r_r + 1/(2 beta))^2 = (0.5 - 5)^2 + (-0.3 + 5)^2 = 20.25 + 22.09
+    "sppo_hard": ({}, 42.34),
+    # APO-zero: 1 - sig(beta r_c) + sig(beta r_r)
+    "apo_zero": ({}, 1 - sig(0.05) + sig(-0.03)),
+    # APO-down: sig(beta r_c) + 1 - sig(beta h)
+    "apo_down": ({}, sig(0.05) + 1 - sig(0.08)),
+    # DiscoPOP, tau 0.05: m = sig(0.08 / 0.05); (1 - m)(-log sig(0.08)) + m exp(-0.08)
+    "discopop": ({}, (1 - sig(1.6)) * -logsig(0.08) + sig(1.6) * math.exp(-0.08)),
+    # SFT: -logp_c / n_c = 10 / 4
+    "sft": (dict(chosen_tokens=torch.tensor([4]), rejected_tokens=torch.tensor([2])), 2.5),
+    # sigmoid_norm: -log sig(beta (r_c / n_c - r_r / n_r)) = -log sig(0.1 (0.5 / 4 + 0.3 / 2))
+    "sigmoid_norm": (dict(chosen_tokens=torch.tensor([4]), rejected_tokens=torch.tensor([2])), -logsig(0.0275)),
+}
+
+
+@pytest.mark.parametrize("loss_type", sorted(HAND))
+def test_trl_losses_hand_values(loss_type):
+    kwargs, expected = HAND[loss_type]
+    loss, chosen, rejected = one(loss_type, **kwargs)
+    assert loss == pytest.approx(expected, abs=1e-9)
+    assert chosen == pytest.approx(0.05) and rejected == pytest.approx(-0.03)  # beta x log-ratio, whatever the loss
+
+
+# policy moves chosen up and rejected down (d loss / d policy_chosen < 0 < d loss / d policy_rejected) at policy =
+# reference, where every log-ratio is 0. apo_down: d/d r_c [sig(beta r_c) - sig(beta h)] = beta/4 - beta/4 = 0, the
+# anchor that holds the chosen side while it pushes the rejected one down; sft does not see the rejected side.
+# discopop is not monotone near h = 0 at the paper's tau 0.05: with x = beta h and m = sig(x / tau),
+# dL/dx = m'(x) (exp(-x) + log sig(x)) - (1 - m) sig(-x) - m exp(-x) = (1 / (4 tau)) (1 - ln 2) - 1/4 - 1/2 = +0.784
+# at 0, so its first step at policy = reference pushes h down.
+GRADIENT_SIGNS = {name: (-1, 1) for name in ("sigmoid", "robust", "hinge", "ipo", "exo_pair", "nca_pair", "bco_pair",
+                                             "sppo_hard", "apo_zero", "sigmoid_norm")}
+GRADIENT_SIGNS.update(apo_down=(0, 1), sft=(-1, 0), discopop=(1, -1))
+
+
+@pytest.mark.parametrize("loss_type", sorted(GRADIENT_SIGNS))
+def test_gradient_signs_at_the_reference(loss_type):
+    chosen = logps(-5.0).requires_grad_()
+    rejected = logps(-6.0).requires_grad_()
+    kwargs = dict(label_smoothing=0.001) if loss_type == "exo_pair" else {}
+    losses, _, _ = preference_loss(chosen, rejected, logps(-5.0), logps(-6.0), beta=0.1, loss_type=loss_type,
+                                   chosen_tokens=torch.tensor([3]), rejected_tokens=torch.tensor([3]), **kwargs)
+    losses.sum().backward()
+    want_chosen, want_rejected = GRADIENT_SIGNS[loss_type]
+    assert torch.sign(chosen.grad).item() == want_chosen, chosen.grad
+    rejected_grad = rejected.grad if rejected.grad is not None else logps(0.0)  # sft: no path to the rejected side
+    assert torch.sign(rejected_grad).item() == want_rejected, rejected_grad
+    if loss_type == "apo_down":
+        assert chosen.grad.item() == pytest.approx(0.0, abs=1e-12)
+        assert rejected.grad.item() == pytest.approx(0.1 / 4)  # -d/d r_r of -sig(beta h) = beta sig'(0)
+    if loss_type == "discopop":
+        assert chosen.grad.item() == pytest.approx(0.1 * ((1 / (4 * 0.05)) * (1 - LN2) - 0.75), abs=1e-12)
+
+
+# Two pairs whose order matters: policy chosen [-10, -4], rejected [-8, -5]; reference chosen [-3, -4], rejected
+# [-10, -1.5]. Log-ratios r_c = [-7, 0], r_r = [2, -3.5]; paired h = [-9, 3.5].
+BATCH = (logps(-10.0, -4.0), logps(-8.0, -5.0), logps(-3.0, -4.0), logps(-10.0, -1.5))
+
+
+def test_aot_sorts_within_the_batch():
+    """aot: policy margins logp_c - logp_r = [-2, 1] (sorted [-2, 1]), reference margins [7, -2.5] (sorted [-2.5, 7]):
+    d = [0.5, -6]. aot_unpaired: sort(r_c) = [-7, 0], sort(r_r) = [-3.5, 2]: d = [-3.5, -2] (paired h would be
+    [-9, 3.5]). Loss per quantile: -(1 - e) log sig(beta d) - e log sig(-beta d)."""
+    beta = 0.1
+    for e in (0.0, 0.1):
+        expected = {"aot": (0.5, -6.0), "aot_unpaired": (-3.5, -2.0)}
+        for loss_type, deltas in expected.items():
+            losses, chosen, rejected = preference_loss(*BATCH, beta=beta, loss_type=loss_type, label_smoothing=e)
+            hand = [-(1 - e) * logsig(beta * d) - e * logsig(-beta * d) for d in deltas]
+            torch.testing.assert_close(losses, logps(*hand), atol=1e-12, rtol=0)
+            torch.testing.assert_close(chosen, logps(-0.7, 0.0))  # rewards stay per pair, unsorted
+            torch.testing.assert_close(rejected, logps(0.2, -0.35))
+    # reference-free: the reference margins are 0, so aot's d is the sorted policy margins [-2, 1]
+    losses, _, _ = preference_loss(BATCH[0], BATCH[1], None, None, beta=beta, loss_type="aot")
+    torch.testing.assert_close(losses, logps(-logsig(-0.2), -logsig(0.1)), atol=1e-12, rtol=0)
+
+
+def test_orpo_hand_value_and_reference_free():
+    """ORPO (eqs. 4, 6, 7) on per-token averages avg_c -0.5, avg_r -1.2, lambda = beta = 0.1:
+    log odds(a) = a - log(1 - e^a); loss = -avg_c - lambda log sig(log odds(avg_c) - log odds(avg_r)).
+    Rewards, as TRL's ORPOTrainer: beta x avg."""
+    log_odds = (-0.5 - math.log(1 - math.exp(-0.5))) - (-1.2 - math.log(1 - math.exp(-1.2)))
+    expected = 0.5 - 0.1 * logsig(log_odds)
+    loss, chosen, rejected = one("orpo", args=(logps(-0.5), logps(-1.2), None, None))
+    assert loss == pytest.approx(expected, abs=1e-12)
+    assert (chosen, rejected) == (pytest.approx(-0.05), pytest.approx(-0.12))
+    with pytest.raises(ValueError, match="orpo is reference-free"):
+        one("orpo", args=(logps(-0.5), logps(-1.2), logps(-0.5), logps(-1.2)))
+    # log(1 - e^x) on both sides of its branch point -ln 2, and near 0 where 1 - e^x cancels
+    for x in (-3.0, -0.7, -0.69, -1e-8):
+        assert log1mexp(logps(x)).item() == pytest.approx(math.log(-math.expm1(x)), rel=1e-12)
+
+
+F_DIVERGENCE_H = {
+    # score s = f'(exp(r)), constants dropped; h = s_c - s_r with r_c = 0.5, r_r = -0.3
+    "reverse_kl": 0.8,
+    "forward_kl": -math.exp(-0.5) + math.exp(0.3),  # s = -exp(-r)
+    "js_divergence": logsig(0.5) - logsig(-0.3),  # s = log sig(r)
+    "alpha_divergence": -2 * math.exp(-0.25) + 2 * math.exp(0.15),  # a = 0.5: s = exp((a - 1) r) / (a - 1)
+}
+
+
+@pytest.mark.parametrize("f_divergence", sorted(F_DIVERGENCE_H))
+def test_f_divergence_regularizers(f_divergence):
+    h = F_DIVERGENCE_H[f_divergence]
+    loss, chosen, rejected = one("sigmoid", f_divergence_type=f_divergence)
+    assert loss == pytest.approx(-logsig(0.1 * h), abs=1e-12)
+    assert chosen == pytest.approx(0.05) and rejected == pytest.approx(-0.03)  # rewards: the log-ratio, as TRL
+    # hinge and the pairwise losses take the scores too: bco_pair on s_c, s_r
+    if f_divergence == "forward_kl":
+        bco = one("bco_pair", f_divergence_type=f_divergence)[0]
+        assert bco == pytest.approx(-logsig(-0.1 * math.exp(-0.5)) - logsig(0.1 * math.exp(0.3)), abs=1e-12)
+
+
+def test_alpha_divergence_at_one_is_reverse_kl():
+    assert one("sigmoid", f_divergence_type="alpha_divergence", f_alpha_divergence_coef=1.0)[0] == pytest.approx(
+        -logsig(0.08), abs=1e-12)
+
+
+def test_weighted_combination_mpo():
+    """MPO's mix: 0.8 sigmoid + 0.2 bco_pair + 1.0 sft (chosen 4 tokens: sft = 10 / 4)."""
+    expected = 0.8 * -logsig(0.08) + 0.2 * (-logsig(0.05) - logsig(0.03)) + 1.0 * 2.5
+    loss, chosen, rejected = one(["sigmoid", "bco_pair", "sft"], loss_weights=[0.8, 0.2, 1.0],
+                                 chosen_tokens=torch.tensor([4]), rejected_tokens=torch.tensor([2]))
+    assert loss == pytest.approx(expected, abs=1e-12)
+    assert one(["sigmoid", "hinge"])[0] == pytest.approx(-logsig(0.08) + (1 - 0.08), abs=1e-12)  # weights default 1
+
+
+def test_length_desensitized_logps():
+    """LD-DPO: shared part -6 of a -10 response, alpha 0.5: -6 + 0.5 (-10 - -6) = -8; alpha 1 is the plain sum,
+    alpha 0 the shared part alone."""
+    shared, total = logps(-6.0, -3.0), logps(-10.0, -3.0)  # the second response is the shorter: all shared
+    torch.testing.assert_close(length_desensitized_logps(shared, total, 0.5), logps(-8.0, -3.0))
+    torch.testing.assert_close(length_desensitized_logps(shared, total, 1.0), total)
+    torch.testing.assert_close(length_desensitized_logps(shared, total, 0.0), shared)
+    with pytest.raises(ValueError, match="ld_alpha must be in"):
+        length_desensitized_logps(shared, total, 1.5)
+
+
+def test_wpo_weights_and_pair_weights():
+    """WPO: w = exp(mean_t a_t) per side; a chosen sum of -1.2 over 3 tokens and a rejected -0.4 over 2:
+    exp(-0.4) exp(-0.2) = exp(-0.6). The pair's loss is multiplied by it, and no gradient flows into it."""
+    aligned_chosen = logps(-1.2).requires_grad_()
+    weight = wpo_weights(aligned_chosen, torch.tensor([3]), logps(-0.4), torch.tensor([2]))
+    assert weight.item() == pytest.approx(math.exp(-0.6)) and not weight.requires_grad
+    loss = one("sigmoid", pair_weights=weight)[0]
+    assert loss == pytest.approx(math.exp(-0.6) * -logsig(0.08), abs=1e-12)
+    with pytest.raises(ValueError, match="WPO weighting is not defined for aot"):
+        preference_loss(*BATCH, beta=0.1, loss_type="aot", pair_weights=logps(1.0, 1.0))
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(loss_type=["sigmoid", "dpo"]), "loss_type 'dpo' is not one of"),
+        (dict(loss_type=["sigmoid", "sft"], loss_weights=[1.0]), "loss_weights has 1 weights for 2 loss types"),
+        (dict(loss_type=["sigmoid", "sigmoid"]), "names a loss twice"),
+        (dict(loss_type="exo_pair"), "exo_pair needs label_smoothing above 0"),
+        (dict(loss_type="sft"), "need chosen_tokens and rejected_tokens"),
+        (dict(f_divergence_type="kl"), "f_divergence_type 'kl' is not one of"),
+        (dict(loss_type="nca_pair", label_smoothing=0.1), "label_smoothing applies to"),
+    ],
+)
+def test_bad_new_arguments(kwargs, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        preference_loss(*PAIR, beta=0.1, **kwargs)
+
+
+def test_config_names_match_the_loss_module():
+    assert LOSS_NAMES == LOSS_TYPES
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["loss.loss_type=[sigmoid, bco_pair, sft]", "loss.loss_weights=[0.8, 0.2]"],
+         "loss.loss_weights has 2 weights for the 3 loss types in loss.loss_type (['sigmoid', 'bco_pair', 'sft'])"),
+        (["loss.loss_type=[sigmoid, nope]"], "loss.loss_type[1]: 'nope' is not one of sigmoid, robust, hinge, ipo"),
+        (["loss.loss_type=dpo"], "loss.loss_type: 'dpo' is not one of sigmoid, robust"),
+        (["loss.loss_type=[orpo, sft]", "reference.mode=none"], "orpo takes length-averaged log-probs and no reference"),
+        (["loss.loss_type=[aot, sigmoid]", "loss.use_weighting=true"], "loss.use_weighting (WPO) is not defined for aot"),
+        (["loss.loss_type=orpo", "reference.mode=none", "loss.f_divergence_type=js_divergence"],
+         "loss.f_divergence_type regularizes the log-ratio to a reference; orpo has none"),
+        (["reference.sync_ref_model=true"], "cannot follow a reference that moves"),
+        (["reference.ref_model_sync_steps=64"], "reference.ref_model_sync_steps: TR-DPO's moving reference"),
+    ],
+)
+def test_config_refuses(overrides, message):
+    with pytest.raises(ConfigError) as error:
+        load_config(None, overrides)
+    assert message in str(error.value)
+
+
+def test_config_takes_a_weighted_list():
+    cfg = load_config(None, ["loss.loss_type=[sigmoid, bco_pair, sft]", "loss.loss_weights=[0.8, 0.2, 1]",
+                             "loss.ld_alpha=0.5", "loss.use_weighting=true", "loss.f_divergence_type=forward_kl"])
+    assert cfg.loss.types() == ("sigmoid", "bco_pair", "sft") and cfg.loss.loss_weights == [0.8, 0.2, 1.0]
+    assert load_config(None, []).loss.types() == ("sigmoid",)

@@ -127,3 +127,64 @@ def test_row_choice_trades_padding_against_row_width():
     rows = choose_rows([40, 30, 20, 10])
     assert len(rows) * max(sum([40, 30, 20, 10][i] for i in row) for row in rows) == 100
     assert len(choose_rows([2000, 1990, 1980, 1970])) == 4
+
+
+@pytest.mark.parametrize("head_in_forward", [False, True], ids=["head-after-forward", "head-in-forward"])
+@pytest.mark.parametrize("share_prompt", [True, False], ids=["shared-prompt", "packed-only"])
+def test_ld_and_wpo_quantities_equal_the_padded_form_and_a_direct_computation(share_prompt, head_in_forward):
+    """LD-DPO's shared-prefix sums and WPO's aligned log-probs, packed (both head paths) and padded, against a
+    direct computation from full logits: the shared sum is the sum over the first min(n_c, n_r) response tokens; the
+    aligned sum adds log p(y_t) - log sum_v p(v)^2 over the response."""
+    from dpo_dist.data.collate import IGNORE_INDEX, PreferenceCollator
+    from dpo_dist.data.packing import PackedPairCollator
+    from dpo_dist.train.logprobs import concatenated_forward, packed_forward
+
+    model = make_llama(100, seed=3, tie_word_embeddings=True)
+    model.config._attn_implementation = "sdpa"
+    pairs = random_pairs(7, seed=2, bos=1)
+    padded = PreferenceCollator(pad_token_id=0)(pairs)
+    packed = PackedPairCollator(pad_token_id=0, share_prompt=share_prompt)(pairs)
+    with torch.no_grad():
+        logits = model(input_ids=padded["input_ids"], attention_mask=padded["attention_mask"],
+                       position_ids=padded["position_ids"]).logits.double()
+    targets = padded["labels"][:, 1:]
+    scored = targets != IGNORE_INDEX
+    logp = torch.log_softmax(logits[:, :-1], -1)
+    token_logps = logp.gather(-1, targets.clamp(min=0)[..., None])[..., 0] * scored
+    collision = torch.logsumexp(2 * logp, -1)  # log sum_v p(v)^2
+    n = scored.sum(1)
+    shared_len = torch.minimum(n[:7], n[7:]).repeat(2)
+    first = (torch.cumsum(scored, 1) <= shared_len[:, None]) & scored
+    want_shared = (token_logps * first).sum(1)
+    want_aligned = ((token_logps - collision) * scored).sum(1)
+    assert (n[:7] != n[7:]).any(), "some pair has responses of different lengths"
+
+    with torch.no_grad():
+        outs = [concatenated_forward(model, padded, chunk_size=5, shared=True, aligned=True),
+                packed_forward(model, packed, chunk_size=5, shared=True, aligned=True, head_in_forward=head_in_forward)]
+    for out in outs:
+        torch.testing.assert_close(torch.cat([out.chosen_shared_logps, out.rejected_shared_logps]).double(),
+                                   want_shared, atol=2e-5, rtol=0)
+        torch.testing.assert_close(torch.cat([out.chosen_aligned_logps, out.rejected_aligned_logps]).double(),
+                                   want_aligned, atol=2e-5, rtol=0)
+        full = torch.cat([out.chosen_logps, out.rejected_logps]).double()
+        longer = n > shared_len
+        assert ((full - want_shared).abs()[longer] > 1e-3).all() and ((full - want_shared).abs()[~longer] < 1e-5).all()
+
+
+def test_aligned_logps_need_no_gradient_and_leave_the_logps_gradient_alone():
+    from dpo_dist.data.packing import PackedPairCollator
+    from dpo_dist.train.logprobs import packed_forward
+
+    model = make_llama(100, seed=3, tie_word_embeddings=True)
+    model.config._attn_implementation = "sdpa"
+    batch = PackedPairCollator(pad_token_id=0, share_prompt=True)(random_pairs(3, seed=4, bos=1))
+    grads = []
+    for aligned in (False, True):
+        model.zero_grad()
+        out = packed_forward(model, batch, chunk_size=5, aligned=aligned)
+        if aligned:
+            assert not out.chosen_aligned_logps.requires_grad
+        (out.chosen_logps.sum() - out.rejected_logps.sum()).backward()
+        grads.append(model.get_output_embeddings().weight.grad.clone())
+    torch.testing.assert_close(grads[0], grads[1], atol=0, rtol=0)

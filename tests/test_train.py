@@ -394,7 +394,17 @@ def test_a_given_eval_file_wins_over_eval_ratio(tiny_model_dir, data_file, tmp_p
     ({"loss.loss_type": "sigmoid", "loss.label_smoothing": 0.2}, math.log(2)),
     ({"loss.loss_type": "simpo", "reference.mode": "none"}, None),  # reference-free, length-averaged
     ({"loss.loss_type": "sigmoid", "loss.rpo_alpha": 1.0}, None),  # ln 2 + the chosen NLL per token
-], ids=["robust", "hinge", "ipo", "cdpo", "simpo", "rpo"])
+    # a weighted list: 0.5 sigmoid + 2 hinge at h = 0 is 0.5 ln 2 + 2 (1 - 0)
+    ({"loss.loss_type": ["sigmoid", "hinge"], "loss.loss_weights": [0.5, 2.0]}, 0.5 * math.log(2) + 2.0),
+    ({"loss.loss_type": "apo_zero"}, 1.0),  # (1 - sig(0)) + sig(0)
+    ({"loss.loss_type": "orpo", "reference.mode": "none"}, None),  # reference-free: NLL per token + odds ratio
+    # LD-DPO on policy and (cached, precomputed) reference alike: at policy = reference h = 0 again, ln 2
+    ({"loss.ld_alpha": 0.5}, math.log(2)),
+    ({"loss.ld_alpha": 0.5, "reference.mode": "online"}, math.log(2)),
+    ({"loss.f_divergence_type": "js_divergence"}, math.log(2)),  # equal scores on both sides at policy = reference
+    ({"loss.use_weighting": True}, None),  # WPO: ln 2 times a weight in (0, 1)
+], ids=["robust", "hinge", "ipo", "cdpo", "simpo", "rpo", "weighted-list", "apo_zero", "orpo", "ld_dpo",
+        "ld_dpo-online", "js_divergence", "wpo"])
 def test_every_loss_type_trains(loss, first, tiny_model_dir, data_file, tmp_path):
     """Each loss through the whole trainer: its value at policy = reference (step 1) where it has one, and it falls."""
     records = run(tiny_model_dir, data_file, tmp_path / "out", **{"train.max_steps": 6, **loss})["records"]
@@ -404,4 +414,14 @@ def test_every_loss_type_trains(loss, first, tiny_model_dir, data_file, tmp_path
     if "loss.rpo_alpha" in loss:
         nll = -records[0]["logps/chosen"]  # summed; the RPO term is per token, so it is positive and below the sum
         assert math.log(2) < losses[0] < math.log(2) + nll
+    if loss.get("loss.loss_type") == "orpo":  # NLL per token + 0.1 x (-log sig(log odds)): above the NLL per token
+        nll = -records[0]["logps/chosen"]
+        assert 0 < losses[0] < nll + 0.1 * 20 and records[0]["rewards/chosen"] < 0  # beta x a log-prob per token
+    if loss.get("loss.ld_alpha") is not None or loss.get("loss.use_weighting"):
+        assert records[0]["rewards/chosen"] == pytest.approx(0, abs=1e-4)
+    if loss.get("loss.use_weighting"):  # the weight grows as the policy grows sure of both responses, so the loss
+        assert 0 < losses[0] < math.log(2)  # need not fall: the margin it trains must grow
+        assert records[-1]["rewards/margins"] > records[0]["rewards/margins"] + 0.1
+        assert all(math.isfinite(x) for x in losses)
+        return
     assert all(math.isfinite(x) for x in losses) and losses[-1] < losses[0], losses

@@ -113,7 +113,7 @@ def attach_reference(
     cache_dir = cfg.reference.cache_dir or cache.default_cache_dir()
     scoring = scoring_identity(model, collator, chunk_size=cfg.train.logps_chunk_size,
                                mixed_precision=str(autocast).removeprefix("torch.") if autocast else "no",
-                               device_type=accelerator.device.type)
+                               device_type=accelerator.device.type, ld_alpha=cfg.loss.ld_alpha)
     out = []
     for tokenized in tokenized_sets:
         if tokenized is not None:
@@ -122,7 +122,7 @@ def attach_reference(
             tokenized = precompute_reference(
                 model, tokenized, fingerprint_parts=parts, cache_dir=cache_dir, collator=collator,
                 accelerator=accelerator, batch_size=cfg.train.eval_batch_size, chunk_size=cfg.train.logps_chunk_size,
-                stop_check=stop_check,
+                stop_check=stop_check, ld_alpha=cfg.loss.ld_alpha,
             )
         out.append(tokenized)
     return out

@@ -17,26 +17,39 @@ from dpo_dist.model.attention import packed_attention_mask
 DEFAULT_CHUNK_SIZE = 1024
 
 
+def _log_collision(logits: torch.Tensor, logsumexp: torch.Tensor) -> torch.Tensor:
+    """log sum_v p(v)^2 of softmax(logits), the log-probability that two draws agree (WPO's normalizer), without
+    grad. Shape: logits (c, V) fp32, logsumexp (c,) -> (c,)."""
+    with torch.no_grad():
+        return torch.logsumexp(2.0 * logits, dim=-1) - 2.0 * logsumexp
+
+
 class _TokenLogps(torch.autograd.Function):
-    """log softmax(logits[rows])[targets], chunked. logits: (M, V) any float dtype; rows, targets: (K,) int64 (a row
-    may be scored more than once)."""
+    """log softmax(logits[rows])[targets], chunked, and (``collision=True``) each row's :func:`_log_collision`, not
+    differentiable (else an empty tensor). logits: (M, V) any float dtype; rows, targets: (K,) int64 (a row may be
+    scored more than once) -> (K,) float32, (K,) or (0,) float32."""
 
     @staticmethod
-    def forward(ctx, logits: torch.Tensor, rows: torch.Tensor, targets: torch.Tensor, chunk_size: int) -> torch.Tensor:
+    def forward(ctx, logits: torch.Tensor, rows: torch.Tensor, targets: torch.Tensor, chunk_size: int,
+                collision: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         token_logps = torch.empty(rows.numel(), dtype=torch.float32, device=logits.device)
         logsumexps = torch.empty_like(token_logps)
+        collisions = torch.empty(rows.numel() if collision else 0, dtype=torch.float32, device=logits.device)
         for start in range(0, rows.numel(), chunk_size):
             end = start + chunk_size
             chunk = logits[rows[start:end]].float()  # (c, V)
             logsumexp = torch.logsumexp(chunk, dim=-1)
             token_logps[start:end] = chunk.gather(1, targets[start:end, None]).squeeze(1) - logsumexp
             logsumexps[start:end] = logsumexp
+            if collision:
+                collisions[start:end] = _log_collision(chunk, logsumexp)
         ctx.save_for_backward(logits, rows, targets, logsumexps)
         ctx.chunk_size = chunk_size
-        return token_logps
+        ctx.mark_non_differentiable(collisions)
+        return token_logps, collisions
 
     @staticmethod
-    def backward(ctx, grad_token_logps: torch.Tensor):
+    def backward(ctx, grad_token_logps: torch.Tensor, _grad_collisions: torch.Tensor | None = None):
         logits, rows, targets, logsumexps = ctx.saved_tensors
         grad_logits = torch.zeros_like(logits)
         for start in range(0, rows.numel(), ctx.chunk_size):
@@ -48,7 +61,7 @@ class _TokenLogps(torch.autograd.Function):
             # index_add, not assignment: a row scored twice (packed, the prompt's last position predicts both
             # responses' first tokens) gets both gradients
             grad_logits.index_add_(0, rows[start:end], chunk_grad.to(grad_logits.dtype))
-        return grad_logits, None, None, None
+        return grad_logits, None, None, None, None
 
 
 def sequence_logps(
@@ -61,28 +74,96 @@ def sequence_logps(
 
     Shape: logits (N, T, V); labels (N, T) -> logps (N,) float32, token_counts (N,) int64.
     """
+    token_logps, _, seq_index, _ = scored_token_logps(logits, labels, chunk_size=chunk_size)
+    n = logits.shape[0]
+    logps = torch.zeros(n, dtype=torch.float32, device=logits.device).index_add(0, seq_index, token_logps)
+    return logps, (labels[:, 1:] != IGNORE_INDEX).sum(-1)
+
+
+def scored_token_logps(
+    logits: torch.Tensor, labels: torch.Tensor, *, chunk_size: int = DEFAULT_CHUNK_SIZE, collision: bool = False
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Each labelled token's log-prob, row-major, with its row and position (and, ``collision=True``, its position's
+    log sum_v p(v)^2, detached; else an empty tensor).
+
+    Shape: logits (N, T, V); labels (N, T) -> token_logps (K,) float32, collisions (K,) or (0,), row (K,),
+    position (K,).
+    """
     n, t, v = logits.shape
     targets = labels[:, 1:]
     scored = targets != IGNORE_INDEX  # (N, T-1)
     seq_index, pos_index = scored.nonzero(as_tuple=True)
     rows = seq_index * t + pos_index  # flat row of logits[n, pos] in a (N*T, V) view
-    token_logps = _TokenLogps.apply(logits.reshape(n * t, v), rows, targets[scored], chunk_size)
-    logps = torch.zeros(n, dtype=torch.float32, device=logits.device).index_add(0, seq_index, token_logps)
-    return logps, scored.sum(-1)
+    token_logps, collisions = _TokenLogps.apply(logits.reshape(n * t, v), rows, targets[scored], chunk_size,
+                                                collision)
+    return token_logps, collisions, seq_index, pos_index
 
 
 @dataclass
 class PairLogps:
-    """Log-probs of both sides of B pairs. Shape: each (B,)."""
+    """Log-probs of both sides of B pairs. Shape: each (B,).
+
+    ``*_shared_logps`` (asked for with ``shared=True``, else None): summed over the first ``min(chosen_tokens,
+    rejected_tokens)`` response tokens of each side, the part both responses of the pair have (LD-DPO).
+    ``*_aligned_logps`` (``aligned=True``, else None): ``sum_t [log p(y_t) - log sum_v p(v)^2]`` over the response,
+    detached (WPO's weight, :func:`dpo_dist.train.loss.wpo_weights`)."""
 
     chosen_logps: torch.Tensor
     rejected_logps: torch.Tensor
     chosen_tokens: torch.Tensor
     rejected_tokens: torch.Tensor
+    chosen_shared_logps: torch.Tensor | None = None
+    rejected_shared_logps: torch.Tensor | None = None
+    chosen_aligned_logps: torch.Tensor | None = None
+    rejected_aligned_logps: torch.Tensor | None = None
+
+
+def response_ranks(seq_index: torch.Tensor, order: torch.Tensor, n_seq: int) -> torch.Tensor:
+    """Each scored token's 0-based place within its own response: tokens of sequence ``s`` ranked by ``order`` (any
+    key increasing along the response, such as the position or the packed row that predicts it).
+
+    Shape: seq_index, order (K,) int64 -> (K,) int64.
+    """
+    if seq_index.numel() == 0:
+        return seq_index.clone()
+    key = seq_index * (int(order.max()) + 1) + order
+    by_key = torch.argsort(key)
+    counts = torch.bincount(seq_index, minlength=n_seq)
+    starts = torch.cumsum(counts, 0) - counts
+    ranks = torch.empty_like(seq_index)
+    ranks[by_key] = torch.arange(seq_index.numel(), device=seq_index.device) - starts[seq_index[by_key]]
+    return ranks
+
+
+def pair_sums(token_logps: torch.Tensor, collisions: torch.Tensor, seq_index: torch.Tensor, order: torch.Tensor,
+              b: int, *, shared: bool = False, aligned: bool = False) -> PairLogps:
+    """A :class:`PairLogps` from scored tokens: sequence ``s < b`` is pair ``s``'s chosen response, ``b + s`` its
+    rejected one; ``order`` increases along each response (:func:`response_ranks`).
+
+    Shape: token_logps, seq_index, order (K,); collisions (K,) when ``aligned`` -> each field (B,).
+    """
+    device = token_logps.device
+
+    def per_sequence(values: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return torch.zeros(2 * b, dtype=dtype, device=device).index_add(0, seq_index, values)
+
+    logps = per_sequence(token_logps)
+    tokens = per_sequence(torch.ones_like(seq_index), torch.long)
+    out = PairLogps(logps[:b], logps[b:], tokens[:b], tokens[b:])
+    if shared:
+        shared_len = torch.minimum(tokens[:b], tokens[b:]).repeat(2)  # (2B,)
+        in_shared = response_ranks(seq_index, order, 2 * b) < shared_len[seq_index]
+        shared_logps = per_sequence(token_logps * in_shared)
+        out.chosen_shared_logps, out.rejected_shared_logps = shared_logps[:b], shared_logps[b:]
+    if aligned:
+        aligned_logps = per_sequence(token_logps.detach() - collisions)
+        out.chosen_aligned_logps, out.rejected_aligned_logps = aligned_logps[:b], aligned_logps[b:]
+    return out
 
 
 def concatenated_forward(
-    model: torch.nn.Module, batch: dict[str, torch.Tensor], *, chunk_size: int = DEFAULT_CHUNK_SIZE
+    model: torch.nn.Module, batch: dict[str, torch.Tensor], *, chunk_size: int = DEFAULT_CHUNK_SIZE,
+    shared: bool = False, aligned: bool = False,
 ) -> PairLogps:
     """Score chosen and rejected in one forward over the collator's ``2B`` rows (chosen first)."""
     outputs = model(
@@ -91,9 +172,10 @@ def concatenated_forward(
         position_ids=batch["position_ids"],
         use_cache=False,
     )
-    logps, tokens = sequence_logps(outputs.logits, batch["labels"], chunk_size=chunk_size)
-    b = logps.shape[0] // 2
-    return PairLogps(logps[:b], logps[b:], tokens[:b], tokens[b:])
+    token_logps, collisions, seq_index, pos_index = scored_token_logps(
+        outputs.logits, batch["labels"], chunk_size=chunk_size, collision=aligned)
+    b = batch["labels"].shape[0] // 2
+    return pair_sums(token_logps, collisions, seq_index, pos_index, b, shared=shared, aligned=aligned)
 
 
 class _HeadLogps(torch.autograd.Function):
@@ -105,32 +187,38 @@ class _HeadLogps(torch.autograd.Function):
     forward computes J (K, H) from each chunk's softmax while it has it, and the backward just scales it (no logits
     recomputed). A trainable head recomputes each chunk's logits in the backward for the weight's gradient.
 
-    hidden: (K, H); weight: (V, H); bias: (V,) or None; targets: (K,) int64 -> (K,) float32.
+    ``collision=True``: also each position's :func:`_log_collision`, not differentiable (else an empty tensor).
+
+    hidden: (K, H); weight: (V, H); bias: (V,) or None; targets: (K,) int64 -> (K,) float32, (K,) or (0,) float32.
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, chunk_size, precompute_jacobian):
+    def forward(ctx, hidden, weight, bias, targets, chunk_size, precompute_jacobian, collision=False):
         token_logps = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
         logsumexps = torch.empty_like(token_logps)
+        collisions = torch.empty(hidden.shape[0] if collision else 0, dtype=torch.float32, device=hidden.device)
         jacobian = torch.empty_like(hidden) if precompute_jacobian else None
         for start in range(0, hidden.shape[0], chunk_size):
             end = start + chunk_size
             logits = torch.nn.functional.linear(hidden[start:end], weight, bias).float()  # (c, V)
             logsumexps[start:end] = torch.logsumexp(logits, dim=-1)
             token_logps[start:end] = logits.gather(1, targets[start:end, None]).squeeze(1) - logsumexps[start:end]
+            if collision:
+                collisions[start:end] = _log_collision(logits, logsumexps[start:end])
             if precompute_jacobian:
                 probs = torch.exp(logits.sub_(logsumexps[start:end, None])).to(weight.dtype)
                 jacobian[start:end] = (weight[targets[start:end]] - probs @ weight).to(hidden.dtype)
         ctx.save_for_backward(hidden, weight, bias, targets, logsumexps, jacobian)
         ctx.chunk_size = chunk_size
-        return token_logps
+        ctx.mark_non_differentiable(collisions)
+        return token_logps, collisions
 
     @staticmethod
-    def backward(ctx, grad_token_logps):
+    def backward(ctx, grad_token_logps, _grad_collisions=None):
         hidden, weight, bias, targets, logsumexps, jacobian = ctx.saved_tensors
         need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
         if jacobian is not None and not (need_weight or need_bias):
-            return grad_token_logps[:, None].to(jacobian.dtype) * jacobian, None, None, None, None, None
+            return grad_token_logps[:, None].to(jacobian.dtype) * jacobian, None, None, None, None, None, None
         grad_hidden = torch.empty_like(hidden) if need_hidden else None
         grad_weight = torch.zeros_like(weight, dtype=torch.float32) if need_weight else None
         grad_bias = torch.zeros_like(bias, dtype=torch.float32) if need_bias else None
@@ -147,7 +235,7 @@ class _HeadLogps(torch.autograd.Function):
             if need_bias:
                 grad_bias += grad_logits.sum(0)
         return (grad_hidden, grad_weight.to(weight.dtype) if need_weight else None,
-                grad_bias.to(bias.dtype) if need_bias else None, None, None, None)
+                grad_bias.to(bias.dtype) if need_bias else None, None, None, None, None)
 
 
 def output_head(model: torch.nn.Module) -> torch.nn.Module:
@@ -177,7 +265,7 @@ def head_is_sharded(head: torch.nn.Module, model: torch.nn.Module | None = None)
 
 def packed_forward(
     model: torch.nn.Module, batch: dict[str, torch.Tensor], *, chunk_size: int = DEFAULT_CHUNK_SIZE,
-    head_in_forward: bool | None = None,
+    head_in_forward: bool | None = None, shared: bool = False, aligned: bool = False,
 ) -> PairLogps:
     """Score a :class:`dpo_dist.data.packing.PackedPairCollator` batch: one forward over the packed rows (through the
     model's own ``forward``, so DDP and hooks see it) with the mask its kernel and layer types take
@@ -199,7 +287,7 @@ def packed_forward(
                         use_cache=False, logits_to_keep=keep.view_as(batch["input_ids"]))
         logits = outputs.logits.reshape(-1, outputs.logits.shape[-1])  # (P, V): the kept positions, row-major
         rows = torch.searchsorted(keep.nonzero()[:, 0], batch["pred_rows"])  # each scored token's logits row
-        token_logps = _TokenLogps.apply(logits, rows, batch["targets"], chunk_size)
+        token_logps, collisions = _TokenLogps.apply(logits, rows, batch["targets"], chunk_size, aligned)
     else:
         outputs = model(input_ids=batch["input_ids"], attention_mask=mask, position_ids=batch["position_ids"],
                         use_cache=False, output_hidden_states=True, logits_to_keep=1)
@@ -207,16 +295,17 @@ def packed_forward(
         hidden = hidden.reshape(-1, hidden.shape[-1])[batch["pred_rows"]]  # (K, H); a row scored twice: gathered twice
         frozen_head = not head.weight.requires_grad and (head.bias is None or not head.bias.requires_grad)
         precompute_jacobian = torch.is_grad_enabled() and hidden.requires_grad and frozen_head
-        token_logps = _HeadLogps.apply(hidden, head.weight, head.bias, batch["targets"], chunk_size,
-                                       precompute_jacobian)
-    b = batch["pair_tokens"].shape[0]
-    seq = batch["seq_index"]
-    logps = torch.zeros(2 * b, dtype=torch.float32, device=token_logps.device).index_add(0, seq, token_logps)
-    tokens = torch.zeros(2 * b, dtype=torch.long, device=seq.device).index_add(0, seq, torch.ones_like(seq))
-    return PairLogps(logps[:b], logps[b:], tokens[:b], tokens[b:])
+        token_logps, collisions = _HeadLogps.apply(hidden, head.weight, head.bias, batch["targets"], chunk_size,
+                                                   precompute_jacobian, aligned)
+    # a response's tokens are predicted from increasing packed rows (with a shared prompt, the rejected response's
+    # first token from the prompt's last row, before its own rows): pred_rows orders each response
+    return pair_sums(token_logps, collisions, batch["seq_index"], batch["pred_rows"], batch["pair_tokens"].shape[0],
+                     shared=shared, aligned=aligned)
 
 
-def pair_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor], *, chunk_size: int = DEFAULT_CHUNK_SIZE) -> PairLogps:
-    """Both sides' log-probs of a batch from either collator: packed (prompt shared) or padded."""
+def pair_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor], *, chunk_size: int = DEFAULT_CHUNK_SIZE,
+               shared: bool = False, aligned: bool = False) -> PairLogps:
+    """Both sides' log-probs of a batch from either collator: packed (prompt shared) or padded; ``shared`` and
+    ``aligned`` add the fields of :class:`PairLogps` that LD-DPO and WPO need."""
     forward = packed_forward if "pred_rows" in batch else concatenated_forward
-    return forward(model, batch, chunk_size=chunk_size)
+    return forward(model, batch, chunk_size=chunk_size, shared=shared, aligned=aligned)

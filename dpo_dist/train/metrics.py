@@ -2,8 +2,10 @@
 
 Step metrics, each a mean over every pair of the optimizer step on every process:
 
-- ``loss``: the preference loss (plus the RPO term when ``loss.rpo_alpha`` > 0);
-- ``rewards/chosen``, ``rewards/rejected``: beta x (policy - reference) log-prob of each response;
+- ``loss``: the preference loss (the weighted sum of ``loss.loss_type``'s losses, times the WPO weight with
+  ``loss.use_weighting``; plus the RPO term when ``loss.rpo_alpha`` > 0);
+- ``rewards/chosen``, ``rewards/rejected``: beta x (policy - reference) log-prob of each response (LD-DPO's weighted
+  log-probs with ``loss.ld_alpha``; simpo, orpo: beta x the policy's log-prob per token);
 - ``rewards/margins``: chosen minus rejected reward; ``rewards/accuracies``: fraction of pairs with chosen > rejected;
 - ``logps/chosen``, ``logps/rejected``: the policy's summed log-prob of each response;
 - ``grad_norm`` (before clipping), ``lr``, ``tokens/s`` (non-padding tokens), ``step_time_s``, ``examples_seen``, ``epoch``;

@@ -8,29 +8,46 @@ import torch
 
 from dpo_dist.config import Config
 from dpo_dist.train.logprobs import pair_logps
-from dpo_dist.train.loss import LENGTH_AVERAGED, preference_loss
+from dpo_dist.train.loss import LENGTH_AVERAGED, length_desensitized_logps, preference_loss, wpo_weights
 from dpo_dist.train.reference import batch_reference_logps
 
 
 def pair_losses(model: Any, batch: dict[str, torch.Tensor], cfg: Config, reference_model: Any) -> tuple[torch.Tensor, torch.Tensor]:
     """The mean loss of a batch of B pairs and their statistics.
 
+    The loss sees the policy's summed log-probs (LD-DPO's weighted sums with ``loss.ld_alpha``, for the reference too;
+    length-averaged for simpo and orpo); ``logps/chosen`` and ``logps/rejected`` are the plain sums.
+
     Shape: -> loss (), stats (B, len(STATS)).
     """
-    policy = pair_logps(model, batch, chunk_size=cfg.train.logps_chunk_size)
+    settings = cfg.loss
+    types = settings.types()
+    ld_alpha = settings.ld_alpha
+    policy = pair_logps(model, batch, chunk_size=cfg.train.logps_chunk_size, shared=ld_alpha is not None,
+                        aligned=settings.use_weighting)
     ref_chosen, ref_rejected = batch_reference_logps(
-        cfg.reference.mode, reference_model, batch, chunk_size=cfg.train.logps_chunk_size
+        cfg.reference.mode, reference_model, batch, chunk_size=cfg.train.logps_chunk_size, ld_alpha=ld_alpha
     )
     policy_chosen, policy_rejected = policy.chosen_logps, policy.rejected_logps
-    if cfg.loss.loss_type in LENGTH_AVERAGED:
+    if ld_alpha is not None:
+        policy_chosen = length_desensitized_logps(policy.chosen_shared_logps, policy_chosen, ld_alpha)
+        policy_rejected = length_desensitized_logps(policy.rejected_shared_logps, policy_rejected, ld_alpha)
+    if LENGTH_AVERAGED & set(types):
         policy_chosen = policy_chosen / policy.chosen_tokens.clamp(min=1)
         policy_rejected = policy_rejected / policy.rejected_tokens.clamp(min=1)
+    weights = None
+    if settings.use_weighting:
+        weights = wpo_weights(policy.chosen_aligned_logps, policy.chosen_tokens, policy.rejected_aligned_logps,
+                              policy.rejected_tokens)
     losses, chosen_rewards, rejected_rewards = preference_loss(
-        policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta=cfg.loss.beta, loss_type=cfg.loss.loss_type,
-        label_smoothing=cfg.loss.label_smoothing, simpo_gamma=cfg.loss.simpo_gamma,
+        policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta=settings.beta, loss_type=types,
+        loss_weights=settings.loss_weights, label_smoothing=settings.label_smoothing, simpo_gamma=settings.simpo_gamma,
+        discopop_tau=settings.discopop_tau, f_divergence_type=settings.f_divergence_type,
+        f_alpha_divergence_coef=settings.f_alpha_divergence_coef, chosen_tokens=policy.chosen_tokens,
+        rejected_tokens=policy.rejected_tokens, pair_weights=weights,
     )
-    if cfg.loss.rpo_alpha:
-        losses = losses + cfg.loss.rpo_alpha * -(policy.chosen_logps / policy.chosen_tokens.clamp(min=1))
+    if settings.rpo_alpha:
+        losses = losses + settings.rpo_alpha * -(policy.chosen_logps / policy.chosen_tokens.clamp(min=1))
     tokens = batch["pair_tokens"]  # each pair as two sequences (the prompt twice), whichever collator made the batch
     stats = torch.stack([
         losses.detach(), chosen_rewards, rejected_rewards, (chosen_rewards > rejected_rewards).float(),

@@ -28,6 +28,7 @@ from dpo_dist.model.attention import base_model
 from dpo_dist.train import reference_cache as cache
 from dpo_dist.train.disk import DiskFullError
 from dpo_dist.train.logprobs import DEFAULT_CHUNK_SIZE, PairLogps, pair_logps
+from dpo_dist.train.loss import length_desensitized_logps
 
 logger = logging.getLogger(__name__)
 
@@ -54,13 +55,26 @@ def online_reference_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor
         return pair_logps(model, batch, **kwargs)
 
 
+def reference_pair_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor], *, ld_alpha: float | None = None,
+                         **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(chosen, rejected)`` reference log-probs of one batch, summed over response tokens, or with ``ld_alpha``
+    LD-DPO's (:func:`dpo_dist.train.loss.length_desensitized_logps`). Shape: each (B,)."""
+    out = online_reference_logps(model, batch, shared=ld_alpha is not None, **kwargs)
+    if ld_alpha is None:
+        return out.chosen_logps, out.rejected_logps
+    return (length_desensitized_logps(out.chosen_shared_logps, out.chosen_logps, ld_alpha),
+            length_desensitized_logps(out.rejected_shared_logps, out.rejected_logps, ld_alpha))
+
+
 def batch_reference_logps(
-    mode: str, model: torch.nn.Module | None, batch: dict[str, torch.Tensor], **kwargs: Any
+    mode: str, model: torch.nn.Module | None, batch: dict[str, torch.Tensor], *, ld_alpha: float | None = None,
+    **kwargs: Any
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """``(ref_chosen_logps, ref_rejected_logps)`` for one batch under ``mode``; ``(None, None)`` for ``none``.
 
-    ``precomputed`` reads the batch's cached columns; ``online`` runs ``model`` as the reference (a frozen copy, or
-    the policy, whose adapters are switched off). Shape: each (B,).
+    ``precomputed`` reads the batch's cached columns (computed with the same ``ld_alpha``: it is part of their cache
+    key); ``online`` runs ``model`` as the reference (a frozen copy, or the policy, whose adapters are switched off).
+    Shape: each (B,).
     """
     if mode == "precomputed":
         missing = [c for c in REFERENCE_COLUMNS if c not in batch]
@@ -70,8 +84,7 @@ def batch_reference_logps(
     if mode == "online":
         if model is None:
             raise ValueError("reference mode 'online' needs a reference model")
-        out = online_reference_logps(model, batch, **kwargs)
-        return out.chosen_logps, out.rejected_logps
+        return reference_pair_logps(model, batch, ld_alpha=ld_alpha, **kwargs)
     if mode == "none":
         return None, None
     raise ValueError(f"reference mode {mode!r} is not one of {REFERENCE_MODES}")
@@ -86,6 +99,7 @@ def compute_reference_logps(
     batch_size: int,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     stop_check: Callable[[str], None] | None = None,
+    ld_alpha: float | None = None,
 ) -> torch.Tensor:
     """Score every pair with the reference, sharded across processes, gathered back in dataset order.
 
@@ -93,28 +107,29 @@ def compute_reference_logps(
     gathered back in order. ``stop_check(where)``, a collective called after every batch on every process, may end
     the precompute by raising (a preemption signal).
 
-    Shape: -> (N, 2) float32 on CPU: column 0 chosen, column 1 rejected, summed over response tokens.
+    Shape: -> (N, 2) float32 on CPU: column 0 chosen, column 1 rejected, summed over response tokens (with
+    ``ld_alpha``: LD-DPO's weighted sums).
     """
     shard = shard_indices(len(tokenized), accelerator)
     pairs = tokenized.select_columns(list(PAIR_COLUMNS))
     results = [torch.zeros(0, 2, device=accelerator.device)]
     batches = range(0, len(shard), batch_size)
-    with as_reference(model):
-        for number, offset in enumerate(batches, 1):
-            batch = collator([pairs[i] for i in shard[offset : offset + batch_size]])
-            batch = {k: v.to(accelerator.device) for k, v in batch.items()}
-            out = pair_logps(model, batch, chunk_size=chunk_size)
-            results.append(torch.stack([out.chosen_logps, out.rejected_logps], dim=-1).float())
-            if stop_check is not None:
-                stop_check(f"while computing reference log-probs (batch {number} of {len(batches)}, nothing cached)")
+    for number, offset in enumerate(batches, 1):
+        batch = collator([pairs[i] for i in shard[offset : offset + batch_size]])
+        batch = {k: v.to(accelerator.device) for k, v in batch.items()}
+        chosen, rejected = reference_pair_logps(model, batch, ld_alpha=ld_alpha, chunk_size=chunk_size)
+        results.append(torch.stack([chosen, rejected], dim=-1).float())
+        if stop_check is not None:
+            stop_check(f"while computing reference log-probs (batch {number} of {len(batches)}, nothing cached)")
     return gather_in_order(torch.cat(results), len(tokenized), accelerator).cpu()
 
 
 def scoring_identity(model: Any, collator: Any, *, chunk_size: int, mixed_precision: str = "no",
-                     device_type: str = "cpu") -> dict:
+                     device_type: str = "cpu", ld_alpha: float | None = None) -> dict:
     """How the log-probs are computed, beyond the model, tokenizer and data: the attention kernel, padded or packed
-    (and whether the prompt is shared), the log-prob chunking, mixed precision, the device type, and the versions of
-    the libraries that do the arithmetic. Numbers computed one way are never reused for another."""
+    (and whether the prompt is shared), the log-prob chunking, mixed precision, the device type, LD-DPO's weight of
+    the longer response's excess tokens (only when set, so summed log-probs keep their key), and the versions of the
+    libraries that do the arithmetic. Numbers computed one way are never reused for another."""
     import transformers
 
     identity = {
@@ -129,6 +144,8 @@ def scoring_identity(model: Any, collator: Any, *, chunk_size: int, mixed_precis
     }
     # the adapter switch, and the 4-bit arithmetic of a quantized model: named by the installed version, not by what
     # this process happened to import already (the key must not depend on what ran before)
+    if ld_alpha is not None:
+        identity["ld_alpha"] = ld_alpha
     quantized = getattr(base_model(model), "is_quantized", False)
     for library, used in (("peft", True), ("bitsandbytes", quantized)):
         identity[library] = installed_version(library) if used else None
@@ -166,6 +183,7 @@ def precompute_reference(
     batch_size: int,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     stop_check: Callable[[str], None] | None = None,
+    ld_alpha: float | None = None,
 ) -> datasets.Dataset:
     """``tokenized`` with ``ref_chosen_logps`` / ``ref_rejected_logps`` columns, from the cache when it holds this
     fingerprint, else computed (all processes) and written (main process).
@@ -192,7 +210,7 @@ def precompute_reference(
         logger.info("computing reference log-probs for %d pairs on %d processes", n, accelerator.num_processes)
         logps = compute_reference_logps(
             model, tokenized, collator=collator, accelerator=accelerator, batch_size=batch_size, chunk_size=chunk_size,
-            stop_check=stop_check,
+            stop_check=stop_check, ld_alpha=ld_alpha,
         )
         if accelerator.is_main_process:
             try:
