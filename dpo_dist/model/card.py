@@ -16,6 +16,7 @@ names none the key is left out and the text says so. Nothing here imports torch.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from dataclasses import dataclass, field
@@ -198,6 +199,7 @@ def number(value: Any) -> str:
 
 
 def kind_of(folder: str, cfg: Config | None) -> str:
+    """adapter (a LoRA adapter folder), merged (a full model from a LoRA run) or full (a fully fine-tuned model)."""
     if os.path.isfile(os.path.join(folder, "adapter_config.json")):
         return "adapter"
     return "merged" if cfg is not None and cfg.lora.enabled else "full"
@@ -212,14 +214,15 @@ def saved_dtype(folder: str) -> str | None:
     return config.get("dtype") or config.get("torch_dtype")
 
 
-def render(folder: str, *, run: str | None = None, model_id: str | None = None) -> str:
+def render(folder: str, *, run: str | None = None, model_id: str | None = None, kind: str | None = None) -> str:
     """The card's text (metadata and markdown) for the model in ``folder``; ``run``: the run that trained it (default:
-    found beside ``folder``); ``model_id``: what the loading code loads (default: ``folder``)."""
+    found beside ``folder``); ``model_id``: what the loading code loads (default: ``folder``); ``kind``: adapter,
+    merged or full (default: :func:`kind_of`)."""
     from huggingface_hub import ModelCardData
 
     files = read_run(run if run is not None else find_run(folder))
     cfg = files.cfg
-    kind = kind_of(folder, cfg)
+    kind = kind or kind_of(folder, cfg)
     base = base_of(cfg, folder)
     datasets = hub_datasets(cfg)
     data = ModelCardData(
@@ -248,7 +251,26 @@ def render(folder: str, *, run: str | None = None, model_id: str | None = None) 
     lines += metrics_section(files)
     lines += eval_section(files)
     lines += hyperparameter_section(files)
-    return f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines) + "\n"
+    text = f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines) + "\n"
+    return text + signature(text)
+
+
+def signature(text: str) -> str:
+    """The last line of a card written here: a digest of the text above it, so that an edited card is told apart."""
+    return f"\n<!-- written by dpo-dist; {hashlib.sha256(text.encode()).hexdigest()[:16]} -->\n"
+
+
+def replaceable_card(path: str) -> bool:
+    """Whether a card may be (re)written at ``path``: none there, peft's blank template (its ``save_pretrained``
+    writes one), or a card written here and not edited since."""
+    if not os.path.isfile(path):
+        return True
+    with open(path, encoding="utf-8") as handle:
+        text = handle.read()
+    if "# Model Card for Model ID" in text and "[More Information Needed]" in text:
+        return True
+    body, _, last = text.rstrip("\n").rpartition("\n")
+    return signature(body).strip() == last.strip()
 
 
 def loading_code(kind: str, model_id: str, base: Base | None) -> list[str]:
@@ -333,12 +355,10 @@ def hyperparameter_section(files: RunFiles) -> list[str]:
             "</details>"]
 
 
-def write_card(folder: str, *, run: str | None = None, model_id: str | None = None, overwrite: bool = True) -> str | None:
-    """Write ``folder/README.md`` (atomically); returns its path, or None when one is there and ``overwrite`` is off."""
+def write_card(folder: str, *, run: str | None = None, model_id: str | None = None, kind: str | None = None) -> str:
+    """Write ``folder/README.md`` (atomically; see :func:`render`); returns its path."""
     path = os.path.join(folder, CARD)
-    if os.path.exists(path) and not overwrite:
-        return None
-    text = render(folder, run=run, model_id=model_id)
+    text = render(folder, run=run, model_id=model_id, kind=kind)
     with open(path + ".tmp", "w", encoding="utf-8") as handle:
         handle.write(text)
     os.replace(path + ".tmp", path)
