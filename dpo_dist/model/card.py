@@ -127,7 +127,7 @@ def hub_card(repo_id: str, revision: str | None) -> str | None:
     cached = huggingface_hub.try_to_load_from_cache(repo_id, CARD, revision=revision)
     if isinstance(cached, str):
         return cached
-    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on"):
+    if huggingface_hub.is_offline_mode() or os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on"):
         return None
     try:
         return huggingface_hub.hf_hub_download(repo_id, CARD, revision=revision)
