@@ -49,9 +49,10 @@ def parse(path):
     return card.data.to_dict(), card.text, tables(card.text)
 
 
-def test_the_trainer_writes_a_card_from_the_run_files(lora_run, tiny_model_dir):
-    out, _ = lora_run
-    metadata, text, rows = parse(out / "model" / "README.md")
+def test_the_trainer_writes_a_card_from_the_run_files(lora_run, tiny_model_dir, tmp_path):
+    out, trained_card = lora_run
+    (tmp_path / "README.md").write_text(trained_card)  # as the trainer wrote it (a later test rewrites model/'s)
+    metadata, text, rows = parse(tmp_path / "README.md")
     assert metadata == {"library_name": "peft", "pipeline_tag": "text-generation", "tags": ["dpo", "dpo-dist", "lora"]}
     assert "License: not known" in text, "a local base with no card: no license key, and the text says so"
     assert f'base = AutoModelForCausalLM.from_pretrained("{tiny_model_dir}")' in text
@@ -99,6 +100,9 @@ def test_evaluation_results_join_the_card_once_they_exist(lora_run):
     assert table["KL(trained ‖ base) per response, nats"] == [f"{kl['kl']:.4f} ± {kl['kl_stderr']:.4f}"]
     assert not any(k.startswith("win rate") for k in table), "no judge, no win rate"
     assert 'PeftModel.from_pretrained(base, "me/tiny-dpo")' in text and text.count("# me/tiny-dpo") == 1
+    for _ in range(2):  # rewritten in model/ itself (push.py does), twice: the card is no weight newer than results
+        write_card(str(out / "model"), run=str(out), model_id="me/tiny-dpo")
+    assert tables(parse(out / "model" / "README.md")[1])["Evaluation against the base"] == table
 
 
 def test_results_older_than_the_model_are_left_out(lora_run, tmp_path):

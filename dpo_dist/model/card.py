@@ -1,5 +1,5 @@
 """The model card: ``README.md`` with the Hub's YAML metadata, written beside the final model (by the trainer), a
-merged export (``launch/merge.py``) and any folder ``launch/push.py`` uploads that has none.
+merged export (``launch/merge.py``) and a folder ``launch/push.py`` uploads (unless it holds a card someone wrote).
 
     write_card("outputs/default/model")                                   # the run is the folder above
     write_card("elsewhere/merged", run="outputs/default", model_id="me/smollm2-dpo")
@@ -83,8 +83,8 @@ def read_run(run: str | None) -> RunFiles:
     path = os.path.join(run, EVAL_RESULTS)
     if os.path.isfile(path):
         model = os.path.join(run, "model")
-        written = max((os.path.getmtime(os.path.join(model, n)) for n in os.listdir(model)), default=0.0) \
-            if os.path.isdir(model) else 0.0
+        written = max((os.path.getmtime(os.path.join(model, n)) for n in os.listdir(model) if n != CARD),
+                      default=0.0) if os.path.isdir(model) else 0.0  # the card itself is rewritten later
         if os.path.getmtime(path) < written:
             files.results_skipped = f"{EVAL_RESULTS} is older than model/ (it evaluated other weights): not shown"
         else:
