@@ -21,9 +21,6 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.getcwd()) != HERE]
 sys.path.insert(0, os.path.dirname(HERE))
 
-from dpo_dist.eval.against_base import EvalOptions, evaluate_run, output_dir_for  # noqa: E402
-from dpo_dist.eval.generation import Sampling  # noqa: E402
-
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -70,9 +67,11 @@ def quiet() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    quiet()
-    from dpo_dist.eval.report import markdown, write_report
+    quiet()  # the arguments are parsed first: --help and a bad option answer without loading torch
+    from dpo_dist.eval.against_base import EvalOptions, evaluate_run, output_dir_for
+    from dpo_dist.eval.generation import Sampling
     from dpo_dist.eval.judges import JUDGE_INSTRUCTION
+    from dpo_dist.eval.report import markdown, write_report
 
     options = EvalOptions(
         judge=args.judge, samples_per_prompt=args.samples_per_prompt, num_prompts=args.num_prompts,

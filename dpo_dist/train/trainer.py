@@ -40,6 +40,7 @@ from dpo_dist.distributed import (
     zero_stage,
 )
 from dpo_dist.model.attention import FLEX_BLOCK, base_model, choose_packing, flex_training_unsupported
+from dpo_dist.model.card import write_card
 from dpo_dist.model.load import Precision, load_policy, load_reference_copy, resolve_precision, resolve_source
 from dpo_dist.train.checkpoint import (
     ABANDONED,
@@ -74,6 +75,7 @@ from dpo_dist.train.metrics import (
     plot,
     reduce_stats,
     summary,
+    write_run_file,
 )
 from dpo_dist.train.objective import pair_losses
 from dpo_dist.train.optim import build_optimizer, lr_lambda
@@ -328,11 +330,14 @@ def finish(run: Run) -> None:
     summary and plot."""
     t, accelerator = run.cfg.train, run.accelerator
     checkpoint_final_state(accelerator, t.output_dir, run.state, run.cfg)
-    exported = f"model/: the weights at step {run.state.global_step}, the last"
+    step, exported = run.state.global_step, f"model/: the weights at step {run.state.global_step}, the last"
     if t.early_stopping_patience:  # selection by metric: the best checkpoint's weights, whether or not it stopped early
-        exported = load_best_for_export(accelerator, run.state, t.output_dir, run.cfg)
+        step, exported = load_best_for_export(accelerator, run.state, t.output_dir, run.cfg)
     accelerator.print(exported)
     save_final_model(accelerator, run.model, run.tokenizer, os.path.join(t.output_dir, "model"))
+    if accelerator.is_main_process:  # the model card reads what the run wrote: run.json, metrics.jsonl, config.yaml
+        write_run_file(t.output_dir, pairs=run.counts, model_step=step, model=exported.removeprefix("model/: "))
+        write_card(os.path.join(t.output_dir, "model"), run=t.output_dir)
     drop_final_checkpoint(accelerator, t.output_dir, run.state, run.cfg)
     text = summary(run.metrics.records)
     memory = torch.tensor([[peak_memory_gb(accelerator.device), held_state_gb(run.model, run.optimizer)]],
