@@ -337,10 +337,64 @@ def split_pairs(
     return parts["train"], parts["test"]
 
 
+def load_mixture(
+    parts: list[Part], *, seed: int, data_format: str = "auto", **load_kwargs: Any
+) -> tuple[datasets.Dataset, list[LoadReport]]:
+    """Each part loaded, validated and reported on its own (``LoadReport.part``), cut to its ``num_samples`` /
+    ``fraction`` (a seeded subset), then all shuffled together with ``seed``.
+
+    ``fraction`` takes ``round(fraction * kept pairs)`` pairs, at least one. Parts must give the same kind of pairs
+    (all text, or all messages); ``load_kwargs`` go to :func:`load_pairs`.
+    """
+    if not parts:
+        raise DataError("data.sources is empty: give at least one source")
+    loaded, reports = [], []
+    for index, part in enumerate(parts):
+        where = f"data.sources[{index}] ({part.source})"
+        if part.num_samples is not None and part.fraction is not None:
+            raise DataError(f"{where}: give num_samples or fraction, not both")
+        if part.fraction is not None and not 0.0 < part.fraction <= 1.0:
+            raise DataError(f"{where}: fraction must be in (0, 1], got {part.fraction}")
+        pairs, report = load_pairs(
+            part.source, split=part.split, config_name=part.config_name, data_dir=part.data_dir,
+            revision=part.revision, data_format=part.data_format or data_format, **load_kwargs,
+        )
+        report.part = index
+        if part.fraction is not None:
+            pairs = take_subset(pairs, max(1, round(part.fraction * len(pairs))), seed)
+        elif part.num_samples is not None:
+            pairs = take_subset(pairs, part.num_samples, seed)
+        report.rows_used = len(pairs)
+        if loaded and pairs.features != loaded[0].features:
+            raise DataError(f"{where} gives {_kind(pairs)} pairs ({report.data_format} format) but data.sources[0] "
+                            f"gives {_kind(loaded[0])} ({reports[0].data_format} format): a mixture needs one kind "
+                            "(hh_as_messages turns HH transcripts into messages)")
+        loaded.append(pairs)
+        reports.append(report)
+    return datasets.concatenate_datasets(loaded).shuffle(seed=seed), reports
+
+
+def _kind(pairs: datasets.Dataset) -> str:
+    return "message-list" if pairs.features["prompt"] == MESSAGES else "text"
+
+
+def check_rank_counts(counts_by_rank: list[Any]) -> None:
+    """Every process must have prepared the same pairs (on nodes without a shared disk each node loads its own copy);
+    ``counts_by_rank[r]`` is rank r's counts (any comparable value: ``{"train_pairs": 65, "eval_pairs": 16}``).
+    A DataError naming each rank's counts otherwise."""
+    if any(counts != counts_by_rank[0] for counts in counts_by_rank[1:]):
+        listed = "; ".join(f"rank {rank}: {counts}" for rank, counts in enumerate(counts_by_rank))
+        raise DataError(f"the processes prepared different data ({listed}): every node must read the same data "
+                        "(the same files and revision); a node without a shared disk loads its own copy")
+
+
 def load_train_eval(
-    source: str,
+    source: str | list[Part],
     *,
     split: str = "train",
+    config_name: str | None = None,
+    data_dir: str | None = None,
+    revision: str | None = None,
     eval_source: str | None = None,
     eval_split: str | None = None,
     eval_ratio: float = 0.0,
@@ -350,18 +404,33 @@ def load_train_eval(
 ) -> tuple[datasets.Dataset, datasets.Dataset | None, list[LoadReport]]:
     """Train and eval pairs: a given eval file or split when named, else a seeded split by ``eval_ratio``.
 
-    ``num_samples`` takes a seeded subset of the training source first (before a ratio split, so eval comes out of
-    the same subset); a given eval set is used whole. ``load_kwargs`` go to :func:`load_pairs`.
+    ``source`` is one source (``split``, ``config_name``, ``data_dir``, ``revision`` apply to it, and to its eval
+    split) or a mixture (a list of :class:`Part`, see :func:`load_mixture`). ``num_samples`` takes a seeded subset
+    of the training pairs first (before a ratio split, so eval comes out of the same subset); a given eval set is
+    used whole. ``load_kwargs`` go to :func:`load_pairs`.
     """
-    pairs, report = load_pairs(source, split=split, **load_kwargs)
+    hub = {"config_name": config_name, "data_dir": data_dir, "revision": revision}
+    if isinstance(source, list):
+        if any(value is not None for value in hub.values()):
+            raise DataError("config_name, data_dir and revision go in each entry of data.sources")
+        if eval_split is not None and eval_source is None:
+            raise DataError("a mixture (data.sources) has no eval split: give data.eval_source or data.eval_ratio")
+        pairs, reports = load_mixture(source, seed=seed, **load_kwargs)
+    else:
+        pairs, report = load_pairs(source, split=split, **hub, **load_kwargs)
+        reports = [report]
     pairs = take_subset(pairs, num_samples, seed)
     if eval_source is None and eval_split is None:
         train, eval_ = split_pairs(pairs, eval_ratio=eval_ratio, seed=seed)
-        return train, eval_, [report]
+        return train, eval_, reports
     if eval_ratio:
         raise DataError("give either eval_ratio or an eval file/split, not both")
     if eval_source is None and os.path.isfile(source):
         raise DataError(f"{source} is a file, which has no splits: an eval split names a split of a dataset folder or "
                         "Hub dataset; for a file give a separate eval file (data.eval_source) or data.eval_ratio")
-    eval_, eval_report = load_pairs(eval_source or source, split=eval_split or split, **load_kwargs)
-    return pairs, eval_, [report, eval_report]
+    if eval_source is None:
+        eval_, eval_report = load_pairs(source, split=eval_split, **hub, **load_kwargs)
+    else:
+        eval_split = eval_split or ("train" if isinstance(source, list) else split)
+        eval_, eval_report = load_pairs(eval_source, split=eval_split, **load_kwargs)
+    return pairs, eval_, [*reports, eval_report]
