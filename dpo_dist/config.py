@@ -105,13 +105,50 @@ def check_sentiment(settings: SentimentDataConfig) -> None:
 
 
 @dataclass
+class DataSourceConfig:
+    source: str = option("", "a .json/.jsonl/.jsonl.gz/.parquet file, a dataset folder, or a Hub dataset (required)")
+    split: str = option("train", "split, slices included (train[:5%]); a file has one split, train")
+    config_name: str | None = option(None, "Hub dataset config name")
+    data_dir: str | None = option(None, "folder inside the Hub dataset or local dataset folder")
+    revision: str | None = option(None, "Hub revision (branch, tag or commit)")
+    num_samples: int | None = option(None, "a seeded random subset of this many of the part's pairs")
+    fraction: float | None = option(None, "a seeded random subset of this fraction of the part's pairs, in (0, 1]")
+    format: Literal["auto", "text", "conversational", "hh"] | None = option(None, "record format (null: data.data_format)")
+
+
+def check_sources(sources: list[DataSourceConfig]) -> None:
+    """Each ``data.sources`` entry usable on its own; a ConfigError naming the entry and key otherwise."""
+    for index, entry in enumerate(sources):
+        key = f"data.sources[{index}]"
+        if not entry.source:
+            raise ConfigError(f"{key}.source is required (a file, folder or Hub dataset)")
+        if entry.source == SENTIMENT:
+            raise ConfigError(f"{key}.source: {SENTIMENT} cannot be part of a mixture; use it alone as data.source")
+        if entry.num_samples is not None and entry.fraction is not None:
+            raise ConfigError(f"{key}: give num_samples or fraction, not both")
+        if entry.num_samples is not None and entry.num_samples <= 0:
+            raise ConfigError(f"{key}.num_samples must be positive, got {entry.num_samples}")
+        if entry.fraction is not None and not 0.0 < entry.fraction <= 1.0:
+            raise ConfigError(f"{key}.fraction must be in (0, 1], got {entry.fraction}")
+
+
+@dataclass
 class DataConfig:
     source: str = option(
         SENTIMENT,
         "preference data: a .json/.jsonl/.jsonl.gz/.parquet file, a dataset folder, a Hub dataset, or "
         "builtin:sentiment (movie-review continuations scored with VADER, built offline and cached)",
     )
-    split: str = option("train", "split of a folder or Hub dataset")
+    split: str = option("train", "split of a folder or Hub dataset, slices included (train[:5%]); a file has one "
+                                 "split, train")
+    config_name: str | None = option(None, "Hub dataset config name (datasets.load_dataset's name)")
+    data_dir: str | None = option(None, "folder inside the Hub dataset or local dataset folder (Anthropic/hh-rlhf: "
+                                        "harmless-base)")
+    revision: str | None = option(None, "Hub dataset revision (branch, tag or commit)")
+    sources: list[DataSourceConfig] = option(
+        [], "a mixture instead of data.source: a list of {source, split, config_name, data_dir, revision, "
+        "num_samples | fraction, format}, each loaded and reported on its own, then shuffled together with train.seed"
+    )
     data_format: Literal["auto", "text", "conversational", "hh"] = option("auto", "record format; auto detects")
     hh_as_messages: bool = option(False, "render HH transcripts with the tokenizer's chat template")
     on_bad_row: Literal["error", "skip"] = option("error", "a malformed row stops loading (error) or is counted and left out (skip)")
@@ -121,7 +158,13 @@ class DataConfig:
     num_samples: int | None = option(None, "take a seeded random subset of this many pairs (all: null)")
     max_length: int = option(512, "prompt + response tokens at most")
     max_prompt_length: int | None = option(256, "prompt tokens at most (keeps the end)")
+    num_proc: int | None = option(None, "processes validating and tokenizing pairs (datasets.map); null: one below "
+                                        "100,000 pairs, else this machine's CPUs (at most 8)")
     sentiment: SentimentDataConfig = field(default_factory=SentimentDataConfig)
+
+    def uses_sentiment(self) -> bool:
+        """Whether the run trains on the built-in sentiment set (data.source, with no data.sources mixture)."""
+        return self.source == SENTIMENT and not self.sources
 
 
 # The loss types dpo_dist.train.loss offers (its LOSS_TYPES; tests/test_loss.py checks they agree), the f-divergences,
@@ -256,7 +299,8 @@ class Config:
             "train.stop_grace_s": t.stop_grace_s,
         }
         for key in ("train.max_grad_norm", "train.max_steps", "train.eval_every", "train.save_every",
-                    "train.early_stopping_patience", "train.cpu_threads", "data.num_samples", "data.max_prompt_length"):
+                    "train.early_stopping_patience", "train.cpu_threads", "data.num_samples", "data.max_prompt_length",
+                    "data.num_proc"):
             value = get_key(self, key)
             if value is not None:
                 positive[key] = value
@@ -296,10 +340,22 @@ class Config:
                 raise ConfigError(f"train.report_to: {tracker} is not installed (python3 -m pip install {tracker.replace('_', '-')})")
         if t.metric_for_best not in EVAL_METRICS:
             raise ConfigError(f"train.metric_for_best {t.metric_for_best!r} is not one of {', '.join(EVAL_METRICS)}")
-        has_eval = d.eval_ratio > 0 or d.eval_source is not None or d.eval_split is not None or d.source == SENTIMENT
+        has_eval = (d.eval_ratio > 0 or d.eval_source is not None or d.eval_split is not None
+                    or (d.source == SENTIMENT and not d.sources))
         if t.early_stopping_patience is not None and not has_eval:
             raise ConfigError("train.early_stopping_patience needs eval data: set data.eval_ratio or an eval source")
-        if d.source == SENTIMENT:
+        if d.sources:
+            check_sources(d.sources)
+            if d.source != SENTIMENT:
+                raise ConfigError("give data.source (one source) or data.sources (a mixture), not both")
+            for key in ("config_name", "data_dir", "revision", "eval_split"):
+                if getattr(d, key) is not None:
+                    raise ConfigError(f"data.{key} applies to data.source; with data.sources give it per entry"
+                                      + (" (eval: data.eval_source or data.eval_ratio)" if key == "eval_split" else ""))
+        elif d.source == SENTIMENT:
+            for key in ("config_name", "data_dir", "revision"):
+                if getattr(d, key) is not None:
+                    raise ConfigError(f"data.{key} applies to a Hub dataset or folder, not {SENTIMENT}")
             try:
                 check_sentiment(d.sentiment)
             except ValueError as error:
@@ -364,7 +420,11 @@ def float_values(node: Any, prefix: str = "") -> list[tuple[str, float]]:
         elif isinstance(value, float):
             found.append((key, value))
         elif isinstance(value, list):
-            found += [(f"{key}[{i}]", v) for i, v in enumerate(value) if isinstance(v, float)]
+            for i, item in enumerate(value):
+                if dataclasses.is_dataclass(item):
+                    found += float_values(item, f"{key}[{i}].")
+                elif isinstance(item, float):
+                    found.append((f"{key}[{i}]", item))
     return found
 
 
@@ -397,6 +457,12 @@ def _check_value(key: str, value: Any, expected: Any) -> Any:
         if value is not None:
             raise ConfigError(f"{key}: {value!r} is not null")
         return None
+    if _is_config(expected):  # an entry of a list of sections (data.sources)
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key} should be a mapping of keys, got {value!r}")
+        node = expected()
+        _apply(node, value, f"{key}.")
+        return node
     if expected is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if expected is float and isinstance(value, str) and FLOAT_TEXT.fullmatch(value.strip()):
@@ -418,6 +484,8 @@ def _type_name(expected: Any) -> str:
         return f"a list of {_type_name(typing.get_args(expected)[0])}"
     if expected is type(None):
         return "null"
+    if _is_config(expected):
+        return "mapping"
     return getattr(expected, "__name__", str(expected))
 
 
@@ -486,6 +554,11 @@ def get_key(cfg: Config, dotted: str) -> Any:
     return node
 
 
+def to_plain(value: Any) -> Any:
+    return dataclasses.asdict(value) if dataclasses.is_dataclass(value) else (
+        [to_plain(v) for v in value] if isinstance(value, list) else value)
+
+
 def to_dict(cfg: Config) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
 
@@ -505,6 +578,9 @@ def describe(node: Any = None, prefix: str = "") -> list[str]:
         if _is_config(types_[f.name]):
             lines += describe(value, f"{prefix}{f.name}.")
             continue
-        default = yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()
+        default = yaml.safe_dump(to_plain(value), default_flow_style=True).strip().removesuffix("...").strip()
         lines.append(f"  {prefix}{f.name} ({_type_name(types_[f.name])}; default: {default})\n      {f.metadata.get('help', '')}")
+        (item,) = typing.get_args(types_[f.name]) if typing.get_origin(types_[f.name]) is list else (None,)
+        if _is_config(item):  # each entry's keys
+            lines += describe(item(), f"{prefix}{f.name}[].")
     return lines

@@ -1,6 +1,7 @@
 """Loading, format detection, validation of every row, subsets and splits."""
 
 import gzip
+import os
 import json
 
 import datasets
@@ -160,3 +161,206 @@ def test_train_eval_from_files_or_ratio(tmp_path):
     # a file has no splits: asking for an eval split of one would evaluate on the training pairs
     with pytest.raises(DataError, match=r"train.jsonl is a file, which has no splits.*data.eval_source"):
         load_train_eval(train_path, eval_split="test")
+
+
+# Mixtures, Hub details, slices, shards, the datasets cache, and ranks agreeing on what they loaded.
+
+def numbered(n, tag):
+    return [dict(TEXT, chosen=f" {tag}{i}") for i in range(n)]
+
+
+def mixture_files(tmp_path):
+    rows = numbered(10, "a")
+    rows[3] = dict(TEXT, chosen=" 5")  # identical to rejected: skipped and counted
+    jsonl = write_jsonl(tmp_path / "a.jsonl", rows)
+    parquet = str(tmp_path / "b.parquet")
+    datasets.Dataset.from_list(numbered(6, "b")).to_parquet(parquet)
+    return jsonl, parquet
+
+
+def test_mixture_counts_and_reports_each_part(tmp_path):
+    from dpo_dist.data.load import Part, load_train_eval
+
+    jsonl, parquet = mixture_files(tmp_path)
+    parts = [Part(jsonl, num_samples=4), Part(parquet, fraction=0.5)]
+    train, eval_, reports = load_train_eval(parts, seed=0, on_bad_row="skip")
+    assert eval_ is None and len(train) == 7
+    assert [r.summary() for r in reports] == [
+        f"data.sources[0] {jsonl}: 9 of 10 rows kept (text format); skipped 1 identical_responses; 4 used",
+        f"data.sources[1] {parquet}: 6 of 6 rows kept (text format); 3 used",
+    ]
+    chosen = train["chosen"]
+    a, b = [c for c in chosen if c.startswith(" a")], [c for c in chosen if c.startswith(" b")]
+    assert len(a) == 4 and len(b) == 3 and " a3" not in a
+    # each part's subset is the seeded subset of that part alone
+    assert set(a) == set(take_subset(load_pairs(jsonl, on_bad_row="skip")[0], 4, 0)["chosen"])
+    assert set(b) == set(take_subset(load_pairs(parquet)[0], 3, 0)["chosen"])
+    # shuffled together: the same seed gives the same order, another seed another order (same pairs)
+    assert load_train_eval(parts, seed=0, on_bad_row="skip")[0]["chosen"] == chosen
+    other = load_train_eval(parts, seed=1, on_bad_row="skip")[0]["chosen"]
+    assert other != chosen and len(other) == 7
+    assert chosen != a + b and chosen != sorted(chosen), "the parts are mixed, not stacked"
+    # a ratio split and data.num_samples apply to the mixture as a whole
+    train, eval_, _ = load_train_eval(parts, seed=0, on_bad_row="skip", num_samples=6, eval_ratio=0.5)
+    assert len(train) == len(eval_) == 3 and not set(train["chosen"]) & set(eval_["chosen"])
+
+
+def test_mixture_refusals(tmp_path):
+    from dpo_dist.data.load import Part, load_mixture
+
+    jsonl, parquet = mixture_files(tmp_path)
+    with pytest.raises(DataError, match=r"data.sources\[1\] \(.*b.parquet\): give num_samples or fraction, not both"):
+        load_mixture([Part(jsonl), Part(parquet, num_samples=2, fraction=0.5)], seed=0, on_bad_row="skip")
+    with pytest.raises(DataError, match=r"data.sources\[0\] .*fraction must be in \(0, 1\], got 0.0"):
+        load_mixture([Part(jsonl, fraction=0.0)], seed=0)
+    chat = write_jsonl(tmp_path / "chat.jsonl", [CONV_EXPLICIT])
+    with pytest.raises(DataError, match=r"data.sources\[1\] .* gives message-list pairs \(conversational format\) but "
+                                        r"data.sources\[0\] gives text"):
+        load_mixture([Part(parquet), Part(chat)], seed=0)
+
+
+def test_mixture_config_names_the_entry_and_key():
+    from dpo_dist.config import ConfigError, load_config
+    from dpo_dist.data.load import Part
+    from dpo_dist.train.inputs import data_source
+
+    two = "data.sources=[{source: a.jsonl, num_samples: 4}, {source: b.parquet, fraction: 0.5, split: 'train[:50%]', format: text}]"
+    cfg = load_config(None, [two])
+    assert data_source(cfg) == [Part("a.jsonl", num_samples=4),
+                                Part("b.parquet", split="train[:50%]", fraction=0.5, data_format="text")]
+    assert not cfg.data.uses_sentiment()
+    assert data_source(load_config(None, ["data.source=c.jsonl"])) == "c.jsonl"
+    for override, message in [
+        ("data.sources=[{source: a.jsonl}, {source: b.jsonl, fration: 0.5}]",
+         "unknown config key 'data.sources[1].fration'; valid keys here: data.sources[1].source"),
+        ("data.sources=[{source: a.jsonl, fraction: 0.5, num_samples: 3}]", "data.sources[0]: give num_samples or "
+                                                                           "fraction, not both"),
+        ("data.sources=[{source: a.jsonl}, {source: b.jsonl, fraction: 1.5}]", "data.sources[1].fraction must be in "
+                                                                               "(0, 1], got 1.5"),
+        ("data.sources=[{source: a.jsonl, fraction: 0}]", "data.sources[0].fraction must be in (0, 1], got 0.0"),
+        ("data.sources=[{source: a.jsonl, fraction: .nan}]", "data.sources[0].fraction must be a finite number"),
+        ("data.sources=[{source: a.jsonl, num_samples: 0}]", "data.sources[0].num_samples must be positive"),
+        ("data.sources=[{source: a.jsonl, num_samples: x}]", "data.sources[0].num_samples: 'x' is not int or null"),
+        ("data.sources=[{split: test}]", "data.sources[0].source is required"),
+        ("data.sources=[a.jsonl]", "data.sources[0] should be a mapping of keys, got 'a.jsonl'"),
+        ("data.sources=[{source: 'builtin:sentiment'}]", "builtin:sentiment cannot be part of a mixture"),
+        ("data.sources=[{source: a.jsonl, format: chat}]", "data.sources[0].format: 'chat' is not one of"),
+    ]:
+        with pytest.raises(ConfigError) as error:
+            load_config(None, [override])
+        assert message in str(error.value), (override, str(error.value))
+    with pytest.raises(ConfigError, match="give data.source .* or data.sources .*, not both"):
+        load_config(None, [two, "data.source=c.jsonl"])
+    with pytest.raises(ConfigError, match="data.data_dir applies to data.source; with data.sources give it per entry"):
+        load_config(None, [two, "data.data_dir=x"])
+    with pytest.raises(ConfigError, match="data.revision applies to a Hub dataset or folder, not builtin:sentiment"):
+        load_config(None, ["data.revision=main"])
+
+
+def test_split_slices_of_a_file(tmp_path):
+    path = write_jsonl(tmp_path / "d.jsonl", numbered(10, "c"))
+    half, report = load_pairs(path, split="train[:50%]")
+    assert half["chosen"] == [f" c{i}" for i in range(5)] and report.rows_read == 5
+    assert load_pairs(path, split="train[7:]")[0]["chosen"] == [" c7", " c8", " c9"]
+    assert load_pairs(path, split="train[:2]+train[-1:]")[0]["chosen"] == [" c0", " c1", " c9"]
+    with pytest.raises(DataError, match=r"d.jsonl is a file, which has one split, train: .*got split 'test'"):
+        load_pairs(path, split="test")
+    with pytest.raises(DataError, match=r"d.jsonl is a file: data_dir='x' apply to a folder or Hub dataset"):
+        load_pairs(path, data_dir="x")
+
+
+def test_folder_of_parquet_shards(tmp_path):
+    folder = tmp_path / "shards"
+    folder.mkdir()
+    for shard in range(3):
+        datasets.Dataset.from_list(numbered(4, f"s{shard}-")).to_parquet(str(folder / f"train-{shard:05d}-of-00003.parquet"))
+    pairs, report = load_pairs(str(folder))
+    assert report.rows_read == report.rows_kept == 12
+    assert sorted(pairs["chosen"]) == sorted(f" s{s}-{i}" for s in range(3) for i in range(4))
+    assert len(load_pairs(str(folder), split="train[:25%]")[0]) == 3
+
+
+def test_hub_details_reach_load_dataset(tmp_path, monkeypatch):
+    from dpo_dist.data.load import Part, load_mixture
+
+    calls = []
+
+    def fake_load_dataset(path, **kwargs):
+        calls.append((path, kwargs))
+        return datasets.Dataset.from_list([HH, HH])
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    pairs, report = load_pairs("Anthropic/hh-rlhf", split="test[:10%]", config_name="default",
+                               data_dir="harmless-base", revision="abc123")
+    assert calls == [("Anthropic/hh-rlhf", {"name": "default", "data_dir": "harmless-base", "revision": "abc123",
+                                            "split": "test[:10%]"})]
+    assert report.data_format == "hh" and len(pairs) == 2
+    calls.clear()
+    load_mixture([Part("org/a", data_dir="x"), Part("org/b", split="train[:5%]", config_name="c", revision="v1")],
+                 seed=0)
+    assert calls == [("org/a", {"name": None, "data_dir": "x", "revision": None, "split": "train"}),
+                     ("org/b", {"name": "c", "data_dir": None, "revision": "v1", "split": "train[:5%]"})]
+
+
+def test_second_load_and_tokenization_reuse_the_datasets_cache(tmp_path):
+    from tiny import make_tokenizer
+
+    from dpo_dist.data.tokenization import Truncation, tokenize_pairs
+
+    path = str(tmp_path / "d.parquet")
+    datasets.Dataset.from_list(numbered(30, "d")).to_parquet(path)
+
+    def files(dataset):
+        return sorted((f["filename"], os.stat(f["filename"]).st_mtime_ns) for f in dataset.cache_files)
+
+    first, _ = load_pairs(path)
+    second, _ = load_pairs(path)
+    assert first._fingerprint == second._fingerprint and files(first) == files(second)
+    assert any("cache-" in name for name, _ in files(first)), "validation wrote a map cache file"
+    tok = make_tokenizer("bos")
+    tokenized, _ = tokenize_pairs(first, tok, Truncation(64, 32))
+    again, _ = tokenize_pairs(second, tok, Truncation(64, 32))
+    assert tokenized._fingerprint == again._fingerprint and files(tokenized) == files(again)
+    shorter, _ = tokenize_pairs(second, tok, Truncation(64, 4))  # another setting: tokenized again
+    assert shorter._fingerprint != tokenized._fingerprint
+    assert [len(ids) for ids in shorter["prompt_input_ids"]] == [4] * 30
+    assert [len(ids) for ids in tokenized["prompt_input_ids"]] != [4] * 30
+    assert tokenized.features["chosen_input_ids"].feature.dtype == "int32"
+    # a changed file is read again
+    datasets.Dataset.from_list(numbered(20, "e")).to_parquet(path)
+    assert load_pairs(path)[0]["chosen"][:1] == [" e0"]
+
+
+def test_json_rows_are_cached_by_file_identity(tmp_path):
+    path = tmp_path / "d.jsonl"
+    write_jsonl(path, numbered(5, "f"))
+    assert load_pairs(str(path))[0]["chosen"][-1] == " f4"
+    write_jsonl(path, numbered(7, "g"))  # same path, new contents
+    assert load_pairs(str(path))[0]["chosen"][-1] == " g6"
+
+
+def test_validation_in_processes_gives_the_same_pairs_and_first_error(tmp_path):
+    rows = numbered(40, "h")
+    path = write_jsonl(tmp_path / "d.jsonl", rows)
+    assert load_pairs(path, num_proc=2)[0]["chosen"] == load_pairs(path)[0]["chosen"]
+    rows[25] = dict(TEXT, chosen=" 5")
+    rows[31] = {"prompt": "p"}
+    bad = write_jsonl(tmp_path / "bad.jsonl", rows)
+    with pytest.raises(DataError, match=r"bad.jsonl: row 25: chosen is identical to rejected"):
+        load_pairs(bad, num_proc=2)
+    pairs, report = load_pairs(bad, num_proc=2, on_bad_row="skip")
+    assert dict(report.skipped) == {"identical_responses": 1, "missing_field": 1} and 25 not in pairs["row"]
+
+
+def test_ranks_must_agree_on_the_pair_counts():
+    from dpo_dist.data.load import check_rank_counts
+
+    same = {"train_pairs": 65, "eval_pairs": 16, "dropped_too_long": 0}
+    check_rank_counts([same, dict(same), dict(same)])
+    check_rank_counts([same])
+    with pytest.raises(DataError) as error:
+        check_rank_counts([same, same, dict(same, train_pairs=64)])
+    message = str(error.value)
+    assert "the processes prepared different data" in message
+    assert "rank 2: {'train_pairs': 64, 'eval_pairs': 16, 'dropped_too_long': 0}" in message
+    assert "rank 0: {'train_pairs': 65" in message and "the same files and revision" in message

@@ -42,94 +42,251 @@ class LoadReport:
     rows_read: int = 0
     rows_kept: int = 0
     skipped: Counter = field(default_factory=Counter)
+    part: int | None = None  # the entry of a mixture (``data.sources[part]``); None for one source
+    rows_used: int | None = None  # a mixture's part after its num_samples / fraction
 
     def summary(self) -> str:
         text = f"{self.source}: {self.rows_kept} of {self.rows_read} rows kept ({self.data_format} format)"
         if self.skipped:
             text += "; skipped " + ", ".join(f"{n} {reason}" for reason, n in sorted(self.skipped.items()))
-        return text
+        if self.rows_used is not None:
+            text += f"; {self.rows_used} used"
+        return text if self.part is None else f"data.sources[{self.part}] {text}"
+
+
+@dataclass(frozen=True)
+class Part:
+    """One source of a mixture (``data.sources``): where to read, and how much of it to use (``num_samples`` pairs
+    or a ``fraction`` of the kept pairs, a seeded subset; all when neither). ``data_format`` None: the mixture's."""
+
+    source: str
+    split: str = "train"
+    config_name: str | None = None
+    data_dir: str | None = None
+    revision: str | None = None
+    num_samples: int | None = None
+    fraction: float | None = None
+    data_format: str | None = None
+
+
+# Rows of a JSON file as read: the row's JSON text and its line (0 in a JSON array), parsed and validated by map.
+RAW_JSON = datasets.Features({"json": datasets.Value("string"), "line": datasets.Value("int64")})
+TEXT_PAIR = datasets.Value("string")
+MESSAGES = datasets.List({"role": datasets.Value("string"), "content": datasets.Value("string")})
+INVALID_JSON = "invalid_json"  # not a RowError reason: a file that is not JSON stops loading, skip or not
+AUTO_NUM_PROC_ROWS = 100_000  # num_proc=None: one process below this many rows, else up to 8
+
+
+def auto_num_proc(num_proc: int | None, rows: int) -> int | None:
+    """Processes for a ``datasets.map`` over ``rows`` rows: as given, else one (None) for small sets and this
+    machine's CPUs (at most 8) for large ones."""
+    if num_proc is None:
+        num_proc = min(os.cpu_count() or 1, 8) if rows >= AUTO_NUM_PROC_ROWS else 1
+    return num_proc if num_proc > 1 and rows > 1 else None
 
 
 def load_pairs(
     source: str,
     *,
     split: str = "train",
+    config_name: str | None = None,
+    data_dir: str | None = None,
+    revision: str | None = None,
     data_format: str = "auto",
     on_bad_row: Literal["error", "skip"] = "error",
     hh_as_messages: bool = False,
     tokenizer: Any = None,
+    num_proc: int | None = None,
 ) -> tuple[datasets.Dataset, LoadReport]:
     """Load, validate and normalize preference pairs.
 
+    Rows are read into Arrow (``datasets``: memory-mapped, cached) and validated by ``datasets.map``, so a large set
+    loads in bounded memory and a second load with the same file and settings reuses the cached result.
+
     Args:
-        source: a local ``.json`` / ``.jsonl`` / ``.jsonl.gz`` / ``.parquet`` file, a local dataset folder, or a Hub
-            dataset name (``datasets.load_dataset``).
-        split: the split to take from a folder or Hub dataset.
+        source: a local ``.json`` / ``.jsonl`` / ``.jsonl.gz`` / ``.parquet`` file, a local dataset folder (of
+            parquet or jsonl shards, say), or a Hub dataset name (``datasets.load_dataset``).
+        split: the split to take, slices included (``train[:5%]``); a file has one split, ``train``.
+        config_name, data_dir, revision: passed to ``datasets.load_dataset`` (``name``, ``data_dir``, ``revision``)
+            for a folder or Hub dataset.
         data_format: ``auto`` (detected from the first row), or one of ``text``, ``conversational``, ``hh``.
         on_bad_row: ``error`` stops at the first bad row; ``skip`` leaves bad rows out and counts them.
         hh_as_messages: turn HH transcripts into chat messages, to be rendered with the tokenizer's chat template.
         tokenizer: when given, every conversational pair is rendered with its chat template while loading, so a row
             the template rejects (a role it does not accept, say) is a bad row like any other (``template_error``),
             named or skipped here rather than failing tokenization later.
+        num_proc: processes for validation (None: :func:`auto_num_proc`).
 
     Returns:
         A dataset with columns ``prompt``, ``chosen``, ``rejected`` (strings, or message lists for conversational
-        data) and ``row`` (the row's index in the source), and the report of what was read, kept and skipped.
+        data) and ``row`` (the row's index in the split as loaded), and the report of what was read, kept and
+        skipped.
     """
     if data_format != "auto" and data_format not in FORMATS:
         raise DataError(f"data_format {data_format!r} is not one of: auto, {', '.join(FORMATS)}")
     if on_bad_row not in ("error", "skip"):
         raise DataError(f"on_bad_row {on_bad_row!r} is not one of: error, skip")
-    report = LoadReport(source=source, data_format=data_format)
-    pairs: list[dict[str, Any]] = []
-    for index, raw in enumerate(_read_rows(source, split)):
-        report.rows_read += 1
-        try:
-            if not isinstance(raw, dict):
-                raise RowError("wrong_type", f"row should be a JSON object, got {type(raw).__name__}")
-            if report.data_format == "auto":
-                report.data_format = detect_format(raw)
-            pair = normalize_row(raw, report.data_format, hh_as_messages=hh_as_messages)
-            if tokenizer is not None and isinstance(pair["prompt"], list):
-                render_conversation(pair, tokenizer)
-        except RowError as error:
-            if on_bad_row == "error":
-                raise DataError(
-                    f"{source}: row {index}: {error} (pass on_bad_row=skip to leave such rows out)"
-                ) from None
-            report.skipped[error.reason] += 1
-            continue
-        pair["row"] = index
-        pairs.append(pair)
+    raw, json_text = _raw_rows(source, split, config_name, data_dir, revision)
+    report = LoadReport(source=source, data_format=data_format, rows_read=len(raw))
+    first = 0  # rows before the first one the format is detected from are bad rows (their detection fails)
+    if data_format == "auto":
+        first, report.data_format = _detect(raw, json_text)
+    messages = report.data_format == "conversational" or (report.data_format == "hh" and hh_as_messages)
+    pair_type = MESSAGES if messages else TEXT_PAIR
+    features = datasets.Features({"prompt": pair_type, "chosen": pair_type, "rejected": pair_type,
+                                  "row": datasets.Value("int64"), "error": datasets.Value("string"),
+                                  "reason": datasets.Value("string")})
+    checked = raw.map(
+        _validate_rows, batched=True, with_indices=True, remove_columns=raw.column_names, features=features,
+        num_proc=auto_num_proc(num_proc, len(raw)), desc=f"validating {os.path.basename(source.rstrip('/'))}",
+        fn_kwargs={"source": source, "data_format": report.data_format, "first": first, "json_text": json_text,
+                   "hh_as_messages": hh_as_messages, "tokenizer": tokenizer, "empty": [] if messages else ""},
+    )
+    bad = checked.filter(_is_bad, input_columns="error", batched=True, desc="finding bad rows")
+    if len(bad):
+        fatal = bad.filter(_is_fatal, input_columns="reason", batched=True)
+        if len(fatal):
+            raise DataError(fatal[0]["error"])
+        if on_bad_row == "error":
+            first_bad = bad[0]
+            raise DataError(
+                f"{source}: row {first_bad['row']}: {first_bad['error']} (pass on_bad_row=skip to leave such rows out)"
+            )
+        report.skipped = Counter(bad["reason"])
+        checked = checked.filter(_is_good, input_columns="error", batched=True, desc="leaving bad rows out")
+    pairs = checked.remove_columns(["error", "reason"])
     report.rows_kept = len(pairs)
-    if not pairs:
+    if not len(pairs):
         raise DataError(f"{source}: no usable rows ({report.summary()})")
     logger.info(report.summary())
-    return datasets.Dataset.from_list(pairs), report
+    return pairs, report
 
 
-def _read_rows(source: str, split: str) -> Iterator[Any]:
+def _is_bad(errors: list[str | None]) -> list[bool]:
+    return [error is not None for error in errors]
+
+
+def _is_good(errors: list[str | None]) -> list[bool]:
+    return [error is None for error in errors]
+
+
+def _is_fatal(reasons: list[str | None]) -> list[bool]:
+    return [reason == INVALID_JSON for reason in reasons]
+
+
+def _detect(raw: datasets.Dataset, json_text: bool) -> tuple[int, str]:
+    """The index of the first row the format can be detected from, and that format (``auto`` if none can be)."""
+    for index in range(len(raw)):
+        try:
+            row = _parse(raw[index], json_text)
+        except json.JSONDecodeError:
+            continue  # validation names the line, and loading stops there
+        if isinstance(row, dict):
+            try:
+                return index, detect_format(row)
+            except RowError:
+                pass
+    return len(raw), "auto"
+
+
+def _parse(item: dict[str, Any], json_text: bool) -> Any:
+    return json.loads(item["json"]) if json_text else item
+
+
+def _validate_rows(batch: dict[str, list], indices: list[int], *, source: str, data_format: str, first: int,
+                   json_text: bool, hh_as_messages: bool, tokenizer: Any, empty: Any) -> dict[str, list]:
+    """``datasets.map`` function (batched): raw rows -> normalized pairs, each with its ``row``, and for a bad row
+    ``error`` (the message) and ``reason`` (a ``REASONS`` key, or ``invalid_json``) beside empty pairs."""
+    out: dict[str, list] = {"prompt": [], "chosen": [], "rejected": [], "row": [], "error": [], "reason": []}
+    columns = list(batch)
+    for j, index in enumerate(indices):
+        pair, error, reason = None, None, None
+        try:
+            row = json.loads(batch["json"][j]) if json_text else {c: batch[c][j] for c in columns}
+        except json.JSONDecodeError as decode_error:
+            error, reason = f"{source}: line {batch['line'][j]}: invalid JSON: {decode_error}", INVALID_JSON
+        else:
+            try:
+                pair = _validate_row(row, index, data_format, first, hh_as_messages, tokenizer)
+            except RowError as row_error:
+                error, reason = str(row_error), row_error.reason
+        for key in ("prompt", "chosen", "rejected"):
+            out[key].append(empty if pair is None else pair[key])
+        out["row"].append(index)
+        out["error"].append(error)
+        out["reason"].append(reason)
+    return out
+
+
+def _validate_row(row: Any, index: int, data_format: str, first: int, hh_as_messages: bool,
+                  tokenizer: Any) -> dict[str, Any]:
+    if not isinstance(row, dict):
+        raise RowError("wrong_type", f"row should be a JSON object, got {type(row).__name__}")
+    if index < first or data_format == "auto":
+        detect_format(row)  # raises: this row comes before the first one the format is detected from
+    pair = normalize_row(row, data_format, hh_as_messages=hh_as_messages)
+    if tokenizer is not None and isinstance(pair["prompt"], list):
+        render_conversation(pair, tokenizer)
+    return pair
+
+
+def _raw_rows(source: str, split: str, config_name: str | None, data_dir: str | None,
+              revision: str | None) -> tuple[datasets.Dataset, bool]:
+    """The source's rows in Arrow, and whether they are JSON text (a JSON file) rather than columns."""
     if os.path.isfile(source):
+        given = [f"{k}={v!r}" for k, v in (("config_name", config_name), ("data_dir", data_dir),
+                                            ("revision", revision)) if v is not None]
+        if given:
+            raise DataError(f"{source} is a file: {', '.join(given)} apply to a folder or Hub dataset")
         if source.endswith(JSON_SUFFIXES):
-            yield from _read_json(source)
-            return
+            return _slice_file(_json_rows(source), source, split), True
         if source.endswith(PARQUET_SUFFIXES):
-            yield from datasets.load_dataset("parquet", data_files=source, split="train")
-            return
+            return _slice_file(datasets.load_dataset("parquet", data_files=source, split="train"), source, split), False
         raise DataError(
             f"{source}: unsupported file type; use one of {', '.join(JSON_SUFFIXES + PARQUET_SUFFIXES)}"
         )
     if source.endswith(JSON_SUFFIXES + PARQUET_SUFFIXES) and not os.path.exists(source):
         raise DataError(f"{source}: no such file")
     try:
-        dataset = datasets.load_dataset(source, split=split)
+        dataset = datasets.load_dataset(source, name=config_name, data_dir=data_dir, revision=revision, split=split)
     except Exception as error:  # the Hub and the folder loader raise many kinds
         raise DataError(f"{source}: could not load split {split!r}: {error}") from error
-    yield from dataset
+    return dataset, False
 
 
-def _read_json(path: str) -> Iterator[Any]:
-    """JSON lines (one object a line) or one JSON array, optionally gzipped; errors name the line."""
+def _slice_file(raw: datasets.Dataset, source: str, split: str) -> datasets.Dataset:
+    """A file is one split, ``train``; ``train[:50%]``, ``train[10:20]`` and sums of slices take part of it."""
+    if split == "train":
+        return raw
+    try:
+        instructions = datasets.ReadInstruction.from_spec(split).to_absolute({"train": len(raw)})
+    except (ValueError, AssertionError) as error:
+        raise DataError(f"{source} is a file, which has one split, train: give train or a slice of it such as "
+                        f"train[:10%] (got split {split!r}: {error})") from None
+    if len(instructions) == 1:
+        return raw.select(range(instructions[0].from_, instructions[0].to))
+    return raw.select([i for part in instructions for i in range(part.from_, part.to)])
+
+
+def _json_rows(path: str) -> datasets.Dataset:
+    """A JSON file's rows as JSON text in a cached Arrow dataset, keyed by the file's path, size and time."""
+    stat = os.stat(path)
+    try:
+        return datasets.Dataset.from_generator(
+            _read_json, features=RAW_JSON,
+            gen_kwargs={"path": path, "key": f"{os.path.abspath(path)}:{stat.st_size}:{stat.st_mtime_ns}"},
+        )
+    except datasets.exceptions.DatasetGenerationError as error:
+        if isinstance(error.__cause__, DataError):
+            raise DataError(str(error.__cause__)) from None
+        raise
+
+
+def _read_json(path: str, key: str) -> Iterator[dict[str, Any]]:
+    """JSON lines (one object a line) or one JSON array, optionally gzipped: ``{"json": text, "line": number}``
+    per row. A line's JSON is parsed when it is validated; an array is parsed here, whole (errors name the file).
+    ``key`` (the file's absolute path, size and modification time) only keys the cache."""
+    del key
     opener = gzip.open if path.endswith(".gz") else open
     with opener(path, "rt", encoding="utf-8") as handle:
         head = handle.read(1)
@@ -140,15 +297,12 @@ def _read_json(path: str) -> Iterator[Any]:
                 rows = json.loads(head + handle.read())
             except json.JSONDecodeError as error:
                 raise DataError(f"{path}: invalid JSON: {error}") from None
-            yield from rows
+            for row in rows:
+                yield {"json": json.dumps(row), "line": 0}
             return
         for number, line in enumerate(_prepend(head, handle), start=1):
-            if not line.strip():
-                continue
-            try:
-                yield json.loads(line)
-            except json.JSONDecodeError as error:
-                raise DataError(f"{path}: line {number}: invalid JSON: {error}") from None
+            if line.strip():
+                yield {"json": line, "line": number}
 
 
 def _prepend(first: str, handle: Any) -> Iterator[str]:
@@ -183,10 +337,64 @@ def split_pairs(
     return parts["train"], parts["test"]
 
 
+def load_mixture(
+    parts: list[Part], *, seed: int, data_format: str = "auto", **load_kwargs: Any
+) -> tuple[datasets.Dataset, list[LoadReport]]:
+    """Each part loaded, validated and reported on its own (``LoadReport.part``), cut to its ``num_samples`` /
+    ``fraction`` (a seeded subset), then all shuffled together with ``seed``.
+
+    ``fraction`` takes ``round(fraction * kept pairs)`` pairs, at least one. Parts must give the same kind of pairs
+    (all text, or all messages); ``load_kwargs`` go to :func:`load_pairs`.
+    """
+    if not parts:
+        raise DataError("data.sources is empty: give at least one source")
+    loaded, reports = [], []
+    for index, part in enumerate(parts):
+        where = f"data.sources[{index}] ({part.source})"
+        if part.num_samples is not None and part.fraction is not None:
+            raise DataError(f"{where}: give num_samples or fraction, not both")
+        if part.fraction is not None and not 0.0 < part.fraction <= 1.0:
+            raise DataError(f"{where}: fraction must be in (0, 1], got {part.fraction}")
+        pairs, report = load_pairs(
+            part.source, split=part.split, config_name=part.config_name, data_dir=part.data_dir,
+            revision=part.revision, data_format=part.data_format or data_format, **load_kwargs,
+        )
+        report.part = index
+        if part.fraction is not None:
+            pairs = take_subset(pairs, max(1, round(part.fraction * len(pairs))), seed)
+        elif part.num_samples is not None:
+            pairs = take_subset(pairs, part.num_samples, seed)
+        report.rows_used = len(pairs)
+        if loaded and pairs.features != loaded[0].features:
+            raise DataError(f"{where} gives {_kind(pairs)} pairs ({report.data_format} format) but data.sources[0] "
+                            f"gives {_kind(loaded[0])} ({reports[0].data_format} format): a mixture needs one kind "
+                            "(hh_as_messages turns HH transcripts into messages)")
+        loaded.append(pairs)
+        reports.append(report)
+    return datasets.concatenate_datasets(loaded).shuffle(seed=seed), reports
+
+
+def _kind(pairs: datasets.Dataset) -> str:
+    return "message-list" if pairs.features["prompt"] == MESSAGES else "text"
+
+
+def check_rank_counts(counts_by_rank: list[Any]) -> None:
+    """Every process must have prepared the same pairs (on nodes without a shared disk each node loads its own copy);
+    ``counts_by_rank[r]`` is rank r's counts (any comparable value: ``{"train_pairs": 65, "eval_pairs": 16}``).
+    A DataError naming each rank's counts otherwise."""
+    if any(counts != counts_by_rank[0] for counts in counts_by_rank[1:]):
+        listed = "; ".join(f"rank {rank}: {counts}" for rank, counts in enumerate(counts_by_rank))
+        raise DataError(f"the processes prepared different data ({listed}): every node must read the same data "
+                        "(the same files and revision); a node without a shared disk loads its own copy")
+
+
 def load_train_eval(
-    source: str,
+    source: str | list[Part],
     *,
     split: str = "train",
+    config_name: str | None = None,
+    data_dir: str | None = None,
+    revision: str | None = None,
     eval_source: str | None = None,
     eval_split: str | None = None,
     eval_ratio: float = 0.0,
@@ -196,18 +404,33 @@ def load_train_eval(
 ) -> tuple[datasets.Dataset, datasets.Dataset | None, list[LoadReport]]:
     """Train and eval pairs: a given eval file or split when named, else a seeded split by ``eval_ratio``.
 
-    ``num_samples`` takes a seeded subset of the training source first (before a ratio split, so eval comes out of
-    the same subset); a given eval set is used whole. ``load_kwargs`` go to :func:`load_pairs`.
+    ``source`` is one source (``split``, ``config_name``, ``data_dir``, ``revision`` apply to it, and to its eval
+    split) or a mixture (a list of :class:`Part`, see :func:`load_mixture`). ``num_samples`` takes a seeded subset
+    of the training pairs first (before a ratio split, so eval comes out of the same subset); a given eval set is
+    used whole. ``load_kwargs`` go to :func:`load_pairs`.
     """
-    pairs, report = load_pairs(source, split=split, **load_kwargs)
+    hub = {"config_name": config_name, "data_dir": data_dir, "revision": revision}
+    if isinstance(source, list):
+        if any(value is not None for value in hub.values()):
+            raise DataError("config_name, data_dir and revision go in each entry of data.sources")
+        if eval_split is not None and eval_source is None:
+            raise DataError("a mixture (data.sources) has no eval split: give data.eval_source or data.eval_ratio")
+        pairs, reports = load_mixture(source, seed=seed, **load_kwargs)
+    else:
+        pairs, report = load_pairs(source, split=split, **hub, **load_kwargs)
+        reports = [report]
     pairs = take_subset(pairs, num_samples, seed)
     if eval_source is None and eval_split is None:
         train, eval_ = split_pairs(pairs, eval_ratio=eval_ratio, seed=seed)
-        return train, eval_, [report]
+        return train, eval_, reports
     if eval_ratio:
         raise DataError("give either eval_ratio or an eval file/split, not both")
     if eval_source is None and os.path.isfile(source):
         raise DataError(f"{source} is a file, which has no splits: an eval split names a split of a dataset folder or "
                         "Hub dataset; for a file give a separate eval file (data.eval_source) or data.eval_ratio")
-    eval_, eval_report = load_pairs(eval_source or source, split=eval_split or split, **load_kwargs)
-    return pairs, eval_, [report, eval_report]
+    if eval_source is None:
+        eval_, eval_report = load_pairs(source, split=eval_split, **hub, **load_kwargs)
+    else:
+        eval_split = eval_split or ("train" if isinstance(source, list) else split)
+        eval_, eval_report = load_pairs(eval_source, split=eval_split, **load_kwargs)
+    return pairs, eval_, [*reports, eval_report]

@@ -151,7 +151,12 @@ def tokenize_pairs(
     pairs: datasets.Dataset, tokenizer: Any, truncation: Truncation, *, num_proc: int | None = None
 ) -> tuple[datasets.Dataset, int]:
     """Tokenize every pair; returns the tokenized dataset (with ``row`` kept) and how many pairs were dropped because
-    their prompt left no room for a response."""
+    their prompt left no room for a response.
+
+    A ``datasets.map`` over Arrow (token ids stored as int32): with pairs read from files (``load_pairs``) the
+    result is cached by the datasets fingerprint, which covers the tokenizer and the truncation, so the same pairs
+    and settings are tokenized once and a change of either tokenizes again. ``num_proc``: processes (None: one).
+    """
     check_tokenizer(tokenizer)
     add_bos = uses_bos(tokenizer)
 
@@ -168,9 +173,16 @@ def tokenize_pairs(
         return {"keep": True, **ids}
 
     drop = [c for c in pairs.column_names if c != "row"]
-    encoded = pairs.map(encode, remove_columns=drop, num_proc=num_proc, desc="tokenizing pairs")
-    kept = encoded.filter(lambda keep: keep, input_columns="keep").remove_columns("keep")
-    dropped = len(encoded) - len(kept)
+    features = datasets.Features({
+        **({"row": pairs.features["row"]} if "row" in pairs.column_names else {}),
+        "keep": datasets.Value("bool"),
+        **{column: datasets.List(datasets.Value("int32")) for column in PAIR_COLUMNS},
+    })
+    encoded = pairs.map(encode, remove_columns=drop, features=features, num_proc=num_proc, desc="tokenizing pairs")
+    dropped = len(encoded) - sum(encoded.with_format("arrow")["keep"].to_pylist())
+    if dropped:
+        encoded = encoded.filter(lambda keep: keep, input_columns="keep", batched=True, desc="dropping long prompts")
+    kept = encoded.remove_columns("keep")
     if dropped:
         logger.warning(
             "dropped %d of %d pairs whose prompt leaves no room for a response (max_length=%d, max_prompt_length=%s)",

@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from dpo_dist.config import SENTIMENT, STATS, Config
+from dpo_dist.config import STATS, Config
 from dpo_dist.data.collate import PreferenceCollator
 from dpo_dist.data.tokenization import Truncation, tokenize_pairs
 from dpo_dist.eval.generation import Sampling, response_logps, sample_responses
@@ -149,8 +149,8 @@ def evaluate_run(path: str, opts: EvalOptions) -> dict[str, Any]:
         "preference": preference_metrics(model, reference, tokenized, cfg, tokenizer, opts.batch_size, device),
     }
 
-    judge_spec = opts.judge if opts.judge != "auto" else "sentiment" if cfg.data.source == SENTIMENT else "none"
-    max_new = opts.max_new_tokens or (cfg.data.sentiment.max_new_tokens if cfg.data.source == SENTIMENT else 128)
+    judge_spec = opts.judge if opts.judge != "auto" else "sentiment" if cfg.data.uses_sentiment() else "none"
+    max_new = opts.max_new_tokens or (cfg.data.sentiment.max_new_tokens if cfg.data.uses_sentiment() else 128)
     sampling = dataclasses.replace(opts.sampling, max_new_tokens=max_new, seed=opts.seed)
     prompt_ids, prompt_texts = unique_prompts(tokenized, raw_prompts, opts.num_prompts)
     n = opts.samples_per_prompt

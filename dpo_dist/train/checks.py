@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from dpo_dist.config import SENTIMENT, Config, ConfigError
+from dpo_dist.config import Config, ConfigError
 from dpo_dist.model.builtin import cache_root
 from dpo_dist.model.load import resolve_source
 from dpo_dist.train import reference_cache
@@ -42,7 +42,7 @@ def check_output_locations(cfg: Config, accelerator: Any) -> None:
     if accelerator.is_main_process and cfg.reference.mode == "precomputed":
         places.append(("reference.cache_dir", cfg.reference.cache_dir or reference_cache.default_cache_dir(),
                        "reference.cache_dir"))
-    if accelerator.is_main_process and cfg.data.source == SENTIMENT:
+    if accelerator.is_main_process and cfg.data.uses_sentiment():
         places.append(("the built-in data set's cache", os.path.join(cache_root(), "data"), "XDG_CACHE_HOME"))
     problem = None
     for what, folder, setting in places:

@@ -10,7 +10,7 @@ import torch
 
 from dpo_dist.config import SENTIMENT, Config
 from dpo_dist.data.collate import PreferenceCollator
-from dpo_dist.data.load import DataError, load_train_eval
+from dpo_dist.data.load import DataError, Part, auto_num_proc, check_rank_counts, load_train_eval
 from dpo_dist.data.sentiment import ensure_sentiment_data
 from dpo_dist.data.tokenization import Truncation, tokenize_pairs
 from dpo_dist.model.builtin import cache_root
@@ -21,7 +21,7 @@ from dpo_dist.train.reference import precompute_reference, reference_fingerprint
 def model_identity(cfg: Config, source: str, dtype: str, accelerator: Any) -> dict | None:
     """The digest of the model's weight files, on the main process and only where something is keyed by it (the
     reference cache, the built-in sentiment set): hashing a large checkpoint on every rank would read it N times."""
-    if not accelerator.is_main_process or (cfg.reference.mode != "precomputed" and cfg.data.source != SENTIMENT):
+    if not accelerator.is_main_process or (cfg.reference.mode != "precomputed" and not cfg.data.uses_sentiment()):
         return None
     return cache.model_identity(source, revision=cfg.model.revision, dtype=dtype, quantization=cfg.model.quantization)
 
@@ -56,12 +56,23 @@ def sampling_model(cfg: Config, accelerator: Any, model: Any) -> Iterator[Callab
             set_hf_deepspeed_config(plugin.dschf)
 
 
+def data_source(cfg: Config) -> str | list[Part]:
+    """``data.source``, or the mixture ``data.sources`` as :class:`Part` entries."""
+    if not cfg.data.sources:
+        return cfg.data.source
+    return [Part(e.source, split=e.split, config_name=e.config_name, data_dir=e.data_dir, revision=e.revision,
+                 num_samples=e.num_samples, fraction=e.fraction, data_format=e.format) for e in cfg.data.sources]
+
+
 def load_pairs_for(cfg: Config, accelerator: Any, model: Any, tokenizer: Any, identity: dict):
-    """Train and eval pairs as in ``cfg.data``; the built-in sentiment set is built first (main process) if needed."""
+    """Train and eval pairs as in ``cfg.data``; the built-in sentiment set is built first (main process) if needed.
+
+    Each node's local main process loads first (it writes the datasets cache), then the node's other processes read
+    that cache, so nodes without a shared disk each prepare their own copy."""
     d = cfg.data
-    source, eval_source = d.source, d.eval_source
+    source, eval_source = data_source(cfg), d.eval_source
     eval_ratio = 0.0 if d.eval_source is not None or d.eval_split is not None else d.eval_ratio  # a given eval set wins
-    if d.source == SENTIMENT:
+    if source == SENTIMENT:
         paths = None
         if accelerator.is_main_process:
             with sampling_model(cfg, accelerator, model) as sampler:
@@ -71,11 +82,13 @@ def load_pairs_for(cfg: Config, accelerator: Any, model: Any, tokenizer: Any, id
 
         source, eval_source = broadcast_object_list([paths])[0]
         eval_ratio = 0.0
-    train, eval_, reports = load_train_eval(
-        source, split=d.split, eval_source=eval_source, eval_split=d.eval_split, eval_ratio=eval_ratio,
-        num_samples=d.num_samples, seed=cfg.train.seed, data_format=d.data_format, on_bad_row=d.on_bad_row,
-        hh_as_messages=d.hh_as_messages, tokenizer=tokenizer,
-    )
+    hub = {"config_name": d.config_name, "data_dir": d.data_dir, "revision": d.revision} if isinstance(source, str) else {}
+    with accelerator.local_main_process_first():
+        train, eval_, reports = load_train_eval(
+            source, split=d.split, **hub, eval_source=eval_source, eval_split=d.eval_split, eval_ratio=eval_ratio,
+            num_samples=d.num_samples, seed=cfg.train.seed, data_format=d.data_format, on_bad_row=d.on_bad_row,
+            hh_as_messages=d.hh_as_messages, tokenizer=tokenizer, num_proc=d.num_proc,
+        )
     for report in reports:
         accelerator.print(report.summary())
     return train, eval_
@@ -84,19 +97,32 @@ def load_pairs_for(cfg: Config, accelerator: Any, model: Any, tokenizer: Any, id
 def tokenized_pairs(
     cfg: Config, accelerator: Any, model: Any, tokenizer: Any, identity: dict
 ) -> tuple[datasets.Dataset, datasets.Dataset | None, dict]:
-    """Tokenized train and eval pairs, and counts of what was kept and dropped."""
+    """Tokenized train and eval pairs, and counts of what was kept and dropped; every process must hold the same
+    counts (a DataError naming each rank's otherwise)."""
     truncation = Truncation(cfg.data.max_length, cfg.data.max_prompt_length)
     train, eval_ = load_pairs_for(cfg, accelerator, model, tokenizer, identity)
-    with accelerator.main_process_first():
-        train_tok, train_dropped = tokenize_pairs(train, tokenizer, truncation)
-        eval_tok, eval_dropped = tokenize_pairs(eval_, tokenizer, truncation) if eval_ is not None else (None, 0)
+    with accelerator.local_main_process_first():  # cached per node, like loading
+        train_tok, train_dropped = tokenize_pairs(train, tokenizer, truncation,
+                                                  num_proc=auto_num_proc(cfg.data.num_proc, len(train)))
+        eval_tok, eval_dropped = (tokenize_pairs(eval_, tokenizer, truncation,
+                                                 num_proc=auto_num_proc(cfg.data.num_proc, len(eval_)))
+                                  if eval_ is not None else (None, 0))
     for name, tokenized in (("training", train_tok), ("eval", eval_tok)):
         if tokenized is not None and len(tokenized) == 0:
             raise DataError(f"every {name} pair was dropped: its prompt leaves no room for a response within "
                             f"data.max_length={cfg.data.max_length}; raise it or set data.max_prompt_length")
     counts = {"train_pairs": len(train_tok), "eval_pairs": len(eval_tok) if eval_tok is not None else 0,
               "dropped_too_long": train_dropped + eval_dropped}
+    agree_on_counts(counts)
     return train_tok, eval_tok, counts
+
+
+def agree_on_counts(counts: dict) -> None:
+    """Every process's pair counts gathered and compared (:func:`dpo_dist.data.load.check_rank_counts`); on one
+    process a no-op."""
+    from accelerate.utils import gather_object
+
+    check_rank_counts(gather_object([counts]))
 
 
 def attach_reference(
