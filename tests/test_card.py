@@ -171,6 +171,12 @@ def test_license_and_base_model_come_from_the_base(tmp_path, monkeypatch):
     assert hub_datasets(cfg) == ["Anthropic/hh-rlhf"]
     cfg.data.source, cfg.data.eval_source = "builtin:sentiment", "data/pairs.jsonl"
     assert hub_datasets(cfg) == []
+    from dpo_dist.config import load_config
+
+    mixture = load_config(None, ['data.sources=[{"source": "Anthropic/hh-rlhf", "data_dir": '
+                                 '"harmless-base"}, {"source": "trl-lib/ultrafeedback_binarized"}, '
+                                 f'{{"source": "{local}"}}]'])
+    assert hub_datasets(mixture) == ["Anthropic/hh-rlhf", "trl-lib/ultrafeedback_binarized"]
 
 
 def test_a_merged_model_card_says_merged_and_loads_without_peft(lora_run, tmp_path):

@@ -154,7 +154,7 @@ def hub_datasets(cfg: Config | None) -> list[str]:
     from huggingface_hub.utils import HFValidationError, validate_repo_id
 
     found = []
-    for source in (cfg.data.source, cfg.data.eval_source):
+    for source in (cfg.data.source, *(part.source for part in cfg.data.sources), cfg.data.eval_source):
         if not source or source.startswith("builtin:") or os.path.exists(source) or source.endswith(DATA_FILE_ENDINGS):
             continue
         try:
