@@ -43,6 +43,26 @@ def test_win_rate_module_counts_ties_half_and_bootstraps_prompts():
         metric.compute(outcomes=[0.3], groups=[0])
 
 
+def test_wilson_interval_against_hand_computed_values():
+    """Wilson: (p + z²/2n ± z·sqrt(p(1-p)/n + z²/4n²)) / (1 + z²/n), z = 1.95996 at 95%. 44 of 58 by hand:
+    p = 0.758621, z²/n = 0.066232, centre = (0.758621 + 0.033116) / 1.066232 = 0.742556, half-width
+    = 1.959964 * sqrt(0.0031572 + 0.00028548) / 1.066232 = 0.107857: 0.634699-0.850413."""
+    from dpo_dist.eval.against_base import wilson_interval
+
+    assert wilson_interval(44, 58) == pytest.approx((0.634699, 0.850413), abs=2e-6)
+    # 0 of n and n of n: one end at the bound, the other at z²/(n+z²) from it (10 pairs: 0.27753).
+    z2 = 1.959963984540054 ** 2
+    assert wilson_interval(0, 10) == pytest.approx((0.0, z2 / (10 + z2)), abs=1e-12)
+    assert wilson_interval(10, 10) == pytest.approx((10 / (10 + z2), 1.0), abs=1e-12)
+    assert wilson_interval(0, 10)[1] == pytest.approx(0.27753, abs=1e-5)
+    # Half of 100 at 99%: z = 2.575829, centre 0.5, half-width z * sqrt(0.0025 + z²/40000) / (1 + z²/100) = 0.124720.
+    assert wilson_interval(50, 100, confidence=0.99) == pytest.approx((0.375280, 0.624720), abs=2e-6)
+    with pytest.raises(ValueError, match="0 <= successes <= n"):
+        wilson_interval(3, 2)
+    with pytest.raises(ValueError, match="n > 0"):
+        wilson_interval(0, 0)
+
+
 # --- sampling and the KL estimate ------------------------------------------------------------------------------
 
 def test_kl_estimate_from_samples_matches_the_exact_kl():
@@ -214,7 +234,17 @@ def test_evaluate_reproduces_the_trainers_eval_and_writes_the_report(trained_run
     assert not results["kl"]["from_separate_samples"]
     for name in ("results.md", "reward_vs_kl.png"):
         assert os.path.getsize(out / "eval" / name) > 0
-    assert "| win rate | 95% interval |" in done.stdout
+    from dpo_dist.eval.against_base import wilson_interval
+
+    # The intervals are computed by the code and printed as computed.
+    assert p["correct"] == round(p["reward_accuracy"] * 16)
+    low, high = wilson_interval(p["correct"], 16)
+    assert p["reward_accuracy_wilson"] == pytest.approx([low, high], abs=1e-12) and low <= p["reward_accuracy"] <= high
+    assert f"| {p['reward_accuracy']:.3f} ({p['correct']} of 16) | {low:.3f}–{high:.3f} |" in done.stdout
+    w = results["win_rate"]
+    w_low, w_high = wilson_interval(w["wins"] + w["ties"] / 2, w["comparisons"])
+    assert w["wilson"] == pytest.approx([w_low, w_high], abs=1e-12)
+    assert f"| {w['win_rate']:.3f} | {w['ci_low']:.3f}–{w['ci_high']:.3f} | {w_low:.3f}–{w_high:.3f} |" in done.stdout
 
 
 def test_evaluate_with_an_llm_judge(trained_run, tiny_model_dir, tmp_path):

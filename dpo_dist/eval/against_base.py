@@ -65,6 +65,20 @@ def mean_and_stderr(values: list[float], groups: list[int]) -> tuple[float, floa
     return mean, math.sqrt(variance / len(means))
 
 
+def wilson_interval(successes: float, n: int, confidence: float = 0.95) -> tuple[float, float]:
+    """The Wilson score interval of a proportion ``successes / n`` (``successes`` may be fractional: a tie counts
+    half). Unlike ``p +- z * stderr`` it stays within [0, 1] and is not empty at 0 of n or n of n."""
+    if n <= 0 or not 0 <= successes <= n:
+        raise ValueError(f"a proportion needs 0 <= successes <= n and n > 0, got {successes} of {n}")
+    from statistics import NormalDist
+
+    z = NormalDist().inv_cdf(0.5 + confidence / 2)
+    p = successes / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z / (1 + z * z / n) * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
 def kl_estimate(policy_logps: torch.Tensor, ref_logps: torch.Tensor, groups: list[int]) -> dict[str, float]:
     """Monte Carlo ``KL(pi || pi_ref)`` per response from responses sampled from ``pi``: the mean log-ratio.
 
@@ -109,7 +123,9 @@ def preference_metrics(model: Any, reference: Any, tokenized: Any, cfg: Config, 
     record = reduce_stats(stats)
     correct = stats[:, STATS.index("rewards/accuracies")].long().tolist()
     accuracy = load_metric("accuracy").compute(predictions=correct, references=[1] * len(correct))["accuracy"]
+    low, high = wilson_interval(sum(correct), len(correct))
     return {"pairs": len(tokenized), "loss": record["loss"], "reward_accuracy": accuracy,
+            "correct": sum(correct), "reward_accuracy_wilson": [low, high],
             "margin": record["rewards/margins"], "rewards/chosen": record["rewards/chosen"],
             "rewards/rejected": record["rewards/rejected"]}
 
@@ -188,7 +204,8 @@ def evaluate_run(path: str, opts: EvalOptions) -> dict[str, Any]:
         judge = build_judge(judge_spec, device, seed=opts.seed, instruction=opts.judge_instruction)
         outcomes, details = judge.compare(judge_prompts, texts["policy"], texts["base"])
         win = load_metric("win_rate").compute(outcomes=outcomes, groups=groups, seed=opts.seed)
-        results["win_rate"] = {"judge": judge.name, **win}
+        results["win_rate"] = {"judge": judge.name, **win,
+                               "wilson": list(wilson_interval(win["wins"] + win["ties"] / 2, win["comparisons"]))}
         for sample, outcome in zip(results["samples"], outcomes):
             sample["outcome"] = outcome
         if isinstance(judge, ScoreJudge):
