@@ -67,7 +67,7 @@ def test_batch_times_accumulation_is_one_global_batch(tiny_model_dir, data_file,
 @pytest.mark.multiprocess
 @pytest.mark.parametrize("lora", [False, True])
 def test_two_process_ddp_equals_one_process(tiny_model_dir, data_file, tmp_path, lora):
-    extra = {"lora.enabled": lora, "train.eval_every": 2, "train.max_steps": 5}
+    extra = {"lora.enabled": lora, "train.eval_every": 2, "train.max_steps": 5, "train.sample_prompts": 2}
     one = run(tiny_model_dir, data_file, tmp_path / "one", **extra)["records"]
     command = accelerate_launch("--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
                                 "--dynamo_backend", "no", os.path.join(ROOT, "launch", "train.py"))
@@ -77,6 +77,9 @@ def test_two_process_ddp_equals_one_process(tiny_model_dir, data_file, tmp_path,
     assert re.search(r"x 2 processes, \d+ CPU threads each", result.stdout), result.stdout[-2000:]
     two = read_metrics(str(tmp_path / "two" / "metrics.jsonl"))
     assert_same_trajectory(one, two, atol=1e-5)
+    # Both processes generate the samples (steps 2, 4, 5), the main one writes them: the one-process completions.
+    samples = [read_metrics(str(tmp_path / name / "samples.jsonl")) for name in ("one", "two")]
+    assert [r["step"] for r in samples[1]] == [2, 2, 4, 4, 5, 5] and samples[1] == samples[0]
 
 
 def test_resumed_run_continues_the_same_trajectory(tiny_model_dir, data_file, tmp_path, monkeypatch):
