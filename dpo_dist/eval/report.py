@@ -10,17 +10,22 @@ from typing import Any
 
 def markdown(results: dict[str, Any]) -> str:
     p, kl, g = results["preference"], results["kl"], results["generation"]
-    lines = [
-        f"# {results['model']} against its base {results['base']}", "",
-        f"## Held-out pairs ({p['pairs']})", "",
-        "| reward accuracy | 95% Wilson interval | mean margin | loss | reward chosen | reward rejected |",
-        "|---|---|---|---|---|---|",
-        f"| {p['reward_accuracy']:.3f} ({p['correct']} of {p['pairs']}) | {p['reward_accuracy_wilson'][0]:.3f}–"
-        f"{p['reward_accuracy_wilson'][1]:.3f} | {p['margin']:.4f} | {p['loss']:.4f} | {p['rewards/chosen']:.4f} | "
-        f"{p['rewards/rejected']:.4f} |", "",
+    lines = [f"# {results['model']} against its base {results['base']}", ""]
+    if p is None:
+        lines += ["No held-out pairs: the run has no eval split (pass --eval_source FILE for pair metrics).", ""]
+    else:
+        lines += [
+            f"## Held-out pairs ({p['pairs']})", "",
+            "| reward accuracy | 95% Wilson interval | mean margin | loss | reward chosen | reward rejected |",
+            "|---|---|---|---|---|---|",
+            f"| {p['reward_accuracy']:.3f} ({p['correct']} of {p['pairs']}) | {p['reward_accuracy_wilson'][0]:.3f}–"
+            f"{p['reward_accuracy_wilson'][1]:.3f} | {p['margin']:.4f} | {p['loss']:.4f} | {p['rewards/chosen']:.4f} | "
+            f"{p['rewards/rejected']:.4f} |", ""]
+    lines += [
         f"## Generations ({g['prompts']} held-out prompts x {g['samples_per_prompt']} samples, "
         f"temperature {g['sampling']['temperature']}, top-p {g['sampling']['top_p']}, top-k {g['sampling']['top_k']}, "
         f"at most {g['sampling']['max_new_tokens']} new tokens)", "",
+        f"Prompts: {g['prompt_source']}.", "",
         "| | trained | base |", "|---|---|---|",
         f"| mean response length (tokens) | {g['policy_mean_tokens']:.1f} | {g['base_mean_tokens']:.1f} |",
         f"| ended with EOS | {g['policy_ended_with_eos']:.2f} | {g['base_ended_with_eos']:.2f} |",
