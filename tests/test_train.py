@@ -304,6 +304,26 @@ def test_help_lists_every_option():
         assert key in result.stdout
 
 
+def test_the_launch_warning_is_the_one_the_readme_explains_and_the_shipped_config_silences_it(tmp_path):
+    """With no accelerate config on the machine (HF_HOME empty), plain `accelerate launch` lists the four launcher
+    values it defaulted (the README says what they mean); --config_file accelerate_configs/single_process.yaml sets
+    them and it prints nothing of the kind. --help: the cheap path through the same launcher."""
+    env = {**os.environ, "HF_HOME": str(tmp_path)}
+    script = os.path.join(ROOT, "launch", "train.py")
+    plain = subprocess.run(accelerate_launch(script, "--help"), capture_output=True, text=True, timeout=120, cwd=ROOT, env=env)
+    said = plain.stdout + plain.stderr
+    assert plain.returncode == 0 and "were not passed to `accelerate launch`" in said, said[-2000:]
+    for flag in ("--num_processes", "--num_machines", "--mixed_precision", "--dynamo_backend"):
+        assert f"`{flag}` was set to a value of" in said
+    readme = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
+    assert "values were not passed to `accelerate launch`" in readme
+    config = os.path.join(ROOT, "accelerate_configs", "single_process.yaml")
+    quiet = subprocess.run(accelerate_launch("--config_file", config, script, "--help"), capture_output=True,
+                           text=True, timeout=120, cwd=ROOT, env=env)
+    assert quiet.returncode == 0 and "usage: train.py" in quiet.stdout
+    assert "not passed" not in quiet.stdout + quiet.stderr
+
+
 def test_accelerate_launch_on_cpu_uses_every_core(tiny_model_dir, data_file, tmp_path):
     """Plain `accelerate launch` sets OMP_NUM_THREADS=1 without GPUs; the trainer gives one process all the CPUs."""
     command = accelerate_launch("--num_processes", "1", os.path.join(ROOT, "launch", "train.py"),
