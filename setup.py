@@ -29,6 +29,6 @@ setup(
     extras_require={
         "deepspeed": ["deepspeed>=0.15"],
         "qlora": ["bitsandbytes>=0.45"],
-        "dev": ["pytest>=8", "deepspeed>=0.15", "bitsandbytes>=0.45"],
+        "dev": ["pytest>=8", "deepspeed>=0.15", "bitsandbytes>=0.45", "tensorboard>=2.14", "wandb>=0.17"],
     },
 )

@@ -240,6 +240,13 @@ class TrainSettings:
     warmup_ratio: float = option(0.1, "fraction of steps spent warming up linearly from 0")
     max_grad_norm: float | None = option(1.0, "clip the global gradient norm to this (null: no clipping)")
     eval_every: int | None = option(20, "evaluate every N optimizer steps (and at the end); null: only at the end")
+    sample_prompts: int = option(0, "generate a completion of each of the first N held-out prompts (eval split, in "
+                                    "order) into samples.jsonl and the trackers at each sampling step; 0: off")
+    sample_every: int | None = option(None, "with sample_prompts: generate every N optimizer steps (and at the end); "
+                                            "null: at each eval")
+    sample_max_new_tokens: int = option(32, "with sample_prompts: tokens generated per completion at most")
+    sample_temperature: float = option(0.0, "with sample_prompts: 0 decodes greedily; above 0 samples at this "
+                                            "temperature (no top-k/top-p), seeded by train.seed and the step")
     save_every: int | None = option(None, "checkpoint every N optimizer steps; null: no intermediate checkpoints")
     keep_last: int = option(2, "intermediate checkpoints kept (the best is kept too)")
     metric_for_best: str = option("eval/loss", "eval metric that picks the best checkpoint and drives early stopping")
@@ -298,7 +305,8 @@ class Config:
             "train.collective_timeout_s": t.collective_timeout_s,
             "train.stop_grace_s": t.stop_grace_s,
         }
-        for key in ("train.max_grad_norm", "train.max_steps", "train.eval_every", "train.save_every",
+        positive["train.sample_max_new_tokens"] = t.sample_max_new_tokens
+        for key in ("train.max_grad_norm", "train.max_steps", "train.eval_every", "train.save_every", "train.sample_every",
                     "train.early_stopping_patience", "train.cpu_threads", "data.num_samples", "data.max_prompt_length",
                     "data.num_proc"):
             value = get_key(self, key)
@@ -307,7 +315,8 @@ class Config:
         for key, value in positive.items():
             if value <= 0:
                 raise ConfigError(f"{key} must be positive, got {value}")
-        for key in ("train.learning_rate", "train.weight_decay", "loss.rpo_alpha", "train.seed", "data.sentiment.seed"):
+        for key in ("train.learning_rate", "train.weight_decay", "loss.rpo_alpha", "train.seed", "data.sentiment.seed",
+                    "train.sample_prompts", "train.sample_temperature"):
             if get_key(self, key) < 0:
                 raise ConfigError(f"{key} must not be negative, got {get_key(self, key)}")
         if not 0.0 <= self.lora.dropout < 1.0:
@@ -344,6 +353,9 @@ class Config:
                     or (d.source == SENTIMENT and not d.sources))
         if t.early_stopping_patience is not None and not has_eval:
             raise ConfigError("train.early_stopping_patience needs eval data: set data.eval_ratio or an eval source")
+        if t.sample_prompts and not has_eval:
+            raise ConfigError("train.sample_prompts takes its prompts from the eval split: set data.eval_ratio or an "
+                              "eval source")
         if d.sources:
             check_sources(d.sources)
             if d.source != SENTIMENT:

@@ -40,6 +40,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--base", default=None, help="the base model (default: the run's model.name_or_path)")
     parser.add_argument("--eval_source", default=None, help="held-out pairs to use instead of the run's eval split")
+    parser.add_argument("--prompts", default=None,
+                        help="a JSON-lines file of {\"prompt\": ...} to sample from instead of the held-out prompts "
+                             "(for a run without an eval split: no pair metrics then)")
     parser.add_argument("--out", default=None, help="output folder (default: <run>/eval)")
     parser.add_argument("--no_plot", action="store_true")
     args = parser.parse_args(argv)
@@ -77,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
         judge=args.judge, samples_per_prompt=args.samples_per_prompt, num_prompts=args.num_prompts,
         sampling=Sampling(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k),
         max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, base=args.base,
-        eval_source=args.eval_source, judge_instruction=args.judge_instruction or JUDGE_INSTRUCTION, seed=args.seed,
+        eval_source=args.eval_source, prompts=args.prompts, judge_instruction=args.judge_instruction or JUDGE_INSTRUCTION, seed=args.seed,
     )
     try:
         results = evaluate_run(args.run, options)

@@ -69,17 +69,22 @@ def test_zero_trajectory_equals_one_process(stage, lora, one_process, tiny_model
 
 def test_zero3_resume_equals_uninterrupted(tiny_model_dir, data_file, tmp_path):
     """Run 6 steps with checkpoints at 3 and 6; then take the run back to checkpoint-3 and resume: steps 4-6 repeat
-    exactly (DeepSpeed's sharded optimizer and parameters, scheduler, RNG, data position all restored)."""
+    exactly (DeepSpeed's sharded optimizer and parameters, scheduler, RNG, data position all restored), and so do the
+    samples generated at the evals, on the ZeRO-3-partitioned model."""
     out = tmp_path / "out"
-    extra = {"train.max_steps": 6, "train.save_every": 3, "train.eval_every": 3, "train.warmup_ratio": 0.34}
+    extra = {"train.max_steps": 6, "train.save_every": 3, "train.eval_every": 3, "train.warmup_ratio": 0.34,
+             "train.sample_prompts": 2}
     launch_zero(3, tiny_model_dir, data_file, out, **extra)
     whole = read_jsonl(out / "metrics.jsonl")
+    samples = read_jsonl(out / "samples.jsonl")  # both ranks generate (each forward gathers the shards)
+    assert [r["step"] for r in samples] == [3, 3, 6, 6]
     assert os.path.isdir(out / "checkpoint-3" / "pytorch_model")  # DeepSpeed's format: a shard per rank
     shutil.rmtree(out / "checkpoint-6")
     shutil.rmtree(out / "model")
     result = launch_zero(3, tiny_model_dir, data_file, out, **extra)
     assert "resumed from" in result.stdout and "checkpoint-3 at step 3" in result.stdout
     assert_same_trajectory(whole, read_jsonl(out / "metrics.jsonl"), atol=1e-6)
+    assert read_jsonl(out / "samples.jsonl") == samples, "step 6's samples once, step 3's kept"
 
 
 @pytest.mark.parametrize("lora", [False, True], ids=["full-second-sharded-model", "lora-adapters-off"])

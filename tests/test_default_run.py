@@ -36,3 +36,26 @@ def test_default_recipe_runs_a_few_steps(tmp_path):
                  "model/tokenizer.json"):
         assert os.path.isfile(out / name), name
     assert "global batch 2 pairs = 2 per device x 1 accumulation x 1 processes, " in result.stdout
+
+
+def test_the_builtin_model_is_the_q4_1_gguf_the_readme_describes():
+    """The README says the built-in weights are a 4-bit quantization dequantized to fp32: read the GGUF's tensor
+    types (the gguf package reads the header, no weights are dequantized)."""
+    import collections
+
+    from gguf import GGUFReader
+
+    from dpo_dist.model.builtin import GGUF_FILE, gguf_path
+
+    assert GGUF_FILE.endswith(".Q4_1.gguf")
+    reader = GGUFReader(gguf_path())
+    counts, values = collections.Counter(), collections.Counter()
+    for tensor in reader.tensors:
+        counts[tensor.tensor_type.name] += 1
+        values[tensor.tensor_type.name] += int(tensor.n_elements)
+    assert counts == {"Q4_1": 210, "Q8_0": 1, "F32": 61}  # 30 blocks x 7 linear layers; the tied embedding; norms
+    assert values == {"Q4_1": 106_168_320, "Q8_0": 28_311_552, "F32": 35_136}
+    (q8,) = [t.name for t in reader.tensors if t.tensor_type.name == "Q8_0"]
+    assert q8 == "token_embd.weight"
+    file_type = reader.fields["general.file_type"]
+    assert int(file_type.parts[file_type.data[0]][0]) == 3  # LLAMA_FTYPE_MOSTLY_Q4_1

@@ -43,6 +43,26 @@ def test_win_rate_module_counts_ties_half_and_bootstraps_prompts():
         metric.compute(outcomes=[0.3], groups=[0])
 
 
+def test_wilson_interval_against_hand_computed_values():
+    """Wilson: (p + z²/2n ± z·sqrt(p(1-p)/n + z²/4n²)) / (1 + z²/n), z = 1.95996 at 95%. 44 of 58 by hand:
+    p = 0.758621, z²/n = 0.066232, centre = (0.758621 + 0.033116) / 1.066232 = 0.742556, half-width
+    = 1.959964 * sqrt(0.0031572 + 0.00028548) / 1.066232 = 0.107857: 0.634699-0.850413."""
+    from dpo_dist.eval.against_base import wilson_interval
+
+    assert wilson_interval(44, 58) == pytest.approx((0.634699, 0.850413), abs=2e-6)
+    # 0 of n and n of n: one end at the bound, the other at z²/(n+z²) from it (10 pairs: 0.27753).
+    z2 = 1.959963984540054 ** 2
+    assert wilson_interval(0, 10) == pytest.approx((0.0, z2 / (10 + z2)), abs=1e-12)
+    assert wilson_interval(10, 10) == pytest.approx((10 / (10 + z2), 1.0), abs=1e-12)
+    assert wilson_interval(0, 10)[1] == pytest.approx(0.27753, abs=1e-5)
+    # Half of 100 at 99%: z = 2.575829, centre 0.5, half-width z * sqrt(0.0025 + z²/40000) / (1 + z²/100) = 0.124720.
+    assert wilson_interval(50, 100, confidence=0.99) == pytest.approx((0.375280, 0.624720), abs=2e-6)
+    with pytest.raises(ValueError, match="0 <= successes <= n"):
+        wilson_interval(3, 2)
+    with pytest.raises(ValueError, match="n > 0"):
+        wilson_interval(0, 0)
+
+
 # --- sampling and the KL estimate ------------------------------------------------------------------------------
 
 def test_kl_estimate_from_samples_matches_the_exact_kl():
@@ -214,7 +234,17 @@ def test_evaluate_reproduces_the_trainers_eval_and_writes_the_report(trained_run
     assert not results["kl"]["from_separate_samples"]
     for name in ("results.md", "reward_vs_kl.png"):
         assert os.path.getsize(out / "eval" / name) > 0
-    assert "| win rate | 95% interval |" in done.stdout
+    from dpo_dist.eval.against_base import wilson_interval
+
+    # The intervals are computed by the code and printed as computed.
+    assert p["correct"] == round(p["reward_accuracy"] * 16)
+    low, high = wilson_interval(p["correct"], 16)
+    assert p["reward_accuracy_wilson"] == pytest.approx([low, high], abs=1e-12) and low <= p["reward_accuracy"] <= high
+    assert f"| {p['reward_accuracy']:.3f} ({p['correct']} of 16) | {low:.3f}–{high:.3f} |" in done.stdout
+    w = results["win_rate"]
+    w_low, w_high = wilson_interval(w["wins"] + w["ties"] / 2, w["comparisons"])
+    assert w["wilson"] == pytest.approx([w_low, w_high], abs=1e-12)
+    assert f"| {w['win_rate']:.3f} | {w['ci_low']:.3f}–{w['ci_high']:.3f} | {w_low:.3f}–{w_high:.3f} |" in done.stdout
 
 
 def test_evaluate_with_an_llm_judge(trained_run, tiny_model_dir, tmp_path):
@@ -266,3 +296,68 @@ def test_evaluate_a_fully_fine_tuned_model_against_its_base(tiny_model_dir, data
     # 8 responses: the estimate is noisy (it can fall below 0 for a model this close to its base), but it varies.
     assert results["kl"]["kl_stderr"] > 0 and "win_rate" not in results
     assert "No win rate: no judge was given" in done.stdout
+
+
+# --- which prompts evaluation samples from --------------------------------------------------------------------------
+
+def test_builtin_set_records_every_held_out_prompt_and_evaluation_samples_them_all(tmp_path, monkeypatch):
+    """The data build writes the held-out prompts beside the pairs, also those whose completions made no pair (here
+    none does: no two VADER scores are 1.99 apart), and evaluation samples from that list, tokenized as in training;
+    a set cached before the list existed gets it without sampling again."""
+    pytest.importorskip("vaderSentiment", reason="the built-in set is scored with VADER (a core dependency)")
+    from dpo_dist.config import load_config
+    from dpo_dist.data.sentiment import chosen_prompts, dataset_paths, ensure_sentiment_data, prompts_path
+    from dpo_dist.data.tokenization import Truncation, tokenize_prompt
+    from dpo_dist.eval.against_base import EvalOptions, generation_prompts
+    from dpo_dist.model.builtin import cache_root
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    cfg = load_config(None, ["data.sentiment.num_prompts=16", "data.sentiment.eval_prompts=4",
+                             "data.sentiment.completions_per_prompt=2", "data.sentiment.max_new_tokens=3",
+                             "data.sentiment.min_score_gap=1.99"])
+    tokenizer = make_tokenizer("nobos")
+    tokenizer.pad_token = tokenizer.eos_token  # as the trainer loads it
+    model, identity = make_llama(len(tokenizer), seed=0), {"model": "tiny"}
+    paths = ensure_sentiment_data(lambda: model, tokenizer, cfg.data.sentiment, identity, torch.device("cpu"),
+                                  cache_root())
+    assert paths == dataset_paths(cfg.data.sentiment, identity, cache_root())
+    assert open(paths[1]).read() == "", "no held-out prompt made a pair"
+    held_out = chosen_prompts(cfg.data.sentiment)[1]
+    assert len(held_out) == 4 and not set(held_out) & set(chosen_prompts(cfg.data.sentiment)[0])
+    assert [r["prompt"] for r in read_jsonl(prompts_path(paths))] == held_out
+
+    ids, texts, said = generation_prompts(cfg, EvalOptions(), None, {}, tokenizer, identity)
+    truncation = Truncation(cfg.data.max_length, cfg.data.max_prompt_length)
+    assert texts == held_out and ids == [tokenize_prompt(p, tokenizer, truncation) for p in held_out]
+    assert said.startswith("every held-out prompt of the built-in sentiment set") and prompts_path(paths) in said
+    assert ids[0] == tokenizer(held_out[0], add_special_tokens=False)["input_ids"]  # no BOS for this tokenizer
+    assert len(generation_prompts(cfg, EvalOptions(num_prompts=3), None, {}, tokenizer, identity)[0]) == 3
+
+    os.remove(prompts_path(paths))
+
+    def no_sampling():
+        raise AssertionError("the cached pairs are reused")
+
+    ensure_sentiment_data(no_sampling, tokenizer, cfg.data.sentiment, identity, torch.device("cpu"), cache_root())
+    assert [r["prompt"] for r in read_jsonl(prompts_path(paths))] == held_out
+
+
+def test_a_run_without_eval_split_is_evaluated_on_prompts_it_is_given(tiny_model_dir, data_file, tmp_path):
+    out = tmp_path / "run"
+    reset_accelerate_state()
+    run(tiny_model_dir, data_file, out, **{"data.eval_ratio": 0.0, "train.max_steps": 2})
+    reset_accelerate_state()
+    done = evaluate_cli(out, "--judge", "none", "--samples_per_prompt", 1, "--max_new_tokens", 4)
+    assert done.returncode == 1 and "no eval split" in done.stderr and "--prompts FILE" in done.stderr
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in ("the movie was", "bread flour water")))
+    done = evaluate_cli(out, "--judge", "none", "--samples_per_prompt", 2, "--max_new_tokens", 4, "--prompts", prompts,
+                        "--out", tmp_path / "eval")
+    assert done.returncode == 0, done.stderr
+    results = json.load(open(tmp_path / "eval" / "results.json"))
+    assert results["preference"] is None and results["generation"]["prompts"] == 2
+    assert [s["prompt"] for s in read_jsonl(tmp_path / "eval" / "samples.jsonl")] == ["the movie was"] * 2 + ["bread flour water"] * 2
+    assert f"Prompts: --prompts {prompts}." in done.stdout and "No held-out pairs: the run has no eval split" in done.stdout
+    prompts.write_text(json.dumps({"text": "x"}) + "\n")
+    done = evaluate_cli(out, "--prompts", prompts, "--out", tmp_path / "eval")
+    assert done.returncode == 1 and f"{prompts}: line 1: needs a non-empty \"prompt\"" in done.stderr

@@ -78,6 +78,11 @@ def test_a_stop_signal_checkpoints_the_step_and_stops(sig, tiny_model_dir, data_
     whole = run(tiny_model_dir, data_file, tmp_path / "whole", **settings)["records"]
     reset_accelerate_state()
     assert_same_trajectory(whole, resumed, atol=1e-6)
+    # The resumed run's summary spans the whole run, step 1 to 6, as the uninterrupted run's does.
+    summary = (out / "summary.txt").read_text()
+    assert f"loss: {whole[0]['loss']: .4f} (step 1) -> {whole[-1]['loss']: .4f} (step 6)" in summary
+    assert summary.startswith(f"steps: 6, pairs seen: {whole[-1]['examples_seen']}")
+    assert summary.count("(step 1) ->") == 5
 
 
 def test_a_checkpoint_that_does_not_fit_is_an_error_not_a_silent_restart(tiny_model_dir, data_file, tmp_path):

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 
-import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 from peft.tuners.lora.layer import Linear as LoraLinear
@@ -83,7 +82,6 @@ def test_disabled_adapter_gives_the_base_and_skips_the_fused_path(monkeypatch):
         off = fused(input_ids=ids).logits
     assert seen == []
     with torch.no_grad():
-        base = peft_model.get_base_model()
         with peft_model.disable_adapter():
             expected = peft_model(input_ids=ids).logits
         on = fused(input_ids=ids).logits

@@ -67,7 +67,7 @@ def test_batch_times_accumulation_is_one_global_batch(tiny_model_dir, data_file,
 @pytest.mark.multiprocess
 @pytest.mark.parametrize("lora", [False, True])
 def test_two_process_ddp_equals_one_process(tiny_model_dir, data_file, tmp_path, lora):
-    extra = {"lora.enabled": lora, "train.eval_every": 2, "train.max_steps": 5}
+    extra = {"lora.enabled": lora, "train.eval_every": 2, "train.max_steps": 5, "train.sample_prompts": 2}
     one = run(tiny_model_dir, data_file, tmp_path / "one", **extra)["records"]
     command = accelerate_launch("--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
                                 "--dynamo_backend", "no", os.path.join(ROOT, "launch", "train.py"))
@@ -77,6 +77,9 @@ def test_two_process_ddp_equals_one_process(tiny_model_dir, data_file, tmp_path,
     assert re.search(r"x 2 processes, \d+ CPU threads each", result.stdout), result.stdout[-2000:]
     two = read_metrics(str(tmp_path / "two" / "metrics.jsonl"))
     assert_same_trajectory(one, two, atol=1e-5)
+    # Both processes generate the samples (steps 2, 4, 5), the main one writes them: the one-process completions.
+    samples = [read_metrics(str(tmp_path / name / "samples.jsonl")) for name in ("one", "two")]
+    assert [r["step"] for r in samples[1]] == [2, 2, 4, 4, 5, 5] and samples[1] == samples[0]
 
 
 def test_resumed_run_continues_the_same_trajectory(tiny_model_dir, data_file, tmp_path, monkeypatch):
@@ -301,6 +304,26 @@ def test_help_lists_every_option():
     for line in lines:
         key = line.split()[0]
         assert key in result.stdout
+
+
+def test_the_launch_warning_is_the_one_the_readme_explains_and_the_shipped_config_silences_it(tmp_path):
+    """With no accelerate config on the machine (HF_HOME empty), plain `accelerate launch` lists the four launcher
+    values it defaulted (the README says what they mean); --config_file accelerate_configs/single_process.yaml sets
+    them and it prints nothing of the kind. --help: the cheap path through the same launcher."""
+    env = {**os.environ, "HF_HOME": str(tmp_path)}
+    script = os.path.join(ROOT, "launch", "train.py")
+    plain = subprocess.run(accelerate_launch(script, "--help"), capture_output=True, text=True, timeout=120, cwd=ROOT, env=env)
+    said = plain.stdout + plain.stderr
+    assert plain.returncode == 0 and "were not passed to `accelerate launch`" in said, said[-2000:]
+    for flag in ("--num_processes", "--num_machines", "--mixed_precision", "--dynamo_backend"):
+        assert f"`{flag}` was set to a value of" in said
+    readme = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
+    assert "values were not passed to `accelerate launch`" in readme
+    config = os.path.join(ROOT, "accelerate_configs", "single_process.yaml")
+    quiet = subprocess.run(accelerate_launch("--config_file", config, script, "--help"), capture_output=True,
+                           text=True, timeout=120, cwd=ROOT, env=env)
+    assert quiet.returncode == 0 and "usage: train.py" in quiet.stdout
+    assert "not passed" not in quiet.stdout + quiet.stderr
 
 
 def test_accelerate_launch_on_cpu_uses_every_core(tiny_model_dir, data_file, tmp_path):

@@ -76,6 +76,33 @@ def dataset_paths(settings: Any, model_identity: dict, root: str) -> tuple[str, 
     return f"{base}-train.jsonl", f"{base}-eval.jsonl"
 
 
+def prompts_path(paths: tuple[str, str]) -> str:
+    """Where the data build records the held-out prompts, beside the cached train and eval files."""
+    return paths[1].removesuffix("-eval.jsonl") + "-eval-prompts.jsonl"
+
+
+def chosen_prompts(settings: Any) -> tuple[list[str], list[str]]:
+    """The ``num_prompts`` prompts used, in a seeded order, split into training and held-out prompts (the last
+    ``eval_prompts``)."""
+    texts = prompts()
+    random.Random(settings.seed).shuffle(texts)
+    texts = texts[: settings.num_prompts]
+    cut = settings.num_prompts - settings.eval_prompts
+    return texts[:cut], texts[cut:]
+
+
+def write_held_out_prompts(settings: Any, path: str) -> list[str]:
+    """Every held-out prompt, ``{"prompt": ...}`` a line, whether or not its completions made a pair: what evaluation
+    samples from."""
+    held_out = chosen_prompts(settings)[1]
+    handle, tmp = tempfile.mkstemp(prefix=".sentiment-", dir=os.path.dirname(path))
+    with os.fdopen(handle, "w", encoding="utf-8") as out:
+        for text in held_out:
+            out.write(json.dumps({"prompt": text}) + "\n")
+    os.replace(tmp, path)
+    return held_out
+
+
 @torch.no_grad()
 def sample_completions(model: Any, tokenizer: Any, texts: list[str], settings: Any, device: torch.device) -> list[list[str]]:
     """``completions_per_prompt`` sampled continuations of each prompt (temperature 1, no top-k/top-p)."""
@@ -101,19 +128,17 @@ def sample_completions(model: Any, tokenizer: Any, texts: list[str], settings: A
 def build_pairs(model: Any, tokenizer: Any, settings: Any, device: torch.device) -> list[dict[str, Any]]:
     """Sample, score and pair; each row says its split (``train`` or ``eval``, by prompt)."""
     check_sentiment(settings)
-    chosen_prompts = prompts()
-    random.Random(settings.seed).shuffle(chosen_prompts)
-    chosen_prompts = chosen_prompts[: settings.num_prompts]
+    train_prompts, held_out = chosen_prompts(settings)
     was_training = model.training
     model.eval()
-    completions = sample_completions(model, tokenizer, chosen_prompts, settings, device)
+    completions = sample_completions(model, tokenizer, train_prompts + held_out, settings, device)
     model.train(was_training)
     rows = []
-    for index, (prompt, texts) in enumerate(zip(chosen_prompts, completions)):
+    for index, (prompt, texts) in enumerate(zip(train_prompts + held_out, completions)):
         texts = [t for t in texts if t.strip()]
         scores = vader_scores(texts)
         ranked = sorted(range(len(texts)), key=scores.__getitem__, reverse=True)
-        split = "eval" if index >= settings.num_prompts - settings.eval_prompts else "train"
+        split = "eval" if index >= len(train_prompts) else "train"
         # The i-th most positive against the i-th least positive, while they are distinct and far enough apart.
         for i in range(min(settings.pairs_per_prompt, len(ranked) // 2)):
             best, worst = ranked[i], ranked[-1 - i]
@@ -127,9 +152,12 @@ def build_pairs(model: Any, tokenizer: Any, settings: Any, device: torch.device)
 def ensure_sentiment_data(sampler: Callable[[], Any], tokenizer: Any, settings: Any, model_identity: dict,
                           device: torch.device, root: str) -> tuple[str, str]:
     """The cached train and eval JSON-lines files, built first if absent, sampling from the model ``sampler()``
-    returns (called only then). Call on the main process only."""
+    returns (called only then), and the held-out prompts beside them (:func:`prompts_path`). Call on the main process
+    only."""
     paths = dataset_paths(settings, model_identity, root)
     if all(os.path.isfile(p) for p in paths):
+        if not os.path.isfile(prompts_path(paths)):  # a set cached before the prompts were recorded
+            write_held_out_prompts(settings, prompts_path(paths))
         return paths
     logger.info("building the sentiment preference set (%d prompts x %d completions) into %s",
                 settings.num_prompts, settings.completions_per_prompt, os.path.dirname(paths[0]))
@@ -143,6 +171,7 @@ def ensure_sentiment_data(sampler: Callable[[], Any], tokenizer: Any, settings: 
             for row in by_split[split]:
                 out.write(json.dumps(row) + "\n")
         os.replace(tmp, path)
+    write_held_out_prompts(settings, prompts_path(paths))
     logger.info("sentiment set: %d train pairs, %d eval pairs (prompts whose completions differ by less than %.2f "
                 "in VADER score make no pair)", len(by_split["train"]), len(by_split["eval"]), settings.min_score_gap)
     return paths

@@ -99,6 +99,15 @@ def tokenize_pair(
     }
 
 
+def tokenize_prompt(prompt: str | list[dict[str, str]], tokenizer: Any, truncation: Truncation) -> list[int] | None:
+    """A prompt alone (text or messages), as :func:`tokenize_pair` tokenizes it in a pair: BOS, chat template,
+    ``max_prompt_length``; None when it leaves no room for a response."""
+    reply: Any = [{"role": "assistant", "content": "."}] if isinstance(prompt, list) else " ."
+    pair = tokenize_pair({"prompt": prompt, "chosen": reply, "rejected": reply}, tokenizer, truncation,
+                         add_bos=uses_bos(tokenizer))
+    return None if pair is None else pair["prompt_input_ids"]
+
+
 def _encode(tokenizer: Any, text: str) -> list[int]:
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 

@@ -17,6 +17,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
 from dataclasses import dataclass, field
@@ -26,7 +27,7 @@ import torch
 
 from dpo_dist.config import STATS, Config
 from dpo_dist.data.collate import PreferenceCollator
-from dpo_dist.data.tokenization import Truncation, tokenize_pairs
+from dpo_dist.data.tokenization import Truncation, tokenize_pairs, tokenize_prompt
 from dpo_dist.eval.generation import Sampling, response_logps, sample_responses
 from dpo_dist.eval.judges import JUDGE_INSTRUCTION, ScoreJudge, build_judge
 from dpo_dist.eval.metrics import load_metric
@@ -46,6 +47,7 @@ class EvalOptions:
     batch_size: int = 16
     base: str | None = None
     eval_source: str | None = None
+    prompts: str | None = None  # a JSON-lines file of {"prompt": ...} to generate from instead of the held-out prompts
     judge_instruction: str = JUDGE_INSTRUCTION
     seed: int = 0
 
@@ -65,6 +67,20 @@ def mean_and_stderr(values: list[float], groups: list[int]) -> tuple[float, floa
     return mean, math.sqrt(variance / len(means))
 
 
+def wilson_interval(successes: float, n: int, confidence: float = 0.95) -> tuple[float, float]:
+    """The Wilson score interval of a proportion ``successes / n`` (``successes`` may be fractional: a tie counts
+    half). Unlike ``p +- z * stderr`` it stays within [0, 1] and is not empty at 0 of n or n of n."""
+    if n <= 0 or not 0 <= successes <= n:
+        raise ValueError(f"a proportion needs 0 <= successes <= n and n > 0, got {successes} of {n}")
+    from statistics import NormalDist
+
+    z = NormalDist().inv_cdf(0.5 + confidence / 2)
+    p = successes / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z / (1 + z * z / n) * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
 def kl_estimate(policy_logps: torch.Tensor, ref_logps: torch.Tensor, groups: list[int]) -> dict[str, float]:
     """Monte Carlo ``KL(pi || pi_ref)`` per response from responses sampled from ``pi``: the mean log-ratio.
 
@@ -74,8 +90,10 @@ def kl_estimate(policy_logps: torch.Tensor, ref_logps: torch.Tensor, groups: lis
     return {"kl": kl, "kl_stderr": stderr}
 
 
-def held_out_pairs(cfg: Config, model: Any, tokenizer: Any, device: torch.device) -> tuple[Any, dict[int, Any]]:
-    """The run's eval pairs, tokenized as in training, and each one's raw prompt by row."""
+def held_out_pairs(cfg: Config, model: Any, tokenizer: Any, device: torch.device,
+                   required: bool = True) -> tuple[Any, dict[int, Any], dict | None]:
+    """The run's eval pairs, tokenized as in training, each one's raw prompt by row, and the model identity the
+    built-in set is keyed by. No eval split: an error when ``required``, else ``(None, {}, identity)``."""
     from accelerate import Accelerator
 
     accelerator = Accelerator(cpu=device.type == "cpu")
@@ -84,11 +102,64 @@ def held_out_pairs(cfg: Config, model: Any, tokenizer: Any, device: torch.device
     with as_reference(model) as base:  # the sentiment set, if not cached, is sampled from the base
         _, eval_pairs = load_pairs_for(cfg, accelerator, base, tokenizer, identity)
     if eval_pairs is None or len(eval_pairs) == 0:
+        if not required:
+            return None, {}, identity
         raise ValueError("the run has no eval split (data.eval_ratio=0 and no data.eval_source): pass --eval_source "
-                         "FILE with held-out pairs")
+                         "FILE with held-out pairs, or --prompts FILE with held-out prompts (no pair metrics then)")
     tokenized, _ = tokenize_pairs(eval_pairs, tokenizer, Truncation(cfg.data.max_length, cfg.data.max_prompt_length))
     prompts = {row: prompt for row, prompt in zip(eval_pairs["row"], eval_pairs["prompt"])}
-    return tokenized, prompts
+    return tokenized, prompts, identity
+
+
+def read_prompts(path: str) -> list[Any]:
+    """``{"prompt": text or messages}`` a line; a DataError naming the file and line otherwise."""
+    from dpo_dist.data.load import DataError
+
+    if not os.path.isfile(path):
+        raise DataError(f"{path}: no such prompts file")
+    out = []
+    with open(path, encoding="utf-8") as handle:
+        for number, line in enumerate(handle, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise DataError(f"{path}: line {number}: not JSON ({error})") from None
+            if not isinstance(row, dict) or not isinstance(row.get("prompt"), (str, list)) or not row["prompt"]:
+                raise DataError(f"{path}: line {number}: needs a non-empty \"prompt\" (text or a list of messages)")
+            out.append(row["prompt"])
+    if not out:
+        raise DataError(f"{path}: no prompts")
+    return out
+
+
+def generation_prompts(cfg: Config, opts: "EvalOptions", tokenized: Any, raw: dict[int, Any], tokenizer: Any,
+                       identity: dict | None) -> tuple[list[list[int]], list[str], str]:
+    """The prompts sampled from (token ids as in training, and judge text) and a line saying where they came from:
+    ``--prompts``; for the built-in set every held-out prompt its data build recorded (also those whose
+    completions made no pair); else each prompt of the eval pairs once."""
+    if opts.prompts is None and not cfg.data.uses_sentiment():
+        ids, texts = unique_prompts(tokenized, raw, opts.num_prompts)
+        return ids, texts, f"each prompt of the run's {len(tokenized)} eval pairs once"
+    if opts.prompts is not None:
+        path, said = opts.prompts, f"--prompts {opts.prompts}"
+    else:
+        from dpo_dist.data.sentiment import dataset_paths, prompts_path
+        from dpo_dist.model.builtin import cache_root
+
+        path = prompts_path(dataset_paths(cfg.data.sentiment, identity, cache_root()))
+        said = f"every held-out prompt of the built-in sentiment set, as its data build recorded them ({path})"
+    truncation = Truncation(cfg.data.max_length, cfg.data.max_prompt_length)
+    ids, texts = [], []
+    for prompt in read_prompts(path)[: opts.num_prompts]:
+        tokens = tokenize_prompt(prompt, tokenizer, truncation)
+        if tokens is None:
+            raise ValueError(f"{path}: a prompt leaves no room for a response within data.max_length="
+                             f"{cfg.data.max_length}: {prompt_text(prompt)[:80]!r}")
+        ids.append(tokens)
+        texts.append(prompt_text(prompt))
+    return ids, texts, said
 
 
 @torch.no_grad()
@@ -109,7 +180,9 @@ def preference_metrics(model: Any, reference: Any, tokenized: Any, cfg: Config, 
     record = reduce_stats(stats)
     correct = stats[:, STATS.index("rewards/accuracies")].long().tolist()
     accuracy = load_metric("accuracy").compute(predictions=correct, references=[1] * len(correct))["accuracy"]
+    low, high = wilson_interval(sum(correct), len(correct))
     return {"pairs": len(tokenized), "loss": record["loss"], "reward_accuracy": accuracy,
+            "correct": sum(correct), "reward_accuracy_wilson": [low, high],
             "margin": record["rewards/margins"], "rewards/chosen": record["rewards/chosen"],
             "rewards/rejected": record["rewards/rejected"]}
 
@@ -143,16 +216,17 @@ def evaluate_run(path: str, opts: EvalOptions) -> dict[str, Any]:
     trained = load_trained(path, device=device, base=opts.base, cfg=cfg)
     model, tokenizer = trained.model, trained.tokenizer
     reference = model if trained.is_adapter else load_base_model(trained, device)
-    tokenized, raw_prompts = held_out_pairs(cfg, reference, tokenizer, device)
+    tokenized, raw_prompts, identity = held_out_pairs(cfg, reference, tokenizer, device, required=opts.prompts is None)
     results: dict[str, Any] = {
         "model": trained.folder, "base": trained.base_source, "adapter": trained.is_adapter,
-        "preference": preference_metrics(model, reference, tokenized, cfg, tokenizer, opts.batch_size, device),
+        "preference": None if tokenized is None else
+        preference_metrics(model, reference, tokenized, cfg, tokenizer, opts.batch_size, device),
     }
 
     judge_spec = opts.judge if opts.judge != "auto" else "sentiment" if cfg.data.uses_sentiment() else "none"
     max_new = opts.max_new_tokens or (cfg.data.sentiment.max_new_tokens if cfg.data.uses_sentiment() else 128)
     sampling = dataclasses.replace(opts.sampling, max_new_tokens=max_new, seed=opts.seed)
-    prompt_ids, prompt_texts = unique_prompts(tokenized, raw_prompts, opts.num_prompts)
+    prompt_ids, prompt_texts, source = generation_prompts(cfg, opts, tokenized, raw_prompts, tokenizer, identity)
     n = opts.samples_per_prompt
     generate = dict(n=n, batch_size=max(1, opts.batch_size // n), device=device)
     policy_samples = sample_responses(model, tokenizer, prompt_ids, sampling=sampling, **generate)
@@ -176,7 +250,7 @@ def evaluate_run(path: str, opts: EvalOptions) -> dict[str, Any]:
     eos = tokenizer.eos_token_id
     sides = {"policy": policy_flat, "base": base_flat}
     results["generation"] = {
-        "prompts": len(prompt_ids), "samples_per_prompt": n, "sampling": dataclasses.asdict(sampling),
+        "prompts": len(prompt_ids), "prompt_source": source, "samples_per_prompt": n, "sampling": dataclasses.asdict(sampling),
         **{f"{side}_mean_tokens": sum(len(r) - (r[-1:] == [eos]) for r in rs) / len(rs) for side, rs in sides.items()},
         **{f"{side}_ended_with_eos": sum(r[-1:] == [eos] for r in rs) / len(rs) for side, rs in sides.items()},
     }
@@ -188,7 +262,8 @@ def evaluate_run(path: str, opts: EvalOptions) -> dict[str, Any]:
         judge = build_judge(judge_spec, device, seed=opts.seed, instruction=opts.judge_instruction)
         outcomes, details = judge.compare(judge_prompts, texts["policy"], texts["base"])
         win = load_metric("win_rate").compute(outcomes=outcomes, groups=groups, seed=opts.seed)
-        results["win_rate"] = {"judge": judge.name, **win}
+        results["win_rate"] = {"judge": judge.name, **win,
+                               "wilson": list(wilson_interval(win["wins"] + win["ties"] / 2, win["comparisons"]))}
         for sample, outcome in zip(results["samples"], outcomes):
             sample["outcome"] = outcome
         if isinstance(judge, ScoreJudge):

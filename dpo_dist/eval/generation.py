@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
+from dpo_dist.model.generation import generate_responses
 from dpo_dist.train.logprobs import IGNORE_INDEX, sequence_logps
 
 
@@ -29,16 +30,6 @@ class Sampling:
     def exact(self) -> bool:
         """Whether samples come from the model's distribution itself (no temperature, top-p or top-k)."""
         return self.temperature == 1.0 and self.top_p == 1.0 and self.top_k == 0
-
-
-def _left_padded(prompts: list[list[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(prompts), width), dtype=torch.long)
-    for i, p in enumerate(prompts):
-        ids[i, width - len(p) :] = torch.tensor(p, dtype=torch.long)
-        mask[i, width - len(p) :] = 1
-    return ids.to(device), mask.to(device)
 
 
 @torch.no_grad()
@@ -62,11 +53,8 @@ def sample_responses(
     )
     out: list[list[list[int]]] = []
     for index, start in enumerate(range(0, len(prompts), batch_size)):
-        ids, mask = _left_padded(prompts[start : start + batch_size], pad, device)
         torch.manual_seed(sampling.seed + index)
-        generated = model.generate(input_ids=ids, attention_mask=mask, generation_config=config)
-        new = generated[:, ids.shape[1] :].tolist()
-        responses = [row[: row.index(eos) + 1] if eos in row else row for row in new]
+        responses = generate_responses(model, prompts[start : start + batch_size], config, device)
         out += [responses[i : i + n] for i in range(0, len(responses), n)]
     return out
 

@@ -10,15 +10,22 @@ from typing import Any
 
 def markdown(results: dict[str, Any]) -> str:
     p, kl, g = results["preference"], results["kl"], results["generation"]
-    lines = [
-        f"# {results['model']} against its base {results['base']}", "",
-        f"## Held-out pairs ({p['pairs']})", "",
-        "| reward accuracy | mean margin | loss | reward chosen | reward rejected |", "|---|---|---|---|---|",
-        f"| {p['reward_accuracy']:.3f} | {p['margin']:.4f} | {p['loss']:.4f} | {p['rewards/chosen']:.4f} | "
-        f"{p['rewards/rejected']:.4f} |", "",
+    lines = [f"# {results['model']} against its base {results['base']}", ""]
+    if p is None:
+        lines += ["No held-out pairs: the run has no eval split (pass --eval_source FILE for pair metrics).", ""]
+    else:
+        lines += [
+            f"## Held-out pairs ({p['pairs']})", "",
+            "| reward accuracy | 95% Wilson interval | mean margin | loss | reward chosen | reward rejected |",
+            "|---|---|---|---|---|---|",
+            f"| {p['reward_accuracy']:.3f} ({p['correct']} of {p['pairs']}) | {p['reward_accuracy_wilson'][0]:.3f}–"
+            f"{p['reward_accuracy_wilson'][1]:.3f} | {p['margin']:.4f} | {p['loss']:.4f} | {p['rewards/chosen']:.4f} | "
+            f"{p['rewards/rejected']:.4f} |", ""]
+    lines += [
         f"## Generations ({g['prompts']} held-out prompts x {g['samples_per_prompt']} samples, "
         f"temperature {g['sampling']['temperature']}, top-p {g['sampling']['top_p']}, top-k {g['sampling']['top_k']}, "
         f"at most {g['sampling']['max_new_tokens']} new tokens)", "",
+        f"Prompts: {g['prompt_source']}.", "",
         "| | trained | base |", "|---|---|---|",
         f"| mean response length (tokens) | {g['policy_mean_tokens']:.1f} | {g['base_mean_tokens']:.1f} |",
         f"| ended with EOS | {g['policy_ended_with_eos']:.2f} | {g['base_ended_with_eos']:.2f} |",
@@ -33,10 +40,13 @@ def markdown(results: dict[str, Any]) -> str:
     if "win_rate" in results:
         w = results["win_rate"]
         lines += ["", f"## Win rate against the base ({w['judge']})", "",
-                  "| win rate | 95% interval | wins | losses | ties | comparisons |", "|---|---|---|---|---|---|",
-                  f"| {w['win_rate']:.3f} | {w['ci_low']:.3f}–{w['ci_high']:.3f} | {w['wins']} | {w['losses']} | "
-                  f"{w['ties']} | {w['comparisons']} |", "",
-                  "Ties count half; the interval is a bootstrap over prompts."]
+                  "| win rate | 95% interval (bootstrap over prompts) | 95% Wilson interval | wins | losses | ties | "
+                  "comparisons |", "|---|---|---|---|---|---|---|",
+                  f"| {w['win_rate']:.3f} | {w['ci_low']:.3f}–{w['ci_high']:.3f} | {w['wilson'][0]:.3f}–"
+                  f"{w['wilson'][1]:.3f} | {w['wins']} | {w['losses']} | {w['ties']} | {w['comparisons']} |", "",
+                  "Ties count half. The Wilson interval treats every comparison as independent; the bootstrap "
+                  "resamples prompts (a prompt's samples are not independent), so it is the one to trust when they "
+                  "differ."]
         if "judge_picked_a" in w:
             lines.append(f"The judge picked the response shown first in {w['judge_picked_a']:.2f} of comparisons "
                          f"(the trained model's was first in {w['responses_shown_as_a']}).")

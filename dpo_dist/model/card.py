@@ -22,7 +22,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
-from dpo_dist.config import SENTIMENT, Config, load_config
+from dpo_dist.config import Config, load_config
 from dpo_dist.model.builtin import SMOLLM2, SMOLLM2_HUB_ID, SMOLLM2_LICENSE
 
 CARD = "README.md"
@@ -293,8 +293,12 @@ def data_section(files: RunFiles) -> list[str]:
     cfg = files.cfg
     if cfg is None:
         return ["", "## Training data", "", "Not recorded: no config.yaml beside this model."]
-    source = "the builtin sentiment set (movie-review continuations scored with VADER)" \
-        if cfg.data.source == SENTIMENT else f"`{cfg.data.source}` (split {cfg.data.split})"
+    if cfg.data.sources:
+        source = "a mixture of " + ", ".join(f"`{part.source}` (split {part.split})" for part in cfg.data.sources)
+    elif cfg.data.uses_sentiment():
+        source = "the builtin sentiment set (movie-review continuations scored with VADER)"
+    else:
+        source = f"`{cfg.data.source}` (split {cfg.data.split})"
     lines = ["", "## Training data", "", f"Preference pairs from {source}"
              + (f"; eval pairs from `{cfg.data.eval_source}`" if cfg.data.eval_source else "") + "."]
     counts = files.run.get("pairs")

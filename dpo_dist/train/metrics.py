@@ -1,5 +1,6 @@
-"""What a user sees: ``metrics.jsonl`` (one JSON object per optimizer step), trackers, a summary, a plot and
-``run.json`` (pair counts, which step's weights were exported).
+"""What a user sees: ``metrics.jsonl`` (one JSON object per optimizer step), ``samples.jsonl`` (completions of
+held-out prompts at sampling steps), trackers, a summary, a plot and ``run.json`` (pair counts, which step's
+weights were exported).
 
 Step metrics, each a mean over every pair of the optimizer step on every process:
 
@@ -30,14 +31,17 @@ class MetricsLog:
 
     def __init__(self, output_dir: str, accelerator: Any, *, resume_step: int = 0):
         self.path = os.path.join(output_dir, "metrics.jsonl")
+        self.samples_path = os.path.join(output_dir, "samples.jsonl")
         self.accelerator = accelerator
         self.records: list[dict[str, Any]] = []
         if accelerator.is_main_process:
-            kept = [r for r in read_metrics(self.path) if r["step"] <= resume_step] if resume_step else []
-            with open(self.path, "w", encoding="utf-8") as handle:  # a resumed run continues the log, no duplicates
-                for record in kept:
-                    handle.write(json.dumps(record) + "\n")
-            self.records = kept
+            self.records = keep_until(self.path, resume_step)  # a resumed run continues the log, no duplicates
+            if os.path.isfile(self.samples_path):
+                keep_until(self.samples_path, resume_step)
+
+    def whole(self) -> list[dict[str, Any]]:
+        """Every record of the run, from ``metrics.jsonl`` (a resumed run's earlier steps included); main process."""
+        return read_metrics(self.path) if self.accelerator.is_main_process else []
 
     def write(self, record: dict[str, Any]) -> None:
         if self.accelerator.is_main_process:
@@ -45,6 +49,41 @@ class MetricsLog:
                 handle.write(json.dumps(record) + "\n")
             self.records.append(record)
         self.accelerator.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
+
+    def write_samples(self, rows: list[dict[str, Any]]) -> None:
+        """Completions of one sampling step (:mod:`dpo_dist.train.samples`): appended to ``samples.jsonl``, a table
+        to wandb (``samples``), markdown text to tensorboard (``samples``). Other trackers get no samples."""
+        if not self.accelerator.is_main_process or not rows:
+            return
+        step = rows[0]["step"]
+        with open(self.samples_path, "a", encoding="utf-8") as handle:
+            for row in rows:
+                handle.write(json.dumps(row) + "\n")
+        for tracker in self.accelerator.trackers:
+            if tracker.name == "wandb":
+                tracker.log_table("samples", columns=["step", "prompt", "completion"],
+                                  data=[[r["step"], r["prompt"], r["completion"]] for r in rows], step=step)
+            elif tracker.name == "tensorboard":
+                tracker.log({"samples": samples_markdown(rows)}, step=step)
+
+
+def samples_markdown(rows: list[dict[str, Any]]) -> str:
+    """A markdown table of prompts and completions (what tensorboard's text tab renders)."""
+
+    def cell(text: str) -> str:
+        return text.replace("|", "\\|").replace("\n", "<br>")
+
+    lines = ["| prompt | completion |", "|---|---|"]
+    return "\n".join(lines + [f"| {cell(r['prompt'])} | {cell(r['completion'])} |" for r in rows])
+
+
+def keep_until(path: str, step: int) -> list[dict[str, Any]]:
+    """Rewrite the JSON-lines file at ``path`` with its records of steps up to ``step`` (none for 0); returns them."""
+    kept = [r for r in read_metrics(path) if r["step"] <= step] if step else []
+    with open(path, "w", encoding="utf-8") as handle:
+        for record in kept:
+            handle.write(json.dumps(record) + "\n")
+    return kept
 
 
 def write_run_file(output_dir: str, *, pairs: dict[str, Any], model_step: int, model: str) -> None:

@@ -80,6 +80,7 @@ from dpo_dist.train.metrics import (
 from dpo_dist.train.objective import pair_losses
 from dpo_dist.train.optim import build_optimizer, lr_lambda
 from dpo_dist.train.preemption import Preempted, StopSignals
+from dpo_dist.train.samples import generate_samples, held_out_prompts, sampling_step
 
 
 def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
@@ -151,6 +152,7 @@ class Run:
     state: TrainState
     metrics: MetricsLog
     collator: Any  # PackedPairCollator or PreferenceCollator
+    sample_prompts: list[list[int]]  # token ids of the held-out prompts completed at sampling steps (train.sample_prompts)
 
 
 def setup(cfg: Config, signals: StopSignals) -> Run:
@@ -242,11 +244,15 @@ def setup(cfg: Config, signals: StopSignals) -> Run:
         if moved:
             print(f"{', '.join(moved)} (from a run that went past step {state.global_step}, not continued) moved to "
                   f"{os.path.join(t.output_dir, ABANDONED)}/", flush=True)
+    sample_prompts = held_out_prompts(eval_tok, t.sample_prompts) if t.sample_prompts and eval_tok is not None else []
+    if t.sample_prompts:
+        accelerator.print(f"samples: completions of the first {len(sample_prompts)} held-out prompts (of "
+                          f"train.sample_prompts={t.sample_prompts}) at each sampling step, to samples.jsonl")
     metrics = MetricsLog(t.output_dir, accelerator, resume_step=state.global_step)
     if t.report_to:
         accelerator.init_trackers("dpo_dist", config=flat_config(cfg))
     return Run(cfg, accelerator, precision, model, tokenizer, optimizer, scheduler, train_tok, eval_tok, counts, order,
-               total_steps, reference_model, state, metrics, collator)
+               total_steps, reference_model, state, metrics, collator, sample_prompts)
 
 
 def train(cfg: Config) -> dict[str, Any]:
@@ -298,10 +304,13 @@ def loop(run: Run, bar: Any, signals: StopSignals) -> None:
         record = {"step": step, "epoch": step / run.order.steps_per_epoch, **record, "lr": lr,
                   "tokens/s": tokens / elapsed, "step_time_s": elapsed, "examples_seen": step * run.order.global_batch}
         improved = False
-        if run.eval_tok is not None and (step == run.total_steps or (t.eval_every and step % t.eval_every == 0)):
+        evaluated = run.eval_tok is not None and (step == run.total_steps or bool(t.eval_every and step % t.eval_every == 0))
+        if evaluated:
             record.update(evaluate(run.model, run.eval_tok, cfg, accelerator, run.reference_model, run.collator))
             improved, stop_reason = track_best(state, record, cfg)
         run.metrics.write(record)
+        if run.sample_prompts and sampling_step(step, run.total_steps, evaluated, cfg):
+            run.metrics.write_samples(generate_samples(run.model, run.tokenizer, run.sample_prompts, cfg, accelerator, step))
         saved = (bool(t.save_every and step % t.save_every == 0)
                  or improved and bool(t.save_every or t.early_stopping_patience))  # early stopping exports the best
         if saved:
@@ -339,7 +348,8 @@ def finish(run: Run) -> None:
         write_run_file(t.output_dir, pairs=run.counts, model_step=step, model=exported.removeprefix("model/: "))
         write_card(os.path.join(t.output_dir, "model"), run=t.output_dir)
     drop_final_checkpoint(accelerator, t.output_dir, run.state, run.cfg)
-    text = summary(run.metrics.records)
+    records = run.metrics.whole()  # from step 1, also when this process resumed the run
+    text = summary(records)
     memory = torch.tensor([[peak_memory_gb(accelerator.device), held_state_gb(run.model, run.optimizer)]],
                           device=accelerator.device)
     memory = accelerator.gather(memory).tolist()
@@ -349,8 +359,8 @@ def finish(run: Run) -> None:
                        "per_rank_state_gb": [m[1] for m in memory]}, handle)
         with open(os.path.join(t.output_dir, "summary.txt"), "w", encoding="utf-8") as handle:
             handle.write(text + "\n")
-        if t.plot and run.metrics.records:
-            plot(run.metrics.records, os.path.join(t.output_dir, "training_curves.png"))
+        if t.plot and records:
+            plot(records, os.path.join(t.output_dir, "training_curves.png"))
     if accelerator.is_main_process:  # accelerator.print prints once per node; the records are on the main process
         print(text, flush=True)
         print(f"next: python launch/evaluate.py {t.output_dir}  (win rate and KL against the base) · "
