@@ -371,6 +371,48 @@ def test_learning_rate_schedules(kind, expected):
     assert [factor(step) for step in range(6)] == pytest.approx(expected, abs=1e-6)
 
 
+@pytest.mark.parametrize("environ, affinity, expected", [
+    ({}, {0, 1, 2, 3}, (4, "the affinity mask")),
+    ({"SLURM_CPUS_ON_NODE": "1"}, {0, 1}, (1, "SLURM_CPUS_ON_NODE=1")),  # the local cluster: no binding, 1 CPU a node
+    ({"SLURM_CPUS_ON_NODE": "8", "SLURM_NTASKS_PER_NODE": "2"}, set(range(16)), (4, "SLURM_CPUS_ON_NODE=8 / 2 tasks")),
+    ({"SLURM_CPUS_PER_TASK": "3", "SLURM_CPUS_ON_NODE": "8"}, set(range(16)), (3, "SLURM_CPUS_PER_TASK=3")),
+    ({"SLURM_CPUS_PER_TASK": "8"}, {0, 1}, (2, "the affinity mask (smaller than SLURM_CPUS_PER_TASK=8)")),
+])
+def test_cpu_budget_under_slurm_and_without(environ, affinity, expected):
+    """SLURM's share of the node counts, not the machine (slurmd without task binding leaves the mask whole); the
+    affinity mask caps it; without SLURM the mask decides."""
+    from dpo_dist.distributed import cpu_budget
+
+    assert cpu_budget(environ, affinity) == expected
+
+
+@pytest.mark.parametrize("environ, local, expected", [
+    ({"SLURM_CPUS_ON_NODE": "1"}, "1", 1),
+    ({"SLURM_CPUS_ON_NODE": "2"}, "2", 1),
+    ({}, "1", None),  # the affinity mask: every CPU this test may use
+])
+def test_cpu_threads_divide_the_budget_by_local_processes(monkeypatch, environ, local, expected):
+    from types import SimpleNamespace
+
+    from dpo_dist.distributed import set_cpu_threads
+
+    for name in ("SLURM_CPUS_PER_TASK", "SLURM_CPUS_ON_NODE", "SLURM_NTASKS_PER_NODE"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in environ.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", local)
+    expected = expected or len(os.sched_getaffinity(0))
+    before = torch.get_num_threads()
+    try:
+        threads, why = set_cpu_threads(None, SimpleNamespace(device=torch.device("cpu"), num_processes=2))
+        assert threads == expected == torch.get_num_threads()
+        assert why.endswith(f"/ {local} processes on this machine"), why
+        assert set_cpu_threads(3, SimpleNamespace(device=torch.device("cpu"), num_processes=2)) == (3, "train.cpu_threads")
+        assert set_cpu_threads(None, SimpleNamespace(device=torch.device("cuda", 0), num_processes=2)) is None
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_explicit_cpu_threads(tiny_model_dir, data_file, tmp_path, capsys):
     before = torch.get_num_threads()
     try:

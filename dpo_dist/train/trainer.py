@@ -167,7 +167,7 @@ def setup(cfg: Config, signals: StopSignals) -> Run:
     from accelerate.utils import set_seed
 
     set_seed(t.seed)
-    threads = set_cpu_threads(t.cpu_threads, accelerator)
+    threads = set_cpu_threads(t.cpu_threads, accelerator)  # (count, why) on CPU runs
     if accelerator.is_main_process:
         os.makedirs(t.output_dir, exist_ok=True)
         save_config(cfg, os.path.join(t.output_dir, "config.yaml"))
@@ -176,7 +176,7 @@ def setup(cfg: Config, signals: StopSignals) -> Run:
     global_batch = t.per_device_batch_size * t.gradient_accumulation_steps * accelerator.num_processes
     accelerator.print(
         f"global batch {global_batch} pairs = {t.per_device_batch_size} per device x {t.gradient_accumulation_steps} "
-        f"accumulation x {accelerator.num_processes} processes" + (f", {threads} CPU threads each" if threads else "")
+        f"accumulation x {accelerator.num_processes} processes" + (f", {threads[0]} CPU threads each ({threads[1]})" if threads else "")
     )
 
     stage = zero_stage(accelerator)
