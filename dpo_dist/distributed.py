@@ -6,8 +6,10 @@ Everything distributed goes through the ``Accelerator``: the math modules never 
 from __future__ import annotations
 
 import datetime
+import logging
 import math
 import os
+import warnings
 from typing import Any
 
 import torch
@@ -198,6 +200,46 @@ def shard_indices(n: int, accelerator: Any) -> list[int]:
 def gather_in_order(local: torch.Tensor, n: int, accelerator: Any) -> torch.Tensor:
     """The rows every process computed for its ``shard_indices``, in dataset order, padding dropped."""
     return accelerator.gather(local.contiguous())[:n]
+
+
+def say(accelerator: Any, text: str) -> None:
+    """Print ``text`` once per job: on the main process. (Accelerate's ``print`` prints once per machine, so each
+    node of a SLURM job repeated every line.)"""
+    if accelerator.is_main_process:
+        print(text, flush=True)
+
+
+class _ErrorsOnly(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.ERROR
+
+
+def _one_line_warning(message: Any, category: type, filename: str, lineno: int, line: str | None = None) -> str:
+    """A Python warning as one line (the default adds the source line, ``warnings.warn(``, on a second)."""
+    where = "/".join(filename.split(os.sep)[-2:])
+    return f"{category.__name__}: {message} ({where}:{lineno})\n"
+
+
+def configure_logging(rank: int) -> None:
+    """One voice per job. Every process would print the same notices (a library's FutureWarning, DeepSpeed's
+    "Setting accelerator to CPU", bitsandbytes' kernel notice), nodes x processes copies of each in slurm-<job>.out.
+    Rank 0 logs INFO and shows each warning once, on one line; every other rank logs errors only and shows no Python
+    warnings. The progress bars of datasets and transformers are off: the trainer's is the one bar."""
+    main = rank == 0
+    logging.basicConfig(level=logging.INFO if main else logging.ERROR,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    warnings.formatwarning = _one_line_warning
+    import datasets
+    import transformers
+
+    datasets.disable_progress_bars()
+    transformers.utils.logging.disable_progress_bar()
+    logging.getLogger("accelerate").setLevel(logging.WARNING if main else logging.ERROR)
+    if not main:
+        warnings.simplefilter("ignore")
+        transformers.utils.logging.set_verbosity_error()
+        # DeepSpeed sets its logger's level when it is imported (later, or never): a filter stays.
+        logging.getLogger("DeepSpeed").addFilter(_ErrorsOnly())
 
 
 def cpu_budget(environ: dict[str, str] | None = None, affinity: set[int] | None = None) -> tuple[int, str]:

@@ -413,6 +413,76 @@ def test_cpu_threads_divide_the_budget_by_local_processes(monkeypatch, environ, 
         torch.set_num_threads(before)
 
 
+def test_progress_in_a_log_file_is_a_line_a_minute_and_one_at_the_end():
+    """Not a terminal (a SLURM job's .out): whole lines, at most one per interval plus the last step, with the values
+    of the step just done and the time left at the measured pace; a resumed run counts its pace from where it began."""
+    import io
+
+    from dpo_dist.train.metrics import LineProgress
+
+    now = [100.0]
+    out = io.StringIO()
+    bar = LineProgress(10, initial=4, interval_s=60, clock=lambda: now[0], file=out)
+    for step in range(5, 11):
+        now[0] += 25.0  # 25 s a step: steps 7 (75 s after the last line) and 10 (the last) are shown
+        bar.set_postfix(loss=f"{step / 10:.4f}", refresh=False)
+        bar.update(1)
+    assert out.getvalue().splitlines() == [
+        "DPO step 7/10 (70%), loss 0.7000; 25.00 s/step, about 1m15s left",
+        "DPO step 10/10 (100%), loss 1.0000; 25.00 s/step",
+    ]
+
+
+def test_progress_bar_on_the_main_process_only_and_lines_when_not_a_terminal(monkeypatch):
+    from dpo_dist.train import metrics
+
+    monkeypatch.setattr(metrics.sys.stderr, "isatty", lambda: False, raising=False)
+    assert isinstance(metrics.progress_bar(5, 0, shown=True), metrics.LineProgress)
+    assert metrics.progress_bar(5, 0, shown=False).disable  # another process: tqdm, silent
+    monkeypatch.setattr(metrics.sys.stderr, "isatty", lambda: True, raising=False)
+    bar = metrics.progress_bar(5, 0, shown=True)
+    assert not isinstance(bar, metrics.LineProgress) and not bar.disable
+    bar.close()
+
+
+NOISY = """
+import logging, sys, warnings
+sys.path.insert(0, {root!r})
+from dpo_dist.distributed import configure_logging
+configure_logging(int(sys.argv[1]))
+import transformers
+for _ in range(3):  # a library's deprecation, called at every step
+    warnings.warn("`is_gradient_checkpointing` is deprecated", FutureWarning)
+logging.getLogger("bitsandbytes.backends.cpu.ops").warning("Failed to load CPU gemm_4bit_forward")
+transformers.utils.logging.get_logger("transformers.modeling_utils").warning("a transformers notice")
+deepspeed = logging.getLogger("DeepSpeed")  # what DeepSpeed does when it is imported, after the setup
+deepspeed.setLevel(logging.WARNING)
+deepspeed.propagate = False
+deepspeed.addHandler(logging.StreamHandler(sys.stdout))
+deepspeed.warning("Setting accelerator to CPU.")
+logging.getLogger("dpo_dist.model.load").info("policy loaded")
+logging.getLogger("dpo_dist.train").error("rank-specific trouble")
+"""
+
+
+def test_non_main_ranks_are_quiet_and_warnings_are_one_line_once():
+    """Rank 0 shows each notice once, a Python warning on one line; another rank only its errors (every process
+    printed the same FutureWarnings and notices: nodes x processes copies in slurm-<job>.out)."""
+    def output(rank):
+        result = subprocess.run([sys.executable, "-c", NOISY.format(root=ROOT), str(rank)], capture_output=True,
+                                text=True, timeout=120, env={**os.environ, "PYTHONWARNINGS": ""})
+        assert result.returncode == 0, result.stderr
+        return [re.sub(r"^[\d-]+ [\d:,]+ ", "", line) for line in (result.stdout + result.stderr).splitlines()]
+
+    main = output(0)
+    assert sum("FutureWarning" in line for line in main) == 1, main
+    assert "FutureWarning: `is_gradient_checkpointing` is deprecated (<string>:8)" in main
+    for notice in ("Failed to load CPU gemm_4bit_forward", "a transformers notice", "Setting accelerator to CPU.",
+                   "INFO dpo_dist.model.load: policy loaded", "ERROR dpo_dist.train: rank-specific trouble"):
+        assert sum(notice in line for line in main) == 1, (notice, main)
+    assert output(1) == ["ERROR dpo_dist.train: rank-specific trouble"]
+
+
 def test_explicit_cpu_threads(tiny_model_dir, data_file, tmp_path, capsys):
     before = torch.get_num_threads()
     try:
@@ -447,3 +517,22 @@ def test_every_loss_type_trains(loss, first, tiny_model_dir, data_file, tmp_path
         nll = -records[0]["logps/chosen"]  # summed; the RPO term is per token, so it is positive and below the sum
         assert math.log(2) < losses[0] < math.log(2) + nll
     assert all(math.isfinite(x) for x in losses) and losses[-1] < losses[0], losses
+
+
+def test_the_gguf_conversion_bar_is_off_in_a_log_file_only(monkeypatch):
+    """transformers' GGUF loader has its own tqdm bar; in a log file (not a terminal) it is disabled while the
+    built-in model converts, and put back after; on a terminal it shows."""
+    from transformers import modeling_gguf_pytorch_utils as gguf
+
+    from dpo_dist.model import builtin
+
+    original = gguf.tqdm
+    monkeypatch.setattr(builtin.sys.stderr, "isatty", lambda: False, raising=False)
+    with builtin.quiet_gguf_progress():
+        assert gguf.tqdm(range(3)).disable
+    assert gguf.tqdm is original
+    monkeypatch.setattr(builtin.sys.stderr, "isatty", lambda: True, raising=False)
+    with builtin.quiet_gguf_progress():
+        bar = gguf.tqdm(range(3))
+        assert not bar.disable
+        bar.close()
