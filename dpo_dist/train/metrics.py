@@ -51,8 +51,8 @@ class LineProgress:
     every ``interval_s`` seconds and one at the last step, where tqdm would write one ever-growing line of
     carriage-return updates that ``srun --label`` cuts into fragments. Has the few tqdm methods the loop uses."""
 
-    def __init__(self, total: int, initial: int = 0, *, desc: str = "DPO", interval_s: float = 60.0, clock=time.monotonic,
-                 file: Any = None):
+    def __init__(self, total: int, initial: int = 0, *, desc: str = "DPO", interval_s: float = 60.0,
+                 clock: Any = time.monotonic, file: Any = None):
         self.total, self.n, self.desc, self.interval_s, self.clock = total, initial, desc, interval_s, clock
         self.file = file
         self.postfix: dict[str, str] = {}

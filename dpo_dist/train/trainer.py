@@ -176,9 +176,10 @@ def setup(cfg: Config, signals: StopSignals) -> Run:
         for name in remove_partial_writes(t.output_dir):
             print(f"removed {os.path.join(t.output_dir, name)}: left by a run killed while writing it", flush=True)
     global_batch = t.per_device_batch_size * t.gradient_accumulation_steps * accelerator.num_processes
-    say(accelerator, 
+    say(accelerator,
         f"global batch {global_batch} pairs = {t.per_device_batch_size} per device x {t.gradient_accumulation_steps} "
-        f"accumulation x {accelerator.num_processes} processes" + (f", {threads[0]} CPU threads each ({threads[1]})" if threads else "")
+        f"accumulation x {accelerator.num_processes} processes"
+        + (f", {threads[0]} CPU threads each ({threads[1]})" if threads else "")
     )
 
     stage = zero_stage(accelerator)
