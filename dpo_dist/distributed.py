@@ -6,8 +6,10 @@ Everything distributed goes through the ``Accelerator``: the math modules never 
 from __future__ import annotations
 
 import datetime
+import logging
 import math
 import os
+import warnings
 from typing import Any
 
 import torch
@@ -200,17 +202,85 @@ def gather_in_order(local: torch.Tensor, n: int, accelerator: Any) -> torch.Tens
     return accelerator.gather(local.contiguous())[:n]
 
 
-def set_cpu_threads(requested: int | None, accelerator: Any) -> int | None:
-    """Threads per process for CPU runs: ``requested``, or the CPUs this process may use divided by the processes on
-    this machine. ``accelerate launch`` without a config sets ``OMP_NUM_THREADS=1`` on machines without GPUs, which
-    halves a 2-core machine's speed; this undoes that. Returns the count, or None on GPU runs."""
+def say(accelerator: Any, text: str) -> None:
+    """Print ``text`` once per job: on the main process. (Accelerate's ``print`` prints once per machine, so each
+    node of a SLURM job repeated every line.)"""
+    if accelerator.is_main_process:
+        print(text, flush=True)
+
+
+class _ErrorsOnly(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.ERROR
+
+
+def _one_line_warning(message: Any, category: type, filename: str, lineno: int, line: str | None = None) -> str:
+    """A Python warning as one line (the default adds the source line, ``warnings.warn(``, on a second)."""
+    where = "/".join(filename.split(os.sep)[-2:])
+    return f"{category.__name__}: {message} ({where}:{lineno})\n"
+
+
+def configure_logging(rank: int) -> None:
+    """One voice per job. Every process would print the same notices (a library's FutureWarning, DeepSpeed's
+    "Setting accelerator to CPU", bitsandbytes' kernel notice), nodes x processes copies of each in slurm-<job>.out.
+    Rank 0 logs INFO and shows each warning once, on one line; every other rank logs errors only and shows no Python
+    warnings. The progress bars of datasets and transformers are off: the trainer's is the one bar."""
+    main = rank == 0
+    logging.basicConfig(level=logging.INFO if main else logging.ERROR,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    warnings.formatwarning = _one_line_warning
+    import datasets
+    import transformers
+
+    datasets.disable_progress_bars()
+    transformers.utils.logging.disable_progress_bar()
+    logging.getLogger("accelerate").setLevel(logging.WARNING if main else logging.ERROR)
+    if not main:
+        warnings.simplefilter("ignore")
+        transformers.utils.logging.set_verbosity_error()
+        # DeepSpeed sets its logger's level when it is imported (later, or never): a filter stays.
+        logging.getLogger("DeepSpeed").addFilter(_ErrorsOnly())
+
+
+def cpu_budget(environ: dict[str, str] | None = None, affinity: set[int] | None = None) -> tuple[int, str]:
+    """(CPUs this process's launcher may use, where that number comes from). Under SLURM: ``SLURM_CPUS_PER_TASK``
+    when the job asked for CPUs per task, else ``SLURM_CPUS_ON_NODE`` (the job's CPUs on this node) divided by its
+    tasks on the node (``SLURM_NTASKS_PER_NODE``; slurm/dpo.sbatch runs one); never more than the affinity mask,
+    which is all of the machine where SLURM does not bind tasks to CPUs (``TaskPlugin=task/none``, as on the local
+    test cluster). Elsewhere: the CPUs in the affinity mask."""
+    environ = os.environ if environ is None else environ
+    if affinity is None:
+        affinity = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else set(range(os.cpu_count() or 1))
+    mask = max(1, len(affinity))
+    if environ.get("SLURM_CPUS_PER_TASK", "").isdigit():
+        slurm, source = int(environ["SLURM_CPUS_PER_TASK"]), f"SLURM_CPUS_PER_TASK={environ['SLURM_CPUS_PER_TASK']}"
+    elif environ.get("SLURM_CPUS_ON_NODE", "").isdigit():
+        tasks = int(environ["SLURM_NTASKS_PER_NODE"]) if environ.get("SLURM_NTASKS_PER_NODE", "").isdigit() else 1
+        slurm = int(environ["SLURM_CPUS_ON_NODE"]) // max(1, tasks)
+        source = f"SLURM_CPUS_ON_NODE={environ['SLURM_CPUS_ON_NODE']}" + (f" / {tasks} tasks" if tasks > 1 else "")
+    else:
+        return mask, "the affinity mask"
+    if slurm > mask:
+        return mask, f"the affinity mask (smaller than {source})"
+    return max(1, slurm), source
+
+
+def set_cpu_threads(requested: int | None, accelerator: Any) -> tuple[int, str] | None:
+    """Threads per process for CPU runs, and why: ``requested``, or the CPUs this machine's launcher may use
+    (:func:`cpu_budget`) divided by the processes it started (``LOCAL_WORLD_SIZE``). ``accelerate launch`` without a
+    config sets ``OMP_NUM_THREADS=1`` on machines without GPUs, which halves a 2-core machine's speed; this undoes
+    that. Under SLURM the job's share of the node counts, not the whole machine. Returns None on GPU runs."""
     if accelerator.device.type != "cpu":
         return None
-    local = int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes))
-    available = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    threads = requested or max(1, available // max(1, local))
+    if requested:
+        threads, why = requested, "train.cpu_threads"
+    else:
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes))
+        cpus, source = cpu_budget()
+        threads = max(1, cpus // max(1, local))
+        why = f"{cpus} CPUs from {source} / {local} processes on this machine"
     torch.set_num_threads(threads)
-    return threads
+    return threads, why
 
 
 def prepare_frozen(model: torch.nn.Module, accelerator: Any) -> torch.nn.Module:

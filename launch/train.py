@@ -51,14 +51,9 @@ def main(argv: list[str] | None = None) -> int:
     if fallback:
         print(fallback, flush=True)
     rank = int(os.environ.get("RANK", "0"))
-    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    import datasets
-    import transformers
+    from dpo_dist.distributed import configure_logging
 
-    datasets.disable_progress_bars()  # one progress bar: the trainer's
-    transformers.utils.logging.disable_progress_bar()
-    logging.getLogger("accelerate").setLevel(logging.WARNING)
+    configure_logging(rank)  # rank 0 speaks for the job; the others log errors only
     from dpo_dist.train.checkpoint import CheckpointError
     from dpo_dist.data.load import DataError
     from dpo_dist.distributed import DeepSpeedConfigError, FSDPConfigError
@@ -83,7 +78,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         status = 1
     except Preempted as stop:
-        print(f"preempted: {stop}", file=sys.stderr)
+        if rank == 0:  # every process stopped at the same step with the same checkpoint: one line says it
+            print(f"preempted: {stop}", file=sys.stderr)
         status = PREEMPTED_EXIT_CODE
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         exit_now(status)

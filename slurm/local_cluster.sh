@@ -3,13 +3,17 @@
 # each on its own port), authenticated by munge with a key made for it. Everything lives in one folder; nothing
 # outside it is touched except installing Debian's packages when they are missing (root only).
 #
-#   slurm/local_cluster.sh up DIR      start it (prints the SLURM_CONF to export); waits until both nodes are idle
-#   slurm/local_cluster.sh down DIR    stop it
-#
+#   slurm/local_cluster.sh up DIR      start it; waits until both nodes are idle, then prints the line to run:
 #   export SLURM_CONF=DIR/slurm.conf   then sinfo, sbatch, squeue, scontrol talk to this cluster
+#   slurm/local_cluster.sh down DIR    stop it
 #
 # Used by tests/test_slurm.py; handy for trying slurm/dpo.sbatch by hand. Each node offers CPUS_PER_NODE CPUs
 # (default 1) and KILL_WAIT seconds (default 120) between SIGTERM and SIGKILL when a job is requeued or cancelled.
+# No GPUs: slurm/qlora.sbatch runs here as the tests run it, on the CPU, with the built-in model and data:
+#   sbatch --gpus-per-node=0 --export=ALL,RECIPE= slurm/qlora.sbatch model.quantization=4bit train.max_steps=2
+# No accounting (it needs slurmdbd and a MySQL server): `sacct` answers "Slurm accounting storage is disabled".
+# Instead: squeue; `scontrol show job ID` (kept an hour after the job ends: MinJobAge); DIR/log/jobcomp.txt (one
+# line per finished job: JobId, JobState, ExitCode, times, nodes); the job's slurm-ID.out.
 set -euo pipefail
 
 command=${1:?usage: $0 up|down DIR}
@@ -88,7 +92,8 @@ ReturnToService=2
 JobRequeue=1
 KillWait=${KILL_WAIT:-120}
 MinJobAge=3600
-JobCompType=jobcomp/none
+JobCompType=jobcomp/filetxt
+JobCompLoc=$dir/log/jobcomp.txt
 AccountingStorageType=accounting_storage/none
 JobAcctGatherType=jobacct_gather/none
 SlurmctldTimeout=30
@@ -104,7 +109,9 @@ EOF
   for node in "${nodes[@]}"; do slurmd -N "$node"; done
   for _ in $(seq 120); do
     if [ "$(sinfo -h -o '%T' -N 2>/dev/null | grep -c '^idle$')" = "${#nodes[@]}" ]; then
-      echo "SLURM_CONF=$SLURM_CONF"
+      echo "local_cluster: up, nodes ${nodes[*]} with $cpus CPU(s) each, no GPUs; no accounting: sacct answers nothing," \
+        "use squeue, scontrol show job ID, $dir/log/jobcomp.txt and the job's .out"
+      echo "export SLURM_CONF=$SLURM_CONF"
       return 0
     fi
     sleep 0.5

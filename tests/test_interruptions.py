@@ -219,3 +219,25 @@ def test_two_process_lora_killed_mid_checkpoint_resumes_the_same(launcher, tiny_
                            timeout=600, cwd=ROOT)
     assert whole.returncode == 0, whole.stderr[-4000:]
     assert_same_trajectory(read_jsonl(tmp_path / "whole" / "metrics.jsonl"), read_jsonl(out / "metrics.jsonl"), atol=1e-6)
+
+
+def test_the_tied_weights_notice_is_dropped_while_a_checkpoint_is_written(caplog):
+    """Accelerate warns "Removed shared tensor {'lm_head.weight'}" at each checkpoint of a tied model (the tiny one
+    and SmolLM2); the checkpoint is read back into the same tied model, so inside a checkpoint write it is dropped,
+    and only there."""
+    import logging
+
+    import torch
+    from accelerate import PartialState
+    from accelerate.utils.other import clean_state_dict_for_safetensors
+
+    from dpo_dist.train.checkpoint import without_tied_weights_notice
+
+    PartialState()
+    weight = torch.zeros(2, 2)
+    with caplog.at_level(logging.WARNING):
+        with without_tied_weights_notice():
+            kept = clean_state_dict_for_safetensors({"embed.weight": weight, "lm_head.weight": weight})
+        assert list(kept) == ["embed.weight"] and not caplog.records
+        clean_state_dict_for_safetensors({"embed.weight": weight, "lm_head.weight": weight})
+    assert len(caplog.records) == 1 and "Removed shared tensor {'lm_head.weight'}" in caplog.records[0].getMessage()

@@ -85,6 +85,18 @@ def single(tiny_model_dir, data_file, tmp_path_factory):
     return records["records"]
 
 
+def assert_quiet_log(log):
+    """What a job's .out must not hold: a traceback (torchrun's SignalException at every preemption), the tied-weights
+    notice of every checkpoint, a carriage-return progress bar, a notice or warning repeated by every process; and
+    node 1 says nothing beyond its node line and its launcher's stop line (rank 0 speaks for the job)."""
+    assert "Traceback" not in log and "SignalException" not in log, log[-4000:]
+    assert "Removed shared tensor" not in log and "\r" not in log
+    assert log.count("FutureWarning") <= 1 and log.count("Setting accelerator to CPU") <= 1
+    node1 = [line for line in log.splitlines() if line.startswith("1: ")]  # its node line, its launcher's stop line
+    assert node1 and all(line.startswith(("1: node n2: machine rank 1 of 2", "1: accelerate_launch: n2: "))
+                         for line in node1), node1
+
+
 def run_uninterrupted(cluster, tiny_model_dir, data_file, folder, settings):
     result, _ = submit(cluster, folder / "job.log", *overrides(tiny_model_dir, data_file, folder / "out", **settings),
                        wait=True)
@@ -117,6 +129,10 @@ def preempt_and_finish(how, cluster, tiny_model_dir, data_file, tmp_path, settin
     wait_for(lambda: job_state(cluster, job) == ("COMPLETED", 1), 600, "the requeued job to finish")
     log = (tmp_path / "job.log").read_text()
     assert "preempted: stopped by" in log and "resumed from" in log, log[-4000:]
+    assert log.count("preempted: stopped by") == 1, log[-4000:]  # rank 0's line; the other rank stops silently
+    assert_quiet_log(log)
+    if how != "scontrol-requeue":  # each node's launcher says it in a line (SIGTERM may end the step before it)
+        assert "accelerate_launch: n1: SIGUSR1" in log and "accelerate_launch: n2: SIGUSR1" in log, log[-4000:]
     records = read_jsonl(out / "metrics.jsonl")
     assert [r["step"] for r in records] == list(range(1, 301))
     return records
@@ -126,10 +142,15 @@ def preempt_and_finish(how, cluster, tiny_model_dir, data_file, tmp_path, settin
 def test_two_nodes_train_like_one_process(accel_config, cluster, single, tiny_model_dir, data_file, tmp_path):
     out = tmp_path / "out"
     result, job = submit(cluster, tmp_path / "job.log", *overrides(tiny_model_dir, data_file, out, **TRAINING,
-                                                                   **{"train.max_steps": 5}), wait=True,
-                         options=(f"--export=ALL,ACCEL_CONFIG=accelerate_configs/{accel_config}.yaml",))
+                                                                   **{"train.max_steps": 5, "train.progress_bar": True}),
+                         wait=True, options=(f"--export=ALL,ACCEL_CONFIG=accelerate_configs/{accel_config}.yaml",))
     log = (tmp_path / "job.log").read_text()
     assert result.returncode == 0, log[-4000:]
+    assert_quiet_log(log)  # the final state is a checkpoint of the tied model: no tied-weights notice
+    # each node has 1 CPU (local_cluster.sh), not the machine's: 1 thread, not one per machine CPU
+    assert "1 CPU threads each (1 CPUs from SLURM_CPUS_ON_NODE=1 / 1 processes on this machine)" in log
+    progress = [line for line in log.splitlines() if "DPO step" in line or "DPO:" in line]  # under a minute: one
+    assert len(progress) == 1 and progress[0].startswith("0: DPO step 5/5 (100%), loss "), progress
     assert f"; accelerate_configs/{accel_config}.yaml" in log
     if accel_config == "fsdp":  # sharded over the two nodes' processes
         assert "FSDP2: parameters, gradients and optimizer state sharded over 2 processes" in log
@@ -150,6 +171,7 @@ def test_single_gpu_qlora_job(cluster, tiny_model_dir, data_file, tmp_path):
     log = (tmp_path / "job.log").read_text()
     assert result.returncode == 0, log[-4000:]
     assert "accelerate_configs/single_gpu_qlora.yaml" in log and "machine rank 0 of 1, 1 processes" in log
+    assert "Traceback" not in log and log.count("FutureWarning") <= 1, log[-4000:]
     assert len(read_jsonl(out / "metrics.jsonl")) == 2
 
 

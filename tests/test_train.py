@@ -396,6 +396,118 @@ def test_learning_rate_schedules(kind, expected):
     assert [factor(step) for step in range(6)] == pytest.approx(expected, abs=1e-6)
 
 
+@pytest.mark.parametrize("environ, affinity, expected", [
+    ({}, {0, 1, 2, 3}, (4, "the affinity mask")),
+    ({"SLURM_CPUS_ON_NODE": "1"}, {0, 1}, (1, "SLURM_CPUS_ON_NODE=1")),  # the local cluster: no binding, 1 CPU a node
+    ({"SLURM_CPUS_ON_NODE": "8", "SLURM_NTASKS_PER_NODE": "2"}, set(range(16)), (4, "SLURM_CPUS_ON_NODE=8 / 2 tasks")),
+    ({"SLURM_CPUS_PER_TASK": "3", "SLURM_CPUS_ON_NODE": "8"}, set(range(16)), (3, "SLURM_CPUS_PER_TASK=3")),
+    ({"SLURM_CPUS_PER_TASK": "8"}, {0, 1}, (2, "the affinity mask (smaller than SLURM_CPUS_PER_TASK=8)")),
+])
+def test_cpu_budget_under_slurm_and_without(environ, affinity, expected):
+    """SLURM's share of the node counts, not the machine (slurmd without task binding leaves the mask whole); the
+    affinity mask caps it; without SLURM the mask decides."""
+    from dpo_dist.distributed import cpu_budget
+
+    assert cpu_budget(environ, affinity) == expected
+
+
+@pytest.mark.parametrize("environ, local, expected", [
+    ({"SLURM_CPUS_ON_NODE": "1"}, "1", 1),
+    ({"SLURM_CPUS_ON_NODE": "2"}, "2", 1),
+    ({}, "1", None),  # the affinity mask: every CPU this test may use
+])
+def test_cpu_threads_divide_the_budget_by_local_processes(monkeypatch, environ, local, expected):
+    from types import SimpleNamespace
+
+    from dpo_dist.distributed import set_cpu_threads
+
+    for name in ("SLURM_CPUS_PER_TASK", "SLURM_CPUS_ON_NODE", "SLURM_NTASKS_PER_NODE"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in environ.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", local)
+    expected = expected or len(os.sched_getaffinity(0))
+    before = torch.get_num_threads()
+    try:
+        threads, why = set_cpu_threads(None, SimpleNamespace(device=torch.device("cpu"), num_processes=2))
+        assert threads == expected == torch.get_num_threads()
+        assert why.endswith(f"/ {local} processes on this machine"), why
+        assert set_cpu_threads(3, SimpleNamespace(device=torch.device("cpu"), num_processes=2)) == (3, "train.cpu_threads")
+        assert set_cpu_threads(None, SimpleNamespace(device=torch.device("cuda", 0), num_processes=2)) is None
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_progress_in_a_log_file_is_a_line_a_minute_and_one_at_the_end():
+    """Not a terminal (a SLURM job's .out): whole lines, at most one per interval plus the last step, with the values
+    of the step just done and the time left at the measured pace; a resumed run counts its pace from where it began."""
+    import io
+
+    from dpo_dist.train.metrics import LineProgress
+
+    now = [100.0]
+    out = io.StringIO()
+    bar = LineProgress(10, initial=4, interval_s=60, clock=lambda: now[0], file=out)
+    for step in range(5, 11):
+        now[0] += 25.0  # 25 s a step: steps 7 (75 s after the last line) and 10 (the last) are shown
+        bar.set_postfix(loss=f"{step / 10:.4f}", refresh=False)
+        bar.update(1)
+    assert out.getvalue().splitlines() == [
+        "DPO step 7/10 (70%), loss 0.7000; 25.00 s/step, about 1m15s left",
+        "DPO step 10/10 (100%), loss 1.0000; 25.00 s/step",
+    ]
+
+
+def test_progress_bar_on_the_main_process_only_and_lines_when_not_a_terminal(monkeypatch):
+    from dpo_dist.train import metrics
+
+    monkeypatch.setattr(metrics.sys.stderr, "isatty", lambda: False, raising=False)
+    assert isinstance(metrics.progress_bar(5, 0, shown=True), metrics.LineProgress)
+    assert metrics.progress_bar(5, 0, shown=False).disable  # another process: tqdm, silent
+    monkeypatch.setattr(metrics.sys.stderr, "isatty", lambda: True, raising=False)
+    bar = metrics.progress_bar(5, 0, shown=True)
+    assert not isinstance(bar, metrics.LineProgress) and not bar.disable
+    bar.close()
+
+
+NOISY = """
+import logging, sys, warnings
+sys.path.insert(0, {root!r})
+from dpo_dist.distributed import configure_logging
+configure_logging(int(sys.argv[1]))
+import transformers
+for _ in range(3):  # a library's deprecation, called at every step
+    warnings.warn("`is_gradient_checkpointing` is deprecated", FutureWarning)
+logging.getLogger("bitsandbytes.backends.cpu.ops").warning("Failed to load CPU gemm_4bit_forward")
+transformers.utils.logging.get_logger("transformers.modeling_utils").warning("a transformers notice")
+deepspeed = logging.getLogger("DeepSpeed")  # what DeepSpeed does when it is imported, after the setup
+deepspeed.setLevel(logging.WARNING)
+deepspeed.propagate = False
+deepspeed.addHandler(logging.StreamHandler(sys.stdout))
+deepspeed.warning("Setting accelerator to CPU.")
+logging.getLogger("dpo_dist.model.load").info("policy loaded")
+logging.getLogger("dpo_dist.train").error("rank-specific trouble")
+"""
+
+
+def test_non_main_ranks_are_quiet_and_warnings_are_one_line_once():
+    """Rank 0 shows each notice once, a Python warning on one line; another rank only its errors (every process
+    printed the same FutureWarnings and notices: nodes x processes copies in slurm-<job>.out)."""
+    def output(rank):
+        result = subprocess.run([sys.executable, "-c", NOISY.format(root=ROOT), str(rank)], capture_output=True,
+                                text=True, timeout=120, env={**os.environ, "PYTHONWARNINGS": ""})
+        assert result.returncode == 0, result.stderr
+        return [re.sub(r"^[\d-]+ [\d:,]+ ", "", line) for line in (result.stdout + result.stderr).splitlines()]
+
+    main = output(0)
+    assert sum("FutureWarning" in line for line in main) == 1, main
+    assert "FutureWarning: `is_gradient_checkpointing` is deprecated (<string>:8)" in main
+    for notice in ("Failed to load CPU gemm_4bit_forward", "a transformers notice", "Setting accelerator to CPU.",
+                   "INFO dpo_dist.model.load: policy loaded", "ERROR dpo_dist.train: rank-specific trouble"):
+        assert sum(notice in line for line in main) == 1, (notice, main)
+    assert output(1) == ["ERROR dpo_dist.train: rank-specific trouble"]
+
+
 def test_explicit_cpu_threads(tiny_model_dir, data_file, tmp_path, capsys):
     before = torch.get_num_threads()
     try:
@@ -450,3 +562,22 @@ def test_every_loss_type_trains(loss, first, tiny_model_dir, data_file, tmp_path
         assert all(math.isfinite(x) for x in losses)
         return
     assert all(math.isfinite(x) for x in losses) and losses[-1] < losses[0], losses
+
+
+def test_the_gguf_conversion_bar_is_off_in_a_log_file_only(monkeypatch):
+    """transformers' GGUF loader has its own tqdm bar; in a log file (not a terminal) it is disabled while the
+    built-in model converts, and put back after; on a terminal it shows."""
+    from transformers import modeling_gguf_pytorch_utils as gguf
+
+    from dpo_dist.model import builtin
+
+    original = gguf.tqdm
+    monkeypatch.setattr(builtin.sys.stderr, "isatty", lambda: False, raising=False)
+    with builtin.quiet_gguf_progress():
+        assert gguf.tqdm(range(3)).disable
+    assert gguf.tqdm is original
+    monkeypatch.setattr(builtin.sys.stderr, "isatty", lambda: True, raising=False)
+    with builtin.quiet_gguf_progress():
+        bar = gguf.tqdm(range(3))
+        assert not bar.disable
+        bar.close()

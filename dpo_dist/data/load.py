@@ -158,7 +158,7 @@ def load_pairs(
     report.rows_kept = len(pairs)
     if not len(pairs):
         raise DataError(f"{source}: no usable rows ({report.summary()})")
-    logger.info(report.summary())
+    logger.debug(report.summary())  # returned too: the trainer prints it once (it was logged and printed)
     return pairs, report
 
 

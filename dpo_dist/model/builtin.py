@@ -7,11 +7,16 @@ other, offline, and is reused by every later run.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import importlib.util
 import logging
 import os
 import shutil
+import sys
 import tempfile
+import time
+from typing import Iterator
 
 logger = logging.getLogger(__name__)
 
@@ -37,6 +42,26 @@ def gguf_path() -> str:
     return path
 
 
+@contextlib.contextmanager
+def quiet_gguf_progress() -> Iterator[None]:
+    """No GGUF conversion bar in a log file. transformers' GGUF loader draws its own tqdm bar (one that
+    ``transformers.utils.logging.disable_progress_bar`` does not reach); where stderr is not a terminal (a SLURM job's
+    ``slurm-<job>.out``) its carriage-return updates came out as fragments of one long line. On a terminal it stays."""
+    try:
+        from transformers import modeling_gguf_pytorch_utils as gguf
+    except ImportError:
+        gguf = None
+    bar = getattr(gguf, "tqdm", None)
+    if bar is None or sys.stderr.isatty():
+        yield
+        return
+    gguf.tqdm = functools.partial(bar, disable=True)
+    try:
+        yield
+    finally:
+        gguf.tqdm = bar
+
+
 def smollm2_folder(root: str | None = None) -> str:
     """The converted HF folder, made on first use (atomically: a temporary folder renamed into place)."""
     folder = os.path.join(root or cache_root(), "models", "SmolLM2-135M-Instruct")
@@ -47,9 +72,11 @@ def smollm2_folder(root: str | None = None) -> str:
 
     source = gguf_path()
     logger.info("converting %s into %s (once)", source, folder)
+    started = time.perf_counter()
     directory, name = os.path.split(source)
-    tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=name)
-    model = AutoModelForCausalLM.from_pretrained(directory, gguf_file=name, dtype=torch.float32)
+    with quiet_gguf_progress():
+        tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=name)
+        model = AutoModelForCausalLM.from_pretrained(directory, gguf_file=name, dtype=torch.float32)
     # The weights are de-quantized floats now; drop the GGUF marker so the folder saves and loads as a plain model.
     model.config.quantization_config = None
     del model.config.quantization_config
@@ -60,6 +87,7 @@ def smollm2_folder(root: str | None = None) -> str:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         os.replace(tmp, folder)
+        logger.info("converted in %.0f s", time.perf_counter() - started)
     except OSError:
         if not os.path.isfile(os.path.join(folder, "config.json")):  # not another process's finished copy
             raise

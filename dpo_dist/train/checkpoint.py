@@ -13,12 +13,14 @@ and says so in one line (:mod:`dpo_dist.train.disk`).
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
 import re
 import shutil
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, Iterator
 
 from dpo_dist.config import Config
 from dpo_dist.train.disk import reporting_full_disk, tensor_bytes, tree_bytes
@@ -96,6 +98,26 @@ def adapter_only_checkpoints(accelerator: Any, model: Any) -> None:
     accelerator.register_load_state_pre_hook(check_file)
 
 
+class _TiedWeightsNotice(logging.Filter):
+    """Drops Accelerate's "Removed shared tensor {'lm_head.weight'} while saving" (a warning at every checkpoint of a
+    model with tied embeddings). safetensors stores a shared tensor once, and ``load_state`` reads the checkpoint back
+    into this same, still tied, model, so nothing is lost: the resume tests compare whole trajectories."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Removed shared tensor" not in str(record.msg)  # Accelerate may prefix "[RANK 0] "
+
+
+@contextlib.contextmanager
+def without_tied_weights_notice() -> Iterator[None]:
+    logger = logging.getLogger("accelerate.utils.other")
+    quiet = _TiedWeightsNotice()
+    logger.addFilter(quiet)
+    try:
+        yield
+    finally:
+        logger.removeFilter(quiet)
+
+
 def save_checkpoint(accelerator: Any, output_dir: str, state: TrainState, *, keep_last: int | None,
                     adapter_only: bool = False) -> str:
     """Write ``checkpoint-<step>`` atomically (all processes call this), then prune old ones (never the best;
@@ -115,7 +137,8 @@ def save_checkpoint(accelerator: Any, output_dir: str, state: TrainState, *, kee
     deepspeed = getattr(accelerator.state, "deepspeed_plugin", None) is not None
     with reporting_full_disk(final, tmp, needed=lambda: _checkpoint_bytes(accelerator, output_dir, adapter_only),
                              then=lambda: _resume_hint(output_dir)):
-        accelerator.save_state(tmp, **({"exclude_frozen_parameters": True} if deepspeed and adapter_only else {}))
+        with without_tied_weights_notice():
+            accelerator.save_state(tmp, **({"exclude_frozen_parameters": True} if deepspeed and adapter_only else {}))
         accelerator.wait_for_everyone()
         _fsync_tree(tmp, files=True)
         accelerator.wait_for_everyone()

@@ -13,6 +13,7 @@ from dpo_dist.data.collate import PreferenceCollator
 from dpo_dist.data.load import DataError, Part, auto_num_proc, check_rank_counts, load_train_eval
 from dpo_dist.data.sentiment import ensure_sentiment_data
 from dpo_dist.data.tokenization import Truncation, tokenize_pairs
+from dpo_dist.distributed import say
 from dpo_dist.model.builtin import cache_root
 from dpo_dist.train import reference_cache as cache
 from dpo_dist.train.reference import precompute_reference, reference_fingerprint_parts, scoring_identity
@@ -90,7 +91,7 @@ def load_pairs_for(cfg: Config, accelerator: Any, model: Any, tokenizer: Any, id
             hh_as_messages=d.hh_as_messages, tokenizer=tokenizer, num_proc=d.num_proc,
         )
     for report in reports:
-        accelerator.print(report.summary())
+        say(accelerator, report.summary())
     return train, eval_
 
 

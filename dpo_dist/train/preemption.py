@@ -114,6 +114,7 @@ class StopSignals:
 
 # Processes that launch the trainer and wait for it: accelerate's one-process launcher, and torchrun's agent (inside
 # ``accelerate launch --multi_gpu`` and DeepSpeed launches), which sets TORCHELASTIC_RUN_ID in its workers' environment.
+# slurm/accelerate_launch.py (``accelerate launch`` without the traceback of a stop) matches "accelerate".
 LAUNCHER_MARKERS = ("accelerate", "torch.distributed.run", "torchrun")
 PR_SET_PDEATHSIG = 1
 

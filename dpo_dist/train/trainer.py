@@ -34,6 +34,7 @@ from dpo_dist.distributed import (
     launch_mixed_precision,
     prepare_frozen,
     process_state,
+    say,
     set_cpu_threads,
     shard_indices,
     uses_deepspeed,
@@ -73,6 +74,7 @@ from dpo_dist.train.metrics import (
     is_finite,
     peak_memory_gb,
     plot,
+    progress_bar,
     reduce_stats,
     summary,
     write_run_file,
@@ -171,16 +173,17 @@ def setup(cfg: Config, signals: StopSignals) -> Run:
     from accelerate.utils import set_seed
 
     set_seed(t.seed)
-    threads = set_cpu_threads(t.cpu_threads, accelerator)
+    threads = set_cpu_threads(t.cpu_threads, accelerator)  # (count, why) on CPU runs
     if accelerator.is_main_process:
         os.makedirs(t.output_dir, exist_ok=True)
         save_config(cfg, os.path.join(t.output_dir, "config.yaml"))
         for name in remove_partial_writes(t.output_dir):
             print(f"removed {os.path.join(t.output_dir, name)}: left by a run killed while writing it", flush=True)
     global_batch = t.per_device_batch_size * t.gradient_accumulation_steps * accelerator.num_processes
-    accelerator.print(
+    say(accelerator,
         f"global batch {global_batch} pairs = {t.per_device_batch_size} per device x {t.gradient_accumulation_steps} "
-        f"accumulation x {accelerator.num_processes} processes" + (f", {threads} CPU threads each" if threads else "")
+        f"accumulation x {accelerator.num_processes} processes"
+        + (f", {threads[0]} CPU threads each ({threads[1]})" if threads else "")
     )
 
     stage = zero_stage(accelerator)
@@ -190,20 +193,20 @@ def setup(cfg: Config, signals: StopSignals) -> Run:
         raise TrainingError(refused)
     with accelerator.main_process_first():
         resolve_source(cfg.model.name_or_path)  # a built-in model is converted once, by the main process
-    accelerator.print(precision.said)
+    say(accelerator, precision.said)
     model, tokenizer = load_policy(cfg, accelerator.device, precision.weights)  # together: under ZeRO-3 loading is a collective
     if cfg.model.quantization == "none":
         model.to(accelerator.device)  # a quantized base was loaded onto its device already
     dtype = precision.compute
     identity = model_identity(cfg, resolve_source(cfg.model.name_or_path), str(dtype).removeprefix("torch."), accelerator)
     train_tok, eval_tok, counts = tokenized_pairs(cfg, accelerator, model, tokenizer, identity)
-    accelerator.print(f"pairs: {counts}")
+    say(accelerator, f"pairs: {counts}")
 
     order = DataOrder(len(train_tok), per_device=t.per_device_batch_size, accumulation=t.gradient_accumulation_steps,
                       processes=accelerator.num_processes, seed=t.seed)
     total_steps = t.max_steps or t.epochs * order.steps_per_epoch
     if order.repeated_per_epoch:
-        accelerator.print(f"each epoch repeats {order.repeated_per_epoch} pairs to fill its last global batch")
+        say(accelerator, f"each epoch repeats {order.repeated_per_epoch} pairs to fill its last global batch")
     configure_deepspeed(accelerator, per_device_batch_size=t.per_device_batch_size,
                         gradient_accumulation_steps=t.gradient_accumulation_steps, max_grad_norm=t.max_grad_norm,
                         dtype=dtype)
@@ -213,14 +216,14 @@ def setup(cfg: Config, signals: StopSignals) -> Run:
     model, optimizer = accelerator.prepare(model, optimizer)
     accelerator.register_for_checkpointing(scheduler)  # stepped here once per optimizer step, not by Accelerate
     if fsdp_version(accelerator):
-        accelerator.print(fsdp_summary(model, accelerator))
+        say(accelerator, fsdp_summary(model, accelerator))
     if cfg.lora.enabled and not stage and not fsdp_version(accelerator):  # ZeRO, FSDP: sharded, every weight
         adapter_only_checkpoints(accelerator, model)
     try:
         packed, said = choose_packing(t.packing, model, share_prompt=t.share_prompt)
     except ValueError as error:
         raise TrainingError(str(error)) from None
-    accelerator.print(said)
+    say(accelerator, said)
     block = FLEX_BLOCK if base_model(model).config._attn_implementation == "flex_attention" else None
     collator = (PackedPairCollator(tokenizer.pad_token_id, share_prompt=t.share_prompt, pad_to_multiple_of=block)
                 if packed else PreferenceCollator(pad_token_id=tokenizer.pad_token_id, pad_to_multiple_of=block))
@@ -237,7 +240,7 @@ def setup(cfg: Config, signals: StopSignals) -> Run:
     resume_from = latest_checkpoint(t.output_dir) if t.resume == "auto" else None if t.resume == "never" else t.resume
     if resume_from:
         state = load_checkpoint(accelerator, resume_from, adapter_only=cfg.lora.enabled)
-        accelerator.print(f"resumed from {resume_from} at step {state.global_step}")
+        say(accelerator, f"resumed from {resume_from} at step {state.global_step}")
     accelerator.wait_for_everyone()  # every process has read the checkpoints before any is moved
     if accelerator.is_main_process:
         moved = set_aside_later_checkpoints(t.output_dir, state.global_step)
@@ -246,7 +249,7 @@ def setup(cfg: Config, signals: StopSignals) -> Run:
                   f"{os.path.join(t.output_dir, ABANDONED)}/", flush=True)
     sample_prompts = held_out_prompts(eval_tok, t.sample_prompts) if t.sample_prompts and eval_tok is not None else []
     if t.sample_prompts:
-        accelerator.print(f"samples: completions of the first {len(sample_prompts)} held-out prompts (of "
+        say(accelerator, f"samples: completions of the first {len(sample_prompts)} held-out prompts (of "
                           f"train.sample_prompts={t.sample_prompts}) at each sampling step, to samples.jsonl")
     metrics = MetricsLog(t.output_dir, accelerator, resume_step=state.global_step)
     if t.report_to:
@@ -267,11 +270,8 @@ def train(cfg: Config) -> dict[str, Any]:
         signals.stop_if_asked(accelerator, "during setup")
         if t.debug:
             torch.autograd.set_detect_anomaly(True)
-            accelerator.print(show_pair(run.train_tok[0], run.tokenizer))
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=run.total_steps, initial=state.global_step, desc="DPO",
-                   disable=not (accelerator.is_local_main_process and t.progress_bar))
+            say(accelerator, show_pair(run.train_tok[0], run.tokenizer))
+        bar = progress_bar(run.total_steps, state.global_step, shown=accelerator.is_main_process and t.progress_bar)
         run.model.train()
         try:
             loop(run, bar, signals)
@@ -297,7 +297,7 @@ def loop(run: Run, bar: Any, signals: StopSignals) -> None:
         applied = bool(record.pop("update_applied"))
         if not is_finite(record["loss"], record["grad_norm"]):
             said = check_step(step, record, applied=applied, loss_scaling=run.precision.loss_scaling, cfg=cfg)
-            accelerator.print(said)  # a skipped fp16 overflow; anything else raised
+            say(accelerator, said)  # a skipped fp16 overflow; anything else raised
         run.scheduler.step()
         state.global_step = step
         tokens, elapsed = record.pop("tokens"), time.perf_counter() - started
@@ -328,10 +328,10 @@ def loop(run: Run, bar: Any, signals: StopSignals) -> None:
         if t.debug and step <= 3 and accelerator.is_main_process:
             bar.write(f"debug: step {step} took {time.perf_counter() - started:.2f} s, peak memory so far "
                       f"{peak_memory_gb(accelerator.device):.2f} GiB ({accelerator.device.type})")
+        bar.set_postfix(loss=f"{record['loss']:.4f}", acc=f"{record['rewards/accuracies']:.2f}", refresh=False)
         bar.update(1)
-        bar.set_postfix(loss=f"{record['loss']:.4f}", acc=f"{record['rewards/accuracies']:.2f}")
     if stop_reason:
-        accelerator.print(stop_reason)
+        say(accelerator, stop_reason)
 
 
 def finish(run: Run) -> None:
@@ -342,7 +342,7 @@ def finish(run: Run) -> None:
     step, exported = run.state.global_step, f"model/: the weights at step {run.state.global_step}, the last"
     if t.early_stopping_patience:  # selection by metric: the best checkpoint's weights, whether or not it stopped early
         step, exported = load_best_for_export(accelerator, run.state, t.output_dir, run.cfg)
-    accelerator.print(exported)
+    say(accelerator, exported)
     save_final_model(accelerator, run.model, run.tokenizer, os.path.join(t.output_dir, "model"))
     if accelerator.is_main_process:  # the model card reads what the run wrote: run.json, metrics.jsonl, config.yaml
         write_run_file(t.output_dir, pairs=run.counts, model_step=step, model=exported.removeprefix("model/: "))
