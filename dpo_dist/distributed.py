@@ -234,6 +234,9 @@ def configure_logging(rank: int) -> None:
 
     datasets.disable_progress_bars()
     transformers.utils.logging.disable_progress_bar()
+    # transformers' own handler, plus propagation to ours when CI=true (its choice): each notice twice. Ours only.
+    transformers.utils.logging.disable_default_handler()
+    transformers.utils.logging.enable_propagation()
     logging.getLogger("accelerate").setLevel(logging.WARNING if main else logging.ERROR)
     if not main:
         warnings.simplefilter("ignore")
