@@ -9,7 +9,8 @@ that training runs (``load_pairs``: read into Arrow and validate every row with 
 runs twice in a fresh subprocess with its own empty datasets cache: first (nothing cached), then second (the same
 file and settings: the datasets cache). Printed per run: wall time, the peak RSS of the largest process (``wait4``'s
 ``ru_maxrss``, which covers the map workers too) and the peak of the summed RSS of the process tree (sampled every
-0.2 s with psutil), and the ratio of the second run's wall time to the first's. RSS counts the memory-mapped Arrow
+0.2 s with psutil), the same two peaks of anonymous memory only (``RssAnon``: what the processes allocated,
+without the file-backed pages), and the ratio of the second run's wall time to the first's. RSS counts the memory-mapped Arrow
 pages a process has touched (file-backed pages the kernel can drop), so it is an upper bound on what is needed.
 
 The tokenizer is the built-in SmolLM2 one if it was converted (``~/.cache/dpo_dist/models/SmolLM2-135M-Instruct``,
@@ -119,6 +120,15 @@ def child(args: argparse.Namespace) -> None:
                       "prompt_chosen_tokens": tokens}), flush=True)
 
 
+def anonymous_rss(pid: int) -> int:
+    """Resident anonymous memory of a process in bytes (``RssAnon``: heap, not file-backed mmapped pages)."""
+    with open(f"/proc/{pid}/status", encoding="ascii") as f:
+        for line in f:
+            if line.startswith("RssAnon:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
 def measure(args: argparse.Namespace, cache: str) -> dict:
     import psutil
 
@@ -128,19 +138,23 @@ def measure(args: argparse.Namespace, cache: str) -> dict:
                "--max-prompt-length", str(args.max_prompt_length)]
     start = time.perf_counter()
     process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, text=True)
-    peak_sum = [0]
+    peaks = {"rss_sum": 0, "anon_sum": 0, "anon_max": 0}
 
     def sample() -> None:
         try:
             root = psutil.Process(process.pid)
             while process.poll() is None:
-                total = 0
+                rss = anon = 0
                 for p in [root, *root.children(recursive=True)]:
                     try:
-                        total += p.memory_info().rss
-                    except psutil.Error:
-                        pass
-                peak_sum[0] = max(peak_sum[0], total)
+                        rss += p.memory_info().rss
+                        a = anonymous_rss(p.pid)
+                    except (psutil.Error, OSError):
+                        continue
+                    anon += a
+                    peaks["anon_max"] = max(peaks["anon_max"], a)
+                peaks["rss_sum"] = max(peaks["rss_sum"], rss)
+                peaks["anon_sum"] = max(peaks["anon_sum"], anon)
                 time.sleep(0.2)
         except psutil.Error:
             pass
@@ -155,7 +169,8 @@ def measure(args: argparse.Namespace, cache: str) -> dict:
     if process.returncode != 0:
         raise SystemExit(f"the pipeline failed (exit {process.returncode})")
     result = json.loads(out.strip().splitlines()[-1])
-    result.update(wall_s=wall, peak_rss_gib=usage.ru_maxrss / 2**20, peak_rss_sum_gib=peak_sum[0] / 2**30)
+    result.update(wall_s=wall, peak_rss_gib=usage.ru_maxrss / 2**20, peak_rss_sum_gib=peaks["rss_sum"] / 2**30,
+                  peak_anon_gib=peaks["anon_max"] / 2**30, peak_anon_sum_gib=peaks["anon_sum"] / 2**30)
     return result
 
 
@@ -190,7 +205,8 @@ def main() -> None:
         r = runs[name]
         print(f"{name:6s}: {r['wall_s']:7.1f} s wall (load+validate {r['load_validate_s']:.1f} s, tokenize "
               f"{r['tokenize_s']:.1f} s), peak RSS {r['peak_rss_gib']:.2f} GiB largest process, "
-              f"{r['peak_rss_sum_gib']:.2f} GiB all processes", flush=True)
+              f"{r['peak_rss_sum_gib']:.2f} GiB all processes; anonymous (heap) peak {r['peak_anon_gib']:.2f} GiB "
+              f"largest process, {r['peak_anon_sum_gib']:.2f} GiB all processes", flush=True)
     size = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(cache) for f in fs)
     print(f"{runs['first']['report']}; {runs['first']['pairs']} tokenized ({runs['first']['tokenizer']}, "
           f"num_proc {args.num_proc}); datasets cache {size / 2**30:.2f} GiB")

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any, Iterator, Literal
 
 import datasets
+import pyarrow
 
 from dpo_dist.data.formats import FORMATS, RowError, detect_format, normalize_row
 from dpo_dist.data.tokenization import render_conversation
@@ -127,6 +128,7 @@ def load_pairs(
     if on_bad_row not in ("error", "skip"):
         raise DataError(f"on_bad_row {on_bad_row!r} is not one of: error, skip")
     raw, json_text = _raw_rows(source, split, config_name, data_dir, revision)
+    release_arrow_memory()
     report = LoadReport(source=source, data_format=data_format, rows_read=len(raw))
     first = 0  # rows before the first one the format is detected from are bad rows (their detection fails)
     if data_format == "auto":
@@ -160,6 +162,16 @@ def load_pairs(
         raise DataError(f"{source}: no usable rows ({report.summary()})")
     logger.debug(report.summary())  # returned too: the trainer prints it once (it was logged and printed)
     return pairs, report
+
+
+def release_arrow_memory() -> None:
+    """Give back to the system what Arrow's allocator keeps after a conversion.
+
+    Reading a parquet file into the datasets cache decodes one row group at a time; Arrow's pool (mimalloc or
+    jemalloc) keeps the freed pages (measured: 0.5 GiB anonymous memory after 100,000 pairs in row groups of 50,000),
+    and every ``datasets.map`` worker forked afterwards starts as a copy of it.
+    """
+    pyarrow.default_memory_pool().release_unused()
 
 
 def _is_bad(errors: list[str | None]) -> list[bool]:
