@@ -23,6 +23,7 @@ from dataclasses import asdict, dataclass
 from typing import Any, Iterator
 
 from dpo_dist.config import Config
+from dpo_dist.model.load import config_set_to
 from dpo_dist.train.disk import reporting_full_disk, tensor_bytes, tree_bytes
 
 CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
@@ -290,16 +291,20 @@ def _read_state(path: str) -> TrainState:
         return TrainState(**json.load(handle))
 
 
-def save_final_model(accelerator: Any, model: Any, tokenizer: Any, path: str) -> None:
+def save_final_model(accelerator: Any, model: Any, tokenizer: Any, path: str, *,
+                     base_config: dict[str, Any] | None = None) -> None:
     """The LoRA adapter (``PeftModel.from_pretrained`` loads it) or the full model, with the tokenizer; atomic. A full
+    model's config.json gets ``base_config`` (:func:`~dpo_dist.model.load.base_config_values`: the base's
+    ``use_cache`` and dropout, which loading for training turned off), the live model's config left as it is. A full
     disk is :class:`~dpo_dist.train.disk.DiskFullError`, the ``.tmp`` removed."""
     unwrapped = accelerator.unwrap_model(model)
     state_dict = accelerator.get_state_dict(model)
     if accelerator.is_main_process:
         tmp = path + ".tmp"
         shutil.rmtree(tmp, ignore_errors=True)
+        restored = {} if hasattr(unwrapped, "peft_config") else base_config or {}  # an adapter has no model config
         with reporting_full_disk(path, tmp, needed=lambda: _export_bytes(unwrapped, state_dict, tokenizer),
-                                 then=lambda: _export_hint(os.path.dirname(path))):
+                                 then=lambda: _export_hint(os.path.dirname(path))), config_set_to(unwrapped, restored):
             unwrapped.save_pretrained(tmp, state_dict=state_dict)
             tokenizer.save_pretrained(tmp)
             if os.path.exists(path):
