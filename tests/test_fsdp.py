@@ -201,3 +201,26 @@ def test_fsdp_samples_equal_one_process(sampled_runs):
     assert [r["step"] for r in sharded] == [2, 2, 4, 4, 5, 5]
     assert len({r["prompt"] for r in sharded}) == 2 and all(0 < len(r["completion_ids"]) <= 6 for r in sharded)
     assert sharded == single
+
+
+@pytest.mark.multiprocess
+def test_an_fsdp_checkpoint_is_not_pushed_the_final_model_is(sampled_runs, monkeypatch, capsys):
+    """An FSDP checkpoint holds each rank's shards (torch.distributed.checkpoint), not a model: launch/push.py says so
+    and names what to push instead, before anything is written or sent."""
+    import huggingface_hub
+
+    _, _, fsdp = sampled_runs
+    calls = []
+    monkeypatch.setattr(huggingface_hub, "get_token", lambda: "hf_test")
+    monkeypatch.setattr(huggingface_hub, "HfApi", lambda token=None: calls.append(token))
+    monkeypatch.syspath_prepend(os.path.join(ROOT, "launch"))
+    import push
+
+    checkpoint = fsdp / "checkpoint-5"
+    assert os.path.isdir(checkpoint / "pytorch_model_fsdp_0")
+    assert push.main([str(checkpoint), "me/x"]) == 1
+    err = capsys.readouterr().err
+    assert err == (f"error: {checkpoint} holds each rank's FSDP shards, not weights that load as a model (checkpoints "
+                   f"of sharded runs are for resuming): push the run's final model instead (python launch/push.py "
+                   f"{fsdp} REPO_ID), which the trainer saves gathered into one model\n")
+    assert calls == [] and not os.path.exists(checkpoint / "model")
