@@ -2,7 +2,8 @@
 
     python launch/merge.py outputs/default                          # -> outputs/default/merged, the base's dtype
     python launch/merge.py outputs/qlora --out merged --dtype float16 --base TinyLlama/TinyLlama-1.1B-Chat-v1.0
-    python launch/merge.py outputs/default --push_to_hub my-name/smollm2-dpo [--private]
+    python launch/merge.py outputs/default --push_to_hub my-name/smollm2-dpo [--private] [--revision BRANCH] \\
+        [--commit_message "beta 0.1, 2 epochs"]
 
 Also for adapters trained on a 4-bit base (QLoRA): the base is loaded in full precision to merge. The merged folder
 loads with ``AutoModelForCausalLM.from_pretrained`` and needs neither peft nor the base; its README.md is the model card.
@@ -29,11 +30,18 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                         help="the merged weights' dtype (default: the base's own, from its config or weights)")
     parser.add_argument("--push_to_hub", default=None, metavar="REPO_ID", help="then upload the merged folder")
     parser.add_argument("--private", action="store_true", help="with --push_to_hub: a private repository")
+    parser.add_argument("--revision", default=None, metavar="BRANCH",
+                        help="with --push_to_hub: push to this branch (created from main if missing) instead of main")
+    parser.add_argument("--commit_message", default=None,
+                        help="with --push_to_hub (default: 'Upload DPO-trained model (dpo-dist)')")
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
+    if (args.private or args.revision or args.commit_message) and not args.push_to_hub:
+        print("error: --private, --revision and --commit_message go with --push_to_hub REPO_ID", file=sys.stderr)
+        return 2
     import logging
 
     import transformers
@@ -57,7 +65,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"merged {folder} into its base: {out} ({str(merged.dtype).removeprefix('torch.')})")
     if args.push_to_hub:
         try:
-            print(f"pushed to {push_to_hub(out, args.push_to_hub, private=args.private)}")
+            url = push_to_hub(out, args.push_to_hub, private=args.private, revision=args.revision,
+                              commit_message=args.commit_message)
+            print(f"pushed to {url}" + (f" (branch {args.revision})" if args.revision else ""))
         except Exception as error:  # no network, no token, no permission; the merged folder is kept
             print(f"error: could not push {out} to {args.push_to_hub}: {type(error).__name__}: {error}", file=sys.stderr)
             return 1

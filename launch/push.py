@@ -5,6 +5,11 @@
     python launch/push.py outputs/default/merged my-name/smollm2-dpo-sentiment --private
     python launch/push.py outputs/default/merged my-name/smollm2-dpo-sentiment --revision beta-0.1 \\
         --commit_message "beta 0.1, 2 epochs"
+    python launch/push.py outputs/default/checkpoint-200 my-name/smollm2-dpo-sentiment-lora --revision step-200
+
+A checkpoint's weights are first exported to <checkpoint>/model (the adapter or the full model, the tokenizer, and a
+card that says which step), as the run's model/ would hold them had training stopped there; a checkpoint of an FSDP
+or DeepSpeed run holds only per-rank shards and is refused (push the run's final model instead).
 
 The folder's README.md (the model card the trainer and merge.py write) is uploaded with it; one is written first
 when there is none, or when it is one dpo-dist wrote and nobody has edited (then its loading code names REPO_ID).
@@ -21,17 +26,28 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("folder", help="a run's output folder (its model/ is pushed), an adapter or a model folder")
+    parser.add_argument("folder", help="a run's output folder (its model/ is pushed), one of its checkpoints, an adapter or a "
+                        "model folder")
     parser.add_argument("repo_id", help="owner/name on the Hub; created if missing")
     parser.add_argument("--private", action="store_true", help="create the repository private")
     parser.add_argument("--revision", default=None, metavar="BRANCH",
                         help="push to this branch (created from main if missing) instead of main")
     parser.add_argument("--commit_message", default=None, help="default: 'Upload DPO-trained <kind> (dpo-dist)'")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
-    from dpo_dist.model.export import HubLoginError, push_to_hub
+    from dpo_dist.model.export import HubLoginError, hub_token, push_to_hub
+    from dpo_dist.train.checkpoint import CheckpointError, export_checkpoint, is_checkpoint
 
+    folder = args.folder
+    if is_checkpoint(folder):
+        try:
+            hub_token()  # first: without one, nothing is exported
+            folder = export_checkpoint(folder)
+        except (HubLoginError, CheckpointError) as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 1
+        print(f"the weights of {args.folder}: {folder}")
     try:
-        url = push_to_hub(args.folder, args.repo_id, private=args.private, revision=args.revision,
+        url = push_to_hub(folder, args.repo_id, private=args.private, revision=args.revision,
                           commit_message=args.commit_message)
     except HubLoginError as error:
         print(f"error: {error}", file=sys.stderr)

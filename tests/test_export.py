@@ -189,6 +189,35 @@ def test_push_script_private_branch_and_message(run_dir, hub, capsys, monkeypatc
     assert hub.calls[0][2] == {"private": False, "exist_ok": True} and len(hub.calls) == 2, "public, on main"
 
 
+def test_merge_script_pushes_private_to_a_branch_with_a_message(run_dir, hub, capsys, monkeypatch):
+    """merge.py --push_to_hub passes --private, --revision and --commit_message on, as push.py does; the merged
+    folder is what is uploaded. Without --push_to_hub those flags are an error, before anything is merged."""
+    monkeypatch.syspath_prepend(os.path.join(ROOT, "launch"))
+    import merge as merge_script
+
+    out = run_dir / "merged-pushed"
+    status = merge_script.main([str(run_dir / "run"), "--out", str(out), "--push_to_hub", "me/tiny-merged",
+                                "--private", "--revision", "beta-0.1", "--commit_message", "merged, beta 0.1"])
+    assert status == 0, capsys.readouterr().err
+    assert "pushed to https://huggingface.co/me/tiny-merged (branch beta-0.1)" in capsys.readouterr().out
+    assert hub.calls == [
+        ("create_repo", "me/tiny-merged", {"private": True, "exist_ok": True}),
+        ("create_branch", "me/tiny-merged", {"branch": "beta-0.1", "exist_ok": True}),
+        ("upload_folder", {"folder_path": str(out), "repo_id": "me/tiny-merged", "revision": "beta-0.1",
+                           "commit_message": "merged, beta 0.1"}),
+    ]
+    assert 'AutoModelForCausalLM.from_pretrained("me/tiny-merged")' in (out / "README.md").read_text()
+    hub.calls.clear()
+    assert merge_script.main([str(run_dir / "run"), "--out", str(out), "--push_to_hub", "me/tiny-merged"]) == 0
+    assert hub.calls == [("create_repo", "me/tiny-merged", {"private": False, "exist_ok": True}),
+                         ("upload_folder", {"folder_path": str(out), "repo_id": "me/tiny-merged", "revision": None,
+                                            "commit_message": "Upload DPO-trained model (dpo-dist)"})]
+    hub.calls.clear()
+    capsys.readouterr()
+    assert merge_script.main([str(run_dir / "run"), "--out", str(tmp := run_dir / "not-merged"), "--revision", "b"]) == 2
+    assert "go with --push_to_hub" in capsys.readouterr().err and not tmp.exists() and hub.calls == []
+
+
 def test_push_without_a_token_says_how_to_log_in(run_dir, tmp_path, monkeypatch):
     """No HF_TOKEN and no saved token (an empty HF_HOME): one line on stderr, no traceback, nothing written."""
     env = {k: v for k, v in os.environ.items() if k not in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_TOKEN_PATH")}

@@ -171,3 +171,56 @@ def test_lm_head_of_a_fully_sharded_model_counts_as_sharded_after_a_no_grad_forw
     assert result.returncode == 0, result.stderr[-3000:]
     lines = [line for line in result.stdout.splitlines() if line.startswith(("before", "after"))]
     assert lines == ["before True True True", "after False False True"]
+
+
+SAMPLED = {**STEPS, "train.sample_prompts": 2, "train.sample_max_new_tokens": 6, "train.save_every": 5}
+
+
+@pytest.fixture(scope="module")
+def sampled_runs(tiny_model_dir, data_file, tmp_path_factory):
+    """A full fine-tune with samples at the evals (steps 2, 4) and the last step (5), on one process and under FSDP2
+    on two; each keeps checkpoint-5."""
+    from training import reset_accelerate_state, run
+
+    root = tmp_path_factory.mktemp("fsdp-samples")
+    reset_accelerate_state()
+    records = run(tiny_model_dir, data_file, root / "one", **SAMPLED)["records"]
+    reset_accelerate_state()
+    launch_fsdp(tiny_model_dir, data_file, root / "fsdp", **SAMPLED)
+    return records, root / "one", root / "fsdp"
+
+
+@pytest.mark.multiprocess
+def test_fsdp_samples_equal_one_process(sampled_runs):
+    """Under FSDP2 every forward of ``generate`` gathers the sharded weights (a collective): both ranks generate the
+    same prompts, ``synced_gpus`` keeps them in step, the main one writes. The greedy completions are the
+    one-process run's, token for token (the weights agree to ~1e-6, far from any tie between the top two logits)."""
+    records, one, fsdp = sampled_runs
+    assert_same_trajectory(records, read_jsonl(fsdp / "metrics.jsonl"), atol=1e-4)
+    single, sharded = read_jsonl(one / "samples.jsonl"), read_jsonl(fsdp / "samples.jsonl")
+    assert [r["step"] for r in sharded] == [2, 2, 4, 4, 5, 5]
+    assert len({r["prompt"] for r in sharded}) == 2 and all(0 < len(r["completion_ids"]) <= 6 for r in sharded)
+    assert sharded == single
+
+
+@pytest.mark.multiprocess
+def test_an_fsdp_checkpoint_is_not_pushed_the_final_model_is(sampled_runs, monkeypatch, capsys):
+    """An FSDP checkpoint holds each rank's shards (torch.distributed.checkpoint), not a model: launch/push.py says so
+    and names what to push instead, before anything is written or sent."""
+    import huggingface_hub
+
+    _, _, fsdp = sampled_runs
+    calls = []
+    monkeypatch.setattr(huggingface_hub, "get_token", lambda: "hf_test")
+    monkeypatch.setattr(huggingface_hub, "HfApi", lambda token=None: calls.append(token))
+    monkeypatch.syspath_prepend(os.path.join(ROOT, "launch"))
+    import push
+
+    checkpoint = fsdp / "checkpoint-5"
+    assert os.path.isdir(checkpoint / "pytorch_model_fsdp_0")
+    assert push.main([str(checkpoint), "me/x"]) == 1
+    err = capsys.readouterr().err
+    assert err == (f"error: {checkpoint} holds each rank's FSDP shards, not weights that load as a model (checkpoints "
+                   f"of sharded runs are for resuming): push the run's final model instead (python launch/push.py "
+                   f"{fsdp} REPO_ID), which the trainer saves gathered into one model\n")
+    assert calls == [] and not os.path.exists(checkpoint / "model")

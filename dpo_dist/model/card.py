@@ -1,5 +1,7 @@
 """The model card: ``README.md`` with the Hub's YAML metadata, written beside the final model (by the trainer), a
-merged export (``launch/merge.py``) and a folder ``launch/push.py`` uploads (unless it holds a card someone wrote).
+merged export (``launch/merge.py``), a checkpoint's weights (``<run>/checkpoint-N/model``, exported by
+``launch/push.py``: the card says step N, and shows the metrics up to it) and a folder ``launch/push.py`` uploads
+(unless it holds a card someone wrote).
 
     write_card("outputs/default/model")                                   # the run is the folder above
     write_card("elsewhere/merged", run="outputs/default", model_id="me/smollm2-dpo")
@@ -19,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,6 +29,7 @@ from dpo_dist.config import Config, load_config
 from dpo_dist.model.builtin import SMOLLM2, SMOLLM2_HUB_ID, SMOLLM2_LICENSE
 
 CARD = "README.md"
+CHECKPOINT_FOLDER = re.compile(r"^checkpoint-(\d+)$")  # the trainer's (dpo_dist.train.checkpoint.CHECKPOINT)
 RUN_FILE = "run.json"  # written by the trainer: {"pairs": {...}, "model_step": N, "model": "<which weights>"}
 EVAL_RESULTS = os.path.join("eval", "results.json")
 DATA_FILE_ENDINGS = (".json", ".jsonl", ".jsonl.gz", ".parquet", ".csv", ".arrow")
@@ -55,15 +59,26 @@ class RunFiles:
     results_skipped: str | None = None  # why results.json is not shown
 
 
+def checkpoint_of(folder: str) -> int | None:
+    """N when ``folder`` is the model exported from a run's ``checkpoint-N`` (``checkpoint-N/model``), else None."""
+    match = CHECKPOINT_FOLDER.match(os.path.basename(os.path.dirname(os.path.abspath(folder))))
+    return int(match.group(1)) if match else None
+
+
 def find_run(folder: str) -> str | None:
-    """The run folder that describes ``folder``: itself or the folder above it, whichever holds ``config.yaml``."""
-    for candidate in (folder, os.path.dirname(os.path.abspath(folder))):
+    """The run folder that describes ``folder``: itself or the folder above it, whichever holds ``config.yaml`` (for
+    ``<run>/checkpoint-N/model``: ``<run>``)."""
+    above = os.path.dirname(os.path.abspath(folder))
+    candidates = (folder, above) + ((os.path.dirname(above),) if checkpoint_of(folder) is not None else ())
+    for candidate in candidates:
         if os.path.isfile(os.path.join(candidate, "config.yaml")):
             return candidate
     return None
 
 
-def read_run(run: str | None) -> RunFiles:
+def read_run(run: str | None, *, checkpoint: int | None = None) -> RunFiles:
+    """``checkpoint``: the card is for the weights of ``checkpoint-<N>``: the records up to step N, that step as the
+    model's, and no ``eval/results.json`` (it evaluated the run's ``model/``)."""
     if run is None:
         return RunFiles()
     files = RunFiles(folder=run)
@@ -80,6 +95,13 @@ def read_run(run: str | None) -> RunFiles:
     if os.path.isfile(path):
         with open(path, encoding="utf-8") as handle:
             files.run = json.load(handle)
+    if checkpoint is not None:
+        files.records = [r for r in files.records if r["step"] <= checkpoint]
+        files.run = {**files.run, "model_step": checkpoint,
+                     "model": f"the weights of checkpoint-{checkpoint}, after step {checkpoint}"}
+        files.results_skipped = (f"Not shown: {EVAL_RESULTS} (`launch/evaluate.py`) evaluates the run's model/, "
+                                 f"not checkpoint-{checkpoint}.")
+        return files
     path = os.path.join(run, EVAL_RESULTS)
     if os.path.isfile(path):
         model = os.path.join(run, "model")
@@ -220,7 +242,8 @@ def render(folder: str, *, run: str | None = None, model_id: str | None = None, 
     merged or full (default: :func:`kind_of`)."""
     from huggingface_hub import ModelCardData
 
-    files = read_run(run if run is not None else find_run(folder))
+    checkpoint = checkpoint_of(folder)
+    files = read_run(run if run is not None else find_run(folder), checkpoint=checkpoint)
     cfg = files.cfg
     kind = kind or kind_of(folder, cfg)
     base = base_of(cfg, folder)
@@ -239,6 +262,8 @@ def render(folder: str, *, run: str | None = None, model_id: str | None = None, 
     loss = f"{cfg.loss.loss_type} loss, beta {cfg.loss.beta}" if cfg else "settings not recorded"
     lines = [f"# {title}", "", f"{what}, trained with DPO (direct preference optimization; {loss}) by dpo-dist on "
              "`accelerate`."]
+    if checkpoint is not None:
+        lines += ["", f"A checkpoint: the weights after optimizer step {checkpoint} of the run, not its final model."]
     if base and base.note:
         lines += ["", f"Base: {base.note}."]
     if kind == "merged" and saved_dtype(folder):

@@ -22,13 +22,10 @@ import shutil
 from typing import Any
 
 from dpo_dist.model.card import CARD, find_run, replaceable_card, write_card
+from dpo_dist.model.load import RESTORED_CONFIG
 
 logger = logging.getLogger(__name__)
 SAVED_DTYPES = ("bfloat16", "float16", "float32")
-# Config entries that loading a model for training changes (dpo_dist.model.load.load_base): a merged model gets the
-# base's values back.
-RESTORED_CONFIG = ("use_cache", "attention_dropout", "hidden_dropout", "dropout", "resid_pdrop", "embd_pdrop",
-                   "attn_pdrop")
 
 
 class HubLoginError(RuntimeError):

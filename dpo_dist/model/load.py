@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
@@ -17,6 +18,10 @@ logger = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 MODEL_FILES = ("adapter_config.json", "config.json")  # a folder holds a model (or a LoRA adapter) if it has one
+# Config entries that loading for training changes (load_base: the KV cache off, dropout 0): a saved full model (the
+# trainer's model/, a merged export, an exported checkpoint) gets the base's values back.
+RESTORED_CONFIG = ("use_cache", "attention_dropout", "hidden_dropout", "dropout", "resid_pdrop", "embd_pdrop",
+                   "attn_pdrop")
 
 
 class ModelError(ValueError):
@@ -218,6 +223,33 @@ def load_base(source: str, cfg: Config, dtype: torch.dtype, device: torch.device
     disable_dropout(model)
     model.config.use_cache = False
     return model
+
+
+def base_config_values(cfg: Config) -> dict[str, Any]:
+    """The base's own values of :data:`RESTORED_CONFIG` (those its config has), read from its config file."""
+    from transformers import AutoConfig
+
+    source = resolve_source(cfg.model.name_or_path)
+    config = AutoConfig.from_pretrained(source, revision=cfg.model.revision,
+                                        trust_remote_code=cfg.model.trust_remote_code).to_dict()
+    return {key: config[key] for key in RESTORED_CONFIG if key in config}
+
+
+@contextlib.contextmanager
+def config_set_to(model: torch.nn.Module, values: dict[str, Any]) -> Iterator[None]:
+    """``model.config`` with ``values`` while the block runs (a ``save_pretrained``), as it was afterwards."""
+    config = model.config
+    before = {key: getattr(config, key) for key in values if hasattr(config, key)}
+    for key, value in values.items():
+        setattr(config, key, value)
+    try:
+        yield
+    finally:
+        for key in values:
+            if key in before:
+                setattr(config, key, before[key])
+            else:
+                delattr(config, key)
 
 
 def load_policy(cfg: Config, device: torch.device, weights: torch.dtype | None = None) -> tuple[torch.nn.Module, Any]:

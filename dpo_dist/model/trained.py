@@ -26,6 +26,9 @@ def model_folder(path: str) -> str:
     for folder in (path, os.path.join(path, "model")):
         if any(os.path.isfile(os.path.join(folder, name)) for name in MODEL_FILES):
             return folder
+    if os.path.isfile(os.path.join(path, "trainer_state.json")):  # dpo_dist.train.checkpoint.STATE_FILE
+        raise FileNotFoundError(f"{path} is a training checkpoint, not a model folder: `python launch/push.py {path} "
+                                "REPO_ID` exports its weights to a model folder in it and pushes that")
     raise FileNotFoundError(
         f"{path}: no model here: expected adapter_config.json or config.json in it or in {os.path.join(path, 'model')}"
         " (a training run's output folder, or a saved model or adapter folder)"

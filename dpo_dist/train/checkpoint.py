@@ -23,6 +23,7 @@ from dataclasses import asdict, dataclass
 from typing import Any, Iterator
 
 from dpo_dist.config import Config
+from dpo_dist.model.load import config_set_to
 from dpo_dist.train.disk import reporting_full_disk, tensor_bytes, tree_bytes
 
 CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
@@ -290,22 +291,96 @@ def _read_state(path: str) -> TrainState:
         return TrainState(**json.load(handle))
 
 
-def save_final_model(accelerator: Any, model: Any, tokenizer: Any, path: str) -> None:
+def save_final_model(accelerator: Any, model: Any, tokenizer: Any, path: str, *,
+                     base_config: dict[str, Any] | None = None) -> None:
     """The LoRA adapter (``PeftModel.from_pretrained`` loads it) or the full model, with the tokenizer; atomic. A full
+    model's config.json gets ``base_config`` (:func:`~dpo_dist.model.load.base_config_values`: the base's
+    ``use_cache`` and dropout, which loading for training turned off), the live model's config left as it is. A full
     disk is :class:`~dpo_dist.train.disk.DiskFullError`, the ``.tmp`` removed."""
     unwrapped = accelerator.unwrap_model(model)
     state_dict = accelerator.get_state_dict(model)
     if accelerator.is_main_process:
         tmp = path + ".tmp"
         shutil.rmtree(tmp, ignore_errors=True)
+        restored = {} if hasattr(unwrapped, "peft_config") else base_config or {}  # an adapter has no model config
         with reporting_full_disk(path, tmp, needed=lambda: _export_bytes(unwrapped, state_dict, tokenizer),
-                                 then=lambda: _export_hint(os.path.dirname(path))):
+                                 then=lambda: _export_hint(os.path.dirname(path))), config_set_to(unwrapped, restored):
             unwrapped.save_pretrained(tmp, state_dict=state_dict)
             tokenizer.save_pretrained(tmp)
             if os.path.exists(path):
                 shutil.rmtree(path)
             os.replace(tmp, path)
     accelerator.wait_for_everyone()
+
+
+SHARDED_STATE = {"pytorch_model_fsdp_0": "FSDP", "pytorch_model": "DeepSpeed"}  # the folder each writes its shards to
+
+
+def is_checkpoint(path: str) -> bool:
+    return os.path.isfile(os.path.join(path, STATE_FILE))
+
+
+def export_checkpoint(path: str) -> str:
+    """The weights of the checkpoint ``path`` as a model folder, ``<path>/model``: what the run's ``model/`` would
+    hold had training stopped there (the LoRA adapter, or the full model with the base's ``use_cache`` and dropout),
+    the tokenizer, and a card that says which step and shows the metrics up to it. Written once, atomically (an
+    existing ``<path>/model`` is returned as it is). The run's ``config.yaml`` (the folder above) says how to build
+    the policy; it is built on the CPU (for LoRA with its base in full precision, whatever the run's quantization:
+    only the adapter is saved) in the dtype of the checkpoint's weights, which must then fit it name for name.
+    A checkpoint of an FSDP or DeepSpeed run holds each rank's shards: a :class:`CheckpointError` that says so and
+    what to push instead."""
+    import torch
+    from safetensors.torch import load_file
+
+    from dpo_dist.model.card import write_card
+    from dpo_dist.model.load import MODEL_FILES, base_config_values, config_set_to, load_policy
+    from dpo_dist.model.trained import run_config
+
+    out = os.path.join(path, "model")
+    if any(os.path.isfile(os.path.join(out, name)) for name in MODEL_FILES):
+        return out
+    run = os.path.dirname(os.path.abspath(path))
+    weights = os.path.join(path, "model.safetensors")
+    if not os.path.isfile(weights):
+        sharded = [kind for folder, kind in SHARDED_STATE.items() if os.path.isdir(os.path.join(path, folder))]
+        what = f"each rank's {sharded[0]} shards" if sharded else "no model.safetensors"
+        raise CheckpointError(
+            f"{path} holds {what}, not weights that load as a model (checkpoints of sharded runs are for resuming): "
+            f"push the run's final model instead (python launch/push.py {run} REPO_ID), which the trainer saves "
+            "gathered into one model"
+        )
+    cfg = run_config(path)
+    if cfg is None:
+        raise CheckpointError(f"{path}: no config.yaml in {run}: which model the checkpoint belongs to is unknown")
+    state = load_file(weights)
+    if state and all(name.startswith("module.") for name in state):  # written by a DDP run (its wrapper's names)
+        state = {name.removeprefix("module."): tensor for name, tensor in state.items()}
+    dtype = next((t.dtype for t in state.values() if t.is_floating_point()), torch.float32)
+    cfg.model.quantization, cfg.model.gradient_checkpointing = "none", False
+    model, tokenizer = load_policy(cfg, torch.device("cpu"), dtype)
+    own = model.state_dict()
+    expected = {name for name, p in model.named_parameters() if p.requires_grad} if cfg.lora.enabled else set(own)
+    stored = {own[name].data_ptr() for name in state if name in own}
+    missing = sorted(name for name in expected - set(state)
+                     if cfg.lora.enabled or own[name].data_ptr() not in stored)  # a tied weight is stored once
+    unexpected = sorted(set(state) - expected)
+    misfit = f"{weights} does not fit the model config.yaml describes"
+    hint = "was the run's config.yaml changed since it was written?"
+    if unexpected or missing:
+        raise CheckpointError(f"{misfit} ({len(unexpected)} unexpected and {len(missing)} missing weights, e.g. "
+                              f"{(unexpected or missing)[0]}): {hint}")
+    try:
+        model.load_state_dict(state, strict=False)
+    except RuntimeError as error:  # a shape that differs
+        raise CheckpointError(f"{misfit}: {str(error).splitlines()[-1].strip().rstrip('.')}: {hint}") from None
+    tmp = out + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    with config_set_to(model, {} if cfg.lora.enabled else base_config_values(cfg)):
+        model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    write_card(tmp, run=run, model_id=out)
+    os.replace(tmp, out)
+    return out
 
 
 def _export_bytes(unwrapped: Any, state_dict: dict, tokenizer: Any) -> tuple[int, str]:

@@ -42,7 +42,14 @@ from dpo_dist.distributed import (
 )
 from dpo_dist.model.attention import FLEX_BLOCK, base_model, choose_packing, flex_training_unsupported
 from dpo_dist.model.card import write_card
-from dpo_dist.model.load import Precision, load_policy, load_reference_copy, resolve_precision, resolve_source
+from dpo_dist.model.load import (
+    Precision,
+    base_config_values,
+    load_policy,
+    load_reference_copy,
+    resolve_precision,
+    resolve_source,
+)
 from dpo_dist.train.checkpoint import (
     ABANDONED,
     TrainState,
@@ -343,7 +350,8 @@ def finish(run: Run) -> None:
     if t.early_stopping_patience:  # selection by metric: the best checkpoint's weights, whether or not it stopped early
         step, exported = load_best_for_export(accelerator, run.state, t.output_dir, run.cfg)
     say(accelerator, exported)
-    save_final_model(accelerator, run.model, run.tokenizer, os.path.join(t.output_dir, "model"))
+    save_final_model(accelerator, run.model, run.tokenizer, os.path.join(t.output_dir, "model"),
+                     base_config=base_config_values(run.cfg))
     if accelerator.is_main_process:  # the model card reads what the run wrote: run.json, metrics.jsonl, config.yaml
         write_run_file(t.output_dir, pairs=run.counts, model_step=step, model=exported.removeprefix("model/: "))
         write_card(os.path.join(t.output_dir, "model"), run=t.output_dir)
