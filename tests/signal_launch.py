@@ -2,7 +2,8 @@
 
     python tests/signal_launch.py RUN_DIR WHEN section.key=value ...
 
-WHEN is ``step:N`` (after optimizer step N), ``reference:N`` (after batch N of the reference precompute) or
+WHEN is ``step:N`` (after optimizer step N), ``reference:N`` (after batch N of the reference precompute),
+``sentiment:N`` (at the N-th token sampled while the built-in sentiment set is built) or
 ``stuck:N`` (after step N rank 1 hangs before its next step, so rank 0 waits in that step's collective). When that
 point is reached this creates ``RUN_DIR/reached``; from then on each step (or batch) takes a second longer, so
 the signal arrives while the run is still going. Every process writes its pid to ``RUN_DIR/pid-<rank>`` and the status
@@ -53,6 +54,16 @@ if kind in ("step", "stuck"):
         return record
 
     trainer.train_step = train_step
+elif kind == "sentiment":  # at the N-th sampled token of the built-in data set's build
+    from dpo_dist.data import sentiment
+
+    real_check = sentiment._CheckEachToken.__call__
+
+    def check(self, *args, **kwargs):
+        reached()
+        return real_check(self, *args, **kwargs)
+
+    sentiment._CheckEachToken.__call__ = check
 else:
     from dpo_dist.train import reference
 

@@ -60,6 +60,28 @@ def wait_for_trainers(run_dir, processes: int, timeout: float = 180) -> list[int
     return [int(p.read_text()) for p in paths]
 
 
+def test_a_signal_while_the_builtin_set_is_sampled_stops_within_a_token(tiny_model_dir, data_file, tmp_path,
+                                                                        monkeypatch):
+    """SIGTERM while the built-in sentiment set is sampled (minutes on a CPU; it used to run on for the rest of the
+    build, past a scheduler's kill wait): the next sampled token stops it with the requeue status and a message,
+    and nothing of the set is written."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    extra = {"data.source": "builtin:sentiment", "data.sentiment.num_prompts": 16, "data.sentiment.eval_prompts": 4,
+             "data.sentiment.completions_per_prompt": 2, "data.sentiment.max_new_tokens": 200,
+             "train.max_steps": 2}
+    process = start("python", tmp_path, "sentiment:3", tiny_model_dir, data_file, **extra)
+    signal_when_reached(process, tmp_path, signal.SIGTERM)
+    signalled = time.monotonic()
+    assert wait_for_trainers(tmp_path, 1, timeout=60) == [PREEMPTED_EXIT_CODE]
+    assert time.monotonic() - signalled < 20  # sampling the rest (200 tokens, a second each here) takes minutes
+    process.wait(timeout=60)
+    log = (tmp_path / "log.txt").read_text()
+    assert "preempted: stopped by SIGTERM while sampling the built-in sentiment set" in log, log[-3000:]
+    built = [f for _, _, files in os.walk(tmp_path / "cache") for f in files if "sentiment" in f]
+    assert built == [], built
+    assert not (tmp_path / "out" / "metrics.jsonl").exists()
+
+
 @pytest.mark.multiprocess
 @pytest.mark.parametrize("sig", SIGNALS, ids=lambda s: s.name)
 @pytest.mark.parametrize("launch", list(LAUNCH_FORMS))

@@ -65,7 +65,8 @@ def data_source(cfg: Config) -> str | list[Part]:
                  num_samples=e.num_samples, fraction=e.fraction, data_format=e.format) for e in cfg.data.sources]
 
 
-def load_pairs_for(cfg: Config, accelerator: Any, model: Any, tokenizer: Any, identity: dict):
+def load_pairs_for(cfg: Config, accelerator: Any, model: Any, tokenizer: Any, identity: dict,
+                   stop_check: Callable[[], None] | None = None):
     """Train and eval pairs as in ``cfg.data``; the built-in sentiment set is built first (main process) if needed.
 
     Each node's local main process loads first (it writes the datasets cache), then the node's other processes read
@@ -78,7 +79,7 @@ def load_pairs_for(cfg: Config, accelerator: Any, model: Any, tokenizer: Any, id
         if accelerator.is_main_process:
             with sampling_model(cfg, accelerator, model) as sampler:
                 paths = ensure_sentiment_data(sampler, tokenizer, d.sentiment, identity, accelerator.device,
-                                              cache_root())
+                                              cache_root(), stop_check)
         from accelerate.utils import broadcast_object_list
 
         source, eval_source = broadcast_object_list([paths])[0]
@@ -96,12 +97,14 @@ def load_pairs_for(cfg: Config, accelerator: Any, model: Any, tokenizer: Any, id
 
 
 def tokenized_pairs(
-    cfg: Config, accelerator: Any, model: Any, tokenizer: Any, identity: dict
+    cfg: Config, accelerator: Any, model: Any, tokenizer: Any, identity: dict,
+    stop_check: Callable[[], None] | None = None,
 ) -> tuple[datasets.Dataset, datasets.Dataset | None, dict]:
     """Tokenized train and eval pairs, and counts of what was kept and dropped; every process must hold the same
-    counts (a DataError naming each rank's otherwise)."""
+    counts (a DataError naming each rank's otherwise). ``stop_check``: called while the built-in set is sampled; it
+    raises to stop (a stop signal)."""
     truncation = Truncation(cfg.data.max_length, cfg.data.max_prompt_length)
-    train, eval_ = load_pairs_for(cfg, accelerator, model, tokenizer, identity)
+    train, eval_ = load_pairs_for(cfg, accelerator, model, tokenizer, identity, stop_check)
     with accelerator.local_main_process_first():  # cached per node, like loading
         train_tok, train_dropped = tokenize_pairs(train, tokenizer, truncation,
                                                   num_proc=auto_num_proc(cfg.data.num_proc, len(train)))

@@ -100,6 +100,13 @@ class StopSignals:
             raise Preempted(f"stopped by {self.by()} {where}, before a training step: no checkpoint was needed (the "
                             "last one, if any, is as it was); run the same command again to continue")
 
+    def raise_if_received(self, where: str) -> None:
+        """Raise :class:`Preempted` if this process got a stop signal: for work one process does alone (sampling the
+        built-in data set), where the others wait and there is no step to agree on. Not a collective."""
+        if self.received is not None:
+            raise Preempted(f"stopped by {self.by()} {where}, before a training step: nothing was written (the "
+                            "set is built again from the start); run the same command again to continue")
+
     def close(self) -> None:
         self._closed.set()
         if self._wakeup is not None:

@@ -206,7 +206,9 @@ def setup(cfg: Config, signals: StopSignals) -> Run:
         model.to(accelerator.device)  # a quantized base was loaded onto its device already
     dtype = precision.compute
     identity = model_identity(cfg, resolve_source(cfg.model.name_or_path), str(dtype).removeprefix("torch."), accelerator)
-    train_tok, eval_tok, counts = tokenized_pairs(cfg, accelerator, model, tokenizer, identity)
+    train_tok, eval_tok, counts = tokenized_pairs(
+        cfg, accelerator, model, tokenizer, identity,
+        stop_check=lambda: signals.raise_if_received("while sampling the built-in sentiment set"))
     say(accelerator, f"pairs: {counts}")
 
     order = DataOrder(len(train_tok), per_device=t.per_device_batch_size, accumulation=t.gradient_accumulation_steps,
