@@ -22,6 +22,7 @@ from typing import Any, Iterator, Literal
 
 import datasets
 import pyarrow
+import pyarrow.dataset
 
 from dpo_dist.data.formats import FORMATS, RowError, detect_format, normalize_row
 from dpo_dist.data.tokenization import render_conversation
@@ -253,17 +254,37 @@ def _raw_rows(source: str, split: str, config_name: str | None, data_dir: str | 
         if source.endswith(JSON_SUFFIXES):
             return _slice_file(_json_rows(source), source, split), True
         if source.endswith(PARQUET_SUFFIXES):
-            return _slice_file(datasets.load_dataset("parquet", data_files=source, split="train"), source, split), False
+            return _slice_file(datasets.load_dataset("parquet", data_files=source, split="train", **PARQUET_READ),
+                               source, split), False
         raise DataError(
             f"{source}: unsupported file type; use one of {', '.join(JSON_SUFFIXES + PARQUET_SUFFIXES)}"
         )
     if source.endswith(JSON_SUFFIXES + PARQUET_SUFFIXES) and not os.path.exists(source):
         raise DataError(f"{source}: no such file")
+    read = PARQUET_READ if _parquet_folder(source, data_dir) else {}
     try:
-        dataset = datasets.load_dataset(source, name=config_name, data_dir=data_dir, revision=revision, split=split)
+        dataset = datasets.load_dataset(source, name=config_name, data_dir=data_dir, revision=revision, split=split,
+                                        **read)
     except Exception as error:  # the Hub and the folder loader raise many kinds
         raise DataError(f"{source}: could not load split {split!r}: {error}") from error
     return dataset, False
+
+
+# Arrow's parquet scan pre-buffers each row group's column chunks by default, and (pyarrow 24, reading the file
+# object datasets passes it) the process kept every one read: converting 1,000,000 pairs (a 2.15 GiB file) into
+# the datasets cache peaked at 3.1 GiB of anonymous memory, growing with the file. Without pre-buffering the scan
+# reads each column chunk through a buffered stream: a peak of 1.2 GiB, one row group's worth, at the same speed.
+PARQUET_READ = {"fragment_scan_options": pyarrow.dataset.ParquetFragmentScanOptions(pre_buffer=False)}
+
+
+def _parquet_folder(source: str, data_dir: str | None) -> bool:
+    """A local folder whose data files are all parquet (read with :data:`PARQUET_READ`)."""
+    folder = os.path.join(source, data_dir) if data_dir else source
+    if not os.path.isdir(folder):
+        return False
+    names = [name for _, _, files in os.walk(folder) for name in files if not name.startswith(".")]
+    data = [name for name in names if not name.lower().endswith((".md", ".txt", ".yaml", ".yml", ".py"))]
+    return bool(data) and all(name.endswith(PARQUET_SUFFIXES) for name in data)
 
 
 def _slice_file(raw: datasets.Dataset, source: str, split: str) -> datasets.Dataset:
