@@ -396,6 +396,33 @@ def test_learning_rate_schedules(kind, expected):
     assert [factor(step) for step in range(6)] == pytest.approx(expected, abs=1e-6)
 
 
+def test_adamw_is_torchs_fused_kernel_with_the_loops_update():
+    """On CPU (and CUDA) torch's fused AdamW: the update of the per-tensor loop to float rounding, after 10 steps
+    with weight decay and a schedule-like learning rate change; integer or other-device parameters keep the default."""
+    from dpo_dist.train.optim import build_optimizer, torch_adamw_kernel
+
+    cfg = load_config(None, ["train.learning_rate=1e-2", "train.weight_decay=0.1"])
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.Linear(32, 8))
+    frozen = model[0].bias.requires_grad_(False)
+    twin = [p.detach().clone().requires_grad_(True) for p in model.parameters() if p.requires_grad]
+    ours = build_optimizer(model, cfg)
+    assert ours.defaults["fused"] is True and len(ours.param_groups[0]["params"]) == 3  # the frozen bias left out
+    loop = torch.optim.AdamW(twin, lr=1e-2, weight_decay=0.1, betas=(0.9, 0.999), foreach=False)
+    for step in range(10):
+        grads = [torch.randn_like(p) for p in twin]
+        for p, q, g in zip(ours.param_groups[0]["params"], twin, grads):
+            p.grad, q.grad = g.clone(), g.clone()
+        for optimizer in (ours, loop):
+            optimizer.param_groups[0]["lr"] = 1e-2 / (step + 1)
+            optimizer.step()
+    for p, q in zip(ours.param_groups[0]["params"], twin):
+        torch.testing.assert_close(p.detach(), q.detach(), atol=1e-7, rtol=1e-6)
+    assert torch_adamw_kernel([torch.zeros(2, dtype=torch.int64)]) == {}
+    assert torch_adamw_kernel([torch.zeros(2, device="meta")]) == {}
+    assert frozen.grad is None
+
+
 @pytest.mark.parametrize("environ, affinity, expected", [
     ({}, {0, 1, 2, 3}, (4, "the affinity mask")),
     ({"SLURM_CPUS_ON_NODE": "1"}, {0, 1}, (1, "SLURM_CPUS_ON_NODE=1")),  # the local cluster: no binding, 1 CPU a node

@@ -16,12 +16,23 @@ def build_optimizer(model: Any, cfg: Config) -> torch.optim.Optimizer:
     params = [p for p in model.parameters() if p.requires_grad]
     kwargs = {"lr": t.learning_rate, "betas": tuple(t.adam_betas), "weight_decay": t.weight_decay}
     if t.optimizer == "adamw":
-        return torch.optim.AdamW(params, **kwargs)
+        return torch.optim.AdamW(params, **kwargs, **torch_adamw_kernel(params))
     import bitsandbytes as bnb
 
     cls = {"adamw_8bit": bnb.optim.AdamW8bit, "paged_adamw": bnb.optim.PagedAdamW,
            "paged_adamw_8bit": bnb.optim.PagedAdamW8bit}[t.optimizer]
     return cls(params, **kwargs)
+
+
+def torch_adamw_kernel(params: list[torch.Tensor]) -> dict[str, bool]:
+    """torch's fused AdamW (one kernel over all tensors) where it runs: floating parameters on CPU or CUDA. Else its
+    default (a loop over the tensors on CPU, ``foreach`` on GPU). Fused computes the same update in another order:
+    after 23 steps of the default run's 420 LoRA tensors the weights differ by at most 1.5e-8, and the optimizer
+    step took 12 ms instead of 52 ms (1 CPU thread)."""
+    devices = {p.device.type for p in params}
+    if params and devices <= {"cpu", "cuda"} and all(p.is_floating_point() for p in params):
+        return {"fused": True}
+    return {}
 
 
 def lr_lambda(total_steps: int, warmup_steps: int, kind: str):
