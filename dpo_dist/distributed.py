@@ -223,11 +223,12 @@ def _one_line_warning(message: Any, category: type, filename: str, lineno: int, 
 def configure_logging(rank: int) -> None:
     """One voice per job. Every process would print the same notices (a library's FutureWarning, DeepSpeed's
     "Setting accelerator to CPU", bitsandbytes' kernel notice), nodes x processes copies of each in slurm-<job>.out.
-    Rank 0 logs INFO and shows each warning once, on one line; every other rank logs errors only and shows no Python
+    Rank 0 logs our INFO, other libraries' warnings, and each Python warning once, on one line; every other rank logs errors only and shows no Python
     warnings. The progress bars of datasets and transformers are off: the trainer's is the one bar."""
     main = rank == 0
-    logging.basicConfig(level=logging.INFO if main else logging.ERROR,
+    logging.basicConfig(level=logging.WARNING if main else logging.ERROR,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("dpo_dist").setLevel(logging.INFO if main else logging.ERROR)  # other libraries' INFO stays out
     warnings.formatwarning = _one_line_warning
     import datasets
     import transformers

@@ -513,13 +513,15 @@ deepspeed.propagate = False
 deepspeed.addHandler(logging.StreamHandler(sys.stdout))
 deepspeed.warning("Setting accelerator to CPU.")
 logging.getLogger("dpo_dist.model.load").info("policy loaded")
+logging.getLogger("matplotlib.font_manager").info("generated new fontManager")  # another library's INFO
 logging.getLogger("dpo_dist.train").error("rank-specific trouble")
 """
 
 
 def test_non_main_ranks_are_quiet_and_warnings_are_one_line_once():
-    """Rank 0 shows each notice once, a Python warning on one line; another rank only its errors (every process
-    printed the same FutureWarnings and notices: nodes x processes copies in slurm-<job>.out)."""
+    """Rank 0 shows our INFO and each library's notice once, a Python warning on one line, but not other libraries'
+    INFO; another rank only its errors (every process printed the same FutureWarnings and notices: nodes x processes
+    copies in slurm-<job>.out)."""
     def output(rank):
         result = subprocess.run([sys.executable, "-c", NOISY.format(root=ROOT), str(rank)], capture_output=True,
                                 text=True, timeout=120, env={**os.environ, "PYTHONWARNINGS": ""})
@@ -532,6 +534,7 @@ def test_non_main_ranks_are_quiet_and_warnings_are_one_line_once():
     for notice in ("Failed to load CPU gemm_4bit_forward", "a transformers notice", "Setting accelerator to CPU.",
                    "INFO dpo_dist.model.load: policy loaded", "ERROR dpo_dist.train: rank-specific trouble"):
         assert sum(notice in line for line in main) == 1, (notice, main)
+    assert not any("fontManager" in line for line in main), main
     assert output(1) == ["ERROR dpo_dist.train: rank-specific trouble"]
 
 
