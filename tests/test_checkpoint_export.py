@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from test_export import FakeApi
+from test_export import FakeApi, hub  # noqa: F401  (hub: the logged-in user and recording HfApi fixture)
 from training import ROOT, read_jsonl, reset_accelerate_state, run, save_tiny_model
 
 SETTINGS = {"train.max_steps": 4, "train.save_every": 2, "train.eval_every": 2}
@@ -29,16 +29,6 @@ def runs(data_file, tmp_path_factory):
         run(base, data_file, root / name, **SETTINGS, **{"lora.enabled": lora, "lora.r": 4})
     reset_accelerate_state()
     return root
-
-
-@pytest.fixture
-def hub(monkeypatch):
-    import huggingface_hub
-
-    api = FakeApi()
-    monkeypatch.setattr(huggingface_hub, "get_token", lambda: "hf_test")
-    monkeypatch.setattr(huggingface_hub, "HfApi", lambda token=None: api)
-    return api
 
 
 @pytest.fixture
