@@ -418,6 +418,7 @@ def test_adamw_is_torchs_fused_kernel_with_the_loops_update():
             optimizer.step()
     for p, q in zip(ours.param_groups[0]["params"], twin):
         torch.testing.assert_close(p.detach(), q.detach(), atol=1e-7, rtol=1e-6)
+    assert not build_optimizer(model, cfg, grad_scaler=True).defaults["fused"]  # see test_an_fp16_overflow_skips_...
     assert torch_adamw_kernel([torch.zeros(2, dtype=torch.int64)]) == {}
     assert torch_adamw_kernel([torch.zeros(2, device="meta")]) == {}
     assert frozen.grad is None

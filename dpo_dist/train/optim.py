@@ -10,13 +10,18 @@ import torch
 from dpo_dist.config import Config
 
 
-def build_optimizer(model: Any, cfg: Config) -> torch.optim.Optimizer:
-    """AdamW over the trainable parameters: torch's, or bitsandbytes' 8-bit / paged variants."""
+def build_optimizer(model: Any, cfg: Config, *, grad_scaler: bool = False) -> torch.optim.Optimizer:
+    """AdamW over the trainable parameters: torch's, or bitsandbytes' 8-bit / paged variants.
+
+    ``grad_scaler``: a torch GradScaler will drive the steps (fp16 without DeepSpeed). It then keeps torch's
+    per-tensor AdamW: a fused AdamW takes the scaler's overflow flag and skips the update itself, so its ``step`` is
+    always called, and Accelerate (which sees a skipped step as a ``step`` not called) would report every skipped
+    step as applied."""
     t = cfg.train
     params = [p for p in model.parameters() if p.requires_grad]
     kwargs = {"lr": t.learning_rate, "betas": tuple(t.adam_betas), "weight_decay": t.weight_decay}
     if t.optimizer == "adamw":
-        return torch.optim.AdamW(params, **kwargs, **torch_adamw_kernel(params))
+        return torch.optim.AdamW(params, **kwargs, **({} if grad_scaler else torch_adamw_kernel(params)))
     import bitsandbytes as bnb
 
     cls = {"adamw_8bit": bnb.optim.AdamW8bit, "paged_adamw": bnb.optim.PagedAdamW,

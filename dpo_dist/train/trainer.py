@@ -219,7 +219,7 @@ def setup(cfg: Config, signals: StopSignals) -> Run:
     configure_deepspeed(accelerator, per_device_batch_size=t.per_device_batch_size,
                         gradient_accumulation_steps=t.gradient_accumulation_steps, max_grad_norm=t.max_grad_norm,
                         dtype=dtype)
-    optimizer = build_optimizer(model, cfg)
+    optimizer = build_optimizer(model, cfg, grad_scaler=accelerator.scaler is not None)
     warmup = round(t.warmup_ratio * total_steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(total_steps, warmup, t.lr_scheduler))
     model, optimizer = accelerator.prepare(model, optimizer)
