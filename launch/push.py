@@ -26,8 +26,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("folder", help="a run's output folder (its model/ is pushed), one of its checkpoints, an adapter or a "
-                        "model folder")
+    parser.add_argument("folder", help="a run's output folder (its model/ is pushed), one of its checkpoints, an "
+                        "adapter or a model folder")
     parser.add_argument("repo_id", help="owner/name on the Hub; created if missing")
     parser.add_argument("--private", action="store_true", help="create the repository private")
     parser.add_argument("--revision", default=None, metavar="BRANCH",

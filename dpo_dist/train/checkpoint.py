@@ -317,6 +317,7 @@ SHARDED_STATE = {"pytorch_model_fsdp_0": "FSDP", "pytorch_model": "DeepSpeed"}  
 
 
 def is_checkpoint(path: str) -> bool:
+    """Whether ``path`` is a training checkpoint (it has the trainer's state file)."""
     return os.path.isfile(os.path.join(path, STATE_FILE))
 
 
@@ -333,7 +334,7 @@ def export_checkpoint(path: str) -> str:
     from safetensors.torch import load_file
 
     from dpo_dist.model.card import write_card
-    from dpo_dist.model.load import MODEL_FILES, base_config_values, config_set_to, load_policy
+    from dpo_dist.model.load import MODEL_FILES, base_config_values, load_policy
     from dpo_dist.model.trained import run_config
 
     out = os.path.join(path, "model")
