@@ -38,6 +38,7 @@ VARIANTS = {  # dpo-dist configurations (section.key overrides), each one lever 
     "no-sharing": {"train.share_prompt": False},  # packed, but prompt|chosen and prompt|rejected as two segments
     "padded": {"train.packing": "off"},  # padded chosen and rejected rows, full logits then chunked log-softmax
     "online-ref": {"reference.mode": "online"},  # the reference forward in every step instead of precomputed
+    "dense-attention": {"train.attention_layout": "dense"},  # packed rows under one mask each, never segmented
 }
 
 
@@ -94,7 +95,8 @@ def positions_per_step(lengths: list[list[tuple[int, int, int]]], batch: int, se
     - padded: chosen and rejected rows padded to the batch's longest (TRL; dpo-dist with train.packing=off);
     - length-grouped: the same, with the pairs sorted by length within windows of 32 batches before batching (the
       batches then hold other pairs, so the loss trajectory is no longer the same);
-    - packed: prompt|chosen|rejected segments, prompt once, packed into rows (``dpo_dist.data.packing.choose_rows``).
+    - packed: prompt|chosen|rejected segments, prompt once, packed into rows (``dpo_dist.data.packing.choose_rows``)
+      for a dense mask; the segmented layout puts them in one row with no padding (``non_padding_shared``).
     """
     import random
 
@@ -275,7 +277,8 @@ def main() -> None:
     positions = positions_per_step(data["lengths"], args.batch, args.seed)
     print(f"\ntoken positions computed per step (padding included): padded {positions['padded']:.0f}, "
           f"length-grouped padded {positions['length_grouped']:.0f}, packed with the prompt shared "
-          f"{positions['packed_shared']:.0f}; non-padding tokens: {positions['non_padding_unshared']:.0f} as two "
+          f"{positions['packed_shared']:.0f} in rows for a dense mask, {positions['non_padding_shared']:.0f} in one row "
+          f"segmented; non-padding tokens: {positions['non_padding_unshared']:.0f} as two "
           f"sequences per pair, {positions['non_padding_shared']:.0f} with the prompt once")
     print("\nlosses (first steps):")
     for label, s in summary.items():

@@ -26,7 +26,7 @@ WINDOW = 6  # shorter than most sequences below, so a window that is ignored or 
 # (model type, sliding window): every type on the packing list, with a window where the architecture has one.
 MODELS = [("llama", None), ("mistral", None), ("mistral", WINDOW), ("qwen2", None), ("qwen2", WINDOW),
           ("qwen3", None), ("qwen3", WINDOW), ("gpt2", None)]
-LAYOUTS = ("packed-shared-prompt", "packed", "padded")
+LAYOUTS = ("packed-shared-prompt", "packed", "segmented-shared-prompt", "segmented", "padded")
 EXACT = dict(rtol=1e-5, atol=1e-5)  # summed log-probs of about -40: fp32 noise is ~1e-6
 # FlexAttention on this CPU with torch 2.13: the packed rows of a model without a window compile and are exact; for
 # these two cases the compiler fails (the same code path trains on GPUs, where no GPU was lent to check it):
@@ -86,7 +86,10 @@ def scored(model, pairs: list[dict], layout: str):
     if layout == "padded":
         out = concatenated_forward(model, PreferenceCollator(pad_token_id=0, pad_to_multiple_of=block)(pairs))
     else:
-        collator = PackedPairCollator(0, share_prompt=layout == "packed-shared-prompt", pad_to_multiple_of=block)
+        # segmented: one row with attention_spans, computed a segment at a time under sdpa; other kernels take the
+        # dense mask over that row (the trainer lays out rows that way for sdpa only)
+        collator = PackedPairCollator(0, share_prompt=layout.endswith("shared-prompt"), pad_to_multiple_of=block,
+                                      attention_layout="segmented" if layout.startswith("segmented") else "dense")
         out = packed_forward(model, collator(pairs))
     return out.chosen_logps, out.rejected_logps
 
@@ -102,8 +105,13 @@ def test_the_matrix_covers_every_accepted_model_type_and_kernel():
     assert PACKING_KERNELS == ("sdpa", "eager", "flex_attention")
 
 
-@pytest.mark.parametrize("layout", LAYOUTS)
-@pytest.mark.parametrize("kernel", PACKING_KERNELS)
+# The segmented layout is for sdpa (train.attention_layout=segmented is refused with flex_attention, which skips the
+# blocks no query sees by itself); eager takes the dense mask over its one row.
+KERNEL_LAYOUTS = [(k, layout) for k in PACKING_KERNELS for layout in LAYOUTS
+                  if not (k == "flex_attention" and layout.startswith("segmented"))]
+
+
+@pytest.mark.parametrize("kernel,layout", KERNEL_LAYOUTS, ids=[f"{k}-{layout}" for k, layout in KERNEL_LAYOUTS])
 @pytest.mark.parametrize("model_type,window", MODELS, ids=[f"{m}-window{w}" if w else m for m, w in MODELS])
 def test_log_probs_equal_an_unpadded_forward(model_type, window, kernel, layout):
     """No-grad passes (the reference precompute, evaluation); FlexAttention is compiled on first use (a C++

@@ -57,8 +57,11 @@ def exported_logits(folder, tiny_model_dir, lora):
 def test_fsdp_trajectory_equals_one_process(lora, one_process, tiny_model_dir, data_file, tmp_path):
     records, single_out = one_process[lora]
     out = tmp_path / "out"
-    result = launch_fsdp(tiny_model_dir, data_file, out, **STEPS, **{"lora.enabled": lora})
+    # LoRA lays attention out segment by segment, the one process as the cost model picks (dense on this data)
+    layout = {"train.attention_layout": "segmented"} if lora else {}
+    result = launch_fsdp(tiny_model_dir, data_file, out, **STEPS, **{"lora.enabled": lora}, **layout)
     assert "packing: on" in result.stdout, result.stdout[-2000:]  # the LM head runs inside the forward
+    assert ("attention: segmented (" in result.stdout) == lora, result.stdout[-2000:]
     assert_same_trajectory(records, read_jsonl(out / "metrics.jsonl"), atol=1e-4)
     # Sharded: each rank holds half the parameters, gradients and AdamW moments one process holds.
     (one,) = held_state(single_out)

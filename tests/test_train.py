@@ -71,10 +71,14 @@ def test_two_process_ddp_equals_one_process(tiny_model_dir, data_file, tmp_path,
     one = run(tiny_model_dir, data_file, tmp_path / "one", **extra)["records"]
     command = accelerate_launch("--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
                                 "--dynamo_backend", "no", os.path.join(ROOT, "launch", "train.py"))
-    command += overrides(tiny_model_dir, data_file, tmp_path / "two", **extra, **{"train.per_device_batch_size": 4})
+    # LoRA's two processes lay attention out segment by segment, the one process as the cost model picks: equal too
+    layout = {"train.attention_layout": "segmented"} if lora else {}
+    command += overrides(tiny_model_dir, data_file, tmp_path / "two", **extra, **layout,
+                         **{"train.per_device_batch_size": 4})
     result = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert result.returncode == 0, result.stderr[-4000:]
     assert re.search(r"x 2 processes, \d+ CPU threads each", result.stdout), result.stdout[-2000:]
+    assert ("attention: segmented (" in result.stdout) == lora, result.stdout[-2000:]
     two = read_metrics(str(tmp_path / "two" / "metrics.jsonl"))
     assert_same_trajectory(one, two, atol=1e-5)
     # Both processes generate the samples (steps 2, 4, 5), the main one writes them: the one-process completions.

@@ -15,7 +15,15 @@ Each pair becomes one segment, ``prompt | chosen | rejected``, with the prompt c
 
 Segments are packed into rows first-fit decreasing; the row capacity is chosen per batch to waste the fewest
 positions without making rows so wide that attention (which a boolean mask computes in full) costs more than the
-padding saved (:func:`choose_rows`). Every pair keeps its own log-probs (and so its own weight in the mean
+padding saved (:func:`choose_rows`).
+
+**Attention layout.** A dense mask has the kernel compute every query against every key of its row, ``W x W`` per
+row, of which the segments' own blocks are a fraction; so rows are kept narrow, at the price of some padding. The
+segmented layout (``attention_spans``) gives the kernel each segment's parts alone instead: ``prompt | first
+response`` as one causal block, the second response's queries against the prompt's keys and their own
+(``dpo_dist.model.segmented_attention``). Attention then costs the same however the segments are laid out, so they
+all go in one row with no padding at all. It costs a kernel call per part, which short segments may not repay:
+:func:`segmented_pays` weighs the two layouts per batch. Every pair keeps its own log-probs (and so its own weight in the mean
 loss); the result equals scoring ``prompt + chosen`` and ``prompt + rejected`` separately (tested, log-probs and
 gradients).
 """
@@ -31,6 +39,13 @@ from dpo_dist.data.collate import REFERENCE_COLUMNS
 # Branch ids: which part of its segment a token is in. Padding is its own segment (-1) on branch PROMPT.
 PROMPT, CHOSEN, REJECTED = 0, 1, 2
 PAD_SEGMENT = -1
+ATTENTION_LAYOUTS = ("auto", "dense", "segmented")
+# What one more attention kernel call costs, as query-key pairs of work: measured with SmolLM2-135M's attention
+# shapes (9 heads, 3 key/value heads, head dim 64) forward and backward on 2 CPU cores (benchmarks/attention_layout.py).
+CALL_COST = 7_000
+# What a position costs in the linear layers, in the same units (SmolLM2-sized layers on the same CPU): where a
+# dense row of this width spends as much on attention per position as on the rest of the layer.
+POSITION_COST = 2048
 
 
 def packed_mask(segment_ids: torch.Tensor, branch_ids: torch.Tensor, position_ids: torch.Tensor, *,
@@ -85,11 +100,12 @@ def plan_rows(lengths: Sequence[int], capacity: int) -> list[list[int]]:
     return rows
 
 
-def choose_rows(lengths: Sequence[int], attention_tokens: int = 2048) -> list[list[int]]:
-    """The packing that costs least: rows first-fit decreasing under each capacity from the longest segment to all of
-    them in one row, each costed as ``rows x width x (1 + width / attention_tokens)`` — every position pays for the
-    linear layers, and attention grows with the row's width too (a boolean mask is computed in full). 2048 is where,
-    on the CPU kernels measured here, attention costs as much per position as the rest of a SmolLM2-sized layer."""
+def choose_rows(lengths: Sequence[int], attention_tokens: int = POSITION_COST) -> list[list[int]]:
+    """The packing that costs least under a dense mask: rows first-fit decreasing under each capacity from the longest
+    segment to all of them in one row, each costed as ``rows x width x (1 + width / attention_tokens)`` — every
+    position pays for the linear layers, and attention grows with the row's width too (a boolean mask is computed in
+    full). 2048 is where, on the CPU kernels measured here, attention costs as much per position as the rest of a
+    SmolLM2-sized layer."""
     longest, total = max(lengths), sum(lengths)
     best, best_cost = None, float("inf")
     for capacity in sorted({longest, total, *(min(total, longest * k // 4) for k in range(5, 17))}):
@@ -99,6 +115,24 @@ def choose_rows(lengths: Sequence[int], attention_tokens: int = 2048) -> list[li
         if cost < best_cost:
             best, best_cost = rows, cost
     return best
+
+
+def segmented_pays(parts: Sequence[tuple[int, int, int]], rows: int, width: int, *,
+                   position_cost: int = POSITION_COST, call_cost: int = CALL_COST) -> bool:
+    """Whether the segmented layout (all segments in one row, no padding; ``parts``: each segment's prompt, first
+    and second response lengths) costs less than the dense mask over ``rows x width``.
+
+    Both in query-key pairs of attention work: every position costs ``position_cost`` (the linear layers, as in
+    :func:`choose_rows`); the dense mask computes ``width`` keys for each of its ``rows x width`` queries; the
+    segmented layout computes each part's block in full (the CPU kernel's backward skips little of a causal block)
+    and pays ``call_cost`` for each kernel call, one per part."""
+    dense = rows * width * (position_cost + width)
+    segmented = 0
+    for prompt, first, second in parts:
+        segmented += (prompt + first + second) * position_cost + (prompt + first) ** 2 + call_cost
+        if second:
+            segmented += second * (prompt + second) + call_cost
+    return segmented < dense
 
 
 class PackedPairCollator:
@@ -113,12 +147,22 @@ class PackedPairCollator:
     ``seq_index`` (K,): for each scored token, the flat position (in R*W) that predicts it, its id, and its sequence
     (pair b's chosen is b, its rejected B + b); ``pair_tokens`` (B,): the pair's tokens counted as two sequences
     (prompt twice), the figure throughput is reported in.
+
+    ``attention_layout``: ``dense``: rows as :func:`choose_rows` packs them, for a mask over each row; ``segmented``:
+    every segment in one row (no padding: the row's width no longer costs attention), and the batch also carries
+    ``attention_spans`` (S, 6): per part of a row ``row, start, prompt, first, second, padding`` lengths, in row
+    order, covering every position (a segment with ``padding`` 0, or a row's padding with only ``padding``), for
+    ``dpo_dist.model.segmented_attention``; ``auto``: segmented where :func:`segmented_pays`.
     """
 
-    def __init__(self, pad_token_id: int, *, share_prompt: bool = True, pad_to_multiple_of: int | None = None):
+    def __init__(self, pad_token_id: int, *, share_prompt: bool = True, pad_to_multiple_of: int | None = None,
+                 attention_layout: str = "dense"):
+        if attention_layout not in ATTENTION_LAYOUTS:
+            raise ValueError(f"attention_layout must be one of {ATTENTION_LAYOUTS}, got {attention_layout!r}")
         self.pad_token_id = pad_token_id
         self.pad_to_multiple_of = pad_to_multiple_of  # FlexAttention's block size: rows a whole number of blocks
         self.share_prompt = share_prompt
+        self.attention_layout = attention_layout
 
     def segments(self, examples: Sequence[dict[str, Any]]) -> list[tuple[list[int], list[tuple[list[int], int]]]]:
         """(prompt, [(response, sequence index), ...]) per segment."""
@@ -132,10 +176,23 @@ class PackedPairCollator:
                 out += [(prompt, [(chosen, i)]), (prompt, [(rejected, b + i)])]
         return out
 
+    def rows(self, segments: list, lengths: list[int]) -> tuple[list[list[int]], bool]:
+        """Segment indices per row, and whether the layout is segmented (module docstring, ``attention_layout``)."""
+        one_row = [list(range(len(lengths)))]
+        if self.attention_layout == "segmented":
+            return one_row, True
+        rows = choose_rows(lengths)
+        if self.attention_layout == "dense":
+            return rows, False
+        parts = [(len(prompt), *(len(r) for r, _ in responses), 0)[:3] for prompt, responses in segments]
+        if segmented_pays(parts, len(rows), max(sum(lengths[i] for i in row) for row in rows)):
+            return one_row, True
+        return rows, False
+
     def __call__(self, examples: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
         segments = self.segments(examples)
         lengths = [len(prompt) + sum(len(r) for r, _ in responses) for prompt, responses in segments]
-        rows = choose_rows(lengths)
+        rows, segmented = self.rows(segments, lengths)
         width = max(sum(lengths[i] for i in row) for row in rows)
         if self.pad_to_multiple_of:
             width = -(-width // self.pad_to_multiple_of) * self.pad_to_multiple_of
@@ -143,12 +200,14 @@ class PackedPairCollator:
         position_ids = torch.zeros((len(rows), width), dtype=torch.long)
         segment_ids = torch.full((len(rows), width), PAD_SEGMENT, dtype=torch.long)
         branch_ids = torch.full((len(rows), width), PROMPT, dtype=torch.long)
-        pred_rows, targets, seq_index = [], [], []
+        pred_rows, targets, seq_index, spans = [], [], [], []
         for r, row in enumerate(rows):
             start = 0
             for i in row:
                 prompt, responses = segments[i]
                 n_p, end = len(prompt), start + lengths[i]
+                sizes = [len(response) for response, _ in responses]
+                spans.append((r, start, n_p, sizes[0], sizes[1] if len(sizes) > 1 else 0, 0))
                 input_ids[r, start : start + n_p] = torch.tensor(prompt, dtype=torch.long)
                 position_ids[r, start : start + n_p] = torch.arange(n_p)
                 segment_ids[r, start:end] = i
@@ -168,6 +227,8 @@ class PackedPairCollator:
                     seq_index += [seq] * (n - first)
                     offset += n
                 start = end
+            if start < width:
+                spans.append((r, start, 0, 0, 0, width - start))
         batch = {
             "input_ids": input_ids, "position_ids": position_ids, "segment_ids": segment_ids, "branch_ids": branch_ids,
             "pred_rows": torch.tensor(pred_rows, dtype=torch.long), "targets": torch.tensor(targets, dtype=torch.long),
@@ -175,6 +236,8 @@ class PackedPairCollator:
             "pair_tokens": torch.tensor([2 * len(e["prompt_input_ids"]) + len(e["chosen_input_ids"])
                                          + len(e["rejected_input_ids"]) for e in examples], dtype=torch.long),
         }
+        if segmented:
+            batch["attention_spans"] = torch.tensor(spans, dtype=torch.long)
         for column in REFERENCE_COLUMNS:
             if column in examples[0]:
                 batch[column] = torch.tensor([e[column] for e in examples], dtype=torch.float32)

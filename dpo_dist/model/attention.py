@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from dpo_dist.data.packing import packed_mask, packed_mask_mod
+from dpo_dist.model import segmented_attention
 
 PACKING_KERNELS = ("sdpa", "eager", "flex_attention")
 FLEX_BLOCK = 128  # FlexAttention's block size: packed rows are padded to a multiple of it
@@ -81,6 +82,29 @@ def choose_packing(setting: str, model: Any, *, share_prompt: bool = True) -> tu
     return True, "packing: on (prompt|chosen and prompt|rejected segments packed into rows; train.share_prompt=false)"
 
 
+def choose_attention_layout(setting: str, model: Any, device: torch.device, *, packed: bool) -> tuple[str, str | None]:
+    """``train.attention_layout`` resolved for this model and device: (what ``PackedPairCollator`` takes, the line that
+    says so, or None with nothing to say). ``segmented`` where it cannot run is an error."""
+    if not packed:
+        if setting == "segmented":
+            raise ValueError("train.attention_layout=segmented lays out packed rows, and packing is off; "
+                             "use train.attention_layout=auto")
+        return "dense", None
+    kernel = base_model(model).config._attn_implementation
+    if kernel != "sdpa":
+        if setting == "segmented":
+            raise ValueError(f"train.attention_layout=segmented runs with sdpa attention, not {kernel!r} "
+                             f"(model.attn_implementation=sdpa, or train.attention_layout=auto)")
+        return "dense", None
+    if setting == "dense":
+        return "dense", "attention: dense (a mask over each packed row; train.attention_layout=dense)"
+    if setting == "segmented":
+        return "segmented", "attention: segmented (each segment's blocks computed alone; train.attention_layout=segmented)"
+    if device.type != "cpu":
+        return "dense", f"attention: dense (the segmented layout's cost model is measured on CPU, this is {device.type})"
+    return "auto", "attention: segmented or dense per batch, whichever the cost model finds cheaper"
+
+
 def for_kernel(mask: torch.Tensor, kernel: str, dtype: torch.dtype) -> torch.Tensor:
     """A boolean mask (True: attend) as ``kernel`` takes it: as is for sdpa, additive (0 / dtype min) for eager."""
     if kernel == "sdpa":
@@ -112,6 +136,28 @@ def packed_attention_mask(model: Any, batch: dict[str, torch.Tensor]) -> torch.T
         return masks
     (mask,) = masks.values()
     return mask
+
+
+def packed_attention_kwargs(model: Any, batch: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """The attention arguments of a packed batch's forward: its mask (:func:`packed_attention_mask`), or, where the
+    batch carries ``attention_spans`` and the kernel is sdpa, the spans that have each segment computed alone
+    (``dpo_dist.model.segmented_attention``). The model still takes an ``attention_mask`` then: a 4D one is passed
+    through to the attention function untouched, so it gets :func:`unused_mask` (no memory; it would mask every key,
+    so a layer that ignored the spans could not pass for exact). Other kernels ignore the spans and get the mask."""
+    spans = batch.get("attention_spans")
+    base = base_model(model)
+    if spans is None or base.config._attn_implementation != "sdpa":
+        return {"attention_mask": packed_attention_mask(model, batch)}
+    segmented_attention.install()
+    mask = unused_mask(*batch["input_ids"].shape, device=batch["input_ids"].device)
+    if base.config.model_type in MASK_PER_LAYER_TYPE:
+        mask = {layer_type: mask for layer_type in layer_windows(base.config)}
+    return {"attention_mask": mask, segmented_attention.SPANS_KWARG: tuple(map(tuple, spans.tolist()))}
+
+
+def unused_mask(rows: int, width: int, device: torch.device) -> torch.Tensor:
+    """A (rows, 1, width, width) boolean mask that masks everything, one element in memory (an expanded view)."""
+    return torch.zeros((), dtype=torch.bool, device=device).expand(rows, 1, width, width)
 
 
 def block_mask(batch: dict[str, torch.Tensor], window: int | None) -> Any:

@@ -40,7 +40,8 @@ from dpo_dist.distributed import (
     uses_deepspeed,
     zero_stage,
 )
-from dpo_dist.model.attention import FLEX_BLOCK, base_model, choose_packing, flex_training_unsupported
+from dpo_dist.model.attention import (FLEX_BLOCK, base_model, choose_attention_layout, choose_packing,
+                                     flex_training_unsupported)
 from dpo_dist.model.card import write_card
 from dpo_dist.model.load import (
     Precision,
@@ -230,11 +231,15 @@ def setup(cfg: Config, signals: StopSignals) -> Run:
         adapter_only_checkpoints(accelerator, model)
     try:
         packed, said = choose_packing(t.packing, model, share_prompt=t.share_prompt)
+        layout, said_layout = choose_attention_layout(t.attention_layout, model, accelerator.device, packed=packed)
     except ValueError as error:
         raise TrainingError(str(error)) from None
     say(accelerator, said)
+    if said_layout:
+        say(accelerator, said_layout)
     block = FLEX_BLOCK if base_model(model).config._attn_implementation == "flex_attention" else None
-    collator = (PackedPairCollator(tokenizer.pad_token_id, share_prompt=t.share_prompt, pad_to_multiple_of=block)
+    collator = (PackedPairCollator(tokenizer.pad_token_id, share_prompt=t.share_prompt, pad_to_multiple_of=block,
+                                   attention_layout=layout)
                 if packed else PreferenceCollator(pad_token_id=tokenizer.pad_token_id, pad_to_multiple_of=block))
     if cfg.reference.mode == "precomputed":  # after prepare: under ZeRO-3 every rank serves its shard
         train_tok, eval_tok = attach_reference(cfg, accelerator, model, tokenizer, identity, train_tok, eval_tok,
