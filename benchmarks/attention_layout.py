@@ -100,7 +100,7 @@ def whole_model(model_dir: str, pairs_file: str, repeats: int, batch: int = 4) -
         for name in totals:
             totals[name] += t[name]
         R, W = layouts["dense"]["input_ids"].shape
-        parts = [(len(e["prompt_input_ids"]), len(e["chosen_input_ids"]), len(e["rejected_input_ids"])) for e in examples]
+        parts = [tuple(len(e[f"{k}_input_ids"]) for k in ("prompt", "chosen", "rejected")) for e in examples]
         pick = "segmented" if segmented_pays(parts, R, W) else "dense"
         print(f"| {number} | {R} x {W} | {t['dense']:.3f} | {layouts['segmented']['input_ids'].shape[1]} | "
               f"{t['segmented']:.3f} | {t['dense'] / t['segmented']:.3f} | {pick} |", flush=True)
@@ -113,7 +113,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--model", default=None, help="time this model's whole forward and backward instead")
-    parser.add_argument("--pairs", default=None, help="with --model: token-id pairs (vs_trl.py's pairs_tokenized.jsonl)")
+    parser.add_argument("--pairs", default=None,
+                        help="with --model: token-id pairs (vs_trl.py's pairs_tokenized.jsonl)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if args.model:
@@ -129,8 +130,8 @@ def main() -> None:
     rows = []
     print(f"{args.threads} threads, {HEADS} heads ({KV_HEADS} key/value), head dim {HEAD_DIM}, fp32, forward+backward;"
           f" median of {args.repeats}")
-    print("| pairs | prompt/response | shared | positions: dense rows x width / segmented | dense ms | segmented ms | dense/seg | "
-          "pairs dense / seg (M) | calls | cost model picks |")
+    print("| pairs | prompt/response | shared | positions: dense rows x width / segmented | dense ms | segmented ms | "
+          "dense/seg | pairs dense / seg (M) | calls | cost model picks |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for n, p, r, share in cases:
         pairs = pairs_of(rng, n, p, r)
@@ -166,15 +167,16 @@ def main() -> None:
               f"{t_dense / t_seg:.2f} | {dense_pairs / 1e6:.2f} / {seg_pairs / 1e6:.2f} | {calls} | {pick} |",
               flush=True)
     # time = a * pairs + b * calls, over both layouts (dense: R calls' worth of rows in one call, counted as 1)
-    x = torch.tensor([[d, 1.0] for d, *_ in [(r[2],) for r in rows]] + [[r[3], r[4]] for r in rows], dtype=torch.float64)
+    x = torch.tensor([[r[2], 1.0] for r in rows] + [[r[3], r[4]] for r in rows], dtype=torch.float64)
     y = torch.tensor([r[0] for r in rows] + [r[1] for r in rows], dtype=torch.float64)
     a, b = torch.linalg.lstsq(x, y[:, None]).solution[:, 0].tolist()
     faster = sum(r[1] < r[0] for r in rows)
     print(f"\nfit: {a * 1e9:.2f} ns a query-key pair, {b * 1e3:.3f} ms a call: one call costs {b / a:,.0f} pairs "
           f"(CALL_COST in use: {CALL_COST:,})")
-    print(f"segmented attention faster in {faster} of {len(rows)} batches; all batches' attention {sum(r[1] for r in rows):.2f} s "
-          f"segmented against {sum(r[0] for r in rows):.2f} s dense; the cost model picks segmented for "
+    print(f"segmented attention faster in {faster} of {len(rows)} batches; all batches' attention "
+          f"{sum(r[1] for r in rows):.2f} s segmented against {sum(r[0] for r in rows):.2f} s dense; the cost model picks segmented for "
           f"{sum(r[6] == 'segmented' for r in rows)} (it also counts the positions the dense rows' padding adds)")
+
 
 if __name__ == "__main__":
     main()

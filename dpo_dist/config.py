@@ -262,9 +262,10 @@ class TrainSettings:
     share_prompt: bool = option(True, "with packing: compute each prompt once for both responses (false: "
                                       "prompt|chosen and prompt|rejected packed as separate segments)")
     attention_layout: Literal["auto", "dense", "segmented"] = option(
-        "auto", "with packing under sdpa attention: dense: one mask over each packed row (the kernel computes whole "
-        "rows); segmented: each segment's blocks computed alone (a kernel call per part); auto: per batch, segmented "
-        "where a cost model measured on CPU says it is cheaper, on CPU; dense elsewhere"
+        "auto", "packed rows' attention (needs packing and sdpa): dense: one mask over each row (the kernel computes "
+        "whole rows); segmented: every segment in one unpadded row, each segment's blocks computed alone (a kernel call "
+        "per part); auto: on CPU, per batch, whichever a cost model measured on a CPU with SmolLM2-sized layers finds "
+        "cheaper; dense on GPUs and with other kernels"
     )
     report_to: list[str] = option([], "trackers besides metrics.jsonl: tensorboard, wandb, comet_ml, mlflow")
     plot: bool = option(True, "draw training curves to training_curves.png at the end")

@@ -86,8 +86,7 @@ def scored(model, pairs: list[dict], layout: str):
     if layout == "padded":
         out = concatenated_forward(model, PreferenceCollator(pad_token_id=0, pad_to_multiple_of=block)(pairs))
     else:
-        # segmented: one row with attention_spans, computed a segment at a time under sdpa; other kernels take the
-        # dense mask over that row (the trainer lays out rows that way for sdpa only)
+        # segmented: one row with attention_spans, computed a segment at a time (sdpa)
         collator = PackedPairCollator(0, share_prompt=layout.endswith("shared-prompt"), pad_to_multiple_of=block,
                                       attention_layout="segmented" if layout.startswith("segmented") else "dense")
         out = packed_forward(model, collator(pairs))
@@ -105,10 +104,9 @@ def test_the_matrix_covers_every_accepted_model_type_and_kernel():
     assert PACKING_KERNELS == ("sdpa", "eager", "flex_attention")
 
 
-# The segmented layout is for sdpa (train.attention_layout=segmented is refused with flex_attention, which skips the
-# blocks no query sees by itself); eager takes the dense mask over its one row.
+# The segmented layout runs under sdpa only (train.attention_layout=segmented is refused with other kernels).
 KERNEL_LAYOUTS = [(k, layout) for k in PACKING_KERNELS for layout in LAYOUTS
-                  if not (k == "flex_attention" and layout.startswith("segmented"))]
+                  if k == "sdpa" or not layout.startswith("segmented")]
 
 
 @pytest.mark.parametrize("kernel,layout", KERNEL_LAYOUTS, ids=[f"{k}-{layout}" for k, layout in KERNEL_LAYOUTS])

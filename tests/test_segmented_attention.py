@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from dpo_dist.data.packing import PackedPairCollator, packed_mask, segmented_pays
 from dpo_dist.model import segmented_attention
-from dpo_dist.model.attention import choose_attention_layout, packed_attention_kwargs
+from dpo_dist.model.attention import choose_attention_layout, packed_attention
 from dpo_dist.train.logprobs import packed_forward
 from test_exactness import MODELS, WINDOW, random_pairs, tiny_model
 
@@ -37,12 +37,20 @@ def dense_attention(q, k, v, mask):
     return out.transpose(1, 2)  # (R, W, H, D)
 
 
+def edge_pairs() -> list[dict]:
+    """Random pairs, one with an empty prompt and one with a one-token response beside an empty one."""
+    pairs = random_pairs(5, seed=1)
+    pairs[1]["prompt_input_ids"] = []
+    pairs[3]["chosen_input_ids"], pairs[3]["rejected_input_ids"] = [7], []
+    return pairs
+
+
 @pytest.mark.parametrize("share_prompt", [True, False], ids=["shared", "not-shared"])
-@pytest.mark.parametrize("window", [None, 5, 1000], ids=["no-window", "window5", "window-longer-than-rows"])
+@pytest.mark.parametrize("window", [None, 1, 5, 1000], ids=["no-window", "window1", "window5", "window-past-rows"])
 def test_equals_the_dense_mask_with_padding_and_windows(share_prompt, window):
-    """Every position, padding included (rows padded to a multiple of 32: a padding span), outputs and the gradients
-    of q, k and v."""
-    batch = batch_of(random_pairs(5, seed=1), share_prompt=share_prompt, pad_to_multiple_of=32)
+    """Every position, padding included (rows padded to a multiple of 32: a padding span), an empty prompt and an
+    empty response included, outputs and the gradients of q, k and v."""
+    batch = batch_of(edge_pairs(), share_prompt=share_prompt, pad_to_multiple_of=32)
     spans = tuple(map(tuple, batch["attention_spans"].tolist()))
     assert spans[-1][5] > 0, "the test needs a padding span"
     rows, width = batch["input_ids"].shape
@@ -79,7 +87,7 @@ def test_spans_that_do_not_cover_the_batch_are_refused():
 
 @pytest.mark.parametrize("checkpointing", [False, True], ids=["plain", "gradient-checkpointing"])
 @pytest.mark.parametrize("model_type,window", MODELS, ids=[f"{m}-window{w}" if w else m for m, w in MODELS])
-def test_model_gradients_equal_the_dense_layout(model_type, window, checkpointing):
+def test_model_gradients_equal_the_dense_layout(model_type, window, checkpointing, monkeypatch):
     """Through the model (every parameter's gradient), and with gradient checkpointing, whose backward replays the
     forward with the same spans."""
     model = tiny_model(model_type, window, "sdpa")
@@ -92,8 +100,9 @@ def test_model_gradients_equal_the_dense_layout(model_type, window, checkpointin
             module.p = 0.0
     calls = []
     original = segmented_attention.segmented_attention
+    monkeypatch.setattr(segmented_attention, "segmented_attention",
+                        lambda *a, **k: calls.append(1) or original(*a, **k))
     try:
-        segmented_attention.segmented_attention = lambda *a, **k: calls.append(1) or original(*a, **k)
         grads = {}
         for layout in ("dense", "segmented"):
             model.zero_grad()
@@ -102,7 +111,6 @@ def test_model_gradients_equal_the_dense_layout(model_type, window, checkpointin
                 (out.chosen_logps.sum() - 0.5 * out.rejected_logps.sum()).backward()
             grads[layout] = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     finally:
-        segmented_attention.segmented_attention = original
         model.gradient_checkpointing_disable()
         model.eval()
         for module, p in dropouts.items():
@@ -116,31 +124,72 @@ def test_model_gradients_equal_the_dense_layout(model_type, window, checkpointin
 
 
 def test_calls_without_spans_run_transformers_sdpa_unchanged():
-    model = tiny_model("qwen2", WINDOW, "sdpa")
-    ids = torch.tensor([[5, 6, 7, 8, 9, 10, 11, 12, 13, 14]])
-    with torch.no_grad():
-        before = model(input_ids=ids).logits
-        segmented_attention.install()
-        after = model(input_ids=ids).logits
-    assert torch.equal(before, after)
+    """Installed, the registered sdpa function hands every call without spans to transformers' own, unchanged."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
+    segmented_attention.install()
     assert ALL_ATTENTION_FUNCTIONS["sdpa"] is segmented_attention._sdpa_or_segmented
+    model = tiny_model("qwen2", WINDOW, "sdpa")
+    layer = model.model.layers[1].self_attn
+    q, k, v = qkv(1, 10)
+    mask = torch.ones(1, 1, 10, 10, dtype=torch.bool).tril()
+    kwargs = dict(dropout=0.0, scaling=0.3, sliding_window=WINDOW)
+    got = ALL_ATTENTION_FUNCTIONS["sdpa"](layer, q, k, v, mask, **kwargs)[0]
+    assert torch.equal(got, sdpa_attention_forward(layer, q, k, v, mask, **kwargs)[0])
 
 
-def test_a_layer_that_ignored_the_spans_could_not_pass_for_exact():
-    """The mask passed alongside the spans masks every key: sdpa given it alone returns no attention at all."""
+def test_a_layer_the_spans_do_not_reach_raises_instead_of_passing_for_exact(monkeypatch):
+    """The mask passed with the spans is a stand-in that masks every key (SDPA would return zeros, not an error):
+    a layer that gets it without the spans raises, and a forward in which fewer layers ran segmented than the model
+    has raises at the end."""
     model = tiny_model("llama", None, "sdpa")
     batch = batch_of(random_pairs(3))
-    kwargs = packed_attention_kwargs(model, batch)
+    kwargs, _ = packed_attention(model, batch)
     mask = kwargs["attention_mask"]
     assert mask.shape == (1, 1, *batch["input_ids"].shape[1:] * 2) and not mask.any()
     assert mask.untyped_storage().nbytes() == 1  # an expanded view: no W x W memory
-    assert segmented_attention.SPANS_KWARG in kwargs
-    qwen = packed_attention_kwargs(tiny_model("qwen2", WINDOW, "sdpa"), batch)["attention_mask"]
-    assert set(qwen) == {"full_attention", "sliding_attention"}
-    eager = packed_attention_kwargs(tiny_model("llama", None, "eager"), batch)
+    qwen, _ = packed_attention(tiny_model("qwen2", WINDOW, "sdpa"), batch)
+    assert set(qwen["attention_mask"]) == {"full_attention", "sliding_attention"}
+    eager, check = packed_attention(tiny_model("llama", None, "eager"), batch)
     assert segmented_attention.SPANS_KWARG not in eager and eager["attention_mask"].dtype == torch.float32
+    # a model that drops the kwarg on the way to its attention layers
+    forward = type(model.model.layers[0].self_attn).forward
+
+    def dropping_spans(self, *args, **kw):
+        kw.pop(segmented_attention.SPANS_KWARG, None)
+        return forward(self, *args, **kw)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(type(model.model.layers[0].self_attn), "forward", dropping_spans)
+        with pytest.raises(RuntimeError, match="without its spans"), torch.no_grad():
+            packed_forward(model, batch)
+    # a layer whose attention function is not the registered one never counts
+    with pytest.raises(RuntimeError, match="ran in 1 of the model's 2 attention layers"):
+        with segmented_attention.expect_every_layer(2):
+            segmented_attention._CALLS[0] += 1
+
+
+def test_what_segmented_attention_does_not_apply_is_refused():
+    q, k, v = qkv(1, 4)
+    spans = ((0, 0, 2, 1, 1, 0),)
+    module = tiny_model("llama", None, "sdpa").model.layers[0].self_attn
+    for extra, named in (({"softcap": 30.0}, "softcap"), ({"is_causal": False}, "is_causal=False")):
+        with pytest.raises(ValueError, match=f"does not apply {named}"):
+            segmented_attention._sdpa_or_segmented(module, q, k, v, None, **{segmented_attention.SPANS_KWARG: spans},
+                                                   **extra)
+
+
+def test_dropout_is_applied_to_each_block():
+    batch = batch_of(random_pairs(4, seed=5))
+    spans = tuple(map(tuple, batch["attention_spans"].tolist()))
+    q, k, v = qkv(*batch["input_ids"].shape)
+    torch.manual_seed(0)
+    dropped = segmented_attention.segmented_attention(q, k, v, spans, dropout=0.5)
+    plain = segmented_attention.segmented_attention(q, k, v, spans)
+    assert (dropped - plain).abs().max() > 1e-2
+    dropped.sum().backward()
+    assert all(t.grad is not None and torch.isfinite(t.grad).all() for t in (q, k, v))
 
 
 def test_segmented_layout_is_one_row_without_padding():
@@ -205,3 +254,22 @@ def test_training_segmented_equals_dense(lora, tiny_model_dir, data_file, tmp_pa
     assert_same_trajectory(runs["dense"], runs["segmented"], atol=1e-5)
     evals = [[r["eval/loss"] for r in runs[layout] if "eval/loss" in r] for layout in ("dense", "segmented")]
     assert evals[0] and evals[0] == pytest.approx(evals[1], abs=1e-5)
+
+
+@pytest.mark.parametrize("dtype, atol", [(torch.bfloat16, 6e-3), (torch.float16, 1e-3)], ids=["bf16", "fp16"])
+def test_under_autocast_segmented_is_as_close_to_fp32_as_dense(dtype, atol):
+    """Mixed precision (model.dtype bf16/fp16 trains under autocast): both layouts round alike. Measured on these
+    pairs (log-probs about -40): dense 1.9e-3 (bf16) and 2.8e-4 (fp16) from fp32, segmented 8e-4 and 1.9e-4 from
+    dense; bounded at about 3x the dense layout's own rounding."""
+    model = tiny_model("qwen2", WINDOW, "sdpa")
+    pairs = random_pairs(8, seed=3)
+    with torch.no_grad():
+        fp32 = packed_forward(model, PackedPairCollator(0, attention_layout="dense")(pairs))
+        out = {}
+        for layout in ("dense", "segmented"):
+            with torch.autocast("cpu", dtype=dtype):
+                out[layout] = packed_forward(model, PackedPairCollator(0, attention_layout=layout)(pairs))
+    for layout, scored in out.items():
+        for side in ("chosen_logps", "rejected_logps"):
+            torch.testing.assert_close(getattr(scored, side), getattr(fp32, side), atol=atol, rtol=0, msg=layout)
+    assert not torch.equal(out["segmented"].chosen_logps, fp32.chosen_logps), "autocast must have run"

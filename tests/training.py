@@ -93,3 +93,20 @@ def accelerate_launch(*args):
 def read_jsonl(path):
     with open(path) as handle:
         return [json.loads(line) for line in handle if line.strip()]
+
+
+def assert_same_reference_caches(single_folder, other_folder, *, same_keys):
+    """Two runs' reference caches hold the same log-probs, train set and eval set: under the same keys (the same way of
+    scoring), or (``same_keys=False``: another attention layout, keyed apart) paired by their number of pairs."""
+    import torch
+    from safetensors.torch import load_file
+
+    def cached(folder):
+        return {name: load_file(os.path.join(folder, name))["logps"] for name in sorted(os.listdir(folder))}
+
+    single, other = cached(single_folder), cached(other_folder)
+    assert len(single) == len(other) == 2  # train and eval
+    assert (list(single) == list(other)) == same_keys
+    pair = (lambda c: [c[name] for name in c]) if same_keys else (lambda c: sorted(c.values(), key=len))
+    for want, got in zip(pair(single), pair(other)):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-7)

@@ -23,9 +23,10 @@ segmented layout (``attention_spans``) gives the kernel each segment's parts alo
 response`` as one causal block, the second response's queries against the prompt's keys and their own
 (``dpo_dist.model.segmented_attention``). Attention then costs the same however the segments are laid out, so they
 all go in one row with no padding at all. It costs a kernel call per part, which short segments may not repay:
-:func:`segmented_pays` weighs the two layouts per batch. Every pair keeps its own log-probs (and so its own weight in the mean
-loss); the result equals scoring ``prompt + chosen`` and ``prompt + rejected`` separately (tested, log-probs and
-gradients).
+:func:`segmented_pays` weighs the two layouts per batch.
+
+Every pair keeps its own log-probs (and so its own weight in the mean loss); the result equals scoring ``prompt +
+chosen`` and ``prompt + rejected`` separately (tested, log-probs and gradients).
 """
 
 from __future__ import annotations
@@ -110,7 +111,7 @@ def choose_rows(lengths: Sequence[int], attention_tokens: int = POSITION_COST) -
     best, best_cost = None, float("inf")
     for capacity in sorted({longest, total, *(min(total, longest * k // 4) for k in range(5, 17))}):
         rows = plan_rows(lengths, capacity)
-        width = max(sum(lengths[i] for i in row) for row in rows)
+        width = row_width(rows, lengths)
         cost = len(rows) * width * (1 + width / attention_tokens)
         if cost < best_cost:
             best, best_cost = rows, cost
@@ -133,6 +134,18 @@ def segmented_pays(parts: Sequence[tuple[int, int, int]], rows: int, width: int,
         if second:
             segmented += second * (prompt + second) + call_cost
     return segmented < dense
+
+
+def segment_parts(segment: tuple[list[int], list[tuple[list[int], int]]]) -> tuple[int, int, int]:
+    """A segment's (prompt, first response, second response) lengths; second 0 where it has one response."""
+    prompt, responses = segment
+    first, second = (len(responses[0][0]), len(responses[1][0]) if len(responses) > 1 else 0)
+    return len(prompt), first, second
+
+
+def row_width(rows: list[list[int]], lengths: Sequence[int]) -> int:
+    """The widest row's tokens."""
+    return max(sum(lengths[i] for i in row) for row in rows)
 
 
 class PackedPairCollator:
@@ -176,24 +189,22 @@ class PackedPairCollator:
                 out += [(prompt, [(chosen, i)]), (prompt, [(rejected, b + i)])]
         return out
 
-    def rows(self, segments: list, lengths: list[int]) -> tuple[list[list[int]], bool]:
-        """Segment indices per row, and whether the layout is segmented (module docstring, ``attention_layout``)."""
-        one_row = [list(range(len(lengths)))]
+    def layout(self, segments: list, lengths: list[int]) -> tuple[list[list[int]], bool]:
+        """Segment indices per row, and whether attention is segmented (``attention_layout``, class docstring)."""
+        every_segment_in_one_row = [list(range(len(lengths)))]
         if self.attention_layout == "segmented":
-            return one_row, True
+            return every_segment_in_one_row, True
         rows = choose_rows(lengths)
-        if self.attention_layout == "dense":
-            return rows, False
-        parts = [(len(prompt), *(len(r) for r, _ in responses), 0)[:3] for prompt, responses in segments]
-        if segmented_pays(parts, len(rows), max(sum(lengths[i] for i in row) for row in rows)):
-            return one_row, True
+        if self.attention_layout == "auto" and segmented_pays(
+                [segment_parts(segment) for segment in segments], len(rows), row_width(rows, lengths)):
+            return every_segment_in_one_row, True
         return rows, False
 
     def __call__(self, examples: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
         segments = self.segments(examples)
         lengths = [len(prompt) + sum(len(r) for r, _ in responses) for prompt, responses in segments]
-        rows, segmented = self.rows(segments, lengths)
-        width = max(sum(lengths[i] for i in row) for row in rows)
+        rows, segmented = self.layout(segments, lengths)
+        width = row_width(rows, lengths)
         if self.pad_to_multiple_of:
             width = -(-width // self.pad_to_multiple_of) * self.pad_to_multiple_of
         input_ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)
@@ -206,8 +217,7 @@ class PackedPairCollator:
             for i in row:
                 prompt, responses = segments[i]
                 n_p, end = len(prompt), start + lengths[i]
-                sizes = [len(response) for response, _ in responses]
-                spans.append((r, start, n_p, sizes[0], sizes[1] if len(sizes) > 1 else 0, 0))
+                spans.append((r, start, *segment_parts(segments[i]), 0))
                 input_ids[r, start : start + n_p] = torch.tensor(prompt, dtype=torch.long)
                 position_ids[r, start : start + n_p] = torch.arange(n_p)
                 segment_ids[r, start:end] = i

@@ -17,6 +17,7 @@ sliding window (tests/test_exactness.py).
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import torch
@@ -99,9 +100,11 @@ def choose_attention_layout(setting: str, model: Any, device: torch.device, *, p
     if setting == "dense":
         return "dense", "attention: dense (a mask over each packed row; train.attention_layout=dense)"
     if setting == "segmented":
-        return "segmented", "attention: segmented (each segment's blocks computed alone; train.attention_layout=segmented)"
+        return "segmented", ("attention: segmented (each segment's blocks computed alone; "
+                             "train.attention_layout=segmented)")
     if device.type != "cpu":
-        return "dense", f"attention: dense (the segmented layout's cost model is measured on CPU, this is {device.type})"
+        return "dense", (f"attention: dense (the segmented layout's cost model is measured on CPU, this is "
+                         f"{device.type})")
     return "auto", "attention: segmented or dense per batch, whichever the cost model finds cheaper"
 
 
@@ -138,21 +141,25 @@ def packed_attention_mask(model: Any, batch: dict[str, torch.Tensor]) -> torch.T
     return mask
 
 
-def packed_attention_kwargs(model: Any, batch: dict[str, torch.Tensor]) -> dict[str, Any]:
-    """The attention arguments of a packed batch's forward: its mask (:func:`packed_attention_mask`), or, where the
-    batch carries ``attention_spans`` and the kernel is sdpa, the spans that have each segment computed alone
-    (``dpo_dist.model.segmented_attention``). The model still takes an ``attention_mask`` then: a 4D one is passed
-    through to the attention function untouched, so it gets :func:`unused_mask` (no memory; it would mask every key,
-    so a layer that ignored the spans could not pass for exact). Other kernels ignore the spans and get the mask."""
+def packed_attention(model: Any, batch: dict[str, torch.Tensor]) -> tuple[dict[str, Any], Any]:
+    """The attention arguments of a packed batch's forward, and a context to run the forward in.
+
+    Dense: the mask (:func:`packed_attention_mask`), and no check. Where the batch carries ``attention_spans`` and
+    the kernel is sdpa: the spans, which have each segment computed alone (``dpo_dist.model.segmented_attention``,
+    registered here as transformers' sdpa function on first use), and a check that every layer did so. The model
+    still takes an ``attention_mask`` then: a 4D one is passed through to the attention function untouched, so it
+    gets :func:`unused_mask`, no memory, which a layer without the spans refuses. Other kernels ignore the spans
+    and get the mask."""
     spans = batch.get("attention_spans")
     base = base_model(model)
     if spans is None or base.config._attn_implementation != "sdpa":
-        return {"attention_mask": packed_attention_mask(model, batch)}
+        return {"attention_mask": packed_attention_mask(model, batch)}, contextlib.nullcontext()
     segmented_attention.install()
     mask = unused_mask(*batch["input_ids"].shape, device=batch["input_ids"].device)
     if base.config.model_type in MASK_PER_LAYER_TYPE:
         mask = {layer_type: mask for layer_type in layer_windows(base.config)}
-    return {"attention_mask": mask, segmented_attention.SPANS_KWARG: tuple(map(tuple, spans.tolist()))}
+    kwargs = {"attention_mask": mask, segmented_attention.SPANS_KWARG: tuple(map(tuple, spans.tolist()))}
+    return kwargs, segmented_attention.expect_every_layer(base.config.num_hidden_layers)
 
 
 def unused_mask(rows: int, width: int, device: torch.device) -> torch.Tensor:

@@ -16,12 +16,15 @@ blocks in another order; tests/test_exactness.py), pads included.
 The model's layers reach it through transformers' attention interface: :func:`install` wraps the registered ``sdpa``
 function so that a forward given ``packed_attention_spans=`` (``dpo_dist.train.logprobs.packed_forward`` passes it;
 the kwarg travels through the model to each attention call, and gradient checkpointing replays it) runs here, and
-every other call runs the original unchanged.
+every other call runs the original unchanged. Such a forward's mask is a stand-in that would mask every key, so a
+layer the spans did not reach raises instead of passing for exact, and :func:`expect_every_layer` checks that every
+layer ran here.
 """
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+import contextlib
+from typing import Any, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -48,6 +51,10 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, first_query: int,
     square = first_query == 0 and queries == keys
     cut = window is not None and first_query + queries - 1 >= window  # some query reaches further back than window
     mask = None if square and not cut else _mask(queries, keys, first_query, window if cut else None, q.device)
+    groups = q.shape[1] // k.shape[1]
+    if groups > 1 and mask is not None and q.device.type != "cpu":
+        # CUDA's fused kernels take grouped key/value heads only without a mask (else SDPA's math fallback)
+        k, v = k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, dropout_p=dropout,
                                           scale=scale, enable_gqa=q.shape[1] != k.shape[1])
 
@@ -63,38 +70,46 @@ def segmented_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Ten
     """Attention over packed rows, a segment's parts at a time (module docstring).
 
     ``spans``: ``(row, start, prompt, first, second, padding)`` per part of a row, in row order, covering every
-    position (``PackedPairCollator``'s ``attention_spans``). Each piece is a view of the inputs (split once per
-    tensor, so the backward concatenates the pieces' gradients once instead of adding a full-size gradient per piece).
+    position (``PackedPairCollator``'s ``attention_spans``). The inputs are split once each into the parts' pieces,
+    views of them (so the backward joins the pieces' gradients in one concatenation, where indexing each piece out
+    would add a full-size gradient per piece); only the second response's keys and values are copied, joined to
+    the prompt's.
 
     Shape: query (R, Hq, W, D), key and value (R, Hkv, W, D) -> (R, W, Hq, D) contiguous (what transformers'
     attention functions return).
     """
     rows, _, width, _ = query.shape
-    # transformers' projections are (R, W, H, D) in memory: these are views, one flat sequence of R * W positions
-    q_flat, k_flat, v_flat = (t.transpose(1, 2).reshape(rows * width, t.shape[1], t.shape[3]) for t in (query, key, value))
-    q_sizes, kv_sizes = [], []
+    # transformers' projections are (R, W, H, D) in memory: views, one flat sequence of R * W positions
+    flat = [t.transpose(1, 2).reshape(rows * width, t.shape[1], t.shape[3]) for t in (query, key, value)]
+    sizes = []
     for _, _, prompt, first, second, padding in spans:
-        q_sizes += [prompt + first + padding] + ([second] if second else [])
-        kv_sizes += [prompt, first + padding] + ([second] if second else [])
-    if sum(q_sizes) != rows * width:
-        raise ValueError(f"attention_spans cover {sum(q_sizes)} positions, the batch has {rows} x {width}")
-    q_pieces, k_pieces, v_pieces = (iter(t.split(sizes)) for t, sizes in
-                                    ((q_flat, q_sizes), (k_flat, kv_sizes), (v_flat, kv_sizes)))
+        sizes += [prompt + first + padding] + ([second] if second else [])
+    if sum(sizes) != rows * width:
+        raise ValueError(f"attention_spans cover {sum(sizes)} positions, the batch has {rows} x {width}")
+    q_pieces, k_pieces, v_pieces = (iter(t.split(sizes)) for t in flat)
     outputs = []
     for _, _, prompt, first, second, padding in spans:
-        k_prompt, k_first, v_prompt, v_first = next(k_pieces), next(k_pieces), next(v_pieces), next(v_pieces)
+        q, k, v = next(q_pieces), next(k_pieces), next(v_pieces)
         block = dict(scale=scale, dropout=dropout)
-        outputs.append(_attend(_heads_first(next(q_pieces)), _heads_first(torch.cat([k_prompt, k_first])),
-                               _heads_first(torch.cat([v_prompt, v_first])), 0, None if padding else window, **block))
+        outputs.append(_attend(_heads_first(q), _heads_first(k), _heads_first(v), 0, None if padding else window,
+                               **block))
         if second:  # its queries continue the prompt's positions; its keys: the prompt's, then its own
-            k_second, v_second = next(k_pieces), next(v_pieces)
-            outputs.append(_attend(_heads_first(next(q_pieces)), _heads_first(torch.cat([k_prompt, k_second])),
-                                   _heads_first(torch.cat([v_prompt, v_second])), prompt, window, **block))
+            k_second = torch.cat([k[:prompt], next(k_pieces)])
+            v_second = torch.cat([v[:prompt], next(v_pieces)])
+            outputs.append(_attend(_heads_first(next(q_pieces)), _heads_first(k_second), _heads_first(v_second),
+                                   prompt, window, **block))
     out = torch.cat([o.transpose(1, 2) for o in outputs], dim=1)  # (1, R * W, Hq, D)
     return out.view(rows, width, out.shape[2], out.shape[3])
 
 
 _ORIGINAL: dict[str, Any] = {}
+_CALLS = [0]  # segmented attention calls so far: a forward given spans must have run one per layer
+REFUSED = ("softcap", "position_bias", "s_aux", "head_mask")  # what segmented attention does not apply
+
+
+def is_unused_mask(mask: Any) -> bool:
+    """Whether ``mask`` is ``dpo_dist.model.attention.unused_mask``'s stand-in (an expanded boolean scalar)."""
+    return isinstance(mask, torch.Tensor) and mask.dtype == torch.bool and mask.dim() == 4 and not any(mask.stride())
 
 
 def _sdpa_or_segmented(module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -102,21 +117,38 @@ def _sdpa_or_segmented(module: Any, query: torch.Tensor, key: torch.Tensor, valu
     """transformers' ``sdpa`` attention function, or :func:`segmented_attention` where the forward was given spans."""
     spans = kwargs.pop(SPANS_KWARG, None)
     if spans is None:
+        if is_unused_mask(attention_mask):
+            raise RuntimeError("a packed forward laid out for segmented attention reached an attention layer without "
+                               f"its spans ({SPANS_KWARG}); use train.attention_layout=dense")
         return _ORIGINAL["sdpa"](module, query, key, value, attention_mask, *args, **kwargs)
-    for unsupported in ("softcap", "position_bias", "s_aux"):
-        if kwargs.get(unsupported) is not None:
-            raise ValueError(f"segmented attention does not apply {unsupported}; use train.attention_layout=dense")
     if args:
         raise TypeError(f"segmented attention takes its options by keyword, got {len(args)} positional")
+    refused = [name for name in REFUSED if kwargs.get(name) is not None]
+    refused += ["is_causal=False"] if kwargs.get("is_causal") is False else []
+    if refused:
+        raise ValueError(f"segmented attention does not apply {', '.join(refused)}; use train.attention_layout=dense")
+    _CALLS[0] += 1
     out = segmented_attention(query, key, value, spans, scale=kwargs.get("scaling"), dropout=kwargs.get("dropout", 0.0),
                               window=kwargs.get("sliding_window"))
     return out, None
 
 
+@contextlib.contextmanager
+def expect_every_layer(layers: int) -> Iterator[None]:
+    """Raise after a forward given spans unless segmented attention ran in each of ``layers`` attention layers (a
+    layer that dropped the spans would have met the stand-in mask and raised; one whose attention function is not
+    the registered ``sdpa`` would not)."""
+    before = _CALLS[0]
+    yield
+    ran = _CALLS[0] - before
+    if ran != layers:
+        raise RuntimeError(f"segmented attention ran in {ran} of the model's {layers} attention layers (is "
+                           f"transformers' sdpa attention function overridden?); use train.attention_layout=dense")
+
+
 def install() -> None:
     """Register :func:`_sdpa_or_segmented` as transformers' ``sdpa`` attention function (idempotent; calls without
-    spans run the original unchanged). A forward that reached the original with spans would still be exact: the
-    dense mask is passed alongside them."""
+    spans run the original unchanged)."""
     from transformers.modeling_utils import AttentionInterface
 
     if "sdpa" not in _ORIGINAL:

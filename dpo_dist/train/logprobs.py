@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from dpo_dist.data.collate import IGNORE_INDEX
-from dpo_dist.model.attention import packed_attention_kwargs
+from dpo_dist.model.attention import packed_attention
 
 DEFAULT_CHUNK_SIZE = 1024
 
@@ -269,7 +269,7 @@ def packed_forward(
 ) -> PairLogps:
     """Score a :class:`dpo_dist.data.packing.PackedPairCollator` batch: one forward over the packed rows (through the
     model's own ``forward``, so DDP and hooks see it) with the mask its kernel and layer types take
-    (:func:`dpo_dist.model.attention.packed_attention_kwargs`: with the batch's ``attention_spans`` under sdpa, a
+    (:func:`dpo_dist.model.attention.packed_attention`: with the batch's ``attention_spans`` under sdpa, a
     segment at a time), the LM head on the scored positions only.
 
     Where the head is sharded (ZeRO-3, FSDP2: ``head_in_forward=None`` finds out) it must run inside the forward,
@@ -280,18 +280,20 @@ def packed_forward(
     head = output_head(model)
     if head_in_forward is None:
         head_in_forward = head_is_sharded(head, model)
-    attention = packed_attention_kwargs(model, batch)
+    attention, every_layer_checked = packed_attention(model, batch)
     if head_in_forward:
         keep = torch.zeros(batch["input_ids"].numel(), dtype=torch.bool, device=batch["pred_rows"].device)
         keep[batch["pred_rows"]] = True
-        outputs = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False,
-                        logits_to_keep=keep.view_as(batch["input_ids"]), **attention)
+        with every_layer_checked:
+            outputs = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False,
+                            logits_to_keep=keep.view_as(batch["input_ids"]), **attention)
         logits = outputs.logits.reshape(-1, outputs.logits.shape[-1])  # (P, V): the kept positions, row-major
         rows = torch.searchsorted(keep.nonzero()[:, 0], batch["pred_rows"])  # each scored token's logits row
         token_logps, collisions = _TokenLogps.apply(logits, rows, batch["targets"], chunk_size, aligned)
     else:
-        outputs = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False,
-                        output_hidden_states=True, logits_to_keep=1, **attention)
+        with every_layer_checked:
+            outputs = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False,
+                            output_hidden_states=True, logits_to_keep=1, **attention)
         hidden = outputs.hidden_states[-1].to(head.weight.dtype)  # accelerate's autocast hands back fp32 outputs
         hidden = hidden.reshape(-1, hidden.shape[-1])[batch["pred_rows"]]  # (K, H); a row scored twice: gathered twice
         frozen_head = not head.weight.requires_grad and (head.bias is None or not head.bias.requires_grad)

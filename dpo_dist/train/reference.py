@@ -127,9 +127,10 @@ def compute_reference_logps(
 def scoring_identity(model: Any, collator: Any, *, chunk_size: int, mixed_precision: str = "no",
                      device_type: str = "cpu", ld_alpha: float | None = None) -> dict:
     """How the log-probs are computed, beyond the model, tokenizer and data: the attention kernel, padded or packed
-    (and whether the prompt is shared), the log-prob chunking, mixed precision, the device type, LD-DPO's weight of
-    the longer response's excess tokens (only when set, so summed log-probs keep their key), and the versions of the
-    libraries that do the arithmetic. Numbers computed one way are never reused for another."""
+    (whether the prompt is shared, and a segmented attention layout where one applies), the log-prob chunking, mixed
+    precision, the device type, LD-DPO's weight of the longer response's excess tokens (only when set, so summed
+    log-probs keep their key), and the versions of the libraries that do the arithmetic. Numbers computed one way are
+    never reused for another."""
     import transformers
 
     identity = {
@@ -146,6 +147,9 @@ def scoring_identity(model: Any, collator: Any, *, chunk_size: int, mixed_precis
     # this process happened to import already (the key must not depend on what ran before)
     if ld_alpha is not None:
         identity["ld_alpha"] = ld_alpha
+    attention_layout = getattr(collator, "attention_layout", "dense")
+    if attention_layout != "dense" and identity["attn_implementation"] == "sdpa":  # only then do spans take effect
+        identity["attention_layout"] = attention_layout  # only then: dense caches keep their keys
     quantized = getattr(base_model(model), "is_quantized", False)
     for library, used in (("peft", True), ("bitsandbytes", quantized)):
         identity[library] = installed_version(library) if used else None
