@@ -136,19 +136,20 @@ def test_reference_and_policy_share_one_4bit_numerics(tiny_model_dir, monkeypatc
         torch.testing.assert_close(grads_after[name], grad, atol=1e-7, rtol=1e-6, msg=name)
 
 
-@pytest.mark.parametrize("reference_mode", ["online", "precomputed"])
+@pytest.mark.parametrize("reference_mode, attention_layout", [("online", "segmented"), ("precomputed", "auto")])
 def test_qlora_training_on_a_believed_avx512bf16_cpu_starts_at_ln2(tiny_model_dir, data_file, tmp_path, monkeypatch,
-                                                                   reference_mode):
+                                                                   reference_mode, attention_layout):
     """The whole trainer (reference pass, evaluation in eval mode, gradient checkpointing as the single-device
-    fallback uses it) on a CPU believed to have AVX512-BF16: nothing is repacked, step 1 is ln 2 to 1e-6, and it
-    learns. The adapter loaded back onto a 4-bit base (as evaluation and chat load it) gives the same logits in
-    eval/no-grad as through the training path."""
+    fallback uses it; attention laid out segment by segment in one case) on a CPU believed to have AVX512-BF16:
+    nothing is repacked, step 1 is ln 2 to 1e-6, and it learns. The adapter loaded back onto a 4-bit base (as
+    evaluation and chat load it) gives the same logits in eval/no-grad as through the training path."""
     from dpo_dist.model.trained import load_trained
 
     calls = simulate_cpu(monkeypatch, True)
     result = run(tiny_model_dir, data_file, tmp_path / "out", **{
         "model.quantization": "4bit", "lora.enabled": True, "model.gradient_checkpointing": True,
-        "reference.mode": reference_mode, "train.max_steps": 6, "train.learning_rate": 3e-3, "train.eval_every": 3})
+        "reference.mode": reference_mode, "train.max_steps": 6, "train.learning_rate": 3e-3, "train.eval_every": 3,
+        "train.attention_layout": attention_layout})
     losses = [r["loss"] for r in result["records"]]
     assert calls == []
     assert abs(losses[0] - math.log(2)) < 1e-6, losses[0]
