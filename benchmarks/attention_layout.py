@@ -175,7 +175,8 @@ def main() -> None:
           f"(CALL_COST in use: {CALL_COST:,})")
     print(f"segmented attention faster in {faster} of {len(rows)} batches; all batches' attention "
           f"{sum(r[1] for r in rows):.2f} s segmented against {sum(r[0] for r in rows):.2f} s dense; the cost model picks segmented for "
-          f"{sum(r[6] == 'segmented' for r in rows)} (it also counts the positions the dense rows' padding adds)")
+          f"{sum(r[6] == 'segmented' for r in rows)} (it also counts the positions the dense rows' padding adds), "
+          f"the layout whose attention was faster for {sum((r[6] == 'segmented') == (r[1] < r[0]) for r in rows)}")
 
 
 if __name__ == "__main__":

@@ -11,7 +11,8 @@ file and settings: the datasets cache). Printed per run: wall time, the peak RSS
 ``ru_maxrss``, which covers the map workers too) and the peak of the summed RSS of the process tree (sampled every
 0.2 s with psutil), the same two peaks of anonymous memory only (``RssAnon``: what the processes allocated,
 without the file-backed pages), and the ratio of the second run's wall time to the first's. RSS counts the
-memory-mapped Arrow pages a process has touched (file-backed pages the kernel can drop), so it is an upper bound on what is needed.
+memory-mapped Arrow pages a process has touched (file-backed pages the kernel can drop), so it is an upper bound on
+what is needed.
 
 The tokenizer is the built-in SmolLM2 one if it was converted (``~/.cache/dpo_dist/models/SmolLM2-135M-Instruct``,
 see ``dpo_dist/model/builtin.py``), else the GPT-2 byte-level BPE trained here on the synthetic words.

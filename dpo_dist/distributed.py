@@ -224,7 +224,8 @@ def configure_logging(rank: int) -> None:
     """One voice per job. Every process would print the same notices (a library's FutureWarning, DeepSpeed's
     "Setting accelerator to CPU", bitsandbytes' kernel notice), nodes x processes copies of each in slurm-<job>.out.
     Rank 0 logs our INFO, other libraries' warnings, and each Python warning once, on one line; every other rank
-    logs errors only and shows no Python warnings. The progress bars of datasets and transformers are off: the trainer's is the one bar."""
+    logs errors only and shows no Python warnings. The progress bars of datasets and transformers are off: the
+    trainer's is the one bar."""
     main = rank == 0
     logging.basicConfig(level=logging.WARNING if main else logging.ERROR,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
