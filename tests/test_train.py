@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from dpo_dist.config import load_config
+from dpo_dist.train import host_memory
 from dpo_dist.train.metrics import read_metrics
 from tiny import make_llama, make_tokenizer
 from training import ROOT, WORDS, accelerate_launch, assert_same_trajectory, overrides, reset_accelerate_state, run
@@ -337,6 +338,8 @@ def test_accelerate_launch_on_cpu_uses_every_core(tiny_model_dir, data_file, tmp
     result = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"x 1 processes, {len(os.sched_getaffinity(0))} CPU threads each" in result.stdout
+    if host_memory.glibc() is not None:  # and it keeps what PyTorch frees (tests/test_host_memory.py)
+        assert "host memory: what PyTorch frees is kept for reuse (malloc: blocks up to 1024 MiB" in result.stdout
 
 
 def test_every_pair_dropped_is_an_error(tiny_model_dir, tmp_path):

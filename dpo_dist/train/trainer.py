@@ -74,6 +74,7 @@ from dpo_dist.train.checks import (
     check_output_locations,
     check_step,
 )
+from dpo_dist.train.host_memory import keep_freed_memory
 from dpo_dist.train.inputs import attach_reference, model_identity, tokenized_pairs
 from dpo_dist.train.metrics import (
     MetricsLog,
@@ -182,6 +183,7 @@ def setup(cfg: Config, signals: StopSignals) -> Run:
 
     set_seed(t.seed)
     threads = set_cpu_threads(t.cpu_threads, accelerator)  # (count, why) on CPU runs
+    kept = keep_freed_memory() if t.keep_freed_memory and accelerator.device.type == "cpu" else None
     if accelerator.is_main_process:
         os.makedirs(t.output_dir, exist_ok=True)
         save_config(cfg, os.path.join(t.output_dir, "config.yaml"))
@@ -193,6 +195,9 @@ def setup(cfg: Config, signals: StopSignals) -> Run:
         f"accumulation x {accelerator.num_processes} processes"
         + (f", {threads[0]} CPU threads each ({threads[1]})" if threads else "")
     )
+    if kept:
+        say(accelerator, f"host memory: what PyTorch frees is kept for reuse (malloc: blocks up to {kept >> 20} MiB from "
+                         "the heap, no trimming; train.keep_freed_memory=false for glibc's defaults)")
 
     stage = zero_stage(accelerator)
     check_combination(cfg, stage, fsdp_version(accelerator))
