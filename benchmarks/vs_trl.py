@@ -39,6 +39,7 @@ VARIANTS = {  # dpo-dist configurations (section.key overrides), each one lever 
     "padded": {"train.packing": "off"},  # padded chosen and rejected rows, full logits then chunked log-softmax
     "online-ref": {"reference.mode": "online"},  # the reference forward in every step instead of precomputed
     "dense-attention": {"train.attention_layout": "dense"},  # packed rows under one mask each, never segmented
+    "glibc-malloc": {"train.keep_freed_memory": False},  # malloc's defaults: freed memory handed back, pages re-faulted
 }
 
 

@@ -5,8 +5,8 @@ to 32 MiB) with fresh pages from ``mmap`` and unmaps it on ``free``, and it trim
 there is free. A training step allocates and frees the same megabyte-sized activations again and again, so each one
 came back as new pages: a page fault and a zeroed page for every 4 KiB the kernel writes. Measured on SmolLM2-135M
 with LoRA (the vs-TRL benchmark's batches, 2-core VM): 30,000 to 55,000 page faults in each forward and backward,
-and 1.12x its time (median of 12 pairs run alternately) against the same step with the memory kept: 5 faults
-(docs/BENCHMARKS.md).
+and 1.08x to 1.12x its time (medians of 12 pairs run alternately, two runs) against the same step with the memory
+kept, which faults 5 times (docs/BENCHMARKS.md).
 
 :func:`keep_freed_memory` raises the mmap threshold (so blocks come from the heap and go back to it) and turns the
 heap's trimming off. The process's peak memory stays what the step needs; what it frees is reused, not returned.
