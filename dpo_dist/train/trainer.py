@@ -74,7 +74,7 @@ from dpo_dist.train.checks import (
     check_output_locations,
     check_step,
 )
-from dpo_dist.train.host_memory import keep_freed_memory
+from dpo_dist.train.host_memory import describe_threshold, keep_freed_memory
 from dpo_dist.train.inputs import attach_reference, model_identity, tokenized_pairs
 from dpo_dist.train.metrics import (
     MetricsLog,
@@ -196,8 +196,9 @@ def setup(cfg: Config, signals: StopSignals) -> Run:
         + (f", {threads[0]} CPU threads each ({threads[1]})" if threads else "")
     )
     if kept:
-        say(accelerator, f"host memory: what PyTorch frees is kept for reuse (malloc: blocks up to {kept >> 20} MiB from "
-                         "the heap, no trimming; train.keep_freed_memory=false for glibc's defaults)")
+        say(accelerator, f"host memory: what PyTorch frees is kept for reuse, for this process's life (malloc: blocks "
+                         f"up to {describe_threshold(kept)} from the heap, no trimming; train.keep_freed_memory=false "
+                         "for glibc's defaults)")
 
     stage = zero_stage(accelerator)
     check_combination(cfg, stage, fsdp_version(accelerator))
