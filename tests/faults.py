@@ -25,6 +25,7 @@ BAD_CONFIG = [
     ("train.adam_betas=[0.9, x]", "train.adam_betas[1]: 'x' (str) is not float"),
     ("loss.beta=1e-3x", "loss.beta: '1e-3x' (str) is not float"),
     ("train.attention_layout=sparse", "train.attention_layout: 'sparse' is not one of auto, dense, segmented"),
+    ("train.keep_freed_memory=maybe", "train.keep_freed_memory: 'maybe' (str) is not bool"),
     ("train", "override 'train' should look like section.key=value"),
     ("train=3", "train is a section"),
     ("train.max_steps=0", "train.max_steps must be positive"),
