@@ -4,19 +4,22 @@ from __future__ import annotations
 
 import copy
 
+import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 from peft.tuners.lora.layer import Linear as LoraLinear
+from transformers import AutoModelForCausalLM
 
-from dpo_dist.model.lora_linear import LoraLinearFunction, fuse_lora
+from dpo_dist.model.lora_linear import LoraGroupFunction, LoraLinearFunction, fuse_lora
+from tests.test_exactness import tiny_config
 from tests.tiny import make_llama
 
 
-def lora_pair(seed: int = 0, **lora):
+def lora_pair(seed: int = 0, base=None, **lora):
     """The same LoRA model twice: peft's own forward, and fused. B is random (peft starts it at 0, which would hide
     any mistake in the B path)."""
     torch.manual_seed(seed)
-    base = make_llama(400, seed)
+    base = make_llama(400, seed) if base is None else base
     config = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM", **lora)
     peft_model = get_peft_model(base, config)
     with torch.no_grad():
@@ -66,10 +69,11 @@ def test_fused_model_equals_peft_forward_and_gradients():
         torch.testing.assert_close(fused_grads[name], grads[name], rtol=1e-4, atol=1e-6, msg=name)
 
 
-def calls(monkeypatch):
+def calls(monkeypatch, function=None):
+    """Count the calls of the fused functions (both, or the one named)."""
     seen = []
-    apply = LoraLinearFunction.apply
-    monkeypatch.setattr(LoraLinearFunction, "apply", lambda *a: seen.append(1) or apply(*a))
+    for fn in [function] if function else [LoraLinearFunction, LoraGroupFunction]:
+        monkeypatch.setattr(fn, "apply", (lambda fn, apply: lambda *a: seen.append(fn) or apply(*a))(fn, fn.apply))
     return seen
 
 
@@ -126,3 +130,110 @@ def test_hooked_base_layer_keeps_peft_path(monkeypatch):
     with torch.no_grad():
         fused(input_ids=torch.randint(0, 300, (1, 5)))
     assert hooked and seen == []
+
+
+def test_group_function_matches_the_formula_and_its_gradients():
+    """Three layers of one input (other ranks, scalings and widths; one with a bias), against autograd of the
+    formula (float64); a frozen weight gets no gradient."""
+    torch.manual_seed(0)
+    f64 = dict(dtype=torch.float64, requires_grad=True)
+    x = torch.randn(2, 5, 6, **f64)
+    outs, ranks, scalings = (7, 3, 4), (2, 3, 1), (2.5, 0.5, 4.0)
+    weights = [torch.randn(o, 6, **f64) for o in outs]
+    biases = [None, torch.randn(3, **f64), None]
+    lora_as = [torch.randn(r, 6, **f64) for r in ranks]
+    lora_bs = [torch.randn(o, r, **f64) for o, r in zip(outs, ranks)]
+    inputs = (x, *weights, biases[1], *lora_as, *lora_bs)
+
+    def grouped(x, w0, w1, w2, b1, a0, a1, a2, lb0, lb1, lb2):
+        return LoraGroupFunction.apply(x, scalings, w0, w1, w2, None, b1, None, a0, a1, a2, lb0, lb1, lb2)
+
+    assert torch.autograd.gradcheck(grouped, inputs)
+    for got, w, b, a, lb, s in zip(grouped(*inputs), weights, biases, lora_as, lora_bs, scalings):
+        torch.testing.assert_close(got, x @ w.T + (0 if b is None else b) + s * (x @ a.T) @ lb.T)
+    weights[0].requires_grad_(False)
+    sum(out.sum() for out in grouped(*inputs)).backward()
+    assert weights[0].grad is None and weights[1].grad is not None
+    assert all(t.grad is not None for t in (x, *lora_as, *lora_bs, biases[1]))
+
+
+@pytest.mark.parametrize("model_type", ["llama", "mistral", "qwen2", "qwen3"])
+@pytest.mark.parametrize("checkpointing", [False, True], ids=["plain", "gradient-checkpointing"])
+def test_groups_equal_peft_on_each_model_type(monkeypatch, model_type, checkpointing):
+    """Each packed model type: q/k/v and gate/up computed as groups give peft's logits and gradients (under
+    gradient checkpointing too: the recomputed forward goes through the groups again), and in a no-grad pass."""
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_config(tiny_config(model_type, None), attn_implementation="sdpa")
+    peft_model, fused, count = lora_pair(base=base)
+    layers = base.config.num_hidden_layers
+    assert count == 7 * layers
+    for model in (peft_model, fused):
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.train()
+    ids = torch.randint(0, base.config.vocab_size, (2, 9))
+    seen = calls(monkeypatch)
+    fused_logits, fused_grads = forward_backward(fused, ids)
+    assert seen.count(LoraGroupFunction) == 2 * layers * (2 if checkpointing else 1)
+    assert seen.count(LoraLinearFunction) == 2 * layers * (2 if checkpointing else 1)  # o_proj, down_proj
+    logits, grads = forward_backward(peft_model, ids)
+    torch.testing.assert_close(fused_logits, logits, rtol=1e-5, atol=1e-6)
+    assert grads.keys() == fused_grads.keys()
+    for name in grads:
+        torch.testing.assert_close(fused_grads[name], grads[name], rtol=1e-4, atol=1e-6, msg=name)
+    with torch.no_grad():
+        torch.testing.assert_close(fused(input_ids=ids).logits, peft_model(input_ids=ids).logits, rtol=1e-5, atol=1e-6)
+
+
+def attention_projections(model):
+    attention = next(m for m in model.modules() if hasattr(m, "q_proj"))
+    return attention.q_proj, attention.k_proj, attention.v_proj
+
+
+def test_a_member_on_another_input_turns_its_group_off(monkeypatch):
+    """A model that gives the keys another input than the queries gets each layer's own result, and the group is
+    not used again."""
+    peft_model, fused, _ = lora_pair()
+    (q, k, v), (pq, pk, pv) = attention_projections(fused), attention_projections(peft_model)
+    x, y = torch.randn(2, 3, 32), torch.randn(2, 3, 32)
+    seen = calls(monkeypatch)
+    with torch.no_grad():
+        got = q(x), k(y), v(x)
+        torch.testing.assert_close(got[0], pq(x))
+        torch.testing.assert_close(got[1], pk(y))
+        torch.testing.assert_close(got[2], pv(x))
+        assert seen == [LoraGroupFunction, LoraLinearFunction, LoraLinearFunction]
+        q(x), k(x), v(x)
+    assert seen[3:] == [LoraLinearFunction] * 3
+
+
+def test_an_input_changed_in_place_between_members_is_computed_again(monkeypatch):
+    peft_model, fused, _ = lora_pair()
+    (q, k, _), (_, pk, _) = attention_projections(fused), attention_projections(peft_model)
+    x = torch.randn(2, 3, 32)
+    seen = calls(monkeypatch)
+    with torch.no_grad():
+        q(x)
+        x.mul_(2)
+        torch.testing.assert_close(k(x), pk(x))
+    assert seen == [LoraGroupFunction, LoraLinearFunction]
+
+
+def test_a_pass_stopped_between_members_leaves_nothing_behind(monkeypatch):
+    """An exception after the queries (keys and values never taken): the next pass computes its own group."""
+    peft_model, fused, _ = lora_pair()
+    (q, k, v), (pq, pk, pv) = attention_projections(fused), attention_projections(peft_model)
+    x, y = torch.randn(2, 3, 32), torch.randn(2, 3, 32)
+    seen = calls(monkeypatch)
+    with torch.no_grad():
+        q(x)
+        got = q(y), k(y), v(y)
+        for out, layer in zip(got, (pq, pk, pv)):
+            torch.testing.assert_close(out, layer(y))
+    assert seen == [LoraGroupFunction, LoraGroupFunction]
+    with torch.inference_mode():  # tensors that keep no version counter
+        z = torch.randn(2, 3, 32)
+        got = q(z), k(z), v(z)
+        for out, layer in zip(got, (pq, pk, pv)):
+            torch.testing.assert_close(out, layer(z))
+    assert seen[2:] == [LoraGroupFunction]

@@ -12,6 +12,13 @@ The result equals peft's up to the rounding of where the scaling is applied (a f
 Used only where it computes exactly what peft would: one plain ``nn.Linear`` base layer (not 4/8-bit, not a ZeRO-3
 partitioned weight), one active vanilla LoRA adapter (no DoRA or other variant), no LoRA dropout, adapters enabled
 and not merged, no autocast, and one dtype throughout. Anywhere else the layer runs peft's own ``forward``.
+
+Layers that models apply to one input (queries, keys and values; a gated MLP's gate and up projections) go further,
+as one :class:`LoraGroupFunction`: the input is read once for all their A matrices in the forward and in the
+backward, and their input gradients are summed in place. A member called on anything but the very input the group
+was computed from (another tensor, or the same one modified in place) turns its group off, and the layers then run
+one by one. Measured on SmolLM2-135M (LoRA r16 on all linear layers, 2 CPU threads, two processes taking turns):
+1.07-1.10x faster forward and backward than the layers one by one.
 """
 
 from __future__ import annotations
@@ -64,14 +71,74 @@ def _fusable(layer: Any) -> bool:
             and not any(getattr(layer, "use_dora", {}).values()))
 
 
-def _fused_forward(layer: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-    """peft's ``lora.Linear.forward``, through :class:`LoraLinearFunction` where that computes the same thing."""
-    if args or kwargs or layer.disable_adapters or layer.merged or len(layer.active_adapters) != 1:
-        return type(layer).forward(layer, x, *args, **kwargs)
+class LoraGroupFunction(torch.autograd.Function):
+    """Several LoRA linears applied to one input, with their A matrices as one matmul:
+    ``y_i = x W_i^T + b_i + s_i (x A_i^T) B_i^T`` for i = 1..n.
+
+    Called as ``apply(x, scalings, W_1..W_n, b_1..b_n, A_1..A_n, B_1..B_n)``. Shapes: x (..., in); W_i (out_i, in);
+    b_i (out_i,) or None; A_i (r_i, in); B_i (out_i, r_i); scalings a tuple of n floats; returns the n y_i (..., out_i).
+
+    Against n :class:`LoraLinearFunction` calls it reads x once instead of n times in the forward (one
+    ``(T, sum r)`` product for all the A's) and in the backward (one product for all the A gradients), adds the n
+    input gradients into one buffer in place (the autograd engine would add n separate ``(T, in)`` tensors), and is
+    one autograd node instead of n. The same matmuls otherwise; the result differs only by rounding (a few ulp).
+    """
+
+    @staticmethod
+    def forward(ctx, x, scalings, *tensors):
+        n = len(scalings)
+        weights, biases, lora_as, lora_bs = (tensors[i * n : (i + 1) * n] for i in range(4))
+        flat = x.reshape(-1, x.shape[-1])
+        ranks = [a.shape[0] for a in lora_as]
+        lora_a = torch.cat(lora_as)  # (sum r, in)
+        low = torch.mm(flat, lora_a.t())  # (T, sum r)
+        outs = []
+        for weight, bias, lora_b, scaling, part in zip(weights, biases, lora_bs, scalings, low.split(ranks, dim=1)):
+            out = torch.mm(flat, weight.t()) if bias is None else torch.addmm(bias, flat, weight.t())
+            out.addmm_(part, lora_b.t(), alpha=scaling)
+            outs.append(out.view(*x.shape[:-1], out.shape[-1]))
+        ctx.save_for_backward(flat, low, lora_a, *weights, *lora_bs)
+        ctx.scalings, ctx.ranks, ctx.x_shape = scalings, ranks, x.shape
+        ctx.has_bias = [bias is not None for bias in biases]
+        return tuple(outs)
+
+    @staticmethod
+    def backward(ctx, *grad_outs):
+        n = len(ctx.scalings)
+        flat, low, lora_a, *rest = ctx.saved_tensors
+        weights, lora_bs = rest[:n], rest[n:]
+        need_x = ctx.needs_input_grad[0]
+        need_w, need_b, need_a, need_lb = (ctx.needs_input_grad[2 + i * n : 2 + (i + 1) * n] for i in range(4))
+        grads = [g.reshape(-1, g.shape[-1]) for g in grad_outs]  # (T, out_i); unused outputs come as zeros
+        grad_low = torch.cat([torch.mm(g, lb).mul_(s) for g, lb, s in zip(grads, lora_bs, ctx.scalings)], dim=1)
+        grad_x = None
+        if need_x:
+            grad_x = torch.mm(grads[0], weights[0])
+            for g, weight in zip(grads[1:], weights[1:]):
+                grad_x.addmm_(g, weight)
+            grad_x = grad_x.addmm_(grad_low, lora_a).view(ctx.x_shape)
+        grad_ws = [torch.mm(g.t(), flat) if need else None for g, need in zip(grads, need_w)]
+        grad_bs = [g.sum(0) if need and has else None for g, need, has in zip(grads, need_b, ctx.has_bias)]
+        grad_as = [None] * n
+        if any(need_a):
+            grad_as = [a if need else None for a, need in zip(torch.mm(grad_low.t(), flat).split(ctx.ranks), need_a)]
+        lows = low.split(ctx.ranks, dim=1)
+        grad_lbs = [torch.mm(g.t(), part).mul_(s) if need else None
+                    for g, part, s, need in zip(grads, lows, ctx.scalings, need_lb)]
+        return (grad_x, None, *grad_ws, *grad_bs, *grad_as, *grad_lbs)
+
+
+def _plain_parts(layer: Any, x: torch.Tensor) -> tuple | None:
+    """``(weight, bias, lora_a, lora_b, scaling)`` where :class:`LoraLinearFunction` computes exactly what peft's
+    ``lora.Linear.forward(x)`` would; None where it does not (then peft's own path runs)."""
+    if layer.disable_adapters or layer.merged or len(layer.active_adapters) != 1:
+        return None
     name = layer.active_adapters[0]
     if name not in layer.lora_A or name in layer.lora_variant:
-        return type(layer).forward(layer, x, *args, **kwargs)
+        return None
     base, lora_a, lora_b = layer.base_layer, layer.lora_A[name].weight, layer.lora_B[name].weight
+    if layer.lora_B[name].bias is not None:  # peft's lora_bias: B carries a bias this function does not add
+        return None
     dropout = layer.lora_dropout[name]
     plain = (
         not isinstance(dropout, torch.nn.Dropout) or dropout.p == 0.0 or not dropout.training
@@ -80,18 +147,102 @@ def _fused_forward(layer: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> to
     same = all(t.dtype == x.dtype and t.device == x.device for t in tensors)
     partitioned = any(hasattr(t, "ds_id") for t in tensors[1:]) or base.weight.shape != (base.out_features, base.in_features)
     if not plain or not same or partitioned or base._forward_hooks or base._forward_pre_hooks:
+        return None
+    return base.weight, base.bias, lora_a, lora_b, float(layer.scaling[name])
+
+
+def _fused_forward(layer: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+    """peft's ``lora.Linear.forward``, through :class:`LoraLinearFunction` where that computes the same thing."""
+    parts = None if args or kwargs else _plain_parts(layer, x)
+    if parts is None:
         return type(layer).forward(layer, x, *args, **kwargs)
-    return LoraLinearFunction.apply(x, base.weight, base.bias, lora_a, lora_b, float(layer.scaling[name]))
+    return LoraLinearFunction.apply(x, *parts)
 
 
 def fuse_lora(model: torch.nn.Module) -> int:
     """Route every peft ``lora.Linear`` in ``model`` that can take it through :class:`LoraLinearFunction` (each call
-    still checks the conditions, and falls back to peft's path when one fails). Returns how many layers."""
+    still checks the conditions, and falls back to peft's path when one fails), and group the routed layers that
+    share an input (:func:`group_lora`). Returns how many layers were routed."""
     from peft.tuners.lora.layer import Linear
 
     count = 0
     for module in model.modules():
         if isinstance(module, Linear) and _fusable(module):
             module.forward = types.MethodType(_fused_forward, module)
+            count += 1
+    group_lora(model)
+    return count
+
+
+# Sibling projections that models apply to one input: attention's queries, keys and values; a gated MLP's two inputs.
+SHARED_INPUT_GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+
+
+class _Group:
+    """LoRA layers of one module that take the same input. The first of them called computes all of them through
+    :class:`LoraGroupFunction` and keeps the others' outputs for their own calls on that same input."""
+
+    def __init__(self, members: list) -> None:
+        self.members = members
+        self.pending: dict = {}  # member -> its output, computed with the first member's call
+        self.source: tuple | None = None  # (input, its version, grad mode) the pending outputs were computed from
+        self.shared = True  # False once a member was called on another input: the group is then not used again
+
+    def take(self, layer: Any, x: torch.Tensor) -> torch.Tensor | None:
+        """``layer``'s pending output if it was computed from ``x`` as it is now; else None."""
+        if self.source is None:
+            return None
+        source, version, grad_mode = self.source
+        if layer not in self.pending:  # the member that computed them: a new pass, the last one's outputs not taken
+            self.pending, self.source = {}, None
+            return None
+        if source is x and version == _version(x) and grad_mode == torch.is_grad_enabled():
+            out = self.pending.pop(layer)
+            if not self.pending:
+                self.source = None
+            return out
+        self.shared, self.pending, self.source = False, {}, None  # a member on another input: not a shared input
+        return None
+
+
+def _version(x: torch.Tensor) -> int | None:
+    """How many times ``x`` was modified in place (inference-mode tensors keep no count: None)."""
+    return None if x.is_inference() else x._version
+
+
+def _grouped_forward(layer: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+    """A grouped member's forward: its output from the group's pending outputs, or the whole group computed now."""
+    group = layer.__dict__["_lora_group"]
+    taken = group.take(layer, x)
+    if taken is not None:
+        return taken
+    parts = [] if args or kwargs or not group.shared else [_plain_parts(member, x) for member in group.members]
+    if not parts or any(part is None for part in parts):
+        return _fused_forward(layer, x, *args, **kwargs)
+    weights, biases, lora_as, lora_bs, scalings = zip(*parts)
+    outs = LoraGroupFunction.apply(x, scalings, *weights, *biases, *lora_as, *lora_bs)
+    group.pending = {member: out for member, out in zip(group.members, outs) if member is not layer}
+    group.source = (x, _version(x), torch.is_grad_enabled())
+    return outs[group.members.index(layer)]
+
+
+def group_lora(model: torch.nn.Module) -> int:
+    """Compute the fused LoRA layers of a module that take one input (:data:`SHARED_INPUT_GROUPS`) as one
+    :class:`LoraGroupFunction`. Each call checks that the next member really gets the same, unmodified input; a
+    member called on any other input turns its group off for good (the layers then run one by one, as before). A
+    pass that stops before every member was called (an exception) leaves outputs that the next pass drops.
+    Returns how many groups."""
+    count = 0
+    for module in model.modules():
+        children = dict(module.named_children())
+        for names in SHARED_INPUT_GROUPS:
+            members = [children.get(name) for name in names]
+            if not all(getattr(m, "forward", None) is not None and getattr(m.forward, "__func__", None) is _fused_forward
+                       for m in members):
+                continue
+            group = _Group(members)
+            for member in members:
+                member.__dict__["_lora_group"] = group
+                member.forward = types.MethodType(_grouped_forward, member)
             count += 1
     return count
