@@ -63,24 +63,12 @@ def timed(fn, repeats: int) -> float:
 
 def whole_model(model_dir: str, pairs_file: str, repeats: int, batch: int = 4) -> None:
     """Forward + backward of the model with LoRA on ``pairs_file``'s batches, each layout in turn (module docstring)."""
-    import json
+    from benchmarks.lora_model import forward_backward, load_lora_model, token_pairs
 
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    from dpo_dist.model.lora_linear import fuse_lora
-    from dpo_dist.train.logprobs import packed_forward
-
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="sdpa")
-    model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", lora_dropout=0.0))
-    fuse_lora(model)
-    rows = [json.loads(line) for line in open(pairs_file)]
-    pairs = [{f"{k}_input_ids": r[f"{k}_ids"] for k in ("prompt", "chosen", "rejected")} for r in rows]
+    model, pairs = load_lora_model(model_dir), token_pairs(pairs_file)
 
     def step(collated):
-        out = packed_forward(model, collated)
-        (out.chosen_logps.sum() - out.rejected_logps.sum()).backward()
-        model.zero_grad(set_to_none=True)
+        forward_backward(model, collated)
 
     totals = {"dense": 0.0, "segmented": 0.0}
     print("| batch | dense rows x width | dense s | segmented width | segmented s | dense/seg | cost model picks |")

@@ -14,7 +14,6 @@ run to run on a shared machine, more than this lever; taking turns is the steadi
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import resource
 import statistics
@@ -35,27 +34,18 @@ def child(side: str, model_dir: str, pairs_file: str, threads: int, batch: int =
         if keep_freed_memory() is None:
             raise SystemExit("this C library is not glibc: nothing to compare")
     import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
 
+    from benchmarks.lora_model import forward_backward, load_lora_model, token_pairs
     from dpo_dist.data.packing import PackedPairCollator
-    from dpo_dist.model.lora_linear import fuse_lora
-    from dpo_dist.train.logprobs import packed_forward
 
     torch.set_num_threads(threads)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="sdpa")
-    model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", lora_dropout=0.0))
-    fuse_lora(model)
-    rows = [json.loads(line) for line in open(pairs_file)]
-    pairs = [{f"{k}_input_ids": r[f"{k}_ids"] for k in ("prompt", "chosen", "rejected")} for r in rows]
+    model, pairs = load_lora_model(model_dir), token_pairs(pairs_file)
     collate = PackedPairCollator(0, attention_layout="auto")
     batches = [collate(pairs[i : i + batch]) for i in range(0, len(pairs) - batch + 1, batch)]
 
     def turn():
         for collated in batches:
-            out = packed_forward(model, collated)
-            (out.chosen_logps.sum() - out.rejected_logps.sum()).backward()
-            model.zero_grad(set_to_none=True)
+            forward_backward(model, collated)
 
     for _ in range(2):  # warm: the heap settles
         turn()

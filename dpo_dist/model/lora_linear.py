@@ -159,10 +159,10 @@ def _fused_forward(layer: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> to
     return LoraLinearFunction.apply(x, *parts)
 
 
-def fuse_lora(model: torch.nn.Module) -> int:
+def fuse_lora(model: torch.nn.Module, group: bool = True) -> int:
     """Route every peft ``lora.Linear`` in ``model`` that can take it through :class:`LoraLinearFunction` (each call
-    still checks the conditions, and falls back to peft's path when one fails), and group the routed layers that
-    share an input (:func:`group_lora`). Returns how many layers were routed."""
+    still checks the conditions, and falls back to peft's path when one fails), and with ``group`` group the routed
+    layers that share an input (:func:`group_lora`). Returns how many layers were routed."""
     from peft.tuners.lora.layer import Linear
 
     count = 0
@@ -170,7 +170,8 @@ def fuse_lora(model: torch.nn.Module) -> int:
         if isinstance(module, Linear) and _fusable(module):
             module.forward = types.MethodType(_fused_forward, module)
             count += 1
-    group_lora(model)
+    if group:
+        group_lora(model)
     return count
 
 
