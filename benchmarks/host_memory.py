@@ -23,6 +23,8 @@ import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+from benchmarks.lora_model import add_arguments  # noqa: E402  (imports no torch: the child sets malloc first)
+
 SIDES = ("glibc", "keep")
 
 
@@ -35,7 +37,7 @@ def child(side: str, model_dir: str, pairs_file: str, threads: int, batch: int =
             raise SystemExit("this C library is not glibc: nothing to compare")
     import torch
 
-    from benchmarks.lora_model import forward_backward, load_lora_model, token_pairs
+    from benchmarks.lora_model import forward_backward, load_lora_model, token_pairs  # noqa: F811
     from dpo_dist.data.packing import PackedPairCollator
 
     torch.set_num_threads(threads)
@@ -60,10 +62,7 @@ def child(side: str, model_dir: str, pairs_file: str, threads: int, batch: int =
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", required=True, help="a local model folder (SmolLM2-135M-Instruct for the figures)")
-    parser.add_argument("--pairs", required=True, help="pairs_tokenized.jsonl from benchmarks/vs_trl.py")
-    parser.add_argument("--rounds", type=int, default=12)
-    parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
+    add_arguments(parser, rounds=12)
     parser.add_argument("--child", choices=SIDES, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:

@@ -23,17 +23,14 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 import torch  # noqa: E402
 
-from benchmarks.lora_model import forward_backward, load_lora_model, token_pairs  # noqa: E402
+from benchmarks.lora_model import add_arguments, forward_backward, load_lora_model, token_pairs  # noqa: E402
 from dpo_dist.data.packing import PackedPairCollator  # noqa: E402
 from dpo_dist.model.lora_linear import group_lora  # noqa: E402
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", required=True, help="a local model folder (SmolLM2-135M-Instruct for the figures)")
-    parser.add_argument("--pairs", required=True, help="pairs_tokenized.jsonl from benchmarks/vs_trl.py")
-    parser.add_argument("--rounds", type=int, default=8)
-    parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
+    add_arguments(parser, rounds=8)
     parser.add_argument("--batch", type=int, default=4)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)

@@ -1,13 +1,17 @@
-"""What the whole-model CPU benchmarks share: the training model and the token-id pairs of ``benchmarks/vs_trl.py``."""
+"""What the whole-model CPU benchmarks share: the training model and the token-id pairs of ``benchmarks/vs_trl.py``.
+
+Importing it imports no torch (``host_memory.py`` sets malloc's thresholds before torch allocates anything)."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
@@ -15,6 +19,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 def load_lora_model(model_dir: str, group: bool = True) -> torch.nn.Module:
     """The model as training holds it on CPU: fp32, sdpa, LoRA r16 (alpha 32, no dropout) on every linear layer,
     fused (with ``group``: the layers of one input grouped; see ``dpo_dist.model.lora_linear``)."""
+    import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
@@ -42,3 +47,11 @@ def forward_backward(model: torch.nn.Module, collated: dict[str, Any]) -> float:
     total.backward()
     model.zero_grad(set_to_none=True)
     return total.item()
+
+
+def add_arguments(parser: argparse.ArgumentParser, rounds: int) -> None:
+    """The options the whole-model benchmarks share: the model, the pairs, rounds and threads."""
+    parser.add_argument("--model", required=True, help="a local model folder (SmolLM2-135M-Instruct for the figures)")
+    parser.add_argument("--pairs", required=True, help="pairs_tokenized.jsonl from benchmarks/vs_trl.py")
+    parser.add_argument("--rounds", type=int, default=rounds)
+    parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))

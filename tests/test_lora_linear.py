@@ -190,9 +190,9 @@ def attention_projections(model):
     return attention.q_proj, attention.k_proj, attention.v_proj
 
 
-def test_a_member_on_another_input_turns_its_group_off(monkeypatch):
-    """A model that gives the keys another input than the queries gets each layer's own result, and the group is
-    not used again."""
+def test_a_member_on_another_input_is_computed_alone(monkeypatch):
+    """A model that gives the keys another input than the queries gets each layer's own result; the values still
+    take the group's output, and the next pass computes the group again."""
     peft_model, fused, _ = lora_pair()
     (q, k, v), (pq, pk, pv) = attention_projections(fused), attention_projections(peft_model)
     x, y = torch.randn(2, 3, 32), torch.randn(2, 3, 32)
@@ -202,9 +202,81 @@ def test_a_member_on_another_input_turns_its_group_off(monkeypatch):
         torch.testing.assert_close(got[0], pq(x))
         torch.testing.assert_close(got[1], pk(y))
         torch.testing.assert_close(got[2], pv(x))
-        assert seen == [LoraGroupFunction, LoraLinearFunction, LoraLinearFunction]
+        assert seen == [LoraGroupFunction, LoraLinearFunction]
         q(x), k(x), v(x)
-    assert seen[3:] == [LoraLinearFunction] * 3
+    assert seen[2:] == [LoraGroupFunction]
+
+
+def test_another_input_under_gradient_checkpointing_recomputes_the_same_calls(monkeypatch):
+    """Checkpointing recomputes the forward in the backward and needs the same saved tensors: a member computed
+    alone in the forward is computed alone again. Gradients equal peft's without checkpointing."""
+    peft_model, fused, _ = lora_pair()
+    x, y = torch.randn(2, 3, 32), torch.randn(2, 3, 32)
+
+    def loss(model, checkpoint):
+        q, k, v = attention_projections(model)
+        a, b = x.clone().requires_grad_(), y.clone().requires_grad_()
+        outs = (torch.utils.checkpoint.checkpoint(lambda a, b: (q(a), k(b), v(a)), a, b, use_reentrant=False)
+                if checkpoint else (q(a), k(b), v(a)))
+        sum((o * (i + 1)).sum() for i, o in enumerate(outs)).backward()
+        return [a.grad, b.grad] + [p.grad for layer in (q, k, v) for p in layer.parameters() if p.requires_grad]
+
+    seen = calls(monkeypatch)
+    got = loss(fused, checkpoint=True)
+    assert seen == [LoraGroupFunction, LoraLinearFunction] * 2  # the forward, then its recomputation
+    for g, e in zip(got, loss(peft_model, checkpoint=False), strict=True):
+        torch.testing.assert_close(g, e)
+
+
+def test_another_grad_mode_is_computed_alone(monkeypatch):
+    peft_model, fused, _ = lora_pair()
+    (q, k, _), (_, pk, _) = attention_projections(fused), attention_projections(peft_model)
+    x = torch.randn(2, 3, 32)
+    seen = calls(monkeypatch)
+    with torch.no_grad():
+        q(x)
+    keys = k(x)
+    assert keys.requires_grad and seen == [LoraGroupFunction, LoraLinearFunction]
+    torch.testing.assert_close(keys, pk(x))
+
+
+def test_an_output_the_loss_does_not_use_gives_no_gradient(monkeypatch):
+    """As in peft, where the keys' layer is never called: its LoRA weights get no gradient (None, not zeros, which
+    AdamW would still decay and move); the others get peft's."""
+    peft_model, fused, _ = lora_pair()
+    x = torch.randn(2, 3, 32)
+    grads = []
+    for model in (fused, peft_model):
+        model.zero_grad(set_to_none=True)
+        q, k, v = attention_projections(model)
+        (q(x).sum() + 2 * v(x).sum()).backward()
+        grads.append([p.grad for layer in (q, k, v) for p in layer.parameters() if p.requires_grad])
+    assert [g is None for g in grads[0]] == [False, False, True, True, False, False]
+    for g, e in zip(*grads):
+        if e is not None:
+            torch.testing.assert_close(g, e)
+
+
+def test_groups_only_in_verified_model_types_and_at_load(tmp_path, monkeypatch):
+    """fuse_lora groups only the model types the tests compare with peft; the policy loader groups them."""
+    from dpo_dist.config import load_config
+    from dpo_dist.model.load import load_policy
+    from tests.tiny import make_tokenizer
+
+    torch.manual_seed(0)
+    other = make_llama(400)
+    other.config.model_type = "not_verified"
+    _, fused, count = lora_pair(base=other)
+    seen = calls(monkeypatch)
+    with torch.no_grad():
+        fused(input_ids=torch.randint(0, 300, (1, 5)))
+    assert count > 0 and set(seen) == {LoraLinearFunction}
+
+    tokenizer = make_tokenizer("nobos")
+    make_llama(len(tokenizer)).save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    policy, _ = load_policy(load_config(None, [f"model.name_or_path={tmp_path}", "lora.enabled=true"]), torch.device("cpu"))
+    assert all("_lora_group" in m.__dict__ for m in attention_projections(policy))
 
 
 def test_an_input_changed_in_place_between_members_is_computed_again(monkeypatch):

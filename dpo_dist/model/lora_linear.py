@@ -16,17 +16,20 @@ and not merged, no autocast, and one dtype throughout. Anywhere else the layer r
 Layers that models apply to one input (queries, keys and values; a gated MLP's gate and up projections) go further,
 as one :class:`LoraGroupFunction`: the input is read once for all their A matrices in the forward and in the
 backward, and their input gradients are summed in place. A member called on anything but the very input the group
-was computed from (another tensor, or the same one modified in place) turns its group off, and the layers then run
-one by one. Measured on SmolLM2-135M (LoRA r16 on all linear layers, 2 CPU threads, two processes taking turns):
-1.07-1.10x faster forward and backward than the layers one by one.
+was computed from (another tensor, the same one modified in place, another grad mode) is computed alone. Grouped
+only in the model types the tests verify (:data:`GROUPED_MODEL_TYPES`). Measured on SmolLM2-135M (LoRA r16 on all
+linear layers, 2 CPU threads) on a noisy shared machine: 1.07x faster forward and backward than the layers one by
+one in one process alternating (``benchmarks/lora_groups.py``), 1.10x with two processes taking turns.
 """
 
 from __future__ import annotations
 
+import threading
 import types
 from typing import Any
 
 import torch
+from torch.distributed.tensor import DTensor
 
 
 class LoraLinearFunction(torch.autograd.Function):
@@ -100,6 +103,7 @@ class LoraGroupFunction(torch.autograd.Function):
         ctx.save_for_backward(flat, low, lora_a, *weights, *lora_bs)
         ctx.scalings, ctx.ranks, ctx.x_shape = scalings, ranks, x.shape
         ctx.has_bias = [bias is not None for bias in biases]
+        ctx.set_materialize_grads(False)
         return tuple(outs)
 
     @staticmethod
@@ -109,21 +113,28 @@ class LoraGroupFunction(torch.autograd.Function):
         weights, lora_bs = rest[:n], rest[n:]
         need_x = ctx.needs_input_grad[0]
         need_w, need_b, need_a, need_lb = (ctx.needs_input_grad[2 + i * n : 2 + (i + 1) * n] for i in range(4))
-        grads = [g.reshape(-1, g.shape[-1]) for g in grad_outs]  # (T, out_i); unused outputs come as zeros
-        grad_low = torch.cat([torch.mm(g, lb).mul_(s) for g, lb, s in zip(grads, lora_bs, ctx.scalings)], dim=1)
+        # (T, out_i); None for an output the loss does not use: its layer's parameters get no gradient, as in peft
+        grads = [None if g is None else g.reshape(-1, g.shape[-1]) for g in grad_outs]
+        used = [g is not None for g in grads]
+        if not any(used):
+            return (None,) * (2 + 4 * n)
+        grad_low = torch.cat([torch.mm(g, lb).mul_(s) if g is not None else low.new_zeros(len(low), r)
+                              for g, lb, s, r in zip(grads, lora_bs, ctx.scalings, ctx.ranks)], dim=1)
         grad_x = None
         if need_x:
-            grad_x = torch.mm(grads[0], weights[0])
-            for g, weight in zip(grads[1:], weights[1:]):
-                grad_x.addmm_(g, weight)
+            for g, weight in zip(grads, weights):
+                if g is not None:
+                    grad_x = torch.mm(g, weight) if grad_x is None else grad_x.addmm_(g, weight)
             grad_x = grad_x.addmm_(grad_low, lora_a).view(ctx.x_shape)
-        grad_ws = [torch.mm(g.t(), flat) if need else None for g, need in zip(grads, need_w)]
-        grad_bs = [g.sum(0) if need and has else None for g, need, has in zip(grads, need_b, ctx.has_bias)]
+        grad_ws = [torch.mm(g.t(), flat) if need and g is not None else None for g, need in zip(grads, need_w)]
+        grad_bs = [g.sum(0) if need and has and g is not None else None
+                   for g, need, has in zip(grads, need_b, ctx.has_bias)]
         grad_as = [None] * n
-        if any(need_a):
-            grad_as = [a if need else None for a, need in zip(torch.mm(grad_low.t(), flat).split(ctx.ranks), need_a)]
+        if any(need and u for need, u in zip(need_a, used)):
+            grad_as = [a if need and u else None
+                       for a, need, u in zip(torch.mm(grad_low.t(), flat).split(ctx.ranks), need_a, used)]
         lows = low.split(ctx.ranks, dim=1)
-        grad_lbs = [torch.mm(g.t(), part).mul_(s) if need else None
+        grad_lbs = [torch.mm(g.t(), part).mul_(s) if need and g is not None else None
                     for g, part, s, need in zip(grads, lows, ctx.scalings, need_lb)]
         return (grad_x, None, *grad_ws, *grad_bs, *grad_as, *grad_lbs)
 
@@ -145,8 +156,10 @@ def _plain_parts(layer: Any, x: torch.Tensor) -> tuple | None:
     ) and not torch.is_autocast_enabled(x.device.type)
     tensors = (x, base.weight, lora_a, lora_b) + ((base.bias,) if base.bias is not None else ())
     same = all(t.dtype == x.dtype and t.device == x.device for t in tensors)
-    partitioned = any(hasattr(t, "ds_id") for t in tensors[1:]) or base.weight.shape != (base.out_features, base.in_features)
-    if not plain or not same or partitioned or base._forward_hooks or base._forward_pre_hooks:
+    partitioned = any(hasattr(t, "ds_id") or isinstance(t, DTensor) for t in tensors[1:]) or (
+        base.weight.shape != (base.out_features, base.in_features))  # ZeRO-3, a sharded FSDP2 weight
+    hooked = any(m._forward_hooks or m._forward_pre_hooks for m in (base, layer.lora_A[name], layer.lora_B[name]))
+    if not plain or not same or partitioned or hooked:
         return None
     return base.weight, base.bias, lora_a, lora_b, float(layer.scaling[name])
 
@@ -161,8 +174,9 @@ def _fused_forward(layer: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> to
 
 def fuse_lora(model: torch.nn.Module, group: bool = True) -> int:
     """Route every peft ``lora.Linear`` in ``model`` that can take it through :class:`LoraLinearFunction` (each call
-    still checks the conditions, and falls back to peft's path when one fails), and with ``group`` group the routed
-    layers that share an input (:func:`group_lora`). Returns how many layers were routed."""
+    still checks the conditions, and falls back to peft's path when one fails), and with ``group``, in the model types
+    of :data:`GROUPED_MODEL_TYPES`, group the routed layers that share an input (:func:`group_lora`). Returns how
+    many layers were routed."""
     from peft.tuners.lora.layer import Linear
 
     count = 0
@@ -170,40 +184,44 @@ def fuse_lora(model: torch.nn.Module, group: bool = True) -> int:
         if isinstance(module, Linear) and _fusable(module):
             module.forward = types.MethodType(_fused_forward, module)
             count += 1
-    if group:
+    if group and getattr(getattr(model, "config", None), "model_type", None) in GROUPED_MODEL_TYPES:
         group_lora(model)
     return count
 
 
 # Sibling projections that models apply to one input: attention's queries, keys and values; a gated MLP's two inputs.
 SHARED_INPUT_GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+# The model types whose groups the tests compare with peft (the types packing is verified on that have these layers).
+GROUPED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 
 
 class _Group:
     """LoRA layers of one module that take the same input. The first of them called computes all of them through
-    :class:`LoraGroupFunction` and keeps the others' outputs for their own calls on that same input."""
+    :class:`LoraGroupFunction` and keeps the others' outputs for their own calls on that same input, per thread."""
 
     def __init__(self, members: list) -> None:
         self.members = members
-        self.pending: dict = {}  # member -> its output, computed with the first member's call
-        self.source: tuple | None = None  # (input, its version, grad mode) the pending outputs were computed from
-        self.shared = True  # False once a member was called on another input: the group is then not used again
+        # thread id -> (input, its version, grad mode, {member: its output}) of the group's last computation
+        self.pending: dict[int, tuple] = {}
 
     def take(self, layer: Any, x: torch.Tensor) -> torch.Tensor | None:
         """``layer``'s pending output if it was computed from ``x`` as it is now; else None."""
-        if self.source is None:
+        state = self.pending.get(threading.get_ident())
+        if state is None:
             return None
-        source, version, grad_mode = self.source
-        if layer not in self.pending:  # the member that computed them: a new pass, the last one's outputs not taken
-            self.pending, self.source = {}, None
+        source, version, grad_mode, outputs = state
+        if layer not in outputs:  # the member that computed them: a new pass, the last one's outputs not taken
+            del self.pending[threading.get_ident()]
             return None
-        if source is x and version == _version(x) and grad_mode == torch.is_grad_enabled():
-            out = self.pending.pop(layer)
-            if not self.pending:
-                self.source = None
-            return out
-        self.shared, self.pending, self.source = False, {}, None  # a member on another input: not a shared input
-        return None
+        if source is not x or version != _version(x) or grad_mode != torch.is_grad_enabled():
+            return None  # another input: this member alone (the others' outputs stay theirs)
+        out = outputs.pop(layer)
+        if not outputs:
+            del self.pending[threading.get_ident()]
+        return out
+
+    def keep(self, x: torch.Tensor, outputs: dict) -> None:
+        self.pending[threading.get_ident()] = (x, _version(x), torch.is_grad_enabled(), outputs)
 
 
 def _version(x: torch.Tensor) -> int | None:
@@ -212,27 +230,33 @@ def _version(x: torch.Tensor) -> int | None:
 
 
 def _grouped_forward(layer: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-    """A grouped member's forward: its output from the group's pending outputs, or the whole group computed now."""
+    """A grouped member's forward: its output from the group's pending outputs, or the whole group computed now.
+
+    A member whose input is not the group's (another tensor, the same one changed in place, another grad mode)
+    runs alone; the group stays, so a pass recomputed under gradient checkpointing makes the same calls again."""
+    if args or kwargs:
+        return _fused_forward(layer, x, *args, **kwargs)
     group = layer.__dict__["_lora_group"]
     taken = group.take(layer, x)
     if taken is not None:
         return taken
-    parts = [] if args or kwargs or not group.shared else [_plain_parts(member, x) for member in group.members]
-    if not parts or any(part is None for part in parts):
-        return _fused_forward(layer, x, *args, **kwargs)
+    if layer in group.pending.get(threading.get_ident(), (None, None, None, {}))[3]:
+        return _fused_forward(layer, x)  # its own output is pending for another input
+    parts = [_plain_parts(member, x) for member in group.members]
+    if any(part is None for part in parts):
+        return _fused_forward(layer, x)
     weights, biases, lora_as, lora_bs, scalings = zip(*parts)
     outs = LoraGroupFunction.apply(x, scalings, *weights, *biases, *lora_as, *lora_bs)
-    group.pending = {member: out for member, out in zip(group.members, outs) if member is not layer}
-    group.source = (x, _version(x), torch.is_grad_enabled())
+    group.keep(x, {member: out for member, out in zip(group.members, outs) if member is not layer})
     return outs[group.members.index(layer)]
 
 
 def group_lora(model: torch.nn.Module) -> int:
     """Compute the fused LoRA layers of a module that take one input (:data:`SHARED_INPUT_GROUPS`) as one
-    :class:`LoraGroupFunction`. Each call checks that the next member really gets the same, unmodified input; a
-    member called on any other input turns its group off for good (the layers then run one by one, as before). A
-    pass that stops before every member was called (an exception) leaves outputs that the next pass drops.
-    Returns how many groups."""
+    :class:`LoraGroupFunction`. Each call checks that the member gets the very input the group was computed from
+    (the same tensor, not modified in place since, in the same grad mode); a member called on anything else is
+    computed alone. Outputs a pass did not take (it stopped with an exception, or a member was never called) are
+    dropped when the group is computed again; until then they keep that pass's graph alive. Returns how many groups."""
     count = 0
     for module in model.modules():
         children = dict(module.named_children())
