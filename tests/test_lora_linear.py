@@ -228,18 +228,6 @@ def test_another_input_under_gradient_checkpointing_recomputes_the_same_calls(mo
         torch.testing.assert_close(g, e)
 
 
-def test_another_grad_mode_is_computed_alone(monkeypatch):
-    peft_model, fused, _ = lora_pair()
-    (q, k, _), (_, pk, _) = attention_projections(fused), attention_projections(peft_model)
-    x = torch.randn(2, 3, 32)
-    seen = calls(monkeypatch)
-    with torch.no_grad():
-        q(x)
-    keys = k(x)
-    assert keys.requires_grad and seen == [LoraGroupFunction, LoraLinearFunction]
-    torch.testing.assert_close(keys, pk(x))
-
-
 def test_an_output_the_loss_does_not_use_gives_no_gradient(monkeypatch):
     """As in peft, where the keys' layer is never called: its LoRA weights get no gradient (None, not zeros, which
     AdamW would still decay and move); the others get peft's."""
@@ -279,16 +267,23 @@ def test_groups_only_in_verified_model_types_and_at_load(tmp_path, monkeypatch):
     assert all("_lora_group" in m.__dict__ for m in attention_projections(policy))
 
 
-def test_an_input_changed_in_place_between_members_is_computed_again(monkeypatch):
+@pytest.mark.parametrize("change", ["in-place", "grad-mode"])
+def test_the_same_tensor_changed_since_is_computed_alone(monkeypatch, change):
+    """The keys' layer gets the queries' input tensor, but modified in place since, or in another grad mode: its own
+    result, not the group's."""
     peft_model, fused, _ = lora_pair()
     (q, k, _), (_, pk, _) = attention_projections(fused), attention_projections(peft_model)
     x = torch.randn(2, 3, 32)
     seen = calls(monkeypatch)
     with torch.no_grad():
         q(x)
+    if change == "in-place":
         x.mul_(2)
-        torch.testing.assert_close(k(x), pk(x))
+    with torch.set_grad_enabled(change == "grad-mode"):
+        keys = k(x)
     assert seen == [LoraGroupFunction, LoraLinearFunction]
+    assert keys.requires_grad == (change == "grad-mode")
+    torch.testing.assert_close(keys, pk(x))
 
 
 def test_a_pass_stopped_between_members_leaves_nothing_behind(monkeypatch):
