@@ -37,7 +37,7 @@ def child(side: str, model_dir: str, pairs_file: str, threads: int, batch: int =
             raise SystemExit("this C library is not glibc: nothing to compare")
     import torch
 
-    from benchmarks.lora_model import forward_backward, load_lora_model, token_pairs  # noqa: F811
+    from benchmarks.lora_model import forward_backward, load_lora_model, token_pairs
     from dpo_dist.data.packing import PackedPairCollator
 
     torch.set_num_threads(threads)

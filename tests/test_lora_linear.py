@@ -10,7 +10,7 @@ from peft import LoraConfig, get_peft_model
 from peft.tuners.lora.layer import Linear as LoraLinear
 from transformers import AutoModelForCausalLM
 
-from dpo_dist.model.lora_linear import LoraGroupFunction, LoraLinearFunction, fuse_lora
+from dpo_dist.model.lora_linear import GROUPED_MODEL_TYPES, LoraGroupFunction, LoraLinearFunction, fuse_lora
 from tests.test_exactness import tiny_config
 from tests.tiny import make_llama
 
@@ -157,7 +157,7 @@ def test_group_function_matches_the_formula_and_its_gradients():
     assert all(t.grad is not None for t in (x, *lora_as, *lora_bs, biases[1]))
 
 
-@pytest.mark.parametrize("model_type", ["llama", "mistral", "qwen2", "qwen3"])
+@pytest.mark.parametrize("model_type", GROUPED_MODEL_TYPES)
 @pytest.mark.parametrize("checkpointing", [False, True], ids=["plain", "gradient-checkpointing"])
 def test_groups_equal_peft_on_each_model_type(monkeypatch, model_type, checkpointing):
     """Each packed model type: q/k/v and gate/up computed as groups give peft's logits and gradients (under

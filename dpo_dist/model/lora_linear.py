@@ -220,6 +220,11 @@ class _Group:
             del self.pending[threading.get_ident()]
         return out
 
+    def awaits(self, layer: Any) -> bool:
+        """Whether ``layer``'s output is pending (so a call of it on another input runs it alone)."""
+        state = self.pending.get(threading.get_ident())
+        return state is not None and layer in state[3]
+
     def keep(self, x: torch.Tensor, outputs: dict) -> None:
         self.pending[threading.get_ident()] = (x, _version(x), torch.is_grad_enabled(), outputs)
 
@@ -240,7 +245,7 @@ def _grouped_forward(layer: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> 
     taken = group.take(layer, x)
     if taken is not None:
         return taken
-    if layer in group.pending.get(threading.get_ident(), (None, None, None, {}))[3]:
+    if group.awaits(layer):
         return _fused_forward(layer, x)  # its own output is pending for another input
     parts = [_plain_parts(member, x) for member in group.members]
     if any(part is None for part in parts):
