@@ -3,6 +3,7 @@
 import importlib.util
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -11,7 +12,7 @@ import pytest
 import torch
 
 from training import (ROOT, STEPS, accelerate_launch, assert_same_reference_caches, assert_same_trajectory,
-                      overrides, read_jsonl)
+                      logged_parameter_count, overrides, read_jsonl)
 
 pytestmark = [
     pytest.mark.multiprocess,
@@ -36,7 +37,8 @@ def launch_zero(stage, tiny_model_dir, data_file, out, config=None, env=None, **
 
 @pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
 @pytest.mark.parametrize("stage", [2, 3])
-def test_zero_trajectory_equals_one_process(stage, lora, one_process, tiny_model_dir, data_file, tmp_path):
+def test_zero_trajectory_equals_one_process(stage, lora, one_process, tiny_model_dir, data_file, tmp_path,
+                                           caplog):
     records, single_out = one_process[lora]
     out = tmp_path / "out"
     # ZeRO-3 lays attention out segment by segment, the one process as auto picks
@@ -44,6 +46,9 @@ def test_zero_trajectory_equals_one_process(stage, lora, one_process, tiny_model
     result = launch_zero(stage, tiny_model_dir, data_file, out, **STEPS, **{"lora.enabled": lora}, **layout)
     assert "packing: on" in result.stdout, result.stdout[-2000:]  # under ZeRO-3 too: the head runs in the forward
     assert ("attention: segmented (" in result.stdout) == (stage == 3), result.stdout[-2000:]
+    # The count of parameters is the whole model's, though ZeRO-3 has partitioned them (numel() 0) at loading
+    [count] = re.findall(r"policy .*?: \S+, (.* parameters trainable)", result.stdout + result.stderr)
+    assert count == logged_parameter_count(caplog, tiny_model_dir, **{"lora.enabled": lora}), count
     assert_same_trajectory(records, read_jsonl(out / "metrics.jsonl"), atol=1e-4)
     # The reference log-probs computed on the sharded model equal the single-process cache, file for file.
     # (Segmented, they are keyed apart from the one process's.)

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from training import reset_accelerate_state, run
+from training import logged_parameter_count, reset_accelerate_state, run
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None,
                                 reason="needs bitsandbytes: python3 -m pip install -e '.[qlora]' (the dev extra has it)")
@@ -45,6 +45,15 @@ def test_the_policy_base_is_4bit_nf4(tiny_model_dir):
         assert weight.quant_state.nested, "double quantization of the scales"
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable and all("lora_" in n for n in trainable)
+
+
+def test_the_policy_log_counts_4bit_weights_as_weights_not_bytes(tiny_model_dir, caplog):
+    """A 4-bit weight packs two values into a byte, so ``numel()`` is half its weights: the count the policy loader
+    logs is the full-precision model's, in any quantization."""
+    counts = {q: logged_parameter_count(caplog, tiny_model_dir, **{"model.quantization": q, "lora.enabled": True})
+              for q in ("none", "4bit", "8bit")}
+    assert counts["4bit"] == counts["8bit"] == counts["none"], counts
+    assert not counts["none"].startswith("0.00M"), counts
 
 
 @pytest.mark.parametrize("optimizer", ["adamw", "adamw_8bit", "paged_adamw_8bit"])

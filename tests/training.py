@@ -63,6 +63,22 @@ def run(model_dir, data_file, out, **extra):
     return train(load_config(None, overrides(model_dir, data_file, out, **extra)))
 
 
+def logged_parameter_count(caplog, model_dir, **extra):
+    """What the policy loader logs of its parameters for one process (``"0.02M of 0.05M parameters trainable"``)."""
+    import logging
+
+    import torch
+
+    from dpo_dist.model.load import load_policy
+
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="dpo_dist.model.load"):
+        load_policy(load_config(None, [f"model.name_or_path={model_dir}"] + [f"{k}={v}" for k, v in extra.items()]),
+                    torch.device("cpu"))
+    [line] = [r.getMessage() for r in caplog.records if "parameters trainable" in r.getMessage()]
+    return line.split(", ", 1)[1]
+
+
 def assert_same_trajectory(a, b, atol):
     """Equal step by step. At step 1 policy = reference, so every reward is float noise (~1e-7) and which side of 0
     it falls on, the accuracy, is a coin toss: accuracies are compared from step 2 on."""

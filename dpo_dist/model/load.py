@@ -252,6 +252,18 @@ def config_set_to(model: torch.nn.Module, values: dict[str, Any]) -> Iterator[No
                 delattr(config, key)
 
 
+def parameter_count(parameter: torch.nn.Parameter) -> int:
+    """The number of weights a parameter holds, wherever its storage says otherwise: ZeRO-3 partitions it (its
+    ``numel()`` is then 0 outside a gather; ``ds_numel`` is the whole), and a 4-bit weight packs two into a byte (its
+    ``quant_state`` keeps the unquantized shape)."""
+    if hasattr(parameter, "ds_numel"):
+        return parameter.ds_numel
+    quant_state = getattr(parameter, "quant_state", None)
+    if quant_state is not None:
+        return quant_state.shape.numel()
+    return parameter.numel()
+
+
 def load_policy(cfg: Config, device: torch.device, weights: torch.dtype | None = None) -> tuple[torch.nn.Module, Any]:
     """The trainable policy and its tokenizer; ``weights``: the dtype it is loaded in (``Precision.weights``;
     default: ``model.dtype`` resolved on ``device``). A 4/8-bit base computes in ``model.dtype``."""
@@ -277,8 +289,8 @@ def load_policy(cfg: Config, device: torch.device, weights: torch.dtype | None =
         )
         model = get_peft_model(model, lora)
         fuse_lora(model)  # peft's numbers with fewer passes over the activations, where exact (see lora_linear)
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(parameter_count(p) for p in model.parameters() if p.requires_grad)
+    total = sum(parameter_count(p) for p in model.parameters())
     logger.info("policy %s: %s, %.2fM of %.2fM parameters trainable", source, dtype, trainable / 1e6, total / 1e6)
     return model, tokenizer
 
