@@ -9,12 +9,32 @@
 # GPU_PEAK_TFLOPS: the GPU's dense bf16 peak for MFU (default 989, an H100/H200 SXM).
 # Runs: packed sdpa (dense boolean mask) vs packed FlexAttention (block mask), LoRA, bf16; ZeRO-3 and FSDP2 full
 # fine-tuning in bf16 with packing; QLoRA on one GPU.
+#
+# Rehearsal on CPU, before a GPU's time is spent on it (tests/test_gpu_check.py does this):
+#   GPU_CHECK_ON_CPU=1 GPU_CHECK_ARGS="model.name_or_path=DIR train.max_steps=3 ..." bash benchmarks/gpu_check.sh
+# runs every configuration on CPU (the sharded ones on GPU_CHECK_PROCESSES processes, 2 by default) with the extra
+# key=value overrides of GPU_CHECK_ARGS after the script's own (a tiny model, a few steps). The flex run fails there,
+# as it must: a CPU training run with FlexAttention is refused (it has no backward on CPU). No MFU on CPU.
+# GPU_CHECK_RUNS="zero3-full qlora" runs only those of the five (all by default), on a GPU too: to redo one that failed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-python3 -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'gpu_check.sh needs a CUDA GPU')"
-GPUS=$(python3 -c "import torch; print(torch.cuda.device_count())")
+if [ "${GPU_CHECK_ON_CPU:-0}" = 1 ]; then
+  GPUS=${GPU_CHECK_PROCESSES:-2}
+else
+  python3 -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'gpu_check.sh needs a CUDA GPU (GPU_CHECK_ON_CPU=1 rehearses it on CPU)')"
+  GPUS=$(python3 -c "import torch; print(torch.cuda.device_count())")
+fi
 PEAK=${GPU_PEAK_TFLOPS:-989}
 WORK=${WORK:-$(mktemp -d)}
+mkdir -p "$WORK"
+read -r -a EXTRA <<<"${GPU_CHECK_ARGS:-}"
+RUNS=${GPU_CHECK_RUNS:-sdpa-packed flex-packed zero3-full fsdp2-full qlora}
+for name in $RUNS; do
+  case $name in sdpa-packed|flex-packed|zero3-full|fsdp2-full|qlora) ;;
+    *) echo "GPU_CHECK_RUNS: no run named '$name' (the runs: sdpa-packed flex-packed zero3-full fsdp2-full qlora)" >&2
+       exit 2 ;;
+  esac
+done
 python3 - "$WORK/pairs.jsonl" <<'PY'
 import json, random, sys
 rng = random.Random(0)
@@ -27,30 +47,39 @@ with open(sys.argv[1], "w") as out:
 PY
 COMMON=(data.source="$WORK/pairs.jsonl" data.eval_ratio=0 data.max_length=1024 data.max_prompt_length=512
         train.max_steps=20 train.per_device_batch_size=8 train.progress_bar=false train.plot=false
-        reference.cache_dir="$WORK/refcache" model.dtype=bfloat16)
+        reference.cache_dir="$WORK/refcache" model.dtype=bfloat16 "${EXTRA[@]}")
 run() {  # name, launcher args..., -- , overrides...
   local name=$1; shift
+  case " $RUNS " in *" $name "*) ;; *) return 0 ;; esac
   local launch=(); while [ "$1" != "--" ]; do launch+=("$1"); shift; done; shift
   echo "== $name" >&2
   accelerate launch "${launch[@]}" launch/train.py "${COMMON[@]}" train.output_dir="$WORK/$name" "$@" >"$WORK/$name.log" 2>&1 \
     || { echo "$name failed: see $WORK/$name.log" >&2; return 0; }
 }
-run sdpa-packed --num_processes 1 -- model.attn_implementation=sdpa train.packing=on
-run flex-packed --num_processes 1 -- model.attn_implementation=flex_attention train.packing=on
-run zero3-full --config_file accelerate_configs/zero3.yaml --num_processes "$GPUS" -- lora.enabled=false train.learning_rate=5e-7
-run fsdp2-full --config_file accelerate_configs/fsdp.yaml --num_processes "$GPUS" -- lora.enabled=false train.learning_rate=5e-7
+run sdpa-packed --config_file accelerate_configs/single_process.yaml --num_processes 1 -- model.attn_implementation=sdpa train.packing=on
+run flex-packed --config_file accelerate_configs/single_process.yaml --num_processes 1 -- model.attn_implementation=flex_attention train.packing=on
+run zero3-full --config_file accelerate_configs/zero3.yaml --num_processes "$GPUS" -- lora.enabled=false train.learning_rate=5e-7 \
+  train.single_device_fallback=false  # on one GPU too: ZeRO-3 as configured, not the QLoRA fallback
+run fsdp2-full --config_file accelerate_configs/fsdp.yaml --num_processes "$GPUS" -- lora.enabled=false train.learning_rate=5e-7 \
+  train.single_device_fallback=false
 run qlora --config_file accelerate_configs/single_gpu_qlora.yaml --num_processes 1 -- model.quantization=4bit
-python3 - "$WORK" "$PEAK" <<'PY'
-import json, os, sys
-work, peak = sys.argv[1], float(sys.argv[2]) * 1e12
+python3 - "$WORK" "$PEAK" $RUNS <<'PY'
+import json, os, re, sys
+work, peak, runs = sys.argv[1], float(sys.argv[2]) * 1e12, sys.argv[3:]
 params = 134.5e6  # SmolLM2-135M
-print(f"{'run':<14}{'tokens/s':>12}{'peak GiB/rank':>15}{'MFU':>8}   (steps 3-20; MFU = 6 x params x tokens/s / peak)")
-for name in ("sdpa-packed", "flex-packed", "zero3-full", "fsdp2-full", "qlora"):
+print(f"{'run':<14}{'processes':>10}{'tokens/s':>12}{'peak GiB/rank':>15}{'MFU':>8}   (steps 3 on; MFU = k x params x tokens/s / peak, "
+      "k = 6 for full fine-tuning, 4 for LoRA (a frozen base has no weight gradients); tokens count each pair as two "
+      "sequences, the prompt twice, so with the prompt shared, as here, MFU also counts work the step skips)")
+for name in runs:
     path = os.path.join(work, name, "metrics.jsonl")
-    if not os.path.exists(path):
-        print(f"{name:<14}{'failed':>12}"); continue
-    records = [json.loads(l) for l in open(path)][2:]
-    rate = sum(r["tokens/s"] for r in records) / len(records)
-    memory = json.load(open(os.path.join(work, name, "peak_memory.json")))["per_rank_peak_gb"]
-    print(f"{name:<14}{rate:>12.0f}{max(memory):>15.2f}{6 * params * rate / peak:>8.1%}")
+    if not os.path.exists(os.path.join(work, name, "peak_memory.json")):  # written once training has finished
+        print(f"{name:<14}{'-':>10}{'failed':>12}   see {os.path.join(work, name + '.log')}"); continue
+    steps = [r for r in map(json.loads, open(path)) if "tokens/s" in r]
+    timed = steps[2:] or steps  # the first two steps warm up (allocator, kernels' first calls, compilation)
+    rate = sum(r["tokens/s"] for r in timed) / len(timed)
+    peak_memory = json.load(open(os.path.join(work, name, "peak_memory.json")))
+    k = 6 if name.endswith("-full") else 4
+    mfu = f"{k * params * rate / peak:>8.1%}" if peak_memory["device"] == "cuda" else f"{'-':>8}"
+    processes = re.search(r"x (\d+) processes", open(os.path.join(work, name + ".log")).read()).group(1)
+    print(f"{name:<14}{processes:>10}{rate:>12.0f}{max(peak_memory['per_rank_peak_gb']):>15.2f}{mfu}")
 PY

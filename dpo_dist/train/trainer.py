@@ -38,6 +38,7 @@ from dpo_dist.distributed import (
     set_cpu_threads,
     shard_indices,
     uses_deepspeed,
+    uses_fsdp,
     zero_stage,
 )
 from dpo_dist.model.attention import (FLEX_BLOCK, base_model, choose_attention_layout, choose_packing,
@@ -231,7 +232,7 @@ def setup(cfg: Config, signals: StopSignals) -> Run:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(total_steps, warmup, t.lr_scheduler))
     model, optimizer = accelerator.prepare(model, optimizer)
     accelerator.register_for_checkpointing(scheduler)  # stepped here once per optimizer step, not by Accelerate
-    if fsdp_version(accelerator):
+    if uses_fsdp() or fsdp_version(accelerator):
         say(accelerator, fsdp_summary(model, accelerator))
     if cfg.lora.enabled and not stage and not fsdp_version(accelerator):  # ZeRO, FSDP: sharded, every weight
         adapter_only_checkpoints(accelerator, model)
