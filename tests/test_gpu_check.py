@@ -8,6 +8,7 @@ named, not the single-device fallback), and the sharded runs again with 2, as on
 
 import importlib.util
 import os
+import shutil
 import subprocess
 import sys
 
@@ -39,14 +40,28 @@ def ran_as(processes):
 @pytest.mark.parametrize("processes, runs", [(1, RUNS), (2, ("zero3-full", "fsdp2-full"))], ids=["1", "2"])
 def test_every_run_of_the_gpu_check_starts_and_reports_on_cpu(processes, runs, tiny_model_dir, tmp_path):
     work = tmp_path / "work"
-    small = (f"model.name_or_path={tiny_model_dir} train.max_steps=3 data.num_samples=48 data.max_length=64 "
-             "data.max_prompt_length=32 train.per_device_batch_size=4")
+    small = "train.max_steps=3 data.num_samples=48 data.max_length=64 data.max_prompt_length=32 train.per_device_batch_size=4"
+    if processes == 1:
+        small = f"model.name_or_path={tiny_model_dir} {small}"
+        model_config = {}
+    else:  # as on the device tool's machine: the model's config and tokenizer travel, its weights are made there
+        config_only = tmp_path / "config-only"
+        config_only.mkdir()
+        for name in os.listdir(tiny_model_dir):
+            if not name.endswith(".safetensors"):
+                shutil.copy(os.path.join(tiny_model_dir, name), config_only)
+        model_config = {"GPU_CHECK_MODEL_CONFIG": str(config_only)}
     env = {**os.environ, "GPU_CHECK_ON_CPU": "1", "GPU_CHECK_PROCESSES": str(processes), "GPU_CHECK_ARGS": small,
-           "GPU_CHECK_RUNS": " ".join(runs), "WORK": str(work),
+           "GPU_CHECK_RUNS": " ".join(runs), "WORK": str(work), **model_config,
            "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"]}  # its python3 and accelerate
     result = subprocess.run(["bash", os.path.join(ROOT, "benchmarks", "gpu_check.sh")], capture_output=True, text=True,
                             env=env, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
+    if model_config:
+        assert "config with random weights" in result.stderr
+        model = f"policy {work / 'model'}: torch."
+    else:
+        model = f"policy {tiny_model_dir}: torch."
     table = {line.split()[0]: line.split()[1:] for line in result.stdout.splitlines() if line.split()[:1] in
              [[run] for run in RUNS]}
     assert set(table) == set(runs), result.stdout
@@ -61,7 +76,7 @@ def test_every_run_of_the_gpu_check_starts_and_reports_on_cpu(processes, runs, t
         assert int(ran_on) == (processes if run.endswith("-full") else 1), (run, table[run])
         assert float(tokens_per_s) > 0 and float(peak_gib) > 0 and mfu == "-", (run, table[run])  # no GPU, no MFU
         log = (work / f"{run}.log").read_text()
-        for line in lines:
+        for line in lines + [model]:
             assert line in log, (run, line, log[-2000:])
         assert "single-device fallback" not in log, (run, log[-2000:])  # each run ran as named
         assert (work / run / "model").is_dir(), run  # its final export was written
