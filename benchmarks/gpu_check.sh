@@ -17,12 +17,14 @@
 # Rehearsal on CPU, before a GPU's time is spent on it (tests/test_gpu_check.py does this):
 #   GPU_CHECK_ON_CPU=1 GPU_CHECK_ARGS="model.name_or_path=DIR train.max_steps=3 ..." bash benchmarks/gpu_check.sh
 # runs every configuration on CPU (the sharded ones on GPU_CHECK_PROCESSES processes, 2 by default) with the extra
-# key=value overrides of GPU_CHECK_ARGS after the script's own (a tiny model, a few steps). The flex run fails there,
-# as it must: a CPU training run with FlexAttention is refused (it has no backward on CPU). No MFU on CPU.
+# key=value overrides of GPU_CHECK_ARGS (a tiny model, a few steps; words split on spaces, so no space inside a
+# value), given last, so they win over the script's own. GPUs are hidden from it. The flex run fails there, as it
+# must: a CPU training run with FlexAttention is refused (it has no backward on CPU). No MFU on CPU.
 # GPU_CHECK_RUNS="zero3-full qlora" runs only those of the five (all by default), on a GPU too: to redo one that failed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ "${GPU_CHECK_ON_CPU:-0}" = 1 ]; then
+  export CUDA_VISIBLE_DEVICES=""  # a rehearsal on a machine with GPUs stays on its CPU
   GPUS=${GPU_CHECK_PROCESSES:-2}
 else
   python3 -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'gpu_check.sh needs a CUDA GPU (GPU_CHECK_ON_CPU=1 rehearses it on CPU)')"
@@ -66,14 +68,15 @@ PY
 fi
 COMMON=(data.source="$WORK/pairs.jsonl" data.eval_ratio=0 data.max_length=1024 data.max_prompt_length=512
         data.num_samples=320 train.max_steps=20 train.per_device_batch_size=8 train.progress_bar=false train.plot=false
-        reference.cache_dir="$WORK/refcache" model.dtype=bfloat16 "${MODEL[@]}" "${EXTRA[@]}")
+        reference.cache_dir="$WORK/refcache" model.dtype=bfloat16 "${MODEL[@]}")
 run() {  # name, launcher args..., -- , overrides...
   local name=$1; shift
   case " $RUNS " in *" $name "*) ;; *) return 0 ;; esac
   local launch=(); while [ "$1" != "--" ]; do launch+=("$1"); shift; done; shift
   echo "== $name" >&2
-  accelerate launch "${launch[@]}" launch/train.py "${COMMON[@]}" train.output_dir="$WORK/$name" "$@" >"$WORK/$name.log" 2>&1 \
-    || { echo "$name failed: see $WORK/$name.log" >&2; return 0; }
+  rm -rf "${WORK:?}/$name" "$WORK/$name.log"  # a redo reports itself, never an earlier run's files
+  accelerate launch "${launch[@]}" launch/train.py "${COMMON[@]}" train.output_dir="$WORK/$name" "$@" "${EXTRA[@]}" \
+    >"$WORK/$name.log" 2>&1 || { echo "$name failed: $WORK/$name.log ends:" >&2; tail -n 40 "$WORK/$name.log" >&2; }
 }
 run sdpa-packed --config_file accelerate_configs/single_process.yaml --num_processes 1 -- model.attn_implementation=sdpa train.packing=on
 run flex-packed --config_file accelerate_configs/single_process.yaml --num_processes 1 -- model.attn_implementation=flex_attention train.packing=on
@@ -85,8 +88,8 @@ run qlora --config_file accelerate_configs/single_gpu_qlora.yaml --num_processes
 python3 - "$WORK" "$PEAK" $RUNS <<'PY'
 import json, os, re, sys
 work, peak, runs = sys.argv[1], float(sys.argv[2]) * 1e12, sys.argv[3:]
-params = 134.5e6  # SmolLM2-135M
-print(f"{'run':<14}{'processes':>10}{'tokens/s':>12}{'peak GiB/rank':>15}{'MFU':>8}   (steps 3 on; MFU = k x params x tokens/s / peak, "
+print(f"{'run':<14}{'processes':>10}{'tokens/s':>12}{'peak GiB/rank':>15}{'MFU':>8}   (steps 3 on, all processes' "
+      "tokens; MFU = k x params x tokens/s / (processes x peak), "
       "k = 6 for full fine-tuning, 4 for LoRA (a frozen base has no weight gradients); tokens count each pair as two "
       "sequences, the prompt twice, so with the prompt shared, as here, MFU also counts work the step skips)")
 for name in runs:
@@ -97,8 +100,12 @@ for name in runs:
     timed = steps[2:] or steps  # the first two steps warm up (allocator, kernels' first calls, compilation)
     rate = sum(r["tokens/s"] for r in timed) / len(timed)
     peak_memory = json.load(open(os.path.join(work, name, "peak_memory.json")))
+    log = open(os.path.join(work, name + ".log")).read()
+    processes = re.search(r"accumulation x (\d+) processes", log)  # the trainer's "global batch ..." line
+    params = re.search(r"of ([\d.]+)M parameters trainable", log)  # the policy loader's count, all parameters
     k = 6 if name.endswith("-full") else 4
-    mfu = f"{k * params * rate / peak:>8.1%}" if peak_memory["device"] == "cuda" else f"{'-':>8}"
-    processes = re.search(r"x (\d+) processes", open(os.path.join(work, name + ".log")).read()).group(1)
+    mfu = (f"{k * float(params.group(1)) * 1e6 * rate / (int(processes.group(1)) * peak):>8.1%}"
+           if peak_memory["device"] == "cuda" and processes and params else f"{'-':>8}")
+    processes = processes.group(1) if processes else "?"
     print(f"{name:<14}{processes:>10}{rate:>12.0f}{max(peak_memory['per_rank_peak_gb']):>15.2f}{mfu}")
 PY

@@ -183,9 +183,11 @@ def fsdp_summary(model: Any, accelerator: Any) -> str:
     """What FSDP2 did to the prepared policy, in one line (the trainer prints it when an FSDP config was given)."""
     from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule
 
-    if not fsdp_version(accelerator):  # one CPU process (with train.single_device_fallback=false): no gloo group
-        return ("FSDP: not applied: an FSDP config was given, but one CPU process has nothing to shard (FSDP runs on "
-                "CPU over 2 or more processes); training unsharded")
+    if not fsdp_version(accelerator):
+        if accelerator.device.type == "cpu" and accelerator.num_processes == 1:  # FSDP on CPU runs over gloo
+            return ("FSDP: not applied: an FSDP config was given, but one CPU process has nothing to shard (FSDP runs "
+                    "on CPU over 2 or more processes); training unsharded")
+        return "FSDP: not applied: an FSDP config was given, but Accelerate set up no FSDP here; training unsharded"
     modules = sum(isinstance(m, FSDPModule) for m in model.modules())
     offload = isinstance(accelerator.state.fsdp_plugin.cpu_offload, CPUOffloadPolicy)
     return (f"FSDP2: parameters, gradients and optimizer state sharded over {accelerator.num_processes} processes "

@@ -2,8 +2,9 @@
 
 A GPU is lent to few sessions, for minutes; a script that breaks there wastes them. The rehearsal
 (``GPU_CHECK_ON_CPU=1``) runs the same launches with the same overrides on CPU processes, a tiny model and 3 steps:
-every run with 1 process, as on the one GPU the device tool lends (there the sharded runs must run their engine as
-named, not the single-device fallback), and the sharded runs again with 2, as on a machine with 2 GPUs.
+every run with 1 process, as the device tool's one GPU runs them (the ZeRO-3 run must run DeepSpeed as named, not
+the single-device fallback; FSDP2 over one rank runs only on a GPU, one CPU process trains unsharded), and the
+sharded runs again with 2, as on a machine with 2 GPUs.
 """
 
 import importlib.util
@@ -16,11 +17,6 @@ import pytest
 
 from training import ROOT
 
-pytestmark = [
-    pytest.mark.multiprocess,
-    pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None or importlib.util.find_spec("bitsandbytes") is None,
-                       reason="the check runs ZeRO-3 and QLoRA: python3 -m pip install -e '.[dev]'"),
-]
 RUNS = ("sdpa-packed", "flex-packed", "zero3-full", "fsdp2-full", "qlora")
 
 
@@ -37,6 +33,9 @@ def ran_as(processes):
     }
 
 
+@pytest.mark.multiprocess
+@pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None or importlib.util.find_spec("bitsandbytes") is None,
+                    reason="the check runs ZeRO-3 and QLoRA: python3 -m pip install -e '.[dev]'")
 @pytest.mark.parametrize("processes, runs", [(1, RUNS), (2, ("zero3-full", "fsdp2-full"))], ids=["1", "2"])
 def test_every_run_of_the_gpu_check_starts_and_reports_on_cpu(processes, runs, tiny_model_dir, tmp_path):
     work = tmp_path / "work"

@@ -2,7 +2,7 @@
 
 A recipe written for a cluster (``accelerate launch --config_file accelerate_configs/zero3.yaml ...``) taken to a
 workstation with one GPU, or to a laptop, would otherwise crash (two processes on one GPU), or shard nothing and run
-out of memory (ZeRO or FSDP with one process). Instead ``launch/train.py`` falls back to the QLoRA single-device setup and
+out of memory (ZeRO with one process). Instead ``launch/train.py`` falls back to the QLoRA single-device setup and
 says so in one line:
 
 - the base in 4-bit NF4 with LoRA adapters (a recipe that already quantizes keeps its setting) and gradient
@@ -21,7 +21,7 @@ import os
 from dataclasses import dataclass
 
 from dpo_dist.config import Config, ConfigError
-from dpo_dist.distributed import uses_deepspeed, uses_fsdp
+from dpo_dist.distributed import uses_deepspeed
 
 # What torchrun / accelerate launch set for a distributed worker; removed to make the survivor a plain process.
 DISTRIBUTED_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK",
@@ -37,7 +37,6 @@ class Launch:
     local_rank: int
     deepspeed: bool  # accelerate launch was given a DeepSpeed config
     devices: int  # GPUs on this machine; 0 on a CPU-only machine
-    fsdp: bool = False  # accelerate launch was given an FSDP config
 
     @property
     def capacity(self) -> int:
@@ -55,7 +54,6 @@ def read_launch() -> Launch:
         local_rank=int(os.environ.get("LOCAL_RANK", "0")),
         deepspeed=uses_deepspeed(),
         devices=torch.cuda.device_count() if torch.cuda.is_available() else 0,
-        fsdp=uses_fsdp(),
     )
 
 
@@ -68,11 +66,9 @@ def needs_fallback(launch: Launch) -> str | None:
         return None
     if launch.local_world_size > 1:
         return f"{launch.local_world_size} processes were launched but this machine has one GPU"
-    where = "one GPU" if launch.devices else "no GPU"
     if launch.deepspeed:
+        where = "one GPU" if launch.devices else "no GPU"
         return f"a DeepSpeed ZeRO config was given, but ZeRO shards nothing in one process ({where} here)"
-    if launch.fsdp:
-        return f"an FSDP config was given, but FSDP shards nothing in one process ({where} here)"
     return None
 
 
@@ -106,7 +102,7 @@ def apply_fallback(cfg: Config, launch: Launch | None = None) -> tuple[Config | 
     fallen = qlora_config(cfg, launch.local_world_size)
     for name in DISTRIBUTED_ENV:
         os.environ.pop(name, None)
-    os.environ["ACCELERATE_USE_DEEPSPEED"] = os.environ["ACCELERATE_USE_FSDP"] = "false"
+    os.environ["ACCELERATE_USE_DEEPSPEED"] = "false"
     device = "cuda:0" if launch.devices else "cpu"
     lora = fallen.lora.target_modules if isinstance(fallen.lora.target_modules, str) else ",".join(fallen.lora.target_modules)
     message = (
