@@ -76,15 +76,21 @@ def test_two_processes_on_one_gpu_train_one_qlora_process(tiny_model_dir, data_f
     assert_same_trajectory(explicit, read_jsonl(tmp_path / "fallen" / "metrics.jsonl"), atol=1e-5)
 
 
+def launch_one_process(config, tiny_model_dir, data_file, out):
+    """``accelerate launch --config_file accelerate_configs/CONFIG --num_processes 1``, 2 steps; it must succeed."""
+    command = accelerate_launch("--config_file", os.path.join(ROOT, "accelerate_configs", config),
+                                "--num_processes", "1", os.path.join(ROOT, "launch", "train.py"))
+    command += overrides(tiny_model_dir, data_file, out, **{"train.max_steps": 2})
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return result
+
+
 @needs_bnb
 @pytest.mark.multiprocess
 @pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="needs DeepSpeed (the dev extra has it)")
 def test_zero3_config_with_one_process_trains_qlora(tiny_model_dir, data_file, tmp_path):
-    command = accelerate_launch("--config_file", os.path.join(ROOT, "accelerate_configs", "zero3.yaml"),
-                                "--num_processes", "1", os.path.join(ROOT, "launch", "train.py"))
-    command += overrides(tiny_model_dir, data_file, tmp_path / "out", **{"train.max_steps": 2})
-    result = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=ROOT)
-    assert result.returncode == 0, result.stderr[-4000:]
+    result = launch_one_process("zero3.yaml", tiny_model_dir, data_file, tmp_path / "out")
     assert "single-device fallback: a DeepSpeed ZeRO config was given, but ZeRO shards nothing" in result.stdout
     assert len(read_jsonl(tmp_path / "out" / "metrics.jsonl")) == 2
     assert yaml.safe_load(open(tmp_path / "out" / "config.yaml"))["model"]["quantization"] == "4bit"
@@ -95,11 +101,7 @@ def test_an_fsdp_config_on_one_cpu_process_says_it_shards_nothing(tiny_model_dir
     """One process has nothing to shard. On a GPU Accelerate still runs FSDP2 over that one rank (its CPU offload can
     still save memory), so there is no fallback for FSDP; on CPU, where FSDP runs over gloo, the run says it is
     unsharded (it said nothing before)."""
-    command = accelerate_launch("--config_file", os.path.join(ROOT, "accelerate_configs", "fsdp.yaml"),
-                                "--num_processes", "1", os.path.join(ROOT, "launch", "train.py"))
-    command += overrides(tiny_model_dir, data_file, tmp_path / "out", **{"train.max_steps": 2})
-    result = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=ROOT)
-    assert result.returncode == 0, result.stderr[-4000:]
+    result = launch_one_process("fsdp.yaml", tiny_model_dir, data_file, tmp_path / "out")
     assert "FSDP: not applied: an FSDP config was given, but one CPU process has nothing to shard" in result.stdout
     assert "fallback" not in result.stdout
     assert len(read_jsonl(tmp_path / "out" / "metrics.jsonl")) == 2
