@@ -21,6 +21,8 @@
 # value), given last, so they win over the script's own. GPUs are hidden from it. The flex run fails there, as it
 # must: a CPU training run with FlexAttention is refused (it has no backward on CPU). No MFU on CPU.
 # GPU_CHECK_RUNS="zero3-full qlora" runs only those of the five (all by default), on a GPU too: to redo one that failed.
+# A wrong setting (an unknown run, a process count or peak that is not a positive number, a model folder without
+# config.json) is refused before anything runs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ "${GPU_CHECK_ON_CPU:-0}" = 1 ]; then
@@ -31,16 +33,21 @@ else
   GPUS=$(python3 -c "import torch; print(torch.cuda.device_count())")
 fi
 PEAK=${GPU_PEAK_TFLOPS:-989}
+ALL="sdpa-packed flex-packed zero3-full fsdp2-full qlora"
+RUNS=${GPU_CHECK_RUNS:-$ALL}
+refuse() { echo "$1" >&2; exit 2; }  # a wrong setting stops the check before anything runs
+[[ $GPUS =~ ^[1-9][0-9]*$ ]] || refuse "GPU_CHECK_PROCESSES: '$GPUS' is not a positive whole number"
+[[ $PEAK =~ ^[0-9]+(\.[0-9]+)?$ ]] && [[ ! $PEAK =~ ^0+(\.0+)?$ ]] ||
+  refuse "GPU_PEAK_TFLOPS: '$PEAK' is not a positive number of TFLOP/s"
+for name in $RUNS; do
+  case " $ALL " in *" $name "*) ;; *) refuse "GPU_CHECK_RUNS: no run named '$name' (the runs: $ALL)" ;; esac
+done
+if [ -n "${GPU_CHECK_MODEL_CONFIG:-}" ] && [ ! -f "$GPU_CHECK_MODEL_CONFIG/config.json" ]; then
+  refuse "GPU_CHECK_MODEL_CONFIG: no config.json in '$GPU_CHECK_MODEL_CONFIG' (a model folder, weights not needed)"
+fi
 WORK=${WORK:-$(mktemp -d)}
 mkdir -p "$WORK"
 read -r -a EXTRA <<<"${GPU_CHECK_ARGS:-}"
-RUNS=${GPU_CHECK_RUNS:-sdpa-packed flex-packed zero3-full fsdp2-full qlora}
-for name in $RUNS; do
-  case $name in sdpa-packed|flex-packed|zero3-full|fsdp2-full|qlora) ;;
-    *) echo "GPU_CHECK_RUNS: no run named '$name' (the runs: sdpa-packed flex-packed zero3-full fsdp2-full qlora)" >&2
-       exit 2 ;;
-  esac
-done
 python3 - "$WORK/pairs.jsonl" <<'PY'
 import json, random, sys
 rng = random.Random(0)

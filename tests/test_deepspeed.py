@@ -3,7 +3,6 @@
 import importlib.util
 import json
 import os
-import re
 import shutil
 import subprocess
 import sys
@@ -12,7 +11,7 @@ import pytest
 import torch
 
 from training import (ROOT, STEPS, accelerate_launch, assert_same_reference_caches, assert_same_trajectory,
-                      logged_parameter_count, overrides, read_jsonl)
+                      logged_parameter_count, overrides, parameter_count_in, read_jsonl)
 
 pytestmark = [
     pytest.mark.multiprocess,
@@ -47,7 +46,7 @@ def test_zero_trajectory_equals_one_process(stage, lora, one_process, tiny_model
     assert "packing: on" in result.stdout, result.stdout[-2000:]  # under ZeRO-3 too: the head runs in the forward
     assert ("attention: segmented (" in result.stdout) == (stage == 3), result.stdout[-2000:]
     # The count of parameters is the whole model's, though ZeRO-3 has partitioned them (numel() 0) at loading
-    [count] = re.findall(r"policy .*?: \S+, (.* parameters trainable)", result.stdout + result.stderr)
+    count = parameter_count_in(result.stdout + result.stderr)
     assert count == logged_parameter_count(caplog, tiny_model_dir, **{"lora.enabled": lora}), count
     assert_same_trajectory(records, read_jsonl(out / "metrics.jsonl"), atol=1e-4)
     # The reference log-probs computed on the sharded model equal the single-process cache, file for file.

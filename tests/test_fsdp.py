@@ -129,6 +129,24 @@ def test_fsdp_version_1_is_refused(tiny_model_dir, data_file, tmp_path):
            in result.stderr, result.stderr[-3000:]
 
 
+def test_an_fsdp_config_accelerate_did_not_apply_is_said():
+    """``ACCELERATE_USE_FSDP`` set, but the Accelerator has no FSDP: the run says it trains unsharded, on CPU with the
+    reason (one process; tested launched in test_fallback.py) and anywhere else without one."""
+    from types import SimpleNamespace
+
+    from accelerate.utils import DistributedType
+
+    from dpo_dist.distributed import fsdp_summary
+
+    def accelerator(device, processes):
+        return SimpleNamespace(device=torch.device(device), num_processes=processes,
+                               distributed_type=DistributedType.NO, state=SimpleNamespace(fsdp_plugin=None))
+
+    assert "one CPU process has nothing to shard" in fsdp_summary(None, accelerator("cpu", 1))
+    said = fsdp_summary(None, accelerator("meta", 1))
+    assert said == "FSDP: not applied: an FSDP config was given, but Accelerate set up no FSDP here; training unsharded"
+
+
 def test_quantized_base_under_fsdp_is_refused():
     cfg = load_config(None, ["model.quantization=4bit", "lora.enabled=true"])
     with pytest.raises(TrainingError, match="model.quantization=4bit cannot be sharded by FSDP2: launch without an FSDP"):

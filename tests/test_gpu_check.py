@@ -81,13 +81,21 @@ def test_every_run_of_the_gpu_check_starts_and_reports_on_cpu(processes, runs, t
         assert (work / run / "model").is_dir(), run  # its final export was written
 
 
-def test_a_run_the_check_does_not_have_is_refused_before_anything_runs(tmp_path):
-    env = {**os.environ, "GPU_CHECK_ON_CPU": "1", "GPU_CHECK_RUNS": "zero3-full zero2-full", "WORK": str(tmp_path)}
+@pytest.mark.parametrize("setting, said", [
+    ({"GPU_CHECK_RUNS": "zero3-full zero2-full"}, "GPU_CHECK_RUNS: no run named 'zero2-full'"),
+    ({"GPU_CHECK_PROCESSES": "two"}, "GPU_CHECK_PROCESSES: 'two' is not a positive whole number"),
+    ({"GPU_CHECK_PROCESSES": "0"}, "GPU_CHECK_PROCESSES: '0' is not a positive whole number"),
+    ({"GPU_PEAK_TFLOPS": "989 TFLOPS"}, "GPU_PEAK_TFLOPS: '989 TFLOPS' is not a positive number of TFLOP/s"),
+    ({"GPU_PEAK_TFLOPS": "0"}, "GPU_PEAK_TFLOPS: '0' is not a positive number of TFLOP/s"),
+    ({"GPU_CHECK_MODEL_CONFIG": "/no/such/model"}, "GPU_CHECK_MODEL_CONFIG: no config.json in '/no/such/model'"),
+], ids=["run", "processes", "zero-processes", "peak", "zero-peak", "model-config"])
+def test_a_wrong_setting_is_refused_before_anything_runs(setting, said, tmp_path):
+    env = {**os.environ, "GPU_CHECK_ON_CPU": "1", "WORK": str(tmp_path / "work"), **setting}
     result = subprocess.run(["bash", os.path.join(ROOT, "benchmarks", "gpu_check.sh")], capture_output=True, text=True,
                             env=env, timeout=120)
     assert result.returncode == 2
-    assert "GPU_CHECK_RUNS: no run named 'zero2-full'" in result.stderr
-    assert not (tmp_path / "pairs.jsonl").exists()
+    assert said in result.stderr
+    assert not (tmp_path / "work").exists()  # nothing was made, nothing launched
 
 
 def test_without_a_gpu_the_check_says_what_it_needs(tmp_path):

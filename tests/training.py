@@ -75,8 +75,15 @@ def logged_parameter_count(caplog, model_dir, **extra):
     with caplog.at_level(logging.INFO, logger="dpo_dist.model.load"):
         load_policy(load_config(None, [f"model.name_or_path={model_dir}"] + [f"{k}={v}" for k, v in extra.items()]),
                     torch.device("cpu"))
-    [line] = [r.getMessage() for r in caplog.records if "parameters trainable" in r.getMessage()]
-    return line.split(", ", 1)[1]
+    return parameter_count_in("\n".join(r.getMessage() for r in caplog.records))
+
+
+def parameter_count_in(log):
+    """The one parameter count the policy loader logged in ``log``: ``"0.02M of 0.05M parameters trainable"``."""
+    import re
+
+    [count] = re.findall(r"policy .*?: \S+, (.* parameters trainable)", log)
+    return count
 
 
 def assert_same_trajectory(a, b, atol):
