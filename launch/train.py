@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg, fallback = apply_fallback(load_config(args.config, args.overrides))
     except ConfigError as error:
-        print(f"config error: {error}", file=sys.stderr)
+        tell(f"config error: {error}")
         return 2
     if cfg is None:
         return 0  # the single-device fallback trains in local rank 0 alone
@@ -68,22 +68,44 @@ def main(argv: list[str] | None = None) -> int:
         train(cfg)
         status = 0
     except ConfigError as error:  # a folder the run would write cannot be written: found before anything loads
-        print(f"config error: {error}", file=sys.stderr)
+        tell(f"config error: {error}")
         status = 2
     except ModelError as error:  # a setting names a model that cannot be loaded: a config error, found at load
-        print(f"model error: {error}", file=sys.stderr)
+        tell(f"model error: {error}")
         status = 2
     except (DataError, TokenizationError, TrainingError, DeepSpeedConfigError, FSDPConfigError, CheckpointError,
             DiskFullError, OSError) as error:
-        print(f"error: {error}", file=sys.stderr)
+        tell(f"error: {error}")
         status = 1
     except Preempted as stop:
         if rank == 0:  # every process stopped at the same step with the same checkpoint: one line says it
-            print(f"preempted: {stop}", file=sys.stderr)
+            tell(f"preempted: {stop}")
         status = PREEMPTED_EXIT_CODE
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         exit_now(status)
+    flush_output()
     return status
+
+
+def tell(line: str) -> None:
+    """A line on stderr that cannot change the exit status: after a stop its reader may be gone (a launcher that died
+    of the signal, a closed pipe), and the status still has to say what happened."""
+    try:
+        print(line, file=sys.stderr, flush=True)
+    except OSError:
+        flush_output()
+
+
+def flush_output() -> None:
+    """Flush stdout and stderr; one whose reader is gone gets /dev/null instead, so that the interpreter's own flush at
+    exit does not fail too and turn the status into 120."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except OSError:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, stream.fileno())
+            os.close(devnull)
 
 
 def exit_now(status: int) -> None:
@@ -93,8 +115,7 @@ def exit_now(status: int) -> None:
     SIGABRT) after a run that succeeded: 2 of 46 two-process DDP runs on CPU in a stress loop here, and in DeepSpeed
     runs too, turning a finished run into a failed job (0 of 38 since this exit)."""
     logging.shutdown()
-    sys.stdout.flush()
-    sys.stderr.flush()
+    flush_output()
     os._exit(status)
 
 

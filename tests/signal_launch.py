@@ -91,3 +91,6 @@ try:
 except SystemExit as stop:
     record_status(stop.code if isinstance(stop.code, int) else 1)
     raise
+except BaseException:  # a traceback: the interpreter exits with 1
+    record_status(1)
+    raise

@@ -149,3 +149,79 @@ def test_a_rank_stuck_in_a_collective_exits_within_the_grace_period(tiny_model_d
     process.kill()
     process.wait(timeout=60)
 
+
+
+STAND_IN_LAUNCHER = """
+import subprocess, sys
+# accelerate launch (1.16, one process) as far as output goes: the trainer's stderr read through a pipe, copied out
+child = subprocess.Popen([sys.executable, *sys.argv[1:]], stderr=subprocess.PIPE if PIPES else None)
+if PIPES:
+    while chunk := child.stderr.read1(8192):
+        sys.stderr.buffer.write(chunk)
+        sys.stderr.flush()
+child.wait()
+"""
+
+TRAINER = """
+import os, signal, sys, time
+from dpo_dist.train.preemption import write_where_the_launcher_writes
+
+run_dir = sys.argv[1]
+launcher = os.getppid()
+moved = write_where_the_launcher_writes(launcher)
+print("trainer: before, moved", moved, file=sys.stderr, flush=True)
+open(os.path.join(run_dir, "ready"), "w").close()
+while os.getppid() == launcher:  # until the launcher is gone
+    time.sleep(0.05)
+print("trainer: after the launcher died", file=sys.stderr, flush=True)
+open(os.path.join(run_dir, "done"), "w").close()
+"""
+
+
+@pytest.mark.parametrize("pipes", [True, False], ids=["launcher-pipes-stderr", "launcher-passes-stderr-on"])
+def test_the_trainer_writes_where_its_launcher_writes_and_goes_on_when_it_dies(pipes, tmp_path):
+    """accelerate 1.16's one-process launcher pipes the trainer's stderr, and dies of SIGUSR1 at once: the trainer's
+    lines after that went into a pipe nobody read (lost, and EPIPE failed the stop). The trainer writes straight to
+    the launcher's own stderr instead, appended after what the launcher wrote, and goes on writing there once the
+    launcher is gone. Where the launcher passes its stderr on (1.15 and earlier), nothing is moved."""
+    launcher = tmp_path / "launcher.py"
+    launcher.write_text(f"PIPES = {pipes}\n" + STAND_IN_LAUNCHER)
+    trainer = tmp_path / "trainer.py"
+    trainer.write_text(TRAINER)
+    log = tmp_path / "launcher.log"
+    log.write_text("launcher: started\n")
+    with open(log, "a") as handle:  # not O_APPEND on the launcher's side would be the same: it writes nothing after
+        process = subprocess.Popen([sys.executable, str(launcher), str(trainer), str(tmp_path)], stderr=handle,
+                                   cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT), start_new_session=True)
+    deadline = time.monotonic() + 120
+    while not (tmp_path / "ready").exists():
+        assert process.poll() is None and time.monotonic() < deadline, log.read_text()
+        time.sleep(0.05)
+    process.send_signal(signal.SIGUSR1)  # the launcher dies of it; the trainer is orphaned
+    process.wait(timeout=30)
+    while not (tmp_path / "done").exists():
+        assert time.monotonic() < deadline, log.read_text()
+        time.sleep(0.05)
+    lines = log.read_text().splitlines()
+    moved = [2] if pipes else []
+    assert lines == ["launcher: started", f"trainer: before, moved {moved}", "trainer: after the launcher died"], lines
+
+
+def test_a_stop_whose_output_reader_is_gone_still_exits_75(tiny_model_dir, data_file, tmp_path):
+    """stderr is a pipe whose reader closes it during the run (a dead launcher or pager that this process was not
+    moved away from): the trainer still checkpoints and exits with 75, not 1 from a failed write of its last line
+    nor 120 from the interpreter's flush at exit."""
+    args = [SCRIPT, str(tmp_path), "step:2", *overrides(tiny_model_dir, data_file, tmp_path / "out",
+                                                             **{"train.max_steps": 8})]
+    process = subprocess.Popen([sys.executable, *args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=ROOT,
+                               start_new_session=True)
+    deadline = time.monotonic() + 300
+    while not (tmp_path / "reached").exists():
+        assert process.poll() is None and time.monotonic() < deadline
+        time.sleep(0.2)
+    process.stderr.close()  # whatever the trainer writes from now on fails with EPIPE
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=120) == PREEMPTED_EXIT_CODE
+    assert (tmp_path / "status-0").read_text() == str(PREEMPTED_EXIT_CODE)
+    last = read_metrics(str(tmp_path / "out" / "metrics.jsonl"))[-1]["step"]
+    assert (tmp_path / "out" / f"checkpoint-{last}" / "trainer_state.json").exists()

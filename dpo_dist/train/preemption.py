@@ -12,6 +12,7 @@ from __future__ import annotations
 import ctypes
 import os
 import signal
+import stat
 import sys
 import threading
 from typing import Any
@@ -140,16 +141,19 @@ def launcher_pid() -> int | None:
 
 
 def stop_with_launcher() -> bool:
-    """Get SIGTERM when the launcher dies, so that a signal sent to the launcher alone checkpoints and stops the
-    trainer instead of orphaning it (which then trained on to the end, unseen).
+    """Outlive the launcher: get SIGTERM when it dies, so that a signal sent to the launcher alone checkpoints and stops
+    the trainer instead of orphaning it (which then trained on to the end, unseen), and write where the launcher
+    writes (:func:`write_where_the_launcher_writes`), so that what the trainer says after that still reaches the user.
 
-    ``accelerate launch`` (one process) dies of SIGTERM or SIGUSR1 without passing it on; torchrun's agent dies of
-    SIGUSR1 unless ``PET_SIGNALS_TO_HANDLE`` names it. Linux's ``PR_SET_PDEATHSIG`` makes the kernel send this process
-    SIGTERM when its parent exits, which :class:`StopSignals` records like any preemption signal. Returns whether it
-    was set (Linux, under a launcher)."""
+    ``accelerate launch`` (one process) dies of SIGUSR1 without passing it on, and of SIGTERM before 1.16 (from 1.16
+    it passes SIGTERM on and kills the trainer 5 s later); torchrun's agent dies of SIGUSR1 unless
+    ``PET_SIGNALS_TO_HANDLE`` names it. Linux's ``PR_SET_PDEATHSIG`` makes the kernel send this process SIGTERM when
+    its parent exits, which :class:`StopSignals` records like any preemption signal. Returns whether it was set
+    (Linux, under a launcher)."""
     parent = launcher_pid()
     if parent is None:
         return False
+    write_where_the_launcher_writes(parent)
     try:
         libc = ctypes.CDLL(None, use_errno=True)
         if libc.prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0) != 0:
@@ -160,3 +164,37 @@ def stop_with_launcher() -> bool:
         os.kill(os.getpid(), signal.SIGTERM)
     return True
 
+
+
+def write_where_the_launcher_writes(parent: int) -> list[int]:
+    """Point this process's stdout and stderr, where they are pipes the launcher reads, at the launcher's own stdout
+    and stderr (its terminal, log file or SLURM output). Returns the descriptors moved.
+
+    From 1.16 the one-process ``accelerate launch`` reads the trainer's stderr through a pipe and copies it to its
+    own. A stop signal kills that launcher at once (SIGUSR1), and the trainer, still writing its checkpoint, then
+    writes into a pipe nobody reads: its "preempted" line is lost and the write fails (EPIPE), turning a clean stop
+    into a traceback and status 1. Writing straight to where the launcher writes, as every earlier release let the
+    trainer do by inheritance, shows the same lines in the same place while the launcher lives and after it is
+    gone. A file is opened for appending, so that nothing the launcher wrote is overwritten; a target that cannot
+    be opened (a socket, a pipe nobody reads) leaves that descriptor as it was."""
+    moved = []
+    for fd, stream in ((1, sys.stdout), (2, sys.stderr)):
+        try:
+            ours = os.fstat(fd)
+            theirs = os.stat(f"/proc/{parent}/fd/{fd}")
+        except OSError:
+            continue
+        if not stat.S_ISFIFO(ours.st_mode) or (theirs.st_dev, theirs.st_ino) == (ours.st_dev, ours.st_ino):
+            continue  # not a pipe, or the launcher's own: this process already writes where the launcher does
+        append = os.O_APPEND if stat.S_ISREG(theirs.st_mode) else 0
+        try:  # non-blocking: opening a pipe for writing waits for a reader
+            target = os.open(f"/proc/{parent}/fd/{fd}", os.O_WRONLY | os.O_NOCTTY | os.O_NONBLOCK | append)
+        except OSError:
+            continue
+        os.set_blocking(target, True)
+        if stream is not None:
+            stream.flush()
+        os.dup2(target, fd)
+        os.close(target)
+        moved.append(fd)
+    return moved
