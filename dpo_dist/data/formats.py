@@ -1,6 +1,6 @@
 """Preference record formats: detect them and normalize one raw row into a prompt and two responses.
 
-Three layouts are understood (see the README for one example record of each):
+Three layouts are understood (docs/data.md shows one example record of each):
 
 - ``text``: ``prompt``, ``chosen``, ``rejected`` are strings.
 - ``conversational``: ``chosen`` / ``rejected`` are lists of ``{"role", "content"}`` messages (roles in ``ROLES``):
