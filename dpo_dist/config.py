@@ -278,10 +278,10 @@ class TrainSettings:
     cpu_threads: int | None = option(None, "threads per process on CPU; null: this machine's CPUs / its processes")
     keep_freed_memory: bool = option(
         True, "CPU runs on Linux with glibc's malloc: keep the memory PyTorch frees for the next step's tensors "
-        "(malloc's mmap threshold raised, heap trimming off) instead of handing it back to the OS and faulting in "
-        "fresh zeroed pages each step (the forward and backward 1.08-1.12x faster, measured taking turns with the "
-        "defaults); process-wide for the process's life, so its resident memory stays at its high-water mark (a "
-        "notebook keeps it after train()); false: glibc's defaults"
+        "(malloc's mmap threshold raised, heap trimming off): every step allocates about as much again, and memory "
+        "handed back to the OS comes back as fresh zeroed pages, faulted in one by one; process-wide for the "
+        "process's life, so its resident memory stays at its high-water mark (a notebook keeps it after train()); "
+        "false: glibc's defaults"
     )
     single_device_fallback: bool = option(
         True, "a launch that asks for ZeRO or several processes on a machine with one device (one GPU, or one CPU "

@@ -134,8 +134,9 @@ LAUNCHED = [
 
 @pytest.mark.parametrize("overrides, message", LAUNCHED, ids=[case[0][0] for case in LAUNCHED])
 def test_launch_prints_one_line_and_exits_2(tmp_path, overrides, message):
-    """Before: a ValueError traceback from torch's AdamW, from transformers (attention; a folder with no model), or
-    the misleading 'Repo id must be in the form ...' with status 1."""
+    """A setting that cannot work is one line naming the key and status 2, because otherwise it surfaces deep in a
+    library: a ValueError traceback from torch's AdamW or from transformers (attention; a folder with no model), or
+    transformers calling a missing local folder a malformed Hub id ('Repo id must be in the form ...'), status 1."""
     out = tmp_path / "out"
     done = subprocess.run(
         [sys.executable, os.path.join(ROOT, "launch", "train.py"), f"train.output_dir={out}",
