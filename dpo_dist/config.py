@@ -24,6 +24,9 @@ import yaml
 # A number in exponent notation without a dot (1e-3): YAML 1.2 and Python read it as a float, PyYAML as a string.
 FLOAT_TEXT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 SENTIMENT = "builtin:sentiment"  # the source name of the built-in preference set (dpo_dist/data/sentiment.py)
+# A checkpoint's folder in train.output_dir, checkpoint-<step>: written by dpo_dist.train.checkpoint, read by it and by
+# the model card (the step of a checkpoint's exported weights).
+CHECKPOINT_FOLDER = re.compile(r"^checkpoint-(\d+)$")
 # Per-pair statistics, one column each, reduced once per optimizer step (tokens: summed, the rest: averaged); the
 # metric names train.metric_for_best may take.
 STATS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "logps/chosen", "logps/rejected", "tokens")
@@ -586,10 +589,23 @@ def load_config(path: str | None = None, overrides: list[str] | tuple[str, ...] 
 
 
 def get_key(cfg: Config, dotted: str) -> Any:
+    """The value at ``dotted`` (``train.learning_rate``)."""
     node: Any = cfg
     for part in dotted.split("."):
         node = getattr(node, part)
     return node
+
+
+def flatten(tree: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
+    """Nested mappings as dotted rows, in the order written: ``{"pairs": {"train": 65}}`` -> ``[("pairs.train", 65)]``.
+    The config as :func:`to_dict` gives it (the trackers' hyperparameters), run.json's counts (the model card)."""
+    rows = []
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            rows += flatten(value, f"{prefix}{key}.")
+        else:
+            rows.append((f"{prefix}{key}", value))
+    return rows
 
 
 def to_plain(value: Any) -> Any:
