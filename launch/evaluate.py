@@ -12,14 +12,9 @@ judged pairwise, and the KL divergence from the base. Writes ``results.json``, `
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
-# This file is named evaluate.py: drop its own folder from the import path so that `import evaluate` finds the
-# Hugging Face package, not this script; the project root goes in its place.
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.getcwd()) != HERE]
-sys.path.insert(0, os.path.dirname(HERE))
+import _checkout  # noqa: F401  this checkout's root on the import path, before any dpo_dist import
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
