@@ -24,6 +24,9 @@ import yaml
 # A number in exponent notation without a dot (1e-3): YAML 1.2 and Python read it as a float, PyYAML as a string.
 FLOAT_TEXT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 SENTIMENT = "builtin:sentiment"  # the source name of the built-in preference set (dpo_dist/data/sentiment.py)
+# A checkpoint's folder in train.output_dir, checkpoint-<step>: written by dpo_dist.train.checkpoint, read by it and by
+# the model card (the step of a checkpoint's exported weights).
+CHECKPOINT_FOLDER = re.compile(r"^checkpoint-(\d+)$")
 # Per-pair statistics, one column each, reduced once per optimizer step (tokens: summed, the rest: averaged); the
 # metric names train.metric_for_best may take.
 STATS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "logps/chosen", "logps/rejected", "tokens")
@@ -116,20 +119,35 @@ class DataSourceConfig:
     format: Literal["auto", "text", "conversational", "hh"] | None = option(None, "record format (null: data.data_format)")
 
 
-def check_sources(sources: list[DataSourceConfig]) -> None:
-    """Each ``data.sources`` entry usable on its own; a ConfigError naming the entry and key otherwise."""
-    for index, entry in enumerate(sources):
-        key = f"data.sources[{index}]"
-        if not entry.source:
-            raise ConfigError(f"{key}.source is required (a file, folder or Hub dataset)")
-        if entry.source == SENTIMENT:
-            raise ConfigError(f"{key}.source: {SENTIMENT} cannot be part of a mixture; use it alone as data.source")
-        if entry.num_samples is not None and entry.fraction is not None:
-            raise ConfigError(f"{key}: give num_samples or fraction, not both")
-        if entry.num_samples is not None and entry.num_samples <= 0:
-            raise ConfigError(f"{key}.num_samples must be positive, got {entry.num_samples}")
-        if entry.fraction is not None and not 0.0 < entry.fraction <= 1.0:
-            raise ConfigError(f"{key}.fraction must be in (0, 1], got {entry.fraction}")
+def check_source(key: str, source: str, num_samples: int | None, fraction: float | None) -> None:
+    """One entry of a mixture usable on its own; a ConfigError naming the entry (``key``: ``data.sources[1]``) and
+    its key otherwise. ``Config.validate`` checks ``data.sources`` with it, the data stage's ``load_mixture`` its
+    ``Part`` entries."""
+    if not source:
+        raise ConfigError(f"{key}.source is required (a file, folder or Hub dataset)")
+    if source == SENTIMENT:
+        raise ConfigError(f"{key}.source: {SENTIMENT} cannot be part of a mixture; use it alone as data.source")
+    if num_samples is not None and fraction is not None:
+        raise ConfigError(f"{key}: give num_samples or fraction, not both")
+    if num_samples is not None and num_samples <= 0:
+        raise ConfigError(f"{key}.num_samples must be positive, got {num_samples}")
+    if fraction is not None and not 0.0 < fraction <= 1.0:
+        raise ConfigError(f"{key}.fraction must be in (0, 1], got {fraction}")
+
+
+# The data.* keys of one source: a mixture gives the first three per entry, and takes its eval pairs from
+# data.eval_source or data.eval_ratio.
+ONE_SOURCE_KEYS = ("config_name", "data_dir", "revision", "eval_split")
+
+
+def check_mixture_keys(given: dict[str, Any]) -> None:
+    """With a mixture (``data.sources``), none of :data:`ONE_SOURCE_KEYS` in ``given`` (key -> value, None: not
+    given); a ConfigError naming the first given otherwise. ``Config.validate`` checks with it, and so does the data
+    stage's ``load_train_eval``."""
+    for key in ONE_SOURCE_KEYS:
+        if given.get(key) is not None:
+            raise ConfigError(f"data.{key} applies to data.source; with data.sources give it per entry"
+                              + (" (eval: data.eval_source or data.eval_ratio)" if key == "eval_split" else ""))
 
 
 @dataclass
@@ -370,13 +388,11 @@ class Config:
             raise ConfigError("train.sample_prompts takes its prompts from the eval split: set data.eval_ratio or an "
                               "eval source")
         if d.sources:
-            check_sources(d.sources)
+            for index, entry in enumerate(d.sources):
+                check_source(f"data.sources[{index}]", entry.source, entry.num_samples, entry.fraction)
             if d.source != SENTIMENT:
                 raise ConfigError("give data.source (one source) or data.sources (a mixture), not both")
-            for key in ("config_name", "data_dir", "revision", "eval_split"):
-                if getattr(d, key) is not None:
-                    raise ConfigError(f"data.{key} applies to data.source; with data.sources give it per entry"
-                                      + (" (eval: data.eval_source or data.eval_ratio)" if key == "eval_split" else ""))
+            check_mixture_keys({key: getattr(d, key) for key in ONE_SOURCE_KEYS})
         elif d.source == SENTIMENT:
             for key in ("config_name", "data_dir", "revision"):
                 if getattr(d, key) is not None:
@@ -573,10 +589,23 @@ def load_config(path: str | None = None, overrides: list[str] | tuple[str, ...] 
 
 
 def get_key(cfg: Config, dotted: str) -> Any:
+    """The value at ``dotted`` (``train.learning_rate``)."""
     node: Any = cfg
     for part in dotted.split("."):
         node = getattr(node, part)
     return node
+
+
+def flatten(tree: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
+    """Nested mappings as dotted rows, in the order written: ``{"pairs": {"train": 65}}`` -> ``[("pairs.train", 65)]``.
+    The config as :func:`to_dict` gives it (the trackers' hyperparameters), run.json's counts (the model card)."""
+    rows = []
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            rows += flatten(value, f"{prefix}{key}.")
+        else:
+            rows.append((f"{prefix}{key}", value))
+    return rows
 
 
 def to_plain(value: Any) -> Any:

@@ -12,10 +12,9 @@ message and start over), /help, /exit (or Ctrl-D). Ctrl-C stops an answer.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+import _checkout  # noqa: F401  this checkout's root on the import path, before any dpo_dist import
 
 HELP = "/reset forget the conversation · /system TEXT set the system message · /exit quit (or Ctrl-D) · Ctrl-C stops an answer"
 

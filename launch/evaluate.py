@@ -12,35 +12,36 @@ judged pairwise, and the KL divergence from the base. Writes ``results.json``, `
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
-# This file is named evaluate.py: drop its own folder from the import path so that `import evaluate` finds the
-# Hugging Face package, not this script; the project root goes in its place.
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.getcwd()) != HERE]
-sys.path.insert(0, os.path.dirname(HERE))
+import _checkout  # noqa: F401  this checkout's root on the import path, before any dpo_dist import
+
+from dpo_dist.eval.options import EvalOptions, Sampling  # no torch: --help answers at once
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
+    defaults = EvalOptions()  # the options' defaults are the dataclass's
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run", help="a training run's output folder (config.yaml and model/)")
-    parser.add_argument("--judge", default="auto",
+    parser.add_argument("--judge", default=defaults.judge,
                         help="sentiment | reward_model:PATH | llm:PATH | none (default: sentiment for the built-in "
                              "sentiment task, none otherwise)")
-    parser.add_argument("--judge_instruction", default=None, help="the LLM judge's instruction (what 'better' means)")
-    parser.add_argument("--samples_per_prompt", type=int, default=4)
-    parser.add_argument("--num_prompts", type=int, default=None, help="use the first N held-out prompts (default all)")
-    parser.add_argument("--max_new_tokens", type=int, default=None,
+    parser.add_argument("--judge_instruction", default=defaults.judge_instruction,
+                        help="the LLM judge's instruction (what 'better' means)")
+    parser.add_argument("--samples_per_prompt", type=int, default=defaults.samples_per_prompt)
+    parser.add_argument("--num_prompts", type=int, default=defaults.num_prompts,
+                        help="use the first N held-out prompts (default all)")
+    parser.add_argument("--max_new_tokens", type=int, default=defaults.max_new_tokens,
                         help="default: the sentiment task's length (20) for it, else 128")
-    parser.add_argument("--temperature", type=float, default=1.0)
-    parser.add_argument("--top_p", type=float, default=1.0)
-    parser.add_argument("--top_k", type=int, default=0)
-    parser.add_argument("--batch_size", type=int, default=16)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--base", default=None, help="the base model (default: the run's model.name_or_path)")
-    parser.add_argument("--eval_source", default=None, help="held-out pairs to use instead of the run's eval split")
-    parser.add_argument("--prompts", default=None,
+    parser.add_argument("--temperature", type=float, default=defaults.sampling.temperature)
+    parser.add_argument("--top_p", type=float, default=defaults.sampling.top_p)
+    parser.add_argument("--top_k", type=int, default=defaults.sampling.top_k)
+    parser.add_argument("--batch_size", type=int, default=defaults.batch_size)
+    parser.add_argument("--seed", type=int, default=defaults.seed)
+    parser.add_argument("--base", default=defaults.base, help="the base model (default: the run's model.name_or_path)")
+    parser.add_argument("--eval_source", default=defaults.eval_source,
+                        help="held-out pairs to use instead of the run's eval split")
+    parser.add_argument("--prompts", default=defaults.prompts,
                         help="a JSON-lines file of {\"prompt\": ...} to sample from instead of the held-out prompts "
                              "(for a run without an eval split: no pair metrics then)")
     parser.add_argument("--out", default=None, help="output folder (default: <run>/eval)")
@@ -71,16 +72,15 @@ def quiet() -> None:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     quiet()  # the arguments are parsed first: --help and a bad option answer without loading torch
-    from dpo_dist.eval.against_base import EvalOptions, evaluate_run, output_dir_for
-    from dpo_dist.eval.generation import Sampling
-    from dpo_dist.eval.judges import JUDGE_INSTRUCTION
+    from dpo_dist.eval.against_base import evaluate_run, output_dir_for
     from dpo_dist.eval.report import markdown, write_report
 
     options = EvalOptions(
         judge=args.judge, samples_per_prompt=args.samples_per_prompt, num_prompts=args.num_prompts,
         sampling=Sampling(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k),
         max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, base=args.base,
-        eval_source=args.eval_source, prompts=args.prompts, judge_instruction=args.judge_instruction or JUDGE_INSTRUCTION, seed=args.seed,
+        eval_source=args.eval_source, prompts=args.prompts, seed=args.seed,
+        judge_instruction=args.judge_instruction or EvalOptions.judge_instruction,  # an empty one: the default
     )
     try:
         results = evaluate_run(args.run, options)

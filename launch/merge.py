@@ -18,7 +18,7 @@ import os
 import sys
 import warnings
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+import _checkout  # noqa: F401  this checkout's root on the import path, before any dpo_dist import
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:

@@ -18,10 +18,9 @@ when there is none, or when it is one dpo-dist wrote and nobody has edited (then
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+import _checkout  # noqa: F401  this checkout's root on the import path, before any dpo_dist import
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -21,9 +21,9 @@ import logging
 import os
 import sys
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+import _checkout  # noqa: F401  this checkout's root on the import path, before any dpo_dist import
 
-from dpo_dist.config import ConfigError, describe, load_config  # noqa: E402
+from dpo_dist.config import ConfigError, describe, load_config
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:

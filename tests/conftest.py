@@ -21,6 +21,16 @@ def hh_dir():
     return HH_DIR
 
 
+@pytest.fixture
+def fresh_accelerate_state():
+    """Accelerate's process-wide state reset after the test, for a module of in-process runs (each builds its own
+    Accelerator) to use on every test: ``pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")``."""
+    from training import reset_accelerate_state
+
+    yield
+    reset_accelerate_state()
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
     from training import save_tiny_model

@@ -48,4 +48,5 @@ def usage(path):
 
 torch.save, shutil.disk_usage = save, usage
 sys.argv = [os.path.join(ROOT, "launch", "train.py"), *sys.argv[1:]]
+sys.path.insert(0, os.path.join(ROOT, "launch"))  # as Python puts a script's folder first (runpy does not)
 runpy.run_path(sys.argv[0], run_name="__main__")

@@ -14,4 +14,5 @@ from dpo_dist.model import single_device as fallback  # noqa: E402
 real_read_launch = fallback.read_launch
 fallback.read_launch = lambda: dataclasses.replace(real_read_launch(), devices=1)
 sys.argv = [os.path.join(ROOT, "launch", "train.py"), *sys.argv[1:]]
+sys.path.insert(0, os.path.join(ROOT, "launch"))  # as Python puts a script's folder first (runpy does not)
 runpy.run_path(sys.argv[0], run_name="__main__")

@@ -86,6 +86,7 @@ def exit_recorded(code):
 
 os._exit = exit_recorded
 sys.argv = [os.path.join(ROOT, "launch", "train.py"), *sys.argv[1:]]
+sys.path.insert(0, os.path.join(ROOT, "launch"))  # as Python puts a script's folder first (runpy does not)
 try:
     runpy.run_path(sys.argv[0], run_name="__main__")
 except SystemExit as stop:

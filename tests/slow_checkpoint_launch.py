@@ -33,4 +33,5 @@ def save_state_then_stall(self, *args, **kwargs):
 
 Accelerator.save_state = save_state_then_stall
 sys.argv = [os.path.join(ROOT, "launch", "train.py"), *sys.argv[1:]]
+sys.path.insert(0, os.path.join(ROOT, "launch"))  # as Python puts a script's folder first (runpy does not)
 runpy.run_path(sys.argv[0], run_name="__main__")

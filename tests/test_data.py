@@ -208,13 +208,20 @@ def test_mixture_counts_and_reports_each_part(tmp_path):
 
 
 def test_mixture_refusals(tmp_path):
-    from dpo_dist.data.load import Part, load_mixture
+    from dpo_dist.data.load import Part, load_mixture, load_train_eval
 
     jsonl, parquet = mixture_files(tmp_path)
     with pytest.raises(DataError, match=r"data.sources\[1\] \(.*b.parquet\): give num_samples or fraction, not both"):
         load_mixture([Part(jsonl), Part(parquet, num_samples=2, fraction=0.5)], seed=0, on_bad_row="skip")
     with pytest.raises(DataError, match=r"data.sources\[0\] .*fraction must be in \(0, 1\], got 0.0"):
         load_mixture([Part(jsonl, fraction=0.0)], seed=0)
+    with pytest.raises(DataError, match=r"data.sources\[0\] \(\).source is required"):
+        load_mixture([Part("")], seed=0)
+    # the one-source keys, checked by the rule config.py owns (the same message as a config gets)
+    with pytest.raises(DataError, match="data.data_dir applies to data.source; with data.sources give it per entry"):
+        load_train_eval([Part(jsonl)], data_dir="x", seed=0)
+    with pytest.raises(DataError, match=r"data.eval_split applies to data.source.*\(eval: data.eval_source or"):
+        load_train_eval([Part(jsonl)], eval_split="test", seed=0)
     chat = write_jsonl(tmp_path / "chat.jsonl", [CONV_EXPLICIT])
     with pytest.raises(DataError, match=r"data.sources\[1\] .* gives message-list pairs \(conversational format\) but "
                                         r"data.sources\[0\] gives text"):

@@ -22,10 +22,7 @@ LR = 1e-7  # AdamW's first step moves every weight by about lr: far below half a
 HALF = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state():
-    yield
-    reset_accelerate_state()
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")  # conftest.py
 
 
 @pytest.fixture(scope="module")

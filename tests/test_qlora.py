@@ -7,16 +7,11 @@ import math
 import pytest
 import torch
 
-from training import logged_parameter_count, reset_accelerate_state, run
+from training import logged_parameter_count, run
 
-pytestmark = pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None,
-                                reason="needs bitsandbytes: python3 -m pip install -e '.[qlora]' (the dev extra has it)")
-
-
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state():
-    yield
-    reset_accelerate_state()
+pytestmark = [pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None,
+                                 reason="needs bitsandbytes: python3 -m pip install -e '.[qlora]' (the dev extra has it)"),
+              pytest.mark.usefixtures("fresh_accelerate_state")]  # conftest.py
 
 
 def load_4bit(folder):

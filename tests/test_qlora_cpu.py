@@ -14,20 +14,15 @@ import math
 import pytest
 import torch
 
-from training import reset_accelerate_state, run
+from training import run
 
-pytestmark = pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None,
-                                reason="needs bitsandbytes: python3 -m pip install -e '.[qlora]' (the dev extra has it)")
+pytestmark = [pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None,
+                                 reason="needs bitsandbytes: python3 -m pip install -e '.[qlora]' (the dev extra has it)"),
+              pytest.mark.usefixtures("fresh_accelerate_state")]  # conftest.py
 
 
 class Repacked(RuntimeError):
     """Raised by the trapped ``_convert_weight_packed_for_cpu``."""
-
-
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state():
-    yield
-    reset_accelerate_state()
 
 
 def simulate_cpu(monkeypatch, avx512bf16: bool) -> list:

@@ -17,10 +17,7 @@ from tiny import make_llama, make_tokenizer
 from training import ROOT, WORDS, accelerate_launch, assert_same_trajectory, overrides, reset_accelerate_state, run
 
 
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state():
-    yield
-    reset_accelerate_state()
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")  # conftest.py
 
 
 def test_first_step_is_ln2_with_zero_rewards(tiny_model_dir, data_file, tmp_path):

@@ -26,7 +26,6 @@ from typing import Any, Literal
 Format = Literal["text", "conversational", "hh"]
 FORMATS: tuple[str, ...] = ("text", "conversational", "hh")
 
-HH_HUMAN = "\n\nHuman:"
 HH_ASSISTANT = "\n\nAssistant:"
 
 # The reasons a row can be rejected; the skip report counts rows by these keys.

@@ -24,6 +24,7 @@ import datasets
 import pyarrow
 import pyarrow.dataset
 
+from dpo_dist.config import ConfigError, check_mixture_keys, check_source
 from dpo_dist.data.formats import FORMATS, RowError, detect_format, normalize_row
 from dpo_dist.data.tokenization import render_conversation
 
@@ -384,10 +385,10 @@ def load_mixture(
     loaded, reports = [], []
     for index, part in enumerate(parts):
         where = f"data.sources[{index}] ({part.source})"
-        if part.num_samples is not None and part.fraction is not None:
-            raise DataError(f"{where}: give num_samples or fraction, not both")
-        if part.fraction is not None and not 0.0 < part.fraction <= 1.0:
-            raise DataError(f"{where}: fraction must be in (0, 1], got {part.fraction}")
+        try:
+            check_source(where, part.source, part.num_samples, part.fraction)
+        except ConfigError as error:
+            raise DataError(str(error)) from None
         pairs, report = load_pairs(
             part.source, split=part.split, config_name=part.config_name, data_dir=part.data_dir,
             revision=part.revision, data_format=part.data_format or data_format, **load_kwargs,
@@ -444,10 +445,10 @@ def load_train_eval(
     """
     hub = {"config_name": config_name, "data_dir": data_dir, "revision": revision}
     if isinstance(source, list):
-        if any(value is not None for value in hub.values()):
-            raise DataError("config_name, data_dir and revision go in each entry of data.sources")
-        if eval_split is not None and eval_source is None:
-            raise DataError("a mixture (data.sources) has no eval split: give data.eval_source or data.eval_ratio")
+        try:  # with an eval source, eval_split names that source's split
+            check_mixture_keys({**hub, "eval_split": eval_split if eval_source is None else None})
+        except ConfigError as error:
+            raise DataError(str(error)) from None
         pairs, reports = load_mixture(source, seed=seed, **load_kwargs)
     else:
         pairs, report = load_pairs(source, split=split, **hub, **load_kwargs)

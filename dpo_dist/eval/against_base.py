@@ -20,7 +20,6 @@ import dataclasses
 import json
 import math
 import os
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -28,28 +27,14 @@ import torch
 from dpo_dist.config import STATS, Config
 from dpo_dist.data.collate import PreferenceCollator
 from dpo_dist.data.tokenization import Truncation, tokenize_pairs, tokenize_prompt
-from dpo_dist.eval.generation import Sampling, response_logps, sample_responses
-from dpo_dist.eval.judges import JUDGE_INSTRUCTION, ScoreJudge, build_judge
+from dpo_dist.eval.generation import response_logps, sample_responses
+from dpo_dist.eval.judges import ScoreJudge, build_judge
 from dpo_dist.eval.metrics import load_metric
+from dpo_dist.eval.options import EvalOptions, Sampling
 from dpo_dist.model.load import resolve_dtype, resolve_source
 from dpo_dist.model.trained import load_base_model, load_trained, model_folder, run_config
 from dpo_dist.train.inputs import load_pairs_for, model_identity
 from dpo_dist.train.reference import as_reference
-
-
-@dataclass
-class EvalOptions:
-    judge: str = "auto"  # sentiment | reward_model:PATH | llm:PATH | none; auto: sentiment for the sentiment task
-    samples_per_prompt: int = 4
-    num_prompts: int | None = None  # held-out prompts used (all by default)
-    sampling: Sampling = field(default_factory=Sampling)
-    max_new_tokens: int | None = None  # None: the sentiment task's length, else 128
-    batch_size: int = 16
-    base: str | None = None
-    eval_source: str | None = None
-    prompts: str | None = None  # a JSON-lines file of {"prompt": ...} to generate from instead of the held-out prompts
-    judge_instruction: str = JUDGE_INSTRUCTION
-    seed: int = 0
 
 
 def mean_and_stderr(values: list[float], groups: list[int]) -> tuple[float, float]:

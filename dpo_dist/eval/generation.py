@@ -7,29 +7,11 @@ one cut by ``max_new_tokens`` has no EOS.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
+from dpo_dist.eval.options import Sampling
 from dpo_dist.model.generation import generate_responses
 from dpo_dist.train.logprobs import IGNORE_INDEX, sequence_logps
-
-
-@dataclass(frozen=True)
-class Sampling:
-    """How responses are sampled. The defaults sample from the model's own distribution (the only setting under
-    which the samples estimate the KL divergence)."""
-
-    max_new_tokens: int = 64
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
-    seed: int = 0
-
-    @property
-    def exact(self) -> bool:
-        """Whether samples come from the model's distribution itself (no temperature, top-p or top-k)."""
-        return self.temperature == 1.0 and self.top_p == 1.0 and self.top_k == 0
 
 
 @torch.no_grad()

@@ -23,11 +23,7 @@ from typing import Any
 import torch
 
 from dpo_dist.eval.generation import response_logps
-
-JUDGE_INSTRUCTION = (
-    "Compare two responses to the same prompt. Decide which response is better: more helpful, more accurate, "
-    "better written and more appropriate. Length alone is not a reason to prefer a response."
-)
+from dpo_dist.eval.options import JUDGE_INSTRUCTION
 
 
 def outcomes_from_scores(scores: list[float], baseline_scores: list[float]) -> list[float]:

@@ -21,15 +21,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from dpo_dist.config import Config, load_config
+from dpo_dist.config import CHECKPOINT_FOLDER, Config, flatten, get_key, load_config
 from dpo_dist.model.builtin import SMOLLM2, SMOLLM2_HUB_ID, SMOLLM2_LICENSE
 
 CARD = "README.md"
-CHECKPOINT_FOLDER = re.compile(r"^checkpoint-(\d+)$")  # the trainer's (dpo_dist.train.checkpoint.CHECKPOINT)
 RUN_FILE = "run.json"  # written by the trainer: {"pairs": {...}, "model_step": N, "model": "<which weights>"}
 EVAL_RESULTS = os.path.join("eval", "results.json")
 DATA_FILE_ENDINGS = (".json", ".jsonl", ".jsonl.gz", ".parquet", ".csv", ".arrow")
@@ -188,13 +186,6 @@ def hub_datasets(cfg: Config | None) -> list[str]:
     return found
 
 
-def config_value(cfg: Config, dotted: str) -> Any:
-    value: Any = cfg
-    for part in dotted.split("."):
-        value = getattr(value, part)
-    return value
-
-
 def model_step(files: RunFiles) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
     """The train record of the step the model's weights are from, and the last eval at or before it."""
     if not files.records:
@@ -203,17 +194,6 @@ def model_step(files: RunFiles) -> tuple[dict[str, Any] | None, dict[str, Any] |
     train = next((r for r in files.records if r["step"] == step), None)
     evals = [r for r in files.records if "eval/loss" in r and r["step"] <= step]
     return train, evals[-1] if evals else None
-
-
-def flatten(counts: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
-    """Nested counts (per-source mixtures and the like) as dotted rows, in the order written."""
-    rows = []
-    for key, value in counts.items():
-        if isinstance(value, dict):
-            rows += flatten(value, f"{prefix}{key}.")
-        else:
-            rows.append((f"{prefix}{key}", value))
-    return rows
 
 
 def number(value: Any) -> str:
@@ -374,7 +354,7 @@ def hyperparameter_section(files: RunFiles) -> list[str]:
     if cfg is None:
         return []
     keys = HYPERPARAMETERS + ("lora.enabled",) + (LORA if cfg.lora.enabled else ())
-    rows = [f"| {key} | {config_value(cfg, key)} |" for key in keys]
+    rows = [f"| {key} | {get_key(cfg, key)} |" for key in keys]
     if files.records:
         last = files.records[-1]
         rows.append(f"| global batch (pairs per optimizer step) | {last['examples_seen'] // last['step']} |")

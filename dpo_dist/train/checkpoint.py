@@ -17,16 +17,14 @@ import contextlib
 import json
 import logging
 import os
-import re
 import shutil
 from dataclasses import asdict, dataclass
 from typing import Any, Iterator
 
-from dpo_dist.config import Config
+from dpo_dist.config import CHECKPOINT_FOLDER, Config
 from dpo_dist.model.load import config_set_to
 from dpo_dist.train.disk import reporting_full_disk, tensor_bytes, tree_bytes
 
-CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 STATE_FILE = "trainer_state.json"
 
 
@@ -48,7 +46,7 @@ def list_checkpoints(output_dir: str) -> list[tuple[int, str]]:
         return []
     found = []
     for name in os.listdir(output_dir):
-        match = CHECKPOINT.match(name)
+        match = CHECKPOINT_FOLDER.match(name)
         path = os.path.join(output_dir, name)
         if match and os.path.isfile(os.path.join(path, STATE_FILE)):
             found.append((int(match.group(1)), path))
@@ -188,7 +186,7 @@ def _resume_hint(output_dir: str) -> str:
 
 def checkpoint_step(path: str | None) -> int | None:
     """The step of a ``checkpoint-<step>`` path (any spelling of the folder it is in), or None."""
-    match = CHECKPOINT.match(os.path.basename(os.path.normpath(path))) if path else None
+    match = CHECKPOINT_FOLDER.match(os.path.basename(os.path.normpath(path))) if path else None
     return int(match.group(1)) if match else None
 
 
@@ -218,7 +216,7 @@ def remove_partial_writes(output_dir: str) -> list[str]:
     removed = []
     for name in sorted(os.listdir(output_dir)):
         path = os.path.join(output_dir, name)
-        partial = name == "model.tmp" or (name.endswith(".tmp") and CHECKPOINT.match(name[: -len(".tmp")]))
+        partial = name == "model.tmp" or (name.endswith(".tmp") and CHECKPOINT_FOLDER.match(name[: -len(".tmp")]))
         if partial and os.path.isdir(path):
             shutil.rmtree(path)
             removed.append(name)

@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from dpo_dist.config import STATS, Config, to_dict
+from dpo_dist.config import STATS, Config, flatten, to_dict
 
 
 class MetricsLog:
@@ -261,14 +261,5 @@ def held_state_gb(model: Any, optimizer: Any) -> float:
 
 def flat_config(cfg: Config) -> dict[str, Any]:
     """``{"train.learning_rate": 0.0002, ...}``: what trackers show as the run's hyperparameters."""
-    flat: dict[str, Any] = {}
-
-    def walk(node: dict, prefix: str) -> None:
-        for key, value in node.items():
-            if isinstance(value, dict):
-                walk(value, f"{prefix}{key}.")
-            else:
-                flat[f"{prefix}{key}"] = value if isinstance(value, (int, float, str, bool)) else str(value)
-
-    walk(to_dict(cfg), "")
-    return flat
+    return {key: value if isinstance(value, (int, float, str, bool)) else str(value)
+            for key, value in flatten(to_dict(cfg))}

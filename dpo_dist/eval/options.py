@@ -1,0 +1,46 @@
+"""What an evaluation is asked for: :class:`EvalOptions` (``launch/evaluate.py``'s options, whose defaults are the
+dataclass's), :class:`Sampling` and the LLM judge's default instruction.
+
+Nothing here imports torch, so ``launch/evaluate.py --help`` reads its defaults from here and still answers at once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+JUDGE_INSTRUCTION = (
+    "Compare two responses to the same prompt. Decide which response is better: more helpful, more accurate, "
+    "better written and more appropriate. Length alone is not a reason to prefer a response."
+)
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How responses are sampled. The defaults sample from the model's own distribution (the only setting under
+    which the samples estimate the KL divergence)."""
+
+    max_new_tokens: int = 64
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int = 0
+
+    @property
+    def exact(self) -> bool:
+        """Whether samples come from the model's distribution itself (no temperature, top-p or top-k)."""
+        return self.temperature == 1.0 and self.top_p == 1.0 and self.top_k == 0
+
+
+@dataclass
+class EvalOptions:
+    judge: str = "auto"  # sentiment | reward_model:PATH | llm:PATH | none; auto: sentiment for the sentiment task
+    samples_per_prompt: int = 4
+    num_prompts: int | None = None  # held-out prompts used (all by default)
+    sampling: Sampling = field(default_factory=Sampling)
+    max_new_tokens: int | None = None  # None: the sentiment task's length, else 128
+    batch_size: int = 16
+    base: str | None = None
+    eval_source: str | None = None
+    prompts: str | None = None  # a JSON-lines file of {"prompt": ...} to generate from instead of the held-out prompts
+    judge_instruction: str = JUDGE_INSTRUCTION
+    seed: int = 0
