@@ -167,15 +167,126 @@ class DataConfig:
         return self.source == SENTIMENT and not self.sources
 
 
-# The loss types dpo_dist.train.loss offers (its LOSS_TYPES; tests/test_loss.py checks they agree), the f-divergences,
-# and the loss types that take length-averaged log-probs and no reference.
-LOSS_NAMES = (
-    "sigmoid", "robust", "hinge", "ipo", "simpo", "exo_pair", "nca_pair", "bco_pair", "sppo_hard", "aot",
-    "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm", "orpo",
-)
-F_DIVERGENCE_NAMES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence")
-REFERENCE_FREE_LOSSES = ("simpo", "orpo")
-SMOOTHED_LOSSES = ("sigmoid", "robust", "exo_pair", "aot", "aot_unpaired")
+# ---- The loss types: one record each, the one place that says what a loss type takes and what goes with it. -----
+# Their math is dpo_dist.train.loss. The records live here, not there, because the config checks them before anything
+# is loaded and sits at the top of the layering: it imports no stage (tests/test_layout.py) and no torch (launch/*.py
+# --help answers without it, tests/test_package.py).
+
+
+@dataclass(frozen=True)
+class LossType:
+    """A loss type: what it takes, and which options and other loss types go with it. The config's checks
+    (:func:`check_loss_options`) read these fields."""
+
+    name: str
+    # Takes each response's log-prob averaged over its tokens, where the others take sums.
+    length_averaged: bool = False
+    # Never uses a reference model (reference.mode=none), so no option that acts on log-ratios to one applies.
+    reference_free: bool = False
+    # How it reads loss.label_smoothing e: not at all, optionally (0 is off), or only above 0.
+    label_smoothing: Literal["unused", "optional", "required"] = "unused"
+    # Sorts log-ratios across the batch: a pair's loss depends on the other pairs of its batch.
+    sorts_batch: bool = False
+    # Reads the response token counts.
+    needs_tokens: bool = False
+
+    @property
+    def combines(self) -> bool:
+        """Whether it may be one term of a weighted combination (loss.loss_weights): the terms share one set of
+        log-probs, and a length-averaged loss takes averages where the others take sums."""
+        return not self.length_averaged
+
+
+# name -> record, in the order the docs list them.
+LOSSES: dict[str, LossType] = {t.name: t for t in (
+    LossType("sigmoid", label_smoothing="optional"),  # with e: cDPO
+    LossType("robust", label_smoothing="optional"),
+    LossType("hinge"),
+    LossType("ipo"),
+    LossType("simpo", length_averaged=True, reference_free=True),
+    LossType("exo_pair", label_smoothing="required"),  # its target gives the rejected side probability e; takes log e
+    LossType("nca_pair"),
+    LossType("bco_pair"),
+    LossType("sppo_hard"),
+    LossType("aot", label_smoothing="optional", sorts_batch=True),
+    LossType("aot_unpaired", label_smoothing="optional", sorts_batch=True),
+    LossType("apo_zero"),
+    LossType("apo_down"),
+    LossType("discopop"),
+    LossType("sft", needs_tokens=True),
+    LossType("sigmoid_norm", needs_tokens=True),
+    LossType("orpo", length_averaged=True, reference_free=True),
+)}
+# The f-divergence regularizers (dpo_dist.train.loss.f_divergence_scores); reverse_kl, the first, is plain DPO's.
+F_DIVERGENCES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence")
+
+
+@dataclass(frozen=True)
+class LossWording:
+    """How one caller's messages name what :func:`check_loss_options` refuses: the config's keys (``CONFIG_WORDING``)
+    or the arguments of ``dpo_dist.train.loss.preference_loss``. The rules are the same; the user reads their own
+    terms."""
+
+    option: str  # an option's name from its bare name {}: "loss.{}" for a config key
+    loss_types: str  # the loss types given, from their count {n} and list {types}
+    no_reference: str  # what to do to run a reference-free loss
+    weighting: str  # what WPO's per-pair weighting is called
+
+
+CONFIG_WORDING = LossWording(option="loss.{}", loss_types="the {n} loss types in loss.loss_type ({types})",
+                             no_reference="set reference.mode=none", weighting="loss.use_weighting (WPO)")
+
+
+def check_loss_options(types: tuple[str, ...], loss_weights: list[float] | tuple[float, ...] | None, *,
+                       label_smoothing: float, discopop_tau: float, f_divergence_type: str, with_reference: bool,
+                       weighted: bool, wording: LossWording, ld_alpha: float | None = None) -> tuple[float, ...]:
+    """Which loss types, weights and options go together, from the records: stated once, for the config and for
+    ``preference_loss``. ``types``: names in :data:`LOSSES`; ``with_reference``: reference log-probs are given;
+    ``weighted``: WPO's per-pair weights. Returns the weights (1 each when None); a ValueError otherwise."""
+    key = wording.option.format
+    records = [LOSSES[name] for name in types]
+    if not types:
+        raise ValueError(f"{key('loss_type')} is an empty list; give one or more of {', '.join(LOSSES)}")
+    if len(set(types)) != len(types):
+        raise ValueError(f"{key('loss_type')} names a loss twice ({list(types)}); give it one weight in "
+                         f"{key('loss_weights')}")
+    weights = (1.0,) * len(types) if loss_weights is None else tuple(float(w) for w in loss_weights)
+    if len(weights) != len(types):
+        raise ValueError(f"{key('loss_weights')} has {len(weights)} weights for "
+                         f"{wording.loss_types.format(n=len(types), types=list(types))}: give one weight per loss type")
+    if any(w < 0 for w in weights):
+        raise ValueError(f"{key('loss_weights')} must not be negative, got {list(weights)}")
+    alone = [t for t in records if not t.combines]
+    if alone and len(types) > 1:
+        raise ValueError(f"{key('loss_type')}: {alone[0].name} takes length-averaged log-probs"
+                         f"{' and no reference' if alone[0].reference_free else ''}; it cannot be combined with other "
+                         "loss types")
+    free = [t.name for t in records if t.reference_free]
+    if free and with_reference:
+        raise ValueError(f"{key('loss_type')}={free[0]} is reference-free: {wording.no_reference}")
+    if free and f_divergence_type != F_DIVERGENCES[0]:
+        raise ValueError(f"{key('f_divergence_type')} regularizes the log-ratio to a reference; {free[0]} has none")
+    averaged = [t.name for t in records if t.length_averaged]
+    if averaged and ld_alpha is not None:
+        raise ValueError(f"{key('ld_alpha')} reweights summed log-probs; {averaged[0]} averages them over tokens")
+    if not 0.0 <= label_smoothing < 0.5:
+        raise ValueError(f"{key('label_smoothing')} must be in [0, 0.5), got {label_smoothing}")
+    smoothed = [name for name, t in LOSSES.items() if t.label_smoothing != "unused"]
+    if label_smoothing and not set(types) & set(smoothed):
+        raise ValueError(f"{key('label_smoothing')} applies to {', '.join(smoothed)}, not {', '.join(types)}")
+    for t in records:  # exo_pair, so far the only one, hence its paper's advice
+        if t.label_smoothing == "required" and label_smoothing <= 0:
+            raise ValueError(f"{key('loss_type')} {t.name} needs {key('label_smoothing')} above 0 (its epsilon; EXO "
+                             "suggests 0.001)")
+    if discopop_tau <= 0:
+        raise ValueError(f"{key('discopop_tau')} must be positive, got {discopop_tau}")
+    sorting = [name for name, t in LOSSES.items() if t.sorts_batch]
+    if weighted and set(types) & set(sorting):
+        raise ValueError(f"{wording.weighting} is not defined for {' and '.join(sorting)}: they sort pairs within the "
+                         "batch, so a pair's loss term is not its own to weight")
+    return weights
+
+
 # Keys other trainers take that dpo_dist refuses, with the reason (asked for in any section).
 REFUSED_KEYS = {
     name: (
@@ -191,14 +302,16 @@ REFUSED_KEYS = {
 @dataclass
 class LossSettings:
     loss_type: Union[str, list[str]] = option(
-        "sigmoid", "preference loss, or a list of them added with loss_weights: " + ", ".join(LOSS_NAMES)
+        "sigmoid", "preference loss, or a list of them added with loss_weights: " + ", ".join(LOSSES)
     )
     loss_weights: list[float] | None = option(None, "with a list of loss types: the weight of each (null: all 1)")
     beta: float = option(0.1, "KL strength beta (orpo: the odds-ratio term's weight lambda)")
     label_smoothing: float = option(0.0, "cDPO / robust / aot: assumed label-flip probability; exo_pair: its epsilon")
     simpo_gamma: float = option(0.5, "SimPO target margin gamma")
     discopop_tau: float = option(0.05, "DiscoPOP temperature tau")
-    f_divergence_type: Literal["reverse_kl", "forward_kl", "js_divergence", "alpha_divergence"] = option(
+    # typing reads F_DIVERGENCES' names as the Literal's (Literal[("a", "b")] is Literal["a", "b"]): the key is checked
+    # and described (--help) with them, and they are written once.
+    f_divergence_type: Literal[F_DIVERGENCES] = option(
         "reverse_kl", "f-divergence regularizer (f-DPO): the score f'(policy/reference) replaces the log-ratio"
     )
     f_alpha_divergence_coef: float = option(0.5, "alpha of alpha_divergence")
@@ -392,47 +505,22 @@ class Config:
         """The ``loss`` section's names, weights and modifiers, and how they fit ``reference.mode``."""
         loss = self.loss
         types = loss.types()
-        key = "loss.loss_type"
-        if not types:
-            raise ConfigError(f"{key} is an empty list; give one or more of {', '.join(LOSS_NAMES)}")
         for i, name in enumerate(types):
-            where = key if isinstance(loss.loss_type, str) else f"{key}[{i}]"
-            if name not in LOSS_NAMES:
-                raise ConfigError(f"{where}: {name!r} is not one of {', '.join(LOSS_NAMES)}")
-        if len(set(types)) != len(types):
-            raise ConfigError(f"{key} names a loss twice ({list(types)}); give it one weight in loss.loss_weights")
-        if loss.loss_weights is not None:
-            if len(loss.loss_weights) != len(types):
-                raise ConfigError(f"loss.loss_weights has {len(loss.loss_weights)} weights for the {len(types)} loss "
-                                  f"types in {key} ({list(types)}): give one weight per loss type")
-            if any(w < 0 for w in loss.loss_weights):
-                raise ConfigError(f"loss.loss_weights must not be negative, got {loss.loss_weights}")
-        free = [t for t in types if t in REFERENCE_FREE_LOSSES]
-        if free and len(types) > 1:
-            raise ConfigError(f"{key}: {free[0]} takes length-averaged log-probs and no reference; it cannot be "
-                              "combined with other loss types")
-        if free and self.reference.mode != "none":
-            raise ConfigError(f"{key}={free[0]} is reference-free: set reference.mode=none")
-        if free and loss.f_divergence_type != "reverse_kl":
-            raise ConfigError(f"loss.f_divergence_type regularizes the log-ratio to a reference; {free[0]} has none")
-        if free and loss.ld_alpha is not None:
-            raise ConfigError(f"loss.ld_alpha reweights summed log-probs; {free[0]} averages them over tokens")
-        if not 0.0 <= loss.label_smoothing < 0.5:
-            raise ConfigError(f"loss.label_smoothing must be in [0, 0.5), got {loss.label_smoothing}")
-        if loss.label_smoothing and not set(types) & set(SMOOTHED_LOSSES):
-            raise ConfigError(f"loss.label_smoothing applies to {', '.join(SMOOTHED_LOSSES)}, not {', '.join(types)}")
-        if "exo_pair" in types and loss.label_smoothing <= 0:
-            raise ConfigError("loss.loss_type exo_pair needs loss.label_smoothing above 0 (its epsilon; EXO suggests "
-                              "0.001)")
-        if loss.discopop_tau <= 0:
-            raise ConfigError(f"loss.discopop_tau must be positive, got {loss.discopop_tau}")
+            if name not in LOSSES:
+                where = "loss.loss_type" if isinstance(loss.loss_type, str) else f"loss.loss_type[{i}]"
+                raise ConfigError(f"{where}: {name!r} is not one of {', '.join(LOSSES)}")
+        try:
+            check_loss_options(
+                types, loss.loss_weights, label_smoothing=loss.label_smoothing, discopop_tau=loss.discopop_tau,
+                f_divergence_type=loss.f_divergence_type, with_reference=self.reference.mode != "none",
+                weighted=loss.use_weighting, ld_alpha=loss.ld_alpha, wording=CONFIG_WORDING,
+            )
+        except ValueError as error:
+            raise ConfigError(str(error)) from None
         if loss.f_alpha_divergence_coef <= 0:
             raise ConfigError(f"loss.f_alpha_divergence_coef must be positive, got {loss.f_alpha_divergence_coef}")
         if loss.ld_alpha is not None and not 0.0 <= loss.ld_alpha <= 1.0:
             raise ConfigError(f"loss.ld_alpha must be in [0, 1], got {loss.ld_alpha}")
-        if loss.use_weighting and {"aot", "aot_unpaired"} & set(types):
-            raise ConfigError("loss.use_weighting (WPO) is not defined for aot and aot_unpaired: they sort pairs "
-                              "within the batch, so a pair's loss term is not its own to weight")
 
 
 def float_values(node: Any, prefix: str = "") -> list[tuple[str, float]]:

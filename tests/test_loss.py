@@ -6,7 +6,7 @@ import re
 import pytest
 import torch
 
-from dpo_dist.config import LOSS_NAMES, ConfigError, load_config
+from dpo_dist.config import LOSSES, ConfigError, load_config
 from dpo_dist.train.loss import (
     LOSS_TYPES,
     length_desensitized_logps,
@@ -329,7 +329,7 @@ def test_bad_new_arguments(kwargs, message):
 
 
 def test_config_names_match_the_loss_module():
-    assert LOSS_NAMES == LOSS_TYPES
+    assert tuple(LOSSES) == LOSS_TYPES
 
 
 @pytest.mark.parametrize(
