@@ -168,15 +168,15 @@ class DataConfig:
 
 
 # ---- The loss types: one record each, the one place that says what a loss type takes and what goes with it. -----
-# Their math is dpo_dist.train.loss. The records live here, not there, because the config checks them before anything
-# is loaded and sits at the top of the layering: it imports no stage (tests/test_layout.py) and no torch (launch/*.py
-# --help answers without it, tests/test_package.py).
+# Their math is dpo_dist.train.loss, one per-pair function per record (PER_PAIR, by name). The records live here, not
+# there, because the config checks them before anything is loaded and sits at the top of the layering: it imports no
+# stage (tests/test_layout.py) and no torch (launch/*.py --help answers without it, tests/test_package.py).
 
 
 @dataclass(frozen=True)
 class LossType:
-    """A loss type: what it takes, and which options and other loss types go with it. The config's checks
-    (:func:`check_loss_options`) read these fields."""
+    """A loss type: what it takes, and which options and other loss types go with it. The config's checks and
+    ``preference_loss``'s (both :func:`check_loss_options`), the loss's dispatch and the objective read these fields."""
 
     name: str
     # Takes each response's log-prob averaged over its tokens, where the others take sums.
@@ -276,8 +276,8 @@ def check_loss_options(types: tuple[str, ...], loss_weights: list[float] | tuple
         raise ValueError(f"{key('label_smoothing')} applies to {', '.join(smoothed)}, not {', '.join(types)}")
     for t in records:  # exo_pair, so far the only one, hence its paper's advice
         if t.label_smoothing == "required" and label_smoothing <= 0:
-            raise ValueError(f"{key('loss_type')} {t.name} needs {key('label_smoothing')} above 0 (its epsilon; EXO "
-                             "suggests 0.001)")
+            raise ValueError(f"{key('loss_type')} {t.name} needs {key('label_smoothing')} above 0 (its epsilon: the "
+                             "target distribution is (1 - e, e) and it takes log e; EXO suggests 0.001)")
     if discopop_tau <= 0:
         raise ValueError(f"{key('discopop_tau')} must be positive, got {discopop_tau}")
     sorting = [name for name, t in LOSSES.items() if t.sorts_batch]

@@ -8,7 +8,7 @@ import torch
 
 from dpo_dist.config import LOSSES, ConfigError, load_config
 from dpo_dist.train.loss import (
-    LOSS_TYPES,
+    PER_PAIR,
     length_desensitized_logps,
     log1mexp,
     preference_loss,
@@ -329,7 +329,8 @@ def test_bad_new_arguments(kwargs, message):
 
 
 def test_config_names_match_the_loss_module():
-    assert tuple(LOSSES) == LOSS_TYPES
+    """Each record of the config's registry has its per-pair function in the loss module, and no function is left over."""
+    assert list(PER_PAIR) == list(LOSSES)
 
 
 @pytest.mark.parametrize(
