@@ -176,7 +176,8 @@ class DataConfig:
 @dataclass(frozen=True)
 class LossType:
     """A loss type: what it takes, and which options and other loss types go with it. The config's checks and
-    ``preference_loss``'s (both :func:`check_loss_options`), the loss's dispatch and the objective read these fields."""
+    ``preference_loss``'s (both :func:`check_loss_options`), the loss's dispatch and the objective read these fields;
+    tests/test_loss.py holds the tables of README.md and dpo_dist/train/loss.py to the registry's names."""
 
     name: str
     # Takes each response's log-prob averaged over its tokens, where the others take sums.
