@@ -21,6 +21,8 @@ from typing import Any, Literal, Union
 
 import yaml
 
+from dpo_dist.loss_types import CONFIG_WORDING, F_DIVERGENCES, LOSSES, check_loss_options
+
 # A number in exponent notation without a dot (1e-3): YAML 1.2 and Python read it as a float, PyYAML as a string.
 FLOAT_TEXT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 SENTIMENT = "builtin:sentiment"  # the source name of the built-in preference set (dpo_dist/data/sentiment.py)
@@ -185,15 +187,6 @@ class DataConfig:
         return self.source == SENTIMENT and not self.sources
 
 
-# The loss types dpo_dist.train.loss offers (its LOSS_TYPES; tests/test_loss.py checks they agree), the f-divergences,
-# and the loss types that take length-averaged log-probs and no reference.
-LOSS_NAMES = (
-    "sigmoid", "robust", "hinge", "ipo", "simpo", "exo_pair", "nca_pair", "bco_pair", "sppo_hard", "aot",
-    "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm", "orpo",
-)
-F_DIVERGENCE_NAMES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence")
-REFERENCE_FREE_LOSSES = ("simpo", "orpo")
-SMOOTHED_LOSSES = ("sigmoid", "robust", "exo_pair", "aot", "aot_unpaired")
 # Keys other trainers take that dpo_dist refuses, with the reason (asked for in any section).
 REFUSED_KEYS = {
     name: (
@@ -209,14 +202,16 @@ REFUSED_KEYS = {
 @dataclass
 class LossSettings:
     loss_type: Union[str, list[str]] = option(
-        "sigmoid", "preference loss, or a list of them added with loss_weights: " + ", ".join(LOSS_NAMES)
+        "sigmoid", "preference loss, or a list of them added with loss_weights: " + ", ".join(LOSSES)
     )
     loss_weights: list[float] | None = option(None, "with a list of loss types: the weight of each (null: all 1)")
     beta: float = option(0.1, "KL strength beta (orpo: the odds-ratio term's weight lambda)")
     label_smoothing: float = option(0.0, "cDPO / robust / aot: assumed label-flip probability; exo_pair: its epsilon")
     simpo_gamma: float = option(0.5, "SimPO target margin gamma")
     discopop_tau: float = option(0.05, "DiscoPOP temperature tau")
-    f_divergence_type: Literal["reverse_kl", "forward_kl", "js_divergence", "alpha_divergence"] = option(
+    # typing reads F_DIVERGENCES' names as the Literal's (Literal[("a", "b")] is Literal["a", "b"]): the key is checked
+    # and described (--help) with them, and they are written once.
+    f_divergence_type: Literal[F_DIVERGENCES] = option(
         "reverse_kl", "f-divergence regularizer (f-DPO): the score f'(policy/reference) replaces the log-ratio"
     )
     f_alpha_divergence_coef: float = option(0.5, "alpha of alpha_divergence")
@@ -408,47 +403,22 @@ class Config:
         """The ``loss`` section's names, weights and modifiers, and how they fit ``reference.mode``."""
         loss = self.loss
         types = loss.types()
-        key = "loss.loss_type"
-        if not types:
-            raise ConfigError(f"{key} is an empty list; give one or more of {', '.join(LOSS_NAMES)}")
         for i, name in enumerate(types):
-            where = key if isinstance(loss.loss_type, str) else f"{key}[{i}]"
-            if name not in LOSS_NAMES:
-                raise ConfigError(f"{where}: {name!r} is not one of {', '.join(LOSS_NAMES)}")
-        if len(set(types)) != len(types):
-            raise ConfigError(f"{key} names a loss twice ({list(types)}); give it one weight in loss.loss_weights")
-        if loss.loss_weights is not None:
-            if len(loss.loss_weights) != len(types):
-                raise ConfigError(f"loss.loss_weights has {len(loss.loss_weights)} weights for the {len(types)} loss "
-                                  f"types in {key} ({list(types)}): give one weight per loss type")
-            if any(w < 0 for w in loss.loss_weights):
-                raise ConfigError(f"loss.loss_weights must not be negative, got {loss.loss_weights}")
-        free = [t for t in types if t in REFERENCE_FREE_LOSSES]
-        if free and len(types) > 1:
-            raise ConfigError(f"{key}: {free[0]} takes length-averaged log-probs and no reference; it cannot be "
-                              "combined with other loss types")
-        if free and self.reference.mode != "none":
-            raise ConfigError(f"{key}={free[0]} is reference-free: set reference.mode=none")
-        if free and loss.f_divergence_type != "reverse_kl":
-            raise ConfigError(f"loss.f_divergence_type regularizes the log-ratio to a reference; {free[0]} has none")
-        if free and loss.ld_alpha is not None:
-            raise ConfigError(f"loss.ld_alpha reweights summed log-probs; {free[0]} averages them over tokens")
-        if not 0.0 <= loss.label_smoothing < 0.5:
-            raise ConfigError(f"loss.label_smoothing must be in [0, 0.5), got {loss.label_smoothing}")
-        if loss.label_smoothing and not set(types) & set(SMOOTHED_LOSSES):
-            raise ConfigError(f"loss.label_smoothing applies to {', '.join(SMOOTHED_LOSSES)}, not {', '.join(types)}")
-        if "exo_pair" in types and loss.label_smoothing <= 0:
-            raise ConfigError("loss.loss_type exo_pair needs loss.label_smoothing above 0 (its epsilon; EXO suggests "
-                              "0.001)")
-        if loss.discopop_tau <= 0:
-            raise ConfigError(f"loss.discopop_tau must be positive, got {loss.discopop_tau}")
+            if name not in LOSSES:
+                where = "loss.loss_type" if isinstance(loss.loss_type, str) else f"loss.loss_type[{i}]"
+                raise ConfigError(f"{where}: {name!r} is not one of {', '.join(LOSSES)}")
+        try:
+            check_loss_options(
+                types, loss.loss_weights, label_smoothing=loss.label_smoothing, discopop_tau=loss.discopop_tau,
+                f_divergence_type=loss.f_divergence_type, with_reference=self.reference.mode != "none",
+                weighted=loss.use_weighting, ld_alpha=loss.ld_alpha, wording=CONFIG_WORDING,
+            )
+        except ValueError as error:
+            raise ConfigError(str(error)) from None
         if loss.f_alpha_divergence_coef <= 0:
             raise ConfigError(f"loss.f_alpha_divergence_coef must be positive, got {loss.f_alpha_divergence_coef}")
         if loss.ld_alpha is not None and not 0.0 <= loss.ld_alpha <= 1.0:
             raise ConfigError(f"loss.ld_alpha must be in [0, 1], got {loss.ld_alpha}")
-        if loss.use_weighting and {"aot", "aot_unpaired"} & set(types):
-            raise ConfigError("loss.use_weighting (WPO) is not defined for aot and aot_unpaired: they sort pairs "
-                              "within the batch, so a pair's loss term is not its own to weight")
 
 
 def float_values(node: Any, prefix: str = "") -> list[tuple[str, float]]:

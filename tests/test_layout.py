@@ -1,6 +1,6 @@
 """The package's layout follows the data flow: data -> model -> train -> eval, and no module imports from a later stage.
 
-``config`` and ``distributed`` sit at the top: every stage may use them, and they import no stage.
+``config``, ``loss_types`` (the loss types' records, which the config checks) and ``distributed`` sit at the top: every stage may use them, and they import no stage.
 """
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ import pytest
 from dpo_dist.config import SENTIMENT_PROMPTS
 
 PACKAGE = pathlib.Path(__file__).resolve().parent.parent / "dpo_dist"
-STAGES = {"config": 0, "distributed": 0, "data": 1, "model": 2, "train": 3, "eval": 4}
-TOP_LEVEL = {"__init__.py", "config.py", "distributed.py", "data", "model", "train", "eval", "__pycache__"}
+STAGES = {"config": 0, "distributed": 0, "loss_types": 0, "data": 1, "model": 2, "train": 3, "eval": 4}
+TOP_LEVEL = {"__init__.py", "config.py", "distributed.py", "loss_types.py", "data", "model", "train", "eval", "__pycache__"}
 LOOP = {"to_device", "evaluate", "train_step", "Run", "setup", "train", "loop", "finish"}
 
 

@@ -1,14 +1,17 @@
 """Preference losses against hand-computed values (the arithmetic is in each docstring)."""
 
 import math
+import pathlib
 import re
 
 import pytest
 import torch
 
-from dpo_dist.config import LOSS_NAMES, ConfigError, load_config
+from dpo_dist.config import ConfigError, load_config
+from dpo_dist.loss_types import LOSSES
+from dpo_dist.train import loss as loss_module
 from dpo_dist.train.loss import (
-    LOSS_TYPES,
+    PER_PAIR,
     length_desensitized_logps,
     log1mexp,
     preference_loss,
@@ -329,7 +332,32 @@ def test_bad_new_arguments(kwargs, message):
 
 
 def test_config_names_match_the_loss_module():
-    assert LOSS_NAMES == LOSS_TYPES
+    """Each record of the config's registry has its per-pair function in the loss module, and no function is left over."""
+    assert list(PER_PAIR) == list(LOSSES)
+
+
+def in_order_once(names):
+    return list(dict.fromkeys(names))
+
+
+def test_the_docs_list_the_registry():
+    """docs/losses.md's table has a row for each loss type of the registry, in its order, and no other (sigmoid has a
+    second row, with label smoothing)."""
+    page = (pathlib.Path(__file__).resolve().parent.parent / "docs" / "losses.md").read_text(encoding="utf-8")
+    section = page.split("\n## ", 1)[0]
+    lines = section.splitlines()
+    header = next(i for i, line in enumerate(lines) if line.startswith("| `loss_type` |"))
+    rows = [line for line in lines[header + 2:] if line.startswith("| `")]  # below the header and its |---| line
+    assert in_order_once(re.match(r"\| `(\w+)`", row).group(1) for row in rows) == list(LOSSES)
+
+
+def test_loss_module_docstring_lists_the_registry():
+    """The table at the top of dpo_dist/train/loss.py: a row for each loss type, in the registry's order."""
+    lines = loss_module.__doc__.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("loss_type "))
+    end = next(i for i in range(start + 2, len(lines)) if lines[i].startswith("===="))
+    names = [line.split()[0] for line in lines[start + 2:end] if line and not line[0].isspace()]
+    assert in_order_once(names) == list(LOSSES)
 
 
 @pytest.mark.parametrize(

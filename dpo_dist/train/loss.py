@@ -42,7 +42,11 @@ orpo           -avg_c - beta log sigma(log odds(avg_c) - log odds(avg_r)),      
                log odds(a) = a - log(1 - e^a), no reference                        (2403.07691); beta is its lambda
 =============  ==================================================================  ====================================
 
-``avg`` is a log-prob averaged over its response tokens (``LENGTH_AVERAGED`` types take averaged log-probs).
+``avg`` is a log-prob averaged over its response tokens (the ``length_averaged`` types take averaged log-probs).
+
+Each loss type is a record in :data:`dpo_dist.loss_types.LOSSES` (what it takes, which options and loss types go with it)
+and a per-pair function here, ``PER_PAIR[name]``; :func:`preference_loss` checks the options against the records and
+looks the functions up.
 
 Modifiers (each may be combined with any loss above that has a reference, unless said):
 
@@ -71,26 +75,17 @@ The RPO term (an NLL on the chosen response, weighted by ``rpo_alpha``) is added
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from dataclasses import dataclass
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 
-LOSS_TYPES = (
-    "sigmoid", "robust", "hinge", "ipo", "simpo", "exo_pair", "nca_pair", "bco_pair", "sppo_hard", "aot",
-    "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm", "orpo",
-)
-# Loss types that take length-averaged log-probs (log-prob sum / response tokens) instead of sums.
-LENGTH_AVERAGED = frozenset({"simpo", "orpo"})
-# Loss types that never use a reference model.
-REFERENCE_FREE = frozenset({"simpo", "orpo"})
-# Loss types that use label_smoothing (exo_pair needs it above 0).
-SMOOTHED = frozenset({"sigmoid", "robust", "exo_pair", "aot", "aot_unpaired"})
-# Loss types that sort the batch: a pair's loss depends on the other pairs of its batch.
-SORTED = frozenset({"aot", "aot_unpaired"})
-# Loss types that take the response token counts.
-NEEDS_TOKENS = frozenset({"sft", "sigmoid_norm"})
-F_DIVERGENCES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence")
+from dpo_dist.loss_types import F_DIVERGENCES, LOSSES, LossWording, check_loss_options
+
+# preference_loss's messages name its arguments (the config's name its keys).
+ARGUMENT_WORDING = LossWording(option="{}", loss_types="{n} loss types {types}",
+                               no_reference="pass ref_chosen_logps=ref_rejected_logps=None", weighting="WPO weighting")
 
 
 def log1mexp(x: torch.Tensor) -> torch.Tensor:
@@ -146,27 +141,151 @@ def wpo_weights(chosen_aligned_logps: torch.Tensor, chosen_tokens: torch.Tensor,
     return torch.exp(chosen + rejected).detach()
 
 
-def as_types(loss_type: str | Sequence[str], loss_weights: Sequence[float] | None) -> tuple[tuple[str, ...], tuple[float, ...]]:
-    """``(loss types, weights)`` of a single loss type or a weighted combination; a ValueError for an unknown name,
-    weights of another length, or a combination that cannot be made."""
-    types = (loss_type,) if isinstance(loss_type, str) else tuple(loss_type)
-    if not types:
-        raise ValueError("loss_type is an empty list: give at least one of " + ", ".join(LOSS_TYPES))
-    for name in types:
-        if name not in LOSS_TYPES:
-            raise ValueError(f"loss_type {name!r} is not one of {', '.join(LOSS_TYPES)}")
-    if len(set(types)) != len(types):
-        raise ValueError(f"loss_type {list(types)} names a loss twice; give it one weight instead")
-    weights = (1.0,) * len(types) if loss_weights is None else tuple(float(w) for w in loss_weights)
-    if len(weights) != len(types):
-        raise ValueError(f"loss_weights has {len(weights)} weights for {len(types)} loss types {list(types)}")
-    if any(w < 0 for w in weights):
-        raise ValueError(f"loss_weights must not be negative, got {list(weights)}")
-    averaged = [t for t in types if t in LENGTH_AVERAGED]
-    if averaged and len(types) > 1:
-        raise ValueError(f"{averaged[0]} takes length-averaged log-probs and no reference: it cannot be combined with "
-                         "other loss types (its own NLL term is built in)")
-    return types, weights
+@dataclass(frozen=True)
+class Pairs:
+    """What the loss types read of B pairs, in the notation above. Shape: each tensor (B,)."""
+
+    policy_chosen_logps: torch.Tensor  # logp_c (avg_c for the length-averaged types)
+    policy_rejected_logps: torch.Tensor  # logp_r
+    ref_chosen_logps: torch.Tensor | None  # ref_c; None: reference-free
+    ref_rejected_logps: torch.Tensor | None  # ref_r
+    chosen_logratios: torch.Tensor  # r_c = logp_c - ref_c (logp_c when reference-free)
+    rejected_logratios: torch.Tensor  # r_r
+    chosen_scores: torch.Tensor  # s_c = f'(r_c)
+    rejected_scores: torch.Tensor  # s_r
+    h: torch.Tensor  # s_c - s_r, computed once for all the terms of a combination
+    chosen_tokens: torch.Tensor | None  # n_c, for the types that need tokens
+    rejected_tokens: torch.Tensor | None  # n_r
+
+
+@dataclass(frozen=True)
+class LossOptions:
+    """The numbers the loss types read besides the log-probs (see :func:`preference_loss`)."""
+
+    beta: float
+    label_smoothing: float  # e
+    simpo_gamma: float
+    discopop_tau: float
+
+
+def smoothed_logsigmoid_loss(x: torch.Tensor, o: LossOptions) -> torch.Tensor:
+    """``-(1 - e) log sigma(beta x) - e log sigma(-beta x)``: the sigmoid loss when the label is flipped with
+    probability e. Shape: (B,) -> (B,)."""
+    e = o.label_smoothing
+    return -(1 - e) * F.logsigmoid(o.beta * x) - e * F.logsigmoid(-o.beta * x)
+
+
+# The per-pair losses, one per record of dpo_dist.loss_types.LOSSES. Shape: each of Pairs (B,) -> (B,).
+
+def sigmoid_loss(p: Pairs, o: LossOptions) -> torch.Tensor:
+    """DPO (Rafailov et al. 2023, eq. 7, 2305.18290): ``-log sigma(beta h)``; with e, cDPO (Mitchell 2023)."""
+    return smoothed_logsigmoid_loss(p.h, o)
+
+
+def robust_loss(p: Pairs, o: LossOptions) -> torch.Tensor:
+    """rDPO (Chowdhury et al. 2024, 2403.00409): ``[-(1 - e) log sigma(beta h) + e log sigma(-beta h)] / (1 - 2e)``."""
+    e = o.label_smoothing
+    return (-(1 - e) * F.logsigmoid(o.beta * p.h) + e * F.logsigmoid(-o.beta * p.h)) / (1 - 2 * e)
+
+
+def hinge_loss(p: Pairs, o: LossOptions) -> torch.Tensor:
+    """SLiC-HF (Zhao et al. 2023, 2305.10425), RSO (2309.06657): ``max(0, 1 - beta h)``."""
+    return torch.relu(1 - o.beta * p.h)
+
+
+def ipo_loss(p: Pairs, o: LossOptions) -> torch.Tensor:
+    """IPO (Azar et al. 2023, eq. 17, 2310.12036): ``(h - 1 / (2 beta))^2``."""
+    return (p.h - 1 / (2 * o.beta)) ** 2
+
+
+def simpo_loss(p: Pairs, o: LossOptions) -> torch.Tensor:
+    """SimPO (Meng et al. 2024, eq. 6, 2405.14734), no reference: ``-log sigma(beta (avg_c - avg_r) - gamma)``."""
+    return -F.logsigmoid(o.beta * p.h - o.simpo_gamma)
+
+
+def exo_pair_loss(p: Pairs, o: LossOptions) -> torch.Tensor:
+    """EXO (Ji et al. 2024, eq. 16, 2402.00856): ``KL(q || (1 - e, e))``, ``q = (sigma(beta h), sigma(-beta h))``."""
+    e = o.label_smoothing
+    q_chosen, q_rejected = torch.sigmoid(o.beta * p.h), torch.sigmoid(-o.beta * p.h)
+    return (q_chosen * (F.logsigmoid(o.beta * p.h) - math.log1p(-e))
+            + q_rejected * (F.logsigmoid(-o.beta * p.h) - math.log(e)))
+
+
+def nca_pair_loss(p: Pairs, o: LossOptions) -> torch.Tensor:
+    """NCA, pairwise (Chen et al. 2024, 2402.05369): ``-log sigma(beta s_c) - 1/2 log sigma(-beta s_c)
+    - 1/2 log sigma(-beta s_r)``."""
+    return (-F.logsigmoid(o.beta * p.chosen_scores) - 0.5 * F.logsigmoid(-o.beta * p.chosen_scores)
+            - 0.5 * F.logsigmoid(-o.beta * p.rejected_scores))
+
+
+def bco_pair_loss(p: Pairs, o: LossOptions) -> torch.Tensor:
+    """BCO with reward shift 0 (Jung et al. 2024, 2404.04656): ``-log sigma(beta s_c) - log sigma(-beta s_r)``."""
+    return -F.logsigmoid(o.beta * p.chosen_scores) - F.logsigmoid(-o.beta * p.rejected_scores)
+
+
+def sppo_hard_loss(p: Pairs, o: LossOptions) -> torch.Tensor:
+    """SPPO (Wu et al. 2024, eq. 4.7 with P = 1 for chosen, 0 for rejected, 2405.00675):
+    ``(s_c - 1 / (2 beta))^2 + (s_r + 1 / (2 beta))^2``."""
+    return (p.chosen_scores - 0.5 / o.beta) ** 2 + (p.rejected_scores + 0.5 / o.beta) ** 2
+
+
+def aot_loss(p: Pairs, o: LossOptions) -> torch.Tensor:
+    """AOT, paired (Melnyk et al. 2024, 2406.05882): the smoothed sigmoid loss of
+    ``d_i = sort(logp_c - logp_r)_i - sort(ref_c - ref_r)_i``, across the batch."""
+    ref_margin = torch.zeros_like(p.h) if p.ref_chosen_logps is None else p.ref_chosen_logps - p.ref_rejected_logps
+    delta = torch.sort(p.policy_chosen_logps - p.policy_rejected_logps).values - torch.sort(ref_margin).values
+    return smoothed_logsigmoid_loss(delta, o)
+
+
+def aot_unpaired_loss(p: Pairs, o: LossOptions) -> torch.Tensor:
+    """AOT, unpaired (2406.05882): as :func:`aot_loss` with ``d_i = sort(r_c)_i - sort(r_r)_i``."""
+    return smoothed_logsigmoid_loss(torch.sort(p.chosen_logratios).values - torch.sort(p.rejected_logratios).values, o)
+
+
+def apo_zero_loss(p: Pairs, o: LossOptions) -> torch.Tensor:
+    """APO-zero (D'Oosterlinck et al. 2024, eq. 7, 2408.06266): ``(1 - sigma(beta r_c)) + sigma(beta r_r)``."""
+    return (1 - torch.sigmoid(o.beta * p.chosen_logratios)) + torch.sigmoid(o.beta * p.rejected_logratios)
+
+
+def apo_down_loss(p: Pairs, o: LossOptions) -> torch.Tensor:
+    """APO-down (eq. 8, 2408.06266): ``sigma(beta r_c) + (1 - sigma(beta h))``."""
+    return torch.sigmoid(o.beta * p.chosen_logratios) + (1 - torch.sigmoid(o.beta * p.h))
+
+
+def discopop_loss(p: Pairs, o: LossOptions) -> torch.Tensor:
+    """DiscoPOP / LRML (Lu et al. 2024, eq. 5, 2406.08414): ``(1 - m) (-log sigma(beta h)) + m exp(-beta h)``,
+    ``m = sigma(beta h / tau)``."""
+    modulation = torch.sigmoid(o.beta * p.h / o.discopop_tau)
+    return -F.logsigmoid(o.beta * p.h) * (1 - modulation) + torch.exp(-o.beta * p.h) * modulation
+
+
+def sft_loss(p: Pairs, o: LossOptions) -> torch.Tensor:
+    """Supervised fine-tuning: ``-logp_c / n_c``, the chosen response's NLL per token."""
+    return -p.policy_chosen_logps / p.chosen_tokens.clamp(min=1)
+
+
+def sigmoid_norm_loss(p: Pairs, o: LossOptions) -> torch.Tensor:
+    """DPO on per-token log-ratios (SimPO's appendix, "DPO w/ LN", 2405.14734): ``-log sigma(beta (s_c / n_c -
+    s_r / n_r))``."""
+    return -F.logsigmoid(o.beta * (p.chosen_scores / p.chosen_tokens.clamp(min=1)
+                                   - p.rejected_scores / p.rejected_tokens.clamp(min=1)))
+
+
+def orpo_loss(p: Pairs, o: LossOptions) -> torch.Tensor:
+    """ORPO (Hong et al. 2024, eqs. 4, 6, 7, 2403.07691), no reference: ``-avg_c - beta log sigma(log odds(avg_c)
+    - log odds(avg_r))``, ``log odds(a) = a - log(1 - e^a)``; beta is the paper's lambda."""
+    log_odds = (p.policy_chosen_logps - p.policy_rejected_logps) - (
+        log1mexp(p.policy_chosen_logps) - log1mexp(p.policy_rejected_logps))
+    return -p.policy_chosen_logps - o.beta * F.logsigmoid(log_odds)
+
+
+# loss type -> its per-pair loss; the keys are LOSSES' (tests/test_loss.py holds them to it).
+PER_PAIR: dict[str, Callable[[Pairs, LossOptions], torch.Tensor]] = {
+    "sigmoid": sigmoid_loss, "robust": robust_loss, "hinge": hinge_loss, "ipo": ipo_loss, "simpo": simpo_loss,
+    "exo_pair": exo_pair_loss, "nca_pair": nca_pair_loss, "bco_pair": bco_pair_loss, "sppo_hard": sppo_hard_loss,
+    "aot": aot_loss, "aot_unpaired": aot_unpaired_loss, "apo_zero": apo_zero_loss, "apo_down": apo_down_loss,
+    "discopop": discopop_loss, "sft": sft_loss, "sigmoid_norm": sigmoid_norm_loss, "orpo": orpo_loss,
+}
 
 
 def preference_loss(
@@ -191,12 +310,13 @@ def preference_loss(
 
     Args:
         policy_chosen_logps, policy_rejected_logps: the policy's log-probs of each response, summed over its tokens
-            (for ``simpo`` and ``orpo``: averaged over its tokens; see ``LENGTH_AVERAGED``).
+            (for ``simpo`` and ``orpo``: averaged over its tokens; their records are ``length_averaged``).
         ref_chosen_logps, ref_rejected_logps: the reference's, the same way; None for reference-free (``simpo``
             and ``orpo`` require None).
         beta: KL strength (for ``simpo``, the reward scale; for ``orpo``, the odds-ratio term's weight lambda).
-        loss_type: one of ``LOSS_TYPES``, or a sequence of them combined with ``loss_weights`` (default all 1).
-        label_smoothing: e, for the ``SMOOTHED`` losses: the assumed label-flip probability (``sigmoid``: cDPO,
+        loss_type: one of ``dpo_dist.loss_types.LOSSES``, or a sequence of them combined with ``loss_weights``
+            (default all 1).
+        label_smoothing: e, for the losses that read it: the assumed label-flip probability (``sigmoid``: cDPO,
             ``robust``, ``aot``), EXO's target probability of the rejected side (``exo_pair``, must be above 0).
         simpo_gamma: SimPO's target reward margin gamma.
         discopop_tau: DiscoPOP's temperature tau.
@@ -222,90 +342,42 @@ def preference_loss(
 
     Shape: each input (B,) -> (losses, chosen_rewards, rejected_rewards), each (B,).
     """
-    types, weights = as_types(loss_type, loss_weights)
+    types = (loss_type,) if isinstance(loss_type, str) else tuple(loss_type)
+    for name in types:
+        if name not in LOSSES:
+            raise ValueError(f"loss_type {name!r} is not one of {', '.join(LOSSES)}")
     if beta <= 0:
         raise ValueError(f"beta must be positive, got {beta}")
-    if not 0.0 <= label_smoothing < 0.5:
-        raise ValueError(f"label_smoothing must be in [0, 0.5), got {label_smoothing}")
-    if label_smoothing and not SMOOTHED & set(types):
-        raise ValueError(f"label_smoothing applies to the {', '.join(sorted(SMOOTHED))} losses, not {list(types)}")
-    if "exo_pair" in types and label_smoothing <= 0:
-        raise ValueError("exo_pair needs label_smoothing above 0 (log e of the target distribution); EXO suggests 1e-3")
-    if discopop_tau <= 0:
-        raise ValueError(f"discopop_tau must be positive, got {discopop_tau}")
     if f_divergence_type not in F_DIVERGENCES:
         raise ValueError(f"f_divergence_type {f_divergence_type!r} is not one of {F_DIVERGENCES}")
     if (ref_chosen_logps is None) != (ref_rejected_logps is None):
         raise ValueError("pass both ref_chosen_logps and ref_rejected_logps, or neither")
-    free = [t for t in types if t in REFERENCE_FREE]
-    if free and ref_chosen_logps is not None:
-        raise ValueError(f"{free[0]} is reference-free: pass ref_chosen_logps=ref_rejected_logps=None")
-    if free and f_divergence_type != "reverse_kl":
-        raise ValueError(f"f_divergence_type regularizes the log-ratio to a reference; {free[0]} has none")
-    if NEEDS_TOKENS & set(types) and (chosen_tokens is None or rejected_tokens is None):
-        raise ValueError(f"{sorted(NEEDS_TOKENS & set(types))} need chosen_tokens and rejected_tokens")
-    if pair_weights is not None and SORTED & set(types):
-        raise ValueError("WPO weighting is not defined for aot and aot_unpaired: they sort pairs, so a pair's loss is "
-                         "not its own and a per-pair weight would weigh another pair's term")
+    weights = check_loss_options(
+        types, loss_weights, label_smoothing=label_smoothing, discopop_tau=discopop_tau,
+        f_divergence_type=f_divergence_type, with_reference=ref_chosen_logps is not None,
+        weighted=pair_weights is not None, wording=ARGUMENT_WORDING,
+    )
+    needing = sorted(name for name in types if LOSSES[name].needs_tokens)
+    if needing and (chosen_tokens is None or rejected_tokens is None):
+        raise ValueError(f"{needing} need chosen_tokens and rejected_tokens")
 
     ref_free = ref_chosen_logps is None
     chosen_logratios = policy_chosen_logps if ref_free else policy_chosen_logps - ref_chosen_logps
     rejected_logratios = policy_rejected_logps if ref_free else policy_rejected_logps - ref_rejected_logps
     chosen_scores = f_divergence_scores(chosen_logratios, f_divergence_type, f_alpha_divergence_coef)
     rejected_scores = f_divergence_scores(rejected_logratios, f_divergence_type, f_alpha_divergence_coef)
-    h = chosen_scores - rejected_scores
-    e = label_smoothing
+    pairs = Pairs(
+        policy_chosen_logps=policy_chosen_logps, policy_rejected_logps=policy_rejected_logps,
+        ref_chosen_logps=ref_chosen_logps, ref_rejected_logps=ref_rejected_logps,
+        chosen_logratios=chosen_logratios, rejected_logratios=rejected_logratios,
+        chosen_scores=chosen_scores, rejected_scores=rejected_scores, h=chosen_scores - rejected_scores,
+        chosen_tokens=chosen_tokens, rejected_tokens=rejected_tokens,
+    )
+    options = LossOptions(beta=beta, label_smoothing=label_smoothing, simpo_gamma=simpo_gamma, discopop_tau=discopop_tau)
 
-    def smoothed_sigmoid(x: torch.Tensor) -> torch.Tensor:
-        return -(1 - e) * F.logsigmoid(beta * x) - e * F.logsigmoid(-beta * x)
-
-    total = torch.zeros_like(h)
+    total = torch.zeros_like(pairs.h)
     for name, weight in zip(types, weights):
-        if name == "sigmoid":
-            losses = smoothed_sigmoid(h)
-        elif name == "robust":
-            losses = (-(1 - e) * F.logsigmoid(beta * h) + e * F.logsigmoid(-beta * h)) / (1 - 2 * e)
-        elif name == "hinge":
-            losses = torch.relu(1 - beta * h)
-        elif name == "ipo":
-            losses = (h - 1 / (2 * beta)) ** 2
-        elif name == "simpo":
-            losses = -F.logsigmoid(beta * h - simpo_gamma)
-        elif name == "exo_pair":
-            q_chosen, q_rejected = torch.sigmoid(beta * h), torch.sigmoid(-beta * h)
-            losses = (q_chosen * (F.logsigmoid(beta * h) - math.log1p(-e))
-                      + q_rejected * (F.logsigmoid(-beta * h) - math.log(e)))
-        elif name == "nca_pair":
-            losses = (-F.logsigmoid(beta * chosen_scores) - 0.5 * F.logsigmoid(-beta * chosen_scores)
-                      - 0.5 * F.logsigmoid(-beta * rejected_scores))
-        elif name == "bco_pair":
-            losses = -F.logsigmoid(beta * chosen_scores) - F.logsigmoid(-beta * rejected_scores)
-        elif name == "sppo_hard":
-            losses = (chosen_scores - 0.5 / beta) ** 2 + (rejected_scores + 0.5 / beta) ** 2
-        elif name == "aot":
-            ref_margin = torch.zeros_like(h) if ref_free else ref_chosen_logps - ref_rejected_logps
-            delta = (torch.sort(policy_chosen_logps - policy_rejected_logps).values
-                     - torch.sort(ref_margin).values)
-            losses = smoothed_sigmoid(delta)
-        elif name == "aot_unpaired":
-            losses = smoothed_sigmoid(torch.sort(chosen_logratios).values - torch.sort(rejected_logratios).values)
-        elif name == "apo_zero":
-            losses = (1 - torch.sigmoid(beta * chosen_logratios)) + torch.sigmoid(beta * rejected_logratios)
-        elif name == "apo_down":
-            losses = torch.sigmoid(beta * chosen_logratios) + (1 - torch.sigmoid(beta * h))
-        elif name == "discopop":
-            modulation = torch.sigmoid(beta * h / discopop_tau)
-            losses = -F.logsigmoid(beta * h) * (1 - modulation) + torch.exp(-beta * h) * modulation
-        elif name == "sft":
-            losses = -policy_chosen_logps / chosen_tokens.clamp(min=1)
-        elif name == "sigmoid_norm":
-            losses = -F.logsigmoid(beta * (chosen_scores / chosen_tokens.clamp(min=1)
-                                           - rejected_scores / rejected_tokens.clamp(min=1)))
-        else:  # orpo: length-averaged log-probs, no reference
-            log_odds = (policy_chosen_logps - policy_rejected_logps) - (
-                log1mexp(policy_chosen_logps) - log1mexp(policy_rejected_logps))
-            losses = -policy_chosen_logps - beta * F.logsigmoid(log_odds)
-        total = total + weight * losses
+        total = total + weight * PER_PAIR[name](pairs, options)
     if pair_weights is not None:
         total = total * pair_weights.detach()
 

@@ -7,8 +7,9 @@ from typing import Any
 import torch
 
 from dpo_dist.config import Config
+from dpo_dist.loss_types import LOSSES
 from dpo_dist.train.logprobs import pair_logps
-from dpo_dist.train.loss import LENGTH_AVERAGED, length_desensitized_logps, preference_loss, wpo_weights
+from dpo_dist.train.loss import length_desensitized_logps, preference_loss, wpo_weights
 from dpo_dist.train.reference import batch_reference_logps
 
 
@@ -32,7 +33,7 @@ def pair_losses(model: Any, batch: dict[str, torch.Tensor], cfg: Config, referen
     if ld_alpha is not None:
         policy_chosen = length_desensitized_logps(policy.chosen_shared_logps, policy_chosen, ld_alpha)
         policy_rejected = length_desensitized_logps(policy.rejected_shared_logps, policy_rejected, ld_alpha)
-    if LENGTH_AVERAGED & set(types):
+    if any(LOSSES[name].length_averaged for name in types):
         policy_chosen = policy_chosen / policy.chosen_tokens.clamp(min=1)
         policy_rejected = policy_rejected / policy.rejected_tokens.clamp(min=1)
     weights = None

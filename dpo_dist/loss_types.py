@@ -1,0 +1,127 @@
+"""The loss types: one record each, the one place that says what a loss type takes and which options and other loss
+types go with it. Their math is :mod:`dpo_dist.train.loss`, one per-pair function per record (``PER_PAIR``, by name).
+
+The records sit at the top of the layering beside the config, not in the train stage, because the config checks a
+run's loss settings before anything is loaded, and neither the config nor ``launch/*.py --help`` may import a stage
+or torch (tests/test_layout.py, tests/test_package.py).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+
+@dataclass(frozen=True)
+class LossType:
+    """A loss type: what it takes, and which options and other loss types go with it. The config's checks and
+    ``preference_loss``'s (both :func:`check_loss_options`), the loss's dispatch and the objective read these fields;
+    tests/test_loss.py holds the tables of docs/losses.md and dpo_dist/train/loss.py to the registry's names."""
+
+    name: str
+    # Takes each response's log-prob averaged over its tokens, where the others take sums.
+    length_averaged: bool = False
+    # Never uses a reference model (reference.mode=none), so no option that acts on log-ratios to one applies.
+    reference_free: bool = False
+    # How it reads loss.label_smoothing e: not at all, optionally (0 is off), or only above 0.
+    label_smoothing: Literal["unused", "optional", "required"] = "unused"
+    # Sorts log-ratios across the batch: a pair's loss depends on the other pairs of its batch.
+    sorts_batch: bool = False
+    # Reads the response token counts.
+    needs_tokens: bool = False
+
+    @property
+    def combines(self) -> bool:
+        """Whether it may be one term of a weighted combination (loss.loss_weights): the terms share one set of
+        log-probs, and a length-averaged loss takes averages where the others take sums."""
+        return not self.length_averaged
+
+
+# name -> record, in the order the docs list them.
+LOSSES: dict[str, LossType] = {t.name: t for t in (
+    LossType("sigmoid", label_smoothing="optional"),  # with e: cDPO
+    LossType("robust", label_smoothing="optional"),
+    LossType("hinge"),
+    LossType("ipo"),
+    LossType("simpo", length_averaged=True, reference_free=True),
+    LossType("exo_pair", label_smoothing="required"),  # its target gives the rejected side probability e; takes log e
+    LossType("nca_pair"),
+    LossType("bco_pair"),
+    LossType("sppo_hard"),
+    LossType("aot", label_smoothing="optional", sorts_batch=True),
+    LossType("aot_unpaired", label_smoothing="optional", sorts_batch=True),
+    LossType("apo_zero"),
+    LossType("apo_down"),
+    LossType("discopop"),
+    LossType("sft", needs_tokens=True),
+    LossType("sigmoid_norm", needs_tokens=True),
+    LossType("orpo", length_averaged=True, reference_free=True),
+)}
+# The f-divergence regularizers (dpo_dist.train.loss.f_divergence_scores); reverse_kl, the first, is plain DPO's.
+F_DIVERGENCES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence")
+
+
+@dataclass(frozen=True)
+class LossWording:
+    """How one caller's messages name what :func:`check_loss_options` refuses: the config's keys (``CONFIG_WORDING``)
+    or the arguments of ``dpo_dist.train.loss.preference_loss``. The rules are the same; the user reads their own
+    terms."""
+
+    option: str  # an option's name from its bare name {}: "loss.{}" for a config key
+    loss_types: str  # the loss types given, from their count {n} and list {types}
+    no_reference: str  # what to do to run a reference-free loss
+    weighting: str  # what WPO's per-pair weighting is called
+
+
+CONFIG_WORDING = LossWording(option="loss.{}", loss_types="the {n} loss types in loss.loss_type ({types})",
+                             no_reference="set reference.mode=none", weighting="loss.use_weighting (WPO)")
+
+
+def check_loss_options(types: tuple[str, ...], loss_weights: list[float] | tuple[float, ...] | None, *,
+                       label_smoothing: float, discopop_tau: float, f_divergence_type: str, with_reference: bool,
+                       weighted: bool, wording: LossWording, ld_alpha: float | None = None) -> tuple[float, ...]:
+    """Which loss types, weights and options go together, from the records: stated once, for the config and for
+    ``preference_loss``. ``types``: names in :data:`LOSSES`; ``with_reference``: reference log-probs are given;
+    ``weighted``: WPO's per-pair weights. Returns the weights (1 each when None); a ValueError otherwise."""
+    key = wording.option.format
+    records = [LOSSES[name] for name in types]
+    if not types:
+        raise ValueError(f"{key('loss_type')} is an empty list; give one or more of {', '.join(LOSSES)}")
+    if len(set(types)) != len(types):
+        raise ValueError(f"{key('loss_type')} names a loss twice ({list(types)}); give it one weight in "
+                         f"{key('loss_weights')}")
+    weights = (1.0,) * len(types) if loss_weights is None else tuple(float(w) for w in loss_weights)
+    if len(weights) != len(types):
+        raise ValueError(f"{key('loss_weights')} has {len(weights)} weights for "
+                         f"{wording.loss_types.format(n=len(types), types=list(types))}: give one weight per loss type")
+    if any(w < 0 for w in weights):
+        raise ValueError(f"{key('loss_weights')} must not be negative, got {list(weights)}")
+    alone = [t for t in records if not t.combines]
+    if alone and len(types) > 1:
+        raise ValueError(f"{key('loss_type')}: {alone[0].name} takes length-averaged log-probs"
+                         f"{' and no reference' if alone[0].reference_free else ''}; it cannot be combined with other "
+                         "loss types")
+    free = [t.name for t in records if t.reference_free]
+    if free and with_reference:
+        raise ValueError(f"{key('loss_type')}={free[0]} is reference-free: {wording.no_reference}")
+    if free and f_divergence_type != F_DIVERGENCES[0]:
+        raise ValueError(f"{key('f_divergence_type')} regularizes the log-ratio to a reference; {free[0]} has none")
+    averaged = [t.name for t in records if t.length_averaged]
+    if averaged and ld_alpha is not None:
+        raise ValueError(f"{key('ld_alpha')} reweights summed log-probs; {averaged[0]} averages them over tokens")
+    if not 0.0 <= label_smoothing < 0.5:
+        raise ValueError(f"{key('label_smoothing')} must be in [0, 0.5), got {label_smoothing}")
+    smoothed = [name for name, t in LOSSES.items() if t.label_smoothing != "unused"]
+    if label_smoothing and not set(types) & set(smoothed):
+        raise ValueError(f"{key('label_smoothing')} applies to {', '.join(smoothed)}, not {', '.join(types)}")
+    for t in records:  # exo_pair, so far the only one, hence its paper's advice
+        if t.label_smoothing == "required" and label_smoothing <= 0:
+            raise ValueError(f"{key('loss_type')} {t.name} needs {key('label_smoothing')} above 0 (its epsilon: the "
+                             "target distribution is (1 - e, e) and it takes log e; EXO suggests 0.001)")
+    if discopop_tau <= 0:
+        raise ValueError(f"{key('discopop_tau')} must be positive, got {discopop_tau}")
+    sorting = [name for name, t in LOSSES.items() if t.sorts_batch]
+    if weighted and set(types) & set(sorting):
+        raise ValueError(f"{wording.weighting} is not defined for {' and '.join(sorting)}: they sort pairs within the "
+                         "batch, so a pair's loss term is not its own to weight")
+    return weights
