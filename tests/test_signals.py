@@ -153,7 +153,9 @@ def test_a_rank_stuck_in_a_collective_exits_within_the_grace_period(tiny_model_d
 
 STAND_IN_LAUNCHER = """
 import subprocess, sys
-# accelerate launch (1.16, one process) as far as output goes: the trainer's stderr read through a pipe, copied out
+print("launcher: started", file=sys.stderr, flush=True)
+# accelerate launch (one process) as far as output goes: from 1.16 the trainer's stderr read through a pipe and
+# copied out, before that passed on; SIGUSR1 kills it either way
 child = subprocess.Popen([sys.executable, *sys.argv[1:]], stderr=subprocess.PIPE if PIPES else None)
 if PIPES:
     while chunk := child.stderr.read1(8192):
@@ -163,34 +165,33 @@ child.wait()
 """
 
 TRAINER = """
-import os, signal, sys, time
-from dpo_dist.train.preemption import write_where_the_launcher_writes
+import os, sys, time
+from dpo_dist.train.preemption import StopSignals, stop_with_launcher
 
-run_dir = sys.argv[1]
-launcher = os.getppid()
-moved = write_where_the_launcher_writes(launcher)
-print("trainer: before, moved", moved, file=sys.stderr, flush=True)
-open(os.path.join(run_dir, "ready"), "w").close()
-while os.getppid() == launcher:  # until the launcher is gone
+assert stop_with_launcher()  # the stand-in counts as a launcher: "accelerate" is in its command line
+stops = StopSignals()
+print("trainer: before", file=sys.stderr, flush=True)
+open(os.path.join(sys.argv[1], "ready"), "w").close()
+while stops.received is None:  # the launcher's death arrives as SIGTERM
     time.sleep(0.05)
-print("trainer: after the launcher died", file=sys.stderr, flush=True)
-open(os.path.join(run_dir, "done"), "w").close()
+print(f"trainer: after the launcher died ({stops.received.name})", file=sys.stderr, flush=True)
+open(os.path.join(sys.argv[1], "done"), "w").close()
 """
 
 
 @pytest.mark.parametrize("pipes", [True, False], ids=["launcher-pipes-stderr", "launcher-passes-stderr-on"])
-def test_the_trainer_writes_where_its_launcher_writes_and_goes_on_when_it_dies(pipes, tmp_path):
+def test_the_trainer_writes_where_its_launcher_wrote_once_it_is_gone(pipes, tmp_path):
     """accelerate 1.16's one-process launcher pipes the trainer's stderr, and dies of SIGUSR1 at once: the trainer's
-    lines after that went into a pipe nobody read (lost, and EPIPE failed the stop). The trainer writes straight to
-    the launcher's own stderr instead, appended after what the launcher wrote, and goes on writing there once the
-    launcher is gone. Where the launcher passes its stderr on (1.15 and earlier), nothing is moved."""
-    launcher = tmp_path / "launcher.py"
+    lines after that went into a pipe nobody read (lost, and EPIPE failed the stop). Once the launcher is gone the
+    trainer writes to the launcher's own stderr, after what was written there (the file is opened without append, as
+    a shell's `>` does, so writing beside a living launcher would have overwritten lines); where the launcher passes
+    its stderr on (1.15 and earlier) the trainer writes there all along."""
+    launcher = tmp_path / "accelerate_stand_in.py"
     launcher.write_text(f"PIPES = {pipes}\n" + STAND_IN_LAUNCHER)
     trainer = tmp_path / "trainer.py"
     trainer.write_text(TRAINER)
     log = tmp_path / "launcher.log"
-    log.write_text("launcher: started\n")
-    with open(log, "a") as handle:  # not O_APPEND on the launcher's side would be the same: it writes nothing after
+    with open(log, "w") as handle:
         process = subprocess.Popen([sys.executable, str(launcher), str(trainer), str(tmp_path)], stderr=handle,
                                    cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT), start_new_session=True)
     deadline = time.monotonic() + 120
@@ -202,9 +203,8 @@ def test_the_trainer_writes_where_its_launcher_writes_and_goes_on_when_it_dies(p
     while not (tmp_path / "done").exists():
         assert time.monotonic() < deadline, log.read_text()
         time.sleep(0.05)
-    lines = log.read_text().splitlines()
-    moved = [2] if pipes else []
-    assert lines == ["launcher: started", f"trainer: before, moved {moved}", "trainer: after the launcher died"], lines
+    assert log.read_text().splitlines() == ["launcher: started", "trainer: before",
+                                            "trainer: after the launcher died (SIGTERM)"], log.read_text()
 
 
 def test_a_stop_whose_output_reader_is_gone_still_exits_75(tiny_model_dir, data_file, tmp_path):

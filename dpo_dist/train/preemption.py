@@ -83,6 +83,7 @@ class StopSignals:
 
     def _record(self, signum: int, frame: Any) -> None:
         self.received = signal.Signals(signum)
+        write_where_the_launcher_wrote()  # the signal may be the launcher's death: what follows must still arrive
 
     def by(self) -> str:
         return self.received.name if self.received else "a signal to another process"
@@ -142,8 +143,8 @@ def launcher_pid() -> int | None:
 
 def stop_with_launcher() -> bool:
     """Outlive the launcher: get SIGTERM when it dies, so that a signal sent to the launcher alone checkpoints and stops
-    the trainer instead of orphaning it (which then trained on to the end, unseen), and write where the launcher
-    writes (:func:`write_where_the_launcher_writes`), so that what the trainer says after that still reaches the user.
+    the trainer instead of orphaning it (which then trained on to the end, unseen), and keep a way to where the
+    launcher writes (:func:`keep_launcher_output`), so that what the trainer says after that still reaches the user.
 
     ``accelerate launch`` (one process) dies of SIGUSR1 without passing it on, and of SIGTERM before 1.16 (from 1.16
     it passes SIGTERM on and kills the trainer 5 s later); torchrun's agent dies of SIGUSR1 unless
@@ -153,7 +154,7 @@ def stop_with_launcher() -> bool:
     parent = launcher_pid()
     if parent is None:
         return False
-    write_where_the_launcher_writes(parent)
+    keep_launcher_output(parent)
     try:
         libc = ctypes.CDLL(None, use_errno=True)
         if libc.prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0) != 0:
@@ -165,20 +166,24 @@ def stop_with_launcher() -> bool:
     return True
 
 
+# Where the launcher writes what it reads from this process through a pipe: (launcher pid, [(fd, open descriptor)]).
+_launcher_output: tuple[int, list[tuple[int, int]]] | None = None
 
-def write_where_the_launcher_writes(parent: int) -> list[int]:
-    """Point this process's stdout and stderr, where they are pipes the launcher reads, at the launcher's own stdout
-    and stderr (its terminal, log file or SLURM output). Returns the descriptors moved.
+
+def keep_launcher_output(parent: int) -> list[int]:
+    """Open now, while the launcher lives, where it writes each of this process's stdout and stderr that it reads
+    through a pipe (its own stdout and stderr: a terminal, a log file, SLURM's output), for
+    :func:`write_where_the_launcher_wrote` to switch to once it is gone. Returns the descriptors kept.
 
     From 1.16 the one-process ``accelerate launch`` reads the trainer's stderr through a pipe and copies it to its
-    own. A stop signal kills that launcher at once (SIGUSR1), and the trainer, still writing its checkpoint, then
-    writes into a pipe nobody reads: its "preempted" line is lost and the write fails (EPIPE), turning a clean stop
-    into a traceback and status 1. Writing straight to where the launcher writes, as every earlier release let the
-    trainer do by inheritance, shows the same lines in the same place while the launcher lives and after it is
-    gone. A file is opened for appending, so that nothing the launcher wrote is overwritten; a target that cannot
-    be opened (a socket, a pipe nobody reads) leaves that descriptor as it was."""
-    moved = []
-    for fd, stream in ((1, sys.stdout), (2, sys.stderr)):
+    own. A stop signal kills that launcher at once (SIGUSR1), and the trainer, still finishing its step and
+    checkpoint, would then write into a pipe nobody reads: its "preempted" line lost, and the write failing with
+    EPIPE. While the launcher lives, the trainer keeps writing through it (the launcher may write to the same file,
+    from its own offset, so writing beside it would overwrite lines); a file is opened for appending, after whatever
+    the launcher wrote last. A target that cannot be opened (a socket, a pipe nobody reads) is left out."""
+    global _launcher_output
+    kept = []
+    for fd in (1, 2):
         try:
             ours = os.fstat(fd)
             theirs = os.stat(f"/proc/{parent}/fd/{fd}")
@@ -192,9 +197,21 @@ def write_where_the_launcher_writes(parent: int) -> list[int]:
         except OSError:
             continue
         os.set_blocking(target, True)
-        if stream is not None:
-            stream.flush()
+        kept.append((fd, target))
+    _launcher_output = (parent, kept) if kept else None
+    return [fd for fd, _ in kept]
+
+
+def write_where_the_launcher_wrote() -> list[int]:
+    """Once the launcher is gone, point the descriptors :func:`keep_launcher_output` kept at where it wrote them.
+    :class:`StopSignals` calls this at every stop signal (the launcher's death arrives as one); while the launcher
+    lives it does nothing. Returns the descriptors switched."""
+    global _launcher_output
+    if _launcher_output is None or os.getppid() == _launcher_output[0]:
+        return []
+    _, kept = _launcher_output
+    _launcher_output = None
+    for fd, target in kept:
         os.dup2(target, fd)
         os.close(target)
-        moved.append(fd)
-    return moved
+    return [fd for fd, _ in kept]
