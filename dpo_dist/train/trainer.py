@@ -65,9 +65,8 @@ from dpo_dist.train.checkpoint import (
     save_checkpoint,
     save_final_model,
     set_aside_later_checkpoints,
-    stopped_early,
-    track_best,
 )
+from dpo_dist.train.best import stopped_early, track_best
 from dpo_dist.train.checks import (
     TrainingError,
     check_combination,
