@@ -426,18 +426,31 @@ def drop_final_checkpoint(accelerator: Any, output_dir: str, state: TrainState, 
         shutil.rmtree(os.path.join(output_dir, f"checkpoint-{state.global_step}"), ignore_errors=True)
 
 
-def load_best_for_export(accelerator: Any, state: TrainState, output_dir: str, cfg: Config) -> tuple[int, str]:
-    """With early stopping, at the end: load the best checkpoint's weights (with its optimizer and RNG states,
-    harmless once training is over) so that the final export is the best model, not the last. Returns the step whose
-    weights ``model/`` gets and a line saying which. All processes call this."""
+@dataclass(frozen=True)
+class FinalWeights:
+    """Which weights ``model/`` gets: the step they are from, and what they are in words (``run.json``'s ``model``,
+    which the card shows; the log says :attr:`said`)."""
+
+    step: int
+    which: str
+
+    @property
+    def said(self) -> str:
+        return f"model/: {self.which}"
+
+
+def final_weights(accelerator: Any, state: TrainState, output_dir: str, cfg: Config) -> FinalWeights:
+    """The weights the final export holds: the last step's, or with early stopping (selection by metric, whether or
+    not it stopped early) the best checkpoint's, loaded here (with its optimizer and RNG states, harmless once
+    training is over) so that ``model/`` is the best model, not the last. All processes call this."""
     t = cfg.train
+    last = FinalWeights(state.global_step, f"the weights at step {state.global_step}, the last")
     best = checkpoint_step(state.best_checkpoint)
-    if best is None or best == state.global_step:
-        return state.global_step, f"model/: the weights at step {state.global_step}, the last"
+    if not t.early_stopping_patience or best is None or best == state.global_step:
+        return last
     path = os.path.join(output_dir, f"checkpoint-{best}")
     if not os.path.isfile(os.path.join(path, STATE_FILE)):
-        return state.global_step, (f"model/: the weights at step {state.global_step}, the last: the best checkpoint "
-                                   f"{path} is not there any more")
+        return FinalWeights(state.global_step, f"{last.which}: the best checkpoint {path} is not there any more")
     load_checkpoint(accelerator, path, adapter_only=cfg.lora.enabled)
-    return best, (f"model/: the weights of {path}, the best {t.metric_for_best} ({state.best_metric:.4f}), not those "
-                  f"of the last step {state.global_step}")
+    return FinalWeights(best, f"the weights of {path}, the best {t.metric_for_best} ({state.best_metric:.4f}), not "
+                              f"those of the last step {state.global_step}")

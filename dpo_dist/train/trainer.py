@@ -58,8 +58,8 @@ from dpo_dist.train.checkpoint import (
     adapter_only_checkpoints,
     checkpoint_final_state,
     drop_final_checkpoint,
+    final_weights,
     latest_checkpoint,
-    load_best_for_export,
     load_checkpoint,
     remove_partial_writes,
     save_checkpoint,
@@ -359,14 +359,12 @@ def finish(run: Run) -> None:
     summary and plot."""
     t, accelerator = run.cfg.train, run.accelerator
     checkpoint_final_state(accelerator, t.output_dir, run.state, run.cfg)
-    step, exported = run.state.global_step, f"model/: the weights at step {run.state.global_step}, the last"
-    if t.early_stopping_patience:  # selection by metric: the best checkpoint's weights, whether or not it stopped early
-        step, exported = load_best_for_export(accelerator, run.state, t.output_dir, run.cfg)
-    say(accelerator, exported)
+    final = final_weights(accelerator, run.state, t.output_dir, run.cfg)  # the last step's, or the best checkpoint's
+    say(accelerator, final.said)
     save_final_model(accelerator, run.model, run.tokenizer, os.path.join(t.output_dir, "model"),
                      base_config=base_config_values(run.cfg))
     if accelerator.is_main_process:  # the model card reads what the run wrote: run.json, metrics.jsonl, config.yaml
-        write_run_file(t.output_dir, pairs=run.counts, model_step=step, model=exported.removeprefix("model/: "))
+        write_run_file(t.output_dir, pairs=run.counts, model_step=final.step, model=final.which)
         write_card(os.path.join(t.output_dir, "model"), run=t.output_dir)
     drop_final_checkpoint(accelerator, t.output_dir, run.state, run.cfg)
     records = run.metrics.whole()  # from step 1, also when this process resumed the run
