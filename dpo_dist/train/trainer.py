@@ -56,14 +56,10 @@ from dpo_dist.train.checkpoint import (
     ABANDONED,
     TrainState,
     adapter_only_checkpoints,
-    checkpoint_final_state,
-    drop_final_checkpoint,
-    final_weights,
     latest_checkpoint,
     load_checkpoint,
     remove_partial_writes,
     save_checkpoint,
-    save_final_model,
     set_aside_later_checkpoints,
 )
 from dpo_dist.train.best import stopped_early, track_best
@@ -74,6 +70,7 @@ from dpo_dist.train.checks import (
     check_output_locations,
     check_step,
 )
+from dpo_dist.train.final import checkpoint_final_state, drop_final_checkpoint, final_weights, save_final_model
 from dpo_dist.train.host_memory import describe_threshold, keep_freed_memory
 from dpo_dist.train.inputs import attach_reference, model_identity, tokenized_pairs
 from dpo_dist.train.metrics import (
