@@ -33,9 +33,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="push to this branch (created from main if missing) instead of main")
     parser.add_argument("--commit_message", default=None, help="default: 'Upload DPO-trained <kind> (dpo-dist)'")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
-    from dpo_dist.model.export import HubLoginError, hub_token, push_to_hub
+    from dpo_dist.publish.export import HubLoginError, export_checkpoint, hub_token, push_to_hub
     from dpo_dist.train.checkpoint import CheckpointError, is_checkpoint
-    from dpo_dist.train.final import export_checkpoint
 
     folder = args.folder
     if is_checkpoint(folder):

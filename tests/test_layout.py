@@ -1,6 +1,11 @@
-"""The package's layout follows the data flow: data -> model -> train -> eval, and no module imports from a later stage.
+"""The package's layout follows the data flow: data -> model -> train -> eval -> publish, and no module imports from a
+later stage.
 
-``config``, ``loss_types`` (the loss types' records, which the config checks) and ``distributed`` sit at the top: every stage may use them, and they import no stage.
+``config``, ``loss_types`` (the loss types' records, which the config checks) and ``distributed`` sit at the top: every
+stage may use them, and they import no stage. ``publish`` comes last because it reports on every other stage: the model
+card shows training's metrics and evaluation's results, read through those stages' own readers (no stage reads another
+one's files behind this test's back), and the folders it writes (a merged model, a checkpoint's export) carry that card.
+The trainer therefore does not write the card: ``launch/train.py`` does, once training has ended.
 """
 
 from __future__ import annotations
@@ -13,8 +18,9 @@ import pytest
 from dpo_dist.config import SENTIMENT_PROMPTS
 
 PACKAGE = pathlib.Path(__file__).resolve().parent.parent / "dpo_dist"
-STAGES = {"config": 0, "distributed": 0, "loss_types": 0, "data": 1, "model": 2, "train": 3, "eval": 4}
-TOP_LEVEL = {"__init__.py", "config.py", "distributed.py", "loss_types.py", "data", "model", "train", "eval", "__pycache__"}
+STAGES = {"config": 0, "distributed": 0, "loss_types": 0, "data": 1, "model": 2, "train": 3, "eval": 4, "publish": 5}
+FOLDERS = ("data", "model", "train", "eval", "publish")
+TOP_LEVEL = {"__init__.py", "config.py", "distributed.py", "loss_types.py", *FOLDERS, "__pycache__"}
 LOOP = {"to_device", "evaluate", "train_step", "Run", "setup", "train", "loop", "finish"}
 
 
@@ -34,7 +40,7 @@ def imported_modules(source: str, module: str) -> list[tuple[int, str]]:
         if isinstance(node, ast.Import):
             found += [(node.lineno, a.name) for a in node.names if a.name.split(".")[0] == "dpo_dist"]
         elif isinstance(node, ast.ImportFrom) and node.level == 0 and (node.module or "").split(".")[0] == "dpo_dist":
-            if node.module.count(".") == 0 or node.module in ("dpo_dist.data", "dpo_dist.model", "dpo_dist.train", "dpo_dist.eval"):
+            if node.module.count(".") == 0 or node.module in {f"dpo_dist.{folder}" for folder in FOLDERS}:
                 found += [(node.lineno, f"{node.module}.{a.name}") for a in node.names]
             else:
                 found.append((node.lineno, node.module))
@@ -78,7 +84,7 @@ def test_the_import_check_catches_an_arrow_back():
 def test_every_module_sits_in_a_stage():
     """Only the two cross-cutting modules live at the top; everything else is in a stage's folder."""
     assert {p.name for p in PACKAGE.iterdir()} <= TOP_LEVEL, sorted({p.name for p in PACKAGE.iterdir()} - TOP_LEVEL)
-    for stage in ("data", "model", "train", "eval"):
+    for stage in FOLDERS:
         doc = ast.get_docstring(ast.parse((PACKAGE / stage / "__init__.py").read_text(encoding="utf-8")))
         assert doc and doc.startswith(f"Stage {STAGES[stage]}, "), f"dpo_dist/{stage}/__init__.py says what the stage does"
 
@@ -128,3 +134,49 @@ def test_config_counts_the_builtin_prompts():
     from dpo_dist.data.sentiment import prompts
 
     assert len(prompts()) == SENTIMENT_PROMPTS
+
+
+def defined_at_top(module_path: pathlib.Path) -> set[str]:
+    tree = ast.parse(module_path.read_text(encoding="utf-8"))
+    return {n.name for n in tree.body if isinstance(n, (ast.FunctionDef, ast.ClassDef))}
+
+
+# Each job's functions, in the one module that does that job (defined there and nowhere else in the package).
+HOMES = {
+    # train/: checkpoints (atomic save/load/prune, the LoRA hooks); the best metric; the end of a run
+    "save_checkpoint": "dpo_dist.train.checkpoint", "load_checkpoint": "dpo_dist.train.checkpoint",
+    "adapter_only_checkpoints": "dpo_dist.train.checkpoint",
+    "track_best": "dpo_dist.train.best", "stopped_early": "dpo_dist.train.best",
+    "final_weights": "dpo_dist.train.final", "save_final_model": "dpo_dist.train.final",
+    "save_checkpoint_model": "dpo_dist.train.final",
+    # publish/: the card, and every folder that leaves with one
+    "write_card": "dpo_dist.publish.card", "write_run_card": "dpo_dist.publish.card", "render": "dpo_dist.publish.card",
+    "export_checkpoint": "dpo_dist.publish.export", "merge_adapter": "dpo_dist.publish.export",
+    "push_to_hub": "dpo_dist.publish.export",
+}
+
+
+def test_each_job_has_one_home():
+    defined: dict[str, list[str]] = {}
+    for module, path in package_modules():
+        for name in defined_at_top(path):
+            defined.setdefault(name, []).append(module)
+    misplaced = {name: defined.get(name) for name, home in HOMES.items() if defined.get(name) != [home]}
+    assert not misplaced, f"expected each in its one home {[HOMES[n] for n in misplaced]}; found {misplaced}"
+
+
+PUBLISHING = {"HfApi", "ModelCard", "ModelCardData", "upload_folder", "create_repo"}  # huggingface_hub's
+
+
+def test_only_publish_writes_cards_or_talks_to_the_hub():
+    """The card and the upload are publishing: no module before ``publish/`` names huggingface_hub's card or upload
+    API (reading from the Hub, as model loading does, is not publishing)."""
+    found = []
+    for module, path in package_modules():
+        if stage_of(module) == STAGES["publish"]:
+            continue
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            name = node.attr if isinstance(node, ast.Attribute) else node.id if isinstance(node, ast.Name) else None
+            names = [a.name for a in node.names] if isinstance(node, ast.ImportFrom) else [name]
+            found += [f"{module} line {node.lineno}: {n}" for n in names if n in PUBLISHING]
+    assert not found, "publishing outside dpo_dist/publish/:\n" + "\n".join(found)

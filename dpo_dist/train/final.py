@@ -4,9 +4,9 @@ The final state is written as a checkpoint first (:func:`checkpoint_final_state`
 full disk) is retried by running the same command again, which resumes there, trains nothing and exports. Then
 :func:`final_weights` says which weights ``model/`` gets (the last step's; with early stopping the best checkpoint's,
 loaded back), and :func:`save_final_model` writes them atomically: the LoRA adapter or the full model, with the
-tokenizer. :func:`export_checkpoint` writes what ``model/`` would have held had training stopped at a checkpoint,
-from the checkpoint's files alone (``launch/push.py``). A write that runs out of space removes its ``.tmp`` and says
-so in one line (:mod:`dpo_dist.train.disk`).
+tokenizer. :func:`save_checkpoint_model` writes what ``model/`` would have held had training stopped at a
+checkpoint, from the checkpoint's files alone (for ``launch/push.py``, through :mod:`dpo_dist.publish.export`). A
+write that runs out of space removes its ``.tmp`` and says so in one line (:mod:`dpo_dist.train.disk`).
 """
 
 from __future__ import annotations
@@ -55,25 +55,21 @@ def save_final_model(accelerator: Any, model: Any, tokenizer: Any, path: str, *,
 SHARDED_STATE = {"pytorch_model_fsdp_0": "FSDP", "pytorch_model": "DeepSpeed"}  # the folder each writes its shards to
 
 
-def export_checkpoint(path: str) -> str:
-    """The weights of the checkpoint ``path`` as a model folder, ``<path>/model``: what the run's ``model/`` would
-    hold had training stopped there (the LoRA adapter, or the full model with the base's ``use_cache`` and dropout),
-    the tokenizer, and a card that says which step and shows the metrics up to it. Written once, atomically (an
-    existing ``<path>/model`` is returned as it is). The run's ``config.yaml`` (the folder above) says how to build
-    the policy; it is built on the CPU (for LoRA with its base in full precision, whatever the run's quantization:
-    only the adapter is saved) in the dtype of the checkpoint's weights, which must then fit it name for name.
-    A checkpoint of an FSDP or DeepSpeed run holds each rank's shards: a :class:`CheckpointError` that says so and
-    what to push instead."""
+def save_checkpoint_model(path: str, folder: str) -> None:
+    """The weights of the checkpoint ``path`` written to ``folder`` (replaced) as the model folder the run's ``model/``
+    would be had training stopped there: the LoRA adapter, or the full model with the base's ``use_cache`` and
+    dropout, and the tokenizer (:func:`dpo_dist.publish.export.export_checkpoint` adds the card and renames it into
+    place). The run's ``config.yaml`` (the folder above) says how to build the policy; it is built on the CPU (for
+    LoRA with its base in full precision, whatever the run's quantization: only the adapter is saved) in the dtype of
+    the checkpoint's weights, which must then fit it name for name. A checkpoint of an FSDP or DeepSpeed run holds
+    each rank's shards: a :class:`CheckpointError` that says so and what to push instead. Every error is raised
+    before ``folder`` is touched."""
     import torch
     from safetensors.torch import load_file
 
-    from dpo_dist.model.card import write_card
-    from dpo_dist.model.load import MODEL_FILES, base_config_values, load_policy
+    from dpo_dist.model.load import base_config_values, load_policy
     from dpo_dist.model.trained import run_config
 
-    out = os.path.join(path, "model")
-    if any(os.path.isfile(os.path.join(out, name)) for name in MODEL_FILES):
-        return out
     run = os.path.dirname(os.path.abspath(path))
     weights = os.path.join(path, "model.safetensors")
     if not os.path.isfile(weights):
@@ -108,14 +104,10 @@ def export_checkpoint(path: str) -> str:
         model.load_state_dict(state, strict=False)
     except RuntimeError as error:  # a shape that differs
         raise CheckpointError(f"{misfit}: {str(error).splitlines()[-1].strip().rstrip('.')}: {hint}") from None
-    tmp = out + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.rmtree(folder, ignore_errors=True)
     with config_set_to(model, {} if cfg.lora.enabled else base_config_values(cfg)):
-        model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    write_card(tmp, run=run, model_id=out)
-    os.replace(tmp, out)
-    return out
+        model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
 
 
 def _export_bytes(unwrapped: Any, state_dict: dict, tokenizer: Any) -> tuple[int, str]:

@@ -27,6 +27,8 @@ import torch
 
 from dpo_dist.config import STATS, Config, flatten, to_dict
 
+RUN_FILE = "run.json"  # {"pairs": {...}, "model_step": N, "model": "<which weights>"}: write_run_file
+
 
 class MetricsLog:
     """Appends records to ``<output_dir>/metrics.jsonl`` on the main process and forwards them to trackers."""
@@ -91,8 +93,6 @@ def keep_until(path: str, step: int) -> list[dict[str, Any]]:
 def write_run_file(output_dir: str, *, pairs: dict[str, Any], model_step: int, model: str) -> None:
     """``run.json``: the pair counts the run trained and evaluated on, and the step whose weights ``model/`` holds (the
     best one's under early stopping) with a line saying which; the model card reads it."""
-    from dpo_dist.model.card import RUN_FILE
-
     path = os.path.join(output_dir, RUN_FILE)
     with open(path + ".tmp", "w", encoding="utf-8") as handle:
         json.dump({"pairs": pairs, "model_step": model_step, "model": model}, handle, indent=1)

@@ -43,7 +43,6 @@ from dpo_dist.distributed import (
 )
 from dpo_dist.model.attention import (FLEX_BLOCK, base_model, choose_attention_layout, choose_packing,
                                      flex_training_unsupported)
-from dpo_dist.model.card import write_card
 from dpo_dist.model.load import (
     Precision,
     base_config_values,
@@ -360,9 +359,8 @@ def finish(run: Run) -> None:
     say(accelerator, final.said)
     save_final_model(accelerator, run.model, run.tokenizer, os.path.join(t.output_dir, "model"),
                      base_config=base_config_values(run.cfg))
-    if accelerator.is_main_process:  # the model card reads what the run wrote: run.json, metrics.jsonl, config.yaml
+    if accelerator.is_main_process:  # the model card (dpo_dist.publish.card) reads it, with metrics.jsonl and config.yaml
         write_run_file(t.output_dir, pairs=run.counts, model_step=final.step, model=final.which)
-        write_card(os.path.join(t.output_dir, "model"), run=t.output_dir)
     drop_final_checkpoint(accelerator, t.output_dir, run.state, run.cfg)
     records = run.metrics.whole()  # from step 1, also when this process resumed the run
     text = summary(records)

@@ -1,5 +1,5 @@
-"""The model card: ``README.md`` with the Hub's YAML metadata, written beside the final model (by the trainer), a
-merged export (``launch/merge.py``), a checkpoint's weights (``<run>/checkpoint-N/model``, exported by
+"""The model card: ``README.md`` with the Hub's YAML metadata, written beside the final model (``launch/train.py``
+once training has ended: :func:`write_run_card`), a merged export (``launch/merge.py``), a checkpoint's weights (``<run>/checkpoint-N/model``, exported by
 ``launch/push.py``: the card says step N, and shows the metrics up to it) and a folder ``launch/push.py`` uploads
 (unless it holds a card someone wrote).
 
@@ -26,9 +26,9 @@ from typing import Any
 
 from dpo_dist.config import CHECKPOINT_FOLDER, Config, flatten, get_key, load_config
 from dpo_dist.model.builtin import SMOLLM2, SMOLLM2_HUB_ID, SMOLLM2_LICENSE
+from dpo_dist.train.metrics import RUN_FILE
 
 CARD = "README.md"
-RUN_FILE = "run.json"  # written by the trainer: {"pairs": {...}, "model_step": N, "model": "<which weights>"}
 EVAL_RESULTS = os.path.join("eval", "results.json")
 DATA_FILE_ENDINGS = (".json", ".jsonl", ".jsonl.gz", ".parquet", ".csv", ".arrow")
 # Shown in the hyperparameter table (the whole config.yaml follows it).
@@ -372,3 +372,9 @@ def write_card(folder: str, *, run: str | None = None, model_id: str | None = No
         handle.write(text)
     os.replace(path + ".tmp", path)
     return path
+
+
+def write_run_card(run: str) -> str:
+    """The card of a finished run's ``model/``: what ``launch/train.py`` writes on the main process once training
+    has ended (the trainer, stage 3, writes ``model/`` and ``run.json``; the card reports on them from here)."""
+    return write_card(os.path.join(run, "model"), run=run)

@@ -1,6 +1,8 @@
-"""Ship a trained model: merge a LoRA adapter into its full-precision base, and push a folder to the Hub.
+"""Ship a trained model: merge a LoRA adapter into its full-precision base, export a checkpoint's weights as a model
+folder, and push a folder to the Hub; each folder written here gets its model card.
 
     merge_adapter("outputs/default", "outputs/default/merged")                  # in the base's dtype, + tokenizer, card
+    export_checkpoint("outputs/default/checkpoint-200")                         # -> its model/, + tokenizer, card
     push_to_hub("outputs/default/merged", "my-name/smollm2-dpo-sentiment")      # needs the network and a token
 
 The base is loaded in full precision even when the adapter was trained on a 4-bit base (QLoRA): merging into
@@ -21,8 +23,9 @@ import os
 import shutil
 from typing import Any
 
-from dpo_dist.model.card import CARD, find_run, replaceable_card, write_card
-from dpo_dist.model.load import RESTORED_CONFIG
+from dpo_dist.model.load import MODEL_FILES, RESTORED_CONFIG
+from dpo_dist.publish.card import CARD, find_run, replaceable_card, write_card
+from dpo_dist.train.final import save_checkpoint_model
 
 logger = logging.getLogger(__name__)
 SAVED_DTYPES = ("bfloat16", "float16", "float32")
@@ -91,6 +94,23 @@ def merge_adapter(run: str, out: str, *, base: str | None = None, dtype: str | N
     shutil.rmtree(out, ignore_errors=True)
     os.replace(tmp, out)
     return merged
+
+
+def export_checkpoint(path: str) -> str:
+    """The weights of the checkpoint ``path`` as a model folder, ``<path>/model``: what the run's ``model/`` would
+    hold had training stopped there (:func:`~dpo_dist.train.final.save_checkpoint_model`: the LoRA adapter, or the full
+    model with the base's ``use_cache`` and dropout, and the tokenizer), and a card that says which step and shows the
+    metrics up to it. Written once, atomically (an existing ``<path>/model`` is returned as it is). A checkpoint that
+    holds no loadable weights (an FSDP or DeepSpeed run's shards) or does not fit its run's config is a
+    :class:`~dpo_dist.train.checkpoint.CheckpointError`, raised before anything is written."""
+    out = os.path.join(path, "model")
+    if any(os.path.isfile(os.path.join(out, name)) for name in MODEL_FILES):
+        return out
+    tmp = out + ".tmp"
+    save_checkpoint_model(path, tmp)
+    write_card(tmp, run=os.path.dirname(os.path.abspath(path)), model_id=out)
+    os.replace(tmp, out)
+    return out
 
 
 def hub_token(token: str | None = None) -> str:
