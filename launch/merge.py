@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     transformers.utils.logging.disable_progress_bar()
     warnings.filterwarnings("ignore", category=FutureWarning)
     logging.basicConfig(level=logging.WARNING, format="%(message)s", stream=sys.stdout)
-    logging.getLogger("dpo_dist.publish.export").setLevel(logging.INFO)  # the dtype chosen, and why
+    logging.getLogger("dpo_dist.model.merge").setLevel(logging.INFO)  # the dtype chosen, and why
     try:
         folder = model_folder(args.run)
         run = os.path.dirname(folder) if os.path.basename(folder) == "model" else folder

@@ -99,7 +99,7 @@ def test_default_merge_keeps_the_base_dtype_and_config_next_to_the_run(run_dir):
 def test_merge_dtype_from_the_base_weights_when_its_config_names_none(run_dir, caplog):
     from dpo_dist.publish.export import merge_adapter
 
-    with caplog.at_level("INFO", logger="dpo_dist.publish.export"):
+    with caplog.at_level("INFO", logger="dpo_dist.model.merge"):
         merge_adapter(str(run_dir / "run"), str(run_dir / "merged16"), base=str(run_dir / "base16"))
     assert "merged weights saved in float16 (the base's dtype, from its weights)" in caplog.messages
     assert saved_dtypes(run_dir / "merged16") == {torch.float16}
@@ -110,7 +110,7 @@ def test_bfloat16_merge_on_request(run_dir, caplog):
     from dpo_dist.publish.export import merge_adapter
 
     folder = run_dir / "merged-bf16"
-    with caplog.at_level("INFO", logger="dpo_dist.publish.export"):
+    with caplog.at_level("INFO", logger="dpo_dist.model.merge"):
         merge_adapter(str(run_dir / "run"), str(folder), dtype="bfloat16")
     assert "merged weights saved in bfloat16 (as asked)" in caplog.messages
     assert json.load(open(folder / "config.json"))["dtype"] == "bfloat16"

@@ -149,6 +149,8 @@ HOMES = {
     "track_best": "dpo_dist.train.best", "stopped_early": "dpo_dist.train.best",
     "final_weights": "dpo_dist.train.final", "save_final_model": "dpo_dist.train.final",
     "save_checkpoint_model": "dpo_dist.train.final",
+    # model/: a run's model loaded back, an adapter merged into its base
+    "load_trained": "dpo_dist.model.trained", "merged_model": "dpo_dist.model.merge",
     # publish/: the card, and every folder that leaves with one
     "write_card": "dpo_dist.publish.card", "write_run_card": "dpo_dist.publish.card", "render": "dpo_dist.publish.card",
     "export_checkpoint": "dpo_dist.publish.export", "merge_adapter": "dpo_dist.publish.export",
