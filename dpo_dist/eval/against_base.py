@@ -31,6 +31,7 @@ from dpo_dist.eval.generation import response_logps, sample_responses
 from dpo_dist.eval.judges import ScoreJudge, build_judge
 from dpo_dist.eval.metrics import load_metric
 from dpo_dist.eval.options import EvalOptions, Sampling
+from dpo_dist.eval.report import FOLDER
 from dpo_dist.model.load import resolve_dtype, resolve_source
 from dpo_dist.model.trained import load_base_model, load_trained, model_folder, run_config
 from dpo_dist.train.inputs import load_pairs_for, model_identity
@@ -266,4 +267,4 @@ def evaluate_run(path: str, opts: EvalOptions) -> dict[str, Any]:
 def output_dir_for(path: str) -> str:
     """Where results go by default: ``<run>/eval`` (beside ``model/`` when given the model folder)."""
     run = os.path.dirname(os.path.normpath(path)) if os.path.basename(os.path.normpath(path)) == "model" else path
-    return os.path.join(run, "eval")
+    return os.path.join(run, FOLDER)
