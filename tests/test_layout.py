@@ -182,3 +182,19 @@ def test_only_publish_writes_cards_or_talks_to_the_hub():
             names = [a.name for a in node.names] if isinstance(node, ast.ImportFrom) else [name]
             found += [f"{module} line {node.lineno}: {n}" for n in names if n in PUBLISHING]
     assert not found, "publishing outside dpo_dist/publish/:\n" + "\n".join(found)
+
+
+# Files one stage writes and another reads, each named in one module: its writer's (or config's, where a stage before
+# the writer needs the name too); every reader goes through that module.
+SHARED_FILES = {"metrics.jsonl": "dpo_dist.train.metrics", "run.json": "dpo_dist.train.metrics",
+                "results.json": "dpo_dist.eval.report", "trainer_state.json": "dpo_dist.config"}
+
+
+def test_files_read_across_stages_are_named_once():
+    named: dict[str, set[str]] = {}
+    for module, path in package_modules():
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Constant) and node.value in SHARED_FILES:
+                named.setdefault(node.value, set()).add(module)
+    wrong = {name: sorted(named.get(name, ())) for name, owner in SHARED_FILES.items() if named.get(name) != {owner}}
+    assert not wrong, f"each file named only by its owner {SHARED_FILES}; found {wrong}"

@@ -20,10 +20,8 @@ import shutil
 from dataclasses import asdict, dataclass
 from typing import Any, Iterator
 
-from dpo_dist.config import CHECKPOINT_FOLDER
+from dpo_dist.config import CHECKPOINT_FOLDER, STATE_FILE
 from dpo_dist.train.disk import reporting_full_disk, tensor_bytes, tree_bytes
-
-STATE_FILE = "trainer_state.json"
 
 
 class CheckpointError(RuntimeError):

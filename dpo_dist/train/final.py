@@ -16,10 +16,9 @@ import shutil
 from dataclasses import dataclass
 from typing import Any
 
-from dpo_dist.config import Config
+from dpo_dist.config import STATE_FILE, Config
 from dpo_dist.model.load import config_set_to
 from dpo_dist.train.checkpoint import (
-    STATE_FILE,
     CheckpointError,
     TrainState,
     checkpoint_step,
