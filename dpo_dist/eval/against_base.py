@@ -27,7 +27,7 @@ import torch
 from dpo_dist.config import STATS, Config
 from dpo_dist.data.collate import PreferenceCollator
 from dpo_dist.data.tokenization import Truncation, tokenize_pairs, tokenize_prompt
-from dpo_dist.eval.generation import response_logps, sample_responses
+from dpo_dist.eval.scoring import response_logps, sample_responses
 from dpo_dist.eval.judges import ScoreJudge, build_judge
 from dpo_dist.eval.metrics import load_metric
 from dpo_dist.eval.options import EvalOptions, Sampling
