@@ -151,6 +151,9 @@ HOMES = {
     "save_checkpoint_model": "dpo_dist.train.final",
     # model/: a run's model loaded back, an adapter merged into its base
     "load_trained": "dpo_dist.model.trained", "merged_model": "dpo_dist.model.merge",
+    "generation_config": "dpo_dist.model.generation", "generate_responses": "dpo_dist.model.generation",
+    "sample_responses": "dpo_dist.model.generation", "Sampling": "dpo_dist.model.generation",
+    "response_logps": "dpo_dist.eval.scoring",
     # publish/: the card, and every folder that leaves with one
     "write_card": "dpo_dist.publish.card", "write_run_card": "dpo_dist.publish.card", "render": "dpo_dist.publish.card",
     "export_checkpoint": "dpo_dist.publish.export", "merge_adapter": "dpo_dist.publish.export",
@@ -198,3 +201,27 @@ def test_files_read_across_stages_are_named_once():
                 named.setdefault(node.value, set()).add(module)
     wrong = {name: sorted(named.get(name, ())) for name, owner in SHARED_FILES.items() if named.get(name) != {owner}}
     assert not wrong, f"each file named only by its owner {SHARED_FILES}; found {wrong}"
+
+
+# data/sentiment.py samples the built-in set's completions itself: it is stage 1, before the model stage, and what it
+# samples is cached under a fingerprint that a change of its sampling would have to bump.
+GENERATES_OUTSIDE = {"dpo_dist.data.sentiment"}
+
+
+def test_generation_is_in_one_module():
+    """``model.generate`` is called, and a ``GenerationConfig`` built, in ``dpo_dist.model.generation`` only: training's
+    samples, evaluation, chat (and any later sampling from a policy) go through it."""
+    found = []
+    for module, path in package_modules():
+        if module == "dpo_dist.model.generation":
+            continue
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "generate" \
+                    and module not in GENERATES_OUTSIDE:
+                found.append(f"{module} line {node.lineno}: .generate(...)")
+            if isinstance(node, (ast.Name, ast.Attribute)) and (getattr(node, "id", None) or getattr(node, "attr", None)) \
+                    == "GenerationConfig":
+                found.append(f"{module} line {node.lineno}: GenerationConfig")
+            if isinstance(node, ast.ImportFrom) and any(a.name == "GenerationConfig" for a in node.names):
+                found.append(f"{module} line {node.lineno}: imports GenerationConfig")
+    assert not found, "generation outside dpo_dist/model/generation.py:\n" + "\n".join(found)

@@ -27,11 +27,12 @@ import torch
 from dpo_dist.config import STATS, Config
 from dpo_dist.data.collate import PreferenceCollator
 from dpo_dist.data.tokenization import Truncation, tokenize_pairs, tokenize_prompt
-from dpo_dist.eval.scoring import response_logps, sample_responses
 from dpo_dist.eval.judges import ScoreJudge, build_judge
 from dpo_dist.eval.metrics import load_metric
-from dpo_dist.eval.options import EvalOptions, Sampling
+from dpo_dist.eval.options import EvalOptions
 from dpo_dist.eval.report import FOLDER
+from dpo_dist.eval.scoring import response_logps
+from dpo_dist.model.generation import Sampling, sample_responses
 from dpo_dist.model.load import resolve_dtype, resolve_source
 from dpo_dist.model.trained import load_base_model, load_trained, model_folder, run_config
 from dpo_dist.train.inputs import load_pairs_for, model_identity

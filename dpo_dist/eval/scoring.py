@@ -1,44 +1,13 @@
-"""Sampling responses to prompts given as token ids, and scoring responses under a model.
-
-Prompts are the token ids the model was trained with (BOS and chat template included), so what is sampled here
-continues exactly the text the pairs had. A response is its generated token ids up to and including the first EOS;
-one cut by ``max_new_tokens`` has no EOS.
+"""Scoring responses under a model: the summed log-prob of each response given its prompt, for the KL estimate
+(``dpo_dist.eval.against_base``) and the LLM judge (``dpo_dist.eval.judges``). Sampling them is
+``dpo_dist.model.generation``'s.
 """
 
 from __future__ import annotations
 
 import torch
 
-from dpo_dist.eval.options import Sampling
-from dpo_dist.model.generation import generate_responses
 from dpo_dist.train.logprobs import IGNORE_INDEX, sequence_logps
-
-
-@torch.no_grad()
-def sample_responses(
-    model: torch.nn.Module, tokenizer, prompts: list[list[int]], *, n: int, sampling: Sampling, batch_size: int,
-    device: torch.device,
-) -> list[list[list[int]]]:
-    """``n`` sampled responses per prompt: ``out[i][j]`` is the j-th response to prompt i, as token ids.
-
-    Each batch of prompts is seeded with ``sampling.seed`` plus its index, so two models given the same prompts and
-    seed draw with the same random numbers (their differences are the models', not the dice's).
-    """
-    from transformers import GenerationConfig
-
-    eos = tokenizer.eos_token_id
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
-    config = GenerationConfig(
-        do_sample=True, temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k,
-        max_new_tokens=sampling.max_new_tokens, num_return_sequences=n, eos_token_id=eos, pad_token_id=pad,
-        use_cache=True,
-    )
-    out: list[list[list[int]]] = []
-    for index, start in enumerate(range(0, len(prompts), batch_size)):
-        torch.manual_seed(sampling.seed + index)
-        responses = generate_responses(model, prompts[start : start + batch_size], config, device)
-        out += [responses[i : i + n] for i in range(0, len(responses), n)]
-    return out
 
 
 @torch.no_grad()
