@@ -32,7 +32,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 import torch  # noqa: E402
 
-from dpo_dist.data.packing import CALL_COST, PackedPairCollator, packed_mask, segmented_pays  # noqa: E402
+from dpo_dist.data.packing import CALL_COST, PackedPairCollator, segmented_pays  # noqa: E402
+from dpo_dist.model.attention import packed_mask  # noqa: E402
 from dpo_dist.model.segmented_attention import segmented_attention  # noqa: E402
 
 HEADS, KV_HEADS, HEAD_DIM = 9, 3, 64

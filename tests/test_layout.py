@@ -154,6 +154,8 @@ HOMES = {
     "generation_config": "dpo_dist.model.generation", "generate_responses": "dpo_dist.model.generation",
     "sample_responses": "dpo_dist.model.generation", "Sampling": "dpo_dist.model.generation",
     "response_logps": "dpo_dist.eval.scoring",
+    "packed_mask": "dpo_dist.model.attention", "packed_mask_mod": "dpo_dist.model.attention",
+    "plan_rows": "dpo_dist.data.packing", "choose_rows": "dpo_dist.data.packing",
     # publish/: the card, and every folder that leaves with one
     "write_card": "dpo_dist.publish.card", "write_run_card": "dpo_dist.publish.card", "render": "dpo_dist.publish.card",
     "export_checkpoint": "dpo_dist.publish.export", "merge_adapter": "dpo_dist.publish.export",

@@ -2,12 +2,12 @@
 
 Each pair becomes one segment, ``prompt | chosen | rejected``, with the prompt computed once for both responses:
 
-- **Attention** (:func:`packed_mask`, from per-token segment, branch and position ids): causal within a segment,
-  never across segments (so several pairs share a row, block-diagonally), and the rejected tokens do not see the
-  chosen ones — they see the prompt and themselves, exactly as in a ``prompt | rejected`` sequence of their own. A
+- **Attention** (the batch carries per-token segment, branch and position ids; the mask built from them is
+  ``dpo_dist.model.attention.packed_mask``'s, in the form each attention kernel and layer type takes): causal within a
+  segment, never across segments (so several pairs share a row, block-diagonally), and the rejected tokens do not see
+  the chosen ones — they see the prompt and themselves, exactly as in a ``prompt | rejected`` sequence of their own. A
   sliding window is a distance in position ids, not in row offsets (the rejected tokens sit after the chosen ones
-  in the row but continue the prompt's positions). ``dpo_dist.model.attention`` turns this into what each attention
-  kernel and layer type takes.
+  in the row but continue the prompt's positions).
 - **Positions** restart at 0 for each segment; the rejected response continues from the end of the prompt, as the
   chosen one does.
 - **Scoring**: a response's first token is predicted by the prompt's last position (used twice, once per response),
@@ -47,42 +47,6 @@ CALL_COST = 7_000
 # What a position costs in the linear layers, in the same units (SmolLM2-sized layers on the same CPU): where a
 # dense row of this width spends as much on attention per position as on the rest of the layer.
 POSITION_COST = 2048
-
-
-def packed_mask(segment_ids: torch.Tensor, branch_ids: torch.Tensor, position_ids: torch.Tensor, *,
-                sliding_window: int | None = None) -> torch.Tensor:
-    """Which keys each query may attend to in packed rows: the same segment, at or before the query in the row,
-    in the prompt or in the query's own response, and (with a window) fewer than ``sliding_window`` positions back,
-    as transformers' ``sliding_window_overlay`` counts (``q - k < window``).
-
-    Padding tokens form one segment of their own, so each attends at least to itself (no all-masked row, no NaN).
-
-    Shape: segment_ids, branch_ids, position_ids (R, W) -> (R, 1, W, W) bool.
-    """
-    width = segment_ids.shape[1]
-    index = torch.arange(width, device=segment_ids.device)
-    causal = index[:, None] >= index[None, :]  # (W, W): key at or before the query in the row
-    same_segment = segment_ids[:, :, None] == segment_ids[:, None, :]
-    key_branch = branch_ids[:, None, :]
-    visible_branch = (key_branch == PROMPT) | (key_branch == branch_ids[:, :, None])
-    mask = same_segment & visible_branch & causal
-    if sliding_window is not None:
-        mask &= (position_ids[:, :, None] - position_ids[:, None, :]) < sliding_window
-    return mask[:, None]
-
-
-def packed_mask_mod(segment_ids: torch.Tensor, branch_ids: torch.Tensor, position_ids: torch.Tensor, *,
-                    sliding_window: int | None = None):
-    """:func:`packed_mask` as a FlexAttention ``mask_mod(batch, head, query, key) -> bool``, the same rule."""
-
-    def mask_mod(b, h, q, k):
-        visible = (segment_ids[b, q] == segment_ids[b, k]) & (k <= q)
-        visible = visible & ((branch_ids[b, k] == PROMPT) | (branch_ids[b, k] == branch_ids[b, q]))
-        if sliding_window is not None:
-            visible = visible & (position_ids[b, q] - position_ids[b, k] < sliding_window)
-        return visible
-
-    return mask_mod
 
 
 def plan_rows(lengths: Sequence[int], capacity: int) -> list[list[int]]:
