@@ -39,7 +39,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    from dpo_dist.model.single_device import apply_fallback
+    from dpo_dist.launch_policy import apply_fallback
 
     try:
         cfg, fallback = apply_fallback(load_config(args.config, args.overrides))

@@ -3,7 +3,9 @@ later stage.
 
 ``config``, ``loss_types`` (the loss types' records, which the config checks) and ``distributed`` sit at the top: every
 stage may use them, and they import no stage. So does ``attention_cost``, the cost model of the attention kernels: the
-data stage lays out packed rows by it, and may not import the model stage whose kernels it models. ``publish`` comes last because it reports on every other stage: the model
+data stage lays out packed rows by it, and may not import the model stage whose kernels it models. ``launch_policy`` (the
+single-device fallback) rewrites the process's environment and exits ranks before any stage runs: launch policy, not a
+stage's work. ``publish`` comes last because it reports on every other stage: the model
 card shows training's metrics and evaluation's results, read through those stages' own readers (no stage reads another
 one's files behind this test's back), and the folders it writes (a merged model, a checkpoint's export) carry that card.
 The trainer therefore does not write the card: ``launch/train.py`` does, once training has ended.
@@ -19,10 +21,11 @@ import pytest
 from dpo_dist.config import SENTIMENT_PROMPTS
 
 PACKAGE = pathlib.Path(__file__).resolve().parent.parent / "dpo_dist"
-STAGES = {"config": 0, "distributed": 0, "loss_types": 0, "attention_cost": 0,
+STAGES = {"config": 0, "distributed": 0, "loss_types": 0, "attention_cost": 0, "launch_policy": 0,
           "data": 1, "model": 2, "train": 3, "eval": 4, "publish": 5}
 FOLDERS = ("data", "model", "train", "eval", "publish")
-TOP_LEVEL = {"__init__.py", "config.py", "distributed.py", "loss_types.py", "attention_cost.py", *FOLDERS, "__pycache__"}
+TOP_LEVEL = {"__init__.py", "config.py", "distributed.py", "loss_types.py", "attention_cost.py", "launch_policy.py",
+             *FOLDERS, "__pycache__"}
 LOOP = {"to_device", "evaluate", "train_step", "Run", "setup", "train", "loop", "finish"}
 
 
@@ -230,3 +233,36 @@ def test_generation_is_in_one_module():
             if isinstance(node, ast.ImportFrom) and any(a.name == "GenerationConfig" for a in node.names):
                 found.append(f"{module} line {node.lineno}: imports GenerationConfig")
     assert not found, "generation outside dpo_dist/model/generation.py:\n" + "\n".join(found)
+
+
+def environment_writes_and_exits(source: str) -> list[str]:
+    """Each place ``source`` changes the process's environment (``os.environ[...] =``, ``del``, ``.pop``/``.update``/
+    ``.setdefault``/``.clear``, ``os.putenv``) or ends the process (``sys.exit``, ``os._exit``): launch policy."""
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        targets = node.targets if isinstance(node, (ast.Assign, ast.Delete)) else []
+        for target in targets:
+            if isinstance(target, ast.Subscript) and ast.unparse(target.value) == "os.environ":
+                found.append(f"line {node.lineno}: {ast.unparse(target)} changed")
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute):
+            name = ast.unparse(node.func)
+            if name in ("os.environ.pop", "os.environ.update", "os.environ.setdefault", "os.environ.clear",
+                        "os.putenv", "sys.exit", "os._exit"):
+                found.append(f"line {node.lineno}: {name}(...)")
+    return found
+
+
+def test_model_has_no_launch_policy():
+    """No model module rewrites the environment or ends the process, and no stage module rewrites the environment:
+    that is the launch's (``launch_policy``, ``launch/``). The trainer's stop on a stuck signal (``os._exit`` in
+    ``train/preemption.py``) is the one exit a stage makes."""
+    found = []
+    for module, path in package_modules():
+        if stage_of(module) == 0:
+            continue
+        for place in environment_writes_and_exits(path.read_text(encoding="utf-8")):
+            if module.startswith("dpo_dist.model.") or "os.environ" in place or "putenv" in place:
+                found.append(f"{module} {place}")
+    assert not found, "launch policy in a stage:\n" + "\n".join(found)
+    assert environment_writes_and_exits((PACKAGE / "launch_policy.py").read_text(encoding="utf-8")), \
+        "the check finds launch_policy's own environment writes"
