@@ -266,3 +266,12 @@ def test_model_has_no_launch_policy():
     assert not found, "launch policy in a stage:\n" + "\n".join(found)
     assert environment_writes_and_exits((PACKAGE / "launch_policy.py").read_text(encoding="utf-8")), \
         "the check finds launch_policy's own environment writes"
+
+
+def test_an_accelerator_is_built_in_one_place():
+    """``distributed.build_accelerator`` builds the run's one Accelerator; evaluation, chat and publishing run in one
+    process and load what they need without one (the data stage loads a config's pairs in any process)."""
+    found = [f"{module} line {node.lineno}" for module, path in package_modules() if module != "dpo_dist.distributed"
+             for node in ast.walk(ast.parse(path.read_text(encoding="utf-8")))
+             if isinstance(node, ast.Call) and ast.unparse(node.func).split(".")[-1] == "Accelerator"]
+    assert not found, "an Accelerator built outside distributed.py:\n" + "\n".join(found)
