@@ -11,7 +11,7 @@ A checkpoint's weights are first exported to <checkpoint>/model (the adapter or 
 card that says which step), as the run's model/ would hold them had training stopped there; a checkpoint of an FSDP
 or DeepSpeed run holds only per-rank shards and is refused (push the run's final model instead).
 
-The folder's README.md (the model card the trainer and merge.py write) is uploaded with it; one is written first
+The folder's README.md (the model card train.py and merge.py write) is uploaded with it; one is written first
 when there is none, or when it is one dpo-dist wrote and nobody has edited (then its loading code names REPO_ID).
 """
 

@@ -15,8 +15,8 @@ from training import reset_accelerate_state, run
 
 @pytest.fixture(scope="module")
 def lora_run(tiny_model_dir, data_file, tmp_path_factory):
-    """A LoRA run of 4 steps with evals at 2 and 4; the card model/ got from the trainer, kept before the evaluation;
-    then launch/evaluate.py's results (no judge: held-out pairs and KL) in eval/."""
+    """A LoRA run of 4 steps with evals at 2 and 4; the card model/ got once training ended, kept before the
+    evaluation; then launch/evaluate.py's results (no judge: held-out pairs and KL) in eval/."""
     from dpo_dist.eval.against_base import EvalOptions, evaluate_run
     from dpo_dist.eval.report import write_report
 
@@ -52,7 +52,7 @@ def parse(path):
 
 def test_the_trainer_writes_a_card_from_the_run_files(lora_run, tiny_model_dir, tmp_path):
     out, trained_card = lora_run
-    (tmp_path / "README.md").write_text(trained_card)  # as the trainer wrote it (a later test rewrites model/'s)
+    (tmp_path / "README.md").write_text(trained_card)  # as written after training (a later test rewrites model/'s)
     metadata, text, rows = parse(tmp_path / "README.md")
     assert metadata == {"library_name": "peft", "pipeline_tag": "text-generation", "tags": ["dpo", "dpo-dist", "lora"]}
     assert "License: not known" in text, "a local base with no card: no license key, and the text says so"

@@ -490,7 +490,8 @@ def load_configured_pairs(cfg: Config, tokenizer: Any, *, sentiment: tuple[str, 
         if sentiment is None:
             raise ValueError(f"{SENTIMENT} is read from its built files: pass sentiment=(train file, eval file)")
         (source, eval_source), eval_ratio = sentiment, 0.0
-    hub = {"config_name": d.config_name, "data_dir": d.data_dir, "revision": d.revision} if isinstance(source, str) else {}
+    hub = {"config_name": d.config_name, "data_dir": d.data_dir, "revision": d.revision}
+    hub = hub if isinstance(source, str) else {}
     return load_train_eval(
         source, split=d.split, **hub, eval_source=eval_source, eval_split=d.eval_split, eval_ratio=eval_ratio,
         num_samples=d.num_samples, seed=cfg.train.seed, data_format=d.data_format, on_bad_row=d.on_bad_row,

@@ -1,7 +1,7 @@
 """The model card: ``README.md`` with the Hub's YAML metadata, written beside the final model (``launch/train.py``
-once training has ended: :func:`write_run_card`), a merged export (``launch/merge.py``), a checkpoint's weights (``<run>/checkpoint-N/model``, exported by
-``launch/push.py``: the card says step N, and shows the metrics up to it) and a folder ``launch/push.py`` uploads
-(unless it holds a card someone wrote).
+once training has ended: :func:`write_run_card`), a merged export (``launch/merge.py``), a checkpoint's weights
+(``<run>/checkpoint-N/model``, exported by ``launch/push.py``: the card says step N, and shows the metrics up to it)
+and a folder ``launch/push.py`` uploads (unless it holds a card someone wrote).
 
     write_card("outputs/default/model")                                   # the run is the folder above
     write_card("elsewhere/merged", run="outputs/default", model_id="me/smollm2-dpo")
