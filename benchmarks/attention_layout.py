@@ -8,8 +8,8 @@ backward through transformers' sdpa attention function with the dense (R, 1, W, 
 layout packs (``choose_rows``), and through ``dpo_dist.model.segmented_attention`` over the one unpadded row of the
 segmented layout. It prints each time and the positions each layout computes (the linear layers' work), fits
 ``time = a * query-key pairs + b * kernel calls`` to all the attention times (least squares), so ``b / a`` is what one
-more call costs in pairs (``dpo_dist.data.packing.CALL_COST``), and prints what
-:func:`dpo_dist.data.packing.segmented_pays` picks for each batch. The whole step's figures, dense against
+more call costs in pairs (``dpo_dist.attention_cost.CALL_COST``), and prints what
+:func:`dpo_dist.attention_cost.segmented_pays` picks for each batch. The whole step's figures, dense against
 segmented, come from ``benchmarks/vs_trl.py --variants default,dense-attention``.
 
     python benchmarks/attention_layout.py --model DIR --pairs outputs/bench-vs-trl/pairs_tokenized.jsonl
@@ -32,7 +32,9 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 import torch  # noqa: E402
 
-from dpo_dist.data.packing import CALL_COST, PackedPairCollator, packed_mask, segmented_pays  # noqa: E402
+from dpo_dist.attention_cost import CALL_COST, segmented_pays  # noqa: E402
+from dpo_dist.data.packing import PackedPairCollator  # noqa: E402
+from dpo_dist.model.attention import packed_mask  # noqa: E402
 from dpo_dist.model.segmented_attention import segmented_attention  # noqa: E402
 
 HEADS, KV_HEADS, HEAD_DIM = 9, 3, 64

@@ -29,6 +29,9 @@ SENTIMENT = "builtin:sentiment"  # the source name of the built-in preference se
 # A checkpoint's folder in train.output_dir, checkpoint-<step>: written by dpo_dist.train.checkpoint, read by it and by
 # the model card (the step of a checkpoint's exported weights).
 CHECKPOINT_FOLDER = re.compile(r"^checkpoint-(\d+)$")
+# The file that makes a checkpoint complete (written last, by dpo_dist.train.checkpoint); dpo_dist.model.trained tells a
+# checkpoint from a model folder by it.
+STATE_FILE = "trainer_state.json"
 # Per-pair statistics, one column each, reduced once per optimizer step (tokens: summed, the rest: averaged); the
 # metric names train.metric_for_best may take.
 STATS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "logps/chosen", "logps/rejected", "tokens")

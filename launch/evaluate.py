@@ -16,7 +16,8 @@ import sys
 
 import _checkout  # noqa: F401  this checkout's root on the import path, before any dpo_dist import
 
-from dpo_dist.eval.options import EvalOptions, Sampling  # no torch: --help answers at once
+from dpo_dist.eval.options import EvalOptions  # no torch: --help answers at once
+from dpo_dist.model.generation import Sampling
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:

@@ -46,14 +46,14 @@ def main(argv: list[str] | None = None) -> int:
 
     import transformers
 
-    from dpo_dist.model.export import merge_adapter, push_to_hub
+    from dpo_dist.publish.export import merge_adapter, push_to_hub
     from dpo_dist.model.trained import model_folder
 
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
     warnings.filterwarnings("ignore", category=FutureWarning)
     logging.basicConfig(level=logging.WARNING, format="%(message)s", stream=sys.stdout)
-    logging.getLogger("dpo_dist.model.export").setLevel(logging.INFO)  # the dtype chosen, and why
+    logging.getLogger("dpo_dist.model.merge").setLevel(logging.INFO)  # the dtype chosen, and why
     try:
         folder = model_folder(args.run)
         run = os.path.dirname(folder) if os.path.basename(folder) == "model" else folder

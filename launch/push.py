@@ -11,7 +11,7 @@ A checkpoint's weights are first exported to <checkpoint>/model (the adapter or 
 card that says which step), as the run's model/ would hold them had training stopped there; a checkpoint of an FSDP
 or DeepSpeed run holds only per-rank shards and is refused (push the run's final model instead).
 
-The folder's README.md (the model card the trainer and merge.py write) is uploaded with it; one is written first
+The folder's README.md (the model card train.py and merge.py write) is uploaded with it; one is written first
 when there is none, or when it is one dpo-dist wrote and nobody has edited (then its loading code names REPO_ID).
 """
 
@@ -33,8 +33,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="push to this branch (created from main if missing) instead of main")
     parser.add_argument("--commit_message", default=None, help="default: 'Upload DPO-trained <kind> (dpo-dist)'")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
-    from dpo_dist.model.export import HubLoginError, hub_token, push_to_hub
-    from dpo_dist.train.checkpoint import CheckpointError, export_checkpoint, is_checkpoint
+    from dpo_dist.publish.export import HubLoginError, export_checkpoint, hub_token, push_to_hub
+    from dpo_dist.train.checkpoint import CheckpointError, is_checkpoint
 
     folder = args.folder
     if is_checkpoint(folder):

@@ -39,7 +39,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    from dpo_dist.model.single_device import apply_fallback
+    from dpo_dist.launch_policy import apply_fallback
 
     try:
         cfg, fallback = apply_fallback(load_config(args.config, args.overrides))
@@ -58,6 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     from dpo_dist.data.load import DataError
     from dpo_dist.distributed import DeepSpeedConfigError, FSDPConfigError
     from dpo_dist.model.load import ModelError
+    from dpo_dist.publish.card import write_run_card
     from dpo_dist.train.preemption import PREEMPTED_EXIT_CODE, Preempted, stop_with_launcher
     from dpo_dist.data.tokenization import TokenizationError
     from dpo_dist.train.disk import DiskFullError
@@ -65,7 +66,9 @@ def main(argv: list[str] | None = None) -> int:
 
     stop_with_launcher()  # a signal that kills the launcher alone reaches this process as SIGTERM
     try:
-        train(cfg)
+        result = train(cfg)
+        if rank == 0:  # the main process: model/'s card, from what the run wrote
+            write_run_card(result["output_dir"])
         status = 0
     except ConfigError as error:  # a folder the run would write cannot be written: found before anything loads
         tell(f"config error: {error}")

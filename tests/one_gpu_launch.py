@@ -9,7 +9,7 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from dpo_dist.model import single_device as fallback  # noqa: E402
+from dpo_dist import launch_policy as fallback  # noqa: E402
 
 real_read_launch = fallback.read_launch
 fallback.read_launch = lambda: dataclasses.replace(real_read_launch(), devices=1)

@@ -1,5 +1,6 @@
-"""The model card (dpo_dist/model/card.py): written by the trainer beside model/, its metadata parsed by
-huggingface_hub.ModelCard and every number in it equal to the run's files."""
+"""The model card (dpo_dist/publish/card.py): written beside model/ once training ends (launch/train.py, and the
+tests' run() as it does), its metadata parsed by huggingface_hub.ModelCard and every number in it equal to the run's
+files."""
 
 import json
 import os
@@ -14,8 +15,8 @@ from training import reset_accelerate_state, run
 
 @pytest.fixture(scope="module")
 def lora_run(tiny_model_dir, data_file, tmp_path_factory):
-    """A LoRA run of 4 steps with evals at 2 and 4; the card model/ got from the trainer, kept before the evaluation;
-    then launch/evaluate.py's results (no judge: held-out pairs and KL) in eval/."""
+    """A LoRA run of 4 steps with evals at 2 and 4; the card model/ got once training ended, kept before the
+    evaluation; then launch/evaluate.py's results (no judge: held-out pairs and KL) in eval/."""
     from dpo_dist.eval.against_base import EvalOptions, evaluate_run
     from dpo_dist.eval.report import write_report
 
@@ -51,7 +52,7 @@ def parse(path):
 
 def test_the_trainer_writes_a_card_from_the_run_files(lora_run, tiny_model_dir, tmp_path):
     out, trained_card = lora_run
-    (tmp_path / "README.md").write_text(trained_card)  # as the trainer wrote it (a later test rewrites model/'s)
+    (tmp_path / "README.md").write_text(trained_card)  # as written after training (a later test rewrites model/'s)
     metadata, text, rows = parse(tmp_path / "README.md")
     assert metadata == {"library_name": "peft", "pipeline_tag": "text-generation", "tags": ["dpo", "dpo-dist", "lora"]}
     assert "License: not known" in text, "a local base with no card: no license key, and the text says so"
@@ -83,7 +84,7 @@ def test_the_trainer_writes_a_card_from_the_run_files(lora_run, tiny_model_dir, 
 
 def test_evaluation_results_join_the_card_once_they_exist(lora_run):
     """The trainer's card came before the evaluation; a card written now (as push.py or merge.py do) shows it."""
-    from dpo_dist.model.card import write_card
+    from dpo_dist.publish.card import write_card
 
     out, trained_card = lora_run
     assert "Not run yet: `python launch/evaluate.py" in trained_card
@@ -106,7 +107,7 @@ def test_evaluation_results_join_the_card_once_they_exist(lora_run):
 
 
 def test_results_older_than_the_model_are_left_out(lora_run, tmp_path):
-    from dpo_dist.model.card import render
+    from dpo_dist.publish.card import render
 
     out, _ = lora_run
     copy = tmp_path / "run"
@@ -128,7 +129,7 @@ def parse_text(text):
 def test_the_exported_step_and_per_source_counts_come_from_run_json(lora_run, tmp_path):
     """Early stopping exports the best step's weights (run.json says which: tests/test_train.py checks the trainer
     writes it): the card shows that step's metrics. Nested counts (a mixture's per-source report) become rows."""
-    from dpo_dist.model.card import render
+    from dpo_dist.publish.card import render
 
     out, _ = lora_run
     copy = tmp_path / "run"
@@ -148,7 +149,7 @@ def test_the_exported_step_and_per_source_counts_come_from_run_json(lora_run, tm
 
 
 def test_license_and_base_model_come_from_the_base(tmp_path, monkeypatch):
-    from dpo_dist.model.card import base_of, hub_datasets
+    from dpo_dist.publish.card import base_of, hub_datasets
 
     builtin = base_of(Config(), str(tmp_path))
     assert (builtin.hub_id, builtin.license) == ("HuggingFaceTB/SmolLM2-135M-Instruct", "apache-2.0")
@@ -181,7 +182,7 @@ def test_license_and_base_model_come_from_the_base(tmp_path, monkeypatch):
 
 def test_a_merged_model_card_says_merged_and_loads_without_peft(lora_run, tmp_path):
     """merge.py's card (its merge is tested in tests/test_export.py): transformers, not peft; the weights' dtype."""
-    from dpo_dist.model.card import render
+    from dpo_dist.publish.card import render
 
     out, _ = lora_run
     folder = tmp_path / "merged"
@@ -194,7 +195,7 @@ def test_a_merged_model_card_says_merged_and_loads_without_peft(lora_run, tmp_pa
 
 
 def test_an_edited_card_is_kept_a_generated_one_replaced(lora_run, tmp_path):
-    from dpo_dist.model.card import replaceable_card, write_card
+    from dpo_dist.publish.card import replaceable_card, write_card
 
     out, _ = lora_run
     folder = tmp_path / "model"

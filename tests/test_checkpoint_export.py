@@ -109,7 +109,7 @@ def test_pushing_a_checkpoint_exports_its_weights_with_a_card_for_its_step(kind,
 @pytest.mark.parametrize("kind", ["lora", "full"])
 def test_the_last_checkpoints_export_is_the_final_model(kind, runs):
     """checkpoint-4 holds the weights model/ got: exported, the same tensors (and, full, the same config)."""
-    from dpo_dist.train.checkpoint import export_checkpoint
+    from dpo_dist.publish.export import export_checkpoint
 
     weights = "adapter_model.safetensors" if kind == "lora" else "model.safetensors"
     out = export_checkpoint(str(runs / kind / "checkpoint-4"))
@@ -122,7 +122,8 @@ def test_the_last_checkpoints_export_is_the_final_model(kind, runs):
 def test_a_ddp_checkpoint_and_a_checkpoint_that_does_not_fit(runs, tmp_path):
     """A DDP run's checkpoint names its weights module.<name>: the same export. A checkpoint whose run config now
     describes another LoRA setup is an error naming the file, not a half-loaded model."""
-    from dpo_dist.train.checkpoint import CheckpointError, export_checkpoint
+    from dpo_dist.train.checkpoint import CheckpointError
+    from dpo_dist.publish.export import export_checkpoint
 
     ddp = runs / "lora" / "checkpoint-102"
     shutil.copytree(runs / "lora" / "checkpoint-2", ddp, ignore=shutil.ignore_patterns("model"))
@@ -146,7 +147,7 @@ def test_a_ddp_checkpoint_and_a_checkpoint_that_does_not_fit(runs, tmp_path):
 def test_a_checkpoint_is_not_pushed_without_a_token_and_not_taken_for_a_model(runs, tmp_path, monkeypatch, push, capsys):
     import huggingface_hub
 
-    from dpo_dist.model.export import push_to_hub
+    from dpo_dist.publish.export import push_to_hub
 
     monkeypatch.setattr(huggingface_hub, "get_token", lambda: None)
     checkpoint = runs / "full" / "checkpoint-4"

@@ -231,7 +231,7 @@ def test_mixture_refusals(tmp_path):
 def test_mixture_config_names_the_entry_and_key():
     from dpo_dist.config import ConfigError, load_config
     from dpo_dist.data.load import Part
-    from dpo_dist.train.inputs import data_source
+    from dpo_dist.data.load import data_source
 
     two = "data.sources=[{source: a.jsonl, num_samples: 4}, {source: b.parquet, fraction: 0.5, split: 'train[:50%]', format: text}]"
     cfg = load_config(None, [two])

@@ -85,7 +85,8 @@ def test_zero3_resume_equals_uninterrupted(tiny_model_dir, data_file, tmp_path):
     assert "resumed from" in result.stdout and "checkpoint-3 at step 3" in result.stdout
     assert_same_trajectory(whole, read_jsonl(out / "metrics.jsonl"), atol=1e-6)
     assert read_jsonl(out / "samples.jsonl") == samples, "step 6's samples once, step 3's kept"
-    from dpo_dist.train.checkpoint import CheckpointError, export_checkpoint
+    from dpo_dist.train.checkpoint import CheckpointError
+    from dpo_dist.publish.export import export_checkpoint
 
     with pytest.raises(CheckpointError, match=r"holds each rank's DeepSpeed shards, not weights that load as a model"):
         export_checkpoint(str(out / "checkpoint-3"))  # what launch/push.py does first: refused, the final model named

@@ -68,7 +68,8 @@ def test_wilson_interval_against_hand_computed_values():
 def test_kl_estimate_from_samples_matches_the_exact_kl():
     """One-token responses: the exact KL is a sum over the vocabulary, which the sampled estimate must agree with."""
     from dpo_dist.eval.against_base import kl_estimate
-    from dpo_dist.eval.generation import Sampling, response_logps, sample_responses
+    from dpo_dist.eval.scoring import response_logps
+    from dpo_dist.model.generation import Sampling, sample_responses
 
     tokenizer = make_tokenizer("nobos")
     reference = make_llama(len(tokenizer), seed=0)
@@ -99,7 +100,7 @@ def test_kl_estimate_from_samples_matches_the_exact_kl():
 
 
 def test_samples_stop_at_eos_and_use_the_same_random_numbers_for_the_same_model():
-    from dpo_dist.eval.generation import Sampling, sample_responses
+    from dpo_dist.model.generation import Sampling, sample_responses
 
     tokenizer = make_tokenizer("nobos")
     model = make_llama(len(tokenizer), seed=1)

@@ -97,9 +97,9 @@ def test_default_merge_keeps_the_base_dtype_and_config_next_to_the_run(run_dir):
 
 
 def test_merge_dtype_from_the_base_weights_when_its_config_names_none(run_dir, caplog):
-    from dpo_dist.model.export import merge_adapter
+    from dpo_dist.publish.export import merge_adapter
 
-    with caplog.at_level("INFO", logger="dpo_dist.model.export"):
+    with caplog.at_level("INFO", logger="dpo_dist.model.merge"):
         merge_adapter(str(run_dir / "run"), str(run_dir / "merged16"), base=str(run_dir / "base16"))
     assert "merged weights saved in float16 (the base's dtype, from its weights)" in caplog.messages
     assert saved_dtypes(run_dir / "merged16") == {torch.float16}
@@ -107,10 +107,10 @@ def test_merge_dtype_from_the_base_weights_when_its_config_names_none(run_dir, c
 
 
 def test_bfloat16_merge_on_request(run_dir, caplog):
-    from dpo_dist.model.export import merge_adapter
+    from dpo_dist.publish.export import merge_adapter
 
     folder = run_dir / "merged-bf16"
-    with caplog.at_level("INFO", logger="dpo_dist.model.export"):
+    with caplog.at_level("INFO", logger="dpo_dist.model.merge"):
         merge_adapter(str(run_dir / "run"), str(folder), dtype="bfloat16")
     assert "merged weights saved in bfloat16 (as asked)" in caplog.messages
     assert json.load(open(folder / "config.json"))["dtype"] == "bfloat16"
@@ -158,7 +158,7 @@ def hub(monkeypatch):
 
 
 def test_push_to_hub_uploads_the_model_folder(run_dir, hub):
-    from dpo_dist.model.export import push_to_hub
+    from dpo_dist.publish.export import push_to_hub
 
     url = push_to_hub(str(run_dir / "run"), "me/tiny-dpo", private=True)
     assert url == "https://huggingface.co/me/tiny-dpo"

@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from dpo_dist.config import ConfigError, load_config
-from dpo_dist.model.single_device import Launch, apply_fallback, needs_fallback
+from dpo_dist.launch_policy import Launch, apply_fallback, needs_fallback
 from training import ROOT, accelerate_launch, assert_same_trajectory, overrides, read_jsonl, reset_accelerate_state, run
 
 needs_bnb = pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None,

@@ -65,7 +65,7 @@ def test_adapter_reloads_on_4bit_and_full_precision_bases_and_merges(tiny_model_
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from dpo_dist.model.export import merge_adapter
+    from dpo_dist.publish.export import merge_adapter
 
     out = tmp_path / "out"
     run(tiny_model_dir, data_file, out, **{"model.quantization": "4bit", "lora.enabled": True, "lora.r": 4,

@@ -10,7 +10,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dpo_dist.data.packing import PackedPairCollator, packed_mask, segmented_pays
+from dpo_dist.attention_cost import segmented_pays
+from dpo_dist.data.packing import PackedPairCollator
+from dpo_dist.model.attention import packed_mask
 from dpo_dist.model import segmented_attention
 from dpo_dist.model.attention import choose_attention_layout, packed_attention
 from dpo_dist.train.logprobs import packed_forward

@@ -58,9 +58,13 @@ def overrides(model_dir, data_file, out, **extra):
 
 
 def run(model_dir, data_file, out, **extra):
+    """Train in this process as launch/train.py does: the run, then model/'s card."""
+    from dpo_dist.publish.card import write_run_card
     from dpo_dist.train.trainer import train
 
-    return train(load_config(None, overrides(model_dir, data_file, out, **extra)))
+    result = train(load_config(None, overrides(model_dir, data_file, out, **extra)))
+    write_run_card(result["output_dir"])
+    return result
 
 
 def logged_parameter_count(caplog, model_dir, **extra):

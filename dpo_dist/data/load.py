@@ -24,7 +24,7 @@ import datasets
 import pyarrow
 import pyarrow.dataset
 
-from dpo_dist.config import ConfigError, check_mixture_keys, check_source
+from dpo_dist.config import SENTIMENT, Config, ConfigError, check_mixture_keys, check_source
 from dpo_dist.data.formats import FORMATS, RowError, detect_format, normalize_row
 from dpo_dist.data.tokenization import render_conversation
 
@@ -468,3 +468,32 @@ def load_train_eval(
         eval_split = eval_split or ("train" if isinstance(source, list) else split)
         eval_, eval_report = load_pairs(eval_source, split=eval_split, **load_kwargs)
     return pairs, eval_, [*reports, eval_report]
+
+
+def data_source(cfg: Config) -> str | list[Part]:
+    """``data.source``, or the mixture ``data.sources`` as :class:`Part` entries."""
+    if not cfg.data.sources:
+        return cfg.data.source
+    return [Part(e.source, split=e.split, config_name=e.config_name, data_dir=e.data_dir, revision=e.revision,
+                 num_samples=e.num_samples, fraction=e.fraction, data_format=e.format) for e in cfg.data.sources]
+
+
+def load_configured_pairs(cfg: Config, tokenizer: Any, *, sentiment: tuple[str, str] | None = None
+                          ) -> tuple[datasets.Dataset, datasets.Dataset | None, list[LoadReport]]:
+    """Train and eval pairs as ``cfg.data`` says (:func:`load_train_eval` with its settings; a given eval set wins over
+    ``data.eval_ratio``), in this process, and what each source gave. The built-in sentiment set is read from
+    ``sentiment``, its (train, eval) files, which ``dpo_dist.data.sentiment.ensure_sentiment_data`` builds."""
+    d = cfg.data
+    source, eval_source = data_source(cfg), d.eval_source
+    eval_ratio = 0.0 if d.eval_source is not None or d.eval_split is not None else d.eval_ratio  # a given eval set wins
+    if source == SENTIMENT:
+        if sentiment is None:
+            raise ValueError(f"{SENTIMENT} is read from its built files: pass sentiment=(train file, eval file)")
+        (source, eval_source), eval_ratio = sentiment, 0.0
+    hub = {"config_name": d.config_name, "data_dir": d.data_dir, "revision": d.revision}
+    hub = hub if isinstance(source, str) else {}
+    return load_train_eval(
+        source, split=d.split, **hub, eval_source=eval_source, eval_split=d.eval_split, eval_ratio=eval_ratio,
+        num_samples=d.num_samples, seed=cfg.train.seed, data_format=d.data_format, on_bad_row=d.on_bad_row,
+        hh_as_messages=d.hh_as_messages, tokenizer=tokenizer, num_proc=d.num_proc,
+    )

@@ -2,12 +2,12 @@
 
 Each pair becomes one segment, ``prompt | chosen | rejected``, with the prompt computed once for both responses:
 
-- **Attention** (:func:`packed_mask`, from per-token segment, branch and position ids): causal within a segment,
-  never across segments (so several pairs share a row, block-diagonally), and the rejected tokens do not see the
-  chosen ones — they see the prompt and themselves, exactly as in a ``prompt | rejected`` sequence of their own. A
+- **Attention** (the batch carries per-token segment, branch and position ids; the mask built from them is
+  ``dpo_dist.model.attention.packed_mask``'s, in the form each attention kernel and layer type takes): causal within a
+  segment, never across segments (so several pairs share a row, block-diagonally), and the rejected tokens do not see
+  the chosen ones — they see the prompt and themselves, exactly as in a ``prompt | rejected`` sequence of their own. A
   sliding window is a distance in position ids, not in row offsets (the rejected tokens sit after the chosen ones
-  in the row but continue the prompt's positions). ``dpo_dist.model.attention`` turns this into what each attention
-  kernel and layer type takes.
+  in the row but continue the prompt's positions).
 - **Positions** restart at 0 for each segment; the rejected response continues from the end of the prompt, as the
   chosen one does.
 - **Scoring**: a response's first token is predicted by the prompt's last position (used twice, once per response),
@@ -23,7 +23,7 @@ segmented layout (``attention_spans``) gives the kernel each segment's parts alo
 response`` as one causal block, the second response's queries against the prompt's keys and their own
 (``dpo_dist.model.segmented_attention``). Attention then costs the same however the segments are laid out, so they
 all go in one row with no padding at all. It costs a kernel call per part, which short segments may not repay:
-:func:`segmented_pays` weighs the two layouts per batch.
+``dpo_dist.attention_cost.segmented_pays`` weighs the two layouts per batch.
 
 Every pair keeps its own log-probs (and so its own weight in the mean loss); the result equals scoring ``prompt +
 chosen`` and ``prompt + rejected`` separately (tested, log-probs and gradients).
@@ -35,54 +35,13 @@ from typing import Any, Sequence
 
 import torch
 
+from dpo_dist.attention_cost import POSITION_COST, dense_cost, segmented_pays
 from dpo_dist.data.collate import REFERENCE_COLUMNS
 
 # Branch ids: which part of its segment a token is in. Padding is its own segment (-1) on branch PROMPT.
 PROMPT, CHOSEN, REJECTED = 0, 1, 2
 PAD_SEGMENT = -1
 ATTENTION_LAYOUTS = ("auto", "dense", "segmented")
-# What one more attention kernel call costs, as query-key pairs of work: measured with SmolLM2-135M's attention
-# shapes (9 heads, 3 key/value heads, head dim 64) forward and backward on 2 CPU cores (benchmarks/attention_layout.py).
-CALL_COST = 7_000
-# What a position costs in the linear layers, in the same units (SmolLM2-sized layers on the same CPU): where a
-# dense row of this width spends as much on attention per position as on the rest of the layer.
-POSITION_COST = 2048
-
-
-def packed_mask(segment_ids: torch.Tensor, branch_ids: torch.Tensor, position_ids: torch.Tensor, *,
-                sliding_window: int | None = None) -> torch.Tensor:
-    """Which keys each query may attend to in packed rows: the same segment, at or before the query in the row,
-    in the prompt or in the query's own response, and (with a window) fewer than ``sliding_window`` positions back,
-    as transformers' ``sliding_window_overlay`` counts (``q - k < window``).
-
-    Padding tokens form one segment of their own, so each attends at least to itself (no all-masked row, no NaN).
-
-    Shape: segment_ids, branch_ids, position_ids (R, W) -> (R, 1, W, W) bool.
-    """
-    width = segment_ids.shape[1]
-    index = torch.arange(width, device=segment_ids.device)
-    causal = index[:, None] >= index[None, :]  # (W, W): key at or before the query in the row
-    same_segment = segment_ids[:, :, None] == segment_ids[:, None, :]
-    key_branch = branch_ids[:, None, :]
-    visible_branch = (key_branch == PROMPT) | (key_branch == branch_ids[:, :, None])
-    mask = same_segment & visible_branch & causal
-    if sliding_window is not None:
-        mask &= (position_ids[:, :, None] - position_ids[:, None, :]) < sliding_window
-    return mask[:, None]
-
-
-def packed_mask_mod(segment_ids: torch.Tensor, branch_ids: torch.Tensor, position_ids: torch.Tensor, *,
-                    sliding_window: int | None = None):
-    """:func:`packed_mask` as a FlexAttention ``mask_mod(batch, head, query, key) -> bool``, the same rule."""
-
-    def mask_mod(b, h, q, k):
-        visible = (segment_ids[b, q] == segment_ids[b, k]) & (k <= q)
-        visible = visible & ((branch_ids[b, k] == PROMPT) | (branch_ids[b, k] == branch_ids[b, q]))
-        if sliding_window is not None:
-            visible = visible & (position_ids[b, q] - position_ids[b, k] < sliding_window)
-        return visible
-
-    return mask_mod
 
 
 def plan_rows(lengths: Sequence[int], capacity: int) -> list[list[int]]:
@@ -103,37 +62,16 @@ def plan_rows(lengths: Sequence[int], capacity: int) -> list[list[int]]:
 
 def choose_rows(lengths: Sequence[int], attention_tokens: int = POSITION_COST) -> list[list[int]]:
     """The packing that costs least under a dense mask: rows first-fit decreasing under each capacity from the longest
-    segment to all of them in one row, each costed as ``rows x width x (1 + width / attention_tokens)`` — every
-    position pays for the linear layers, and attention grows with the row's width too (a boolean mask is computed in
-    full). 2048 is where, on the CPU kernels measured here, attention costs as much per position as the rest of a
-    SmolLM2-sized layer."""
+    segment to all of them in one row, each costed by :func:`dpo_dist.attention_cost.dense_cost`."""
     longest, total = max(lengths), sum(lengths)
     best, best_cost = None, float("inf")
     for capacity in sorted({longest, total, *(min(total, longest * k // 4) for k in range(5, 17))}):
         rows = plan_rows(lengths, capacity)
         width = row_width(rows, lengths)
-        cost = len(rows) * width * (1 + width / attention_tokens)
+        cost = dense_cost(len(rows), width, attention_tokens)
         if cost < best_cost:
             best, best_cost = rows, cost
     return best
-
-
-def segmented_pays(parts: Sequence[tuple[int, int, int]], rows: int, width: int, *,
-                   position_cost: int = POSITION_COST, call_cost: int = CALL_COST) -> bool:
-    """Whether the segmented layout (all segments in one row, no padding; ``parts``: each segment's prompt, first
-    and second response lengths) costs less than the dense mask over ``rows x width``.
-
-    Both in query-key pairs of attention work: every position costs ``position_cost`` (the linear layers, as in
-    :func:`choose_rows`); the dense mask computes ``width`` keys for each of its ``rows x width`` queries; the
-    segmented layout computes each part's block in full (the CPU kernel's backward skips little of a causal block)
-    and pays ``call_cost`` for each kernel call, one per part."""
-    dense = rows * width * (position_cost + width)
-    segmented = 0
-    for prompt, first, second in parts:
-        segmented += (prompt + first + second) * position_cost + (prompt + first) ** 2 + call_cost
-        if second:
-            segmented += second * (prompt + second) + call_cost
-    return segmented < dense
 
 
 def segment_parts(segment: tuple[list[int], list[tuple[list[int], int]]]) -> tuple[int, int, int]:
@@ -165,7 +103,7 @@ class PackedPairCollator:
     every segment in one row (no padding: the row's width no longer costs attention), and the batch also carries
     ``attention_spans`` (S, 6): per part of a row ``row, start, prompt, first, second, padding`` lengths, in row
     order, covering every position (a segment with ``padding`` 0, or a row's padding with only ``padding``), for
-    ``dpo_dist.model.segmented_attention``; ``auto``: segmented where :func:`segmented_pays`.
+    ``dpo_dist.model.segmented_attention``; ``auto``: segmented where ``dpo_dist.attention_cost.segmented_pays``.
     """
 
     def __init__(self, pad_token_id: int, *, share_prompt: bool = True, pad_to_multiple_of: int | None = None,

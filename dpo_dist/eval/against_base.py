@@ -24,16 +24,21 @@ from typing import Any
 
 import torch
 
-from dpo_dist.config import STATS, Config
+from dpo_dist.config import SENTIMENT, STATS, Config
 from dpo_dist.data.collate import PreferenceCollator
+from dpo_dist.data.load import data_source, load_configured_pairs
+from dpo_dist.data.sentiment import dataset_paths, ensure_sentiment_data, prompts_path
 from dpo_dist.data.tokenization import Truncation, tokenize_pairs, tokenize_prompt
-from dpo_dist.eval.generation import response_logps, sample_responses
 from dpo_dist.eval.judges import ScoreJudge, build_judge
 from dpo_dist.eval.metrics import load_metric
-from dpo_dist.eval.options import EvalOptions, Sampling
+from dpo_dist.eval.options import EvalOptions
+from dpo_dist.eval.report import FOLDER
+from dpo_dist.eval.scoring import response_logps
+from dpo_dist.model.builtin import cache_root
+from dpo_dist.model.generation import Sampling, sample_responses
 from dpo_dist.model.load import resolve_dtype, resolve_source
 from dpo_dist.model.trained import load_base_model, load_trained, model_folder, run_config
-from dpo_dist.train.inputs import load_pairs_for, model_identity
+from dpo_dist.train.inputs import keyed_identity
 from dpo_dist.train.reference import as_reference
 
 
@@ -78,14 +83,17 @@ def kl_estimate(policy_logps: torch.Tensor, ref_logps: torch.Tensor, groups: lis
 def held_out_pairs(cfg: Config, model: Any, tokenizer: Any, device: torch.device,
                    required: bool = True) -> tuple[Any, dict[int, Any], dict | None]:
     """The run's eval pairs, tokenized as in training, each one's raw prompt by row, and the model identity the
-    built-in set is keyed by. No eval split: an error when ``required``, else ``(None, {}, identity)``."""
-    from accelerate import Accelerator
-
-    accelerator = Accelerator(cpu=device.type == "cpu")
-    identity = model_identity(cfg, resolve_source(cfg.model.name_or_path),
-                              str(resolve_dtype(cfg.model.dtype, device)).removeprefix("torch."), accelerator)
-    with as_reference(model) as base:  # the sentiment set, if not cached, is sampled from the base
-        _, eval_pairs = load_pairs_for(cfg, accelerator, base, tokenizer, identity)
+    built-in set is keyed by. No eval split: an error when ``required``, else ``(None, {}, identity)``. Loaded in
+    this one process, as the data stage loads them (what each source gave is printed, as training prints it)."""
+    identity = keyed_identity(cfg, resolve_source(cfg.model.name_or_path),
+                              str(resolve_dtype(cfg.model.dtype, device)).removeprefix("torch."))
+    paths = None
+    if data_source(cfg) == SENTIMENT:
+        with as_reference(model) as base:  # the sentiment set, if not cached, is sampled from the base
+            paths = ensure_sentiment_data(lambda: base, tokenizer, cfg.data.sentiment, identity, device, cache_root())
+    _, eval_pairs, reports = load_configured_pairs(cfg, tokenizer, sentiment=paths)
+    for report in reports:
+        print(report.summary(), flush=True)
     if eval_pairs is None or len(eval_pairs) == 0:
         if not required:
             return None, {}, identity
@@ -130,9 +138,6 @@ def generation_prompts(cfg: Config, opts: "EvalOptions", tokenized: Any, raw: di
     if opts.prompts is not None:
         path, said = opts.prompts, f"--prompts {opts.prompts}"
     else:
-        from dpo_dist.data.sentiment import dataset_paths, prompts_path
-        from dpo_dist.model.builtin import cache_root
-
         path = prompts_path(dataset_paths(cfg.data.sentiment, identity, cache_root()))
         said = f"every held-out prompt of the built-in sentiment set, as its data build recorded them ({path})"
     truncation = Truncation(cfg.data.max_length, cfg.data.max_prompt_length)
@@ -266,4 +271,4 @@ def evaluate_run(path: str, opts: EvalOptions) -> dict[str, Any]:
 def output_dir_for(path: str) -> str:
     """Where results go by default: ``<run>/eval`` (beside ``model/`` when given the model folder)."""
     run = os.path.dirname(os.path.normpath(path)) if os.path.basename(os.path.normpath(path)) == "model" else path
-    return os.path.join(run, "eval")
+    return os.path.join(run, FOLDER)

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from dpo_dist.data.tokenization import uses_bos
+from dpo_dist.model.generation import generate_responses, generation_config
 
 
 @dataclass
@@ -69,19 +70,13 @@ class Chat:
     @torch.no_grad()
     def reply(self, user: str, streamer: Any = None) -> str:
         """The model's answer to ``user``, streamed to ``streamer`` if given; kept in the history."""
-        from transformers import GenerationConfig
-
         ids, self.last_dropped = self.prompt_ids(user)
         s = self.sampling
-        config = GenerationConfig(
-            do_sample=not s.greedy, max_new_tokens=s.max_new_tokens, eos_token_id=self.eos_ids,
-            pad_token_id=self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eos_ids[0],
-            use_cache=True, **({} if s.greedy else {"temperature": s.temperature, "top_p": s.top_p, "top_k": s.top_k}),
-        )
-        inputs = torch.tensor([ids], device=self.device)
-        out = self.model.generate(input_ids=inputs, attention_mask=torch.ones_like(inputs), generation_config=config,
-                                  streamer=streamer)
-        answer = self.tokenizer.decode(out[0, len(ids) :], skip_special_tokens=True)
+        config = generation_config(self.tokenizer, max_new_tokens=s.max_new_tokens,
+                                   temperature=None if s.greedy else s.temperature, top_p=s.top_p, top_k=s.top_k,
+                                   eos_token_id=self.eos_ids)
+        (response,) = generate_responses(self.model, [ids], config, self.device, streamer=streamer)
+        answer = self.tokenizer.decode(response, skip_special_tokens=True)
         if not self.raw:
             self.messages += [{"role": "user", "content": user}, {"role": "assistant", "content": answer}]
         return answer

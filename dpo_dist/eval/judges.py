@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from dpo_dist.eval.generation import response_logps
+from dpo_dist.eval.scoring import response_logps
 from dpo_dist.eval.options import JUDGE_INSTRUCTION
 
 

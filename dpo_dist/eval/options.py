@@ -1,5 +1,5 @@
 """What an evaluation is asked for: :class:`EvalOptions` (``launch/evaluate.py``'s options, whose defaults are the
-dataclass's), :class:`Sampling` and the LLM judge's default instruction.
+dataclass's), with its :class:`~dpo_dist.model.generation.Sampling`, and the LLM judge's default instruction.
 
 Nothing here imports torch, so ``launch/evaluate.py --help`` reads its defaults from here and still answers at once.
 """
@@ -8,27 +8,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from dpo_dist.model.generation import Sampling
+
 JUDGE_INSTRUCTION = (
     "Compare two responses to the same prompt. Decide which response is better: more helpful, more accurate, "
     "better written and more appropriate. Length alone is not a reason to prefer a response."
 )
-
-
-@dataclass(frozen=True)
-class Sampling:
-    """How responses are sampled. The defaults sample from the model's own distribution (the only setting under
-    which the samples estimate the KL divergence)."""
-
-    max_new_tokens: int = 64
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
-    seed: int = 0
-
-    @property
-    def exact(self) -> bool:
-        """Whether samples come from the model's distribution itself (no temperature, top-p or top-k)."""
-        return self.temperature == 1.0 and self.top_p == 1.0 and self.top_k == 0
 
 
 @dataclass

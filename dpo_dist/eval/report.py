@@ -7,6 +7,9 @@ import json
 import os
 from typing import Any
 
+FOLDER = "eval"  # where launch/evaluate.py writes a run's report by default: <run>/eval
+RESULTS_FILE = "results.json"  # the results without the samples: write_report, read_results
+
 
 def markdown(results: dict[str, Any]) -> str:
     p, kl, g = results["preference"], results["kl"], results["generation"]
@@ -82,7 +85,7 @@ def write_report(results: dict[str, Any], out_dir: str, *, plot: bool = True) ->
     os.makedirs(out_dir, exist_ok=True)
     written = []
     summary = {k: v for k, v in results.items() if k != "samples"}
-    for name, text in (("results.json", json.dumps(summary, indent=2) + "\n"), ("results.md", markdown(results)),
+    for name, text in ((RESULTS_FILE, json.dumps(summary, indent=2) + "\n"), ("results.md", markdown(results)),
                        ("samples.jsonl", "".join(json.dumps(s) + "\n" for s in results["samples"]))):
         path = os.path.join(out_dir, name)
         with open(path + ".tmp", "w", encoding="utf-8") as handle:
@@ -94,3 +97,9 @@ def write_report(results: dict[str, Any], out_dir: str, *, plot: bool = True) ->
         plot_reward_vs_kl(results, path)
         written.append(path)
     return written
+
+
+def read_results(path: str) -> dict[str, Any]:
+    """The results :func:`write_report` wrote to ``path`` (a ``results.json``)."""
+    with open(path, encoding="utf-8") as handle:
+        return json.load(handle)

@@ -1,4 +1,5 @@
-"""The attention mask a packed batch needs, in the form this model's attention kernel and layer types take.
+"""The attention mask a packed batch needs (:func:`packed_mask`, the rule), in the form this model's attention kernel
+and layer types take.
 
 A 4D mask passed to a transformers model skips the model's own mask building, sliding windows included, so the
 mask must carry everything the model would have applied:
@@ -9,7 +10,7 @@ mask must carry everything the model would have applied:
   blocks), and skips the blocks no query sees. Flash attention takes no mask of ours: packing is refused for it.
 - **Layer types.** Mistral applies ``sliding_window`` in every layer (one mask). Qwen2/Qwen3 name each layer's type
   in ``config.layer_types`` (``full_attention``, ``sliding_attention``) and take a dict with a mask per type. Llama and
-  GPT-2 have full attention only. The window counts position ids (``dpo_dist.data.packing.packed_mask``).
+  GPT-2 have full attention only. The window counts position ids (:func:`packed_mask`).
 
 Packing runs only on the model types listed here, each tested against an unpadded forward with and without a
 sliding window (tests/test_exactness.py).
@@ -22,7 +23,7 @@ from typing import Any
 
 import torch
 
-from dpo_dist.data.packing import packed_mask, packed_mask_mod
+from dpo_dist.data.packing import PROMPT
 from dpo_dist.model import segmented_attention
 
 PACKING_KERNELS = ("sdpa", "eager", "flex_attention")
@@ -31,6 +32,42 @@ ONE_MASK = ("llama", "mistral", "gpt2")  # one mask for every layer (Mistral's c
 MASK_PER_LAYER_TYPE = ("qwen2", "qwen3")  # a dict {layer type: mask}
 PACKING_MODEL_TYPES = ONE_MASK + MASK_PER_LAYER_TYPE
 LAYER_TYPES = ("full_attention", "sliding_attention")
+
+
+def packed_mask(segment_ids: torch.Tensor, branch_ids: torch.Tensor, position_ids: torch.Tensor, *,
+                sliding_window: int | None = None) -> torch.Tensor:
+    """Which keys each query may attend to in packed rows: the same segment, at or before the query in the row,
+    in the prompt or in the query's own response, and (with a window) fewer than ``sliding_window`` positions back,
+    as transformers' ``sliding_window_overlay`` counts (``q - k < window``).
+
+    Padding tokens form one segment of their own, so each attends at least to itself (no all-masked row, no NaN).
+
+    Shape: segment_ids, branch_ids, position_ids (R, W) -> (R, 1, W, W) bool.
+    """
+    width = segment_ids.shape[1]
+    index = torch.arange(width, device=segment_ids.device)
+    causal = index[:, None] >= index[None, :]  # (W, W): key at or before the query in the row
+    same_segment = segment_ids[:, :, None] == segment_ids[:, None, :]
+    key_branch = branch_ids[:, None, :]
+    visible_branch = (key_branch == PROMPT) | (key_branch == branch_ids[:, :, None])
+    mask = same_segment & visible_branch & causal
+    if sliding_window is not None:
+        mask &= (position_ids[:, :, None] - position_ids[:, None, :]) < sliding_window
+    return mask[:, None]
+
+
+def packed_mask_mod(segment_ids: torch.Tensor, branch_ids: torch.Tensor, position_ids: torch.Tensor, *,
+                    sliding_window: int | None = None):
+    """:func:`packed_mask` as a FlexAttention ``mask_mod(batch, head, query, key) -> bool``, the same rule."""
+
+    def mask_mod(b, h, q, k):
+        visible = (segment_ids[b, q] == segment_ids[b, k]) & (k <= q)
+        visible = visible & ((branch_ids[b, k] == PROMPT) | (branch_ids[b, k] == branch_ids[b, q]))
+        if sliding_window is not None:
+            visible = visible & (position_ids[b, q] - position_ids[b, k] < sliding_window)
+        return visible
+
+    return mask_mod
 
 
 def base_model(model: Any) -> Any:

@@ -9,7 +9,7 @@ masked block. Given the batch's ``attention_spans``, :func:`segmented_attention`
   keys a ``prompt | second`` sequence gives those tokens, the first response left out;
 - a row's padding: one causal block, as the dense mask treats it (a segment of its own).
 
-A sliding window counts position ids, as :func:`dpo_dist.data.packing.packed_mask` does (where it could cut a block,
+A sliding window counts position ids, as :func:`dpo_dist.model.attention.packed_mask` does (where it could cut a block,
 that block gets an explicit mask). The result equals the dense mask's to fp32 rounding (the kernel sums other
 blocks in another order; tests/test_exactness.py), pads included.
 

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from dpo_dist.config import Config, load_config
+from dpo_dist.config import STATE_FILE, Config, load_config
 from dpo_dist.model.load import MODEL_FILES, load_base, load_tokenizer, resolve_dtype, resolve_source
 
 
@@ -26,7 +26,7 @@ def model_folder(path: str) -> str:
     for folder in (path, os.path.join(path, "model")):
         if any(os.path.isfile(os.path.join(folder, name)) for name in MODEL_FILES):
             return folder
-    if os.path.isfile(os.path.join(path, "trainer_state.json")):  # dpo_dist.train.checkpoint.STATE_FILE
+    if os.path.isfile(os.path.join(path, STATE_FILE)):
         raise FileNotFoundError(f"{path} is a training checkpoint, not a model folder: `python launch/push.py {path} "
                                 "REPO_ID` exports its weights to a model folder in it and pushes that")
     raise FileNotFoundError(

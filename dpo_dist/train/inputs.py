@@ -10,7 +10,7 @@ import torch
 
 from dpo_dist.config import SENTIMENT, Config
 from dpo_dist.data.collate import PreferenceCollator
-from dpo_dist.data.load import DataError, Part, auto_num_proc, check_rank_counts, load_train_eval
+from dpo_dist.data.load import DataError, auto_num_proc, check_rank_counts, data_source, load_configured_pairs
 from dpo_dist.data.sentiment import ensure_sentiment_data
 from dpo_dist.data.tokenization import Truncation, tokenize_pairs
 from dpo_dist.distributed import say
@@ -20,9 +20,15 @@ from dpo_dist.train.reference import precompute_reference, reference_fingerprint
 
 
 def model_identity(cfg: Config, source: str, dtype: str, accelerator: Any) -> dict | None:
-    """The digest of the model's weight files, on the main process and only where something is keyed by it (the
-    reference cache, the built-in sentiment set): hashing a large checkpoint on every rank would read it N times."""
-    if not accelerator.is_main_process or (cfg.reference.mode != "precomputed" and not cfg.data.uses_sentiment()):
+    """:func:`keyed_identity`, on the main process only: hashing a large checkpoint on every rank would read it N
+    times."""
+    return keyed_identity(cfg, source, dtype) if accelerator.is_main_process else None
+
+
+def keyed_identity(cfg: Config, source: str, dtype: str) -> dict | None:
+    """The digest of the model's weight files where something is keyed by it (the reference cache, the built-in
+    sentiment set), else None."""
+    if cfg.reference.mode != "precomputed" and not cfg.data.uses_sentiment():
         return None
     return cache.model_identity(source, revision=cfg.model.revision, dtype=dtype, quantization=cfg.model.quantization)
 
@@ -57,40 +63,23 @@ def sampling_model(cfg: Config, accelerator: Any, model: Any) -> Iterator[Callab
             set_hf_deepspeed_config(plugin.dschf)
 
 
-def data_source(cfg: Config) -> str | list[Part]:
-    """``data.source``, or the mixture ``data.sources`` as :class:`Part` entries."""
-    if not cfg.data.sources:
-        return cfg.data.source
-    return [Part(e.source, split=e.split, config_name=e.config_name, data_dir=e.data_dir, revision=e.revision,
-                 num_samples=e.num_samples, fraction=e.fraction, data_format=e.format) for e in cfg.data.sources]
-
-
 def load_pairs_for(cfg: Config, accelerator: Any, model: Any, tokenizer: Any, identity: dict,
                    stop_check: Callable[[], None] | None = None):
     """Train and eval pairs as in ``cfg.data``; the built-in sentiment set is built first (main process) if needed.
 
     Each node's local main process loads first (it writes the datasets cache), then the node's other processes read
     that cache, so nodes without a shared disk each prepare their own copy."""
-    d = cfg.data
-    source, eval_source = data_source(cfg), d.eval_source
-    eval_ratio = 0.0 if d.eval_source is not None or d.eval_split is not None else d.eval_ratio  # a given eval set wins
-    if source == SENTIMENT:
-        paths = None
+    paths = None
+    if data_source(cfg) == SENTIMENT:
         if accelerator.is_main_process:
             with sampling_model(cfg, accelerator, model) as sampler:
-                paths = ensure_sentiment_data(sampler, tokenizer, d.sentiment, identity, accelerator.device,
+                paths = ensure_sentiment_data(sampler, tokenizer, cfg.data.sentiment, identity, accelerator.device,
                                               cache_root(), stop_check)
         from accelerate.utils import broadcast_object_list
 
-        source, eval_source = broadcast_object_list([paths])[0]
-        eval_ratio = 0.0
-    hub = {"config_name": d.config_name, "data_dir": d.data_dir, "revision": d.revision} if isinstance(source, str) else {}
+        paths = broadcast_object_list([paths])[0]
     with accelerator.local_main_process_first():
-        train, eval_, reports = load_train_eval(
-            source, split=d.split, **hub, eval_source=eval_source, eval_split=d.eval_split, eval_ratio=eval_ratio,
-            num_samples=d.num_samples, seed=cfg.train.seed, data_format=d.data_format, on_bad_row=d.on_bad_row,
-            hh_as_messages=d.hh_as_messages, tokenizer=tokenizer, num_proc=d.num_proc,
-        )
+        train, eval_, reports = load_configured_pairs(cfg, tokenizer, sentiment=paths)
     for report in reports:
         say(accelerator, report.summary())
     return train, eval_

@@ -27,12 +27,15 @@ import torch
 
 from dpo_dist.config import STATS, Config, flatten, to_dict
 
+METRICS_FILE = "metrics.jsonl"  # one record per optimizer step: MetricsLog, read_metrics
+RUN_FILE = "run.json"  # {"pairs": {...}, "model_step": N, "model": "<which weights>"}: write_run_file, read_run_file
+
 
 class MetricsLog:
     """Appends records to ``<output_dir>/metrics.jsonl`` on the main process and forwards them to trackers."""
 
     def __init__(self, output_dir: str, accelerator: Any, *, resume_step: int = 0):
-        self.path = os.path.join(output_dir, "metrics.jsonl")
+        self.path = os.path.join(output_dir, METRICS_FILE)
         self.samples_path = os.path.join(output_dir, "samples.jsonl")
         self.accelerator = accelerator
         self.records: list[dict[str, Any]] = []
@@ -91,12 +94,19 @@ def keep_until(path: str, step: int) -> list[dict[str, Any]]:
 def write_run_file(output_dir: str, *, pairs: dict[str, Any], model_step: int, model: str) -> None:
     """``run.json``: the pair counts the run trained and evaluated on, and the step whose weights ``model/`` holds (the
     best one's under early stopping) with a line saying which; the model card reads it."""
-    from dpo_dist.model.card import RUN_FILE
-
     path = os.path.join(output_dir, RUN_FILE)
     with open(path + ".tmp", "w", encoding="utf-8") as handle:
         json.dump({"pairs": pairs, "model_step": model_step, "model": model}, handle, indent=1)
     os.replace(path + ".tmp", path)
+
+
+def read_run_file(output_dir: str) -> dict[str, Any]:
+    """What :func:`write_run_file` wrote in ``output_dir``; empty when it is not there (a run that did not finish)."""
+    path = os.path.join(output_dir, RUN_FILE)
+    if not os.path.isfile(path):
+        return {}
+    with open(path, encoding="utf-8") as handle:
+        return json.load(handle)
 
 
 class LineProgress:

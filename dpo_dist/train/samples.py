@@ -18,7 +18,7 @@ import torch
 
 from dpo_dist.config import Config
 from dpo_dist.distributed import fsdp_version, zero_stage
-from dpo_dist.model.generation import generate_responses
+from dpo_dist.model.generation import generate_responses, generation_config
 
 
 def held_out_prompts(eval_tok: Any, n: int) -> list[list[int]]:
@@ -46,17 +46,9 @@ def generate_samples(model: Any, tokenizer: Any, prompts: list[list[int]], cfg: 
                      step: int) -> list[dict[str, Any]]:
     """``{"step", "prompt", "completion"}`` for each prompt (decoded text, special tokens dropped). The training
     random state is left as it was: sampling draws from a forked generator seeded by ``train.seed`` and ``step``."""
-    from transformers import GenerationConfig
-
     t = cfg.train
-    eos = tokenizer.eos_token_id
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
-    sampled = t.sample_temperature > 0
-    config = GenerationConfig(
-        do_sample=sampled, temperature=t.sample_temperature if sampled else None, top_k=0 if sampled else None,
-        top_p=1.0 if sampled else None, max_new_tokens=t.sample_max_new_tokens, eos_token_id=eos, pad_token_id=pad,
-        use_cache=True,
-    )
+    config = generation_config(tokenizer, max_new_tokens=t.sample_max_new_tokens,
+                               temperature=t.sample_temperature if t.sample_temperature > 0 else None)
     sharded = bool(zero_stage(accelerator) == 3 or fsdp_version(accelerator))
     synced = sharded and accelerator.num_processes > 1
     was_training = model.training

@@ -43,7 +43,6 @@ from dpo_dist.distributed import (
 )
 from dpo_dist.model.attention import (FLEX_BLOCK, base_model, choose_attention_layout, choose_packing,
                                      flex_training_unsupported)
-from dpo_dist.model.card import write_card
 from dpo_dist.model.load import (
     Precision,
     base_config_values,
@@ -56,18 +55,13 @@ from dpo_dist.train.checkpoint import (
     ABANDONED,
     TrainState,
     adapter_only_checkpoints,
-    checkpoint_final_state,
-    drop_final_checkpoint,
     latest_checkpoint,
-    load_best_for_export,
     load_checkpoint,
     remove_partial_writes,
     save_checkpoint,
-    save_final_model,
     set_aside_later_checkpoints,
-    stopped_early,
-    track_best,
 )
+from dpo_dist.train.best import stopped_early, track_best
 from dpo_dist.train.checks import (
     TrainingError,
     check_combination,
@@ -75,6 +69,7 @@ from dpo_dist.train.checks import (
     check_output_locations,
     check_step,
 )
+from dpo_dist.train.final import checkpoint_final_state, drop_final_checkpoint, final_weights, save_final_model
 from dpo_dist.train.host_memory import describe_threshold, keep_freed_memory
 from dpo_dist.train.inputs import attach_reference, model_identity, tokenized_pairs
 from dpo_dist.train.metrics import (
@@ -360,15 +355,12 @@ def finish(run: Run) -> None:
     summary and plot."""
     t, accelerator = run.cfg.train, run.accelerator
     checkpoint_final_state(accelerator, t.output_dir, run.state, run.cfg)
-    step, exported = run.state.global_step, f"model/: the weights at step {run.state.global_step}, the last"
-    if t.early_stopping_patience:  # selection by metric: the best checkpoint's weights, whether or not it stopped early
-        step, exported = load_best_for_export(accelerator, run.state, t.output_dir, run.cfg)
-    say(accelerator, exported)
+    final = final_weights(accelerator, run.state, t.output_dir, run.cfg)  # the last step's, or the best checkpoint's
+    say(accelerator, final.said)
     save_final_model(accelerator, run.model, run.tokenizer, os.path.join(t.output_dir, "model"),
                      base_config=base_config_values(run.cfg))
-    if accelerator.is_main_process:  # the model card reads what the run wrote: run.json, metrics.jsonl, config.yaml
-        write_run_file(t.output_dir, pairs=run.counts, model_step=step, model=exported.removeprefix("model/: "))
-        write_card(os.path.join(t.output_dir, "model"), run=t.output_dir)
+    if accelerator.is_main_process:  # the model card (dpo_dist.publish.card) reads it, with metrics.jsonl and config.yaml
+        write_run_file(t.output_dir, pairs=run.counts, model_step=final.step, model=final.which)
     drop_final_checkpoint(accelerator, t.output_dir, run.state, run.cfg)
     records = run.metrics.whole()  # from step 1, also when this process resumed the run
     text = summary(records)

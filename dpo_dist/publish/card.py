@@ -1,7 +1,7 @@
-"""The model card: ``README.md`` with the Hub's YAML metadata, written beside the final model (by the trainer), a
-merged export (``launch/merge.py``), a checkpoint's weights (``<run>/checkpoint-N/model``, exported by
-``launch/push.py``: the card says step N, and shows the metrics up to it) and a folder ``launch/push.py`` uploads
-(unless it holds a card someone wrote).
+"""The model card: ``README.md`` with the Hub's YAML metadata, written beside the final model (``launch/train.py``
+once training has ended: :func:`write_run_card`), a merged export (``launch/merge.py``), a checkpoint's weights
+(``<run>/checkpoint-N/model``, exported by ``launch/push.py``: the card says step N, and shows the metrics up to it)
+and a folder ``launch/push.py`` uploads (unless it holds a card someone wrote).
 
     write_card("outputs/default/model")                                   # the run is the folder above
     write_card("elsewhere/merged", run="outputs/default", model_id="me/smollm2-dpo")
@@ -13,7 +13,9 @@ at or before it) and ``<run>/eval/results.json`` (``launch/evaluate.py``), shown
 the model its GGUF was made from), ``datasets`` (Hub datasets only), ``library_name`` (peft for an adapter, else
 transformers), ``tags`` (dpo, dpo-dist, lora), ``license``: the base's, read from its card (a local folder's
 README.md, or the Hub's README.md from the cache or, unless HF_HUB_OFFLINE is set, downloaded); when the base's card
-names none the key is left out and the text says so. Nothing here imports torch.
+names none the key is left out and the text says so. Each file is read through the stage that writes it:
+:func:`dpo_dist.config.load_config`, :mod:`dpo_dist.train.metrics` (``metrics.jsonl``, ``run.json``) and
+:mod:`dpo_dist.eval.report` (``results.json``).
 """
 
 from __future__ import annotations
@@ -25,11 +27,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from dpo_dist.config import CHECKPOINT_FOLDER, Config, flatten, get_key, load_config
+from dpo_dist.eval.report import FOLDER, RESULTS_FILE, read_results
 from dpo_dist.model.builtin import SMOLLM2, SMOLLM2_HUB_ID, SMOLLM2_LICENSE
+from dpo_dist.train.metrics import METRICS_FILE, RUN_FILE, read_metrics, read_run_file
 
 CARD = "README.md"
-RUN_FILE = "run.json"  # written by the trainer: {"pairs": {...}, "model_step": N, "model": "<which weights>"}
-EVAL_RESULTS = os.path.join("eval", "results.json")
+EVAL_RESULTS = os.path.join(FOLDER, RESULTS_FILE)
 DATA_FILE_ENDINGS = (".json", ".jsonl", ".jsonl.gz", ".parquet", ".csv", ".arrow")
 # Shown in the hyperparameter table (the whole config.yaml follows it).
 HYPERPARAMETERS = (
@@ -85,14 +88,8 @@ def read_run(run: str | None, *, checkpoint: int | None = None) -> RunFiles:
         files.cfg = load_config(path)
         with open(path, encoding="utf-8") as handle:
             files.config_text = handle.read()
-    path = os.path.join(run, "metrics.jsonl")
-    if os.path.isfile(path):
-        with open(path, encoding="utf-8") as handle:
-            files.records = [json.loads(line) for line in handle if line.strip()]
-    path = os.path.join(run, RUN_FILE)
-    if os.path.isfile(path):
-        with open(path, encoding="utf-8") as handle:
-            files.run = json.load(handle)
+    files.records = read_metrics(os.path.join(run, METRICS_FILE))
+    files.run = read_run_file(run)
     if checkpoint is not None:
         files.records = [r for r in files.records if r["step"] <= checkpoint]
         files.run = {**files.run, "model_step": checkpoint,
@@ -108,8 +105,7 @@ def read_run(run: str | None, *, checkpoint: int | None = None) -> RunFiles:
         if os.path.getmtime(path) < written:
             files.results_skipped = f"{EVAL_RESULTS} is older than model/ (it evaluated other weights): not shown"
         else:
-            with open(path, encoding="utf-8") as handle:
-                files.results = json.load(handle)
+            files.results = read_results(path)
     return files
 
 
@@ -372,3 +368,9 @@ def write_card(folder: str, *, run: str | None = None, model_id: str | None = No
         handle.write(text)
     os.replace(path + ".tmp", path)
     return path
+
+
+def write_run_card(run: str) -> str:
+    """The card of a finished run's ``model/``: what ``launch/train.py`` writes on the main process once training
+    has ended (the trainer, stage 3, writes ``model/`` and ``run.json``; the card reports on them from here)."""
+    return write_card(os.path.join(run, "model"), run=run)

@@ -1,7 +1,6 @@
-"""Ship a trained model: merge a LoRA adapter into its full-precision base, and push a folder to the Hub.
+"""A LoRA adapter merged into its full-precision base: one ordinary model, in the base's dtype by default.
 
-    merge_adapter("outputs/default", "outputs/default/merged")                  # in the base's dtype, + tokenizer, card
-    push_to_hub("outputs/default/merged", "my-name/smollm2-dpo-sentiment")      # needs the network and a token
+    merged, trained = merged_model("outputs/default")          # dpo_dist.publish.export.merge_adapter saves it, + card
 
 The base is loaded in full precision even when the adapter was trained on a 4-bit base (QLoRA): merging into
 de-quantized 4-bit weights would bake their rounding error into every weight. The adapter's low-rank update was
@@ -9,8 +8,8 @@ learned against the quantized base, so the merged model matches the adapter on t
 4-bit-trained model within quantization tolerance. The merge is done in fp32 and the result is then cast to
 ``dtype``: by default the base's own (its config's ``dtype``, else that of its weights), since rounding to a
 narrower one can undo a short fine-tune (on SmolLM2-135M, bf16 rounding moved logits by up to 1.34, more than the
-short fine-tune itself had moved them, 0.98). The merged config keeps the base's ``use_cache`` and dropout settings, which loading for
-training turns off.
+short fine-tune itself had moved them, 0.98). The merged config keeps the base's ``use_cache`` and dropout settings,
+which loading for training turns off.
 """
 
 from __future__ import annotations
@@ -18,18 +17,13 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
 from typing import Any
 
-from dpo_dist.model.card import CARD, find_run, replaceable_card, write_card
 from dpo_dist.model.load import RESTORED_CONFIG
+from dpo_dist.model.trained import Trained
 
 logger = logging.getLogger(__name__)
 SAVED_DTYPES = ("bfloat16", "float16", "float32")
-
-
-class HubLoginError(RuntimeError):
-    """No Hugging Face token: the message says how to log in."""
 
 
 def base_dtype(config: dict[str, Any], source: str) -> tuple[str, str]:
@@ -59,10 +53,10 @@ def weights_dtype(folder: str) -> str | None:
     return None
 
 
-def merge_adapter(run: str, out: str, *, base: str | None = None, dtype: str | None = None) -> Any:
-    """Merge the adapter of ``run`` (a run's output folder or an adapter folder) into its base and save model,
-    tokenizer and model card to ``out`` in ``dtype`` (default: the base's; logged) (written to ``out.tmp`` and renamed
-    when complete). Returns the merged model."""
+def merged_model(run: str, *, base: str | None = None, dtype: str | None = None) -> tuple[Any, Trained]:
+    """The adapter of ``run`` (a run's output folder or an adapter folder) merged into its base, in ``dtype``
+    (default: the base's; logged), its config with the base's ``use_cache`` and dropout; and the run's model as
+    loaded (its tokenizer, folder). A full model is a ValueError: there is nothing to merge."""
     import torch
     from transformers import AutoConfig
 
@@ -82,48 +76,4 @@ def merge_adapter(run: str, out: str, *, base: str | None = None, dtype: str | N
     for key in RESTORED_CONFIG:
         if key in base_config:
             setattr(merged.config, key, base_config[key])
-    tmp = out + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    merged.save_pretrained(tmp)
-    trained.tokenizer.save_pretrained(tmp)
-    run_folder = find_run(trained.folder)
-    write_card(tmp, run=run_folder, model_id=out, kind="merged")
-    shutil.rmtree(out, ignore_errors=True)
-    os.replace(tmp, out)
-    return merged
-
-
-def hub_token(token: str | None = None) -> str:
-    """``token``, or the one ``hf auth login`` saved or HF_TOKEN holds; a :class:`HubLoginError` if none."""
-    import huggingface_hub
-
-    token = token or huggingface_hub.get_token()
-    if not token:
-        raise HubLoginError("no Hugging Face token: log in with `hf auth login` (or `huggingface-cli login`), or set "
-                            "HF_TOKEN to a token with write access")
-    return token
-
-
-def push_to_hub(folder: str, repo_id: str, *, private: bool = False, revision: str | None = None,
-                commit_message: str | None = None, token: str | None = None, api: Any = None) -> str:
-    """Upload a model or adapter folder (with its tokenizer) to the Hub repository ``repo_id``, creating it if needed,
-    and the branch ``revision`` if given. A model card is written into the folder first when it has none (or only
-    peft's blank template). Returns the repository's URL. ``api`` is a ``huggingface_hub.HfApi`` (made from the
-    token if not given); no token is a :class:`HubLoginError`, before anything is written or sent."""
-    token = hub_token(token)  # first: without one, nothing is loaded, written or sent
-    from dpo_dist.model.trained import is_adapter, model_folder
-
-    folder = model_folder(folder)
-    if replaceable_card(os.path.join(folder, CARD)):
-        write_card(folder, model_id=repo_id)
-    if api is None:
-        from huggingface_hub import HfApi
-
-        api = HfApi(token=token)
-    url = api.create_repo(repo_id, private=private, exist_ok=True)
-    if revision is not None:
-        api.create_branch(repo_id, branch=revision, exist_ok=True)
-    kind = "LoRA adapter" if is_adapter(folder) else "model"
-    api.upload_folder(folder_path=folder, repo_id=repo_id, revision=revision,
-                      commit_message=commit_message or f"Upload DPO-trained {kind} (dpo-dist)")
-    return str(url)
+    return merged, trained

@@ -1,4 +1,5 @@
-"""The single-device fallback: a launch that asks for sharding on a machine with one device trains QLoRA there.
+"""Launch policy: the single-device fallback, by which a launch that asks for sharding on a machine with one device
+trains QLoRA there.
 
 A recipe written for a cluster (``accelerate launch --config_file accelerate_configs/zero3.yaml ...``) taken to a
 workstation with one GPU, or to a laptop, would otherwise crash (two processes on one GPU), or shard nothing and run
@@ -11,6 +12,9 @@ says so in one line:
 - the same global batch: gradient accumulation is multiplied by the processes that were asked for.
 
 ``train.single_device_fallback=false`` runs the launch as given instead.
+
+It rewrites this process's environment (the survivor becomes a plain single process) and sends the launcher's other
+processes away, before any stage runs: launch policy, so it sits at the top beside ``distributed``, not in a stage.
 """
 
 from __future__ import annotations
