@@ -9,6 +9,9 @@ setup(
     license="Apache-2.0",
     packages=find_packages(include=["dpo_dist", "dpo_dist.*"]),
     python_requires=">=3.10",
+    # Compatible ranges, for installing dpo-dist into an environment of your own. The versions the whole suite passed
+    # with are constraints.txt (the README's commands install exactly those); .ci/newest.sh tries today's releases.
+    # An upper bound goes here, with the reason beside it, only where a release is known to break dpo-dist.
     install_requires=[
         "torch>=2.3",
         "transformers>=4.56",
