@@ -8,10 +8,43 @@ sys.path.insert(0, os.path.dirname(__file__))
 HH_DIR = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "hh-rlhf")
 
 
+# A test that takes more than SLOW_S on the 2-core machine is marked slow, so that `pytest -m "not slow"` answers in
+# minutes. An unmarked test that takes more than UNMARKED_LIMIT_S (its setup included: a fixture it pays for) fails
+# and says so: the margin over SLOW_S is for a shared, noisy machine, not for tests that are slow everywhere.
+SLOW_S = 5.0
+UNMARKED_LIMIT_S = 15.0
+# Every test that launches processes or a SLURM cluster is slow by what it does.
+SLOW_BY_MARKER = ("multiprocess", "slurm")
+
+
 def pytest_configure(config):
+    config.addinivalue_line("markers", f"slow: takes more than {SLOW_S:g} s on a 2-core machine (-m 'not slow': the fast tier)")
     config.addinivalue_line("markers", "hh_rlhf: needs the real HH-RLHF test splits at ../shared/data/hh-rlhf")
     config.addinivalue_line("markers", "multiprocess: launches several processes")
     config.addinivalue_line("markers", "slurm: runs jobs on a local SLURM cluster (slurm/local_cluster.sh; needs root or the packages)")
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if any(item.get_closest_marker(name) for name in SLOW_BY_MARKER):
+            item.add_marker(pytest.mark.slow)
+
+
+SETUP_S = pytest.StashKey[float]()
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """Fail an unmarked test that took more than UNMARKED_LIMIT_S, from pytest's own durations (setup and call)."""
+    report = (yield).get_result()
+    if report.when == "setup":
+        item.stash[SETUP_S] = report.duration
+    elif report.when == "call" and report.passed and not item.get_closest_marker("slow"):
+        took = item.stash.get(SETUP_S, 0.0) + report.duration
+        if took > UNMARKED_LIMIT_S:
+            report.outcome = "failed"
+            report.longrepr = (f"{item.nodeid} took {took:.1f} s (setup and call) and is not marked slow: mark it "
+                               f"@pytest.mark.slow (anything over {SLOW_S:g} s), or make it faster")
 
 
 @pytest.fixture

@@ -79,6 +79,7 @@ class Terminal:
             self.process.kill()
 
 
+@pytest.mark.slow
 def test_interactive_chat_streams_answers_keeps_history_and_resets(adapter_dir):
     first, second = "hello there", "and the bread?"
     answer1 = expected_answer(adapter_dir, [{"role": "user", "content": first}])
@@ -106,6 +107,7 @@ def test_interactive_chat_streams_answers_keeps_history_and_resets(adapter_dir):
         term.close()
 
 
+@pytest.mark.slow
 def test_one_prompt_answers_and_exits(adapter_dir):
     done = subprocess.run([sys.executable, CHAT, str(adapter_dir / "adapter"), "--base", str(adapter_dir / "base"),
                            "--greedy", "--max_new_tokens", str(MAX_NEW), "--prompt", "hello there"],
@@ -114,6 +116,7 @@ def test_one_prompt_answers_and_exits(adapter_dir):
     assert done.stdout.rstrip("\n") == expected_answer(adapter_dir, [{"role": "user", "content": "hello there"}])
 
 
+@pytest.mark.slow
 def test_sampling_options_are_seeded_and_bad_folders_are_named(adapter_dir, tmp_path):
     argv = [sys.executable, CHAT, str(adapter_dir / "adapter"), "--base", str(adapter_dir / "base"), "--prompt", "hi",
             "--temperature", "1.5", "--top_k", "20", "--max_new_tokens", "12", "--seed", "7"]

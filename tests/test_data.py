@@ -408,6 +408,7 @@ print(len(pairs), anon() - before, peak[0] - before)
 """
 
 
+@pytest.mark.slow
 def test_loading_a_parquet_file_takes_bounded_memory(tmp_path):
     """Rows stay in Arrow (memory-mapped), not in Python objects; reading the parquet file does not keep what it
     read (Arrow's default pre-buffering kept every row group's column chunks: 3.1 GiB of memory for a 2.15 GiB file

@@ -34,6 +34,7 @@ def launch_zero(stage, tiny_model_dir, data_file, out, config=None, env=None, **
     return result
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
 @pytest.mark.parametrize("stage", [2, 3])
 def test_zero_trajectory_equals_one_process(stage, lora, one_process, tiny_model_dir, data_file, tmp_path,
@@ -67,6 +68,7 @@ def test_zero_trajectory_equals_one_process(stage, lora, one_process, tiny_model
                                    atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_zero3_resume_equals_uninterrupted(tiny_model_dir, data_file, tmp_path):
     """Run 6 steps with checkpoints at 3 and 6; then take the run back to checkpoint-3 and resume: steps 4-6 repeat
     exactly (DeepSpeed's sharded optimizer and parameters, scheduler, RNG, data position all restored), and so do the
@@ -92,6 +94,7 @@ def test_zero3_resume_equals_uninterrupted(tiny_model_dir, data_file, tmp_path):
         export_checkpoint(str(out / "checkpoint-3"))  # what launch/push.py does first: refused, the final model named
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("lora", [False, True], ids=["full-second-sharded-model", "lora-adapters-off"])
 def test_zero3_online_reference_equals_one_process(lora, one_process, tiny_model_dir, data_file, tmp_path):
     """The online reference under ZeRO-3 (no precompute): the trajectory of the precomputed single-process run."""
@@ -101,6 +104,7 @@ def test_zero3_online_reference_equals_one_process(lora, one_process, tiny_model
     assert_same_trajectory(one_process[lora][0], read_jsonl(out / "metrics.jsonl"), atol=1e-4)
 
 
+@pytest.mark.slow
 def test_a_non_finite_loss_stops_before_deepspeed_steps(tiny_model_dir, data_file, tmp_path):
     """Under DeepSpeed, accelerate's backward at the last micro-batch steps the engine, so the loss is checked before
     that backward: at the NaN step 2 the engine never steps (1 engine step for 2 train steps), the weights stay as
@@ -122,6 +126,7 @@ def test_a_non_finite_loss_stops_before_deepspeed_steps(tiny_model_dir, data_fil
         assert f"Last checkpoint: {out / 'checkpoint-1'}" in found["message"]
 
 
+@pytest.mark.slow
 def test_zero3_offload_equals_one_process(one_process, tiny_model_dir, data_file, tmp_path):
     """accelerate_configs/zero3_offload.yaml (optimizer state and parameters in CPU memory) runs and computes what
     one process does."""
@@ -131,6 +136,7 @@ def test_zero3_offload_equals_one_process(one_process, tiny_model_dir, data_file
     assert_same_trajectory(one_process[False][0], read_jsonl(out / "metrics.jsonl"), atol=1e-4)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stage", [2, 3])
 def test_zero_with_gradient_accumulation_equals_one_process(stage, one_process, tiny_model_dir, data_file, tmp_path):
     """2 per device x 2 accumulation x 2 processes: the global batch of 8 one process takes at once, the same steps
@@ -141,6 +147,7 @@ def test_zero_with_gradient_accumulation_equals_one_process(stage, one_process, 
     assert_same_trajectory(one_process[False][0], read_jsonl(out / "metrics.jsonl"), atol=1e-4)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(importlib.util.find_spec("vaderSentiment") is None, reason="the built-in set needs vadersentiment")
 def test_builtin_sentiment_set_is_built_under_zero3(tiny_model_dir, tmp_path):
     """The default data under ZeRO-3 (the model loaded partitioned): the main process samples the set from an

@@ -17,6 +17,7 @@ pytestmark = pytest.mark.skipif(
 )
 
 
+@pytest.mark.slow
 def test_default_recipe_runs_a_few_steps(tmp_path):
     """The defaults with a smaller sentiment set and 2 steps: converts SmolLM2 (once), builds pairs, trains."""
     out = tmp_path / "out"

@@ -272,6 +272,7 @@ def error_lines(stderr):
             if line.strip() and not re.match(r"^\[?\d{4}-\d\d-\d\d ", line) and "Warning" not in line]
 
 
+@pytest.mark.slow
 def test_launch_unwritable_cache_dir_is_one_line_and_status_2(tiny_model_dir, data_file, tmp_path):
     blocker = tmp_path / "a-file"
     blocker.write_text("")
@@ -283,6 +284,7 @@ def test_launch_unwritable_cache_dir_is_one_line_and_status_2(tiny_model_dir, da
                                           f"({blocker} is a file); set reference.cache_dir to a writable folder"]
 
 
+@pytest.mark.slow
 def test_launch_full_disk_at_a_checkpoint_is_one_line_and_status_1(tiny_model_dir, data_file, tmp_path):
     """Through launch/train.py (tests/full_disk_launch.py makes checkpoint-4's torch.save fail as on a full disk):
     exit status 1 and one line on stderr instead of torch's C++ traceback."""

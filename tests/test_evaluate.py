@@ -213,6 +213,7 @@ def trained_run(tiny_model_dir, data_file, tmp_path_factory):
     return lora_run(tiny_model_dir, data_file, tmp_path_factory.mktemp("evaluate") / "run")
 
 
+@pytest.mark.slow
 def test_evaluate_reproduces_the_trainers_eval_and_writes_the_report(trained_run):
     out = trained_run
     done = evaluate_cli(out, "--judge", "sentiment", "--samples_per_prompt", 3, "--max_new_tokens", 8)
@@ -248,6 +249,7 @@ def test_evaluate_reproduces_the_trainers_eval_and_writes_the_report(trained_run
     assert f"| {w['win_rate']:.3f} | {w['ci_low']:.3f}–{w['ci_high']:.3f} | {w_low:.3f}–{w_high:.3f} |" in done.stdout
 
 
+@pytest.mark.slow
 def test_evaluate_with_an_llm_judge(trained_run, tiny_model_dir, tmp_path):
     done = evaluate_cli(trained_run, "--judge", f"llm:{tiny_model_dir}", "--num_prompts", 3, "--samples_per_prompt", 2,
                         "--max_new_tokens", 5, "--out", tmp_path)
@@ -260,6 +262,7 @@ def test_evaluate_with_an_llm_judge(trained_run, tiny_model_dir, tmp_path):
     assert "picked the response shown first" in open(tmp_path / "results.md").read()
 
 
+@pytest.mark.slow
 def test_an_unchanged_model_has_zero_kl_and_ties_everywhere(tiny_model_dir, data_file, tmp_path):
     """Learning rate 0: the adapter is still the identity, so the trained model is the base. Sampled with the same
     random numbers, every response pair is identical: KL exactly 0, every comparison a tie, win rate 0.5."""
@@ -275,6 +278,7 @@ def test_an_unchanged_model_has_zero_kl_and_ties_everywhere(tiny_model_dir, data
     assert results["preference"]["margin"] == 0.0
 
 
+@pytest.mark.slow
 def test_evaluate_errors_name_the_problem(tmp_path, tiny_model_dir):
     done = evaluate_cli(tmp_path)
     assert done.returncode == 1 and "no model here" in done.stderr
@@ -282,6 +286,7 @@ def test_evaluate_errors_name_the_problem(tmp_path, tiny_model_dir):
     assert done.returncode == 1 and "no config.yaml" in done.stderr
 
 
+@pytest.mark.slow
 def test_evaluate_a_fully_fine_tuned_model_against_its_base(tiny_model_dir, data_file, tmp_path):
     out = tmp_path / "run"
     reset_accelerate_state()
@@ -343,6 +348,7 @@ def test_builtin_set_records_every_held_out_prompt_and_evaluation_samples_them_a
     assert [r["prompt"] for r in read_jsonl(prompts_path(paths))] == held_out
 
 
+@pytest.mark.slow
 def test_a_run_without_eval_split_is_evaluated_on_prompts_it_is_given(tiny_model_dir, data_file, tmp_path):
     out = tmp_path / "run"
     reset_accelerate_state()

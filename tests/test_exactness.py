@@ -109,6 +109,7 @@ KERNEL_LAYOUTS = [(k, layout) for k in PACKING_KERNELS for layout in LAYOUTS
                   if k == "sdpa" or not layout.startswith("segmented")]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kernel,layout", KERNEL_LAYOUTS, ids=[f"{k}-{layout}" for k, layout in KERNEL_LAYOUTS])
 @pytest.mark.parametrize("model_type,window", MODELS, ids=[f"{m}-window{w}" if w else m for m, w in MODELS])
 def test_log_probs_equal_an_unpadded_forward(model_type, window, kernel, layout):

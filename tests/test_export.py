@@ -60,6 +60,7 @@ def merge(*args):
     return subprocess.run([sys.executable, MERGE, *map(str, args)], capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.slow
 def test_merged_model_gives_the_adapter_models_logits(run_dir):
     done = merge(run_dir / "run", "--dtype", "float32", "--out", run_dir / "merged32")
     assert done.returncode == 0, done.stderr
@@ -79,6 +80,7 @@ def saved_dtypes(folder):
         return {weights.get_tensor(k).dtype for k in weights.keys()}
 
 
+@pytest.mark.slow
 def test_default_merge_keeps_the_base_dtype_and_config_next_to_the_run(run_dir):
     """The base says float32 and use_cache true: so does the merged model (loading for training sets use_cache false),
     the log says which dtype and why, and the merged logits are the adapter model's exactly (no rounding)."""
@@ -122,6 +124,7 @@ def test_bfloat16_merge_on_request(run_dir, caplog):
     assert (merged_logits(run_dir / "base") - expected).abs().max().item() > 3 * bound, "the bound tells merged from base"
 
 
+@pytest.mark.slow
 def test_merge_errors_name_the_problem(run_dir, tmp_path):
     done = merge(tmp_path)
     assert done.returncode == 1 and "no model here" in done.stderr

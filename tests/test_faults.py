@@ -132,6 +132,7 @@ LAUNCHED = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("overrides, message", LAUNCHED, ids=[case[0][0] for case in LAUNCHED])
 def test_launch_prints_one_line_and_exits_2(tmp_path, overrides, message):
     """A setting that cannot work is one line naming the key and status 2, because otherwise it surfaces deep in a

@@ -154,6 +154,7 @@ def test_quantized_base_under_fsdp_is_refused():
     check_combination(cfg, 0, 0)  # fine unsharded
 
 
+@pytest.mark.slow
 def test_lm_head_of_a_fully_sharded_model_counts_as_sharded_after_a_no_grad_forward(tmp_path):
     """A unit that is not resharded after its forward holds the plain gathered weight from a forward without grad
     until the next backward: the head's weight alone no longer shows the sharding, the model does. (One process

@@ -48,6 +48,7 @@ def step_faults(mode: str) -> tuple[str, float]:
     return kept, float(faults)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(host_memory.glibc() is None,
                     reason="keep_freed_memory tunes glibc's malloc; this process's malloc is not glibc's")
 def test_a_step_faults_in_no_fresh_pages_once_freed_memory_is_kept():

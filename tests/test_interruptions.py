@@ -15,6 +15,7 @@ from training import ROOT, accelerate_launch, assert_same_trajectory, overrides,
 SETTINGS = {"lora.enabled": False, "train.per_device_batch_size": 8, "train.max_steps": 6, "train.save_every": 2}
 
 
+@pytest.mark.slow
 def test_killed_during_a_checkpoint_write_the_previous_one_stays(tiny_model_dir, data_file, tmp_path, capsys):
     """SIGKILL while checkpoint-4 is being written (``slow_checkpoint_launch.py`` stops inside its write): checkpoint-2
     is still the latest complete one, and the run resumes from it to the uninterrupted trajectory. The half-written

@@ -60,6 +60,7 @@ def wait_for_trainers(run_dir, processes: int, timeout: float = 180) -> list[int
     return [int(p.read_text()) for p in paths]
 
 
+@pytest.mark.slow
 def test_a_signal_while_the_builtin_set_is_sampled_stops_within_a_token(tiny_model_dir, data_file, tmp_path,
                                                                         monkeypatch):
     """SIGTERM while the built-in sentiment set is sampled (minutes on a CPU; it used to run on for the rest of the
@@ -104,6 +105,7 @@ def test_a_signal_to_what_we_started_checkpoints_and_stops(launch, sig, tiny_mod
         assert process.returncode == PREEMPTED_EXIT_CODE
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("launch", ["python", "accelerate"])
 def test_a_signal_during_the_reference_precompute_stops_cleanly(launch, tiny_model_dir, data_file, tmp_path):
     """SIGUSR1 while the reference log-probs are computed (before any step): a clean stop at the next batch, with a
@@ -207,6 +209,7 @@ def test_the_trainer_writes_where_its_launcher_wrote_once_it_is_gone(pipes, tmp_
                                             "trainer: after the launcher died (SIGTERM)"], log.read_text()
 
 
+@pytest.mark.slow
 def test_a_stop_whose_output_reader_is_gone_still_exits_75(tiny_model_dir, data_file, tmp_path):
     """stderr is a pipe whose reader closes it during the run (a dead launcher or pager that this process was not
     moved away from): the trainer still checkpoints and exits with 75, not 1 from a failed write of its last line

@@ -156,6 +156,7 @@ def test_collator_labels_mask_prompt_and_padding(side):
         assert batch["position_ids"][row][mask].tolist() == list(range(len(tokens)))
 
 
+@pytest.mark.slow
 @pytest.mark.hh_rlhf
 @pytest.mark.parametrize("kind", TOKENIZERS)
 def test_real_hh_pairs_keep_every_invariant(hh_dir, kind):

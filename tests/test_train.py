@@ -287,6 +287,7 @@ def test_bad_config_exits_nonzero_naming_the_key():
     assert result.returncode == 2 and "train.max_steps: 'ten' is not int or null" in result.stderr
 
 
+@pytest.mark.slow
 def test_bad_data_exits_nonzero_naming_the_row(tiny_model_dir, tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"prompt": "p", "chosen": " a", "rejected": " b"}) + "\n"
@@ -308,6 +309,7 @@ def test_help_lists_every_option():
         assert key in result.stdout
 
 
+@pytest.mark.slow
 def test_the_launch_warning_is_the_one_the_readme_explains_and_the_shipped_config_silences_it(tmp_path):
     """With no accelerate config on the machine (HF_HOME empty), plain `accelerate launch` lists the four launcher
     values it defaulted (the README says what they mean); --config_file accelerate_configs/single_process.yaml sets
@@ -328,6 +330,7 @@ def test_the_launch_warning_is_the_one_the_readme_explains_and_the_shipped_confi
     assert "not passed" not in quiet.stdout + quiet.stderr
 
 
+@pytest.mark.slow
 def test_accelerate_launch_on_cpu_uses_every_core(tiny_model_dir, data_file, tmp_path):
     """Plain `accelerate launch` sets OMP_NUM_THREADS=1 without GPUs; the trainer gives one process all the CPUs."""
     command = accelerate_launch("--num_processes", "1", os.path.join(ROOT, "launch", "train.py"),
@@ -559,6 +562,7 @@ logging.getLogger("dpo_dist.train").error("rank-specific trouble")
 """
 
 
+@pytest.mark.slow
 def test_non_main_ranks_are_quiet_and_warnings_are_one_line_once():
     """Rank 0 shows our INFO and each library's notice once, a Python warning on one line, but not other libraries'
     INFO; another rank only its errors (every process printed the same FutureWarnings and notices: nodes x processes

@@ -1,0 +1,66 @@
+"""The test tiers: `pytest -m "not slow"` answers in minutes because every test over conftest.SLOW_S is marked slow,
+and an unmarked test that runs past conftest.UNMARKED_LIMIT_S fails, naming itself. Checked on a small inner session
+that runs the project's conftest hooks with the limit at 0.1 s."""
+
+import os
+
+pytest_plugins = "pytester"
+
+TESTS = os.path.dirname(os.path.abspath(__file__))
+
+INNER_CONFTEST = f"""
+import importlib.util
+
+spec = importlib.util.spec_from_file_location("project_conftest", {os.path.join(TESTS, "conftest.py")!r})
+project = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(project)
+project.UNMARKED_LIMIT_S = 0.1
+pytest_configure = project.pytest_configure
+pytest_collection_modifyitems = project.pytest_collection_modifyitems
+pytest_runtest_makereport = project.pytest_runtest_makereport
+"""
+
+INNER_TESTS = """
+import time
+
+import pytest
+
+
+@pytest.fixture
+def slow_setup():
+    time.sleep(0.15)
+
+
+def test_quick():
+    pass
+
+
+def test_sleepy():
+    time.sleep(0.15)
+
+
+def test_quick_with_a_slow_fixture(slow_setup):
+    pass
+
+
+@pytest.mark.slow
+def test_sleepy_marked():
+    time.sleep(0.15)
+
+
+@pytest.mark.multiprocess
+def test_sleepy_multiprocess():
+    time.sleep(0.15)
+"""
+
+
+def test_an_unmarked_test_over_the_limit_fails_and_marked_ones_are_left_out_of_the_fast_tier(pytester):
+    pytester.makeconftest(INNER_CONFTEST)
+    pytester.makepyfile(test_inner=INNER_TESTS)
+    everything = pytester.runpytest_inprocess("-q", "-p", "no:cacheprovider")
+    everything.assert_outcomes(passed=3, failed=2)
+    failed = {r.nodeid.split("::")[1] for r in everything.reprec.getfailures() if r.when == "call"}
+    assert failed == {"test_sleepy", "test_quick_with_a_slow_fixture"}
+    assert "is not marked slow: mark it @pytest.mark.slow" in everything.stdout.str()
+    fast = pytester.runpytest_inprocess("-q", "-p", "no:cacheprovider", "-m", "not slow")
+    fast.assert_outcomes(passed=1, failed=2, deselected=2)
