@@ -9,6 +9,7 @@ or torch (tests/test_layout.py, tests/test_package.py).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 
 
