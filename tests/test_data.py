@@ -436,8 +436,8 @@ def test_loading_a_parquet_file_takes_bounded_memory(tmp_path):
     # A sampled peak can only miss the true one (the watcher thread not scheduled at the top), and our scan's peak
     # can only be raised by what the allocator happens to keep; so the best estimate of each is the highest
     # pre-buffered peak and the lowest of ours over a few alternating tries. One try is usually enough (measured, MiB
-    # left behind and peak: ours 39-50 and 66-108, pre-buffered 32-41 and 117-140); a busy machine once gave a
-    # single try 95.6 against 90.8, so up to three are taken before the gap is judged.
+    # left behind and peak: ours 39-50 and 66-108, pre-buffered 32-41 and 117-140), but on a busy machine a single
+    # try's two peaks can come within a few MiB of each other, so up to three are taken before the gap is judged.
     for attempt in range(3):
         for mode in ("ours", "pre_buffer"):
             env = dict(os.environ, HF_DATASETS_CACHE=str(tmp_path / f"cache-{mode}-{attempt}"),
