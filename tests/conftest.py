@@ -28,6 +28,27 @@ def pytest_collection_modifyitems(items):
     for item in items:
         if any(item.get_closest_marker(name) for name in SLOW_BY_MARKER):
             item.add_marker(pytest.mark.slow)
+    items.sort(key=module_rank(items))
+
+
+def module_rank(items):
+    """The modules longest first. Under xdist (the README's ``-n auto``) a worker takes a whole module at a time, in
+    the order collected (pytest.ini: ``--dist loadfile --no-loadscope-reorder``), so the module fixtures are built
+    once; a long module taken last would run alone at the end. Its markers say how long a module takes: a SLURM
+    cluster, then launches of several processes (the more, the longer), then other slow tests. Sorting is stable:
+    the tests of a module keep their order."""
+    counts = {}
+    for item in items:
+        module = counts.setdefault(item.nodeid.split("::")[0], [0, 0, 0])
+        for index, name in enumerate(("slurm", "multiprocess", "slow")):
+            module[index] -= bool(item.get_closest_marker(name))
+    return lambda item: counts[item.nodeid.split("::")[0]]
+
+
+def pytest_xdist_auto_num_workers(config):
+    """``-n auto``: a worker per two CPUs, at least two. Each launch test starts two trainer processes; on the 2-core
+    machine two workers still finish the suite sooner than one (the in-process tests use about one core)."""
+    return max(2, len(os.sched_getaffinity(0)) // 2)
 
 
 SETUP_S = pytest.StashKey[float]()

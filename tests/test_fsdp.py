@@ -47,14 +47,33 @@ def exported_logits(folder, tiny_model_dir, lora):
         return model(torch.tensor([[5, 6, 7, 8, 9, 10, 11]])).logits
 
 
+def sharded_settings(lora):
+    """``STEPS`` with checkpoints at steps 2 and 4 and the final one at 5, all kept (the resume test goes back to
+    checkpoint-2); LoRA lays attention out segment by segment, as the one process's auto picks."""
+    layout = {"train.attention_layout": "segmented"} if lora else {}
+    return {**STEPS, "train.save_every": 2, "train.keep_last": 3, "lora.enabled": lora, **layout}
+
+
+@pytest.fixture(scope="module")
+def sharded_run(tiny_model_dir, data_file, tmp_path_factory):
+    """The 2-process FSDP2 run of ``STEPS`` (full fine-tuning or LoRA), launched once for the tests that check it:
+    ``sharded_run(lora)`` is its launch result and output folder."""
+    runs = {}
+
+    def get(lora):
+        if lora not in runs:
+            out = tmp_path_factory.mktemp(f"fsdp-lora{lora}") / "out"
+            runs[lora] = launch_fsdp(tiny_model_dir, data_file, out, **sharded_settings(lora)), out
+        return runs[lora]
+
+    return get
+
+
 @pytest.mark.multiprocess
 @pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
-def test_fsdp_trajectory_equals_one_process(lora, one_process, tiny_model_dir, data_file, tmp_path):
+def test_fsdp_trajectory_equals_one_process(lora, one_process, sharded_run, tiny_model_dir):
     records, single_out = one_process[lora]
-    out = tmp_path / "out"
-    # LoRA lays attention out segment by segment, the one process as auto picks
-    layout = {"train.attention_layout": "segmented"} if lora else {}
-    result = launch_fsdp(tiny_model_dir, data_file, out, **STEPS, **{"lora.enabled": lora}, **layout)
+    result, out = sharded_run(lora)
     assert "packing: on" in result.stdout, result.stdout[-2000:]  # the LM head runs inside the forward
     assert ("attention: segmented (" in result.stdout) == lora, result.stdout[-2000:]
     assert_same_trajectory(records, read_jsonl(out / "metrics.jsonl"), atol=1e-4)
@@ -71,20 +90,20 @@ def test_fsdp_trajectory_equals_one_process(lora, one_process, tiny_model_dir, d
 
 @pytest.mark.multiprocess
 @pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
-def test_fsdp_resume_equals_uninterrupted(lora, tiny_model_dir, data_file, tmp_path):
-    """Run 6 steps with checkpoints at 3 and 6; then take the run back to checkpoint-3 and resume: steps 4-6 repeat
-    exactly (sharded parameters and optimizer state, scheduler, RNG, data position all restored)."""
+def test_fsdp_resume_equals_uninterrupted(lora, sharded_run, tiny_model_dir, data_file, tmp_path):
+    """The 5-step run taken back to checkpoint-2 and resumed: steps 3-5 repeat exactly (sharded parameters and
+    optimizer state, scheduler, RNG, data position all restored)."""
+    _, whole_out = sharded_run(lora)
     out = tmp_path / "out"
-    extra = {"train.max_steps": 6, "train.save_every": 3, "train.eval_every": 3, "train.warmup_ratio": 0.34,
-             "lora.enabled": lora}
-    launch_fsdp(tiny_model_dir, data_file, out, **extra)
+    shutil.copytree(whole_out, out)
+    shutil.copytree(f"{whole_out}-refcache", f"{out}-refcache")
     whole = read_jsonl(out / "metrics.jsonl")
     for part in ("pytorch_model_fsdp_0", "optimizer_0"):  # torch.distributed.checkpoint: a file per rank
-        assert sorted(os.listdir(out / "checkpoint-3" / part)) == [".metadata", "__0_0.distcp", "__1_0.distcp"]
-    shutil.rmtree(out / "checkpoint-6")
-    shutil.rmtree(out / "model")
-    result = launch_fsdp(tiny_model_dir, data_file, out, **extra)
-    assert "resumed from" in result.stdout and "checkpoint-3 at step 3" in result.stdout
+        assert sorted(os.listdir(out / "checkpoint-2" / part)) == [".metadata", "__0_0.distcp", "__1_0.distcp"]
+    for later in ("checkpoint-4", "checkpoint-5", "model"):
+        shutil.rmtree(out / later)
+    result = launch_fsdp(tiny_model_dir, data_file, out, **sharded_settings(lora))
+    assert "resumed from" in result.stdout and "checkpoint-2 at step 2" in result.stdout
     assert_same_trajectory(whole, read_jsonl(out / "metrics.jsonl"), atol=1e-6)
 
 

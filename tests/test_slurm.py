@@ -31,17 +31,34 @@ def cluster(tmp_path_factory):
 
 
 def submit(env, log, *args, wait=False, script="dpo.sbatch", options=()):
-    command = ["sbatch", "--parsable", f"--output={log}", f"--chdir={ROOT}", *(["--wait"] if wait else []), *options,
+    """sbatch the script; with ``wait``, return once the job has ended, its exit status as the result's returncode.
+    (Not ``sbatch --wait``: that polls after 2, 10, 42 s and then every 32 s, so a 10 s job took 42.)"""
+    command = ["sbatch", "--parsable", f"--output={log}", f"--chdir={ROOT}", *options,
                os.path.join(ROOT, "slurm", script), *args]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=900, env=env)
-    return result, result.stdout.strip().split(";")[0]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=120, env=env)
+    job = result.stdout.strip().split(";")[0]
+    if wait and result.returncode == 0:
+        fields = wait_for(lambda: (lambda f: f.get("JobState") in ENDED and f)(job_fields(env, job)), 900,
+                          f"job {job} to end")
+        status, by_signal = (int(part) for part in fields["ExitCode"].split(":"))
+        result.returncode = 128 + by_signal if by_signal else status
+    return result, job
+
+
+# The states of a job that has ended (squeue(1), JOB STATE CODES)
+ENDED = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE")
+
+
+def job_fields(env, job):
+    """``scontrol show job``'s fields as a dict."""
+    out = subprocess.run(["scontrol", "show", "job", job, "-o"], capture_output=True, text=True, env=env).stdout
+    return dict(item.split("=", 1) for item in out.split() if "=" in item)
 
 
 def job_state(env, job):
     """(state, restarts). SLURM holds a requeued job back for 2 minutes (Reason=BeginTime); that wait is lifted here,
     as an admin would with ``scontrol update``, to keep the test short."""
-    out = subprocess.run(["scontrol", "show", "job", job, "-o"], capture_output=True, text=True, env=env).stdout
-    fields = dict(item.split("=", 1) for item in out.split() if "=" in item)
+    fields = job_fields(env, job)
     if fields.get("JobState") == "PENDING" and fields.get("Reason") == "BeginTime":
         subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], capture_output=True, env=env)
     return fields.get("JobState"), int(fields.get("Restarts", 0))
