@@ -32,6 +32,6 @@ setup(
     extras_require={
         "deepspeed": ["deepspeed>=0.15"],
         "qlora": ["bitsandbytes>=0.45"],
-        "dev": ["pytest>=8", "deepspeed>=0.15", "bitsandbytes>=0.45", "tensorboard>=2.14", "wandb>=0.17"],
+        "dev": ["pytest>=8", "pytest-xdist>=3.6", "deepspeed>=0.15", "bitsandbytes>=0.45", "tensorboard>=2.14", "wandb>=0.17"],
     },
 )

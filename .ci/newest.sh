@@ -40,7 +40,7 @@ changed = [f"  {n}: {tested.get(n, '(not in constraints.txt)')} -> {newest.get(n
 print(f"newest: {len(changed)} of {len(newest)} packages differ from constraints.txt" + (":" if changed else ""))
 print("\n".join(changed))
 PY
-python -m pytest -q "$@"
+python -m pytest -q -n auto "$@"
 status=$?
 echo "newest: pytest exited with $status"
 if [ "$status" = 0 ] && [ "$write" = 1 ]; then

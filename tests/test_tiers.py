@@ -64,3 +64,21 @@ def test_an_unmarked_test_over_the_limit_fails_and_marked_ones_are_left_out_of_t
     assert "is not marked slow: mark it @pytest.mark.slow" in everything.stdout.str()
     fast = pytester.runpytest_inprocess("-q", "-p", "no:cacheprovider", "-m", "not slow")
     fast.assert_outcomes(passed=1, failed=2, deselected=2)
+
+
+def test_modules_are_collected_longest_first_and_keep_their_order(pytester):
+    """What xdist hands out first (pytest.ini: whole modules, in the order collected): a SLURM module, then the
+    modules with the most multi-process tests, then those with slow tests; the tests of a module keep their order."""
+    pytester.makeconftest(INNER_CONFTEST)
+    pytester.makepyfile(
+        test_a="def test_2():\n    pass\n\ndef test_1():\n    pass\n",
+        test_b="import pytest\n\n@pytest.mark.multiprocess\ndef test_x():\n    pass\n",
+        test_c="import pytest\n\npytestmark = pytest.mark.slurm\n\ndef test_x():\n    pass\n",
+        test_d="import pytest\n\n@pytest.mark.slow\ndef test_x():\n    pass\n",
+        test_e="import pytest\n\n@pytest.mark.multiprocess\ndef test_x():\n    pass\n\n"
+               "@pytest.mark.multiprocess\ndef test_y():\n    pass\n",
+    )
+    collected = pytester.runpytest_inprocess("--collect-only", "-q", "-p", "no:cacheprovider")
+    ids = [line for line in collected.stdout.lines if "::" in line]
+    assert ids == ["test_c.py::test_x", "test_e.py::test_x", "test_e.py::test_y", "test_b.py::test_x",
+                   "test_d.py::test_x", "test_a.py::test_2", "test_a.py::test_1"]
