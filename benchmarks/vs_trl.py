@@ -1,7 +1,7 @@
 """dpo-dist against TRL's DPOTrainer, side by side, in one invocation.
 
     python benchmarks/vs_trl.py                          # HH-RLHF pairs from ../shared/data/hh-rlhf if present
-    python benchmarks/vs_trl.py --steps 8 --rounds 3 --variants default,unpacked
+    python benchmarks/vs_trl.py --steps 8 --rounds 3 --variants default,padded
 
 Both train SmolLM2-135M-Instruct with LoRA r=16 (alpha 32) on all linear layers, fp32, on the same pre-tokenized
 pairs in the same order (dpo-dist's seeded order), the same batch, max_length, learning rate and initial LoRA

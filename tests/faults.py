@@ -137,7 +137,7 @@ STOP_SIGNALS = ("SIGUSR1", "SIGTERM")  # checkpoint the step, exit 75; the same 
 LAUNCH_FORMS = {
     "python": (None, 1),
     "accelerate": (["--num_processes", "1", "--mixed_precision", "no", "--dynamo_backend", "no"], 1),
-    # torchrun's agent without PET_SIGNALS_TO_HANDLE: SIGUSR1 kills it (the README's plain DDP command)
+    # torchrun's agent without PET_SIGNALS_TO_HANDLE: SIGUSR1 kills it (docs/multi-gpu.md's plain DDP command)
     "accelerate-ddp": (["--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
                         "--dynamo_backend", "no"], 2),
     "accelerate-zero2": (["--config_file", "accelerate_configs/zero2.yaml", "--num_processes", "2"], 2),

@@ -34,21 +34,41 @@ def launch_zero(stage, tiny_model_dir, data_file, out, config=None, env=None, **
     return result
 
 
+def zero_settings(stage, lora):
+    """``STEPS`` under ZeRO-2/3. Full fine-tuning runs as 2 per device x 2 accumulation x 2 processes, the global batch
+    of 8 one process takes at once (DeepSpeed accumulates and steps inside backward; the trainer's micro-batch order
+    must match); LoRA as 4 per device, without accumulation. ZeRO-3 lays attention out segment by segment, the one
+    process as auto picks. Checkpoints at steps 2 and 4 and the final one at 5 are all kept, and 2 held-out prompts
+    are sampled at each eval, for the resume test."""
+    batch = ({"train.per_device_batch_size": 4} if lora else
+             {"train.per_device_batch_size": 2, "train.gradient_accumulation_steps": 2})
+    layout = {"train.attention_layout": "segmented"} if stage == 3 else {}
+    return {**STEPS, **batch, **layout, "lora.enabled": lora, "train.save_every": 2, "train.keep_last": 3,
+            "train.sample_prompts": 2}
+
+
+@pytest.fixture(scope="module")
+def zero_run(tiny_model_dir, data_file, tmp_path_factory):
+    """The 2-process run of ``zero_settings``, launched once for the tests that check it: ``zero_run(stage, lora)``
+    is its launch result and output folder."""
+    runs = {}
+
+    def get(stage, lora):
+        if (stage, lora) not in runs:
+            out = tmp_path_factory.mktemp(f"zero{stage}-lora{lora}") / "out"
+            runs[stage, lora] = launch_zero(stage, tiny_model_dir, data_file, out, **zero_settings(stage, lora)), out
+        return runs[stage, lora]
+
+    return get
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
 @pytest.mark.parametrize("stage", [2, 3])
-def test_zero_trajectory_equals_one_process(stage, lora, one_process, tiny_model_dir, data_file, tmp_path,
-                                           caplog):
-    """ZeRO-2/3, full fine-tuning and LoRA, computes what one process computes. Full fine-tuning runs as 2 per device
-    x 2 accumulation x 2 processes, the global batch of 8 one process takes at once (DeepSpeed accumulates and steps
-    inside backward; the trainer's micro-batch order must match); LoRA as 4 per device, without accumulation."""
+def test_zero_trajectory_equals_one_process(stage, lora, one_process, zero_run, tiny_model_dir, caplog):
+    """ZeRO-2/3, full fine-tuning (with accumulation) and LoRA, computes what one process computes."""
     records, single_out = one_process[lora]
-    out = tmp_path / "out"
-    # ZeRO-3 lays attention out segment by segment, the one process as auto picks
-    layout = {"train.attention_layout": "segmented"} if stage == 3 else {}
-    batch = {"train.per_device_batch_size": 4} if lora else {"train.per_device_batch_size": 2,
-                                                             "train.gradient_accumulation_steps": 2}
-    result = launch_zero(stage, tiny_model_dir, data_file, out, **STEPS, **{"lora.enabled": lora}, **layout, **batch)
+    result, out = zero_run(stage, lora)
     assert "packing: on" in result.stdout, result.stdout[-2000:]  # under ZeRO-3 too: the head runs in the forward
     assert ("attention: segmented (" in result.stdout) == (stage == 3), result.stdout[-2000:]
     # The count of parameters is the whole model's, though ZeRO-3 has partitioned them (numel() 0) at loading
@@ -74,29 +94,29 @@ def test_zero_trajectory_equals_one_process(stage, lora, one_process, tiny_model
 
 
 @pytest.mark.slow
-def test_zero3_resume_equals_uninterrupted(tiny_model_dir, data_file, tmp_path):
-    """Run 6 steps with checkpoints at 3 and 6; then take the run back to checkpoint-3 and resume: steps 4-6 repeat
-    exactly (DeepSpeed's sharded optimizer and parameters, scheduler, RNG, data position all restored), and so do the
-    samples generated at the evals, on the ZeRO-3-partitioned model."""
+def test_zero3_resume_equals_uninterrupted(zero_run, tiny_model_dir, data_file, tmp_path):
+    """The 5-step ZeRO-3 run (full fine-tuning, with accumulation) taken back to checkpoint-2 and resumed: steps 3-5
+    repeat exactly (DeepSpeed's sharded optimizer and parameters, scheduler, RNG, data position all restored), and so
+    do the samples generated at the evals, on the ZeRO-3-partitioned model."""
+    _, whole_out = zero_run(3, False)
     out = tmp_path / "out"
-    extra = {"train.max_steps": 6, "train.save_every": 3, "train.eval_every": 3, "train.warmup_ratio": 0.34,
-             "train.sample_prompts": 2}
-    launch_zero(3, tiny_model_dir, data_file, out, **extra)
+    shutil.copytree(whole_out, out)
+    shutil.copytree(f"{whole_out}-refcache", f"{out}-refcache")
     whole = read_jsonl(out / "metrics.jsonl")
     samples = read_jsonl(out / "samples.jsonl")  # both ranks generate (each forward gathers the shards)
-    assert [r["step"] for r in samples] == [3, 3, 6, 6]
-    assert os.path.isdir(out / "checkpoint-3" / "pytorch_model")  # DeepSpeed's format: a shard per rank
-    shutil.rmtree(out / "checkpoint-6")
-    shutil.rmtree(out / "model")
-    result = launch_zero(3, tiny_model_dir, data_file, out, **extra)
-    assert "resumed from" in result.stdout and "checkpoint-3 at step 3" in result.stdout
+    assert [r["step"] for r in samples] == [2, 2, 4, 4, 5, 5]
+    assert os.path.isdir(out / "checkpoint-2" / "pytorch_model")  # DeepSpeed's format: a shard per rank
+    for later in ("checkpoint-4", "checkpoint-5", "model"):
+        shutil.rmtree(out / later)
+    result = launch_zero(3, tiny_model_dir, data_file, out, **zero_settings(3, False))
+    assert "resumed from" in result.stdout and "checkpoint-2 at step 2" in result.stdout
     assert_same_trajectory(whole, read_jsonl(out / "metrics.jsonl"), atol=1e-6)
-    assert read_jsonl(out / "samples.jsonl") == samples, "step 6's samples once, step 3's kept"
+    assert read_jsonl(out / "samples.jsonl") == samples, "steps 4 and 5's samples once, step 2's kept"
     from dpo_dist.train.checkpoint import CheckpointError
     from dpo_dist.publish.export import export_checkpoint
 
     with pytest.raises(CheckpointError, match=r"holds each rank's DeepSpeed shards, not weights that load as a model"):
-        export_checkpoint(str(out / "checkpoint-3"))  # what launch/push.py does first: refused, the final model named
+        export_checkpoint(str(out / "checkpoint-2"))  # what launch/push.py does first: refused, the final model named
 
 
 @pytest.mark.slow
@@ -149,7 +169,11 @@ def test_builtin_sentiment_set_is_built_under_zero3(tiny_model_dir, tmp_path):
     settings = {"data.source": "builtin:sentiment", "data.sentiment.num_prompts": 16, "data.sentiment.eval_prompts": 4,
                 "data.sentiment.completions_per_prompt": 4, "data.sentiment.max_new_tokens": 12,
                 "data.sentiment.min_score_gap": 0.0, "train.max_steps": 2, "train.per_device_batch_size": 2}
-    launch_zero(3, tiny_model_dir, "unused", tmp_path / "zero3", env={"XDG_CACHE_HOME": str(tmp_path / "cache-zero3")},
+    from torch.utils.cpp_extension import get_default_build_root
+
+    # DeepSpeed's compiled ops live under XDG_CACHE_HOME too: kept where the other tests built them (a rebuild is 30 s)
+    launch_zero(3, tiny_model_dir, "unused", tmp_path / "zero3", env={"XDG_CACHE_HOME": str(tmp_path / "cache-zero3"),
+                                                                      "TORCH_EXTENSIONS_DIR": get_default_build_root()},
                 **settings)
     one = subprocess.run([sys.executable, os.path.join(ROOT, "launch", "train.py"),
                           *overrides(tiny_model_dir, "unused", tmp_path / "one", **settings)],

@@ -15,7 +15,8 @@ from dpo_dist.distributed import build_accelerator
 from dpo_dist.train.logprobs import concatenated_forward
 from dpo_dist.data.packing import PackedPairCollator
 from dpo_dist.train.reference import (
-    batch_reference_logps, online_reference_logps, precompute_reference, reference_fingerprint_parts, scoring_identity,
+    ReferenceScorer, batch_reference_logps, online_reference_logps, precompute_reference, reference_fingerprint_parts,
+    scoring_identity,
 )
 from dpo_dist.data.tokenization import Truncation, tokenize_pairs
 from tiny import CORPUS, make_llama, make_tokenizer
@@ -61,10 +62,9 @@ class Setup:
         return reference_fingerprint_parts(identity, self.tok, self.truncation, self.tokenized, self.scoring_identity())
 
     def precompute(self, model=None):
-        return precompute_reference(
-            model or self.model, self.tokenized, fingerprint_parts=self.parts(), cache_dir=self.cache_dir,
-            collator=self.collator, accelerator=build_accelerator(cpu=True), batch_size=3, chunk_size=self.chunk_size,
-        )
+        scorer = ReferenceScorer(model or self.model, self.collator, build_accelerator(cpu=True), batch_size=3,
+                                 chunk_size=self.chunk_size)
+        return precompute_reference(scorer, self.tokenized, fingerprint_parts=self.parts(), cache_dir=self.cache_dir)
 
 
 class NoForward(torch.nn.Module):

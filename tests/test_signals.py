@@ -130,10 +130,10 @@ def test_a_signal_during_the_reference_precompute_stops_cleanly(launch, tiny_mod
 @pytest.mark.multiprocess
 def test_a_rank_stuck_in_a_collective_exits_within_the_grace_period(tiny_model_dir, data_file, tmp_path):
     """Rank 1 hangs before step 3, so rank 0 blocks in step 3's gradient all-reduce, inside gloo, where Python never
-    runs its signal handler. SIGTERM to both: each exits within train.stop_grace_s (10 s) with status 124 and says
+    runs its signal handler. SIGTERM to both: each exits within train.stop_grace_s (5 s) with status 124 and says
     why, long before the collective timeout (600 s here)."""
     process = start("accelerate-ddp", tmp_path, "stuck:2", tiny_model_dir, data_file, **{
-        "train.max_steps": 8, "train.per_device_batch_size": 4, "train.stop_grace_s": 10,
+        "train.max_steps": 8, "train.per_device_batch_size": 4, "train.stop_grace_s": 5,
         "train.collective_timeout_s": 600})
     deadline = time.monotonic() + 300
     while not (tmp_path / "reached").exists():

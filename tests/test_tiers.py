@@ -15,6 +15,7 @@ spec = importlib.util.spec_from_file_location("project_conftest", {os.path.join(
 project = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(project)
 project.UNMARKED_LIMIT_S = 0.1
+project.sharing_cores = lambda: 1.0  # the inner session runs alone, though this one may run under xdist
 pytest_configure = project.pytest_configure
 pytest_collection_modifyitems = project.pytest_collection_modifyitems
 pytest_runtest_makereport = project.pytest_runtest_makereport
@@ -82,3 +83,16 @@ def test_modules_are_collected_longest_first_and_keep_their_order(pytester):
     ids = [line for line in collected.stdout.lines if "::" in line]
     assert ids == ["test_c.py::test_x", "test_e.py::test_x", "test_e.py::test_y", "test_b.py::test_x",
                    "test_d.py::test_x", "test_a.py::test_2", "test_a.py::test_1"]
+
+
+def test_the_limit_grows_with_the_workers_that_share_each_two_cpus(monkeypatch):
+    import conftest
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(2)))
+    monkeypatch.delenv("PYTEST_XDIST_WORKER_COUNT", raising=False)
+    assert conftest.sharing_cores() == 1.0  # no xdist
+    monkeypatch.setenv("PYTEST_XDIST_WORKER_COUNT", "2")
+    assert conftest.sharing_cores() == 2.0  # -n auto on 2 CPUs: two workers
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)))
+    monkeypatch.setenv("PYTEST_XDIST_WORKER_COUNT", "8")
+    assert conftest.sharing_cores() == 1.0  # -n auto on 16 CPUs: a worker per two

@@ -16,7 +16,8 @@ from dpo_dist.data.tokenization import Truncation, tokenize_pairs
 from dpo_dist.distributed import say
 from dpo_dist.model.builtin import cache_root
 from dpo_dist.train import reference_cache as cache
-from dpo_dist.train.reference import precompute_reference, reference_fingerprint_parts, scoring_identity
+from dpo_dist.train.reference import (ReferenceScorer, precompute_reference, reference_fingerprint_parts,
+                                      scoring_identity)
 
 
 def model_identity(cfg: Config, source: str, dtype: str, accelerator: Any) -> dict | None:
@@ -133,15 +134,13 @@ def attach_reference(
     scoring = scoring_identity(model, collator, chunk_size=cfg.train.logps_chunk_size,
                                mixed_precision=str(autocast).removeprefix("torch.") if autocast else "no",
                                device_type=accelerator.device.type, ld_alpha=cfg.loss.ld_alpha)
+    scorer = ReferenceScorer(model, collator, accelerator, batch_size=cfg.train.eval_batch_size,
+                             chunk_size=cfg.train.logps_chunk_size, stop_check=stop_check, ld_alpha=cfg.loss.ld_alpha)
     out = []
     for tokenized in tokenized_sets:
         if tokenized is not None:
             parts = (reference_fingerprint_parts(identity, tokenizer, truncation, tokenized, scoring)
                      if accelerator.is_main_process else None)  # hashed once, by the process that reads the cache
-            tokenized = precompute_reference(
-                model, tokenized, fingerprint_parts=parts, cache_dir=cache_dir, collator=collator,
-                accelerator=accelerator, batch_size=cfg.train.eval_batch_size, chunk_size=cfg.train.logps_chunk_size,
-                stop_check=stop_check, ld_alpha=cfg.loss.ld_alpha,
-            )
+            tokenized = precompute_reference(scorer, tokenized, fingerprint_parts=parts, cache_dir=cache_dir)
         out.append(tokenized)
     return out

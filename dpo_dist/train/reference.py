@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import importlib.metadata
 import logging
+from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
 import datasets
@@ -90,37 +91,44 @@ def batch_reference_logps(
     raise ValueError(f"reference mode {mode!r} is not one of {REFERENCE_MODES}")
 
 
-def compute_reference_logps(
-    model: torch.nn.Module,
-    tokenized: datasets.Dataset,
-    *,
-    collator: Callable[[list[dict]], dict[str, torch.Tensor]],
-    accelerator: Any,
-    batch_size: int,
-    chunk_size: int = DEFAULT_CHUNK_SIZE,
-    stop_check: Callable[[str], None] | None = None,
-    ld_alpha: float | None = None,
-) -> torch.Tensor:
+@dataclass(frozen=True)
+class ReferenceScorer:
+    """How the reference scores pairs: ``model`` as the reference, batches of ``batch_size`` made by ``collator`` (the
+    training collator, so reference and policy are scored the same way), on ``accelerator``'s processes, log-probs
+    chunked by ``chunk_size`` (with ``ld_alpha``: LD-DPO's weighted sums). ``stop_check(where)``, a collective called
+    after every batch on every process, may end the scoring by raising (a preemption signal)."""
+
+    model: torch.nn.Module
+    collator: Callable[[list[dict]], dict[str, torch.Tensor]]
+    accelerator: Any
+    batch_size: int
+    chunk_size: int = DEFAULT_CHUNK_SIZE
+    stop_check: Callable[[str], None] | None = None
+    ld_alpha: float | None = None
+
+
+def compute_reference_logps(scorer: ReferenceScorer, tokenized: datasets.Dataset) -> torch.Tensor:
     """Score every pair with the reference, sharded across processes, gathered back in dataset order.
 
     Pairs are sharded with ``distributed.shard_indices`` (every process runs the same number of forwards) and
-    gathered back in order. ``stop_check(where)``, a collective called after every batch on every process, may end
-    the precompute by raising (a preemption signal).
+    gathered back in order.
 
     Shape: -> (N, 2) float32 on CPU: column 0 chosen, column 1 rejected, summed over response tokens (with
     ``ld_alpha``: LD-DPO's weighted sums).
     """
+    accelerator, batch_size = scorer.accelerator, scorer.batch_size
     shard = shard_indices(len(tokenized), accelerator)
     pairs = tokenized.select_columns(list(PAIR_COLUMNS))
     results = [torch.zeros(0, 2, device=accelerator.device)]
     batches = range(0, len(shard), batch_size)
     for number, offset in enumerate(batches, 1):
-        batch = collator([pairs[i] for i in shard[offset : offset + batch_size]])
+        batch = scorer.collator([pairs[i] for i in shard[offset : offset + batch_size]])
         batch = {k: v.to(accelerator.device) for k, v in batch.items()}
-        chosen, rejected = reference_pair_logps(model, batch, ld_alpha=ld_alpha, chunk_size=chunk_size)
+        chosen, rejected = reference_pair_logps(scorer.model, batch, ld_alpha=scorer.ld_alpha,
+                                                chunk_size=scorer.chunk_size)
         results.append(torch.stack([chosen, rejected], dim=-1).float())
-        if stop_check is not None:
-            stop_check(f"while computing reference log-probs (batch {number} of {len(batches)}, nothing cached)")
+        if scorer.stop_check is not None:
+            scorer.stop_check(f"while computing reference log-probs (batch {number} of {len(batches)}, nothing cached)")
     return gather_in_order(torch.cat(results), len(tokenized), accelerator).cpu()
 
 
@@ -177,17 +185,11 @@ def reference_fingerprint_parts(model_identity: dict, tokenizer: Any, truncation
 
 
 def precompute_reference(
-    model: torch.nn.Module,
+    scorer: ReferenceScorer,
     tokenized: datasets.Dataset,
     *,
     fingerprint_parts: dict | None,
     cache_dir: str,
-    collator: Callable[[list[dict]], dict[str, torch.Tensor]],
-    accelerator: Any,
-    batch_size: int,
-    chunk_size: int = DEFAULT_CHUNK_SIZE,
-    stop_check: Callable[[str], None] | None = None,
-    ld_alpha: float | None = None,
 ) -> datasets.Dataset:
     """``tokenized`` with ``ref_chosen_logps`` / ``ref_rejected_logps`` columns, from the cache when it holds this
     fingerprint, else computed (all processes) and written (main process).
@@ -197,6 +199,8 @@ def precompute_reference(
     ``fingerprint_parts=None``).
     """
     from accelerate.utils import broadcast, broadcast_object_list
+
+    accelerator = scorer.accelerator
 
     n = len(tokenized)
     cached = key = path = None
@@ -212,10 +216,7 @@ def precompute_reference(
             logps = broadcast(logps.to(accelerator.device)).cpu()
     else:
         logger.info("computing reference log-probs for %d pairs on %d processes", n, accelerator.num_processes)
-        logps = compute_reference_logps(
-            model, tokenized, collator=collator, accelerator=accelerator, batch_size=batch_size, chunk_size=chunk_size,
-            stop_check=stop_check, ld_alpha=ld_alpha,
-        )
+        logps = compute_reference_logps(scorer, tokenized)
         if accelerator.is_main_process:
             try:
                 cache.write_cache(path, key, logps, fingerprint_parts)
