@@ -1,4 +1,6 @@
+import importlib.util
 import os
+import subprocess
 import sys
 
 import pytest
@@ -49,6 +51,17 @@ def module_rank(items):
         for index, name in enumerate(("slurm", "multiprocess", "slow")):
             module[index] -= bool(item.get_closest_marker(name))
     return lambda item: counts[item.nodeid.split("::")[0]]
+
+
+def pytest_collection_finish(session):
+    """A session with launch tests builds DeepSpeed's ops in the background from the start (tests/build_deepspeed_ops.py
+    says why), niced, so that it takes what the other tests leave. One process starts it: xdist's first worker."""
+    if (os.environ.get("PYTEST_XDIST_WORKER", "gw0") == "gw0" and importlib.util.find_spec("deepspeed") is not None
+            and any(item.get_closest_marker("multiprocess") for item in session.items)):
+        # its own session: it finishes even if pytest is stopped (a build killed halfway leaves torch's lock behind)
+        subprocess.Popen([sys.executable, os.path.join(os.path.dirname(__file__), "build_deepspeed_ops.py")],
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+                         preexec_fn=lambda: os.nice(10))
 
 
 def pytest_xdist_auto_num_workers(config):

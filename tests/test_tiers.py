@@ -96,3 +96,31 @@ def test_the_limit_grows_with_the_workers_that_share_each_two_cpus(monkeypatch):
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)))
     monkeypatch.setenv("PYTEST_XDIST_WORKER_COUNT", "8")
     assert conftest.sharing_cores() == 1.0  # -n auto on 16 CPUs: a worker per two
+
+
+def test_deepspeed_ops_are_built_in_the_background_only_for_launch_tests(pytester, monkeypatch):
+    """A session holding launch tests starts tests/build_deepspeed_ops.py once, detached; the fast tier does not."""
+    import importlib.util
+
+    if importlib.util.find_spec("deepspeed") is None:
+        import pytest
+
+        pytest.skip("DeepSpeed is not installed: nothing to build")
+    monkeypatch.delenv("PYTEST_XDIST_WORKER", raising=False)
+    pytester.makeconftest(INNER_CONFTEST + """
+import types
+started = []
+project.subprocess = types.SimpleNamespace(DEVNULL=None, Popen=lambda command, **kwargs: started.append((command, kwargs)))
+pytest_collection_finish = project.pytest_collection_finish
+
+
+def pytest_sessionfinish(session):
+    print(f"started: {[(command[-1], kwargs['start_new_session']) for command, kwargs in started]}")
+""")
+    pytester.makepyfile(test_inner="import pytest\n\n@pytest.mark.multiprocess\ndef test_x():\n    pass\n\n"
+                                   "def test_y():\n    pass\n")
+    builder = os.path.join(TESTS, "build_deepspeed_ops.py")
+    everything = pytester.runpytest_inprocess("-q", "-s", "-p", "no:cacheprovider")
+    assert f"started: [({builder!r}, True)]" in everything.stdout.str()
+    fast = pytester.runpytest_inprocess("-q", "-s", "-p", "no:cacheprovider", "-m", "not slow")
+    assert "started: []" in fast.stdout.str()
