@@ -160,7 +160,8 @@ def test_every_file_and_folder_of_a_checkpoint_is_fsynced_before_the_rename(tiny
 
 def kill_during_second_checkpoint(command, marker, log_path):
     """Start ``command`` (its trainers run ``slow_checkpoint_launch.py``), wait until a trainer is inside its second
-    checkpoint write, then SIGKILL the whole process group: launcher and every trainer."""
+    checkpoint write, then SIGKILL the launcher's process group and every trainer (torchrun starts each trainer in a
+    session of its own: left alone, they would wake from the stall after the test and finish the write)."""
     with open(log_path, "w") as log:
         process = subprocess.Popen(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         try:
@@ -171,6 +172,12 @@ def kill_during_second_checkpoint(command, marker, log_path):
         finally:
             os.killpg(process.pid, signal.SIGKILL)
             process.wait()
+            for pid in filter(str.isdigit, os.listdir("/proc")):
+                try:
+                    if str(marker).encode() in open(f"/proc/{pid}/cmdline", "rb").read().split(b"\0"):
+                        os.kill(int(pid), signal.SIGKILL)
+                except OSError:  # gone already
+                    pass
 
 
 @pytest.mark.multiprocess
