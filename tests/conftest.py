@@ -89,8 +89,8 @@ def pytest_runtest_makereport(item, call):
 
 def sharing_cores():
     """How many xdist workers share each two CPUs (at least 1): a test takes that much longer while the others run
-    launches of two processes beside it. -n auto gives a worker two CPUs, so this is 1 except on a 2- or 3-CPU
-    machine."""
+    launches of two processes beside it. -n auto gives a worker two CPUs, so this is 1 except on fewer than four
+    (2 on the 2-CPU machine)."""
     workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
     return max(1.0, workers * 2 / len(os.sched_getaffinity(0)))
 

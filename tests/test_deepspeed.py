@@ -1,6 +1,7 @@
 """DeepSpeed ZeRO-2/3 on 2 CPU processes computes what one process without DeepSpeed computes."""
 
 import importlib.util
+import functools
 import json
 import os
 import shutil
@@ -10,7 +11,7 @@ import sys
 import pytest
 import torch
 
-from training import (ROOT, STEPS, accelerate_launch, assert_same_reference_caches, assert_same_trajectory,
+from training import (ROOT, STEPS, accelerate_launch, assert_same_reference_caches, assert_same_trajectory, copy_run,
                       logged_parameter_count, overrides, parameter_count_in, read_jsonl)
 
 pytestmark = [
@@ -51,13 +52,10 @@ def zero_settings(stage, lora):
 def zero_run(tiny_model_dir, data_file, tmp_path_factory):
     """The 2-process run of ``zero_settings``, launched once for the tests that check it: ``zero_run(stage, lora)``
     is its launch result and output folder."""
-    runs = {}
-
+    @functools.cache
     def get(stage, lora):
-        if (stage, lora) not in runs:
-            out = tmp_path_factory.mktemp(f"zero{stage}-lora{lora}") / "out"
-            runs[stage, lora] = launch_zero(stage, tiny_model_dir, data_file, out, **zero_settings(stage, lora)), out
-        return runs[stage, lora]
+        out = tmp_path_factory.mktemp(f"zero{stage}-lora{lora}") / "out"
+        return launch_zero(stage, tiny_model_dir, data_file, out, **zero_settings(stage, lora)), out
 
     return get
 
@@ -100,8 +98,7 @@ def test_zero3_resume_equals_uninterrupted(zero_run, tiny_model_dir, data_file, 
     do the samples generated at the evals, on the ZeRO-3-partitioned model."""
     _, whole_out = zero_run(3, False)
     out = tmp_path / "out"
-    shutil.copytree(whole_out, out)
-    shutil.copytree(f"{whole_out}-refcache", f"{out}-refcache")
+    copy_run(whole_out, out)
     whole = read_jsonl(out / "metrics.jsonl")
     samples = read_jsonl(out / "samples.jsonl")  # both ranks generate (each forward gathers the shards)
     assert [r["step"] for r in samples] == [2, 2, 4, 4, 5, 5]

@@ -1,5 +1,6 @@
 """FSDP2 (accelerate, ``fsdp_version: 2``) on 2 CPU processes computes what one process without sharding computes."""
 
+import functools
 import json
 import os
 import shutil
@@ -12,8 +13,8 @@ import torch
 
 from dpo_dist.config import load_config
 from dpo_dist.train.checks import TrainingError, check_combination
-from training import (ROOT, STEPS, accelerate_launch, assert_same_reference_caches, assert_same_trajectory, free_port,
-                      overrides, read_jsonl)
+from training import (ROOT, STEPS, accelerate_launch, assert_same_reference_caches, assert_same_trajectory, copy_run,
+                      free_port, overrides, read_jsonl)
 
 SHARDED = "FSDP2: parameters, gradients and optimizer state sharded over 2 processes"
 
@@ -58,13 +59,10 @@ def sharded_settings(lora):
 def sharded_run(tiny_model_dir, data_file, tmp_path_factory):
     """The 2-process FSDP2 run of ``STEPS`` (full fine-tuning or LoRA), launched once for the tests that check it:
     ``sharded_run(lora)`` is its launch result and output folder."""
-    runs = {}
-
+    @functools.cache
     def get(lora):
-        if lora not in runs:
-            out = tmp_path_factory.mktemp(f"fsdp-lora{lora}") / "out"
-            runs[lora] = launch_fsdp(tiny_model_dir, data_file, out, **sharded_settings(lora)), out
-        return runs[lora]
+        out = tmp_path_factory.mktemp(f"fsdp-lora{lora}") / "out"
+        return launch_fsdp(tiny_model_dir, data_file, out, **sharded_settings(lora)), out
 
     return get
 
@@ -95,8 +93,7 @@ def test_fsdp_resume_equals_uninterrupted(lora, sharded_run, tiny_model_dir, dat
     optimizer state, scheduler, RNG, data position all restored)."""
     _, whole_out = sharded_run(lora)
     out = tmp_path / "out"
-    shutil.copytree(whole_out, out)
-    shutil.copytree(f"{whole_out}-refcache", f"{out}-refcache")
+    copy_run(whole_out, out)
     whole = read_jsonl(out / "metrics.jsonl")
     for part in ("pytorch_model_fsdp_0", "optimizer_0"):  # torch.distributed.checkpoint: a file per rank
         assert sorted(os.listdir(out / "checkpoint-2" / part)) == [".metadata", "__0_0.distcp", "__1_0.distcp"]

@@ -1,6 +1,7 @@
 """Interrupted runs: a stop signal (preemption) checkpoints and stops; a kill in the middle of a checkpoint write
 leaves the previous checkpoint whole; either way the same command resumes to the uninterrupted trajectory."""
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -10,7 +11,8 @@ import time
 import pytest
 
 from faults import STOP_SIGNALS
-from training import ROOT, accelerate_launch, assert_same_trajectory, overrides, read_jsonl, reset_accelerate_state, run
+from training import (ROOT, accelerate_launch, assert_same_trajectory, command_lines, overrides, read_jsonl,
+                      reset_accelerate_state, run)
 
 SETTINGS = {"lora.enabled": False, "train.per_device_batch_size": 8, "train.max_steps": 6, "train.save_every": 2}
 
@@ -172,12 +174,10 @@ def kill_during_second_checkpoint(command, marker, log_path):
         finally:
             os.killpg(process.pid, signal.SIGKILL)
             process.wait()
-            for pid in filter(str.isdigit, os.listdir("/proc")):
-                try:
-                    if str(marker).encode() in open(f"/proc/{pid}/cmdline", "rb").read().split(b"\0"):
-                        os.kill(int(pid), signal.SIGKILL)
-                except OSError:  # gone already
-                    pass
+            for pid, args in command_lines():
+                if str(marker).encode() in args:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, signal.SIGKILL)
 
 
 @pytest.mark.multiprocess

@@ -9,7 +9,8 @@ import time
 
 import pytest
 
-from training import ROOT, assert_same_trajectory, overrides, read_jsonl, reset_accelerate_state, run
+from training import (ROOT, assert_same_trajectory, command_lines, overrides, read_jsonl, reset_accelerate_state,
+                      run)
 
 pytestmark = pytest.mark.slurm
 TRAINING = {"lora.enabled": False, "train.per_device_batch_size": 4, "train.eval_every": 5}
@@ -30,6 +31,10 @@ def cluster(tmp_path_factory):
     subprocess.run(["bash", script, "down", str(folder)], capture_output=True, timeout=120)
 
 
+# The states of a job that has ended (squeue(1), JOB STATE CODES)
+ENDED = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE")
+
+
 def submit(env, log, *args, wait=False, script="dpo.sbatch", options=()):
     """sbatch the script; with ``wait``, return once the job has ended, its exit status as the result's returncode.
     (Not ``sbatch --wait``: that polls after 2, 10, 42 s and then every 32 s, so a 10 s job took 42.)"""
@@ -38,15 +43,16 @@ def submit(env, log, *args, wait=False, script="dpo.sbatch", options=()):
     result = subprocess.run(command, capture_output=True, text=True, timeout=120, env=env)
     job = result.stdout.strip().split(";")[0]
     if wait and result.returncode == 0:
-        fields = wait_for(lambda: (lambda f: f.get("JobState") in ENDED and f)(job_fields(env, job)), 900,
-                          f"job {job} to end")
+        fields = wait_for(lambda: ended(env, job), 900, f"job {job} to end")
         status, by_signal = (int(part) for part in fields["ExitCode"].split(":"))
         result.returncode = 128 + by_signal if by_signal else status
     return result, job
 
 
-# The states of a job that has ended (squeue(1), JOB STATE CODES)
-ENDED = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE")
+def ended(env, job):
+    """``scontrol show job``'s fields once the job has ended, else None."""
+    fields = job_fields(env, job)
+    return fields if fields.get("JobState") in ENDED else None
 
 
 def job_fields(env, job):
@@ -82,15 +88,14 @@ def steps_written(out):
 def trainer_pids(out, rank):
     """PIDs of the trainer processes writing to ``out`` with the given global rank."""
     pids = []
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            cmdline = open(f"/proc/{pid}/cmdline", "rb").read().split(b"\0")
-            environ = open(f"/proc/{pid}/environ", "rb").read().split(b"\0")
-        except OSError:
-            continue
-        if any(arg.endswith(b"launch/train.py") for arg in cmdline[:3]) and f"train.output_dir={out}".encode() in cmdline \
-                and f"RANK={rank}".encode() in environ:
-            pids.append(int(pid))
+    for pid, cmdline in command_lines():
+        if any(arg.endswith(b"launch/train.py") for arg in cmdline[:3]) and f"train.output_dir={out}".encode() in cmdline:
+            try:
+                environ = open(f"/proc/{pid}/environ", "rb").read().split(b"\0")
+            except OSError:  # gone already
+                continue
+            if f"RANK={rank}".encode() in environ:
+                pids.append(pid)
     return pids
 
 

@@ -3,6 +3,7 @@
 import json
 import os
 import random
+import shutil
 import socket
 
 import pytest
@@ -137,3 +138,20 @@ def assert_same_reference_caches(single_folder, other_folder, *, same_keys):
     pair = (lambda c: [c[name] for name in c]) if same_keys else (lambda c: sorted(c.values(), key=len))
     for want, got in zip(pair(single), pair(other)):
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-7)
+
+
+def copy_run(folder, to):
+    """A run's output folder and its reference cache, copied to ``to``: a test that changes a run shared by its
+    neighbours (a module-scoped fixture) works on a copy."""
+    shutil.copytree(folder, to)
+    shutil.copytree(f"{folder}-refcache", f"{to}-refcache")
+
+
+def command_lines():
+    """(pid, arguments as bytes) of every process on this machine that is still there to read."""
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as handle:
+                yield int(pid), handle.read().split(b"\0")
+        except OSError:  # gone already
+            continue
