@@ -30,6 +30,11 @@ class LossType:
     sorts_batch: bool = False
     # Reads the response token counts.
     needs_tokens: bool = False
+    # How it takes loss.f_divergence_type (f-DPO, Wang et al. 2023, 2309.16240): "applies" where the loss reads the
+    # scores only through their difference s_c - s_r (or each side's per-token score), where the reparameterization's
+    # beta log Z(x) cancels; "undefined" where it reads a side alone or sorts log-ratios, so no f-divergence
+    # generalization exists (TRL 1.16 refuses the same set); "unused" where it reads no log-ratio at all (sft).
+    f_divergence: Literal["applies", "undefined", "unused"] = "applies"
 
     @property
     def combines(self) -> bool:
@@ -43,20 +48,21 @@ LOSSES: dict[str, LossType] = {t.name: t for t in (
     LossType("sigmoid", label_smoothing="optional"),  # with e: cDPO
     LossType("robust", label_smoothing="optional"),
     LossType("hinge"),
-    LossType("ipo"),
-    LossType("simpo", length_averaged=True, reference_free=True),
+    LossType("ipo", needs_tokens=True),  # per-token log-ratios, as TRL and the IPO authors' later advice
+    LossType("ipo_sum"),  # the IPO paper's eq. 17 as printed, on summed log-ratios
+    LossType("simpo", length_averaged=True, reference_free=True, f_divergence="undefined"),
     LossType("exo_pair", label_smoothing="required"),  # its target gives the rejected side probability e; takes log e
-    LossType("nca_pair"),
-    LossType("bco_pair"),
-    LossType("sppo_hard"),
-    LossType("aot", label_smoothing="optional", sorts_batch=True),
-    LossType("aot_unpaired", label_smoothing="optional", sorts_batch=True),
-    LossType("apo_zero"),
-    LossType("apo_down"),
+    LossType("nca_pair", f_divergence="undefined"),
+    LossType("bco_pair", f_divergence="undefined"),
+    LossType("sppo_hard", f_divergence="undefined"),
+    LossType("aot", label_smoothing="optional", sorts_batch=True, f_divergence="undefined"),
+    LossType("aot_unpaired", label_smoothing="optional", sorts_batch=True, f_divergence="undefined"),
+    LossType("apo_zero", f_divergence="undefined"),
+    LossType("apo_down", f_divergence="undefined"),
     LossType("discopop"),
-    LossType("sft", needs_tokens=True),
+    LossType("sft", needs_tokens=True, f_divergence="unused"),  # one token-weighted mean per micro-batch, as TRL
     LossType("sigmoid_norm", needs_tokens=True),
-    LossType("orpo", length_averaged=True, reference_free=True),
+    LossType("orpo", length_averaged=True, reference_free=True, f_divergence="undefined"),
 )}
 # The f-divergence regularizers (dpo_dist.train.loss.f_divergence_scores); reverse_kl, the first, is plain DPO's.
 F_DIVERGENCES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence")
@@ -107,6 +113,18 @@ def check_loss_options(types: tuple[str, ...], loss_weights: list[float] | tuple
         raise ValueError(f"{key('loss_type')}={free[0]} is reference-free: {wording.no_reference}")
     if free and f_divergence_type != F_DIVERGENCES[0]:
         raise ValueError(f"{key('f_divergence_type')} regularizes the log-ratio to a reference; {free[0]} has none")
+    if f_divergence_type != F_DIVERGENCES[0]:
+        undefined = [t.name for t in records if t.f_divergence == "undefined"]
+        applies = [name for name, t in LOSSES.items() if t.f_divergence == "applies"]
+        if undefined:
+            raise ValueError(
+                f"{key('f_divergence_type')}={f_divergence_type} is not defined for {', '.join(undefined)}: f-DPO's "
+                "reparameterization leaves a beta log Z(x) term that cancels only where a loss reads the chosen and "
+                f"rejected scores through their difference ({', '.join(applies)}); use {F_DIVERGENCES[0]} with "
+                f"{', '.join(undefined)}")
+        if not any(t.f_divergence == "applies" for t in records):
+            raise ValueError(f"{key('f_divergence_type')}={f_divergence_type} would be ignored: "
+                             f"{', '.join(types)} reads no log-ratio to the reference")
     averaged = [t.name for t in records if t.length_averaged]
     if averaged and ld_alpha is not None:
         raise ValueError(f"{key('ld_alpha')} reweights summed log-probs; {averaged[0]} averages them over tokens")

@@ -34,13 +34,15 @@ def logps(*values):
         ("hinge", 0.0, 0.1, 1.0),  # max(0, 1 - 0) = 1
         ("ipo", 0.0, 0.1, 25.0),  # (0 - 1 / 0.2)^2 = 25 = (1 / (2 beta))^2
         ("ipo", 0.0, 0.5, 1.0),  # (1 / (2 * 0.5))^2 = 1
+        ("ipo_sum", 0.0, 0.1, 25.0),
     ],
 )
 def test_policy_equal_to_reference(loss_type, smoothing, beta, expected):
     """Policy = reference: every log-ratio is 0, rewards are 0."""
     policy = logps(-12.0, -3.5)
     losses, chosen_rewards, rejected_rewards = preference_loss(
-        policy, policy - 1.0, policy.clone(), policy - 1.0, beta=beta, loss_type=loss_type, label_smoothing=smoothing
+        policy, policy - 1.0, policy.clone(), policy - 1.0, beta=beta, loss_type=loss_type, label_smoothing=smoothing,
+        chosen_tokens=torch.tensor([5, 2]), rejected_tokens=torch.tensor([3, 4]),
     )
     torch.testing.assert_close(losses, torch.full((2,), expected, dtype=torch.float64))
     assert chosen_rewards.abs().max() == 0 and rejected_rewards.abs().max() == 0
@@ -52,10 +54,10 @@ def test_hand_values_off_zero():
     sigmoid: -log sigma(1.5) = log(1 + e^-1.5) = 0.2014133
     cDPO e=0.1: 0.9 * 0.2014133 + 0.1 * log(1 + e^1.5) = 0.9 * 0.2014133 + 0.1 * 1.7014133 = 0.3514133
     robust e=0.1: (0.9 * 0.2014133 - 0.1 * 1.7014133) / 0.8 = 0.0139133
-    hinge: max(0, 1 - 1.5) = 0;  ipo: (3 - 1)^2 = 4
+    hinge: max(0, 1 - 1.5) = 0;  ipo_sum: (3 - 1)^2 = 4
     rewards: chosen 0.5 * 2 = 1.0, rejected 0.5 * -1 = -0.5."""
     args = (logps(-10.0), logps(-9.0), logps(-12.0), logps(-8.0))
-    expected = {"sigmoid": 0.2014133, "hinge": 0.0, "ipo": 4.0}
+    expected = {"sigmoid": 0.2014133, "hinge": 0.0, "ipo_sum": 4.0}
     for loss_type, value in expected.items():
         losses, chosen, rejected = preference_loss(*args, beta=0.5, loss_type=loss_type)
         assert losses.item() == pytest.approx(value, abs=1e-6), loss_type
@@ -97,10 +99,10 @@ def test_sigmoid_gradient_at_zero_is_minus_beta_over_two():
     assert rejected.grad.item() == pytest.approx(beta / 2)
 
 
-@pytest.mark.parametrize("loss_type", ["sigmoid", "robust", "hinge", "ipo"])
+@pytest.mark.parametrize("loss_type", ["sigmoid", "robust", "hinge", "ipo_sum"])
 def test_swapping_chosen_and_rejected(loss_type):
     """Swapping sides negates h and swaps the rewards. sigmoid: loss(h) - loss(-h) = -beta h (log sigma(x) -
-    log sigma(-x) = x); ipo: (h - c)^2 vs (h + c)^2."""
+    log sigma(-x) = x); ipo_sum: (h - c)^2 vs (h + c)^2."""
     beta, pc, pr, rc, rr = 0.5, logps(-10.0), logps(-9.0), logps(-12.0), logps(-8.0)
     forward = preference_loss(pc, pr, rc, rr, beta=beta, loss_type=loss_type)
     swapped = preference_loss(pr, pc, rr, rc, beta=beta, loss_type=loss_type)
@@ -109,7 +111,7 @@ def test_swapping_chosen_and_rejected(loss_type):
     h = 3.0
     if loss_type == "sigmoid":
         assert (forward[0] - swapped[0]).item() == pytest.approx(-beta * h)
-    if loss_type == "ipo":
+    if loss_type == "ipo_sum":
         assert swapped[0].item() == pytest.approx((-h - 1) ** 2)
     assert swapped[0].item() > forward[0].item()
 
@@ -187,14 +189,115 @@ def test_trl_losses_hand_values(loss_type):
     assert chosen == pytest.approx(0.05) and rejected == pytest.approx(-0.03)  # beta x log-ratio, whatever the loss
 
 
+# ---- Every loss type on one batch of three pairs, per pair, from each paper's formula written here with math ----
+# policy_chosen [-10, -4, -7], ref_chosen [-10.5, -3, -7.2]: r_c = [0.5, -1, 0.2]
+# policy_rejected [-8, -5, -9.5], ref_rejected [-7.7, -5.5, -9]: r_r = [-0.3, 0.5, -0.5]; h = [0.8, -1.5, 0.7]
+# response tokens n_c = [4, 2, 5], n_r = [2, 3, 6]; beta 0.2; e = 0.1 where a loss takes it (0.001 for exo_pair)
+THREE = dict(pc=[-10.0, -4.0, -7.0], pr=[-8.0, -5.0, -9.5], rc=[-10.5, -3.0, -7.2], rr=[-7.7, -5.5, -9.0],
+             nc=[4, 2, 5], nr=[2, 3, 6])
+B3 = 0.2
+
+
+def three_hand(name):
+    """(options, per-pair losses) for one loss type on THREE."""
+    t = THREE
+    rc = [p - r for p, r in zip(t["pc"], t["rc"])]
+    rr = [p - r for p, r in zip(t["pr"], t["rr"])]
+    h = [c - r for c, r in zip(rc, rr)]
+    pt = [c / n - r / m for c, r, n, m in zip(rc, rr, t["nc"], t["nr"])]  # per-token log-ratio difference
+    e = 0.1
+    if name == "sigmoid":  # cDPO with e
+        return dict(label_smoothing=e), [-(1 - e) * logsig(B3 * x) - e * logsig(-B3 * x) for x in h]
+    if name == "robust":
+        return dict(label_smoothing=e), [(-(1 - e) * logsig(B3 * x) + e * logsig(-B3 * x)) / (1 - 2 * e) for x in h]
+    if name == "hinge":
+        return {}, [max(0.0, 1 - B3 * x) for x in h]
+    if name == "ipo":
+        return {}, [(x - 1 / (2 * B3)) ** 2 for x in pt]
+    if name == "ipo_sum":
+        return {}, [(x - 1 / (2 * B3)) ** 2 for x in h]
+    if name == "exo_pair":
+        e = 0.001
+        return dict(label_smoothing=e), [sig(B3 * x) * (math.log(sig(B3 * x)) - math.log(1 - e))
+                                         + sig(-B3 * x) * (math.log(sig(-B3 * x)) - math.log(e)) for x in h]
+    if name == "nca_pair":
+        return {}, [-logsig(B3 * c) - 0.5 * logsig(-B3 * c) - 0.5 * logsig(-B3 * r) for c, r in zip(rc, rr)]
+    if name == "bco_pair":
+        return {}, [-logsig(B3 * c) - logsig(-B3 * r) for c, r in zip(rc, rr)]
+    if name == "sppo_hard":
+        return {}, [(c - 1 / (2 * B3)) ** 2 + (r + 1 / (2 * B3)) ** 2 for c, r in zip(rc, rr)]
+    if name == "aot":  # d_i = sort(logp_c - logp_r)_i - sort(ref_c - ref_r)_i
+        margins = sorted(c - r for c, r in zip(t["pc"], t["pr"]))  # [-2, 1, 2.5]
+        ref_margins = sorted(c - r for c, r in zip(t["rc"], t["rr"]))  # [-2.8, 1.8, 2.5]
+        return dict(label_smoothing=e), [-(1 - e) * logsig(B3 * (m - f)) - e * logsig(-B3 * (m - f))
+                                         for m, f in zip(margins, ref_margins)]
+    if name == "aot_unpaired":
+        return dict(label_smoothing=e), [-(1 - e) * logsig(B3 * (c - r)) - e * logsig(-B3 * (c - r))
+                                         for c, r in zip(sorted(rc), sorted(rr))]
+    if name == "apo_zero":
+        return {}, [1 - sig(B3 * c) + sig(B3 * r) for c, r in zip(rc, rr)]
+    if name == "apo_down":
+        return {}, [sig(B3 * c) + 1 - sig(B3 * x) for c, x in zip(rc, h)]
+    if name == "discopop":
+        tau = 0.05
+        return {}, [(1 - sig(B3 * x / tau)) * -logsig(B3 * x) + sig(B3 * x / tau) * math.exp(-B3 * x) for x in h]
+    if name == "sft":  # one token-weighted mean over the batch: (10 + 4 + 7) / (4 + 2 + 5)
+        return {}, [21 / 11] * 3
+    if name == "sigmoid_norm":
+        return {}, [-logsig(B3 * x) for x in pt]
+    raise KeyError(name)
+
+
+THREE_FREE = {  # the reference-free, length-averaged ones take per-token averages and no reference
+    # simpo, gamma 0.5: -log sig(beta (avg_c - avg_r) - gamma)
+    "simpo": lambda ac, ar: -logsig(B3 * (ac - ar) - 0.5),
+    # orpo: -avg_c - beta log sig(log odds(avg_c) - log odds(avg_r)), log odds(a) = a - log(1 - e^a)
+    "orpo": lambda ac, ar: -ac - B3 * logsig((ac - math.log(1 - math.exp(ac))) - (ar - math.log(1 - math.exp(ar)))),
+}
+
+
+@pytest.mark.parametrize("loss_type", list(LOSSES))
+def test_every_loss_type_by_hand_on_a_batch(loss_type):
+    """Each loss type's per-pair losses and rewards on THREE against its formula computed here with math, one pair at
+    a time (aot sorts and sft reduces across the batch, as written above)."""
+    t = THREE
+    tokens = dict(chosen_tokens=torch.tensor(t["nc"]), rejected_tokens=torch.tensor(t["nr"]))
+    if LOSSES[loss_type].reference_free:
+        ac = [p / n for p, n in zip(t["pc"], t["nc"])]
+        ar = [p / n for p, n in zip(t["pr"], t["nr"])]
+        losses, chosen, rejected = preference_loss(logps(*ac), logps(*ar), None, None, beta=B3, loss_type=loss_type)
+        hand = [THREE_FREE[loss_type](c, r) for c, r in zip(ac, ar)]
+        want_chosen, want_rejected = [B3 * c for c in ac], [B3 * r for r in ar]
+    else:
+        options, hand = three_hand(loss_type)
+        losses, chosen, rejected = preference_loss(logps(*t["pc"]), logps(*t["pr"]), logps(*t["rc"]), logps(*t["rr"]),
+                                                   beta=B3, loss_type=loss_type, **tokens, **options)
+        want_chosen = [B3 * (p - r) for p, r in zip(t["pc"], t["rc"])]
+        want_rejected = [B3 * (p - r) for p, r in zip(t["pr"], t["rr"])]
+    torch.testing.assert_close(losses, logps(*hand), atol=1e-12, rtol=0)
+    torch.testing.assert_close(chosen, logps(*want_chosen), atol=1e-12, rtol=0)
+    torch.testing.assert_close(rejected, logps(*want_rejected), atol=1e-12, rtol=0)
+
+
+def test_sft_reads_the_plain_log_probs():
+    """Under LD-DPO the preference terms take reweighted log-probs; sft, as TRL's, the plain sums it is given."""
+    t = THREE
+    tokens = dict(chosen_tokens=torch.tensor(t["nc"]), rejected_tokens=torch.tensor(t["nr"]))
+    reweighted = logps(*t["pc"]) * 0.5
+    losses = preference_loss(reweighted, logps(*t["pr"]), logps(*t["rc"]), logps(*t["rr"]), beta=B3,
+                             loss_type=["sigmoid", "sft"], sft_chosen_logps=logps(*t["pc"]), **tokens)[0]
+    sigmoid = preference_loss(reweighted, logps(*t["pr"]), logps(*t["rc"]), logps(*t["rr"]), beta=B3)[0]
+    torch.testing.assert_close(losses - sigmoid, logps(21 / 11, 21 / 11, 21 / 11), atol=1e-12, rtol=0)
+
+
 # policy moves chosen up and rejected down (d loss / d policy_chosen < 0 < d loss / d policy_rejected) at policy =
 # reference, where every log-ratio is 0. apo_down: d/d r_c [sig(beta r_c) - sig(beta h)] = beta/4 - beta/4 = 0, the
 # anchor that holds the chosen side while it pushes the rejected one down; sft does not see the rejected side.
 # discopop is not monotone near h = 0 at the paper's tau 0.05: with x = beta h and m = sig(x / tau),
 # dL/dx = m'(x) (exp(-x) + log sig(x)) - (1 - m) sig(-x) - m exp(-x) = (1 / (4 tau)) (1 - ln 2) - 1/4 - 1/2 = +0.784
 # at 0, so its first step at policy = reference pushes h down.
-GRADIENT_SIGNS = {name: (-1, 1) for name in ("sigmoid", "robust", "hinge", "ipo", "exo_pair", "nca_pair", "bco_pair",
-                                             "sppo_hard", "apo_zero", "sigmoid_norm")}
+GRADIENT_SIGNS = {name: (-1, 1) for name in ("sigmoid", "robust", "hinge", "ipo", "ipo_sum", "exo_pair", "nca_pair",
+                                             "bco_pair", "sppo_hard", "apo_zero", "sigmoid_norm")}
 GRADIENT_SIGNS.update(apo_down=(0, 1), sft=(-1, 0), discopop=(1, -1))
 
 
@@ -256,25 +359,45 @@ def test_orpo_hand_value_and_reference_free():
         assert log1mexp(logps(x)).item() == pytest.approx(math.log(-math.expm1(x)), rel=1e-12)
 
 
-F_DIVERGENCE_H = {
-    # score s = f'(exp(r)), constants dropped; h = s_c - s_r with r_c = 0.5, r_r = -0.3
-    "reverse_kl": 0.8,
-    "forward_kl": -math.exp(-0.5) + math.exp(0.3),  # s = -exp(-r)
-    "js_divergence": logsig(0.5) - logsig(-0.3),  # s = log sig(r)
-    "alpha_divergence": -2 * math.exp(-0.25) + 2 * math.exp(0.15),  # a = 0.5: s = exp((a - 1) r) / (a - 1)
+F_DIVERGENCE_S = {
+    # score s = f'(t) at t = exp(r), with f''s constants (they cancel in h, not per token); r_c = 0.5, r_r = -0.3
+    "reverse_kl": (0.5, -0.3),
+    "forward_kl": (1 - math.exp(-0.5), 1 - math.exp(0.3)),  # f'(t) = 1 - 1/t
+    "js_divergence": (math.log(2 * math.exp(0.5) / (1 + math.exp(0.5))),  # f'(t) = log(2t / (1 + t))
+                      math.log(2 * math.exp(-0.3) / (1 + math.exp(-0.3)))),
+    "alpha_divergence": ((math.exp(-0.25) - 1) / -0.5, (math.exp(0.15) - 1) / -0.5),  # (t^(a-1) - 1) / (a - 1), a 0.5
 }
 
 
-@pytest.mark.parametrize("f_divergence", sorted(F_DIVERGENCE_H))
+@pytest.mark.parametrize("f_divergence", sorted(F_DIVERGENCE_S))
 def test_f_divergence_regularizers(f_divergence):
-    h = F_DIVERGENCE_H[f_divergence]
+    """sigmoid on h = s_c - s_r; sigmoid_norm and ipo on s_c / n_c - s_r / n_r (4 and 2 tokens), where the constants
+    of f' stay; the rewards stay beta r."""
+    s_c, s_r = F_DIVERGENCE_S[f_divergence]
     loss, chosen, rejected = one("sigmoid", f_divergence_type=f_divergence)
-    assert loss == pytest.approx(-logsig(0.1 * h), abs=1e-12)
+    assert loss == pytest.approx(-logsig(0.1 * (s_c - s_r)), abs=1e-12)
     assert chosen == pytest.approx(0.05) and rejected == pytest.approx(-0.03)  # rewards: the log-ratio, as TRL
-    # hinge and the pairwise losses take the scores too: bco_pair on s_c, s_r
-    if f_divergence == "forward_kl":
-        bco = one("bco_pair", f_divergence_type=f_divergence)[0]
-        assert bco == pytest.approx(-logsig(-0.1 * math.exp(-0.5)) - logsig(0.1 * math.exp(0.3)), abs=1e-12)
+    tokens = dict(chosen_tokens=torch.tensor([4]), rejected_tokens=torch.tensor([2]))
+    per_token = s_c / 4 - s_r / 2
+    assert one("sigmoid_norm", f_divergence_type=f_divergence, **tokens)[0] == pytest.approx(
+        -logsig(0.1 * per_token), abs=1e-12)
+    assert one("ipo", f_divergence_type=f_divergence, **tokens)[0] == pytest.approx((per_token - 5) ** 2, abs=1e-12)
+    assert one("hinge", f_divergence_type=f_divergence)[0] == pytest.approx(max(0.0, 1 - 0.1 * (s_c - s_r)), abs=1e-12)
+
+
+@pytest.mark.parametrize("loss_type", sorted(name for name, t in LOSSES.items() if t.f_divergence == "undefined"
+                                             and not t.reference_free))
+def test_f_divergence_refused_where_undefined(loss_type):
+    """The losses that read one side alone (or sort log-ratios) have no f-divergence form; refused, as TRL 1.16."""
+    with pytest.raises(ValueError, match=f"f_divergence_type=forward_kl is not defined for {loss_type}: f-DPO"):
+        one(loss_type, f_divergence_type="forward_kl")
+    with pytest.raises(ValueError, match="would be ignored: sft reads no log-ratio"):
+        one("sft", f_divergence_type="js_divergence", chosen_tokens=torch.tensor([4]), rejected_tokens=torch.tensor([2]))
+    # with a loss that reads it, sft's term is unchanged and the other's takes the scores
+    s_c, s_r = F_DIVERGENCE_S["forward_kl"]
+    mixed = one(["sigmoid", "sft"], f_divergence_type="forward_kl", chosen_tokens=torch.tensor([4]),
+                rejected_tokens=torch.tensor([2]))[0]
+    assert mixed == pytest.approx(-logsig(0.1 * (s_c - s_r)) + 10 / 4, abs=1e-12)
 
 
 def test_alpha_divergence_at_one_is_reverse_kl():
@@ -371,6 +494,10 @@ def test_loss_module_docstring_lists_the_registry():
         (["loss.loss_type=[aot, sigmoid]", "loss.use_weighting=true"], "loss.use_weighting (WPO) is not defined for aot"),
         (["loss.loss_type=orpo", "reference.mode=none", "loss.f_divergence_type=js_divergence"],
          "loss.f_divergence_type regularizes the log-ratio to a reference; orpo has none"),
+        (["loss.loss_type=[sigmoid, bco_pair]", "loss.f_divergence_type=forward_kl"],
+         "loss.f_divergence_type=forward_kl is not defined for bco_pair: f-DPO's reparameterization leaves a beta log"),
+        (["loss.loss_type=sft", "loss.f_divergence_type=alpha_divergence"],
+         "loss.f_divergence_type=alpha_divergence would be ignored: sft reads no log-ratio to the reference"),
         (["reference.sync_ref_model=true"], "cannot follow a reference that moves"),
         (["reference.ref_model_sync_steps=64"], "reference.ref_model_sync_steps: TR-DPO's moving reference"),
     ],
@@ -383,6 +510,6 @@ def test_config_refuses(overrides, message):
 
 def test_config_takes_a_weighted_list():
     cfg = load_config(None, ["loss.loss_type=[sigmoid, bco_pair, sft]", "loss.loss_weights=[0.8, 0.2, 1]",
-                             "loss.ld_alpha=0.5", "loss.use_weighting=true", "loss.f_divergence_type=forward_kl"])
+                             "loss.ld_alpha=0.5", "loss.use_weighting=true"])
     assert cfg.loss.types() == ("sigmoid", "bco_pair", "sft") and cfg.loss.loss_weights == [0.8, 0.2, 1.0]
     assert load_config(None, []).loss.types() == ("sigmoid",)

@@ -15,8 +15,9 @@ robust         [-(1 - e) log sigma(beta h) + e log sigma(-beta h)] / (1 - 2e)   
                                                                                    (2403.00409)
 hinge          max(0, 1 - beta h)                                                  SLiC-HF, Zhao et al. 2023
                                                                                    (2305.10425); RSO (2309.06657)
-ipo            (h - 1 / (2 beta))^2                                                IPO, Azar et al. 2023, eq. 17
-                                                                                   (2310.12036)
+ipo            (s_c / n_c - s_r / n_r - 1 / (2 beta))^2                            IPO, Azar et al. 2023, eq. 17 on
+                                                                                   per-token log-ratios (2310.12036)
+ipo_sum        (h - 1 / (2 beta))^2                                                IPO, eq. 17 as printed (2310.12036)
 simpo          -log sigma(beta (avg_c - avg_r) - gamma), no reference              SimPO, Meng et al. 2024, eq. 6
                                                                                    (2405.14734)
 exo_pair       KL(q || p): q = (sigma(beta h), sigma(-beta h)), p = (1 - e, e):    EXO, Ji et al. 2024, eq. 16
@@ -35,7 +36,8 @@ apo_zero       (1 - sigma(beta r_c)) + sigma(beta r_r)                          
 apo_down       sigma(beta r_c) + (1 - sigma(beta h))                               APO, eq. 8 (2408.06266)
 discopop       (1 - m) (-log sigma(beta h)) + m exp(-beta h),                      DiscoPOP (LRML), Lu et al. 2024,
                m = sigma(beta h / tau)                                             eq. 5 (2406.08414)
-sft            -logp_c / n_c  (the chosen response's NLL per token)                supervised fine-tuning term
+sft            -sum_batch logp_c / sum_batch n_c (NLL per chosen token of the      supervised fine-tuning term
+               micro-batch; the same for each of its pairs)
 sigmoid_norm   -log sigma(beta (s_c / n_c - s_r / n_r))                            DPO on per-token log-ratios: SimPO
                                                                                    app. "DPO w/ LN" (2405.14734)
 orpo           -avg_c - beta log sigma(log odds(avg_c) - log odds(avg_r)),         ORPO, Hong et al. 2024, eqs. 4, 6, 7
@@ -51,14 +53,18 @@ looks the functions up.
 Modifiers (each may be combined with any loss above that has a reference, unless said):
 
 ==================  ==========================================================  =======================================
-f_divergence_type   score s = f'(r), constants dropped                          f-DPO, Wang et al. 2023 (2309.16240)
+f_divergence_type   score s = f'(t) at t = exp(r)                               f-DPO, Wang et al. 2023 (2309.16240)
 ==================  ==========================================================  =======================================
 reverse_kl          r (plain DPO)
-forward_kl          -exp(-r)
-js_divergence       log sigma(r)  (log(2t / (1 + t)) without log 2)
-alpha_divergence    exp((a - 1) r) / (a - 1), a = f_alpha_divergence_coef;
+forward_kl          1 - exp(-r)
+js_divergence       log 2 + log sigma(r)  (log(2t / (1 + t)))
+alpha_divergence    (exp((a - 1) r) - 1) / (a - 1), a = f_alpha_divergence_coef;
                     a = 1: r
 ==================  ==========================================================  =======================================
+
+The constants of f' cancel in h = s_c - s_r, not in ``ipo`` and ``sigmoid_norm``, which divide each side by its own
+length. An f-divergence applies to the loss types whose record says so (``LossType.f_divergence``); the others are
+refused (their loss reads a side alone, where f-DPO's beta log Z(x) does not cancel).
 
 - Weighted combinations (as MPO, Wang et al. 2024, 2411.10442): ``loss_type`` a sequence with ``loss_weights``; the per-pair
   loss is ``sum_k w_k loss_k``.
@@ -103,15 +109,15 @@ def f_divergence_scores(logratios: torch.Tensor, f_divergence_type: str = "rever
     if f_divergence_type == "reverse_kl":
         return logratios
     if f_divergence_type == "forward_kl":  # f'(t) = 1 - 1/t
-        return -torch.exp(-logratios)
-    if f_divergence_type == "js_divergence":  # f'(t) = log(2t / (1 + t))
-        return F.logsigmoid(logratios)
+        return -torch.expm1(-logratios)
+    if f_divergence_type == "js_divergence":  # f'(t) = log(2t / (1 + t)) = log 2 + log sigma(log t)
+        return math.log(2) + F.logsigmoid(logratios)
     if f_divergence_type == "alpha_divergence":  # f'(t) = (t^(a-1) - 1) / (a - 1); a = 1 is the log
         if abs(alpha - 1.0) < 1e-6:
             return logratios
         wide = torch.promote_types(logratios.dtype, torch.float32)  # at least fp32, where exp(80) is finite
         exponent = torch.clamp(((alpha - 1.0) * logratios).to(wide), max=80.0)
-        return (torch.exp(exponent) / (alpha - 1.0)).to(logratios.dtype)
+        return (torch.expm1(exponent) / (alpha - 1.0)).to(logratios.dtype)
     raise ValueError(f"f_divergence_type {f_divergence_type!r} is not one of {F_DIVERGENCES}")
 
 
@@ -156,6 +162,7 @@ class Pairs:
     h: torch.Tensor  # s_c - s_r, computed once for all the terms of a combination
     chosen_tokens: torch.Tensor | None  # n_c, for the types that need tokens
     rejected_tokens: torch.Tensor | None  # n_r
+    sft_chosen_logps: torch.Tensor  # logp_c summed with every token weighted 1 (differs under LD-DPO), for sft
 
 
 @dataclass(frozen=True)
@@ -193,8 +200,19 @@ def hinge_loss(p: Pairs, o: LossOptions) -> torch.Tensor:
     return torch.relu(1 - o.beta * p.h)
 
 
+def per_token_h(p: Pairs) -> torch.Tensor:
+    """``s_c / n_c - s_r / n_r``: the score difference with each side divided by its own response tokens."""
+    return p.chosen_scores / p.chosen_tokens.clamp(min=1) - p.rejected_scores / p.rejected_tokens.clamp(min=1)
+
+
 def ipo_loss(p: Pairs, o: LossOptions) -> torch.Tensor:
-    """IPO (Azar et al. 2023, eq. 17, 2310.12036): ``(h - 1 / (2 beta))^2``."""
+    """IPO (Azar et al. 2023, eq. 17, 2310.12036) on per-token log-ratios, as the IPO authors advised TRL (the paper's
+    results use this form): ``(s_c / n_c - s_r / n_r - 1 / (2 beta))^2``."""
+    return (per_token_h(p) - 1 / (2 * o.beta)) ** 2
+
+
+def ipo_sum_loss(p: Pairs, o: LossOptions) -> torch.Tensor:
+    """IPO's eq. 17 as printed (2310.12036), on summed log-ratios: ``(h - 1 / (2 beta))^2``."""
     return (p.h - 1 / (2 * o.beta)) ** 2
 
 
@@ -260,15 +278,17 @@ def discopop_loss(p: Pairs, o: LossOptions) -> torch.Tensor:
 
 
 def sft_loss(p: Pairs, o: LossOptions) -> torch.Tensor:
-    """Supervised fine-tuning: ``-logp_c / n_c``, the chosen response's NLL per token."""
-    return -p.policy_chosen_logps / p.chosen_tokens.clamp(min=1)
+    """Supervised fine-tuning, as TRL: the NLL per chosen token over the whole batch, ``-sum_i logp_c,i / sum_i n_c,i``
+    (a token-weighted mean: a long response counts more), the same number for every pair of the batch. Reads the
+    plain summed log-probs (``sft_chosen_logps``) under LD-DPO too."""
+    nll = -p.sft_chosen_logps.sum() / p.chosen_tokens.sum().clamp(min=1)
+    return nll.expand_as(p.h)
 
 
 def sigmoid_norm_loss(p: Pairs, o: LossOptions) -> torch.Tensor:
     """DPO on per-token log-ratios (SimPO's appendix, "DPO w/ LN", 2405.14734): ``-log sigma(beta (s_c / n_c -
     s_r / n_r))``."""
-    return -F.logsigmoid(o.beta * (p.chosen_scores / p.chosen_tokens.clamp(min=1)
-                                   - p.rejected_scores / p.rejected_tokens.clamp(min=1)))
+    return -F.logsigmoid(o.beta * per_token_h(p))
 
 
 def orpo_loss(p: Pairs, o: LossOptions) -> torch.Tensor:
@@ -281,7 +301,8 @@ def orpo_loss(p: Pairs, o: LossOptions) -> torch.Tensor:
 
 # loss type -> its per-pair loss; the keys are LOSSES' (tests/test_loss.py holds them to it).
 PER_PAIR: dict[str, Callable[[Pairs, LossOptions], torch.Tensor]] = {
-    "sigmoid": sigmoid_loss, "robust": robust_loss, "hinge": hinge_loss, "ipo": ipo_loss, "simpo": simpo_loss,
+    "sigmoid": sigmoid_loss, "robust": robust_loss, "hinge": hinge_loss, "ipo": ipo_loss, "ipo_sum": ipo_sum_loss,
+    "simpo": simpo_loss,
     "exo_pair": exo_pair_loss, "nca_pair": nca_pair_loss, "bco_pair": bco_pair_loss, "sppo_hard": sppo_hard_loss,
     "aot": aot_loss, "aot_unpaired": aot_unpaired_loss, "apo_zero": apo_zero_loss, "apo_down": apo_down_loss,
     "discopop": discopop_loss, "sft": sft_loss, "sigmoid_norm": sigmoid_norm_loss, "orpo": orpo_loss,
@@ -305,6 +326,7 @@ def preference_loss(
     chosen_tokens: torch.Tensor | None = None,
     rejected_tokens: torch.Tensor | None = None,
     pair_weights: torch.Tensor | None = None,
+    sft_chosen_logps: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-pair preference losses and detached rewards.
 
@@ -321,24 +343,17 @@ def preference_loss(
         simpo_gamma: SimPO's target reward margin gamma.
         discopop_tau: DiscoPOP's temperature tau.
         f_divergence_type, f_alpha_divergence_coef: the f-divergence regularizer (:func:`f_divergence_scores`).
-        chosen_tokens, rejected_tokens: response tokens per side, for ``sft`` and ``sigmoid_norm``.
+        chosen_tokens, rejected_tokens: response tokens per side, for ``ipo``, ``sft`` and ``sigmoid_norm``.
         pair_weights: a detached weight per pair multiplying its loss (WPO, :func:`wpo_weights`); not with ``aot``
             and ``aot_unpaired``, which sort pairs.
 
-    Where this differs from TRL 1.x's DPOTrainer:
+        sft_chosen_logps: the chosen log-probs summed with every token weighted 1, for ``sft`` (default
+            ``policy_chosen_logps``; they differ under LD-DPO, whose weighting TRL's sft does not take either).
 
-    - ``ipo`` takes summed log-ratios, as Azar et al. define h on sequence log-likelihoods, so that h and the
-      rewards mean the same for every loss type here. TRL averages them over tokens, after the IPO authors' later
-      advice; ``sigmoid_norm`` is the sigmoid loss on such averages, and passing length-averaged log-probs (and
-      references) to ``ipo`` gives TRL's.
-    - ``sigmoid`` takes ``label_smoothing`` (cDPO), as TRL's did before 1.0; TRL's ignores it now.
-    - ``sft`` is each pair's NLL per chosen token; TRL's is the cross-entropy over all chosen tokens of the batch (one
-      number for the batch: a token-weighted mean where ours weights pairs equally).
-    - ``orpo``'s NLL is over the chosen response's tokens (the paper's L_SFT, eq. 6); TRL's ORPOTrainer takes it
-      over prompt and response.
-    - ``aot`` and ``aot_unpaired`` sort log-ratios within the batch given: under data parallelism that is each
-      process's micro-batch, not the global batch (TRL sorts per device too), so the loss depends on
-      ``per_device_batch_size`` and on how pairs are dealt to processes.
+    Every loss TRL 1.16's DPOTrainer has gives its per-pair losses and rewards on the same log-probs, except where
+    docs/losses.md's table says why not: ``sigmoid`` takes ``label_smoothing`` as cDPO (TRL ignores it for sigmoid),
+    ``aot`` and ``aot_unpaired`` sort each process's micro-batch (as TRL, per device), and ``sft`` reduces over the
+    micro-batch given (as TRL).
 
     Shape: each input (B,) -> (losses, chosen_rewards, rejected_rewards), each (B,).
     """
@@ -372,6 +387,7 @@ def preference_loss(
         chosen_logratios=chosen_logratios, rejected_logratios=rejected_logratios,
         chosen_scores=chosen_scores, rejected_scores=rejected_scores, h=chosen_scores - rejected_scores,
         chosen_tokens=chosen_tokens, rejected_tokens=rejected_tokens,
+        sft_chosen_logps=policy_chosen_logps if sft_chosen_logps is None else sft_chosen_logps,
     )
     options = LossOptions(beta=beta, label_smoothing=label_smoothing, simpo_gamma=simpo_gamma, discopop_tau=discopop_tau)
 

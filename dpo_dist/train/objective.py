@@ -45,7 +45,7 @@ def pair_losses(model: Any, batch: dict[str, torch.Tensor], cfg: Config, referen
         loss_weights=settings.loss_weights, label_smoothing=settings.label_smoothing, simpo_gamma=settings.simpo_gamma,
         discopop_tau=settings.discopop_tau, f_divergence_type=settings.f_divergence_type,
         f_alpha_divergence_coef=settings.f_alpha_divergence_coef, chosen_tokens=policy.chosen_tokens,
-        rejected_tokens=policy.rejected_tokens, pair_weights=weights,
+        rejected_tokens=policy.rejected_tokens, pair_weights=weights, sft_chosen_logps=policy.chosen_logps,
     )
     if settings.rpo_alpha:
         losses = losses + settings.rpo_alpha * -(policy.chosen_logps / policy.chosen_tokens.clamp(min=1))
