@@ -207,6 +207,26 @@ def test_mixture_counts_and_reports_each_part(tmp_path):
     assert len(train) == len(eval_) == 3 and not set(train["chosen"]) & set(eval_["chosen"])
 
 
+def test_a_subset_as_large_as_its_part_warns_only_when_more_was_asked_for(tmp_path, caplog):
+    """fraction 1.0 is all of a part: no warning about a num_samples nobody set. A num_samples above what a part has
+    is warned about, naming the entry's key; exactly as many is all of them, no warning."""
+    import logging
+
+    from dpo_dist.data.load import Part, load_train_eval
+
+    jsonl, parquet = mixture_files(tmp_path)
+    with caplog.at_level(logging.WARNING, logger="dpo_dist.data.load"):
+        train, _, _ = load_train_eval([Part(jsonl, fraction=1.0), Part(parquet, num_samples=6)], seed=0,
+                                      on_bad_row="skip")
+        assert len(train) == 15 and caplog.records == []
+        train, _, _ = load_train_eval([Part(jsonl), Part(parquet, num_samples=8)], seed=0, on_bad_row="skip",
+                                      num_samples=20)
+    assert len(train) == 15
+    assert [r.getMessage() for r in caplog.records] == [
+        "data.sources[1].num_samples=8 but only 6 pairs exist: using all of them",
+        "data.num_samples=20 but only 15 pairs exist: using all of them"]
+
+
 def test_mixture_refusals(tmp_path):
     from dpo_dist.data.load import Part, load_mixture, load_train_eval
 

@@ -345,11 +345,13 @@ def _prepend(first: str, handle: Any) -> Iterator[str]:
     yield from handle
 
 
-def take_subset(pairs: datasets.Dataset, num_samples: int | None, seed: int) -> datasets.Dataset:
-    """A seeded random subset of ``num_samples`` pairs (all pairs when None or when fewer exist)."""
+def take_subset(pairs: datasets.Dataset, num_samples: int | None, seed: int, *,
+                key: str = "num_samples") -> datasets.Dataset:
+    """A seeded random subset of ``num_samples`` pairs (all pairs when None or when that many or fewer exist; fewer
+    is warned about, naming ``key``, the setting that asked for more: ``data.sources[1].num_samples``)."""
     if num_samples is None or num_samples >= len(pairs):
-        if num_samples is not None:
-            logger.warning("num_samples=%d but only %d pairs exist: using all of them", num_samples, len(pairs))
+        if num_samples is not None and num_samples > len(pairs):
+            logger.warning("%s=%d but only %d pairs exist: using all of them", key, num_samples, len(pairs))
         return pairs
     if num_samples < 1:
         raise DataError(f"num_samples must be at least 1, got {num_samples}")
@@ -394,10 +396,10 @@ def load_mixture(
             revision=part.revision, data_format=part.data_format or data_format, **load_kwargs,
         )
         report.part = index
-        if part.fraction is not None:
+        if part.fraction is not None:  # at most all of them: nothing to warn about
             pairs = take_subset(pairs, max(1, round(part.fraction * len(pairs))), seed)
         elif part.num_samples is not None:
-            pairs = take_subset(pairs, part.num_samples, seed)
+            pairs = take_subset(pairs, part.num_samples, seed, key=f"data.sources[{index}].num_samples")
         report.rows_used = len(pairs)
         if loaded and pairs.features != loaded[0].features:
             raise DataError(f"{where} gives {_kind(pairs)} pairs ({report.data_format} format) but data.sources[0] "
@@ -453,7 +455,7 @@ def load_train_eval(
     else:
         pairs, report = load_pairs(source, split=split, **hub, **load_kwargs)
         reports = [report]
-    pairs = take_subset(pairs, num_samples, seed)
+    pairs = take_subset(pairs, num_samples, seed, key="data.num_samples")
     if eval_source is None and eval_split is None:
         train, eval_ = split_pairs(pairs, eval_ratio=eval_ratio, seed=seed)
         return train, eval_, reports
