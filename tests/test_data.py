@@ -227,6 +227,88 @@ def test_a_subset_as_large_as_its_part_warns_only_when_more_was_asked_for(tmp_pa
         "data.num_samples=20 but only 15 pairs exist: using all of them"]
 
 
+def test_a_weighted_mixture_draws_by_weight_seeded_and_counts_what_each_entry_gave(tmp_path):
+    """Weights are relative probabilities (datasets.interleave_datasets): 1 and 3 draw b three times as often as a,
+    until b, which runs out first, is used up (first_exhausted): a gives about a quarter of the mixture (without
+    weights it would give 4/5), no pair twice, each entry's pairs a seeded random subset of it. The same seed draws
+    the same pairs in the same order (again from the datasets cache, as a second process reads it); another seed
+    others. all_exhausted goes on until a is used up too, b's pairs repeating."""
+    from dpo_dist.data.load import Part, load_train_eval
+
+    a = write_jsonl(tmp_path / "a.jsonl", numbered(400, "a"))
+    b = write_jsonl(tmp_path / "b.jsonl", numbered(100, "b"))
+    parts = [Part(a, weight=1), Part(b, weight=3.0)]
+    train, eval_, reports = load_train_eval(parts, seed=0)
+    chosen = train["chosen"]
+    used_a, used_b = [c for c in chosen if c.startswith(" a")], [c for c in chosen if c.startswith(" b")]
+    assert eval_ is None and len(used_b) == 100 and len(set(chosen)) == len(chosen)
+    assert 0.15 < len(used_a) / len(chosen) < 0.35, len(used_a)
+    assert sorted(int(c[2:]) for c in used_a) != list(range(len(used_a))), "a seeded subset of a, not its first rows"
+    assert list(train["part"]) == [0 if c.startswith(" a") else 1 for c in chosen]
+    assert [r.summary() for r in reports] == [
+        f"data.sources[0] {a}: 400 of 400 rows kept (text format); {len(used_a)} used (probability 0.25)",
+        f"data.sources[1] {b}: 100 of 100 rows kept (text format); 100 used (probability 0.75: all of them)"]
+    assert load_train_eval(parts, seed=0)[0]["chosen"] == chosen
+    assert load_train_eval(parts, seed=1)[0]["chosen"] != chosen
+
+    train, _, reports = load_train_eval(parts, seed=0, stopping_strategy="all_exhausted")
+    chosen = train["chosen"]
+    assert sorted(c for c in chosen if c.startswith(" a")) == sorted(f" a{i}" for i in range(400)), "each a once"
+    repeats = len(chosen) - 500
+    assert 0.65 < (len(chosen) - 400) / len(chosen) < 0.85 and repeats > 500
+    assert reports[1].summary().endswith(f"{100 + repeats} used (probability 0.75: all 100, and {repeats} repeats)")
+
+    # an entry's subset first, then the draw; a weight of 0 gives nothing; data.num_samples and a ratio split after
+    parts = [Part(a, weight=0), Part(b, weight=1, num_samples=30), Part(a, weight=1, fraction=0.1)]
+    train, eval_, reports = load_train_eval(parts, seed=0, num_samples=40, eval_ratio=0.25)
+    assert len(train) == 30 and len(eval_) == 10 and 0 not in list(train["part"]) + list(eval_["part"])
+    assert set(c for c in list(train["chosen"]) + list(eval_["chosen"]) if c.startswith(" b")) <= set(
+        take_subset(load_pairs(b)[0], 30, 0)["chosen"])
+    assert reports[0].summary().endswith("400 of 400 rows kept (text format); 0 used (probability 0)")
+    assert reports[1].summary().startswith(f"data.sources[1] {b}: 100 of 100 rows kept (text format); 30 in its subset; ")
+
+
+def test_weighted_mixture_refusals_name_the_key(tmp_path):
+    from dpo_dist.config import ConfigError, load_config
+    from dpo_dist.data.load import Part, load_mixture, load_train_eval
+
+    two = "data.sources=[{source: a.jsonl, weight: 2}, {source: b.jsonl, weight: 1}]"
+    assert load_config(None, [two]).data.sources[0].weight == 2.0
+    for overrides, message in [
+        (["data.sources=[{source: a.jsonl, weight: 2}, {source: b.jsonl}]"],
+         "data.sources[1].weight is missing: give every entry a weight (data.sources[0] has one), or none"),
+        (["data.sources=[{source: a.jsonl, weight: 2}, {source: b.jsonl, weight: -1}]"],
+         "data.sources[1].weight must not be negative, got -1.0"),
+        (["data.sources=[{source: a.jsonl, weight: 0}, {source: b.jsonl, weight: 0.0}]"],
+         "data.sources[].weight: every weight is 0; at least one must be positive"),
+        (["data.sources=[{source: a.jsonl, weight: .nan}]"], "data.sources[0].weight must be a finite number, got nan"),
+        (["data.sources=[{source: a.jsonl, weight: heavy}]"], "data.sources[0].weight: 'heavy' is not float or null"),
+        (["data.sources=[{source: a.jsonl}]", "data.stopping_strategy=all_exhausted"],
+         "data.stopping_strategy=all_exhausted applies to a weighted mixture: give every data.sources entry a weight"),
+        (["data.source=a.jsonl", "data.stopping_strategy=first_exhausted"],
+         "data.stopping_strategy=first_exhausted applies to a weighted mixture"),
+        ([two, "data.stopping_strategy=longest"], "data.stopping_strategy: 'longest' is not one of first_exhausted, "
+                                                  "all_exhausted or null"),
+        ([two, "data.stopping_strategy=all_exhausted"], "data.stopping_strategy=all_exhausted repeats the pairs of the "
+         "entries that run out first, and data.eval_ratio=0.1 would split those copies between train and eval"),
+        (["data.sources=[{source: a.jsonl, weight: 0}, {source: b.jsonl, weight: 1}]", "data.eval_ratio=0",
+          "data.stopping_strategy=all_exhausted"], "data.sources[0].weight is 0, but data.stopping_strategy="
+                                                   "all_exhausted draws until every entry has run out"),
+    ]:
+        with pytest.raises(ConfigError) as error:
+            load_config(None, overrides)
+        assert message in str(error.value), (overrides, str(error.value))
+    load_config(None, [two, "data.stopping_strategy=all_exhausted", "data.eval_source=c.jsonl"])
+    load_config(None, [two, "data.stopping_strategy=all_exhausted", "data.eval_ratio=0"])
+
+    jsonl, parquet = mixture_files(tmp_path)  # the data stage checks by the same rule, before loading
+    with pytest.raises(DataError, match=r"data.sources\[0\].weight is missing"):
+        load_mixture([Part(jsonl), Part(parquet, weight=1)], seed=0)
+    with pytest.raises(DataError, match=r"data.eval_ratio=0.5 would split those copies"):
+        load_train_eval([Part(jsonl, weight=1), Part(parquet, weight=1)], seed=0, eval_ratio=0.5,
+                        stopping_strategy="all_exhausted")
+
+
 def test_mixture_refusals(tmp_path):
     from dpo_dist.data.load import Part, load_mixture, load_train_eval
 

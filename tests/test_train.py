@@ -14,7 +14,8 @@ from dpo_dist.config import load_config
 from dpo_dist.train import host_memory
 from dpo_dist.train.metrics import read_metrics
 from tiny import make_llama, make_tokenizer
-from training import ROOT, WORDS, accelerate_launch, assert_same_trajectory, overrides, reset_accelerate_state, run
+from training import (ROOT, WORDS, accelerate_launch, assert_same_trajectory, overrides, reset_accelerate_state, run,
+                      synthetic_pairs)
 
 
 pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")  # conftest.py
@@ -66,6 +67,10 @@ def test_batch_times_accumulation_is_one_global_batch(tiny_model_dir, data_file,
 @pytest.mark.parametrize("lora", [False, True])
 def test_two_process_ddp_equals_one_process(tiny_model_dir, data_file, tmp_path, lora):
     extra = {"lora.enabled": lora, "train.eval_every": 2, "train.max_steps": 5, "train.sample_prompts": 2}
+    if lora:  # a weighted mixture, which each process draws for itself: the same pairs in the same order, or no match
+        more = synthetic_pairs(tmp_path / "more.jsonl", 40, seed=1)
+        extra.update({"data.source": "builtin:sentiment",  # (not data_file: data.sources replaces it)
+                      "data.sources": [{"source": data_file, "weight": 1}, {"source": more, "weight": 2}]})
     one = run(tiny_model_dir, data_file, tmp_path / "one", **extra)["records"]
     command = accelerate_launch("--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
                                 "--dynamo_backend", "no", os.path.join(ROOT, "launch", "train.py"))
