@@ -50,7 +50,7 @@ def parse(path):
     return card.data.to_dict(), card.text, tables(card.text)
 
 
-def test_the_trainer_writes_a_card_from_the_run_files(lora_run, tiny_model_dir, tmp_path):
+def test_the_trainer_writes_a_card_from_the_run_files(lora_run, tiny_model_dir, data_file, tmp_path):
     out, trained_card = lora_run
     (tmp_path / "README.md").write_text(trained_card)  # as written after training (a later test rewrites model/'s)
     metadata, text, rows = parse(tmp_path / "README.md")
@@ -60,9 +60,15 @@ def test_the_trainer_writes_a_card_from_the_run_files(lora_run, tiny_model_dir, 
     assert f'PeftModel.from_pretrained(base, "{out / "model"}")' in text
 
     counts = json.load(open(out / "run.json"))
-    assert counts == {"pairs": {"train_pairs": 65, "eval_pairs": 16, "dropped_too_long": 0}, "model_step": 4,
-                      "model": "the weights at step 4, the last"}
-    assert rows["Training data"] == {"pairs": ["count"], **{k: [str(v)] for k, v in counts["pairs"].items()}}
+    source = {"entry": "data.source", "source": data_file, "split": "train", "rows_read": 81, "skipped": {},
+              "kept": 81, "used": 81, "left_out_by_num_samples": 0, "train_pairs": 65, "eval_pairs": 16,
+              "dropped_too_long": 0}
+    assert counts == {"pairs": {"train_pairs": 65, "eval_pairs": 16, "dropped_too_long": 0, "sources": [source]},
+                      "model_step": 4, "model": "the weights at step 4, the last"}
+    assert rows["Training data"] == {"pairs": ["count"], "train_pairs": ["65"], "eval_pairs": ["16"],
+                                     "dropped_too_long": ["0"], "source": ["split", "rows read", "skipped", "kept",
+                                                                           "used", "train", "eval", "dropped (too long)"],
+                                     f"data.source `{data_file}`": ["train", "81", "0", "81", "81", "65", "16", "0"]}
 
     records = read_metrics(str(out / "metrics.jsonl"))
     last = records[-1]
@@ -128,7 +134,9 @@ def parse_text(text):
 
 def test_the_exported_step_and_per_source_counts_come_from_run_json(lora_run, tmp_path):
     """Early stopping exports the best step's weights (run.json says which: tests/test_train.py checks the trainer
-    writes it): the card shows that step's metrics. Nested counts (a mixture's per-source report) become rows."""
+    writes it): the card shows that step's metrics. A mixture's per-source counts (tests/test_data.py checks them)
+    become a row per entry, with the columns some entry has: its subset, a weighted mixture's probabilities, what
+    data.num_samples left out."""
     from dpo_dist.publish.card import render
 
     out, _ = lora_run
@@ -136,7 +144,13 @@ def test_the_exported_step_and_per_source_counts_come_from_run_json(lora_run, tm
     shutil.copytree(out, copy)
     info = json.load(open(copy / "run.json"))
     info["model_step"], info["model"] = 2, "the weights of checkpoint-2, the best eval/loss"
-    info["pairs"]["sources"] = {"a.jsonl": {"train": 40, "eval": 10}, "b.jsonl": {"train": 25, "eval": 6}}
+    info["pairs"]["sources"] = [
+        {"entry": "data.sources[0]", "source": "a.jsonl", "split": "train", "rows_read": 60, "skipped": {},
+         "kept": 60, "subset": 50, "probability": 0.75, "used": 50, "left_out_by_num_samples": 0, "train_pairs": 40,
+         "eval_pairs": 10, "dropped_too_long": 0},
+        {"entry": "data.sources[1]", "source": "b.jsonl", "split": "test", "rows_read": 40, "skipped":
+         {"empty_response": 2, "prompts_differ": 1}, "kept": 37, "probability": 0.25, "used": 31,
+         "left_out_by_num_samples": 0, "train_pairs": 25, "eval_pairs": 6, "dropped_too_long": 0}]
     json.dump(info, open(copy / "run.json", "w"))
     _, text, rows = parse_text(render(str(copy / "model")))
     second = read_metrics(str(out / "metrics.jsonl"))[1]
@@ -145,7 +159,12 @@ def test_the_exported_step_and_per_source_counts_come_from_run_json(lora_run, tm
     assert metrics["metric"] == ["train (step 2)", "eval (step 2)"]
     assert metrics["loss"] == [f"{second['loss']:.4f}", f"{second['eval/loss']:.4f}"]
     assert "The weights of checkpoint-2, the best eval/loss; pairs seen: 16" in text
-    assert rows["Training data"]["sources.a.jsonl.train"] == ["40"] and rows["Training data"]["sources.b.jsonl.eval"] == ["6"]
+    data = rows["Training data"]
+    assert data["source"] == ["split", "rows read", "skipped", "kept", "subset (num_samples / fraction)",
+                              "probability (weight)", "used", "train", "eval", "dropped (too long)"]
+    assert data["data.sources[0] `a.jsonl`"] == ["train", "60", "0", "60", "50", "0.75", "50", "40", "10", "0"]
+    assert data["data.sources[1] `b.jsonl`"] == ["test", "40", "3 (2 empty_response, 1 prompts_differ)", "37", "–",
+                                                 "0.25", "31", "25", "6", "0"]
 
 
 def test_license_and_base_model_come_from_the_base(tmp_path, monkeypatch):

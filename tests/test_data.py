@@ -309,6 +309,54 @@ def test_weighted_mixture_refusals_name_the_key(tmp_path):
                         stopping_strategy="all_exhausted")
 
 
+def test_each_source_is_counted_from_rows_read_to_train_and_eval_pairs(tmp_path):
+    """run.json's per-source counts (source_counts): each entry's rows read, skipped, kept, its subset, what it put
+    in, and where that went: left out by data.num_samples, train, eval, or dropped at tokenization (a prompt with no
+    room for a response). Checked against the pairs' own text, not the part column the counts are made from."""
+    from tiny import make_tokenizer
+
+    from dpo_dist.data.load import Part, load_train_eval, source_counts
+    from dpo_dist.data.tokenization import Truncation, tokenize_pairs
+
+    rows = numbered(10, "a")
+    rows[3] = dict(TEXT, chosen=" 5")  # identical to rejected: skipped
+    for i in (0, 1, 2):
+        rows[i] = dict(rows[i], prompt="the movie was great " * 20)  # no room for a response: dropped
+    a = write_jsonl(tmp_path / "a.jsonl", rows)
+    b = str(tmp_path / "b.parquet")
+    datasets.Dataset.from_list(numbered(6, "b")).to_parquet(b)
+    tokenizer, truncation = make_tokenizer("bos"), Truncation(40, None)
+
+    def counts(source, **kwargs):
+        train, eval_, reports = load_train_eval(source, seed=0, on_bad_row="skip", **kwargs)
+        train_tok, _ = tokenize_pairs(train, tokenizer, truncation)
+        eval_tok, _ = tokenize_pairs(eval_, tokenizer, truncation) if eval_ is not None else (None, 0)
+        return train, eval_, train_tok, eval_tok, source_counts(reports, train, eval_, train_tok, eval_tok)
+
+    train, eval_, train_tok, eval_tok, records = counts([Part(a, num_samples=8), Part(b)], num_samples=12,
+                                                        eval_ratio=0.25)
+    for record, tag in zip(records, "ab"):
+        went = {side: [p for p in pairs if p["chosen"].startswith(f" {tag}")] for side, pairs in
+                (("train", train), ("eval", eval_))}
+        kept = {side: sum(len(p["prompt"]) < 100 for p in went[side]) for side in went}
+        assert (record["train_pairs"], record["eval_pairs"]) == (kept["train"], kept["eval"]), record
+        assert record["dropped_too_long"] == len(went["train"]) + len(went["eval"]) - kept["train"] - kept["eval"]
+        assert record["used"] == (record["left_out_by_num_samples"] + record["train_pairs"] + record["eval_pairs"]
+                                  + record["dropped_too_long"])
+    assert {k: v for k, v in records[0].items() if k not in ("train_pairs", "eval_pairs", "dropped_too_long",
+                                                            "left_out_by_num_samples")} == {
+        "entry": "data.sources[0]", "source": a, "split": "train", "rows_read": 10,
+        "skipped": {"identical_responses": 1}, "kept": 9, "subset": 8, "used": 8}
+    assert records[1]["entry"] == "data.sources[1]" and records[1]["used"] == 6 and "subset" not in records[1]
+    assert sum(r["left_out_by_num_samples"] for r in records) == 2 and sum(r["dropped_too_long"] for r in records) > 0
+    assert sum(r["train_pairs"] for r in records) == len(train_tok) and sum(r["eval_pairs"] for r in records) == len(eval_tok)
+
+    # one source and an eval source: the eval pairs are all the eval source's, used whole
+    *_, records = counts(a, eval_source=b)
+    assert [(r["entry"], r["used"], r["train_pairs"], r["eval_pairs"], r["dropped_too_long"]) for r in records] == [
+        ("data.source", 9, 6, 0, 3), ("data.eval_source", 6, 0, 6, 0)]
+
+
 def test_mixture_refusals(tmp_path):
     from dpo_dist.data.load import Part, load_mixture, load_train_eval
 

@@ -42,7 +42,10 @@ def test_learns_a_learnable_preference(tiny_model_dir, data_file, tmp_path):
     assert [r["step"] for r in evals] == [10, 20, 30]
     assert evals[-1]["eval/rewards/accuracies"] > 0.9
     assert evals[-1]["eval/rewards/margins"] > evals[0]["eval/rewards/margins"] > 0
-    assert result["counts"] == {"train_pairs": 65, "eval_pairs": 16, "dropped_too_long": 0}
+    assert {k: v for k, v in result["counts"].items() if k != "sources"} == {"train_pairs": 65, "eval_pairs": 16,
+                                                                             "dropped_too_long": 0}
+    [source] = result["counts"]["sources"]  # the card's test checks each field
+    assert (source["entry"], source["used"], source["train_pairs"], source["eval_pairs"]) == ("data.source", 81, 65, 16)
     from transformers import AutoModelForCausalLM
 
     AutoModelForCausalLM.from_pretrained(str(out / "model"))  # the final full model loads
@@ -84,6 +87,12 @@ def test_two_process_ddp_equals_one_process(tiny_model_dir, data_file, tmp_path,
     assert ("attention: segmented (" in result.stdout) == lora, result.stdout[-2000:]
     two = read_metrics(str(tmp_path / "two" / "metrics.jsonl"))
     assert_same_trajectory(one, two, atol=1e-5)
+    pairs = [json.load(open(tmp_path / name / "run.json"))["pairs"] for name in ("one", "two")]
+    assert pairs[1] == pairs[0] and len(pairs[0]["sources"]) == (2 if lora else 1)
+    if lora:  # a weighted mixture's entries: what each put in went to train and eval
+        assert [s["entry"] for s in pairs[0]["sources"]] == ["data.sources[0]", "data.sources[1]"]
+        assert all(s["used"] == s["train_pairs"] + s["eval_pairs"] and s["probability"] for s in pairs[0]["sources"])
+        assert "  data.sources[1] " in result.stdout and " used: " in result.stdout, result.stdout[-2000:]
     # Both processes generate the samples (steps 2, 4, 5), the main one writes them: the one-process completions.
     samples = [read_metrics(str(tmp_path / name / "samples.jsonl")) for name in ("one", "two")]
     assert [r["step"] for r in samples[1]] == [2, 2, 4, 4, 5, 5] and samples[1] == samples[0]

@@ -42,6 +42,8 @@ class DataError(ValueError):
 class LoadReport:
     source: str
     data_format: str
+    split: str = "train"
+    entry: str = "data.source"  # the config entry it loads: data.source, data.sources[i], data.eval_source/eval_split
     rows_read: int = 0
     rows_kept: int = 0
     skipped: Counter = field(default_factory=Counter)
@@ -145,7 +147,7 @@ def load_pairs(
         raise DataError(f"on_bad_row {on_bad_row!r} is not one of: error, skip")
     raw, json_text = _raw_rows(source, split, config_name, data_dir, revision)
     release_arrow_memory()
-    report = LoadReport(source=source, data_format=data_format, rows_read=len(raw))
+    report = LoadReport(source=source, data_format=data_format, split=split, rows_read=len(raw))
     first = 0  # rows before the first one the format is detected from are bad rows (their detection fails)
     if data_format == "auto":
         first, report.data_format = _detect(raw, json_text)
@@ -424,7 +426,7 @@ def load_mixture(
             part.source, split=part.split, config_name=part.config_name, data_dir=part.data_dir,
             revision=part.revision, data_format=part.data_format or data_format, **load_kwargs,
         )
-        report.part = index
+        report.part, report.entry = index, f"data.sources[{index}]"
         if part.fraction is not None:  # at most all of them: nothing to warn about
             pairs = take_subset(pairs, max(1, round(part.fraction * len(pairs))), seed)
         elif part.num_samples is not None:
@@ -534,10 +536,51 @@ def load_train_eval(
                         "Hub dataset; for a file give a separate eval file (data.eval_source) or data.eval_ratio")
     if eval_source is None:
         eval_, eval_report = load_pairs(source, split=eval_split, **hub, **load_kwargs)
+        eval_report.entry = "data.eval_split"
     else:
         eval_split = eval_split or ("train" if isinstance(source, list) else split)
         eval_, eval_report = load_pairs(eval_source, split=eval_split, **load_kwargs)
+        eval_report.entry = "data.eval_source"
     return pairs, eval_, [*reports, eval_report]
+
+
+EVAL_ENTRIES = ("data.eval_source", "data.eval_split")  # a report of these gave the eval pairs, all of them
+
+
+def source_counts(reports: list[LoadReport], train: datasets.Dataset, eval_: datasets.Dataset | None,
+                  train_tok: datasets.Dataset, eval_tok: datasets.Dataset | None) -> list[dict[str, Any]]:
+    """What each source gave, one record per report of :func:`load_train_eval` (``reports``), from its pairs
+    (``train``, ``eval_``) to the tokenized ones (``train_tok``, ``eval_tok``): ``rows_read``, ``skipped`` (by reason),
+    ``kept``; a mixture entry's ``subset`` (its num_samples / fraction) and ``probability`` (its normalized weight)
+    where it has them; ``used``: what it put into the pairs (a mixture's entry: as its report says, a weighted one's
+    repeats counted; one source: its kept pairs), which then went to ``train_pairs``, ``eval_pairs``,
+    ``dropped_too_long`` (prompt too long, at tokenization) or were ``left_out_by_num_samples`` (``data.num_samples``
+    on the whole). A mixture's pairs are told apart by their ``part`` column; an eval source's are all its own."""
+    eval_owner = next((i for i, r in enumerate(reports) if r.entry in EVAL_ENTRIES), 0)
+
+    def owners(pairs: datasets.Dataset | None, owner: int) -> dict[int, int]:
+        if pairs is None or PART in pairs.column_names:
+            return count_parts(pairs)  # a part's index is its report's
+        return {owner: len(pairs)}
+
+    split = [owners(train, 0), owners(eval_, eval_owner)]
+    tokenized = [owners(train_tok, 0), owners(eval_tok, eval_owner)]
+    records = []
+    for i, report in enumerate(reports):
+        record: dict[str, Any] = {"entry": report.entry, "source": report.source, "split": report.split,
+                                  "rows_read": report.rows_read, "skipped": dict(sorted(report.skipped.items())),
+                                  "kept": report.rows_kept}
+        if report.rows_subset is not None:
+            record["subset"] = report.rows_subset
+        if report.probability is not None:
+            record["probability"] = report.probability
+        used = report.rows_used if report.rows_used is not None else report.rows_kept
+        into_splits = split[0].get(i, 0) + split[1].get(i, 0)
+        record.update(used=used, left_out_by_num_samples=used - into_splits, train_pairs=tokenized[0].get(i, 0),
+                      eval_pairs=tokenized[1].get(i, 0),
+                      dropped_too_long=into_splits - tokenized[0].get(i, 0) - tokenized[1].get(i, 0))
+        records.append(record)
+    return records
 
 
 def data_source(cfg: Config) -> str | list[Part]:
@@ -563,9 +606,13 @@ def load_configured_pairs(cfg: Config, tokenizer: Any, *, sentiment: tuple[str, 
         (source, eval_source), eval_ratio = sentiment, 0.0
     hub = {"config_name": d.config_name, "data_dir": d.data_dir, "revision": d.revision}
     hub = hub if isinstance(source, str) else {}
-    return load_train_eval(
+    train, eval_, reports = load_train_eval(
         source, split=d.split, **hub, eval_source=eval_source, eval_split=d.eval_split, eval_ratio=eval_ratio,
         num_samples=d.num_samples, seed=cfg.train.seed, stopping_strategy=d.stopping_strategy,
         data_format=d.data_format, on_bad_row=d.on_bad_row,
         hh_as_messages=d.hh_as_messages, tokenizer=tokenizer, num_proc=d.num_proc,
     )
+    if sentiment is not None and data_source(cfg) == SENTIMENT:
+        for report in reports:  # both files are the built-in set's, which data.source names
+            report.entry = "data.source"
+    return train, eval_, reports

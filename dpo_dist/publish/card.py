@@ -304,10 +304,43 @@ def data_section(files: RunFiles) -> list[str]:
              + (f"; eval pairs from `{cfg.data.eval_source}`" if cfg.data.eval_source else "") + "."]
     counts = files.run.get("pairs")
     if counts:
-        lines += ["", "| pairs | count |", "|---|---|", *(f"| {k} | {v} |" for k, v in flatten(counts))]
+        totals = {key: value for key, value in counts.items() if key != "sources"}
+        lines += ["", "| pairs | count |", "|---|---|", *(f"| {k} | {v} |" for k, v in flatten(totals))]
+        lines += source_table(counts.get("sources") or [])
     else:
         lines += ["", f"Pair counts: not recorded (no {RUN_FILE} in the run folder)."]
     return lines
+
+
+# run.json's per-source counts (dpo_dist.data.load.source_counts) -> the column each is shown in; (optional) ones
+# only where some source has them.
+SOURCE_COLUMNS = (("split", "split", False), ("rows_read", "rows read", False), ("skipped", "skipped", False),
+                  ("kept", "kept", False), ("subset", "subset (num_samples / fraction)", True),
+                  ("probability", "probability (weight)", True), ("used", "used", False),
+                  ("left_out_by_num_samples", "left out by data.num_samples", True),
+                  ("train_pairs", "train", False), ("eval_pairs", "eval", False),
+                  ("dropped_too_long", "dropped (too long)", False))
+
+
+def source_table(sources: list[dict[str, Any]]) -> list[str]:
+    """Each source's pairs, from rows read to train and eval pairs: one row per source (its config entry first)."""
+    if not sources:
+        return []
+    columns = [(key, label) for key, label, optional in SOURCE_COLUMNS
+               if not optional or any(source.get(key) for source in sources)]
+
+    def cell(key: str, value: Any) -> str:
+        if key == "skipped":
+            return f"{sum(value.values())}" + (f" ({', '.join(f'{n} {r}' for r, n in value.items())})" if value else "")
+        if key == "probability":
+            return f"{value:.3g}"
+        return "–" if value is None else str(value)
+
+    rows = [f"| {source['entry']} `{source['source']}` | "
+            + " | ".join(cell(key, source.get(key)) for key, _ in columns) + " |" for source in sources]
+    return ["", "Per source: rows read and kept, the pairs each put in, and where they went (used = left out by "
+            "data.num_samples + train + eval + dropped; a weighted mixture's repeats counted).", "",
+            "| source | " + " | ".join(label for _, label in columns) + " |", "|---" * (len(columns) + 1) + "|", *rows]
 
 
 def metrics_section(files: RunFiles) -> list[str]:
