@@ -56,6 +56,7 @@ def test_the_trainer_writes_a_card_from_the_run_files(lora_run, tiny_model_dir, 
     metadata, text, rows = parse(tmp_path / "README.md")
     assert metadata == {"library_name": "peft", "pipeline_tag": "text-generation", "tags": ["dpo", "dpo-dist", "lora"]}
     assert "License: not known" in text, "a local base with no card: no license key, and the text says so"
+    assert text.lstrip().startswith(f"# {os.path.basename(tiny_model_dir)}, DPO (LoRA adapter)\n"), text[:200]
     assert f'base = AutoModelForCausalLM.from_pretrained("{tiny_model_dir}")' in text
     assert f'PeftModel.from_pretrained(base, "{out / "model"}")' in text
 
@@ -96,7 +97,7 @@ def test_evaluation_results_join_the_card_once_they_exist(lora_run):
     assert "Not run yet: `python launch/evaluate.py" in trained_card
     folder = out.parent / "card-now"
     shutil.copytree(out / "model", folder)
-    write_card(str(folder), run=str(out), model_id="me/tiny-dpo")
+    write_card(str(folder), run=str(out), repo_id="me/tiny-dpo")
     _, text, rows = parse(folder / "README.md")
     results = json.load(open(out / "eval" / "results.json"))
     p, kl = results["preference"], results["kl"]
@@ -108,7 +109,7 @@ def test_evaluation_results_join_the_card_once_they_exist(lora_run):
     assert not any(k.startswith("win rate") for k in table), "no judge, no win rate"
     assert 'PeftModel.from_pretrained(base, "me/tiny-dpo")' in text and text.count("# me/tiny-dpo") == 1
     for _ in range(2):  # rewritten in model/ itself (push.py does), twice: the card is no weight newer than results
-        write_card(str(out / "model"), run=str(out), model_id="me/tiny-dpo")
+        write_card(str(out / "model"), run=str(out), repo_id="me/tiny-dpo")
     assert tables(parse(out / "model" / "README.md")[1])["Evaluation against the base"] == table
 
 
@@ -197,6 +198,35 @@ def test_license_and_base_model_come_from_the_base(tmp_path, monkeypatch):
                                  '"harmless-base"}, {"source": "trl-lib/ultrafeedback_binarized"}, '
                                  f'{{"source": "{local}"}}]'])
     assert hub_datasets(mixture) == ["Anthropic/hh-rlhf", "trl-lib/ultrafeedback_binarized"]
+
+
+def test_the_title_names_the_model_not_a_path(tmp_path, monkeypatch):
+    """The base's name (a Hub id's or the builtin SmolLM2's model name, a local folder's name) and how it was
+    trained; a repository it is pushed to names it instead. merge.py and push.py's checkpoint export give a local
+    path as the loading code's model_id: never the title."""
+    from dpo_dist.publish.card import base_of, render, title
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "empty-hf-home"))
+    cfg = Config()
+    builtin = base_of(cfg, str(tmp_path))
+    assert title(builtin, "adapter", cfg, None) == "SmolLM2-135M-Instruct, DPO (LoRA adapter)"
+    assert title(builtin, "merged", cfg, None) == "SmolLM2-135M-Instruct, DPO (LoRA, merged)"
+    assert title(builtin, "full", cfg, 200) == "SmolLM2-135M-Instruct, DPO (full fine-tune), step 200"
+    cfg.model.quantization = "4bit"
+    assert title(builtin, "adapter", cfg, None) == "SmolLM2-135M-Instruct, DPO (QLoRA adapter)"
+    cfg.model.name_or_path = "TinyLlama/TinyLlama-1.1B-Chat-v1.0"
+    assert title(base_of(cfg, str(tmp_path)), "merged", cfg, None) == "TinyLlama-1.1B-Chat-v1.0, DPO (QLoRA, merged)"
+    cfg.model.name_or_path = str(tmp_path / "bases" / "my-llama") + "/"
+    (tmp_path / "bases" / "my-llama").mkdir(parents=True)
+    assert title(base_of(cfg, str(tmp_path)), "adapter", cfg, None) == "my-llama, DPO (QLoRA adapter)"
+
+    folder = tmp_path / "outputs" / "run" / "merged"  # no run beside it: the base from nowhere, the kind as given
+    folder.mkdir(parents=True)
+    assert "\n# a model, DPO (LoRA, merged)\n" in render(str(folder), model_id=str(folder), kind="merged")
+    pushed = render(str(folder), model_id=str(folder), repo_id="me/tiny-merged", kind="merged")
+    assert "\n# me/tiny-merged\n" in pushed and 'from_pretrained("me/tiny-merged")' in pushed
+    assert str(folder) not in pushed
 
 
 def test_a_merged_model_card_says_merged_and_loads_without_peft(lora_run, tmp_path):
