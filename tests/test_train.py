@@ -405,6 +405,28 @@ def test_debug_shows_a_pair_with_masked_labels_and_first_step_costs(tiny_model_d
     torch.autograd.set_detect_anomaly(False)
 
 
+def test_the_debug_pair_marks_padding_as_padding_even_when_it_is_eos():
+    """Without a pad token the trainer pads with EOS: the shorter row's padding is one {pad ×N} marker, counted by
+    the attention mask, while the response's own EOS is a scored token, shown once."""
+    from dpo_dist.data.show import show_pair
+
+    tokenizer = make_tokenizer("nobos")
+    tokenizer.pad_token = tokenizer.eos_token  # as load_tokenizer does
+    eos, word = tokenizer.eos_token_id, tokenizer(" good", add_special_tokens=False)["input_ids"]
+    prompt = tokenizer("The movie was", add_special_tokens=False)["input_ids"]
+    example = {"prompt_input_ids": prompt, "chosen_input_ids": word + [eos], "rejected_input_ids": word * 9 + [eos],
+               "row": 7}
+    shown = show_pair(example, tokenizer).splitlines()
+    assert shown[0] == ("one training pair (row 7), as the model sees it: [masked] <scored> {pad ×N}: N positions of "
+                        "padding, not data")
+    n = len(prompt) + len(word) + 1
+    padding = 8 * len(word)
+    assert shown[1] == f"chosen: {n} tokens, {len(prompt)} masked, {len(word) + 1} scored; {padding} padding"
+    assert shown[2].endswith(f"<{tokenizer.eos_token}>{{pad ×{padding}}}") and shown[2].count(tokenizer.eos_token) == 1
+    assert shown[3] == f"rejected: {n + padding} tokens, {len(prompt)} masked, {9 * len(word) + 1} scored"
+    assert "pad ×" not in shown[4] and shown[4].endswith(f"<{tokenizer.eos_token}>")
+
+
 @pytest.mark.parametrize("kind, expected", [
     ("constant", [1 / 3, 2 / 3, 1.0, 1.0, 1.0, 1.0]),
     ("linear", [1 / 3, 2 / 3, 1.0, 0.75, 0.5, 0.25]),
