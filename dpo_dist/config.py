@@ -435,8 +435,6 @@ class Config:
         if t.sample_prompts and not has_eval:
             raise ConfigError("train.sample_prompts takes its prompts from the eval split: set data.eval_ratio or an "
                               "eval source")
-        if not d.sources:
-            check_weights([], d.stopping_strategy)  # one source: no stopping strategy
         if d.sources:
             for index, entry in enumerate(d.sources):
                 check_source(f"data.sources[{index}]", entry.source, entry.num_samples, entry.fraction)
@@ -445,7 +443,9 @@ class Config:
             if d.source != SENTIMENT:
                 raise ConfigError("give data.source (one source) or data.sources (a mixture), not both")
             check_mixture_keys({key: getattr(d, key) for key in ONE_SOURCE_KEYS})
-        elif d.source == SENTIMENT:
+        else:
+            check_weights([], d.stopping_strategy)  # one source: no stopping strategy
+        if not d.sources and d.source == SENTIMENT:
             for key in ("config_name", "data_dir", "revision"):
                 if getattr(d, key) is not None:
                     raise ConfigError(f"data.{key} applies to a Hub dataset or folder, not {SENTIMENT}")
