@@ -122,6 +122,12 @@ class DataSourceConfig:
     num_samples: int | None = option(None, "a seeded random subset of this many of the part's pairs")
     fraction: float | None = option(None, "a seeded random subset of this fraction of the part's pairs, in (0, 1]")
     format: Literal["auto", "text", "conversational", "hh"] | None = option(None, "record format (null: data.data_format)")
+    weight: float | None = option(
+        None, "a weighted mixture: this entry's relative sampling probability (weights are normalized to sum 1; give "
+        "every entry one, or none): pairs are drawn entry by entry at random, seeded by train.seed, until "
+        "data.stopping_strategy says stop (datasets.interleave_datasets); drawn from the entry's num_samples / "
+        "fraction subset when it has one; null: every pair of every entry, once"
+    )
 
 
 def check_source(key: str, source: str, num_samples: int | None, fraction: float | None) -> None:
@@ -138,6 +144,43 @@ def check_source(key: str, source: str, num_samples: int | None, fraction: float
         raise ConfigError(f"{key}.num_samples must be positive, got {num_samples}")
     if fraction is not None and not 0.0 < fraction <= 1.0:
         raise ConfigError(f"{key}.fraction must be in (0, 1], got {fraction}")
+
+
+def check_weights(weights: list[float | None], stopping_strategy: str | None, eval_ratio: float = 0.0
+                  ) -> list[float] | None:
+    """The sampling probabilities of a mixture's entries (their ``data.sources[i].weight`` normalized to sum 1), or
+    None for a mixture without weights; a ConfigError naming the key otherwise. ``eval_ratio``: the ratio the eval
+    pairs are split off by (0 with an eval source), which oversampling refuses: copies of a pair would land on both
+    sides. ``Config.validate`` checks with it, the data stage's ``load_mixture`` and ``load_train_eval`` too."""
+    given = [i for i, weight in enumerate(weights) if weight is not None]
+    if not given:
+        if stopping_strategy is not None:
+            raise ConfigError(f"data.stopping_strategy={stopping_strategy} applies to a weighted mixture: give every "
+                              "data.sources entry a weight")
+        return None
+    if len(given) < len(weights):
+        missing = next(i for i, weight in enumerate(weights) if weight is None)
+        raise ConfigError(f"data.sources[{missing}].weight is missing: give every entry a weight (data.sources"
+                          f"[{given[0]}] has one), or none")
+    for i, weight in enumerate(weights):
+        if not math.isfinite(weight):
+            raise ConfigError(f"data.sources[{i}].weight must be a finite number, got {weight}")
+        if weight < 0:
+            raise ConfigError(f"data.sources[{i}].weight must not be negative, got {weight}")
+    total = sum(weights)
+    if total == 0:
+        raise ConfigError("data.sources[].weight: every weight is 0; at least one must be positive")
+    if stopping_strategy == "all_exhausted":
+        zero = [i for i, weight in enumerate(weights) if weight == 0]
+        if zero:
+            raise ConfigError(f"data.sources[{zero[0]}].weight is 0, but data.stopping_strategy=all_exhausted draws "
+                              "until every entry has run out, which one never drawn from never does: leave the entry "
+                              "out, or use first_exhausted")
+        if eval_ratio:
+            raise ConfigError(f"data.stopping_strategy=all_exhausted repeats the pairs of the entries that run out "
+                              f"first, and data.eval_ratio={eval_ratio} would split those copies between train and "
+                              "eval (eval pairs trained on): give data.eval_source, or set data.eval_ratio=0")
+    return [weight / total for weight in weights]
 
 
 # The data.* keys of one source: a mixture gives the first three per entry, and takes its eval pairs from
@@ -170,7 +213,14 @@ class DataConfig:
     revision: str | None = option(None, "Hub dataset revision (branch, tag or commit)")
     sources: list[DataSourceConfig] = option(
         [], "a mixture instead of data.source: a list of {source, split, config_name, data_dir, revision, "
-        "num_samples | fraction, format}, each loaded and reported on its own, then shuffled together with train.seed"
+        "num_samples | fraction, format, weight}, each loaded and reported on its own, then shuffled together with "
+        "train.seed (with weights: drawn from at random by weight)"
+    )
+    stopping_strategy: Literal["first_exhausted", "all_exhausted"] | None = option(
+        None, "a weighted mixture (data.sources[].weight) stops drawing when an entry runs out (first_exhausted: "
+        "each pair used at most once) or once every entry has run out (all_exhausted: the entries that run out first "
+        "start over, their pairs repeat; needs data.eval_source or data.eval_ratio=0); null: first_exhausted, as "
+        "datasets.interleave_datasets"
     )
     data_format: Literal["auto", "text", "conversational", "hh"] = option("auto", "record format; auto detects")
     hh_as_messages: bool = option(False, "render HH transcripts with the tokenizer's chat template")
@@ -388,10 +438,14 @@ class Config:
         if d.sources:
             for index, entry in enumerate(d.sources):
                 check_source(f"data.sources[{index}]", entry.source, entry.num_samples, entry.fraction)
+            check_weights([entry.weight for entry in d.sources], d.stopping_strategy,
+                          0.0 if d.eval_source is not None else d.eval_ratio)
             if d.source != SENTIMENT:
                 raise ConfigError("give data.source (one source) or data.sources (a mixture), not both")
             check_mixture_keys({key: getattr(d, key) for key in ONE_SOURCE_KEYS})
-        elif d.source == SENTIMENT:
+        else:
+            check_weights([], d.stopping_strategy)  # one source: no stopping strategy
+        if not d.sources and d.source == SENTIMENT:
             for key in ("config_name", "data_dir", "revision"):
                 if getattr(d, key) is not None:
                     raise ConfigError(f"data.{key} applies to a Hub dataset or folder, not {SENTIMENT}")

@@ -50,19 +50,26 @@ def parse(path):
     return card.data.to_dict(), card.text, tables(card.text)
 
 
-def test_the_trainer_writes_a_card_from_the_run_files(lora_run, tiny_model_dir, tmp_path):
+def test_the_trainer_writes_a_card_from_the_run_files(lora_run, tiny_model_dir, data_file, tmp_path):
     out, trained_card = lora_run
     (tmp_path / "README.md").write_text(trained_card)  # as written after training (a later test rewrites model/'s)
     metadata, text, rows = parse(tmp_path / "README.md")
     assert metadata == {"library_name": "peft", "pipeline_tag": "text-generation", "tags": ["dpo", "dpo-dist", "lora"]}
     assert "License: not known" in text, "a local base with no card: no license key, and the text says so"
+    assert text.lstrip().startswith(f"# {os.path.basename(tiny_model_dir)}, DPO (LoRA adapter)\n"), text[:200]
     assert f'base = AutoModelForCausalLM.from_pretrained("{tiny_model_dir}")' in text
     assert f'PeftModel.from_pretrained(base, "{out / "model"}")' in text
 
     counts = json.load(open(out / "run.json"))
-    assert counts == {"pairs": {"train_pairs": 65, "eval_pairs": 16, "dropped_too_long": 0}, "model_step": 4,
-                      "model": "the weights at step 4, the last"}
-    assert rows["Training data"] == {"pairs": ["count"], **{k: [str(v)] for k, v in counts["pairs"].items()}}
+    source = {"entry": "data.source", "source": data_file, "split": "train", "rows_read": 81, "skipped": {},
+              "kept": 81, "used": 81, "left_out_by_num_samples": 0, "train_pairs": 65, "eval_pairs": 16,
+              "dropped_too_long": 0}
+    assert counts == {"pairs": {"train_pairs": 65, "eval_pairs": 16, "dropped_too_long": 0, "sources": [source]},
+                      "model_step": 4, "model": "the weights at step 4, the last"}
+    assert rows["Training data"] == {"pairs": ["count"], "train_pairs": ["65"], "eval_pairs": ["16"],
+                                     "dropped_too_long": ["0"], "source": ["split", "rows read", "skipped", "kept",
+                                                                           "used", "train", "eval", "dropped (too long)"],
+                                     f"data.source `{data_file}`": ["train", "81", "0", "81", "81", "65", "16", "0"]}
 
     records = read_metrics(str(out / "metrics.jsonl"))
     last = records[-1]
@@ -90,7 +97,7 @@ def test_evaluation_results_join_the_card_once_they_exist(lora_run):
     assert "Not run yet: `python launch/evaluate.py" in trained_card
     folder = out.parent / "card-now"
     shutil.copytree(out / "model", folder)
-    write_card(str(folder), run=str(out), model_id="me/tiny-dpo")
+    write_card(str(folder), run=str(out), repo_id="me/tiny-dpo")
     _, text, rows = parse(folder / "README.md")
     results = json.load(open(out / "eval" / "results.json"))
     p, kl = results["preference"], results["kl"]
@@ -102,7 +109,7 @@ def test_evaluation_results_join_the_card_once_they_exist(lora_run):
     assert not any(k.startswith("win rate") for k in table), "no judge, no win rate"
     assert 'PeftModel.from_pretrained(base, "me/tiny-dpo")' in text and text.count("# me/tiny-dpo") == 1
     for _ in range(2):  # rewritten in model/ itself (push.py does), twice: the card is no weight newer than results
-        write_card(str(out / "model"), run=str(out), model_id="me/tiny-dpo")
+        write_card(str(out / "model"), run=str(out), repo_id="me/tiny-dpo")
     assert tables(parse(out / "model" / "README.md")[1])["Evaluation against the base"] == table
 
 
@@ -128,7 +135,9 @@ def parse_text(text):
 
 def test_the_exported_step_and_per_source_counts_come_from_run_json(lora_run, tmp_path):
     """Early stopping exports the best step's weights (run.json says which: tests/test_train.py checks the trainer
-    writes it): the card shows that step's metrics. Nested counts (a mixture's per-source report) become rows."""
+    writes it): the card shows that step's metrics. A mixture's per-source counts (tests/test_data.py checks them)
+    become a row per entry, with the columns some entry has: its subset, a weighted mixture's probabilities, what
+    data.num_samples left out."""
     from dpo_dist.publish.card import render
 
     out, _ = lora_run
@@ -136,7 +145,13 @@ def test_the_exported_step_and_per_source_counts_come_from_run_json(lora_run, tm
     shutil.copytree(out, copy)
     info = json.load(open(copy / "run.json"))
     info["model_step"], info["model"] = 2, "the weights of checkpoint-2, the best eval/loss"
-    info["pairs"]["sources"] = {"a.jsonl": {"train": 40, "eval": 10}, "b.jsonl": {"train": 25, "eval": 6}}
+    info["pairs"]["sources"] = [
+        {"entry": "data.sources[0]", "source": "a.jsonl", "split": "train", "rows_read": 60, "skipped": {},
+         "kept": 60, "subset": 50, "probability": 0.75, "used": 50, "left_out_by_num_samples": 0, "train_pairs": 40,
+         "eval_pairs": 10, "dropped_too_long": 0},
+        {"entry": "data.sources[1]", "source": "b.jsonl", "split": "test", "rows_read": 40, "skipped":
+         {"empty_response": 2, "prompts_differ": 1}, "kept": 37, "probability": 0.25, "used": 31,
+         "left_out_by_num_samples": 0, "train_pairs": 25, "eval_pairs": 6, "dropped_too_long": 0}]
     json.dump(info, open(copy / "run.json", "w"))
     _, text, rows = parse_text(render(str(copy / "model")))
     second = read_metrics(str(out / "metrics.jsonl"))[1]
@@ -145,7 +160,12 @@ def test_the_exported_step_and_per_source_counts_come_from_run_json(lora_run, tm
     assert metrics["metric"] == ["train (step 2)", "eval (step 2)"]
     assert metrics["loss"] == [f"{second['loss']:.4f}", f"{second['eval/loss']:.4f}"]
     assert "The weights of checkpoint-2, the best eval/loss; pairs seen: 16" in text
-    assert rows["Training data"]["sources.a.jsonl.train"] == ["40"] and rows["Training data"]["sources.b.jsonl.eval"] == ["6"]
+    data = rows["Training data"]
+    assert data["source"] == ["split", "rows read", "skipped", "kept", "subset (num_samples / fraction)",
+                              "probability (weight)", "used", "train", "eval", "dropped (too long)"]
+    assert data["data.sources[0] `a.jsonl`"] == ["train", "60", "0", "60", "50", "0.75", "50", "40", "10", "0"]
+    assert data["data.sources[1] `b.jsonl`"] == ["test", "40", "3 (2 empty_response, 1 prompts_differ)", "37", "–",
+                                                 "0.25", "31", "25", "6", "0"]
 
 
 def test_license_and_base_model_come_from_the_base(tmp_path, monkeypatch):
@@ -178,6 +198,35 @@ def test_license_and_base_model_come_from_the_base(tmp_path, monkeypatch):
                                  '"harmless-base"}, {"source": "trl-lib/ultrafeedback_binarized"}, '
                                  f'{{"source": "{local}"}}]'])
     assert hub_datasets(mixture) == ["Anthropic/hh-rlhf", "trl-lib/ultrafeedback_binarized"]
+
+
+def test_the_title_names_the_model_not_a_path(tmp_path, monkeypatch):
+    """The base's name (a Hub id's or the builtin SmolLM2's model name, a local folder's name) and how it was
+    trained; a repository it is pushed to names it instead. merge.py and push.py's checkpoint export give a local
+    path as the loading code's model_id: never the title."""
+    from dpo_dist.publish.card import base_of, render, title
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "empty-hf-home"))
+    cfg = Config()
+    builtin = base_of(cfg, str(tmp_path))
+    assert title(builtin, "adapter", cfg, None) == "SmolLM2-135M-Instruct, DPO (LoRA adapter)"
+    assert title(builtin, "merged", cfg, None) == "SmolLM2-135M-Instruct, DPO (LoRA, merged)"
+    assert title(builtin, "full", cfg, 200) == "SmolLM2-135M-Instruct, DPO (full fine-tune), step 200"
+    cfg.model.quantization = "4bit"
+    assert title(builtin, "adapter", cfg, None) == "SmolLM2-135M-Instruct, DPO (QLoRA adapter)"
+    cfg.model.name_or_path = "TinyLlama/TinyLlama-1.1B-Chat-v1.0"
+    assert title(base_of(cfg, str(tmp_path)), "merged", cfg, None) == "TinyLlama-1.1B-Chat-v1.0, DPO (QLoRA, merged)"
+    cfg.model.name_or_path = str(tmp_path / "bases" / "my-llama") + "/"
+    (tmp_path / "bases" / "my-llama").mkdir(parents=True)
+    assert title(base_of(cfg, str(tmp_path)), "adapter", cfg, None) == "my-llama, DPO (QLoRA adapter)"
+
+    folder = tmp_path / "outputs" / "run" / "merged"  # no run beside it: the base from nowhere, the kind as given
+    folder.mkdir(parents=True)
+    assert "\n# a model, DPO (LoRA, merged)\n" in render(str(folder), model_id=str(folder), kind="merged")
+    pushed = render(str(folder), model_id=str(folder), repo_id="me/tiny-merged", kind="merged")
+    assert "\n# me/tiny-merged\n" in pushed and 'from_pretrained("me/tiny-merged")' in pushed
+    assert str(folder) not in pushed
 
 
 def test_a_merged_model_card_says_merged_and_loads_without_peft(lora_run, tmp_path):

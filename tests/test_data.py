@@ -207,6 +207,156 @@ def test_mixture_counts_and_reports_each_part(tmp_path):
     assert len(train) == len(eval_) == 3 and not set(train["chosen"]) & set(eval_["chosen"])
 
 
+def test_a_subset_as_large_as_its_part_warns_only_when_more_was_asked_for(tmp_path, caplog):
+    """fraction 1.0 is all of a part: no warning about a num_samples nobody set. A num_samples above what a part has
+    is warned about, naming the entry's key; exactly as many is all of them, no warning."""
+    import logging
+
+    from dpo_dist.data.load import Part, load_train_eval
+
+    jsonl, parquet = mixture_files(tmp_path)
+    with caplog.at_level(logging.WARNING, logger="dpo_dist.data.load"):
+        train, _, _ = load_train_eval([Part(jsonl, fraction=1.0), Part(parquet, num_samples=6)], seed=0,
+                                      on_bad_row="skip")
+        assert len(train) == 15 and caplog.records == []
+        train, _, _ = load_train_eval([Part(jsonl), Part(parquet, num_samples=8)], seed=0, on_bad_row="skip",
+                                      num_samples=20)
+    assert len(train) == 15
+    assert [r.getMessage() for r in caplog.records] == [
+        "data.sources[1].num_samples=8 but only 6 pairs exist: using all of them",
+        "data.num_samples=20 but only 15 pairs exist: using all of them"]
+
+
+def test_a_weighted_mixture_draws_by_weight_seeded_and_counts_what_each_entry_gave(tmp_path):
+    """Weights are relative probabilities (datasets.interleave_datasets): 1 and 3 draw b three times as often as a,
+    until b, which runs out first, is used up (first_exhausted): a gives about a quarter of the mixture (without
+    weights it would give 4/5), no pair twice, each entry's pairs a seeded random subset of it. The same seed draws
+    the same pairs in the same order (again from the datasets cache, as a second process reads it); another seed
+    others. all_exhausted goes on until a is used up too, b's pairs repeating."""
+    from dpo_dist.data.load import Part, load_train_eval
+
+    a = write_jsonl(tmp_path / "a.jsonl", numbered(400, "a"))
+    b = write_jsonl(tmp_path / "b.jsonl", numbered(100, "b"))
+    parts = [Part(a, weight=1), Part(b, weight=3.0)]
+    train, eval_, reports = load_train_eval(parts, seed=0)
+    chosen = train["chosen"]
+    used_a, used_b = [c for c in chosen if c.startswith(" a")], [c for c in chosen if c.startswith(" b")]
+    assert eval_ is None and len(used_b) == 100 and len(set(chosen)) == len(chosen)
+    assert 0.15 < len(used_a) / len(chosen) < 0.35, len(used_a)
+    assert sorted(int(c[2:]) for c in used_a) != list(range(len(used_a))), "a seeded subset of a, not its first rows"
+    assert list(train["part"]) == [0 if c.startswith(" a") else 1 for c in chosen]
+    assert [r.summary() for r in reports] == [
+        f"data.sources[0] {a}: 400 of 400 rows kept (text format); {len(used_a)} used (probability 0.25)",
+        f"data.sources[1] {b}: 100 of 100 rows kept (text format); 100 used (probability 0.75: all of them)"]
+    assert load_train_eval(parts, seed=0)[0]["chosen"] == chosen
+    assert load_train_eval(parts, seed=1)[0]["chosen"] != chosen
+
+    train, _, reports = load_train_eval(parts, seed=0, stopping_strategy="all_exhausted")
+    chosen = train["chosen"]
+    assert sorted(c for c in chosen if c.startswith(" a")) == sorted(f" a{i}" for i in range(400)), "each a once"
+    repeats = len(chosen) - 500
+    assert 0.65 < (len(chosen) - 400) / len(chosen) < 0.85 and repeats > 500
+    assert reports[1].summary().endswith(f"{100 + repeats} used (probability 0.75: all 100, and {repeats} repeats)")
+
+    # an entry's subset first, then the draw; a weight of 0 gives nothing; data.num_samples and a ratio split after
+    parts = [Part(a, weight=0), Part(b, weight=1, num_samples=30), Part(a, weight=1, fraction=0.1)]
+    train, eval_, reports = load_train_eval(parts, seed=0, num_samples=40, eval_ratio=0.25)
+    assert len(train) == 30 and len(eval_) == 10 and 0 not in list(train["part"]) + list(eval_["part"])
+    assert set(c for c in list(train["chosen"]) + list(eval_["chosen"]) if c.startswith(" b")) <= set(
+        take_subset(load_pairs(b)[0], 30, 0)["chosen"])
+    assert reports[0].summary().endswith("400 of 400 rows kept (text format); 0 used (probability 0)")
+    assert reports[1].summary().startswith(f"data.sources[1] {b}: 100 of 100 rows kept (text format); 30 in its subset; ")
+
+
+def test_weighted_mixture_refusals_name_the_key(tmp_path):
+    from dpo_dist.config import ConfigError, load_config
+    from dpo_dist.data.load import Part, load_mixture, load_train_eval
+
+    two = "data.sources=[{source: a.jsonl, weight: 2}, {source: b.jsonl, weight: 1}]"
+    assert load_config(None, [two]).data.sources[0].weight == 2.0
+    for overrides, message in [
+        (["data.sources=[{source: a.jsonl, weight: 2}, {source: b.jsonl}]"],
+         "data.sources[1].weight is missing: give every entry a weight (data.sources[0] has one), or none"),
+        (["data.sources=[{source: a.jsonl, weight: 2}, {source: b.jsonl, weight: -1}]"],
+         "data.sources[1].weight must not be negative, got -1.0"),
+        (["data.sources=[{source: a.jsonl, weight: 0}, {source: b.jsonl, weight: 0.0}]"],
+         "data.sources[].weight: every weight is 0; at least one must be positive"),
+        (["data.sources=[{source: a.jsonl, weight: .nan}]"], "data.sources[0].weight must be a finite number, got nan"),
+        (["data.sources=[{source: a.jsonl, weight: heavy}]"], "data.sources[0].weight: 'heavy' is not float or null"),
+        (["data.sources=[{source: a.jsonl}]", "data.stopping_strategy=all_exhausted"],
+         "data.stopping_strategy=all_exhausted applies to a weighted mixture: give every data.sources entry a weight"),
+        (["data.source=a.jsonl", "data.stopping_strategy=first_exhausted"],
+         "data.stopping_strategy=first_exhausted applies to a weighted mixture"),
+        ([two, "data.stopping_strategy=longest"], "data.stopping_strategy: 'longest' is not one of first_exhausted, "
+                                                  "all_exhausted or null"),
+        ([two, "data.stopping_strategy=all_exhausted"], "data.stopping_strategy=all_exhausted repeats the pairs of the "
+         "entries that run out first, and data.eval_ratio=0.1 would split those copies between train and eval"),
+        (["data.sources=[{source: a.jsonl, weight: 0}, {source: b.jsonl, weight: 1}]", "data.eval_ratio=0",
+          "data.stopping_strategy=all_exhausted"], "data.sources[0].weight is 0, but data.stopping_strategy="
+                                                   "all_exhausted draws until every entry has run out"),
+    ]:
+        with pytest.raises(ConfigError) as error:
+            load_config(None, overrides)
+        assert message in str(error.value), (overrides, str(error.value))
+    load_config(None, [two, "data.stopping_strategy=all_exhausted", "data.eval_source=c.jsonl"])
+    load_config(None, [two, "data.stopping_strategy=all_exhausted", "data.eval_ratio=0"])
+
+    jsonl, parquet = mixture_files(tmp_path)  # the data stage checks by the same rule, before loading
+    with pytest.raises(DataError, match=r"data.sources\[0\].weight is missing"):
+        load_mixture([Part(jsonl), Part(parquet, weight=1)], seed=0)
+    with pytest.raises(DataError, match=r"data.eval_ratio=0.5 would split those copies"):
+        load_train_eval([Part(jsonl, weight=1), Part(parquet, weight=1)], seed=0, eval_ratio=0.5,
+                        stopping_strategy="all_exhausted")
+
+
+def test_each_source_is_counted_from_rows_read_to_train_and_eval_pairs(tmp_path):
+    """run.json's per-source counts (source_counts): each entry's rows read, skipped, kept, its subset, what it put
+    in, and where that went: left out by data.num_samples, train, eval, or dropped at tokenization (a prompt with no
+    room for a response). Checked against the pairs' own text, not the part column the counts are made from."""
+    from tiny import make_tokenizer
+
+    from dpo_dist.data.load import Part, load_train_eval, source_counts
+    from dpo_dist.data.tokenization import Truncation, tokenize_pairs
+
+    rows = numbered(10, "a")
+    rows[3] = dict(TEXT, chosen=" 5")  # identical to rejected: skipped
+    for i in (0, 1, 2):
+        rows[i] = dict(rows[i], prompt="the movie was great " * 20)  # no room for a response: dropped
+    a = write_jsonl(tmp_path / "a.jsonl", rows)
+    b = str(tmp_path / "b.parquet")
+    datasets.Dataset.from_list(numbered(6, "b")).to_parquet(b)
+    tokenizer, truncation = make_tokenizer("bos"), Truncation(40, None)
+
+    def counts(source, **kwargs):
+        train, eval_, reports = load_train_eval(source, seed=0, on_bad_row="skip", **kwargs)
+        train_tok, _ = tokenize_pairs(train, tokenizer, truncation)
+        eval_tok, _ = tokenize_pairs(eval_, tokenizer, truncation) if eval_ is not None else (None, 0)
+        return train, eval_, train_tok, eval_tok, source_counts(reports, train, eval_, train_tok, eval_tok)
+
+    train, eval_, train_tok, eval_tok, records = counts([Part(a, num_samples=8), Part(b)], num_samples=12,
+                                                        eval_ratio=0.25)
+    for record, tag in zip(records, "ab"):
+        went = {side: [p for p in pairs if p["chosen"].startswith(f" {tag}")] for side, pairs in
+                (("train", train), ("eval", eval_))}
+        kept = {side: sum(len(p["prompt"]) < 100 for p in went[side]) for side in went}
+        assert (record["train_pairs"], record["eval_pairs"]) == (kept["train"], kept["eval"]), record
+        assert record["dropped_too_long"] == len(went["train"]) + len(went["eval"]) - kept["train"] - kept["eval"]
+        assert record["used"] == (record["left_out_by_num_samples"] + record["train_pairs"] + record["eval_pairs"]
+                                  + record["dropped_too_long"])
+    assert {k: v for k, v in records[0].items() if k not in ("train_pairs", "eval_pairs", "dropped_too_long",
+                                                            "left_out_by_num_samples")} == {
+        "entry": "data.sources[0]", "source": a, "split": "train", "rows_read": 10,
+        "skipped": {"identical_responses": 1}, "kept": 9, "subset": 8, "used": 8}
+    assert records[1]["entry"] == "data.sources[1]" and records[1]["used"] == 6 and "subset" not in records[1]
+    assert sum(r["left_out_by_num_samples"] for r in records) == 2 and sum(r["dropped_too_long"] for r in records) > 0
+    assert sum(r["train_pairs"] for r in records) == len(train_tok) and sum(r["eval_pairs"] for r in records) == len(eval_tok)
+
+    # one source and an eval source: the eval pairs are all the eval source's, used whole
+    *_, records = counts(a, eval_source=b)
+    assert [(r["entry"], r["used"], r["train_pairs"], r["eval_pairs"], r["dropped_too_long"]) for r in records] == [
+        ("data.source", 9, 6, 0, 3), ("data.eval_source", 6, 0, 6, 0)]
+
+
 def test_mixture_refusals(tmp_path):
     from dpo_dist.data.load import Part, load_mixture, load_train_eval
 

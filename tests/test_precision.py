@@ -142,8 +142,15 @@ def config(dtype, lora):
                                "precision: frozen base in bf16, LoRA adapters in fp32, bf16 compute")),
     ("float16", True, False, (torch.float16, torch.float16, "fp16", "precision: frozen base in fp16, LoRA adapters in "
                               "fp32, fp16 autocast (mixed precision, GradScaler loss scaling)")),
-    ("float16", "4bit", False, (torch.float16, torch.float16, "fp16", "precision: frozen 4bit base computing in fp16, "
-                                "LoRA adapters in fp32, fp16 autocast (mixed precision, GradScaler loss scaling)")),
+    ("float16", "4bit", False, (torch.float16, torch.float16, "fp16", "precision: frozen base of 4-bit NF4 (bitsandbytes, "
+                                "double quantization) linear layers and fp16 embeddings, norms and LM head; LoRA "
+                                "adapters in fp32; fp16 autocast (mixed precision, GradScaler loss scaling)")),
+    ("float32", "4bit", False, (torch.float32, torch.float32, "no", "precision: frozen base of 4-bit NF4 (bitsandbytes, "
+                                "double quantization) linear layers and fp32 embeddings, norms and LM head; LoRA "
+                                "adapters in fp32; fp32 compute")),  # on CPU: no 'fp32 weights and compute'
+    ("bfloat16", "8bit", False, (torch.bfloat16, torch.bfloat16, "no", "precision: frozen base of 8-bit (bitsandbytes "
+                                 "LLM.int8) linear layers and bf16 embeddings, norms and LM head; LoRA adapters in "
+                                 "fp32; bf16 compute")),
     ("bfloat16", False, True, (torch.bfloat16, torch.bfloat16, "no", "precision: bf16 weights and compute, fp32 master "
                                "weights in DeepSpeed's optimizer (its bf16 section)")),
     ("float16", True, True, (torch.float16, torch.float16, "no", "precision: fp16 weights and compute, fp32 master "

@@ -42,20 +42,30 @@ def test_the_policy_base_is_4bit_nf4(tiny_model_dir):
     assert trainable and all("lora_" in n for n in trainable)
 
 
-def test_the_policy_log_counts_4bit_weights_as_weights_not_bytes(tiny_model_dir, caplog):
-    """A 4-bit weight packs two values into a byte, so ``numel()`` is half its weights: the count the policy loader
-    logs is the full-precision model's, in any quantization."""
-    counts = {q: logged_parameter_count(caplog, tiny_model_dir, **{"model.quantization": q, "lora.enabled": True})
-              for q in ("none", "4bit", "8bit")}
+def test_the_policy_log_says_what_was_loaded_and_counts_4bit_weights_as_weights_not_bytes(tiny_model_dir, caplog):
+    """The policy loader's line says what the base is (a 4/8-bit one's linear layers, and the dtype of the rest) and
+    what the adapters are in. A 4-bit weight packs two values into a byte, so ``numel()`` is half its weights: the
+    count it logs is the full-precision model's, in any quantization."""
+    counts, said = {}, {}
+    for q in ("none", "4bit", "8bit"):
+        counts[q] = logged_parameter_count(caplog, tiny_model_dir, **{"model.quantization": q, "lora.enabled": True})
+        [said[q]] = [r.getMessage() for r in caplog.records if r.getMessage().startswith("policy ")]
     assert counts["4bit"] == counts["8bit"] == counts["none"], counts
     assert not counts["none"].startswith("0.00M"), counts
+    rest = "linear layers and fp32 embeddings, norms and LM head; LoRA adapters in fp32; "
+    assert said["4bit"] == (f"policy {tiny_model_dir}: frozen base of 4-bit NF4 (bitsandbytes, double quantization) "
+                            f"{rest}{counts['4bit']}")
+    assert said["8bit"] == f"policy {tiny_model_dir}: frozen base of 8-bit (bitsandbytes LLM.int8) {rest}{counts['8bit']}"
+    assert said["none"] == f"policy {tiny_model_dir}: frozen base in fp32; LoRA adapters in fp32; {counts['none']}"
 
 
 @pytest.mark.parametrize("optimizer", ["adamw", "adamw_8bit", "paged_adamw_8bit"])
-def test_dpo_on_a_4bit_base_learns(tiny_model_dir, data_file, tmp_path, optimizer):
+def test_dpo_on_a_4bit_base_learns(tiny_model_dir, data_file, tmp_path, optimizer, capsys):
     result = run(tiny_model_dir, data_file, tmp_path / "out", **{
         "model.quantization": "4bit", "lora.enabled": True, "train.max_steps": 12, "train.learning_rate": 3e-3,
         "train.optimizer": optimizer})
+    assert ("\nprecision: frozen base of 4-bit NF4 (bitsandbytes, double quantization) linear layers and fp32 "
+            "embeddings, norms and LM head; LoRA adapters in fp32; fp32 compute\n") in capsys.readouterr().out
     losses = [r["loss"] for r in result["records"]]
     assert abs(losses[0] - math.log(2)) < 1e-6  # reference and policy: one 4-bit numerics (one_4bit_path)
     assert sum(losses[-3:]) / 3 < losses[0] - 0.05, losses

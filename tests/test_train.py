@@ -14,7 +14,8 @@ from dpo_dist.config import load_config
 from dpo_dist.train import host_memory
 from dpo_dist.train.metrics import read_metrics
 from tiny import make_llama, make_tokenizer
-from training import ROOT, WORDS, accelerate_launch, assert_same_trajectory, overrides, reset_accelerate_state, run
+from training import (ROOT, WORDS, accelerate_launch, assert_same_trajectory, overrides, reset_accelerate_state, run,
+                      synthetic_pairs)
 
 
 pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")  # conftest.py
@@ -41,7 +42,10 @@ def test_learns_a_learnable_preference(tiny_model_dir, data_file, tmp_path):
     assert [r["step"] for r in evals] == [10, 20, 30]
     assert evals[-1]["eval/rewards/accuracies"] > 0.9
     assert evals[-1]["eval/rewards/margins"] > evals[0]["eval/rewards/margins"] > 0
-    assert result["counts"] == {"train_pairs": 65, "eval_pairs": 16, "dropped_too_long": 0}
+    assert {k: v for k, v in result["counts"].items() if k != "sources"} == {"train_pairs": 65, "eval_pairs": 16,
+                                                                             "dropped_too_long": 0}
+    [source] = result["counts"]["sources"]  # the card's test checks each field
+    assert (source["entry"], source["used"], source["train_pairs"], source["eval_pairs"]) == ("data.source", 81, 65, 16)
     from transformers import AutoModelForCausalLM
 
     AutoModelForCausalLM.from_pretrained(str(out / "model"))  # the final full model loads
@@ -66,6 +70,10 @@ def test_batch_times_accumulation_is_one_global_batch(tiny_model_dir, data_file,
 @pytest.mark.parametrize("lora", [False, True])
 def test_two_process_ddp_equals_one_process(tiny_model_dir, data_file, tmp_path, lora):
     extra = {"lora.enabled": lora, "train.eval_every": 2, "train.max_steps": 5, "train.sample_prompts": 2}
+    if lora:  # a weighted mixture, which each process draws for itself: the same pairs in the same order, or no match
+        more = synthetic_pairs(tmp_path / "more.jsonl", 40, seed=1)
+        extra.update({"data.source": "builtin:sentiment",  # (not data_file: data.sources replaces it)
+                      "data.sources": [{"source": data_file, "weight": 1}, {"source": more, "weight": 2}]})
     one = run(tiny_model_dir, data_file, tmp_path / "one", **extra)["records"]
     command = accelerate_launch("--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
                                 "--dynamo_backend", "no", os.path.join(ROOT, "launch", "train.py"))
@@ -79,6 +87,12 @@ def test_two_process_ddp_equals_one_process(tiny_model_dir, data_file, tmp_path,
     assert ("attention: segmented (" in result.stdout) == lora, result.stdout[-2000:]
     two = read_metrics(str(tmp_path / "two" / "metrics.jsonl"))
     assert_same_trajectory(one, two, atol=1e-5)
+    pairs = [json.load(open(tmp_path / name / "run.json"))["pairs"] for name in ("one", "two")]
+    assert pairs[1] == pairs[0] and len(pairs[0]["sources"]) == (2 if lora else 1)
+    if lora:  # a weighted mixture's entries: what each put in went to train and eval
+        assert [s["entry"] for s in pairs[0]["sources"]] == ["data.sources[0]", "data.sources[1]"]
+        assert all(s["used"] == s["train_pairs"] + s["eval_pairs"] and s["probability"] for s in pairs[0]["sources"])
+        assert "  data.sources[1] " in result.stdout and " used: " in result.stdout, result.stdout[-2000:]
     # Both processes generate the samples (steps 2, 4, 5), the main one writes them: the one-process completions.
     samples = [read_metrics(str(tmp_path / name / "samples.jsonl")) for name in ("one", "two")]
     assert [r["step"] for r in samples[1]] == [2, 2, 4, 4, 5, 5] and samples[1] == samples[0]
@@ -389,6 +403,28 @@ def test_debug_shows_a_pair_with_masked_labels_and_first_step_costs(tiny_model_d
     assert "debug: step 3 took" in shown and "GiB (cpu)" in shown
     assert torch.is_anomaly_enabled()
     torch.autograd.set_detect_anomaly(False)
+
+
+def test_the_debug_pair_marks_padding_as_padding_even_when_it_is_eos():
+    """Without a pad token the trainer pads with EOS: the shorter row's padding is one {pad ×N} marker, counted by
+    the attention mask, while the response's own EOS is a scored token, shown once."""
+    from dpo_dist.data.show import show_pair
+
+    tokenizer = make_tokenizer("nobos")
+    tokenizer.pad_token = tokenizer.eos_token  # as load_tokenizer does
+    eos, word = tokenizer.eos_token_id, tokenizer(" good", add_special_tokens=False)["input_ids"]
+    prompt = tokenizer("The movie was", add_special_tokens=False)["input_ids"]
+    example = {"prompt_input_ids": prompt, "chosen_input_ids": word + [eos], "rejected_input_ids": word * 9 + [eos],
+               "row": 7}
+    shown = show_pair(example, tokenizer).splitlines()
+    assert shown[0] == ("one training pair (row 7), as the model sees it: [masked] <scored> {pad ×N}: N positions of "
+                        "padding, not data")
+    n = len(prompt) + len(word) + 1
+    padding = 8 * len(word)
+    assert shown[1] == f"chosen: {n} tokens, {len(prompt)} masked, {len(word) + 1} scored; {padding} padding"
+    assert shown[2].endswith(f"<{tokenizer.eos_token}>{{pad ×{padding}}}") and shown[2].count(tokenizer.eos_token) == 1
+    assert shown[3] == f"rejected: {n + padding} tokens, {len(prompt)} masked, {9 * len(word) + 1} scored"
+    assert "pad ×" not in shown[4] and shown[4].endswith(f"<{tokenizer.eos_token}>")
 
 
 @pytest.mark.parametrize("kind, expected", [

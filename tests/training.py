@@ -87,7 +87,7 @@ def parameter_count_in(log):
     """The one parameter count the policy loader logged in ``log``: ``"0.02M of 0.05M parameters trainable"``."""
     import re
 
-    [count] = re.findall(r"policy .*?: \S+, (.* parameters trainable)", log)
+    [count] = re.findall(r"policy .*; (\S+ of \S+ parameters trainable)", log)
     return count
 
 

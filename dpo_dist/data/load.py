@@ -24,9 +24,9 @@ import datasets
 import pyarrow
 import pyarrow.dataset
 
-from dpo_dist.config import SENTIMENT, Config, ConfigError, check_mixture_keys, check_source
+from dpo_dist.config import SENTIMENT, Config, ConfigError, check_mixture_keys, check_source, check_weights
 from dpo_dist.data.formats import FORMATS, RowError, detect_format, normalize_row
-from dpo_dist.data.tokenization import render_conversation
+from dpo_dist.data.tokenization import PART, render_conversation
 
 logger = logging.getLogger(__name__)
 
@@ -42,17 +42,31 @@ class DataError(ValueError):
 class LoadReport:
     source: str
     data_format: str
+    split: str = "train"
+    entry: str = "data.source"  # the config entry it loads: data.source, data.sources[i], data.eval_source/eval_split
     rows_read: int = 0
     rows_kept: int = 0
     skipped: Counter = field(default_factory=Counter)
     part: int | None = None  # the entry of a mixture (``data.sources[part]``); None for one source
-    rows_used: int | None = None  # a mixture's part after its num_samples / fraction
+    rows_subset: int | None = None  # a mixture's part after its num_samples / fraction (None: neither given)
+    rows_used: int | None = None  # pairs a mixture's part put into the mixture (a weighted one's repeats counted)
+    probability: float | None = None  # a weighted mixture's part: its weight, normalized
 
     def summary(self) -> str:
         text = f"{self.source}: {self.rows_kept} of {self.rows_read} rows kept ({self.data_format} format)"
         if self.skipped:
             text += "; skipped " + ", ".join(f"{n} {reason}" for reason, n in sorted(self.skipped.items()))
-        if self.rows_used is not None:
+        if self.probability is not None:
+            drawn_from = self.rows_kept if self.rows_subset is None else self.rows_subset
+            if self.rows_subset is not None:
+                text += f"; {self.rows_subset} in its subset"
+            text += f"; {self.rows_used} used (probability {self.probability:.3g}"
+            if self.rows_used == drawn_from:
+                text += ": all of them"
+            elif self.rows_used > drawn_from:
+                text += f": all {drawn_from}, and {self.rows_used - drawn_from} repeats"
+            text += ")"
+        elif self.rows_used is not None:
             text += f"; {self.rows_used} used"
         return text if self.part is None else f"data.sources[{self.part}] {text}"
 
@@ -60,7 +74,8 @@ class LoadReport:
 @dataclass(frozen=True)
 class Part:
     """One source of a mixture (``data.sources``): where to read, and how much of it to use (``num_samples`` pairs
-    or a ``fraction`` of the kept pairs, a seeded subset; all when neither). ``data_format`` None: the mixture's."""
+    or a ``fraction`` of the kept pairs, a seeded subset; all when neither). ``data_format`` None: the mixture's.
+    ``weight``: its relative sampling probability in a weighted mixture (:func:`load_mixture`)."""
 
     source: str
     split: str = "train"
@@ -70,6 +85,7 @@ class Part:
     num_samples: int | None = None
     fraction: float | None = None
     data_format: str | None = None
+    weight: float | None = None
 
 
 # Rows of a JSON file as read: the row's JSON text and its line (0 in a JSON array), parsed and validated by map.
@@ -131,7 +147,7 @@ def load_pairs(
         raise DataError(f"on_bad_row {on_bad_row!r} is not one of: error, skip")
     raw, json_text = _raw_rows(source, split, config_name, data_dir, revision)
     release_arrow_memory()
-    report = LoadReport(source=source, data_format=data_format, rows_read=len(raw))
+    report = LoadReport(source=source, data_format=data_format, split=split, rows_read=len(raw))
     first = 0  # rows before the first one the format is detected from are bad rows (their detection fails)
     if data_format == "auto":
         first, report.data_format = _detect(raw, json_text)
@@ -345,11 +361,13 @@ def _prepend(first: str, handle: Any) -> Iterator[str]:
     yield from handle
 
 
-def take_subset(pairs: datasets.Dataset, num_samples: int | None, seed: int) -> datasets.Dataset:
-    """A seeded random subset of ``num_samples`` pairs (all pairs when None or when fewer exist)."""
+def take_subset(pairs: datasets.Dataset, num_samples: int | None, seed: int, *,
+                key: str = "num_samples") -> datasets.Dataset:
+    """A seeded random subset of ``num_samples`` pairs (all pairs when None or when that many or fewer exist; fewer
+    is warned about, naming ``key``, the setting that asked for more: ``data.sources[1].num_samples``)."""
     if num_samples is None or num_samples >= len(pairs):
-        if num_samples is not None:
-            logger.warning("num_samples=%d but only %d pairs exist: using all of them", num_samples, len(pairs))
+        if num_samples is not None and num_samples > len(pairs):
+            logger.warning("%s=%d but only %d pairs exist: using all of them", key, num_samples, len(pairs))
         return pairs
     if num_samples < 1:
         raise DataError(f"num_samples must be at least 1, got {num_samples}")
@@ -372,16 +390,31 @@ def split_pairs(
 
 
 def load_mixture(
-    parts: list[Part], *, seed: int, data_format: str = "auto", **load_kwargs: Any
+    parts: list[Part], *, seed: int, data_format: str = "auto", stopping_strategy: str | None = None,
+    **load_kwargs: Any
 ) -> tuple[datasets.Dataset, list[LoadReport]]:
     """Each part loaded, validated and reported on its own (``LoadReport.part``), cut to its ``num_samples`` /
-    ``fraction`` (a seeded subset), then all shuffled together with ``seed``.
+    ``fraction`` (a seeded subset), then mixed; each pair carries its part's index in a ``part`` column.
+
+    Without weights every pair of every (cut) part is used once, all shuffled together with ``seed``. With weights
+    (every part has one; :func:`~dpo_dist.config.check_weights`) the mixture is ``datasets.interleave_datasets``
+    over the parts, each shuffled with ``seed`` first (so the pairs a part gives are a seeded random subset of it, not
+    its first rows): pair after pair, a part is drawn at random with probability weight / sum of weights (numpy's
+    generator seeded by ``seed``), until ``stopping_strategy`` says stop: ``first_exhausted`` (None means it) at the
+    first draw of a part that has run out, so no pair repeats and the mixture holds about min(pairs_i / p_i) pairs;
+    ``all_exhausted`` once every part has run out once, the parts that ran out earlier starting over (their pairs
+    repeat): about max(pairs_i / p_i). A part of weight 0 is loaded and reported, and gives nothing. Each report's
+    ``rows_used`` counts what its part gave, repeats included.
 
     ``fraction`` takes ``round(fraction * kept pairs)`` pairs, at least one. Parts must give the same kind of pairs
     (all text, or all messages); ``load_kwargs`` go to :func:`load_pairs`.
     """
     if not parts:
         raise DataError("data.sources is empty: give at least one source")
+    try:
+        probabilities = check_weights([part.weight for part in parts], stopping_strategy)
+    except ConfigError as error:
+        raise DataError(str(error)) from None
     loaded, reports = [], []
     for index, part in enumerate(parts):
         where = f"data.sources[{index}] ({part.source})"
@@ -393,19 +426,52 @@ def load_mixture(
             part.source, split=part.split, config_name=part.config_name, data_dir=part.data_dir,
             revision=part.revision, data_format=part.data_format or data_format, **load_kwargs,
         )
-        report.part = index
-        if part.fraction is not None:
+        report.part, report.entry = index, f"data.sources[{index}]"
+        if part.fraction is not None:  # at most all of them: nothing to warn about
             pairs = take_subset(pairs, max(1, round(part.fraction * len(pairs))), seed)
         elif part.num_samples is not None:
-            pairs = take_subset(pairs, part.num_samples, seed)
-        report.rows_used = len(pairs)
-        if loaded and pairs.features != loaded[0].features:
+            pairs = take_subset(pairs, part.num_samples, seed, key=f"data.sources[{index}].num_samples")
+        if part.fraction is not None or part.num_samples is not None:
+            report.rows_subset = len(pairs)
+        if loaded and pairs.features != first.features:
             raise DataError(f"{where} gives {_kind(pairs)} pairs ({report.data_format} format) but data.sources[0] "
-                            f"gives {_kind(loaded[0])} ({reports[0].data_format} format): a mixture needs one kind "
+                            f"gives {_kind(first)} ({reports[0].data_format} format): a mixture needs one kind "
                             "(hh_as_messages turns HH transcripts into messages)")
-        loaded.append(pairs)
+        first = first if loaded else pairs
+        loaded.append(_with_part(pairs, index))
         reports.append(report)
-    return datasets.concatenate_datasets(loaded).shuffle(seed=seed), reports
+    if probabilities is None:
+        for pairs, report in zip(loaded, reports):
+            report.rows_used = len(pairs)
+        return datasets.concatenate_datasets(loaded).shuffle(seed=seed), reports
+    drawn = [i for i, p in enumerate(probabilities) if p > 0]  # a part never drawn from stays out of the draw
+    mixed = datasets.interleave_datasets(
+        [loaded[i].shuffle(seed=seed) for i in drawn], probabilities=[probabilities[i] for i in drawn], seed=seed,
+        stopping_strategy=stopping_strategy or "first_exhausted")
+    used = count_parts(mixed)
+    for index, report in enumerate(reports):
+        report.rows_used, report.probability = used.get(index, 0), probabilities[index]
+    return mixed, reports
+
+
+def _with_part(pairs: datasets.Dataset, index: int) -> datasets.Dataset:
+    """``pairs`` with a ``part`` column of ``index``; fingerprinted from theirs (hashing the column itself would take
+    seconds for a million pairs)."""
+    from datasets.fingerprint import Hasher
+
+    column = pyarrow.array([index] * len(pairs), pyarrow.int64())
+    return pairs.add_column(PART, column, new_fingerprint=Hasher.hash([pairs._fingerprint, PART, index]))
+
+
+def count_parts(pairs: datasets.Dataset | None) -> dict[int, int]:
+    """How many of ``pairs`` came from each part of a mixture (by their ``part`` column); empty for None or pairs
+    without one."""
+    if pairs is None or PART not in pairs.column_names or not len(pairs):
+        return {}
+    import pyarrow.compute
+
+    counted = pyarrow.compute.value_counts(pairs.with_format("arrow")[PART]).to_pylist()
+    return {row["values"]: row["counts"] for row in counted}
 
 
 def _kind(pairs: datasets.Dataset) -> str:
@@ -434,26 +500,32 @@ def load_train_eval(
     eval_ratio: float = 0.0,
     num_samples: int | None = None,
     seed: int = 42,
+    stopping_strategy: str | None = None,
     **load_kwargs: Any,
 ) -> tuple[datasets.Dataset, datasets.Dataset | None, list[LoadReport]]:
     """Train and eval pairs: a given eval file or split when named, else a seeded split by ``eval_ratio``.
 
     ``source`` is one source (``split``, ``config_name``, ``data_dir``, ``revision`` apply to it, and to its eval
-    split) or a mixture (a list of :class:`Part`, see :func:`load_mixture`). ``num_samples`` takes a seeded subset
-    of the training pairs first (before a ratio split, so eval comes out of the same subset); a given eval set is
-    used whole. ``load_kwargs`` go to :func:`load_pairs`.
+    split) or a mixture (a list of :class:`Part`, see :func:`load_mixture`; ``stopping_strategy`` is a weighted
+    one's). ``num_samples`` takes a seeded subset of the training pairs first (before a ratio split, so eval comes out
+    of the same subset); a given eval set is used whole. ``load_kwargs`` go to :func:`load_pairs`.
     """
     hub = {"config_name": config_name, "data_dir": data_dir, "revision": revision}
+    weights = [part.weight for part in source] if isinstance(source, list) else []
+    try:  # before anything is loaded
+        check_weights(weights, stopping_strategy, eval_ratio if eval_source is None and eval_split is None else 0.0)
+    except ConfigError as error:
+        raise DataError(str(error)) from None
     if isinstance(source, list):
         try:  # with an eval source, eval_split names that source's split
             check_mixture_keys({**hub, "eval_split": eval_split if eval_source is None else None})
         except ConfigError as error:
             raise DataError(str(error)) from None
-        pairs, reports = load_mixture(source, seed=seed, **load_kwargs)
+        pairs, reports = load_mixture(source, seed=seed, stopping_strategy=stopping_strategy, **load_kwargs)
     else:
         pairs, report = load_pairs(source, split=split, **hub, **load_kwargs)
         reports = [report]
-    pairs = take_subset(pairs, num_samples, seed)
+    pairs = take_subset(pairs, num_samples, seed, key="data.num_samples")
     if eval_source is None and eval_split is None:
         train, eval_ = split_pairs(pairs, eval_ratio=eval_ratio, seed=seed)
         return train, eval_, reports
@@ -464,10 +536,51 @@ def load_train_eval(
                         "Hub dataset; for a file give a separate eval file (data.eval_source) or data.eval_ratio")
     if eval_source is None:
         eval_, eval_report = load_pairs(source, split=eval_split, **hub, **load_kwargs)
+        eval_report.entry = "data.eval_split"
     else:
         eval_split = eval_split or ("train" if isinstance(source, list) else split)
         eval_, eval_report = load_pairs(eval_source, split=eval_split, **load_kwargs)
+        eval_report.entry = "data.eval_source"
     return pairs, eval_, [*reports, eval_report]
+
+
+EVAL_ENTRIES = ("data.eval_source", "data.eval_split")  # a report of these gave the eval pairs, all of them
+
+
+def source_counts(reports: list[LoadReport], train: datasets.Dataset, eval_: datasets.Dataset | None,
+                  train_tok: datasets.Dataset, eval_tok: datasets.Dataset | None) -> list[dict[str, Any]]:
+    """What each source gave, one record per report of :func:`load_train_eval` (``reports``), from its pairs
+    (``train``, ``eval_``) to the tokenized ones (``train_tok``, ``eval_tok``): ``rows_read``, ``skipped`` (by reason),
+    ``kept``; a mixture entry's ``subset`` (its num_samples / fraction) and ``probability`` (its normalized weight)
+    where it has them; ``used``: what it put into the pairs (a mixture's entry: as its report says, a weighted one's
+    repeats counted; one source: its kept pairs), which then went to ``train_pairs``, ``eval_pairs``,
+    ``dropped_too_long`` (prompt too long, at tokenization) or were ``left_out_by_num_samples`` (``data.num_samples``
+    on the whole). A mixture's pairs are told apart by their ``part`` column; an eval source's are all its own."""
+    eval_owner = next((i for i, r in enumerate(reports) if r.entry in EVAL_ENTRIES), 0)
+
+    def owners(pairs: datasets.Dataset | None, owner: int) -> dict[int, int]:
+        if pairs is None or PART in pairs.column_names:
+            return count_parts(pairs)  # a part's index is its report's
+        return {owner: len(pairs)}
+
+    split = [owners(train, 0), owners(eval_, eval_owner)]
+    tokenized = [owners(train_tok, 0), owners(eval_tok, eval_owner)]
+    records = []
+    for i, report in enumerate(reports):
+        record: dict[str, Any] = {"entry": report.entry, "source": report.source, "split": report.split,
+                                  "rows_read": report.rows_read, "skipped": dict(sorted(report.skipped.items())),
+                                  "kept": report.rows_kept}
+        if report.rows_subset is not None:
+            record["subset"] = report.rows_subset
+        if report.probability is not None:
+            record["probability"] = report.probability
+        used = report.rows_used if report.rows_used is not None else report.rows_kept
+        into_splits = split[0].get(i, 0) + split[1].get(i, 0)
+        record.update(used=used, left_out_by_num_samples=used - into_splits, train_pairs=tokenized[0].get(i, 0),
+                      eval_pairs=tokenized[1].get(i, 0),
+                      dropped_too_long=into_splits - tokenized[0].get(i, 0) - tokenized[1].get(i, 0))
+        records.append(record)
+    return records
 
 
 def data_source(cfg: Config) -> str | list[Part]:
@@ -475,7 +588,8 @@ def data_source(cfg: Config) -> str | list[Part]:
     if not cfg.data.sources:
         return cfg.data.source
     return [Part(e.source, split=e.split, config_name=e.config_name, data_dir=e.data_dir, revision=e.revision,
-                 num_samples=e.num_samples, fraction=e.fraction, data_format=e.format) for e in cfg.data.sources]
+                 num_samples=e.num_samples, fraction=e.fraction, data_format=e.format, weight=e.weight)
+            for e in cfg.data.sources]
 
 
 def load_configured_pairs(cfg: Config, tokenizer: Any, *, sentiment: tuple[str, str] | None = None
@@ -492,8 +606,13 @@ def load_configured_pairs(cfg: Config, tokenizer: Any, *, sentiment: tuple[str, 
         (source, eval_source), eval_ratio = sentiment, 0.0
     hub = {"config_name": d.config_name, "data_dir": d.data_dir, "revision": d.revision}
     hub = hub if isinstance(source, str) else {}
-    return load_train_eval(
+    train, eval_, reports = load_train_eval(
         source, split=d.split, **hub, eval_source=eval_source, eval_split=d.eval_split, eval_ratio=eval_ratio,
-        num_samples=d.num_samples, seed=cfg.train.seed, data_format=d.data_format, on_bad_row=d.on_bad_row,
+        num_samples=d.num_samples, seed=cfg.train.seed, stopping_strategy=d.stopping_strategy,
+        data_format=d.data_format, on_bad_row=d.on_bad_row,
         hh_as_messages=d.hh_as_messages, tokenizer=tokenizer, num_proc=d.num_proc,
     )
+    if sentiment is not None and data_source(cfg) == SENTIMENT:
+        for report in reports:  # both files are the built-in set's, which data.source names
+            report.entry = "data.source"
+    return train, eval_, reports

@@ -10,17 +10,31 @@ from dpo_dist.data.collate import IGNORE_INDEX, PreferenceCollator
 def show_pair(example: dict[str, Any], tokenizer: Any) -> str:
     """The chosen and rejected rows of one tokenized pair: each token, and whether it is scored (its label) or masked.
 
-    Masked tokens (the prompt) are shown in ``[...]``, scored ones (the response, EOS included) in ``<...>``.
+    Masked tokens (the prompt) are shown in ``[...]``, scored ones (the response, EOS included) in ``<...>``, and a
+    run of N padding positions (the shorter row padded to the longer one's length) as one ``{pad ×N}``: told by the
+    attention mask, not by the token id, which is often EOS (a tokenizer without a pad token pads with it).
     """
     batch = PreferenceCollator(pad_token_id=tokenizer.pad_token_id or 0)([example])
-    lines = [f"one training pair (row {example.get('row', '?')}), as the model sees it: [masked] <scored>"]
+    lines = [f"one training pair (row {example.get('row', '?')}), as the model sees it: [masked] <scored> "
+             "{pad ×N}: N positions of padding, not data"]
     for row, side in enumerate(("chosen", "rejected")):
         ids, labels = batch["input_ids"][row].tolist(), batch["labels"][row].tolist()
-        pieces = []
-        for token, label in zip(ids, labels):
+        mask = batch["attention_mask"][row].tolist()
+        pieces, run = [], 0
+        for token, label, real in zip(ids, labels, mask):
+            if not real:
+                run += 1
+                continue
+            if run:
+                pieces.append(f"{{pad ×{run}}}")
+                run = 0
             text = tokenizer.decode([token])
             pieces.append(f"[{text}]" if label == IGNORE_INDEX else f"<{text}>")
-        scored = sum(label != IGNORE_INDEX for label in labels)
-        lines.append(f"{side}: {len(ids)} tokens, {len(ids) - scored} masked, {scored} scored")
+        if run:
+            pieces.append(f"{{pad ×{run}}}")
+        tokens, scored = sum(mask), sum(label != IGNORE_INDEX for label in labels)
+        padding = len(ids) - tokens
+        lines.append(f"{side}: {tokens} tokens, {tokens - scored} masked, {scored} scored"
+                     + (f"; {padding} padding" if padding else ""))
         lines.append("  " + "".join(pieces).replace("\n", "\\n"))
     return "\n".join(lines)

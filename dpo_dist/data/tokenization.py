@@ -29,6 +29,8 @@ from dpo_dist.data.formats import RowError
 logger = logging.getLogger(__name__)
 
 PAIR_COLUMNS = ("prompt_input_ids", "chosen_input_ids", "rejected_input_ids")
+PART = "part"  # a mixture's pairs: the index of the entry (data.sources[i]) each came from (dpo_dist.data.load)
+CARRIED = ("row", PART)  # kept through tokenization, where a pair has them: where it came from, to count by
 
 
 class TokenizationError(ValueError):
@@ -159,8 +161,8 @@ def render_conversation(pair: dict[str, Any], tokenizer: Any) -> tuple[str, str,
 def tokenize_pairs(
     pairs: datasets.Dataset, tokenizer: Any, truncation: Truncation, *, num_proc: int | None = None
 ) -> tuple[datasets.Dataset, int]:
-    """Tokenize every pair; returns the tokenized dataset (with ``row`` kept) and how many pairs were dropped because
-    their prompt left no room for a response.
+    """Tokenize every pair; returns the tokenized dataset (with ``row``, and a mixture's ``part``, kept) and how many
+    pairs were dropped because their prompt left no room for a response.
 
     A ``datasets.map`` over Arrow (token ids stored as int32): with pairs read from files (``load_pairs``) the
     result is cached by the datasets fingerprint, which covers the tokenizer and the truncation, so the same pairs
@@ -181,9 +183,9 @@ def tokenize_pairs(
             return {"keep": False, **{column: [] for column in PAIR_COLUMNS}}
         return {"keep": True, **ids}
 
-    drop = [c for c in pairs.column_names if c != "row"]
+    drop = [c for c in pairs.column_names if c not in CARRIED]
     features = datasets.Features({
-        **({"row": pairs.features["row"]} if "row" in pairs.column_names else {}),
+        **{c: pairs.features[c] for c in CARRIED if c in pairs.column_names},
         "keep": datasets.Value("bool"),
         **{column: datasets.List(datasets.Value("int32")) for column in PAIR_COLUMNS},
     })

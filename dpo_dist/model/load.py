@@ -82,6 +82,28 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 
 
 SHORT = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+# model.quantization -> how load_base stores the base's linear layers (quantization_config's settings), in words.
+QUANTIZED = {"4bit": "4-bit NF4 (bitsandbytes, double quantization)", "8bit": "8-bit (bitsandbytes LLM.int8)"}
+
+
+def quantization_config(quantization: str, compute: torch.dtype) -> Any:
+    """The ``BitsAndBytesConfig`` of ``model.quantization`` (4bit, 8bit) for a base computing in ``compute``; what
+    :data:`QUANTIZED` says it is."""
+    from transformers import BitsAndBytesConfig
+
+    if quantization == "4bit":
+        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                  bnb_4bit_compute_dtype=compute)
+    return BitsAndBytesConfig(load_in_8bit=True)
+
+
+def base_weights(quantization: str, dtype: torch.dtype) -> str:
+    """The base as loaded (:func:`load_base`), in words, for the log lines that say so (the precision line, the
+    policy's): ``base in fp32``, or ``base of 4-bit NF4 linear layers (bitsandbytes, double quantization) and fp32
+    embeddings, norms and LM head`` (``dtype``: what they are in, and what the 4-bit layers compute in)."""
+    if quantization == "none":
+        return f"base in {SHORT[dtype]}"
+    return f"base of {QUANTIZED[quantization]} linear layers and {SHORT[dtype]} embeddings, norms and LM head"
 
 
 @dataclass(frozen=True)
@@ -118,23 +140,27 @@ def resolve_precision(cfg: Config, device: torch.device, *, deepspeed: bool) -> 
     away: full fine-tuning keeps fp32 weights (what AdamW steps) and runs the forward under autocast; LoRA keeps the
     frozen base in the half dtype (peft keeps the adapters in fp32), under autocast and a GradScaler for fp16
     (fp16 gradients underflow without loss scaling); bf16 has fp32's range and needs neither, so a bf16 LoRA run
-    computes in its weights' dtype as before.
+    computes in its weights' dtype as before. A 4/8-bit base (QLoRA) is said as loaded (:func:`base_weights`), in fp32
+    too: its linear layers are not fp32 weights.
     """
     compute = resolve_dtype(cfg.model.dtype, device)
     half = SHORT[compute]
-    if compute == torch.float32:
+    quantized = cfg.model.quantization != "none"  # with LoRA (the config says so); ZeRO and FSDP refuse it
+    if compute == torch.float32 and not quantized:
         return Precision(compute, compute, "no", "precision: fp32 weights and compute")
     scaling = compute == torch.float16
-    if deepspeed:
+    if deepspeed and not quantized:
         return Precision(compute, compute, "no", f"precision: {half} weights and compute, fp32 master weights in "
                          f"DeepSpeed's optimizer (its {half} section{', dynamic loss scaling' if scaling else ''})")
     amp = f"{half} autocast (mixed precision{', GradScaler loss scaling' if scaling else ''})"
     if not cfg.lora.enabled:
         return Precision(compute, torch.float32, half, f"precision: fp32 weights, {amp}")
-    base = f"{cfg.model.quantization} base computing in {half}" if cfg.model.quantization != "none" else f"base in {half}"
+    base = base_weights(cfg.model.quantization, compute)
+    comma = "; " if quantized else ", "  # the quantized base's words have commas of their own
+    said = f"precision: frozen {base}{comma}LoRA adapters in fp32{comma}"
     if scaling:
-        return Precision(compute, compute, half, f"precision: frozen {base}, LoRA adapters in fp32, {amp}")
-    return Precision(compute, compute, "no", f"precision: frozen {base}, LoRA adapters in fp32, {half} compute")
+        return Precision(compute, compute, half, said + amp)
+    return Precision(compute, compute, "no", f"{said}{half} compute")
 
 
 def load_tokenizer(source: str, cfg: Config) -> Any:
@@ -205,14 +231,7 @@ def load_base(source: str, cfg: Config, dtype: torch.dtype, device: torch.device
     if cfg.model.attn_implementation:
         kwargs["attn_implementation"] = cfg.model.attn_implementation
     if cfg.model.quantization != "none":
-        from transformers import BitsAndBytesConfig
-
-        if cfg.model.quantization == "4bit":
-            kwargs["quantization_config"] = BitsAndBytesConfig(
-                load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype
-            )
-        else:
-            kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
+        kwargs["quantization_config"] = quantization_config(cfg.model.quantization, dtype)
         kwargs["device_map"] = {"": device}
     try:
         model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
@@ -291,7 +310,12 @@ def load_policy(cfg: Config, device: torch.device, weights: torch.dtype | None =
         fuse_lora(model)  # peft's numbers with fewer passes over the activations, where exact (see lora_linear)
     trainable = sum(parameter_count(p) for p in model.parameters() if p.requires_grad)
     total = sum(parameter_count(p) for p in model.parameters())
-    logger.info("policy %s: %s, %.2fM of %.2fM parameters trainable", source, dtype, trainable / 1e6, total / 1e6)
+    if cfg.lora.enabled:
+        adapters = sorted({SHORT.get(p.dtype, str(p.dtype)) for p in model.parameters() if p.requires_grad})
+        weights = f"frozen {base_weights(cfg.model.quantization, dtype)}; LoRA adapters in {' and '.join(adapters)}"
+    else:
+        weights = f"{SHORT[dtype]} weights"
+    logger.info("policy %s: %s; %.2fM of %.2fM parameters trainable", source, weights, trainable / 1e6, total / 1e6)
     return model, tokenizer
 
 

@@ -4,7 +4,11 @@ once training has ended: :func:`write_run_card`), a merged export (``launch/merg
 and a folder ``launch/push.py`` uploads (unless it holds a card someone wrote).
 
     write_card("outputs/default/model")                                   # the run is the folder above
-    write_card("elsewhere/merged", run="outputs/default", model_id="me/smollm2-dpo")
+    write_card("elsewhere/merged", run="outputs/default", kind="merged")
+    write_card("outputs/default/model", repo_id="me/smollm2-dpo")          # as pushed: its title and loading code
+
+Its title names the model: the repository it is pushed to, else the base's name and how it was trained
+(``SmolLM2-135M-Instruct, DPO (LoRA adapter)``; :func:`title`), never a local path.
 
 Every number in it is read from the run's files: ``config.yaml`` (hyperparameters, base, data), ``run.json`` (pair
 counts, and the step whose weights ``model/`` holds), ``metrics.jsonl`` (that step's train metrics and the last eval
@@ -212,10 +216,28 @@ def saved_dtype(folder: str) -> str | None:
     return config.get("dtype") or config.get("torch_dtype")
 
 
-def render(folder: str, *, run: str | None = None, model_id: str | None = None, kind: str | None = None) -> str:
+def base_name(base: Base | None) -> str:
+    """The base as a reader names it: a Hub id's name (``SmolLM2-135M-Instruct``; the builtin SmolLM2 is its Hub
+    model's), a local folder's name."""
+    if base is None:
+        return "a model"
+    return os.path.basename((base.hub_id or base.name).rstrip("/" + os.sep)) or base.name
+
+
+def title(base: Base | None, kind: str, cfg: Config | None, checkpoint: int | None) -> str:
+    """The card's title when no repository names the model: ``SmolLM2-135M-Instruct, DPO (LoRA adapter)``; QLoRA,
+    merged, full fine-tuning and a checkpoint's step say so (``..., DPO (QLoRA adapter), step 200``)."""
+    lora = "QLoRA" if cfg is not None and cfg.model.quantization != "none" else "LoRA"
+    how = {"adapter": f"{lora} adapter", "merged": f"{lora}, merged", "full": "full fine-tune"}[kind]
+    return f"{base_name(base)}, DPO ({how})" + (f", step {checkpoint}" if checkpoint is not None else "")
+
+
+def render(folder: str, *, run: str | None = None, model_id: str | None = None, kind: str | None = None,
+           repo_id: str | None = None) -> str:
     """The card's text (metadata and markdown) for the model in ``folder``; ``run``: the run that trained it (default:
-    found beside ``folder``); ``model_id``: what the loading code loads (default: ``folder``); ``kind``: adapter,
-    merged or full (default: :func:`kind_of`)."""
+    found beside ``folder``); ``repo_id``: the Hub repository it is pushed to, the card's title and what its loading
+    code loads; ``model_id``: what the loading code loads otherwise (default: ``folder``); ``kind``: adapter, merged or
+    full (default: :func:`kind_of`)."""
     from huggingface_hub import ModelCardData
 
     checkpoint = checkpoint_of(folder)
@@ -229,14 +251,14 @@ def render(folder: str, *, run: str | None = None, model_id: str | None = None, 
         library_name="peft" if kind == "adapter" else "transformers", license=base.license if base else None,
         pipeline_tag="text-generation", tags=["dpo", "dpo-dist"] + (["lora"] if kind != "full" else []),
     )
-    base_name = (base.hub_id or base.name) if base else "an unrecorded base"
-    title = model_id or f"{base_name} trained with DPO"
-    model_id = model_id or folder
-    what = {"adapter": f"A LoRA adapter for {base_name}",
-            "merged": f"{base_name} with a LoRA adapter merged into its weights",
-            "full": f"{base_name}, fully fine-tuned"}[kind]
+    named = (base.hub_id or base.name) if base else "an unrecorded base"
+    heading = repo_id or title(base, kind, cfg, checkpoint)
+    model_id = repo_id or model_id or folder
+    what = {"adapter": f"A LoRA adapter for {named}",
+            "merged": f"{named} with a LoRA adapter merged into its weights",
+            "full": f"{named}, fully fine-tuned"}[kind]
     loss = f"{cfg.loss.loss_type} loss, beta {cfg.loss.beta}" if cfg else "settings not recorded"
-    lines = [f"# {title}", "", f"{what}, trained with DPO (direct preference optimization; {loss}) by dpo-dist on "
+    lines = [f"# {heading}", "", f"{what}, trained with DPO (direct preference optimization; {loss}) by dpo-dist on "
              "`accelerate`."]
     if checkpoint is not None:
         lines += ["", f"A checkpoint: the weights after optimizer step {checkpoint} of the run, not its final model."]
@@ -304,10 +326,43 @@ def data_section(files: RunFiles) -> list[str]:
              + (f"; eval pairs from `{cfg.data.eval_source}`" if cfg.data.eval_source else "") + "."]
     counts = files.run.get("pairs")
     if counts:
-        lines += ["", "| pairs | count |", "|---|---|", *(f"| {k} | {v} |" for k, v in flatten(counts))]
+        totals = {key: value for key, value in counts.items() if key != "sources"}
+        lines += ["", "| pairs | count |", "|---|---|", *(f"| {k} | {v} |" for k, v in flatten(totals))]
+        lines += source_table(counts.get("sources") or [])
     else:
         lines += ["", f"Pair counts: not recorded (no {RUN_FILE} in the run folder)."]
     return lines
+
+
+# run.json's per-source counts (dpo_dist.data.load.source_counts) -> the column each is shown in; (optional) ones
+# only where some source has them.
+SOURCE_COLUMNS = (("split", "split", False), ("rows_read", "rows read", False), ("skipped", "skipped", False),
+                  ("kept", "kept", False), ("subset", "subset (num_samples / fraction)", True),
+                  ("probability", "probability (weight)", True), ("used", "used", False),
+                  ("left_out_by_num_samples", "left out by data.num_samples", True),
+                  ("train_pairs", "train", False), ("eval_pairs", "eval", False),
+                  ("dropped_too_long", "dropped (too long)", False))
+
+
+def source_table(sources: list[dict[str, Any]]) -> list[str]:
+    """Each source's pairs, from rows read to train and eval pairs: one row per source (its config entry first)."""
+    if not sources:
+        return []
+    columns = [(key, label) for key, label, optional in SOURCE_COLUMNS
+               if not optional or any(source.get(key) for source in sources)]
+
+    def cell(key: str, value: Any) -> str:
+        if key == "skipped":
+            return f"{sum(value.values())}" + (f" ({', '.join(f'{n} {r}' for r, n in value.items())})" if value else "")
+        if key == "probability":
+            return f"{value:.3g}"
+        return "–" if value is None else str(value)
+
+    rows = [f"| {source['entry']} `{source['source']}` | "
+            + " | ".join(cell(key, source.get(key)) for key, _ in columns) + " |" for source in sources]
+    return ["", "Per source: rows read and kept, the pairs each put in, and where they went (used = left out by "
+            "data.num_samples + train + eval + dropped; a weighted mixture's repeats counted).", "",
+            "| source | " + " | ".join(label for _, label in columns) + " |", "|---" * (len(columns) + 1) + "|", *rows]
 
 
 def metrics_section(files: RunFiles) -> list[str]:
@@ -360,10 +415,11 @@ def hyperparameter_section(files: RunFiles) -> list[str]:
             "</details>"]
 
 
-def write_card(folder: str, *, run: str | None = None, model_id: str | None = None, kind: str | None = None) -> str:
+def write_card(folder: str, *, run: str | None = None, model_id: str | None = None, kind: str | None = None,
+               repo_id: str | None = None) -> str:
     """Write ``folder/README.md`` (atomically; see :func:`render`); returns its path."""
     path = os.path.join(folder, CARD)
-    text = render(folder, run=run, model_id=model_id, kind=kind)
+    text = render(folder, run=run, model_id=model_id, kind=kind, repo_id=repo_id)
     with open(path + ".tmp", "w", encoding="utf-8") as handle:
         handle.write(text)
     os.replace(path + ".tmp", path)

@@ -81,7 +81,7 @@ def push_to_hub(folder: str, repo_id: str, *, private: bool = False, revision: s
 
     folder = model_folder(folder)
     if replaceable_card(os.path.join(folder, CARD)):
-        write_card(folder, model_id=repo_id)
+        write_card(folder, repo_id=repo_id)
     if api is None:
         from huggingface_hub import HfApi
 

@@ -10,7 +10,8 @@ import torch
 
 from dpo_dist.config import SENTIMENT, Config
 from dpo_dist.data.collate import PreferenceCollator
-from dpo_dist.data.load import DataError, auto_num_proc, check_rank_counts, data_source, load_configured_pairs
+from dpo_dist.data.load import (DataError, auto_num_proc, check_rank_counts, data_source, load_configured_pairs,
+                                source_counts)
 from dpo_dist.data.sentiment import ensure_sentiment_data
 from dpo_dist.data.tokenization import Truncation, tokenize_pairs
 from dpo_dist.distributed import say
@@ -83,18 +84,18 @@ def load_pairs_for(cfg: Config, accelerator: Any, model: Any, tokenizer: Any, id
         train, eval_, reports = load_configured_pairs(cfg, tokenizer, sentiment=paths)
     for report in reports:
         say(accelerator, report.summary())
-    return train, eval_
+    return train, eval_, reports
 
 
 def tokenized_pairs(
     cfg: Config, accelerator: Any, model: Any, tokenizer: Any, identity: dict,
     stop_check: Callable[[], None] | None = None,
 ) -> tuple[datasets.Dataset, datasets.Dataset | None, dict]:
-    """Tokenized train and eval pairs, and counts of what was kept and dropped; every process must hold the same
-    counts (a DataError naming each rank's otherwise). ``stop_check``: called while the built-in set is sampled; it
-    raises to stop (a stop signal)."""
+    """Tokenized train and eval pairs, and counts of what was kept and dropped, in all and per source (``sources``:
+    :func:`~dpo_dist.data.load.source_counts`); every process must hold the same counts (a DataError naming each
+    rank's otherwise). ``stop_check``: called while the built-in set is sampled; it raises to stop (a stop signal)."""
     truncation = Truncation(cfg.data.max_length, cfg.data.max_prompt_length)
-    train, eval_ = load_pairs_for(cfg, accelerator, model, tokenizer, identity, stop_check)
+    train, eval_, reports = load_pairs_for(cfg, accelerator, model, tokenizer, identity, stop_check)
     with accelerator.local_main_process_first():  # cached per node, like loading
         train_tok, train_dropped = tokenize_pairs(train, tokenizer, truncation,
                                                   num_proc=auto_num_proc(cfg.data.num_proc, len(train)))
@@ -106,9 +107,24 @@ def tokenized_pairs(
             raise DataError(f"every {name} pair was dropped: its prompt leaves no room for a response within "
                             f"data.max_length={cfg.data.max_length}; raise it or set data.max_prompt_length")
     counts = {"train_pairs": len(train_tok), "eval_pairs": len(eval_tok) if eval_tok is not None else 0,
-              "dropped_too_long": train_dropped + eval_dropped}
+              "dropped_too_long": train_dropped + eval_dropped,
+              "sources": source_counts(reports, train, eval_, train_tok, eval_tok)}
     agree_on_counts(counts)
     return train_tok, eval_tok, counts
+
+
+def said_counts(counts: dict) -> list[str]:
+    """The log's lines for :func:`tokenized_pairs`' counts: the totals, and for a mixture where each entry's pairs
+    went (each source's loading was reported as it loaded)."""
+    lines = [f"pairs: { {key: value for key, value in counts.items() if key != 'sources'} }"]
+    if any(record["entry"].startswith("data.sources[") for record in counts["sources"]):
+        for record in counts["sources"]:
+            went = [f"{record['train_pairs']} train", f"{record['eval_pairs']} eval"]
+            went += [f"{record['dropped_too_long']} dropped (too long)"] if record["dropped_too_long"] else []
+            went += ([f"{record['left_out_by_num_samples']} left out by data.num_samples"]
+                     if record["left_out_by_num_samples"] else [])
+            lines.append(f"  {record['entry']} {record['source']}: {record['used']} used: {', '.join(went)}")
+    return lines
 
 
 def agree_on_counts(counts: dict) -> None:

@@ -71,7 +71,7 @@ from dpo_dist.train.checks import (
 )
 from dpo_dist.train.final import checkpoint_final_state, drop_final_checkpoint, final_weights, save_final_model
 from dpo_dist.train.host_memory import describe_threshold, keep_freed_memory
-from dpo_dist.train.inputs import attach_reference, model_identity, tokenized_pairs
+from dpo_dist.train.inputs import attach_reference, model_identity, said_counts, tokenized_pairs
 from dpo_dist.train.metrics import (
     MetricsLog,
     flat_config,
@@ -212,7 +212,8 @@ def setup(cfg: Config, signals: StopSignals) -> Run:
     train_tok, eval_tok, counts = tokenized_pairs(
         cfg, accelerator, model, tokenizer, identity,
         stop_check=lambda: signals.raise_if_received("while sampling the built-in sentiment set"))
-    say(accelerator, f"pairs: {counts}")
+    for line in said_counts(counts):
+        say(accelerator, line)
 
     order = DataOrder(len(train_tok), per_device=t.per_device_batch_size, accumulation=t.gradient_accumulation_steps,
                       processes=accelerator.num_processes, seed=t.seed)
