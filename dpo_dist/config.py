@@ -78,13 +78,100 @@ class ModelConfig:
     trust_remote_code: bool = option(False, "allow model code from the Hub repo")
 
 
+@dataclass(frozen=True)
+class LoraInit:
+    """One of peft's adapter initializations (``lora.init_lora_weights``) that dpo_dist trains with.
+
+    ``mutates_base``: it starts the adapter at a slice of each adapted weight W (B0 A0, scaled) and leaves the base
+    holding the residual W - s B0 A0, so the policy with its adapters off is no longer the starting model. Such a run
+    takes its reference from the policy as initialized (adapters on, at step 0: reference.mode=precomputed), checks at
+    a resume that the residual rebuilt is the one it started from, and exports a plain LoRA adapter on the unmodified
+    base (:mod:`dpo_dist.model.adapters`)."""
+
+    mutates_base: bool = False
+
+
+# lora.init_lora_weights values, by peft's names; "pissa_niter_<N>" stands for any N >= 1 (lora_init() reads it).
+LORA_INITS: dict[Any, LoraInit] = {
+    True: LoraInit(),  # A from peft's Kaiming-uniform default, B zero: the adapter starts as a no-op
+    "gaussian": LoraInit(),  # A Gaussian with std 1/r, B zero
+    "pissa": LoraInit(mutates_base=True),  # the adapter starts at W's r principal singular components (full SVD)
+    "pissa_niter_<N>": LoraInit(mutates_base=True),  # the same from a randomized SVD (N iterations; train.seed)
+    "olora": LoraInit(mutates_base=True),  # the adapter starts at the first r columns of W's QR decomposition
+}
+# peft's other initializations, and why dpo_dist does not offer them.
+REFUSED_LORA_INITS: dict[Any, str] = {
+    False: "the adapter would start as random noise added to the base, not as the starting model",
+    "loftq": "peft 0.21's LoftQ computes on CUDA/XPU only (loftq_init moves every weight to 'cuda'), ignores the "
+             "LoRA scale alpha/r, and replaces the base by its own quantization, which an adapter on the run's base "
+             "(what dpo_dist exports, merges and evaluates) cannot carry; use model.quantization=4bit with the default "
+             "initialization, or lora.init_lora_weights=pissa in full precision",
+    "eva": "EVA initializes from activations on training data (peft's initialize_lora_eva_weights), a pass dpo_dist "
+           "does not run",
+    "corda": "CorDA needs a preprocessing pass over data (peft's preprocess_corda), which dpo_dist does not run",
+    "lora_ga": "LoRA-GA needs gradients estimated on data first (peft's preprocess_loraga), which dpo_dist does not run",
+    "orthogonal": "the adapter would start non-zero on an unchanged base, so the policy would not start as the base",
+    "mica": "MiCA freezes B and trains only A, which the trainer's adapter-only checkpoints and exports do not expect",
+}
+PISSA_NITER = re.compile(r"pissa_niter_([1-9]\d*)")
+
+
+def lora_init(value: Any) -> LoraInit | None:
+    """The record of a ``lora.init_lora_weights`` value (None: not offered)."""
+    if isinstance(value, str) and PISSA_NITER.fullmatch(value):
+        return LORA_INITS["pissa_niter_<N>"]
+    return LORA_INITS.get(value) if isinstance(value, (bool, str)) else None
+
+
 @dataclass
 class LoraSettings:
     enabled: bool = option(True, "train LoRA adapters (false: full fine-tuning)")
     r: int = option(16, "LoRA rank")
-    alpha: int = option(32, "LoRA alpha (scale = alpha / r)")
+    alpha: int = option(32, "LoRA alpha (scale = alpha / r; with use_rslora alpha / sqrt(r))")
     dropout: float = option(0.0, "dropout on the LoRA input")
     target_modules: Union[str, list[str]] = option("all-linear", "modules to adapt: all-linear, or a list of names")
+    use_dora: bool = option(
+        False, "DoRA: each adapted weight split into a trained magnitude per output and a direction that LoRA updates "
+        "(closer to full fine-tuning at low rank; slower: peft's own layers, which compute each weight's norm, instead "
+        "of the fused LoRA path); not on an 8-bit base"
+    )
+    use_rslora: bool = option(
+        False, "rank-stabilized LoRA: scale alpha / sqrt(r) instead of alpha / r, so high ranks still learn"
+    )
+    init_lora_weights: Union[bool, str] = option(
+        True, "how the adapters start (peft's names): true (B zero) or gaussian: a no-op on the base; pissa, "
+        "pissa_niter_<N> (randomized SVD, N iterations) or olora: the principal part of each weight moves into the "
+        "adapter (full precision, reference.mode=precomputed; exported as a plain LoRA adapter of rank 2r)"
+    )
+    modules_to_save: list[str] | None = option(
+        None, "modules trained in full beside the adapters and saved with them, e.g. [lm_head] or [embed_tokens] "
+        "(tied embeddings stay one shared matrix; the reference keeps the originals)"
+    )
+    layers_to_transform: Union[int, list[int], None] = option(
+        None, "adapt only these layer indices (null: every layer); with all-linear, its linear layers in them"
+    )
+    layers_pattern: Union[str, list[str], None] = option(
+        None, "with layers_to_transform: the name of the model's list of layers when peft cannot find it (layers, h)"
+    )
+
+
+# The adapter options beyond rank, alpha, dropout and targets (each applies only with lora.enabled).
+ADAPTER_KEYS = ("use_dora", "use_rslora", "init_lora_weights", "modules_to_save", "layers_to_transform",
+                "layers_pattern")
+
+
+def lora_engine_refusal(lora: LoraSettings, engine: str) -> str | None:
+    """Why ``lora``'s adapter options cannot train under ``engine`` (``DeepSpeed ZeRO-3``, ``FSDP2``: the engines
+    that shard every weight), or None. The trainer's ``check_combination`` asks at launch. DoRA trains under both
+    (tests/test_adapters.py: the one-process trajectory, with weights large enough to be partitioned)."""
+    init = lora_init(lora.init_lora_weights)
+    if lora.enabled and init is not None and init.mutates_base:
+        return (f"lora.init_lora_weights={lora.init_lora_weights} cannot train under {engine}: the residual base is "
+                "computed while the weights load, and the engine builds them on one process (FSDP2) or partitioned "
+                "(ZeRO-3); a sharded run is not shown to compute the one-process model (an FSDP2 run's export "
+                "differed in its logits by 2e-4, plain LoRA's by 6e-7); train with DDP (or one process), or use the "
+                "default initialization")
+    return None
 
 
 @dataclass
@@ -409,6 +496,7 @@ class Config:
         if len(t.adam_betas) != 2 or not all(0.0 <= b < 1.0 for b in t.adam_betas):
             raise ConfigError(f"train.adam_betas must be two numbers in [0, 1), got {t.adam_betas}")
         self.check_loss()
+        self.check_lora()
         if self.model.quantization != "none" and not self.lora.enabled:
             raise ConfigError(
                 f"model.quantization={self.model.quantization} trains adapters on frozen quantized weights: "
@@ -455,6 +543,56 @@ class Config:
                 raise ConfigError(str(error)) from None
         return self
 
+
+    def check_lora(self) -> None:
+        """The ``lora`` section's adapter options, and how they fit ``model.quantization`` and ``reference.mode``
+        (the sharding engines are checked at launch: :func:`lora_engine_refusal`)."""
+        lora, defaults = self.lora, LoraSettings()
+        if not lora.enabled:
+            for key in ADAPTER_KEYS:
+                if getattr(lora, key) != getattr(defaults, key):
+                    raise ConfigError(f"lora.{key} applies to LoRA adapters: set lora.enabled=true (or leave it out "
+                                      "for full fine-tuning)")
+            return
+        init = lora.init_lora_weights
+        name = yaml.safe_dump(init, default_flow_style=True).strip().removesuffix("...").strip()
+        if lora_init(init) is None:
+            if isinstance(init, (bool, str)) and init in REFUSED_LORA_INITS:
+                raise ConfigError(f"lora.init_lora_weights={name} is not offered: {REFUSED_LORA_INITS[init]}")
+            offered = ", ".join(yaml.safe_dump(k).strip().removesuffix("...").strip() for k in LORA_INITS)
+            raise ConfigError(f"lora.init_lora_weights: {init!r} is not one of {offered}")
+        if lora_init(init).mutates_base:
+            if self.model.quantization != "none":
+                raise ConfigError(
+                    f"lora.init_lora_weights={name} needs model.quantization=none: it moves part of each full-precision "
+                    "weight into the adapter (peft refuses PiSSA on a quantized weight; OLoRA would quantize the "
+                    "residual a second time, which no adapter on the run's base reproduces); use the default "
+                    "initialization for QLoRA"
+                )
+            if self.reference.mode == "online":
+                raise ConfigError(
+                    f"lora.init_lora_weights={name} leaves the base holding the residual W - B0 A0, so the online "
+                    "reference (the policy with its adapters off) would not be the starting model: set "
+                    "reference.mode=precomputed (scored once, at step 0, by the policy as initialized)"
+                )
+        if lora.use_dora and self.model.quantization == "8bit":
+            raise ConfigError(
+                "lora.use_dora=true cannot train on an 8-bit base: with peft 0.21 and bitsandbytes 0.50, DoRA's 8-bit "
+                "layers lose their scales (state.SCB) when a training pass follows an evaluation pass, which the "
+                "reference always is, and the next forward fails; use model.quantization=4bit (QLoRA) or none"
+            )
+        if lora.layers_pattern is not None and lora.layers_to_transform is None:
+            raise ConfigError("lora.layers_pattern names the list of layers lora.layers_to_transform picks from: set "
+                              "lora.layers_to_transform too, or leave lora.layers_pattern out")
+        if lora.layers_to_transform is not None:
+            layers = lora.layers_to_transform if isinstance(lora.layers_to_transform, list) else [lora.layers_to_transform]
+            if not layers or any(i < 0 for i in layers):
+                raise ConfigError(f"lora.layers_to_transform must be layer indices (0 or more), got {lora.layers_to_transform}")
+            if isinstance(lora.target_modules, str) and lora.target_modules != "all-linear":
+                raise ConfigError(
+                    f"lora.layers_to_transform needs lora.target_modules all-linear or a list of names: peft reads "
+                    f"the string {lora.target_modules!r} as a regular expression, which picks the layers itself"
+                )
 
     def check_loss(self) -> None:
         """The ``loss`` section's names, weights and modifiers, and how they fit ``reference.mode``."""

@@ -11,6 +11,7 @@ from typing import Any, Iterator
 import torch
 
 from dpo_dist.config import Config
+from dpo_dist.model.adapters import lora_config
 from dpo_dist.model.builtin import SMOLLM2, smollm2_folder
 from dpo_dist.model.lora_linear import fuse_lora
 
@@ -300,13 +301,9 @@ def load_policy(cfg: Config, device: torch.device, weights: torch.dtype | None =
     elif cfg.model.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpointing)
     if cfg.lora.enabled:
-        from peft import LoraConfig, get_peft_model
+        from peft import get_peft_model
 
-        lora = LoraConfig(
-            r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
-            target_modules=cfg.lora.target_modules, task_type="CAUSAL_LM",
-        )
-        model = get_peft_model(model, lora)
+        model = get_peft_model(model, lora_config(cfg.lora, model))
         fuse_lora(model)  # peft's numbers with fewer passes over the activations, where exact (see lora_linear)
     trainable = sum(parameter_count(p) for p in model.parameters() if p.requires_grad)
     total = sum(parameter_count(p) for p in model.parameters())

@@ -280,6 +280,32 @@ def _load_trainable(path: str) -> Any:
     return load
 
 
+def record_start(accelerator: Any, model: Any, output_dir: str, resume_from: str | None) -> Any:
+    """For a policy whose initialization moved part of its base into the adapter (PiSSA, OLoRA): record its initial
+    adapter and the digest of its residual base in ``output_dir`` (the export converts the adapter with them); before
+    that, for a resume from the checkpoint ``resume_from``, check that the residual rebuilt now is the one its run
+    recorded, bit for bit, or stop with a :class:`CheckpointError` on every process (the checkpoint's adapter would
+    sit on other base weights). Returns the :class:`~dpo_dist.model.adapters.Start` on the main process (None
+    elsewhere, and for other policies). Call it before the reference log-probs are computed (their cache key includes
+    the digest)."""
+    from accelerate.utils import broadcast_object_list
+
+    from dpo_dist.model.adapters import check_start, mutates_base, save_start, starting_model
+
+    if not mutates_base(model):
+        return None
+    start = problem = None
+    if accelerator.is_main_process:
+        start = starting_model(model)
+        problem = check_start(start, os.path.dirname(os.path.normpath(resume_from))) if resume_from else None
+        if problem is None:
+            save_start(start, output_dir)
+    problem = broadcast_object_list([problem])[0]
+    if problem:
+        raise CheckpointError(problem)
+    return start
+
+
 def _read_state(path: str) -> TrainState:
     with open(os.path.join(path, STATE_FILE), encoding="utf-8") as handle:
         return TrainState(**json.load(handle))

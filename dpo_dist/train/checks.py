@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from dpo_dist.config import Config, ConfigError
+from dpo_dist.config import Config, ConfigError, lora_engine_refusal
 from dpo_dist.model.builtin import cache_root
 from dpo_dist.model.load import resolve_source
 from dpo_dist.train import reference_cache
@@ -33,6 +33,12 @@ def check_combination(cfg: Config, stage: int, fsdp: int = 0) -> None:
             f"model.quantization={cfg.model.quantization} cannot be sharded by {engine}: launch without {config} "
             "config (QLoRA trains on one device), or set model.quantization=none"
         )
+    if stage == 3 or fsdp:
+        refused = lora_engine_refusal(cfg.lora, "FSDP2" if fsdp else "DeepSpeed ZeRO-3")
+        if refused:
+            raise TrainingError(refused)
+
+
 def check_output_locations(cfg: Config, accelerator: Any) -> None:
     """Every folder the run will write, made if missing and written to now, before the model loads and the reference
     log-probs are computed: ``train.output_dir`` on every process (each writes its part of a checkpoint), the reference

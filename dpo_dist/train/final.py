@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from dpo_dist.config import STATE_FILE, Config
+from dpo_dist.model.adapters import as_plain_lora
 from dpo_dist.model.load import config_set_to
 from dpo_dist.train.checkpoint import (
     CheckpointError,
@@ -44,6 +45,7 @@ def save_final_model(accelerator: Any, model: Any, tokenizer: Any, path: str, *,
         with reporting_full_disk(path, tmp, needed=lambda: _export_bytes(unwrapped, state_dict, tokenizer),
                                  then=lambda: _export_hint(os.path.dirname(path))), config_set_to(unwrapped, restored):
             unwrapped.save_pretrained(tmp, state_dict=state_dict)
+            as_plain_lora(tmp, os.path.dirname(path))  # PiSSA/OLoRA: onto the unmodified base (model/adapters.py)
             tokenizer.save_pretrained(tmp)
             if os.path.exists(path):
                 shutil.rmtree(path)
@@ -106,6 +108,8 @@ def save_checkpoint_model(path: str, folder: str) -> None:
     shutil.rmtree(folder, ignore_errors=True)
     with config_set_to(model, {} if cfg.lora.enabled else base_config_values(cfg)):
         model.save_pretrained(folder)
+    if cfg.lora.enabled:
+        as_plain_lora(folder, run)
     tokenizer.save_pretrained(folder)
 
 

@@ -137,14 +137,17 @@ def agree_on_counts(counts: dict) -> None:
 
 def attach_reference(
     cfg: Config, accelerator: Any, model: Any, tokenizer: Any, identity: dict, *tokenized_sets: datasets.Dataset | None,
-    collator: Any = None, stop_check: Any = None, autocast: torch.dtype | None = None,
+    collator: Any = None, stop_check: Any = None, autocast: torch.dtype | None = None, start: Any = None,
 ) -> list[datasets.Dataset | None]:
     """Each set with ``ref_chosen_logps`` / ``ref_rejected_logps`` columns (from the cache, or computed by every
     process with ``model`` as the reference: call it after ``accelerator.prepare``, so ZeRO-3 shards serve it and
     the forward runs under the policy's autocast), batched by ``collator`` (the training collator, so reference and
     policy are scored the same way). ``autocast``: the dtype the forward is autocast to, part of the cache key
-    (:func:`dpo_dist.train.reference.scoring_identity`)."""
+    (:func:`dpo_dist.train.reference.scoring_identity`). ``start``: a PiSSA/OLoRA policy's
+    :class:`~dpo_dist.model.adapters.Start` (main process), whose digest keys the log-probs of its starting model."""
     truncation = Truncation(cfg.data.max_length, cfg.data.max_prompt_length)
+    if start is not None:
+        identity = {**identity, "starting_model": start.digest}
     collator = collator or PreferenceCollator(pad_token_id=tokenizer.pad_token_id)
     cache_dir = cfg.reference.cache_dir or cache.default_cache_dir()
     scoring = scoring_identity(model, collator, chunk_size=cfg.train.logps_chunk_size,

@@ -25,6 +25,7 @@ from dpo_dist.data.collate import REFERENCE_COLUMNS
 from dpo_dist.data.packing import PackedPairCollator
 from dpo_dist.data.tokenization import PAIR_COLUMNS, Truncation
 from dpo_dist.distributed import gather_in_order, shard_indices
+from dpo_dist.model.adapters import reference_adapters_off
 from dpo_dist.model.attention import base_model
 from dpo_dist.train import reference_cache as cache
 from dpo_dist.train.disk import DiskFullError
@@ -38,9 +39,11 @@ REFERENCE_MODES = ("precomputed", "online", "none")
 
 @contextlib.contextmanager
 def as_reference(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
-    """The model as the frozen reference: eval mode, no grad, and LoRA adapters disabled if it has them."""
+    """The model as the frozen reference: eval mode, no grad, and LoRA adapters disabled if it has them, unless their
+    initialization moved part of the base into them (PiSSA, OLoRA: then the policy as initialized is the starting
+    model, and this is called only at step 0; :func:`dpo_dist.model.adapters.reference_adapters_off`)."""
     base = getattr(model, "module", model)  # DDP wraps the model in .module
-    adapters_off = base.disable_adapter() if hasattr(base, "disable_adapter") else contextlib.nullcontext()
+    adapters_off = base.disable_adapter() if reference_adapters_off(base) else contextlib.nullcontext()
     was_training = model.training
     model.eval()
     try:

@@ -57,6 +57,7 @@ from dpo_dist.train.checkpoint import (
     adapter_only_checkpoints,
     latest_checkpoint,
     load_checkpoint,
+    record_start,
     remove_partial_writes,
     save_checkpoint,
     set_aside_later_checkpoints,
@@ -207,6 +208,8 @@ def setup(cfg: Config, signals: StopSignals) -> Run:
     model, tokenizer = load_policy(cfg, accelerator.device, precision.weights)  # together: under ZeRO-3 loading is a collective
     if cfg.model.quantization == "none":
         model.to(accelerator.device)  # a quantized base was loaded onto its device already
+    resume_from = latest_checkpoint(t.output_dir) if t.resume == "auto" else None if t.resume == "never" else t.resume
+    start = record_start(accelerator, model, t.output_dir, resume_from)  # PiSSA/OLoRA only
     dtype = precision.compute
     identity = model_identity(cfg, resolve_source(cfg.model.name_or_path), str(dtype).removeprefix("torch."), accelerator)
     train_tok, eval_tok, counts = tokenized_pairs(
@@ -246,7 +249,7 @@ def setup(cfg: Config, signals: StopSignals) -> Run:
                 if packed else PreferenceCollator(pad_token_id=tokenizer.pad_token_id, pad_to_multiple_of=block))
     if cfg.reference.mode == "precomputed":  # after prepare: under ZeRO-3 every rank serves its shard
         train_tok, eval_tok = attach_reference(cfg, accelerator, model, tokenizer, identity, train_tok, eval_tok,
-                                               collator=collator, autocast=precision.autocast,
+                                               collator=collator, autocast=precision.autocast, start=start,
                                                stop_check=lambda where: signals.stop_if_asked(accelerator, where))
     reference_model = None
     if cfg.reference.mode == "online":  # LoRA: the policy with adapters off; full: a frozen copy, sharded under ZeRO-3
@@ -254,7 +257,6 @@ def setup(cfg: Config, signals: StopSignals) -> Run:
             load_reference_copy(cfg, accelerator.device, precision.weights), accelerator)
 
     state = TrainState()
-    resume_from = latest_checkpoint(t.output_dir) if t.resume == "auto" else None if t.resume == "never" else t.resume
     if resume_from:
         state = load_checkpoint(accelerator, resume_from, adapter_only=cfg.lora.enabled)
         say(accelerator, f"resumed from {resume_from} at step {state.global_step}")
