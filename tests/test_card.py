@@ -255,3 +255,15 @@ def test_an_edited_card_is_kept_a_generated_one_replaced(lora_run, tmp_path):
         handle.write("\nTrained for the demo.\n")
     assert not replaceable_card(path), "edited: push.py keeps it"
     assert replaceable_card(str(tmp_path / "none.md")), "absent"
+
+
+def test_the_hyperparameters_name_the_adapter_options_a_run_set():
+    """DoRA, rsLoRA, an initialization, modules trained in full: each set one is a row; the defaults are not."""
+    from dpo_dist.publish.card import RunFiles, hyperparameter_section
+
+    cfg = load_config(None, ["lora.use_dora=true", "lora.init_lora_weights=pissa", "lora.modules_to_save=[lm_head]"])
+    rows = "\n".join(hyperparameter_section(RunFiles(cfg=cfg)))
+    assert "| lora.use_dora | True |" in rows and "| lora.init_lora_weights | pissa |" in rows
+    assert "| lora.modules_to_save | ['lm_head'] |" in rows and "lora.use_rslora" not in rows
+    plain = "\n".join(hyperparameter_section(RunFiles(cfg=load_config(None, []))))
+    assert "| lora.r | 16 |" in plain and "use_dora" not in plain and "init_lora_weights" not in plain

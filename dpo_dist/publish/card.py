@@ -30,7 +30,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
-from dpo_dist.config import CHECKPOINT_FOLDER, Config, flatten, get_key, load_config
+from dpo_dist.config import ADAPTER_KEYS, CHECKPOINT_FOLDER, Config, LoraSettings, flatten, get_key, load_config
 from dpo_dist.eval.report import FOLDER, RESULTS_FILE, read_results
 from dpo_dist.model.builtin import SMOLLM2, SMOLLM2_HUB_ID, SMOLLM2_LICENSE
 from dpo_dist.train.metrics import METRICS_FILE, RUN_FILE, read_metrics, read_run_file
@@ -400,11 +400,18 @@ def eval_section(files: RunFiles) -> list[str]:
     return lines
 
 
+def adapter_options(cfg: Config) -> tuple[str, ...]:
+    """The adapter options (config.ADAPTER_KEYS) a run set away from their defaults: DoRA, rsLoRA, an initialization,
+    modules trained in full, the layers adapted; the defaults would only lengthen the table."""
+    default = LoraSettings()
+    return tuple(f"lora.{key}" for key in ADAPTER_KEYS if getattr(cfg.lora, key) != getattr(default, key))
+
+
 def hyperparameter_section(files: RunFiles) -> list[str]:
     cfg = files.cfg
     if cfg is None:
         return []
-    keys = HYPERPARAMETERS + ("lora.enabled",) + (LORA if cfg.lora.enabled else ())
+    keys = HYPERPARAMETERS + ("lora.enabled",) + (LORA + adapter_options(cfg) if cfg.lora.enabled else ())
     rows = [f"| {key} | {get_key(cfg, key)} |" for key in keys]
     if files.records:
         last = files.records[-1]
