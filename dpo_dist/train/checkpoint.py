@@ -248,7 +248,7 @@ def load_checkpoint(accelerator: Any, path: str, *, adapter_only: bool) -> Train
     if getattr(accelerator.state, "deepspeed_plugin", None) is not None:
         # DeepSpeed's own checkpoint format, every rank its shards; a LoRA one holds only the trainable weights
         accelerator.load_state(path, **({"custom_load_fn": _load_trainable(path)} if adapter_only else {}))
-        return _read_state(path)
+        return _at_step_boundary(accelerator, path)
     try:  # adapter-only files hold a subset of the keys; the pre-hook checks them exactly
         accelerator.load_state(path, strict=not adapter_only)
     except CheckpointError:
@@ -258,6 +258,17 @@ def load_checkpoint(accelerator: Any, path: str, *, adapter_only: bool) -> Train
             f"{path} does not fit this model: {str(error).splitlines()[0]} (was it written by another model, or by a "
             "run with another number of processes? resume with the same setup, or set train.resume=never)"
         ) from error
+    return _at_step_boundary(accelerator, path)
+
+
+def _at_step_boundary(accelerator: Any, path: str) -> TrainState:
+    """The checkpoint's state, with Accelerate's micro-step counter back at an optimizer-step boundary.
+
+    A checkpoint is written between optimizer steps, but ``load_state`` restores ``accelerator.step``, the micro-steps
+    the writing run took (its steps x its accumulation): a run resumed with another accumulation (fewer processes
+    keeping the global batch, another per-device batch) then syncs and steps the optimizer in the middle of its
+    micro-batches, ``step % accumulation`` of them early, on another trajectory. Every step starts at 0."""
+    accelerator.step = 0
     return _read_state(path)
 
 
