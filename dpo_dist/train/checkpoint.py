@@ -34,6 +34,8 @@ class TrainState:
     best_metric: float | None = None
     best_checkpoint: str | None = None
     evals_without_improvement: int = 0
+    pairs_seen: int = 0  # the position in the data: steps x the global batch (dpo_dist.train.shape)
+    shape: dict | None = None  # the Shape (processes, batch split, engine) the checkpoint was written with
 
 
 def list_checkpoints(output_dir: str) -> list[tuple[int, str]]:
