@@ -245,8 +245,9 @@ def set_aside_later_checkpoints(output_dir: str, step: int) -> list[str]:
 
 def load_checkpoint(accelerator: Any, path: str, *, adapter_only: bool) -> TrainState:
     """Restore model, optimizer, scheduler and RNG states. A full model's weights must match the checkpoint key for
-    key (strict): a checkpoint written by another model, or by a run with another number of processes (DDP stores
-    ``module.``-prefixed keys), is an error, never a silent restart from the initial weights."""
+    key (strict): a checkpoint written by another model is an error, never a silent restart from the initial weights.
+    One process and DDP store the same keys (Accelerate saves the unwrapped model), so either resumes the other's
+    checkpoints; which shapes resume which: :mod:`dpo_dist.train.shape`, checked before this."""
     if getattr(accelerator.state, "deepspeed_plugin", None) is not None:
         # DeepSpeed's own checkpoint format, every rank its shards; a LoRA one holds only the trainable weights
         accelerator.load_state(path, **({"custom_load_fn": _load_trainable(path)} if adapter_only else {}))
@@ -257,8 +258,8 @@ def load_checkpoint(accelerator: Any, path: str, *, adapter_only: bool) -> Train
         raise
     except RuntimeError as error:
         raise CheckpointError(
-            f"{path} does not fit this model: {str(error).splitlines()[0]} (was it written by another model, or by a "
-            "run with another number of processes? resume with the same setup, or set train.resume=never)"
+            f"{path} does not fit this model: {str(error).splitlines()[0]} (was it written by another model? resume "
+            "with the model it was written with, or set train.resume=never)"
         ) from error
     return _at_step_boundary(accelerator, path)
 
