@@ -1,5 +1,6 @@
 """The training loop on tiny models built here: first step, learning, batch arithmetic, DDP, resume, stops."""
 
+import functools
 import json
 import math
 import os
@@ -14,8 +15,8 @@ from dpo_dist.config import load_config
 from dpo_dist.train import host_memory
 from dpo_dist.train.metrics import read_metrics
 from tiny import make_llama, make_tokenizer
-from training import (ROOT, WORDS, accelerate_launch, assert_same_trajectory, overrides, reset_accelerate_state, run,
-                      synthetic_pairs)
+from training import (ROOT, WORDS, accelerate_launch, assert_same_trajectory, copy_run, overrides, reset_accelerate_state,
+                      run, synthetic_pairs)
 
 
 pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")  # conftest.py
@@ -66,36 +67,95 @@ def test_batch_times_accumulation_is_one_global_batch(tiny_model_dir, data_file,
     assert_same_trajectory(runs[0], runs[2], atol=1e-5)
 
 
-@pytest.mark.multiprocess
-@pytest.mark.parametrize("lora", [False, True])
-def test_two_process_ddp_equals_one_process(tiny_model_dir, data_file, tmp_path, lora):
-    extra = {"lora.enabled": lora, "train.eval_every": 2, "train.max_steps": 5, "train.sample_prompts": 2}
+def ddp_settings(tmp_path, data_file, lora):
+    """The DDP comparison's settings, with checkpoint-3, which the resume tests continue on another process count: an
+    odd step, so that a resume that kept Accelerate's count of micro-steps (3) would step mid-way with accumulation 2."""
+    extra = {"lora.enabled": lora, "train.eval_every": 2, "train.max_steps": 5, "train.sample_prompts": 2,
+             "train.save_every": 3, "train.keep_last": 5}
     if lora:  # a weighted mixture, which each process draws for itself: the same pairs in the same order, or no match
         more = synthetic_pairs(tmp_path / "more.jsonl", 40, seed=1)
         extra.update({"data.source": "builtin:sentiment",  # (not data_file: data.sources replaces it)
                       "data.sources": [{"source": data_file, "weight": 1}, {"source": more, "weight": 2}]})
-    one = run(tiny_model_dir, data_file, tmp_path / "one", **extra)["records"]
+    return extra
+
+
+def launch_ddp(tiny_model_dir, data_file, out, **extra):
     command = accelerate_launch("--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
                                 "--dynamo_backend", "no", os.path.join(ROOT, "launch", "train.py"))
-    # LoRA's two processes lay attention out segment by segment, the one process as the cost model picks: equal too
-    layout = {"train.attention_layout": "segmented"} if lora else {}
-    command += overrides(tiny_model_dir, data_file, tmp_path / "two", **extra, **layout,
-                         **{"train.per_device_batch_size": 4})
-    result = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    command += overrides(tiny_model_dir, data_file, out, **extra)
+    return subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=ROOT)
+
+
+@pytest.fixture(scope="module")
+def ddp_runs(tiny_model_dir, data_file, tmp_path_factory):
+    """One process (8 pairs per device) and 2 DDP processes (4 each) on the same data, launched once for the tests
+    that check them: ``ddp_runs(lora)`` is (the settings, the one-process records and folder, the launch result and
+    its folder)."""
+    @functools.cache
+    def get(lora):
+        root = tmp_path_factory.mktemp(f"ddp-lora{lora}")
+        extra = ddp_settings(root, data_file, lora)
+        one = run(tiny_model_dir, data_file, root / "one", **extra)["records"]
+        reset_accelerate_state()
+        # LoRA's two processes lay attention out segment by segment, the one process as the cost model picks: equal too
+        layout = {"train.attention_layout": "segmented"} if lora else {}
+        two = launch_ddp(tiny_model_dir, data_file, root / "two", **extra, **layout, **{"train.per_device_batch_size": 4})
+        return extra, (one, root / "one"), (two, root / "two")
+
+    return get
+
+
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("lora", [False, True])
+def test_two_process_ddp_equals_one_process(ddp_runs, lora):
+    extra, (one, one_folder), (result, two_folder) = ddp_runs(lora)
     assert result.returncode == 0, result.stderr[-4000:]
     assert re.search(r"x 2 processes, \d+ CPU threads each", result.stdout), result.stdout[-2000:]
     assert ("attention: segmented (" in result.stdout) == lora, result.stdout[-2000:]
-    two = read_metrics(str(tmp_path / "two" / "metrics.jsonl"))
+    two = read_metrics(str(two_folder / "metrics.jsonl"))
     assert_same_trajectory(one, two, atol=1e-5)
-    pairs = [json.load(open(tmp_path / name / "run.json"))["pairs"] for name in ("one", "two")]
+    pairs = [json.load(open(folder / "run.json"))["pairs"] for folder in (one_folder, two_folder)]
     assert pairs[1] == pairs[0] and len(pairs[0]["sources"]) == (2 if lora else 1)
     if lora:  # a weighted mixture's entries: what each put in went to train and eval
         assert [s["entry"] for s in pairs[0]["sources"]] == ["data.sources[0]", "data.sources[1]"]
         assert all(s["used"] == s["train_pairs"] + s["eval_pairs"] and s["probability"] for s in pairs[0]["sources"])
         assert "  data.sources[1] " in result.stdout and " used: " in result.stdout, result.stdout[-2000:]
     # Both processes generate the samples (steps 2, 4, 5), the main one writes them: the one-process completions.
-    samples = [read_metrics(str(tmp_path / name / "samples.jsonl")) for name in ("one", "two")]
+    samples = [read_metrics(str(folder / "samples.jsonl")) for folder in (one_folder, two_folder)]
     assert [r["step"] for r in samples[1]] == [2, 2, 4, 4, 5, 5] and samples[1] == samples[0]
+
+
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("lora", [False, True])
+def test_a_two_process_checkpoint_continues_on_one_process(ddp_runs, lora, tiny_model_dir, data_file, tmp_path, capsys):
+    """Checkpoint-3 of the 2-process run (4 pairs per device), resumed by one process launched with the same settings:
+    accumulation 2 keeps the global batch of 8 pairs, and the losses are the uninterrupted 2-process run's."""
+    extra, _, (result, two_folder) = ddp_runs(lora)
+    assert result.returncode == 0, result.stderr[-4000:]
+    copy_run(two_folder, tmp_path / "out")
+    resumed = run(tiny_model_dir, data_file, tmp_path / "out", **extra, **{
+        "train.per_device_batch_size": 4, "train.resume": str(tmp_path / "out" / "checkpoint-3")})
+    said = capsys.readouterr().out
+    assert ("train.gradient_accumulation_steps 1 -> 2, to keep checkpoint-3's global batch: 8 pairs = 4 per device x 2 "
+            "accumulation x 1 processes (it was written with 8 pairs = 4 per device x 1 accumulation x 2 processes)"
+            in said), said[-3000:]
+    assert resumed["state"].global_step == 5 and resumed["state"].pairs_seen == 40
+    assert_same_trajectory(read_metrics(str(two_folder / "metrics.jsonl")), read_metrics(str(tmp_path / "out" / "metrics.jsonl")),
+                           atol=1e-5)
+
+
+@pytest.mark.multiprocess
+def test_a_one_process_checkpoint_continues_on_two(ddp_runs, tiny_model_dir, data_file, tmp_path):
+    """LoRA checkpoint-3 of the one-process run (8 pairs per device), resumed by 2 DDP processes with 4 each: the same
+    global batch, the uninterrupted run's losses."""
+    extra, (one, one_folder), _ = ddp_runs(True)
+    copy_run(one_folder, tmp_path / "out")
+    result = launch_ddp(tiny_model_dir, data_file, tmp_path / "out", **extra, **{
+        "train.per_device_batch_size": 4, "train.resume": str(tmp_path / "out" / "checkpoint-3")})
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert ("resumed checkpoint-3 with its global batch of 8 pairs = 4 per device x 1 accumulation x 2 processes (it "
+            "was written with 8 pairs = 8 per device x 1 accumulation x 1 processes)" in result.stdout), result.stdout[-3000:]
+    assert_same_trajectory(one, read_metrics(str(tmp_path / "out" / "metrics.jsonl")), atol=1e-5)
 
 
 def test_resumed_run_continues_the_same_trajectory(tiny_model_dir, data_file, tmp_path, monkeypatch):
@@ -302,6 +362,21 @@ def test_bad_config_exits_nonzero_naming_the_key():
 
 
 @pytest.mark.slow
+def test_a_sharded_checkpoint_on_another_shape_is_refused_in_one_line_before_any_work(tmp_path):
+    """The latest checkpoint holds 2 processes' ZeRO-3 shards; one plain process is refused before the model loads (the
+    model named does not exist: reaching it would be another error). launch/train.py prints it as ``error: ...``."""
+    from dpo_dist.train.checkpoint import CheckpointError
+
+    folder = tmp_path / "out" / "checkpoint-3"
+    folder.mkdir(parents=True)
+    shape = {"processes": 2, "per_device_batch_size": 4, "gradient_accumulation_steps": 1, "engine": "ZeRO-3"}
+    (folder / "trainer_state.json").write_text(json.dumps({"global_step": 3, "pairs_seen": 24, "shape": shape}))
+    with pytest.raises(CheckpointError) as error:
+        run(str(tmp_path / "no-model"), str(tmp_path / "no-data.jsonl"), tmp_path / "out")
+    assert str(error.value) == ("checkpoint-3 was written under ZeRO-3 (2 processes), this launch runs one process: "
+                                "resume it under ZeRO-3, or start over with train.resume=never")
+
+
 def test_bad_data_exits_nonzero_naming_the_row(tiny_model_dir, tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"prompt": "p", "chosen": " a", "rejected": " b"}) + "\n"

@@ -1,6 +1,8 @@
 """The order pairs are taken in: each process's micro-batches at each optimizer step, a pure function of (seed, epoch).
 
-The position in the data is the optimizer step, which is what a resumed run restores.
+The position in the data is the optimizer step, which is what a resumed run restores; with the global batch, which a
+resume keeps whatever its process count (:mod:`dpo_dist.train.shape`), it is the pairs seen. Step ``g``'s block of
+pairs does not depend on how it is split over processes and micro-batches.
 """
 
 from __future__ import annotations

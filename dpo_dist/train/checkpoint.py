@@ -34,6 +34,8 @@ class TrainState:
     best_metric: float | None = None
     best_checkpoint: str | None = None
     evals_without_improvement: int = 0
+    pairs_seen: int = 0  # the position in the data: steps x the global batch (dpo_dist.train.shape)
+    shape: dict | None = None  # the Shape (processes, batch split, engine) the checkpoint was written with
 
 
 def list_checkpoints(output_dir: str) -> list[tuple[int, str]]:
@@ -243,21 +245,33 @@ def set_aside_later_checkpoints(output_dir: str, step: int) -> list[str]:
 
 def load_checkpoint(accelerator: Any, path: str, *, adapter_only: bool) -> TrainState:
     """Restore model, optimizer, scheduler and RNG states. A full model's weights must match the checkpoint key for
-    key (strict): a checkpoint written by another model, or by a run with another number of processes (DDP stores
-    ``module.``-prefixed keys), is an error, never a silent restart from the initial weights."""
+    key (strict): a checkpoint written by another model is an error, never a silent restart from the initial weights.
+    One process and DDP store the same keys (Accelerate saves the unwrapped model), so either resumes the other's
+    checkpoints; which shapes resume which: :mod:`dpo_dist.train.shape`, checked before this."""
     if getattr(accelerator.state, "deepspeed_plugin", None) is not None:
         # DeepSpeed's own checkpoint format, every rank its shards; a LoRA one holds only the trainable weights
         accelerator.load_state(path, **({"custom_load_fn": _load_trainable(path)} if adapter_only else {}))
-        return _read_state(path)
+        return _at_step_boundary(accelerator, path)
     try:  # adapter-only files hold a subset of the keys; the pre-hook checks them exactly
         accelerator.load_state(path, strict=not adapter_only)
     except CheckpointError:
         raise
     except RuntimeError as error:
         raise CheckpointError(
-            f"{path} does not fit this model: {str(error).splitlines()[0]} (was it written by another model, or by a "
-            "run with another number of processes? resume with the same setup, or set train.resume=never)"
+            f"{path} does not fit this model: {str(error).splitlines()[0]} (was it written by another model? resume "
+            "with the model it was written with, or set train.resume=never)"
         ) from error
+    return _at_step_boundary(accelerator, path)
+
+
+def _at_step_boundary(accelerator: Any, path: str) -> TrainState:
+    """The checkpoint's state, with Accelerate's micro-step counter back at an optimizer-step boundary.
+
+    A checkpoint is written between optimizer steps, but ``load_state`` restores ``accelerator.step``, the micro-steps
+    the writing run took (its steps x its accumulation): a run resumed with another accumulation (fewer processes
+    keeping the global batch, another per-device batch) then syncs and steps the optimizer in the middle of its
+    micro-batches, ``step % accumulation`` of them early, on another trajectory. Every step starts at 0."""
+    accelerator.step = 0
     return _read_state(path)
 
 

@@ -63,6 +63,7 @@ from dpo_dist.train.checkpoint import (
     set_aside_later_checkpoints,
 )
 from dpo_dist.train.best import stopped_early, track_best
+from dpo_dist.train.shape import engine_name, record, resume_shape, run_shape
 from dpo_dist.train.checks import (
     TrainingError,
     check_combination,
@@ -176,6 +177,15 @@ def setup(cfg: Config, signals: StopSignals) -> Run:
         project_dir=t.output_dir,
     )
     check_output_locations(cfg, accelerator)  # before anything is loaded or computed
+    resume_from = latest_checkpoint(t.output_dir) if t.resume == "auto" else None if t.resume == "never" else t.resume
+    shape = run_shape(cfg, accelerator.num_processes,
+                      engine_name(accelerator.num_processes, zero_stage(accelerator), fsdp_version(accelerator)))
+    if resume_from:  # on another process count or batch split: the same global batch, or refused here
+        cfg, said_shape = resume_shape(cfg, shape, resume_from)
+        t, shape = cfg.train, run_shape(cfg, shape.processes, shape.engine)
+        accelerator.gradient_accumulation_steps = t.gradient_accumulation_steps
+        if said_shape:
+            say(accelerator, said_shape)
     from accelerate.utils import set_seed
 
     set_seed(t.seed)
@@ -186,10 +196,7 @@ def setup(cfg: Config, signals: StopSignals) -> Run:
         save_config(cfg, os.path.join(t.output_dir, "config.yaml"))
         for name in remove_partial_writes(t.output_dir):
             print(f"removed {os.path.join(t.output_dir, name)}: left by a run killed while writing it", flush=True)
-    global_batch = t.per_device_batch_size * t.gradient_accumulation_steps * accelerator.num_processes
-    say(accelerator,
-        f"global batch {global_batch} pairs = {t.per_device_batch_size} per device x {t.gradient_accumulation_steps} "
-        f"accumulation x {accelerator.num_processes} processes"
+    say(accelerator, f"global batch {shape.said()}"
         + (f", {threads[0]} CPU threads each ({threads[1]})" if threads else "")
     )
     if kept:
@@ -208,7 +215,6 @@ def setup(cfg: Config, signals: StopSignals) -> Run:
     model, tokenizer = load_policy(cfg, accelerator.device, precision.weights)  # together: under ZeRO-3 loading is a collective
     if cfg.model.quantization == "none":
         model.to(accelerator.device)  # a quantized base was loaded onto its device already
-    resume_from = latest_checkpoint(t.output_dir) if t.resume == "auto" else None if t.resume == "never" else t.resume
     start = record_start(accelerator, model, t.output_dir, resume_from)  # PiSSA/OLoRA only
     dtype = precision.compute
     identity = model_identity(cfg, resolve_source(cfg.model.name_or_path), str(dtype).removeprefix("torch."), accelerator)
@@ -259,7 +265,9 @@ def setup(cfg: Config, signals: StopSignals) -> Run:
     state = TrainState()
     if resume_from:
         state = load_checkpoint(accelerator, resume_from, adapter_only=cfg.lora.enabled)
-        say(accelerator, f"resumed from {resume_from} at step {state.global_step}")
+        say(accelerator, f"resumed from {resume_from} at step {state.global_step} ({state.global_step * shape.global_batch} "
+                         "pairs seen)")
+    state.shape = record(shape)  # what this run's checkpoints are written with
     accelerator.wait_for_everyone()  # every process has read the checkpoints before any is moved
     if accelerator.is_main_process:
         moved = set_aside_later_checkpoints(t.output_dir, state.global_step)
@@ -285,7 +293,7 @@ def train(cfg: Config) -> dict[str, Any]:
     signals = StopSignals(grace_s=cfg.train.stop_grace_s)
     try:
         run = setup(cfg, signals)
-        t, accelerator, state = cfg.train, run.accelerator, run.state
+        t, accelerator, state = run.cfg.train, run.accelerator, run.state  # run.cfg: resumed on another shape
         signals.stop_if_asked(accelerator, "during setup")
         if t.debug:
             torch.autograd.set_detect_anomaly(True)
@@ -318,10 +326,10 @@ def loop(run: Run, bar: Any, signals: StopSignals) -> None:
             said = check_step(step, record, applied=applied, loss_scaling=run.precision.loss_scaling, cfg=cfg)
             say(accelerator, said)  # a skipped fp16 overflow; anything else raised
         run.scheduler.step()
-        state.global_step = step
+        state.global_step, state.pairs_seen = step, step * run.order.global_batch
         tokens, elapsed = record.pop("tokens"), time.perf_counter() - started
         record = {"step": step, "epoch": step / run.order.steps_per_epoch, **record, "lr": lr,
-                  "tokens/s": tokens / elapsed, "step_time_s": elapsed, "examples_seen": step * run.order.global_batch}
+                  "tokens/s": tokens / elapsed, "step_time_s": elapsed, "examples_seen": state.pairs_seen}
         improved = False
         evaluated = run.eval_tok is not None and (step == run.total_steps or bool(t.eval_every and step % t.eval_every == 0))
         if evaluated:
