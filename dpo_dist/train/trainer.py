@@ -55,10 +55,10 @@ from dpo_dist.train.checkpoint import (
     ABANDONED,
     TrainState,
     adapter_only_checkpoints,
-    latest_checkpoint,
     load_checkpoint,
     record_start,
     remove_partial_writes,
+    resume_point,
     save_checkpoint,
     set_aside_later_checkpoints,
 )
@@ -208,7 +208,7 @@ def setup(cfg: Config, signals: StopSignals) -> Run:
     model, tokenizer = load_policy(cfg, accelerator.device, precision.weights)  # together: under ZeRO-3 loading is a collective
     if cfg.model.quantization == "none":
         model.to(accelerator.device)  # a quantized base was loaded onto its device already
-    resume_from = latest_checkpoint(t.output_dir) if t.resume == "auto" else None if t.resume == "never" else t.resume
+    resume_from = resume_point(accelerator, t.output_dir, t.resume)  # checked against its manifest
     start = record_start(accelerator, model, t.output_dir, resume_from)  # PiSSA/OLoRA only
     dtype = precision.compute
     identity = model_identity(cfg, resolve_source(cfg.model.name_or_path), str(dtype).removeprefix("torch."), accelerator)
