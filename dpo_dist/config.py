@@ -713,6 +713,21 @@ def _apply(node: Any, values: dict[str, Any], prefix: str = "") -> None:
             setattr(node, name, _check_value(key, value, expected))
 
 
+def yaml_problem(error: yaml.YAMLError) -> tuple[str, str]:
+    """PyYAML's error (4-5 lines: what it was parsing, where that started, the problem, where it is) as where (``"3:7"``,
+    line and column counted from 1, as editors do; empty if unknown) and the problem on one line (``"expected ',' or
+    ']', but got '<stream end>' (a flow sequence started at 2:9)"``)."""
+    mark = getattr(error, "problem_mark", None)
+    if mark is None:  # an error without a mark: its text, on one line
+        return "", " ".join(str(error).split())
+    problem = " ".join((getattr(error, "problem", None) or "").split()) or type(error).__name__
+    context, started = getattr(error, "context", None), getattr(error, "context_mark", None)
+    if context:
+        what = context.removeprefix("while ").removeprefix("parsing ").removeprefix("scanning ")
+        problem += f" ({what} started at {started.line + 1}:{started.column + 1})" if started else f" ({context})"
+    return f"{mark.line + 1}:{mark.column + 1}", problem
+
+
 def parse_override(text: str) -> dict[str, Any]:
     """``"train.max_steps=20"`` -> ``{"train": {"max_steps": 20}}`` (the value is read as YAML)."""
     if "=" not in text:
@@ -721,7 +736,9 @@ def parse_override(text: str) -> dict[str, Any]:
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError as error:
-        raise ConfigError(f"override {text!r}: the value is not valid YAML ({error})") from None
+        where, problem = yaml_problem(error)
+        column = f" at column {where.split(':')[1]}" if where else ""
+        raise ConfigError(f"override {text!r}: the value is not valid YAML{column}: {problem}") from None
     tree: dict[str, Any] = {}
     node = tree
     parts = dotted.strip().split(".")
@@ -741,7 +758,10 @@ def load_config(path: str | None = None, overrides: list[str] | tuple[str, ...] 
             try:
                 values = yaml.safe_load(handle) or {}
             except yaml.YAMLError as error:
-                raise ConfigError(f"{path}: not valid YAML: {error}") from None
+                where, problem = yaml_problem(error)
+                raise ConfigError(f"{path}:{where + ':' if where else ''} not valid YAML: {problem}") from None
+            except UnicodeDecodeError as error:
+                raise ConfigError(f"{path}: not UTF-8 text (byte {error.start}: {error.reason})") from None
         if not isinstance(values, dict):
             raise ConfigError(f"{path}: the top level should be a mapping of sections")
         try:

@@ -55,9 +55,24 @@ def test_recipe_errors_name_the_file(tmp_path):
     bad.write_text("train:\n  epoch: 3\n")
     with pytest.raises(ConfigError, match=r"r.yaml: unknown config key 'train.epoch'"):
         load_config(str(bad))
-    bad.write_text("train: [1, 2\n")
-    with pytest.raises(ConfigError, match="not valid YAML"):
+    # PyYAML's 4-5 lines (what it was parsing, where, the problem, where) as one, with the line and column
+    for text, said in [
+        ("train: [1, 2\n", "2:1: not valid YAML: expected ',' or ']', but got '<stream end>' (a flow sequence started "
+                           "at 1:8)"),
+        ("train:\n  max_steps: 3\n bad: 1\n", "3:2: not valid YAML: expected <block end>, but found '<block mapping "
+                                             "start>' (a block mapping started at 1:1)"),
+        ("train:\n\tmax_steps: 3\n", "2:1: not valid YAML: found character '\\t' that cannot start any token"),
+    ]:
+        bad.write_text(text)
+        with pytest.raises(ConfigError) as raised:
+            load_config(str(bad))
+        assert str(raised.value).startswith(f"{bad}:{said}") and "\n" not in str(raised.value), str(raised.value)
+    bad.write_bytes(b"train:\n  x: \xff\n")
+    with pytest.raises(ConfigError, match=r"r.yaml: not UTF-8 text \(byte 12: invalid start byte\)$"):
         load_config(str(bad))
+    with pytest.raises(ConfigError, match=r"^override 'train.adam_betas=\[1,': the value is not valid YAML at column 4: "
+                                          r"expected the node content, but found '<stream end>'[^\n]*$"):
+        load_config(None, ["train.adam_betas=[1,"])
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(str(tmp_path / "missing.yaml"))
 

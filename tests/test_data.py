@@ -107,6 +107,20 @@ def test_file_types(tmp_path):
         assert pairs["chosen"] == [f" c{i}" for i in range(5)], path
 
 
+@pytest.mark.parametrize("text", ["", "\n  \n\n", "[]", "[\n]\n"], ids=["empty", "blank-lines", "empty-array",
+                                                                        "empty-array-on-lines"])
+def test_a_file_without_rows_is_one_line_naming_it(text, tmp_path):
+    """An empty file, or one of blank lines only, was a 30-line traceback from datasets ('Instruction "train"
+    corresponds to no data!', naming neither the file nor the cause); now it is a DataError of one line."""
+    for name in ("empty.jsonl", "empty.json"):
+        path = tmp_path / name
+        path.write_text(text)
+        with pytest.raises(DataError) as raised:
+            load_pairs(str(path))
+        message = str(raised.value)
+        assert message.startswith(f"{path}: no rows (") and "\n" not in message, message
+
+
 def test_unreadable_inputs_name_the_file_and_line(tmp_path):
     broken = tmp_path / "broken.jsonl"
     broken.write_text(json.dumps(TEXT) + "\n{not json\n")

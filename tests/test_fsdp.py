@@ -90,17 +90,32 @@ def test_fsdp_trajectory_equals_one_process(lora, one_process, sharded_run, tiny
 @pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
 def test_fsdp_resume_equals_uninterrupted(lora, sharded_run, tiny_model_dir, data_file, tmp_path):
     """The 5-step run taken back to checkpoint-2 and resumed: steps 3-5 repeat exactly (sharded parameters and
-    optimizer state, scheduler, RNG, data position all restored)."""
+    optimizer state, scheduler, RNG, data position all restored). It is taken back by damaging rank 1's shards of
+    checkpoint-5 and -4: each checkpoint's manifest lists every rank's files, and the 2 processes, checking them
+    between them, set both aside with a line each and resume from checkpoint-2."""
+    from test_checkpoint_manifest import garble, truncate
+
+    from dpo_dist.train.checkpoint import MANIFEST
+
     _, whole_out = sharded_run(lora)
     out = tmp_path / "out"
     copy_run(whole_out, out)
     whole = read_jsonl(out / "metrics.jsonl")
+    checkpoint = out / "checkpoint-2"
     for part in ("pytorch_model_fsdp_0", "optimizer_0"):  # torch.distributed.checkpoint: a file per rank
-        assert sorted(os.listdir(out / "checkpoint-2" / part)) == [".metadata", "__0_0.distcp", "__1_0.distcp"]
-    for later in ("checkpoint-4", "checkpoint-5", "model"):
-        shutil.rmtree(out / later)
+        assert sorted(os.listdir(checkpoint / part)) == [".metadata", "__0_0.distcp", "__1_0.distcp"]
+    files = {os.path.relpath(os.path.join(folder, name), checkpoint)
+             for folder, _, names in os.walk(checkpoint) for name in names} - {MANIFEST}
+    manifest = json.loads((checkpoint / MANIFEST).read_text())["files"]
+    assert set(manifest) == files and "optimizer_0/__1_0.distcp" in files and "random_states_1.pkl" in files
+    truncate(out / "checkpoint-5" / "optimizer_0" / "__1_0.distcp")
+    garble(out / "checkpoint-4" / "pytorch_model_fsdp_0" / "__1_0.distcp")
+    shutil.rmtree(out / "model")
     result = launch_fsdp(tiny_model_dir, data_file, out, **sharded_settings(lora))
     assert "resumed from" in result.stdout and "checkpoint-2 at step 2" in result.stdout
+    assert "checkpoint-5 is damaged: optimizer_0/__1_0.distcp is " in result.stdout, result.stdout[-3000:]
+    assert "checkpoint-4 is damaged: pytorch_model_fsdp_0/__1_0.distcp has sha256 " in result.stdout
+    assert sorted(os.listdir(out / "damaged")) == ["checkpoint-4", "checkpoint-5"]
     assert_same_trajectory(whole, read_jsonl(out / "metrics.jsonl"), atol=1e-6)
 
 

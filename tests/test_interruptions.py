@@ -100,9 +100,23 @@ def test_a_checkpoint_that_does_not_fit_is_an_error_not_a_silent_restart(tiny_mo
     reset_accelerate_state()
     weights = out / "checkpoint-2" / "model.safetensors"
     save_file({f"module.{k}": v.contiguous() for k, v in load_file(weights).items()}, weights)
+    rewrite_manifest(out / "checkpoint-2", "model.safetensors")  # whole, as such a run would have written it
     with pytest.raises(CheckpointError, match=r"checkpoint-2 does not fit this model: .*written by another model\? resume with the model"):
         run(tiny_model_dir, data_file, out, **{**SETTINGS, "train.max_steps": 4})
     reset_accelerate_state()
+
+
+def rewrite_manifest(checkpoint, name):
+    """The manifest of ``checkpoint`` made to describe ``name`` as it is now (a test that rewrites a file on purpose)."""
+    import hashlib
+    import json
+
+    from dpo_dist.train.checkpoint import MANIFEST
+
+    manifest = json.loads((checkpoint / MANIFEST).read_text())
+    data = (checkpoint / name).read_bytes()
+    manifest["files"][name] = {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    (checkpoint / MANIFEST).write_text(json.dumps(manifest))
 
 
 def test_resuming_an_older_checkpoint_sets_the_later_ones_aside(tiny_model_dir, data_file, tmp_path, capsys):

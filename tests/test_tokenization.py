@@ -119,12 +119,20 @@ def test_truncation_keeps_prompt_end_and_response_start(kind):
     assert ids["rejected_input_ids"] == encode(tok, " No.") + [tok.eos_token_id], "short response untouched"
 
 
-def test_pair_that_cannot_fit_is_dropped_and_counted():
+def test_pair_that_cannot_fit_is_dropped_and_counted(caplog):
+    """The warning counts the dropped pairs out of those tokenized (it said "dropped 1 of 1": the count after the
+    drop), also when every pair is dropped ("of 0")."""
     tok = make_tokenizer("nobos")
-    rows = [TEXT_PAIR, dict(TEXT_PAIR, prompt="Human: What is the capital of France? " * 10)]
-    pairs = dataset_of(rows)
-    tokenized, dropped = tokenize_pairs(pairs, tok, Truncation(max_length=32, max_prompt_length=None))
-    assert dropped == 1 and tokenized["row"] == [0]
+    long = dict(TEXT_PAIR, prompt="Human: What is the capital of France? " * 10)
+    pairs = dataset_of([TEXT_PAIR, long])
+    with caplog.at_level("WARNING", logger="dpo_dist.data.tokenization"):
+        tokenized, dropped = tokenize_pairs(pairs, tok, Truncation(max_length=32, max_prompt_length=None))
+        assert dropped == 1 and tokenized["row"] == [0]
+        assert "dropped 1 of 2 pairs whose prompt leaves no room" in caplog.text
+        caplog.clear()
+        tokenized, dropped = tokenize_pairs(dataset_of([long, long, long]), tok, Truncation(max_length=32,
+                                                                                             max_prompt_length=None))
+        assert dropped == 3 and len(tokenized) == 0 and "dropped 3 of 3 pairs" in caplog.text
     tokenized, dropped = tokenize_pairs(pairs, tok, Truncation(max_length=32, max_prompt_length=16))
     assert dropped == 0 and len(tokenized) == 2
     for ids in tokenized:

@@ -347,9 +347,13 @@ def _read_json(path: str, key: str) -> Iterator[dict[str, Any]]:
                 rows = json.loads(head + handle.read())
             except json.JSONDecodeError as error:
                 raise DataError(f"{path}: invalid JSON: {error}") from None
+            if not rows:
+                raise DataError(f"{path}: no rows (an empty JSON array)")
             for row in rows:
                 yield {"json": json.dumps(row), "line": 0}
             return
+        if not head:
+            raise DataError(f"{path}: no rows (the file is empty or holds only blank lines)")
         for number, line in enumerate(_prepend(head, handle), start=1):
             if line.strip():
                 yield {"json": line, "line": number}

@@ -190,13 +190,14 @@ def tokenize_pairs(
         **{column: datasets.List(datasets.Value("int32")) for column in PAIR_COLUMNS},
     })
     encoded = pairs.map(encode, remove_columns=drop, features=features, num_proc=num_proc, desc="tokenizing pairs")
-    dropped = len(encoded) - sum(encoded.with_format("arrow")["keep"].to_pylist())
+    total = len(encoded)
+    dropped = total - sum(encoded.with_format("arrow")["keep"].to_pylist())
     if dropped:
         encoded = encoded.filter(lambda keep: keep, input_columns="keep", batched=True, desc="dropping long prompts")
     kept = encoded.remove_columns("keep")
     if dropped:
         logger.warning(
             "dropped %d of %d pairs whose prompt leaves no room for a response (max_length=%d, max_prompt_length=%s)",
-            dropped, len(encoded), truncation.max_length, truncation.max_prompt_length,
+            dropped, total, truncation.max_length, truncation.max_prompt_length,
         )
     return kept, dropped

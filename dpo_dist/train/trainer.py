@@ -55,10 +55,10 @@ from dpo_dist.train.checkpoint import (
     ABANDONED,
     TrainState,
     adapter_only_checkpoints,
-    latest_checkpoint,
     load_checkpoint,
     record_start,
     remove_partial_writes,
+    resume_point,
     save_checkpoint,
     set_aside_later_checkpoints,
 )
@@ -177,7 +177,7 @@ def setup(cfg: Config, signals: StopSignals) -> Run:
         project_dir=t.output_dir,
     )
     check_output_locations(cfg, accelerator)  # before anything is loaded or computed
-    resume_from = latest_checkpoint(t.output_dir) if t.resume == "auto" else None if t.resume == "never" else t.resume
+    resume_from = resume_point(accelerator, t.output_dir, t.resume)  # checked against its manifest
     shape = run_shape(cfg, accelerator.num_processes,
                       engine_name(accelerator.num_processes, zero_stage(accelerator), fsdp_version(accelerator)))
     if resume_from:  # on another process count or batch split: the same global batch, or refused here
