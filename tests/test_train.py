@@ -509,38 +509,6 @@ def test_cpu_threads_divide_the_budget_by_local_processes(monkeypatch, environ, 
         torch.set_num_threads(before)
 
 
-def test_progress_in_a_log_file_is_a_line_a_minute_and_one_at_the_end():
-    """Not a terminal (a SLURM job's .out): whole lines, at most one per interval plus the last step, with the values
-    of the step just done and the time left at the measured pace; a resumed run counts its pace from where it began."""
-    import io
-
-    from dpo_dist.train.metrics import LineProgress
-
-    now = [100.0]
-    out = io.StringIO()
-    bar = LineProgress(10, initial=4, interval_s=60, clock=lambda: now[0], file=out)
-    for step in range(5, 11):
-        now[0] += 25.0  # 25 s a step: steps 7 (75 s after the last line) and 10 (the last) are shown
-        bar.set_postfix(loss=f"{step / 10:.4f}", refresh=False)
-        bar.update(1)
-    assert out.getvalue().splitlines() == [
-        "DPO step 7/10 (70%), loss 0.7000; 25.00 s/step, about 1m15s left",
-        "DPO step 10/10 (100%), loss 1.0000; 25.00 s/step",
-    ]
-
-
-def test_progress_bar_on_the_main_process_only_and_lines_when_not_a_terminal(monkeypatch):
-    from dpo_dist.train import metrics
-
-    monkeypatch.setattr(metrics.sys.stderr, "isatty", lambda: False, raising=False)
-    assert isinstance(metrics.progress_bar(5, 0, shown=True), metrics.LineProgress)
-    assert metrics.progress_bar(5, 0, shown=False).disable  # another process: tqdm, silent
-    monkeypatch.setattr(metrics.sys.stderr, "isatty", lambda: True, raising=False)
-    bar = metrics.progress_bar(5, 0, shown=True)
-    assert not isinstance(bar, metrics.LineProgress) and not bar.disable
-    bar.close()
-
-
 NOISY = """
 import logging, sys, warnings
 sys.path.insert(0, {root!r})
