@@ -1,6 +1,13 @@
-"""dpo_dist/progress.py: a tqdm bar on a terminal, a line every 10 s in a log file, on the main process only."""
+"""dpo_dist/progress.py: a tqdm bar on a terminal, a line every 10 s in a log file, on the main process only; and the
+warnings a run shows (dpo_dist.distributed.filter_warnings, load_only_what_is_used)."""
 
+import importlib.util
 import io
+import sys
+import uuid
+import warnings
+
+import pytest
 
 from dpo_dist import progress as progress_module
 from dpo_dist.progress import LineProgress, Silence, progress
@@ -143,3 +150,67 @@ def test_a_terminal_gets_a_tqdm_bar_a_log_file_lines_and_other_processes_nothing
 def test_the_interval_is_read_when_a_bar_is_made(monkeypatch):
     monkeypatch.setattr(progress_module, "INTERVAL_S", 0.0)
     assert LineProgress(3, "x", unit="pair", silence=Silence()).interval_s == 0.0
+
+
+# --- warnings -----------------------------------------------------------------------------------------------------
+
+def warn_from(message, category, module, lineno):
+    warnings.warn_explicit(message, category, f"{module.replace('.', '/')}.py", lineno, module=module)
+
+
+def test_each_warning_once_wherever_it_comes_from_and_peft_s_deprecation_not_at_all(monkeypatch):
+    """filter_warnings: one warning issued from 4 places, or from one after the filters changed (ZeRO-3's calls of
+    torch's deprecated collectives), shows once; the FutureWarning transformers gives peft's read of a renamed property
+    does not show, from transformers; the same text issued elsewhere (not that case) still does, and so does every
+    other warning."""
+    from dpo_dist.distributed import filter_warnings
+
+    monkeypatch.setattr(warnings, "formatwarning", warnings.formatwarning)
+    monkeypatch.setattr(warnings, "showwarning", warnings.showwarning)
+    gather = f"`torch.distributed.all_gather_into_tensor` is deprecated ({uuid.uuid4()})"  # new to the once-registry
+    peft = "`is_gradient_checkpointing` is deprecated and will be removed in v6. Use `is_activation_checkpointing`"
+    elsewhere, other = f"{peft} ({uuid.uuid4()})", f"something else ({uuid.uuid4()})"
+    with warnings.catch_warnings(record=True) as shown:
+        warnings.resetwarnings()
+        filter_warnings()
+        for lineno in (10, 20, 30, 40):
+            warn_from(gather, FutureWarning, "torch.distributed.distributed_c10d", lineno)
+        for _ in range(2):
+            with warnings.catch_warnings():  # what libraries do between two steps: Python forgets what it showed
+                pass
+            warnings.warn(gather, FutureWarning)
+        for _ in range(3):
+            warn_from(peft, FutureWarning, "transformers.modeling_utils", 3314)
+        warn_from(elsewhere, FutureWarning, "mine", 1)
+        warn_from(other, UserWarning, "mine", 2)
+    assert [str(w.message) for w in shown] == [gather, elsewhere, other]
+
+
+def test_the_python_warning_filters_for_a_run_are_precise():
+    """Each filter names a message and a module, never a whole category, and says why."""
+    from dpo_dist.distributed import NOT_FOR_USERS
+
+    for message, category, module, why in NOT_FOR_USERS:
+        assert message and module and why and issubclass(category, Warning)
+
+
+def test_a_library_that_is_not_used_is_not_imported():
+    """load_only_what_is_used: an unused bitsandbytes or DeepSpeed reads as not installed, to importers and to the
+    libraries' availability checks; a used one stays importable, and one imported already is left alone."""
+    from dpo_dist.distributed import load_only_what_is_used
+
+    names = ("bitsandbytes", "deepspeed")
+    saved = {name: sys.modules.pop(name) for name in names if name in sys.modules}
+    try:
+        load_only_what_is_used(bitsandbytes=False, deepspeed=True)
+        assert "bitsandbytes" in sys.modules and importlib.util.find_spec("bitsandbytes") is None
+        with pytest.raises(ImportError):
+            import bitsandbytes  # noqa: F401
+        assert "deepspeed" not in sys.modules
+        imported = sys.modules["deepspeed"] = type(sys)("deepspeed")
+        load_only_what_is_used(bitsandbytes=False, deepspeed=False)
+        assert sys.modules["deepspeed"] is imported
+    finally:
+        for name in names:
+            sys.modules.pop(name, None)
+        sys.modules.update(saved)

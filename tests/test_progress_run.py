@@ -1,7 +1,8 @@
 """What a new user sees in a log file: a default-style run (LoRA, the built-in sentiment set sampled at its first run,
 reference log-probs precomputed, an eval), its evaluation and its merge, each with stdout and stderr sent to a file.
 Every long stage shows lines with its count, rate and time left (``tests/logged_launch.py`` sets the interval to 0 s:
-a line at each update, where a long stage gives one every 10 s)."""
+a line at each update, where a long stage gives one every 10 s), and no warning that does not apply shows:
+bitsandbytes and DeepSpeed, unused, are not even imported."""
 
 import importlib.util
 import os
@@ -17,6 +18,9 @@ pytestmark = [pytest.mark.slow, pytest.mark.skipif(importlib.util.find_spec("vad
                                                    reason="the built-in sentiment set needs vadersentiment")]
 
 LOGGED = os.path.join(ROOT, "tests", "logged_launch.py")
+# What every run printed before (issue 28), none of which applies to a run without quantization or DeepSpeed.
+NOT_APPLICABLE = ("gemm_4bit_forward", "kernels-community", "Setting accelerator to CPU", "FutureWarning",
+                  "is_gradient_checkpointing", "Warning", "WARNING", "Traceback")
 LINE = r"{what} (\d+)/(\d+) {unit}s \(\d+%\)(, [^;]*)?; [\d.]+ (s/{unit}|{unit}s/s), (about \S+ left|\S+ in all)$"
 
 
@@ -52,6 +56,11 @@ def assert_whole_stage(log, what, unit):
     return len(runs) - 1
 
 
+def assert_no_warning_that_does_not_apply(log):
+    assert not [line for line in log.splitlines() if any(word in line for word in NOT_APPLICABLE)], log[-3000:]
+    assert "imported: []" in log.splitlines(), log[-3000:]  # neither bitsandbytes nor DeepSpeed
+
+
 @pytest.fixture(scope="module")
 def default_run(tiny_model_dir, tmp_path_factory):
     """The default run's shape on the tiny model: LoRA, the built-in set (sampled here: a fresh cache), 3 steps with an
@@ -79,6 +88,11 @@ def test_a_run_in_a_log_file_shows_the_progress_of_each_stage(default_run):
     assert ", about " in training[0][2] and ", acc " in training[0][2]
 
 
+def test_a_run_shows_no_warning_that_does_not_apply(default_run):
+    _, _, log = default_run
+    assert_no_warning_that_does_not_apply(log)
+
+
 def test_evaluation_and_merge_in_a_log_file_show_their_progress(default_run):
     root, env, _ = default_run
     status, log = launch("launch/evaluate.py", [root / "out", "--samples_per_prompt", 2, "--max_new_tokens", 4,
@@ -88,7 +102,9 @@ def test_evaluation_and_merge_in_a_log_file_show_their_progress(default_run):
     assert_whole_stage(log, "sampling 2 responses from the trained model", "prompt")
     assert_whole_stage(log, "sampling 2 responses from the base", "prompt")
     assert_whole_stage(log, "KL: scoring the samples under both models", "response")
+    assert_no_warning_that_does_not_apply(log)
 
     status, log = launch("launch/merge.py", [root / "out"], root / "merge.log", env)
     assert status == 0, log[-4000:]
     assert_whole_stage(log, "merge", "step")
+    assert_no_warning_that_does_not_apply(log)

@@ -517,6 +517,9 @@ configure_logging(int(sys.argv[1]))
 import transformers
 for _ in range(3):  # a library's deprecation, called at every step
     warnings.warn("`is_gradient_checkpointing` is deprecated", FutureWarning)
+warnings.warn("`is_gradient_checkpointing` is deprecated", FutureWarning)  # the same from another line: once
+warnings.warn_explicit("`is_gradient_checkpointing` is deprecated and will be removed in v6", FutureWarning,
+                       "transformers/modeling_utils.py", 3314, module="transformers.modeling_utils")  # peft's: none
 logging.getLogger("bitsandbytes.backends.cpu.ops").warning("Failed to load CPU gemm_4bit_forward")
 transformers.utils.logging.get_logger("transformers.modeling_utils").warning("a transformers notice")
 deepspeed = logging.getLogger("DeepSpeed")  # what DeepSpeed does when it is imported, after the setup
@@ -532,9 +535,10 @@ logging.getLogger("dpo_dist.train").error("rank-specific trouble")
 
 @pytest.mark.slow
 def test_non_main_ranks_are_quiet_and_warnings_are_one_line_once():
-    """Rank 0 shows our INFO and each library's notice once, a Python warning on one line, but not other libraries'
-    INFO; another rank only its errors (every process printed the same FutureWarnings and notices: nodes x processes
-    copies in slurm-<job>.out)."""
+    """Rank 0 shows our INFO and each library's notice once, a Python warning on one line and once wherever it is
+    issued from (not peft's read of a renamed transformers property: filter_warnings), but not other libraries' INFO;
+    another rank only its errors (every process printed the same FutureWarnings and notices: nodes x processes copies
+    in slurm-<job>.out)."""
     def output(rank):
         result = subprocess.run([sys.executable, "-c", NOISY.format(root=ROOT), str(rank)], capture_output=True,
                                 text=True, timeout=120, env={**os.environ, "PYTHONWARNINGS": ""})
