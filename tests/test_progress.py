@@ -3,6 +3,7 @@ warnings a run shows (dpo_dist.distributed.filter_warnings, load_only_what_is_us
 
 import importlib.util
 import io
+import time
 import sys
 import uuid
 import warnings
@@ -23,7 +24,9 @@ class Clock:
 
 def stage(total, what="reference log-probs", unit="pair", *, clock, silence, **kwargs):
     out = io.StringIO()
-    return LineProgress(total, what, unit=unit, clock=clock, file=out, silence=silence, interval_s=10, **kwargs), out
+    bar = LineProgress(total, what, unit=unit, clock=clock, file=out, silence=silence, interval_s=10, watched=False,
+                       **kwargs)
+    return bar, out
 
 
 def test_a_log_file_gets_a_line_every_10_s_with_count_rate_and_time_left():
@@ -135,9 +138,34 @@ def test_a_stage_inside_another_resets_the_outer_ones_silence():
     assert train_out.getvalue().startswith("DPO 3/100 steps (3%)")
 
 
+def test_a_unit_of_work_that_outlasts_the_interval_is_not_a_silence():
+    """A thread repeats the line of the stage under way (the innermost) when the interval passes without one (here
+    0.5 s): before the first unit is done it says how long so far (from 1 s on); it stops once no stage is under
+    way."""
+    silence, out = Silence(least_wait_s=0.01), io.StringIO()
+    outer = LineProgress(10, "DPO", unit="step", interval_s=0.5, file=out, silence=silence)
+    outer.update(1)
+    inner = LineProgress(4, "eval", unit="pair", interval_s=0.5, file=out, silence=silence)
+    time.sleep(1.8)  # one long unit of the eval: lines at about 1 s and 1.5 s
+    inner.close()
+    lines = out.getvalue().splitlines()
+    assert len(lines) >= 2 and all(line.startswith("eval 0/4 pairs (0%); ") and line.endswith("s so far")
+                                   for line in lines), lines
+    outer.close()
+    silence.watcher is None or silence.watcher.join(timeout=5)
+    assert silence.watcher is None and silence.open == []
+    time.sleep(0.2)
+    assert out.getvalue().splitlines() == lines, "no line once no stage is under way"
+    clock = Clock()
+    bar, _ = stage(4, clock=clock, silence=Silence())
+    clock.now += 12.0
+    assert bar.line(clock.now) == "reference log-probs 0/4 pairs (0%); 12s so far"
+
+
 def test_a_terminal_gets_a_tqdm_bar_a_log_file_lines_and_other_processes_nothing(monkeypatch):
     monkeypatch.setattr(progress_module.sys.stderr, "isatty", lambda: False, raising=False)
-    assert isinstance(progress(5, "DPO", unit="step"), LineProgress)
+    with progress(5, "DPO", unit="step") as bar:
+        assert isinstance(bar, LineProgress)
     silent = progress(5, "DPO", unit="step", shown=False)  # another process: tqdm, silent, in a log file too
     assert not isinstance(silent, LineProgress) and silent.disable
     monkeypatch.setattr(progress_module.sys.stderr, "isatty", lambda: True, raising=False)
@@ -149,7 +177,8 @@ def test_a_terminal_gets_a_tqdm_bar_a_log_file_lines_and_other_processes_nothing
 
 def test_the_interval_is_read_when_a_bar_is_made(monkeypatch):
     monkeypatch.setattr(progress_module, "INTERVAL_S", 0.0)
-    assert LineProgress(3, "x", unit="pair", silence=Silence()).interval_s == 0.0
+    with LineProgress(3, "x", unit="pair", silence=Silence(), watched=False, file=io.StringIO()) as bar:
+        assert bar.interval_s == 0.0
 
 
 # --- warnings -----------------------------------------------------------------------------------------------------

@@ -21,7 +21,8 @@ LOGGED = os.path.join(ROOT, "tests", "logged_launch.py")
 # What every run printed before (issue 28), none of which applies to a run without quantization or DeepSpeed.
 NOT_APPLICABLE = ("gemm_4bit_forward", "kernels-community", "Setting accelerator to CPU", "FutureWarning",
                   "is_gradient_checkpointing", "Warning", "WARNING", "Traceback")
-LINE = r"{what} (\d+)/(\d+) {unit}s \(\d+%\)(, [^;]*)?; [\d.]+ (s/{unit}|{unit}s/s), (about \S+ left|\S+ in all)$"
+LINE = (r"{what} (\d+)/(\d+) {unit}s \(\d+%\)(, [^;]*)?; "
+        r"([\d.]+ (s/{unit}|{unit}s/s), (about \S+ left|\S+ in all)|\S+ so far)$")
 
 
 def launch(script, args, log, env):
@@ -42,17 +43,21 @@ def progress_of(log, what, unit):
 
 def assert_whole_stage(log, what, unit):
     """Each time the stage runs (the reference: for the train set, then the eval set): lines that count up to its
-    total, with the time left while under way and the time it took at the end; one has several lines at least."""
-    runs, lines = [[]], progress_of(log, what, unit)
+    total, with the time left (or so far) while under way and the time it took at the end; one has several lines at
+    least. A line that repeats the count before it is the watcher's (a unit of work outlasting the interval)."""
+    runs, lines, last = [[]], progress_of(log, what, unit), None
     for count, total, line in lines:
-        runs[-1].append((count, line))
-        if count == total:
-            runs.append([])
+        if count != last:
+            runs[-1].append((count, line))
+            if count == total:
+                runs.append([])
+        last = count
     assert runs[-1] == [] and max(len(run) for run in runs) >= 2, lines  # every run ends at its total
     for run in runs[:-1]:
         counts = [count for count, _ in run]
-        assert counts == sorted(set(counts)), lines
-        assert all(line.endswith(" left") for _, line in run[:-1]) and run[-1][1].endswith(" in all"), lines
+        assert counts == sorted(counts), lines
+        assert all(line.endswith((" left", " so far")) for _, line in run[:-1]), lines
+        assert run[-1][1].endswith(" in all"), lines
     return len(runs) - 1
 
 
@@ -84,7 +89,8 @@ def test_a_run_in_a_log_file_shows_the_progress_of_each_stage(default_run):
     assert assert_whole_stage(log, "reference log-probs", "pair") == 2  # the train set's, then the eval set's
     assert assert_whole_stage(log, "eval", "pair") == 2  # at step 2 and at the end
     training = progress_of(log, "DPO", "step")
-    assert [count for count, _, _ in training] == [1, 2, 3] and training[-1][2].startswith("DPO 3/3 steps (100%), loss ")
+    assert sorted({count for count, _, _ in training}) == [1, 2, 3], training
+    assert training[-1][2].startswith("DPO 3/3 steps (100%), loss ") and training[-1][2].endswith(" in all"), training
     assert ", about " in training[0][2] and ", acc " in training[0][2]
 
 
