@@ -422,7 +422,7 @@ class TrainSettings:
     )
     report_to: list[str] = option([], "trackers besides metrics.jsonl: tensorboard, wandb, comet_ml, mlflow")
     plot: bool = option(True, "draw training curves to training_curves.png at the end")
-    progress_bar: bool = option(True, "show progress on the main process: a tqdm bar on a terminal, a line a minute in a log file")
+    progress_bar: bool = option(True, "show progress on the main process: a tqdm bar on a terminal, a line every 10 s in a log file")
     debug: bool = option(False, "anomaly detection (NaN/inf names the op), one decoded training pair with its masked "
                                 "labels, and time and memory of the first steps")
     collective_timeout_s: int = option(1800, "seconds before a stuck collective fails the run")

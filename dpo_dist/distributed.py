@@ -9,6 +9,7 @@ import datetime
 import logging
 import math
 import os
+import sys
 import warnings
 from typing import Any
 
@@ -225,17 +226,69 @@ def _one_line_warning(message: Any, category: type, filename: str, lineno: int, 
     return f"{category.__name__}: {message} ({where}:{lineno})\n"
 
 
+# Python warnings that say nothing about a run, each matched by its message and the module that issues it (a filter
+# per warning, never per category): (message regex, category, module regex, why).
+NOT_FOR_USERS = (
+    (r"`is_gradient_checkpointing` is deprecated", FutureWarning, r"transformers\.modeling_utils",
+     "peft 0.21's PeftModel reads transformers' renamed property at every LoRA load: peft's to change, not a run's"),
+)
+
+
+def filter_warnings() -> None:
+    """Each Python warning once and on one line; those in :data:`NOT_FOR_USERS` not at all (a filter after those
+    already set: ``-W``, ``PYTHONWARNINGS`` and Python's own keep their say).
+
+    Python shows a warning again whenever any code changes the filters (every ``catch_warnings`` does: its registry of
+    warnings shown is cleared) and for each line that issues it, and its ``once`` action is per module, not per
+    process: under ZeRO-3 torch's deprecation of ``all_gather_into_tensor`` came 4 times, ``reduce_scatter_tensor`` 3.
+    So what is shown is kept once per category and text, by the function that shows it (:class:`_OncePerText`)."""
+    warnings.formatwarning = _one_line_warning
+    if not isinstance(warnings.showwarning, _OncePerText):
+        warnings.showwarning = _OncePerText(warnings.showwarning)
+    for message, category, module, _ in NOT_FOR_USERS:
+        warnings.filterwarnings("ignore", message=message, category=category, module=module, append=True)
+
+
+class _OncePerText:
+    """``warnings.showwarning`` that shows a warning of a category and text once in this process, then never again."""
+
+    def __init__(self, show: Any):
+        self.show, self.shown = show, set()
+
+    def __call__(self, message: Any, category: type, filename: str, lineno: int, file: Any = None,
+                 line: str | None = None) -> None:
+        key = (category, str(message))
+        if key not in self.shown:
+            self.shown.add(key)
+            self.show(message, category, filename, lineno, file, line)
+
+
+def load_only_what_is_used(*, bitsandbytes: bool, deepspeed: bool) -> None:
+    """Keep bitsandbytes out of a process that does not use it (no 4/8-bit base, no 8-bit or paged optimizer), and
+    DeepSpeed out of one launched without it. Other libraries import both whenever they are installed, and both speak
+    when imported: peft imports bitsandbytes (``peft/helpers.py``, 1.3 s here), which on a CPU with AVX512-BF16 tries
+    to fetch a kernel from the Hub and warns "Failed to load CPU gemm_4bit_forward from kernels-community";
+    accelerate imports DeepSpeed to recognise its engine (``unwrap_model``, 1.6 s), which warns "Setting accelerator
+    to CPU" on a machine without GPUs. A ``None`` in ``sys.modules`` is Python's way to block an import: ``import``
+    raises ImportError and ``importlib.util.find_spec`` returns None, so every library takes its path for "not
+    installed". Call it before anything imports peft or accelerate (the launch scripts do, first thing). The
+    reference cache's key reads installed versions from package metadata, not imports (``scoring_identity``)."""
+    for name, used in (("bitsandbytes", bitsandbytes), ("deepspeed", deepspeed)):
+        if not used and name not in sys.modules:
+            sys.modules[name] = None  # type: ignore[assignment]
+
+
 def configure_logging(rank: int) -> None:
     """One voice per job. Every process would print the same notices (a library's FutureWarning, DeepSpeed's
     "Setting accelerator to CPU", bitsandbytes' kernel notice), nodes x processes copies of each in slurm-<job>.out.
-    Rank 0 logs our INFO, other libraries' warnings, and each Python warning once, on one line; every other rank
-    logs errors only and shows no Python warnings. The progress bars of datasets and transformers are off: the
-    trainer's is the one bar."""
+    Rank 0 logs our INFO, other libraries' warnings, and each Python warning once, on one line
+    (:func:`filter_warnings`); every other rank logs errors only and shows no Python warnings. The progress bars of
+    datasets and transformers are off: the stages show their own (:mod:`dpo_dist.progress`)."""
     main = rank == 0
     logging.basicConfig(level=logging.WARNING if main else logging.ERROR,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("dpo_dist").setLevel(logging.INFO if main else logging.ERROR)  # other libraries' INFO stays out
-    warnings.formatwarning = _one_line_warning
+    filter_warnings()
     import datasets
     import transformers
 

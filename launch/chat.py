@@ -41,9 +41,19 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return args
 
 
-def load(args: argparse.Namespace):
-    import warnings
+def load(args: argparse.Namespace, whole_process: bool = False):
+    """The model and a chat with it. ``whole_process`` (``python launch/chat.py``): bitsandbytes is kept out of the
+    process unless the base is quantized, DeepSpeed always (:func:`dpo_dist.distributed.load_only_what_is_used`)."""
+    import os
 
+    from dpo_dist.distributed import filter_warnings, load_only_what_is_used
+    from dpo_dist.model.trained import run_config
+
+    if whole_process:  # before peft is imported
+        cfg = run_config(args.model) if os.path.isdir(args.model) else None
+        quantization = args.quantization or (cfg.model.quantization if cfg is not None else "none")
+        load_only_what_is_used(bitsandbytes=quantization != "none", deepspeed=False)
+    filter_warnings()  # peft's call of a renamed transformers method: not shown
     import torch
     import transformers
 
@@ -52,7 +62,6 @@ def load(args: argparse.Namespace):
 
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
-    warnings.filterwarnings("ignore", category=FutureWarning)  # peft's call of a renamed transformers method
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     trained = load_trained(args.model, device=device, base=args.base, dtype=args.dtype, quantization=args.quantization)
     sampling = ChatSampling(args.max_new_tokens, args.temperature, args.top_p, args.top_k, args.greedy)
@@ -72,14 +81,14 @@ def answer(chat, text: str) -> None:
         print(f"[the {chat.last_dropped} oldest exchanges were dropped to fit the model's context]", flush=True)
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, *, whole_process: bool = False) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     import torch
 
     if args.seed is not None:
         torch.manual_seed(args.seed)
     try:
-        trained, chat = load(args)
+        trained, chat = load(args, whole_process)
     except (OSError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
@@ -120,4 +129,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(whole_process=True))

@@ -12,6 +12,7 @@ judged pairwise, and the KL divergence from the base. Writes ``results.json``, `
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 import _checkout  # noqa: F401  this checkout's root on the import path, before any dpo_dist import
@@ -55,11 +56,20 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return args
 
 
-def quiet() -> None:
-    """Warnings and errors only: no progress bars for loading weights or mapping a few dozen rows."""
+def quiet(run: str, whole_process: bool) -> None:
+    """Warnings and errors only, each warning once (:func:`dpo_dist.distributed.filter_warnings`). No progress bars
+    for loading weights or mapping a few dozen rows: the evaluation's own stages show theirs (:mod:`dpo_dist.progress`).
+    ``whole_process`` (``python launch/evaluate.py``): bitsandbytes is kept out unless the run trained on a 4/8-bit
+    base, DeepSpeed always."""
     import logging
-    import warnings
 
+    from dpo_dist.distributed import filter_warnings, load_only_what_is_used
+    from dpo_dist.model.trained import run_config
+
+    if whole_process:
+        cfg = run_config(run) if os.path.isdir(run) else None  # the base is loaded as the run loaded it
+        load_only_what_is_used(bitsandbytes=cfg is not None and cfg.model.quantization != "none", deepspeed=False)
+    filter_warnings()
     import datasets
     import transformers
 
@@ -67,12 +77,11 @@ def quiet() -> None:
     datasets.disable_progress_bars()
     transformers.utils.logging.disable_progress_bar()
     transformers.utils.logging.set_verbosity_error()
-    warnings.filterwarnings("ignore", category=FutureWarning)
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, *, whole_process: bool = False) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    quiet()  # the arguments are parsed first: --help and a bad option answer without loading torch
+    quiet(args.run, whole_process)  # the arguments are parsed first: --help and a bad option answer without loading torch
     from dpo_dist.eval.against_base import evaluate_run, output_dir_for
     from dpo_dist.eval.report import markdown, write_report
 
@@ -95,4 +104,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(whole_process=True))

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import warnings
 
 import _checkout  # noqa: F401  this checkout's root on the import path, before any dpo_dist import
 
@@ -37,13 +36,20 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, *, whole_process: bool = False) -> int:
+    """Merge as ``argv`` (default ``sys.argv``) says; the exit status. ``whole_process``: this process runs this command
+    alone (``python launch/merge.py``): bitsandbytes and DeepSpeed, never used by a merge, are kept out of it."""
     args = parse_args(sys.argv[1:] if argv is None else argv)
     if (args.private or args.revision or args.commit_message) and not args.push_to_hub:
         print("error: --private, --revision and --commit_message go with --push_to_hub REPO_ID", file=sys.stderr)
         return 2
     import logging
 
+    from dpo_dist.distributed import filter_warnings, load_only_what_is_used
+
+    if whole_process:
+        load_only_what_is_used(bitsandbytes=False, deepspeed=False)  # the base is merged in full precision, always
+    filter_warnings()
     import transformers
 
     from dpo_dist.publish.export import merge_adapter, push_to_hub
@@ -51,7 +57,6 @@ def main(argv: list[str] | None = None) -> int:
 
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
-    warnings.filterwarnings("ignore", category=FutureWarning)
     logging.basicConfig(level=logging.WARNING, format="%(message)s", stream=sys.stdout)
     logging.getLogger("dpo_dist.model.merge").setLevel(logging.INFO)  # the dtype chosen, and why
     try:
@@ -75,4 +80,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(whole_process=True))

@@ -37,7 +37,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, *, whole_process: bool = False) -> int:
+    """Train as ``argv`` (default ``sys.argv``) says; the exit status. ``whole_process``: this process runs this command
+    alone (``python launch/train.py``), so libraries the run does not use are kept out of it
+    (:func:`dpo_dist.distributed.load_only_what_is_used`)."""
     args = parse_args(sys.argv[1:] if argv is None else argv)
     from dpo_dist.launch_policy import apply_fallback
 
@@ -51,8 +54,11 @@ def main(argv: list[str] | None = None) -> int:
     if fallback:
         print(fallback, flush=True)
     rank = int(os.environ.get("RANK", "0"))
-    from dpo_dist.distributed import configure_logging
+    from dpo_dist.distributed import configure_logging, load_only_what_is_used, uses_deepspeed
 
+    if whole_process:  # before peft or accelerate is imported: bitsandbytes for a 4/8-bit base or its optimizers
+        load_only_what_is_used(bitsandbytes=cfg.model.quantization != "none" or cfg.train.optimizer != "adamw",
+                               deepspeed=uses_deepspeed())
     configure_logging(rank)  # rank 0 speaks for the job; the others log errors only
     from dpo_dist.train.checkpoint import CheckpointError
     from dpo_dist.data.load import DataError
@@ -123,4 +129,4 @@ def exit_now(status: int) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(whole_process=True))

@@ -57,13 +57,13 @@ if kind in ("step", "stuck"):
 elif kind == "sentiment":  # at the N-th sampled token of the built-in data set's build
     from dpo_dist.data import sentiment
 
-    real_check = sentiment._CheckEachToken.__call__
+    real_check = sentiment._EachToken.__call__
 
     def check(self, *args, **kwargs):
         reached()
         return real_check(self, *args, **kwargs)
 
-    sentiment._CheckEachToken.__call__ = check
+    sentiment._EachToken.__call__ = check
 else:
     from dpo_dist.train import reference
 

@@ -173,8 +173,9 @@ def test_two_nodes_train_like_one_process(accel_config, cluster, single, tiny_mo
     assert_quiet_log(log)  # the final state is a checkpoint of the tied model: no tied-weights notice
     # each node has 1 CPU (local_cluster.sh), not the machine's: 1 thread, not one per machine CPU
     assert "1 CPU threads each (1 CPUs from SLURM_CPUS_ON_NODE=1 / 1 processes on this machine)" in log
-    progress = [line for line in log.splitlines() if "DPO step" in line or "DPO:" in line]  # under a minute: one
-    assert len(progress) == 1 and progress[0].startswith("0: DPO step 5/5 (100%), loss "), progress
+    progress = [line for line in log.splitlines() if re.match(r"\d+: DPO\b", line)]  # lines, no bar; node 0's only
+    assert progress and all(line.startswith("0: DPO ") for line in progress), progress  # "DPO:" would be a bar
+    assert progress[-1].startswith("0: DPO 5/5 steps (100%), loss "), progress
     assert f"; accelerate_configs/{accel_config}.yaml" in log
     if accel_config == "fsdp":  # sharded over the two nodes' processes
         assert "FSDP2: parameters, gradients and optimizer state sharded over 2 processes" in log

@@ -620,38 +620,6 @@ def test_cpu_threads_divide_the_budget_by_local_processes(monkeypatch, environ, 
         torch.set_num_threads(before)
 
 
-def test_progress_in_a_log_file_is_a_line_a_minute_and_one_at_the_end():
-    """Not a terminal (a SLURM job's .out): whole lines, at most one per interval plus the last step, with the values
-    of the step just done and the time left at the measured pace; a resumed run counts its pace from where it began."""
-    import io
-
-    from dpo_dist.train.metrics import LineProgress
-
-    now = [100.0]
-    out = io.StringIO()
-    bar = LineProgress(10, initial=4, interval_s=60, clock=lambda: now[0], file=out)
-    for step in range(5, 11):
-        now[0] += 25.0  # 25 s a step: steps 7 (75 s after the last line) and 10 (the last) are shown
-        bar.set_postfix(loss=f"{step / 10:.4f}", refresh=False)
-        bar.update(1)
-    assert out.getvalue().splitlines() == [
-        "DPO step 7/10 (70%), loss 0.7000; 25.00 s/step, about 1m15s left",
-        "DPO step 10/10 (100%), loss 1.0000; 25.00 s/step",
-    ]
-
-
-def test_progress_bar_on_the_main_process_only_and_lines_when_not_a_terminal(monkeypatch):
-    from dpo_dist.train import metrics
-
-    monkeypatch.setattr(metrics.sys.stderr, "isatty", lambda: False, raising=False)
-    assert isinstance(metrics.progress_bar(5, 0, shown=True), metrics.LineProgress)
-    assert metrics.progress_bar(5, 0, shown=False).disable  # another process: tqdm, silent
-    monkeypatch.setattr(metrics.sys.stderr, "isatty", lambda: True, raising=False)
-    bar = metrics.progress_bar(5, 0, shown=True)
-    assert not isinstance(bar, metrics.LineProgress) and not bar.disable
-    bar.close()
-
-
 NOISY = """
 import logging, sys, warnings
 sys.path.insert(0, {root!r})
@@ -660,6 +628,9 @@ configure_logging(int(sys.argv[1]))
 import transformers
 for _ in range(3):  # a library's deprecation, called at every step
     warnings.warn("`is_gradient_checkpointing` is deprecated", FutureWarning)
+warnings.warn("`is_gradient_checkpointing` is deprecated", FutureWarning)  # the same from another line: once
+warnings.warn_explicit("`is_gradient_checkpointing` is deprecated and will be removed in v6", FutureWarning,
+                       "transformers/modeling_utils.py", 3314, module="transformers.modeling_utils")  # peft's: none
 logging.getLogger("bitsandbytes.backends.cpu.ops").warning("Failed to load CPU gemm_4bit_forward")
 transformers.utils.logging.get_logger("transformers.modeling_utils").warning("a transformers notice")
 deepspeed = logging.getLogger("DeepSpeed")  # what DeepSpeed does when it is imported, after the setup
@@ -675,9 +646,10 @@ logging.getLogger("dpo_dist.train").error("rank-specific trouble")
 
 @pytest.mark.slow
 def test_non_main_ranks_are_quiet_and_warnings_are_one_line_once():
-    """Rank 0 shows our INFO and each library's notice once, a Python warning on one line, but not other libraries'
-    INFO; another rank only its errors (every process printed the same FutureWarnings and notices: nodes x processes
-    copies in slurm-<job>.out)."""
+    """Rank 0 shows our INFO and each library's notice once, a Python warning on one line and once wherever it is
+    issued from (not peft's read of a renamed transformers property: filter_warnings), but not other libraries' INFO;
+    another rank only its errors (every process printed the same FutureWarnings and notices: nodes x processes copies
+    in slurm-<job>.out)."""
     def output(rank):
         result = subprocess.run([sys.executable, "-c", NOISY.format(root=ROOT), str(rank)], capture_output=True,
                                 text=True, timeout=120, env={**os.environ, "PYTHONWARNINGS": ""})

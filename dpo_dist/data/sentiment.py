@@ -25,6 +25,7 @@ from typing import Any, Callable
 import torch
 
 from dpo_dist.config import SENTIMENT_PROMPTS, check_sentiment
+from dpo_dist.progress import progress
 
 logger = logging.getLogger(__name__)
 
@@ -103,54 +104,63 @@ def write_held_out_prompts(settings: Any, path: str) -> list[str]:
     return held_out
 
 
-class _CheckEachToken:
-    """A ``generate`` stopping criterion that never stops generation itself: it calls ``stop_check`` at every new
-    token, which raises to abandon the build (a stop signal: the process is being preempted)."""
+class _EachToken:
+    """A ``generate`` stopping criterion that never stops generation itself: at every new token it counts the tokens
+    sampled (``bar``) and calls ``stop_check``, which raises to abandon the build (a stop signal: the process is being
+    preempted)."""
 
-    def __init__(self, stop_check: Callable[[], None]):
-        self.stop_check = stop_check
+    def __init__(self, stop_check: Callable[[], None] | None, bar: Any):
+        self.stop_check, self.bar, self.counted = stop_check, bar, 0
 
     def __call__(self, input_ids: torch.Tensor, scores: Any, **kwargs: Any) -> torch.Tensor:
-        self.stop_check()
+        self.bar.update(input_ids.shape[0])  # a token for each sequence of the batch
+        self.counted += input_ids.shape[0]
+        if self.stop_check is not None:
+            self.stop_check()
         return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
 
 
 @torch.no_grad()
 def sample_completions(model: Any, tokenizer: Any, texts: list[str], settings: Any, device: torch.device,
-                       stop_check: Callable[[], None] | None = None) -> list[list[str]]:
+                       stop_check: Callable[[], None] | None = None, shown: bool = True) -> list[list[str]]:
     """``completions_per_prompt`` sampled continuations of each prompt (temperature 1, no top-k/top-p).
-    ``stop_check`` is called at every generated token and may raise to stop sampling."""
+    ``stop_check`` is called at every generated token and may raise to stop sampling. ``shown``: progress, counted
+    in sampled tokens (:mod:`dpo_dist.progress`)."""
     from transformers import StoppingCriteriaList
 
-    checks = StoppingCriteriaList([_CheckEachToken(stop_check)] if stop_check else [])
     torch.manual_seed(settings.seed)
     side = tokenizer.padding_side
     tokenizer.padding_side = "left"
     k = settings.completions_per_prompt
     out: list[list[str]] = []
+    total = len(texts) * k * settings.max_new_tokens  # a batch whose sequences all end early counts its rest at once
     try:
-        for start in range(0, len(texts), 32):
-            batch = tokenizer(texts[start : start + 32], return_tensors="pt", padding=True).to(device)
-            generated = model.generate(
-                **batch, do_sample=True, temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=settings.max_new_tokens,
-                num_return_sequences=k, pad_token_id=tokenizer.pad_token_id, use_cache=True, stopping_criteria=checks,
-            )
-            decoded = tokenizer.batch_decode(generated[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
-            out += [decoded[i : i + k] for i in range(0, len(decoded), k)]
+        with progress(total, "sampling the sentiment set", unit="token", shown=shown) as bar:
+            for start in range(0, len(texts), 32):
+                batch = tokenizer(texts[start : start + 32], return_tensors="pt", padding=True).to(device)
+                each_token = _EachToken(stop_check, bar)
+                generated = model.generate(
+                    **batch, do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
+                    max_new_tokens=settings.max_new_tokens, num_return_sequences=k, pad_token_id=tokenizer.pad_token_id,
+                    use_cache=True, stopping_criteria=StoppingCriteriaList([each_token]),
+                )
+                bar.update(len(texts[start : start + 32]) * k * settings.max_new_tokens - each_token.counted)
+                decoded = tokenizer.batch_decode(generated[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
+                out += [decoded[i : i + k] for i in range(0, len(decoded), k)]
     finally:
         tokenizer.padding_side = side
     return out
 
 
 def build_pairs(model: Any, tokenizer: Any, settings: Any, device: torch.device,
-                stop_check: Callable[[], None] | None = None) -> list[dict[str, Any]]:
-    """Sample, score and pair; each row says its split (``train`` or ``eval``, by prompt). ``stop_check``: see
-    :func:`sample_completions`."""
+                stop_check: Callable[[], None] | None = None, shown: bool = True) -> list[dict[str, Any]]:
+    """Sample, score and pair; each row says its split (``train`` or ``eval``, by prompt). ``stop_check``, ``shown``:
+    see :func:`sample_completions`."""
     check_sentiment(settings)
     train_prompts, held_out = chosen_prompts(settings)
     was_training = model.training
     model.eval()
-    completions = sample_completions(model, tokenizer, train_prompts + held_out, settings, device, stop_check)
+    completions = sample_completions(model, tokenizer, train_prompts + held_out, settings, device, stop_check, shown)
     model.train(was_training)
     rows = []
     for index, (prompt, texts) in enumerate(zip(train_prompts + held_out, completions)):
@@ -169,11 +179,12 @@ def build_pairs(model: Any, tokenizer: Any, settings: Any, device: torch.device,
 
 
 def ensure_sentiment_data(sampler: Callable[[], Any], tokenizer: Any, settings: Any, model_identity: dict,
-                          device: torch.device, root: str, stop_check: Callable[[], None] | None = None
-                          ) -> tuple[str, str]:
+                          device: torch.device, root: str, stop_check: Callable[[], None] | None = None,
+                          shown: bool = True) -> tuple[str, str]:
     """The cached train and eval JSON-lines files, built first if absent, sampling from the model ``sampler()``
     returns (called only then), and the held-out prompts beside them (:func:`prompts_path`). Call on the main process
-    only. ``stop_check`` is called at every sampled token and may raise: then nothing is written."""
+    only. ``stop_check`` is called at every sampled token and may raise: then nothing is written. ``shown``: the
+    sampling's progress."""
     paths = dataset_paths(settings, model_identity, root)
     if all(os.path.isfile(p) for p in paths):
         if not os.path.isfile(prompts_path(paths)):  # a set cached before the prompts were recorded
@@ -182,7 +193,7 @@ def ensure_sentiment_data(sampler: Callable[[], Any], tokenizer: Any, settings: 
     logger.info("building the sentiment preference set (%d prompts x %d completions) into %s",
                 settings.num_prompts, settings.completions_per_prompt, os.path.dirname(paths[0]))
     by_split: dict[str, list[dict[str, Any]]] = {"train": [], "eval": []}
-    for row in build_pairs(sampler(), tokenizer, settings, device, stop_check):
+    for row in build_pairs(sampler(), tokenizer, settings, device, stop_check, shown):
         by_split[row.pop("split")].append(row)
     os.makedirs(os.path.dirname(paths[0]), exist_ok=True)
     for split, path in zip(("train", "eval"), paths):

@@ -38,6 +38,7 @@ from dpo_dist.model.builtin import cache_root
 from dpo_dist.model.generation import Sampling, sample_responses
 from dpo_dist.model.load import resolve_dtype, resolve_source
 from dpo_dist.model.trained import load_base_model, load_trained, model_folder, run_config
+from dpo_dist.progress import progress
 from dpo_dist.train.inputs import keyed_identity
 from dpo_dist.train.reference import as_reference
 
@@ -163,9 +164,12 @@ def preference_metrics(model: Any, reference: Any, tokenized: Any, cfg: Config, 
         cfg.reference, mode="none" if cfg.reference.mode == "none" else "online"))
     collator = PreferenceCollator(pad_token_id=tokenizer.pad_token_id)
     rows = []
-    for start in range(0, len(tokenized), batch_size):
-        batch = collator([tokenized[i] for i in range(start, min(start + batch_size, len(tokenized)))])
-        rows.append(pair_losses(model, {k: v.to(device) for k, v in batch.items()}, cfg, reference)[1].cpu())
+    with progress(len(tokenized), "held-out pairs", unit="pair") as bar:
+        for start in range(0, len(tokenized), batch_size):
+            pairs = [tokenized[i] for i in range(start, min(start + batch_size, len(tokenized)))]
+            batch = collator(pairs)
+            rows.append(pair_losses(model, {k: v.to(device) for k, v in batch.items()}, cfg, reference)[1].cpu())
+            bar.update(len(pairs))
     stats = torch.cat(rows)
     record = reduce_stats(stats)
     correct = stats[:, STATS.index("rewards/accuracies")].long().tolist()
@@ -219,21 +223,29 @@ def evaluate_run(path: str, opts: EvalOptions) -> dict[str, Any]:
     prompt_ids, prompt_texts, source = generation_prompts(cfg, opts, tokenized, raw_prompts, tokenizer, identity)
     n = opts.samples_per_prompt
     generate = dict(n=n, batch_size=max(1, opts.batch_size // n), device=device)
-    policy_samples = sample_responses(model, tokenizer, prompt_ids, sampling=sampling, **generate)
-    with as_reference(reference) as base:
-        base_samples = sample_responses(base, tokenizer, prompt_ids, sampling=sampling, **generate)
+    with progress(len(prompt_ids), f"sampling {n} responses from the trained model", unit="prompt") as bar:
+        policy_samples = sample_responses(model, tokenizer, prompt_ids, sampling=sampling, progress=bar, **generate)
+    with as_reference(reference) as base, progress(len(prompt_ids), f"sampling {n} responses from the base",
+                                                   unit="prompt") as bar:
+        base_samples = sample_responses(base, tokenizer, prompt_ids, sampling=sampling, progress=bar, **generate)
     groups = [i for i in range(len(prompt_ids)) for _ in range(n)]
     flat_prompts = [prompt_ids[g] for g in groups]
     policy_flat = [r for rs in policy_samples for r in rs]
     base_flat = [r for rs in base_samples for r in rs]
 
-    kl_samples = policy_flat if sampling.exact else [r for rs in sample_responses(
-        model, tokenizer, prompt_ids, sampling=Sampling(max_new_tokens=max_new, seed=opts.seed), **generate) for r in rs]
+    if sampling.exact:
+        kl_samples = policy_flat
+    else:
+        with progress(len(prompt_ids), "sampling the trained model for the KL", unit="prompt") as bar:
+            kl_samples = [r for rs in sample_responses(model, tokenizer, prompt_ids, progress=bar, **generate,
+                                                       sampling=Sampling(max_new_tokens=max_new, seed=opts.seed))
+                          for r in rs]
     score = dict(batch_size=opts.batch_size, device=device, pad_id=tokenizer.pad_token_id)
     model.eval()
-    policy_logps = response_logps(model, flat_prompts, kl_samples, **score)
-    with as_reference(reference) as base:
-        ref_logps = response_logps(base, flat_prompts, kl_samples, **score)
+    with progress(2 * len(kl_samples), "KL: scoring the samples under both models", unit="response") as bar:
+        policy_logps = response_logps(model, flat_prompts, kl_samples, progress=bar, **score)
+        with as_reference(reference) as base:
+            ref_logps = response_logps(base, flat_prompts, kl_samples, progress=bar, **score)
     results["kl"] = {**kl_estimate(policy_logps, ref_logps, groups), "responses": len(kl_samples),
                      "from_separate_samples": not sampling.exact}
 

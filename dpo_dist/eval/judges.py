@@ -24,6 +24,7 @@ import torch
 
 from dpo_dist.eval.scoring import response_logps
 from dpo_dist.eval.options import JUDGE_INSTRUCTION
+from dpo_dist.progress import progress
 
 
 def outcomes_from_scores(scores: list[float], baseline_scores: list[float]) -> list[float]:
@@ -78,12 +79,14 @@ class RewardModelJudge(ScoreJudge):
     @torch.no_grad()
     def scores(self, prompts: list[str], responses: list[str]) -> list[float]:
         out: list[float] = []
-        for start in range(0, len(prompts), self.batch_size):
-            texts = [self._text(p, r) for p, r in zip(prompts[start : start + self.batch_size],
-                                                      responses[start : start + self.batch_size])]
-            batch = self.tokenizer(texts, return_tensors="pt", padding=True, truncation=True).to(self.device)
-            logits = self.model(**batch).logits.float()
-            out += (logits[:, 0] if logits.shape[1] == 1 else logits[:, 1] - logits[:, 0]).tolist()
+        with progress(len(prompts), f"judging: {self.name}", unit="response") as bar:
+            for start in range(0, len(prompts), self.batch_size):
+                texts = [self._text(p, r) for p, r in zip(prompts[start : start + self.batch_size],
+                                                          responses[start : start + self.batch_size])]
+                batch = self.tokenizer(texts, return_tensors="pt", padding=True, truncation=True).to(self.device)
+                logits = self.model(**batch).logits.float()
+                out += (logits[:, 0] if logits.shape[1] == 1 else logits[:, 1] - logits[:, 0]).tolist()
+                bar.update(len(texts))
         return out
 
 
@@ -112,10 +115,12 @@ class LLMJudge:
         lead = " " if not getattr(self.tokenizer, "chat_template", None) else ""
         ids = [encode(c) for c in contexts]
         scored = {}
-        for letter in ("A", "B"):
-            answer = encode(lead + letter)
-            scored[letter] = response_logps(self.model, ids, [answer] * len(ids), batch_size=self.batch_size,
-                                            device=self.device, pad_id=self.tokenizer.pad_token_id or 0)
+        with progress(2 * len(ids), f"judging: {self.name}", unit="answer") as bar:  # A and B after each context
+            for letter in ("A", "B"):
+                answer = encode(lead + letter)
+                scored[letter] = response_logps(self.model, ids, [answer] * len(ids), batch_size=self.batch_size,
+                                                device=self.device, pad_id=self.tokenizer.pad_token_id or 0,
+                                                progress=bar)
         return scored["A"], scored["B"]
 
     def compare(self, prompts: list[str], responses: list[str], baseline: list[str]) -> tuple[list[float], dict]:

@@ -5,6 +5,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from dpo_dist.train.logprobs import IGNORE_INDEX, sequence_logps
@@ -13,9 +15,10 @@ from dpo_dist.train.logprobs import IGNORE_INDEX, sequence_logps
 @torch.no_grad()
 def response_logps(
     model: torch.nn.Module, prompts: list[list[int]], responses: list[list[int]], *, batch_size: int,
-    device: torch.device, pad_id: int = 0,
+    device: torch.device, pad_id: int = 0, progress: Any = None,
 ) -> torch.Tensor:
-    """The summed log-prob of each response given its prompt (prompt tokens are not scored).
+    """The summed log-prob of each response given its prompt (prompt tokens are not scored). ``progress``: a bar
+    (:mod:`dpo_dist.progress`) told of each batch of responses scored.
 
     Shape: prompts, responses: N lists of ids -> (N,) float32.
     """
@@ -34,4 +37,6 @@ def response_logps(
         logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=positions.to(device),
                        use_cache=False).logits
         out.append(sequence_logps(logits, labels.to(device))[0].float().cpu())
+        if progress is not None:
+            progress.update(len(rows))
     return torch.cat(out)

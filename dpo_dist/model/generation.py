@@ -87,8 +87,9 @@ def generate_responses(model: Any, prompts: list[list[int]], config: Any, device
 
 
 def sample_responses(model: Any, tokenizer: Any, prompts: list[list[int]], *, n: int, sampling: Sampling,
-                     batch_size: int, device: Any) -> list[list[list[int]]]:
-    """``n`` sampled responses per prompt: ``out[i][j]`` is the j-th response to prompt i, as token ids.
+                     batch_size: int, device: Any, progress: Any = None) -> list[list[list[int]]]:
+    """``n`` sampled responses per prompt: ``out[i][j]`` is the j-th response to prompt i, as token ids. ``progress``:
+    a bar (:mod:`dpo_dist.progress`) told of each batch of prompts done.
 
     Each batch of prompts is seeded with ``sampling.seed`` plus its index, so two models given the same prompts and
     seed draw with the same random numbers (their differences are the models', not the dice's).
@@ -102,4 +103,6 @@ def sample_responses(model: Any, tokenizer: Any, prompts: list[list[int]], *, n:
         torch.manual_seed(sampling.seed + index)
         responses = generate_responses(model, prompts[start : start + batch_size], config, device)
         out += [responses[i : i + n] for i in range(0, len(responses), n)]
+        if progress is not None:
+            progress.update(len(responses) // n)
     return out

@@ -21,6 +21,7 @@ from typing import Any
 
 from dpo_dist.model.load import RESTORED_CONFIG
 from dpo_dist.model.trained import Trained
+from dpo_dist.progress import step_done
 
 logger = logging.getLogger(__name__)
 SAVED_DTYPES = ("bfloat16", "float16", "float32")
@@ -53,10 +54,12 @@ def weights_dtype(folder: str) -> str | None:
     return None
 
 
-def merged_model(run: str, *, base: str | None = None, dtype: str | None = None) -> tuple[Any, Trained]:
+def merged_model(run: str, *, base: str | None = None, dtype: str | None = None,
+                 progress: Any = None) -> tuple[Any, Trained]:
     """The adapter of ``run`` (a run's output folder or an adapter folder) merged into its base, in ``dtype``
     (default: the base's; logged), its config with the base's ``use_cache`` and dropout; and the run's model as
-    loaded (its tokenizer, folder). A full model is a ValueError: there is nothing to merge."""
+    loaded (its tokenizer, folder). A full model is a ValueError: there is nothing to merge. ``progress``: a bar
+    (:mod:`dpo_dist.progress`) told of two steps, the loading and the merging."""
     import torch
     from transformers import AutoConfig
 
@@ -66,6 +69,7 @@ def merged_model(run: str, *, base: str | None = None, dtype: str | None = None)
     trained = load_trained(run, device=torch.device("cpu"), base=base, dtype="float32", quantization="none")
     if not trained.is_adapter:
         raise ValueError(f"{trained.folder} is a full model, not a LoRA adapter: there is nothing to merge")
+    step_done(progress, "base and adapter loaded")
     base_config = AutoConfig.from_pretrained(trained.base_source, revision=trained.cfg.model.revision,
                                              trust_remote_code=trained.cfg.model.trust_remote_code).to_dict()
     said = "as asked"
@@ -76,4 +80,5 @@ def merged_model(run: str, *, base: str | None = None, dtype: str | None = None)
     for key in RESTORED_CONFIG:
         if key in base_config:
             setattr(merged.config, key, base_config[key])
+    step_done(progress, f"merged in fp32, cast to {dtype}")
     return merged, trained

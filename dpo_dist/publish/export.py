@@ -18,6 +18,7 @@ from typing import Any
 
 from dpo_dist.model.load import MODEL_FILES
 from dpo_dist.model.merge import merged_model
+from dpo_dist.progress import progress, step_done
 from dpo_dist.publish.card import CARD, find_run, replaceable_card, write_card
 from dpo_dist.train.final import save_checkpoint_model
 
@@ -30,15 +31,17 @@ def merge_adapter(run: str, out: str, *, base: str | None = None, dtype: str | N
     """Merge the adapter of ``run`` (a run's output folder or an adapter folder) into its base
     (:func:`~dpo_dist.model.merge.merged_model`) and save model, tokenizer and model card to ``out`` in ``dtype``
     (default: the base's; logged) (written to ``out.tmp`` and renamed when complete). Returns the merged model."""
-    merged, trained = merged_model(run, base=base, dtype=dtype)
-    tmp = out + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    merged.save_pretrained(tmp)
-    trained.tokenizer.save_pretrained(tmp)
-    run_folder = find_run(trained.folder)
-    write_card(tmp, run=run_folder, model_id=out, kind="merged")
-    shutil.rmtree(out, ignore_errors=True)
-    os.replace(tmp, out)
+    with progress(3, "merge", unit="step") as bar:  # load, merge, save: each a step of seconds to minutes
+        merged, trained = merged_model(run, base=base, dtype=dtype, progress=bar)
+        tmp = out + ".tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        merged.save_pretrained(tmp)
+        trained.tokenizer.save_pretrained(tmp)
+        run_folder = find_run(trained.folder)
+        write_card(tmp, run=run_folder, model_id=out, kind="merged")
+        shutil.rmtree(out, ignore_errors=True)
+        os.replace(tmp, out)
+        step_done(bar, f"saved to {out}")
     return merged
 
 

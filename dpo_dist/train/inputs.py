@@ -76,7 +76,7 @@ def load_pairs_for(cfg: Config, accelerator: Any, model: Any, tokenizer: Any, id
         if accelerator.is_main_process:
             with sampling_model(cfg, accelerator, model) as sampler:
                 paths = ensure_sentiment_data(sampler, tokenizer, cfg.data.sentiment, identity, accelerator.device,
-                                              cache_root(), stop_check)
+                                              cache_root(), stop_check, shown=cfg.train.progress_bar)
         from accelerate.utils import broadcast_object_list
 
         paths = broadcast_object_list([paths])[0]
@@ -154,7 +154,8 @@ def attach_reference(
                                mixed_precision=str(autocast).removeprefix("torch.") if autocast else "no",
                                device_type=accelerator.device.type, ld_alpha=cfg.loss.ld_alpha)
     scorer = ReferenceScorer(model, collator, accelerator, batch_size=cfg.train.eval_batch_size,
-                             chunk_size=cfg.train.logps_chunk_size, stop_check=stop_check, ld_alpha=cfg.loss.ld_alpha)
+                             chunk_size=cfg.train.logps_chunk_size, stop_check=stop_check, ld_alpha=cfg.loss.ld_alpha,
+                             show_progress=cfg.train.progress_bar)
     out = []
     for tokenized in tokenized_sets:
         if tokenized is not None:

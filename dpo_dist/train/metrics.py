@@ -19,8 +19,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import sys
-import time
 from typing import Any
 
 import torch
@@ -107,60 +105,6 @@ def read_run_file(output_dir: str) -> dict[str, Any]:
         return {}
     with open(path, encoding="utf-8") as handle:
         return json.load(handle)
-
-
-class LineProgress:
-    """The progress bar of a log file (stderr is not a terminal: a SLURM job's ``slurm-<job>.out``): one line at most
-    every ``interval_s`` seconds and one at the last step, where tqdm would write one ever-growing line of
-    carriage-return updates that ``srun --label`` cuts into fragments. Has the few tqdm methods the loop uses."""
-
-    def __init__(self, total: int, initial: int = 0, *, desc: str = "DPO", interval_s: float = 60.0,
-                 clock: Any = time.monotonic, file: Any = None):
-        self.total, self.n, self.desc, self.interval_s, self.clock = total, initial, desc, interval_s, clock
-        self.file = file
-        self.postfix: dict[str, str] = {}
-        self.started, self.started_at = clock(), initial
-        self.last_shown = self.started
-
-    def set_postfix(self, refresh: bool = True, **values: Any) -> None:
-        self.postfix = {key: str(value) for key, value in values.items()}
-
-    def update(self, n: int = 1) -> None:
-        self.n += n
-        now = self.clock()
-        if self.n >= self.total or now - self.last_shown >= self.interval_s:
-            self.last_shown = now
-            self.write(self.line(now))
-
-    def line(self, now: float) -> str:
-        done = self.n - self.started_at
-        per_step = (now - self.started) / done if done else 0.0
-        left = f", about {_duration(per_step * (self.total - self.n))} left" if self.n < self.total else ""
-        values = "".join(f", {key} {value}" for key, value in self.postfix.items())
-        return (f"{self.desc} step {self.n}/{self.total} ({100 * self.n // max(1, self.total)}%){values}; "
-                f"{per_step:.2f} s/step{left}")
-
-    def write(self, text: str) -> None:
-        print(text, file=self.file or sys.stdout, flush=True)
-
-    def close(self) -> None:
-        pass
-
-
-def _duration(seconds: float) -> str:
-    minutes, seconds = divmod(round(seconds), 60)
-    hours, minutes = divmod(minutes, 60)
-    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{seconds:02d}s" if minutes else f"{seconds}s"
-
-
-def progress_bar(total: int, initial: int, *, shown: bool) -> Any:
-    """tqdm on a terminal; :class:`LineProgress` in a log file; a silent tqdm when not ``shown`` (the main process
-    alone shows progress: on every process of every node it repeated the same bar)."""
-    from tqdm.auto import tqdm
-
-    if shown and not sys.stderr.isatty():
-        return LineProgress(total, initial)
-    return tqdm(total=total, initial=initial, desc="DPO", disable=not shown)
 
 
 def read_metrics(path: str) -> list[dict[str, Any]]:

@@ -27,6 +27,7 @@ from dpo_dist.data.tokenization import PAIR_COLUMNS, Truncation
 from dpo_dist.distributed import gather_in_order, shard_indices
 from dpo_dist.model.adapters import reference_adapters_off
 from dpo_dist.model.attention import base_model
+from dpo_dist.progress import progress
 from dpo_dist.train import reference_cache as cache
 from dpo_dist.train.disk import DiskFullError
 from dpo_dist.train.logprobs import DEFAULT_CHUNK_SIZE, PairLogps, pair_logps
@@ -99,7 +100,8 @@ class ReferenceScorer:
     """How the reference scores pairs: ``model`` as the reference, batches of ``batch_size`` made by ``collator`` (the
     training collator, so reference and policy are scored the same way), on ``accelerator``'s processes, log-probs
     chunked by ``chunk_size`` (with ``ld_alpha``: LD-DPO's weighted sums). ``stop_check(where)``, a collective called
-    after every batch on every process, may end the scoring by raising (a preemption signal)."""
+    after every batch on every process, may end the scoring by raising (a preemption signal). ``show_progress``: the main
+    process shows how far the scoring is (:mod:`dpo_dist.progress`)."""
 
     model: torch.nn.Module
     collator: Callable[[list[dict]], dict[str, torch.Tensor]]
@@ -108,6 +110,7 @@ class ReferenceScorer:
     chunk_size: int = DEFAULT_CHUNK_SIZE
     stop_check: Callable[[str], None] | None = None
     ld_alpha: float | None = None
+    show_progress: bool = True
 
 
 def compute_reference_logps(scorer: ReferenceScorer, tokenized: datasets.Dataset) -> torch.Tensor:
@@ -124,14 +127,19 @@ def compute_reference_logps(scorer: ReferenceScorer, tokenized: datasets.Dataset
     pairs = tokenized.select_columns(list(PAIR_COLUMNS))
     results = [torch.zeros(0, 2, device=accelerator.device)]
     batches = range(0, len(shard), batch_size)
-    for number, offset in enumerate(batches, 1):
-        batch = scorer.collator([pairs[i] for i in shard[offset : offset + batch_size]])
-        batch = {k: v.to(accelerator.device) for k, v in batch.items()}
-        chosen, rejected = reference_pair_logps(scorer.model, batch, ld_alpha=scorer.ld_alpha,
-                                                chunk_size=scorer.chunk_size)
-        results.append(torch.stack([chosen, rejected], dim=-1).float())
-        if scorer.stop_check is not None:
-            scorer.stop_check(f"while computing reference log-probs (batch {number} of {len(batches)}, nothing cached)")
+    shown = scorer.show_progress and accelerator.is_main_process
+    with progress(len(tokenized), "reference log-probs", unit="pair", shown=shown) as bar:
+        for number, offset in enumerate(batches, 1):
+            batch = scorer.collator([pairs[i] for i in shard[offset : offset + batch_size]])
+            batch = {k: v.to(accelerator.device) for k, v in batch.items()}
+            chosen, rejected = reference_pair_logps(scorer.model, batch, ld_alpha=scorer.ld_alpha,
+                                                    chunk_size=scorer.chunk_size)
+            results.append(torch.stack([chosen, rejected], dim=-1).float())
+            # every process scores a batch of its share at a time: the pairs done so far, over all of them
+            bar.update(min(len(tokenized), number * batch_size * accelerator.num_processes) - bar.n)
+            if scorer.stop_check is not None:
+                scorer.stop_check(f"while computing reference log-probs (batch {number} of {len(batches)}, nothing "
+                                  "cached)")
     return gather_in_order(torch.cat(results), len(tokenized), accelerator).cpu()
 
 

@@ -51,6 +51,7 @@ from dpo_dist.model.load import (
     resolve_precision,
     resolve_source,
 )
+from dpo_dist.progress import progress
 from dpo_dist.train.checkpoint import (
     ABANDONED,
     TrainState,
@@ -81,7 +82,6 @@ from dpo_dist.train.metrics import (
     is_finite,
     peak_memory_gb,
     plot,
-    progress_bar,
     reduce_stats,
     summary,
     write_run_file,
@@ -103,9 +103,13 @@ def evaluate(model: Any, eval_tok: Any, cfg: Config, accelerator: Any, reference
     rows = [torch.zeros(0, len(STATS), device=accelerator.device)]
     was_training = model.training
     model.eval()
-    for start in range(0, len(shard), cfg.train.eval_batch_size):
-        batch = to_device(collator([eval_tok[i] for i in shard[start : start + cfg.train.eval_batch_size]]), accelerator.device)
-        rows.append(pair_losses(model, batch, cfg, reference_model)[1])
+    size = cfg.train.eval_batch_size
+    with progress(len(eval_tok), "eval", unit="pair", shown=accelerator.is_main_process and cfg.train.progress_bar,
+                  leave=False) as bar:
+        for start in range(0, len(shard), size):
+            batch = to_device(collator([eval_tok[i] for i in shard[start : start + size]]), accelerator.device)
+            rows.append(pair_losses(model, batch, cfg, reference_model)[1])
+            bar.update(min(size * accelerator.num_processes, len(eval_tok) - bar.n))  # every process, a batch each
     model.train(was_training)
     return reduce_stats(gather_in_order(torch.cat(rows), len(eval_tok), accelerator), prefix="eval/")
 
@@ -298,7 +302,8 @@ def train(cfg: Config) -> dict[str, Any]:
         if t.debug:
             torch.autograd.set_detect_anomaly(True)
             say(accelerator, show_pair(run.train_tok[0], run.tokenizer))
-        bar = progress_bar(run.total_steps, state.global_step, shown=accelerator.is_main_process and t.progress_bar)
+        bar = progress(run.total_steps, "DPO", unit="step", initial=state.global_step, end_line=True,
+                       shown=accelerator.is_main_process and t.progress_bar)
         run.model.train()
         try:
             loop(run, bar, signals)
