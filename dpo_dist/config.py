@@ -731,7 +731,7 @@ def resume_refusal(changes: list[ConfigChange], old: Config, new: Config, run_di
                         if c.rule.kind == "same_global_batch" else ")") for c in refused)
     return (f"cannot resume the run in {run_dir} with {'this change' if len(refused) == 1 else 'these changes'}: "
             f"{said}; {'it cannot' if len(refused) == 1 else 'they cannot'} change in the middle of a run: put the "
-            "old value back to resume, or start a new run in another train.output_dir (train.resume=never starts "
+            f"old {'value' if len(refused) == 1 else 'values'} back to resume, or start a new run in another train.output_dir (train.resume=never starts "
             "this folder over)")
 
 
