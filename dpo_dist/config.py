@@ -32,6 +32,12 @@ CHECKPOINT_FOLDER = re.compile(r"^checkpoint-(\d+)$")
 # The file that makes a checkpoint complete (written last, by dpo_dist.train.checkpoint); dpo_dist.model.trained tells a
 # checkpoint from a model folder by it.
 STATE_FILE = "trainer_state.json"
+# A run's folder holds its config as it holds now (config.yaml: every reader loads it as a recipe) and, when a resume
+# changed keys, what held before: config_history.yaml, one entry per such resume, oldest first:
+#   - step: 3                 # the checkpoint's step; the new values hold from step 4
+#     changed: {train.learning_rate: {from: 0.001, to: 0.0001}}
+CONFIG_FILE = "config.yaml"
+HISTORY_FILE = "config_history.yaml"
 # Per-pair statistics, one column each, reduced once per optimizer step (tokens: summed, the rest: averaged); the
 # metric names train.metric_for_best may take.
 STATS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "logps/chosen", "logps/rejected", "tokens")
@@ -436,6 +442,16 @@ class TrainSettings:
         "process's life, so its resident memory stays at its high-water mark (a notebook keeps it after train()); "
         "false: glibc's defaults"
     )
+    divergence_patience: int | None = option(
+        5, "stop the run when a sign of divergence lasts this many optimizer steps in a row: a loss above "
+        "divergence_loss_factor x max(the first step's loss, ln 2), or a gradient norm of exactly 0 while the learning "
+        "rate is not (and the loss is not 0); the checkpoints written from the step before it began are moved to "
+        "diverged/ and nothing is exported; null: no guard"
+    )
+    divergence_loss_factor: float | None = option(
+        3.0, "with divergence_patience: how far above max(the first step's loss, ln 2) a step's loss is a sign of "
+        "divergence; null: only vanished gradients are"
+    )
     single_device_fallback: bool = option(
         True, "a launch that asks for ZeRO or several processes on a machine with one device (one GPU, or one CPU "
         "process) trains QLoRA on that device instead, with the same global batch, and says so; false: run as launched"
@@ -473,7 +489,7 @@ class Config:
         }
         positive["train.sample_max_new_tokens"] = t.sample_max_new_tokens
         for key in ("train.max_grad_norm", "train.max_steps", "train.eval_every", "train.save_every", "train.sample_every",
-                    "train.early_stopping_patience", "train.cpu_threads", "data.num_samples", "data.max_prompt_length",
+                    "train.early_stopping_patience", "train.cpu_threads", "train.divergence_patience", "data.num_samples", "data.max_prompt_length",
                     "data.num_proc"):
             value = get_key(self, key)
             if value is not None:
@@ -491,6 +507,8 @@ class Config:
             raise ConfigError(f"data.max_prompt_length ({d.max_prompt_length}) must be below data.max_length ({d.max_length})")
         if not 0.0 <= d.eval_ratio < 1.0:
             raise ConfigError(f"data.eval_ratio must be in [0, 1), got {d.eval_ratio}")
+        if t.divergence_loss_factor is not None and t.divergence_loss_factor <= 1.0:
+            raise ConfigError(f"train.divergence_loss_factor must be above 1 (or null), got {t.divergence_loss_factor}")
         if not 0.0 <= t.warmup_ratio < 1.0:
             raise ConfigError(f"train.warmup_ratio must be in [0, 1), got {t.warmup_ratio}")
         if len(t.adam_betas) != 2 or not all(0.0 <= b < 1.0 for b in t.adam_betas):
@@ -614,6 +632,114 @@ class Config:
             raise ConfigError(f"loss.f_alpha_divergence_coef must be positive, got {loss.f_alpha_divergence_coef}")
         if loss.ld_alpha is not None and not 0.0 <= loss.ld_alpha <= 1.0:
             raise ConfigError(f"loss.ld_alpha must be in [0, 1], got {loss.ld_alpha}")
+
+
+@dataclass(frozen=True)
+class ResumeRule:
+    """What a resumed run does with a key whose value differs from the config of the run it resumes.
+
+    ``fixed``: refused (the checkpoint's weights, optimizer state or data position mean something else under another
+    value); ``changes``: taken from the step after the checkpoint's, logged and recorded in ``config_history.yaml``;
+    ``ignored``: not compared (the folder and the resume setting themselves)."""
+
+    kind: Literal["fixed", "changes", "ignored"]
+    why: str
+
+
+# Every key, by its dotted name or the section above it (the nearest entry wins): what a resume does when it differs.
+# The one table of it: check_resume_changes (dpo_dist.train.checks) reads it at every resume, docs/troubleshooting.md
+# describes it, tests/test_resume_changes.py checks that every entry names a key.
+RESUME_RULES: dict[str, ResumeRule] = {
+    "model": ResumeRule("fixed", "the policy the checkpoint's weights belong to"),
+    "model.gradient_checkpointing": ResumeRule("changes", "memory only: the same gradients"),
+    "lora": ResumeRule("fixed", "the adapter the checkpoint holds"),
+    "data": ResumeRule("fixed", "the pairs and their order: the step is the position in them"),
+    "data.num_proc": ResumeRule("changes", "how many processes tokenize: the same pairs"),
+    "loss": ResumeRule("fixed", "the objective the run has optimized so far"),
+    "reference": ResumeRule("fixed", "the reference the rewards and the loss are measured against"),
+    "reference.cache_dir": ResumeRule("changes", "where the reference log-probs are cached: the same values"),
+    "train": ResumeRule("changes", "how the run is carried out, logged or checkpointed"),
+    "train.output_dir": ResumeRule("ignored", "the run's folder itself, however it is spelled"),
+    "train.resume": ResumeRule("ignored", "which checkpoint to resume from"),
+    "train.seed": ResumeRule("fixed", "the data order, the splits and the initialization"),
+    "train.optimizer": ResumeRule("fixed", "the optimizer state in the checkpoint is this optimizer's"),
+    "train.metric_for_best": ResumeRule("fixed", "the best checkpoint so far was chosen by it"),
+    "train.greater_is_better": ResumeRule("fixed", "the best checkpoint so far was chosen by it"),
+    # The batch keys may change where the global batch stays: dpo_dist.train.shape.resume_shape decides with the
+    # process count (which the config does not hold), recomputing the accumulation or refusing in one line.
+    "train.per_device_batch_size": ResumeRule("changes", "the global batch is kept (dpo_dist.train.shape)"),
+    "train.gradient_accumulation_steps": ResumeRule("changes", "the global batch is kept (dpo_dist.train.shape)"),
+    "train.learning_rate": ResumeRule("changes", "the peak of the schedule: the optimizer and the scheduler take it "
+                                                 "from the config, not from the checkpoint"),
+    "train.max_steps": ResumeRule("changes", "the schedule is recomputed for the new length"),
+    "train.epochs": ResumeRule("changes", "the schedule is recomputed for the new length"),
+}
+
+
+def resume_rule(key: str) -> ResumeRule:
+    """The rule of the dotted ``key`` (``data.sentiment.seed``): its own entry or its nearest section's."""
+    parts = key.split(".")
+    for end in range(len(parts), 0, -1):
+        rule = RESUME_RULES.get(".".join(parts[:end]))
+        if rule is not None:
+            return rule
+    raise KeyError(f"no resume rule covers {key}")
+
+
+@dataclass(frozen=True)
+class ConfigChange:
+    key: str
+    old: Any
+    new: Any
+    rule: ResumeRule
+
+    def said(self) -> str:
+        return f"{self.key} {show_value(self.old)} -> {show_value(self.new)}"
+
+
+def show_value(value: Any) -> str:
+    return yaml.safe_dump(to_plain(value), default_flow_style=True, width=1_000_000).strip().removesuffix("...").strip()
+
+
+def config_changes(old: Config, new: Config) -> list[ConfigChange]:
+    """The keys whose values differ between ``old`` (the config of the run a resume continues) and ``new``, with their
+    rules; ignored keys left out. A list is one value (``data.sources``, ``train.adam_betas``)."""
+    before, after = dict(flatten(to_dict(old))), dict(flatten(to_dict(new)))
+    changes = []
+    for key, value in after.items():
+        rule = resume_rule(key)
+        if rule.kind != "ignored" and before.get(key) != value:
+            changes.append(ConfigChange(key, before.get(key), value, rule))
+    return changes
+
+
+def resume_refusal(changes: list[ConfigChange], run_dir: str) -> str | None:
+    """One line refusing ``changes`` that cannot be taken mid-run (naming each with its old and new value and why,
+    and what to do), or None."""
+    refused = [c for c in changes if c.rule.kind == "fixed"]
+    if not refused:
+        return None
+    said = "; ".join(f"{c.said()} ({c.rule.why})" for c in refused)
+    return (f"cannot resume the run in {run_dir} with {'this change' if len(refused) == 1 else 'these changes'}: "
+            f"{said}; {'it cannot' if len(refused) == 1 else 'they cannot'} change in the middle of a run: put the "
+            f"old {'value' if len(refused) == 1 else 'values'} back to resume, or start a new run in another train.output_dir (train.resume=never starts "
+            "this folder over)")
+
+
+def saved_config(folder: str) -> Config | None:
+    """The config a run wrote to ``folder``/config.yaml as it was given, not validated (a resume compares with it;
+    a path it named may be gone); None if there is none."""
+    path = os.path.join(folder, CONFIG_FILE)
+    if not os.path.isfile(path):
+        return None
+    with open(path, encoding="utf-8") as handle:
+        values = yaml.safe_load(handle) or {}
+    cfg = Config()
+    try:
+        _apply(cfg, values)
+    except ConfigError as error:
+        raise ConfigError(f"{path}: {error}") from None
+    return cfg
 
 
 def float_values(node: Any, prefix: str = "") -> list[tuple[str, float]]:
@@ -805,6 +931,31 @@ def to_dict(cfg: Config) -> dict[str, Any]:
 def save_config(cfg: Config, path: str) -> None:
     with open(path, "w", encoding="utf-8") as handle:
         yaml.safe_dump(to_dict(cfg), handle, sort_keys=False)
+
+
+def read_config_history(folder: str) -> list[dict[str, Any]]:
+    """The entries of ``folder``/config_history.yaml (none for a run no resume changed)."""
+    path = os.path.join(folder, HISTORY_FILE)
+    if not os.path.isfile(path):
+        return []
+    with open(path, encoding="utf-8") as handle:
+        return yaml.safe_load(handle) or []
+
+
+def write_config_history(folder: str, entries: list[dict[str, Any]]) -> None:
+    """Replace ``folder``/config_history.yaml by ``entries`` (none: removed), atomically."""
+    path = os.path.join(folder, HISTORY_FILE)
+    if not entries:
+        if os.path.exists(path):
+            os.remove(path)
+        return
+    with open(path + ".tmp", "w", encoding="utf-8") as handle:
+        yaml.safe_dump(entries, handle, sort_keys=False)
+    os.replace(path + ".tmp", path)
+
+
+def history_entry(step: int, changes: list[ConfigChange]) -> dict[str, Any]:
+    return {"step": step, "changed": {c.key: {"from": to_plain(c.old), "to": to_plain(c.new)} for c in changes}}
 
 
 def describe(node: Any = None, prefix: str = "") -> list[str]:

@@ -330,13 +330,21 @@ def test_pissas_reference_is_the_starting_model_and_keyed_apart(adapter_run):
 @pytest.mark.slow
 def test_a_resume_that_rebuilds_another_residual_is_refused(adapter_run, tiny_model_dir, data_file, tmp_path):
     """Resumed with another randomized SVD (pissa_niter_3: the same shapes, so the checkpoint would load), the
-    residual differs from the one recorded at the start: the run stops before any reference or step."""
+    residual differs from the one recorded at the start: the run stops before any reference or step. A changed
+    lora.* key is refused before that, by the config check (tests/test_resume_guards.py); the run's config.yaml is
+    edited to the new value here, as for a run resumed with the same config on another machine or library version,
+    which rebuilds another residual."""
+    import yaml
+
     from dpo_dist.train.checkpoint import CheckpointError
 
     _, whole = adapter_run("pissa_niter-dora-rslora-lm_head")
     out = tmp_path / "out"
     copy_run(whole, out)
     changed = {**RUNS["pissa_niter-dora-rslora-lm_head"], "lora.init_lora_weights": "pissa_niter_3"}
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    saved["lora"]["init_lora_weights"] = "pissa_niter_3"
+    (out / "config.yaml").write_text(yaml.safe_dump(saved, sort_keys=False))
     with pytest.raises(CheckpointError, match=r"lora.init_lora_weights=pissa_niter_3 rebuilt another residual base "
                                               r"than this run started from .* resume with the run's setup, or start "
                                               r"over with train.resume=never"):

@@ -26,9 +26,10 @@ def config(batch, accumulation=1):
     return load_config(None, [f"train.per_device_batch_size={batch}", f"train.gradient_accumulation_steps={accumulation}"])
 
 
-def resumed(tmp_path, saved, cfg, processes, engine=None):
+def resumed(tmp_path, saved, cfg, processes, engine=None, accumulation_given=False):
     engine = engine or ("DDP" if processes > 1 else "one process")
-    return resume_shape(cfg, run_shape(cfg, processes, engine), checkpoint(tmp_path, saved))
+    return resume_shape(cfg, run_shape(cfg, processes, engine), checkpoint(tmp_path, saved),
+                        accumulation_given=accumulation_given)
 
 
 def test_fewer_processes_keep_the_global_batch_by_accumulating_and_say_so(tmp_path):
@@ -58,8 +59,17 @@ def test_another_global_batch_is_refused_in_one_line_naming_the_options(tmp_path
 
 
 def test_an_accumulation_changed_by_hand_is_not_overridden(tmp_path):
+    """The resume changed train.gradient_accumulation_steps against the run's config.yaml: the user's, kept."""
     with pytest.raises(CheckpointError, match=r"set train.gradient_accumulation_steps=1; or train.per_device_batch"):
-        resumed(tmp_path, Shape(1, 8, 1, "one process"), config(8, accumulation=2), processes=1)
+        resumed(tmp_path, Shape(1, 8, 1, "one process"), config(8, accumulation=2), processes=1,
+                accumulation_given=True)
+
+
+def test_a_second_resume_on_fewer_processes_recomputes_again(tmp_path):
+    """A job requeued on 1 node after a 2-node run: its first resume recomputed accumulation 1 -> 2 (config.yaml keeps
+    the 1 it was given), and the second, preempted again, meets a checkpoint written with 2 and the same config."""
+    cfg, said = resumed(tmp_path, Shape(1, 4, 2, "one process"), config(4), processes=1)
+    assert cfg.train.gradient_accumulation_steps == 2 and said.startswith("train.gradient_accumulation_steps 1 -> 2")
 
 
 def test_three_processes_cannot_split_eight_pairs(tmp_path):

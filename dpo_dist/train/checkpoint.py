@@ -43,6 +43,10 @@ class TrainState:
     evals_without_improvement: int = 0
     pairs_seen: int = 0  # the position in the data: steps x the global batch (dpo_dist.train.shape)
     shape: dict | None = None  # the Shape (processes, batch split, engine) the checkpoint was written with
+    # The divergence guard's (dpo_dist.train.checks.watch_divergence): the run's first loss, and the first step of the
+    # signs of divergence seen in a row up to now (None: the last step showed none).
+    start_loss: float | None = None
+    diverging_since: int | None = None
 
 
 MANIFEST = "manifest.json"
@@ -416,17 +420,18 @@ def remove_partial_writes(output_dir: str) -> list[str]:
 
 
 ABANDONED = "abandoned"
+DIVERGED = "diverged"  # checkpoints of a run the divergence guard stopped, from the step before the signs began
 
 
-def set_aside_later_checkpoints(output_dir: str, step: int) -> list[str]:
+def set_aside_later_checkpoints(output_dir: str, step: int, into: str = ABANDONED) -> list[str]:
     """Move the checkpoints past ``step`` (the step this run starts from) into ``<output_dir>/abandoned/``: they belong
     to a run that went further and is not continued (a resume from an older checkpoint, or train.resume=never), and
-    left in place they would outrank this run's own checkpoints (latest, kept last). Returns the names moved. Main
-    process only."""
+    left in place they would outrank this run's own checkpoints (latest, kept last). ``into``: another folder
+    (``diverged/``: checkpoints of weights that had diverged). Returns the names moved. Main process only."""
     later = [(s, path) for s, path in list_checkpoints(output_dir) if s > step]
     if not later:
         return []
-    aside = os.path.join(output_dir, ABANDONED)
+    aside = os.path.join(output_dir, into)
     os.makedirs(aside, exist_ok=True)
     for _, path in later:
         target = os.path.join(aside, os.path.basename(path))

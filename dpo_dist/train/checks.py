@@ -9,11 +9,12 @@ from typing import Any
 
 import torch
 
-from dpo_dist.config import Config, ConfigError, lora_engine_refusal
+from dpo_dist.config import (Config, ConfigChange, ConfigError, config_changes, lora_engine_refusal, resume_refusal,
+                             saved_config)
 from dpo_dist.model.builtin import cache_root
 from dpo_dist.model.load import resolve_source
 from dpo_dist.train import reference_cache
-from dpo_dist.train.checkpoint import list_checkpoints
+from dpo_dist.train.checkpoint import DIVERGED, TrainState, latest_checkpoint, list_checkpoints, set_aside_later_checkpoints
 from dpo_dist.train.disk import unwritable
 from dpo_dist.train.metrics import is_finite
 
@@ -150,3 +151,114 @@ def largest_weight(folder: str) -> float | None:
                         return value
                     largest = value if largest is None else max(largest, value)
     return largest
+
+
+def resumed_run_folder(cfg: Config) -> str | None:
+    """The folder of the run this one continues (whose config.yaml it is compared with): ``train.output_dir`` when
+    ``train.resume=auto`` finds a checkpoint there, the folder above ``train.resume=<path>``; None for a run that
+    starts over."""
+    t = cfg.train
+    if t.resume == "never":
+        return None
+    if t.resume == "auto":
+        return t.output_dir if latest_checkpoint(t.output_dir) else None
+    return os.path.dirname(os.path.normpath(t.resume))
+
+
+def check_resume_changes(cfg: Config, accelerator: Any) -> tuple[list[ConfigChange], str | None]:
+    """Before anything is loaded: the keys a resume changes against the config of the run it continues
+    (:data:`~dpo_dist.config.RESUME_RULES`), and that run's folder. A change that cannot be taken mid-run is a
+    :class:`ConfigError` on every process, in one line naming each key and what to do. The main process reads and
+    decides (it alone then rewrites config.yaml); the others get its answer and the changes. Returns ([], None) for a run that starts
+    over or whose folder has no config.yaml."""
+    changes: list[ConfigChange] = []
+    folder = resumed_run_folder(cfg)
+    problem = None
+    if accelerator.is_main_process and folder is not None:
+        try:
+            old = saved_config(folder)
+        except ConfigError as error:  # written by another version of dpo-dist: say so, and that nothing is compared
+            old, problem = None, (f"{error}: the config of the run being resumed does not load, so a resume cannot "
+                                  "tell what it changes; start a new run in another train.output_dir, or fix the file")
+        if old is not None:
+            changes = config_changes(old, cfg)
+            problem = resume_refusal(changes, folder)
+    if accelerator.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+
+        problem, changes = broadcast_object_list([problem, changes])  # every process resumes with the same shape
+    if problem:
+        raise ConfigError(problem)
+    return changes, folder
+
+
+LN2 = math.log(2.0)
+
+
+def divergence_signs(record: dict[str, float], lr: float, state: TrainState, cfg: Config) -> list[str]:
+    """What in a step's record (its loss and gradient norm, finite, at learning rate ``lr``) says the run is
+    diverging: a loss above train.divergence_loss_factor x max(the run's first loss, ln 2) (ln 2 is where DPO's
+    sigmoid loss starts; the floor keeps a run whose first batch happened to score low, a reference-free loss,
+    from being stopped by noise), or a gradient norm of exactly 0 while the learning rate is not (a model that no
+    longer moves; a loss of exactly 0 with it is a hinge loss met by every pair, not a failure). Empty: none."""
+    t, signs = cfg.train, []
+    loss, grad_norm = record["loss"], record["grad_norm"]
+    if t.divergence_loss_factor is not None and state.start_loss is not None:
+        level = max(state.start_loss, LN2)
+        if loss > t.divergence_loss_factor * level:
+            signs.append(f"loss {loss:.4g} above {t.divergence_loss_factor:g} x {level:.4g} (train.divergence_loss_"
+                         f"factor x max(the first step's loss {state.start_loss:.4g}, ln 2))")
+    if grad_norm == 0.0 and lr > 0.0 and loss != 0.0:
+        signs.append(f"grad_norm exactly 0 at lr {lr:g}")
+    return signs
+
+
+def watch_divergence(accelerator: Any, model: Any, state: TrainState, step: int, record: dict[str, float], lr: float,
+                     cfg: Config) -> TrainingError | None:
+    """The divergence guard, at each step whose loss and gradient norm are finite (before the step is logged or
+    checkpointed): keeps the run's first loss and the streak of steps showing :func:`divergence_signs` in ``state``
+    (so a resume continues the count), and once the streak reaches train.divergence_patience steps, moves the
+    checkpoints of the weights that gave the first of them (from the step before it on) to ``<output_dir>/diverged/``
+    and returns the error the run stops with (every process decides alike: the figures are reduced over all)."""
+    t = cfg.train
+    if state.start_loss is None:
+        state.start_loss = record["loss"]
+    if t.divergence_patience is None:
+        return None
+    signs = divergence_signs(record, lr, state, cfg)
+    if not signs:
+        state.diverging_since = None
+        return None
+    since = state.diverging_since = state.diverging_since or step
+    if step - since + 1 < t.divergence_patience:
+        return None
+    moved = []
+    if accelerator.is_main_process:
+        moved = set_aside_later_checkpoints(t.output_dir, since - 2, into=DIVERGED)
+    accelerator.wait_for_everyone()
+    largest = largest_trainable(model)
+    weights = f"; largest trainable |weight| {largest:.3g}" if largest is not None else ""
+    aside = (f"{', '.join(moved)} (from step {since - 1}, whose weights gave the first of them) moved to "
+             f"{os.path.join(t.output_dir, DIVERGED)}/; " if moved else "")
+    kept = latest_checkpoint(t.output_dir)
+    way_out = (f"the last checkpoint from before it is {kept}: run again with a lower train.learning_rate (now "
+               f"{t.learning_rate:g}) to resume from it at that rate" if kept else
+               "no checkpoint from before it is kept: start over with train.resume=never and a lower "
+               f"train.learning_rate (now {t.learning_rate:g})")
+    return TrainingError(
+        f"diverged at step {step}: {' and '.join(signs)}, for {step - since + 1} steps in a row (since step {since}; "
+        f"train.divergence_patience={t.divergence_patience}){weights}; stopped without saving this state or exporting "
+        f"a model; {aside}{way_out}"
+    )
+
+
+def largest_trainable(model: Any) -> float | None:
+    """The largest |value| of the trainable weights this process holds whole (None under sharding, where it holds
+    pieces)."""
+    import torch
+
+    values = [p for p in model.parameters() if p.requires_grad]
+    if not values or any(p.numel() == 0 or type(p.data) is not torch.Tensor for p in values):
+        return None
+    with torch.no_grad():
+        return max(float(p.detach().abs().max()) for p in values)

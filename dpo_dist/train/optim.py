@@ -52,3 +52,23 @@ def lr_lambda(total_steps: int, warmup_steps: int, kind: str):
         return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
     return factor
+
+
+def take_hyperparameters(scheduler: Any, cfg: Config) -> None:
+    """After a resume: the learning rate, weight decay and betas from ``cfg``, not from the checkpoint.
+
+    Loading a checkpoint restores the optimizer's parameter groups (lr, initial_lr, weight_decay, betas) and the
+    scheduler's base_lrs and last lr as they were saved, so a learning rate changed at the resume would be ignored
+    while config.yaml named it. The schedule's shape is this run's already (``lr_lambda``'s closure over the new
+    total and warmup is not saved). Each group then gets its value at the resumed step, base x factor(step), exactly
+    what ``scheduler.step()`` computes: a resume with an unchanged config continues bit for bit."""
+    t, optimizer = cfg.train, scheduler.optimizer
+    for group in optimizer.param_groups:
+        group["initial_lr"] = t.learning_rate
+        group["weight_decay"] = t.weight_decay
+        group["betas"] = tuple(t.adam_betas)
+    scheduler.base_lrs = [t.learning_rate for _ in optimizer.param_groups]
+    values = [base * factor(scheduler.last_epoch) for base, factor in zip(scheduler.base_lrs, scheduler.lr_lambdas)]
+    for group, value in zip(optimizer.param_groups, values):
+        group["lr"] = value
+    scheduler._last_lr = values  # what get_last_lr() reports, logged as the step's lr

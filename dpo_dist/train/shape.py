@@ -77,9 +77,12 @@ def written_by(path: str) -> int:
     return len(glob.glob(os.path.join(path, "random_states_*.pkl")))
 
 
-def resume_shape(cfg: Config, now: Shape, path: str) -> tuple[Config, str | None]:
+def resume_shape(cfg: Config, now: Shape, path: str, *, accumulation_given: bool = False) -> tuple[Config, str | None]:
     """The config to resume the checkpoint ``path`` with on this launch (``now``), and the line that says what changed
-    (None when nothing did); a :class:`CheckpointError` where it cannot continue on this shape."""
+    (None when nothing did); a :class:`CheckpointError` where it cannot continue on this shape. ``accumulation_given``:
+    this resume changed train.gradient_accumulation_steps against the run's config.yaml, so it is the user's and is not
+    recomputed (config.yaml keeps the accumulation as given, so a run resumed on fewer processes, whose accumulation was
+    recomputed, resumes again with the same config)."""
     name = os.path.basename(os.path.normpath(path))
     saved = saved_shape(path)
     if saved is None:  # written before checkpoints recorded their shape: only the process count is known
@@ -100,7 +103,7 @@ def resume_shape(cfg: Config, now: Shape, path: str) -> tuple[Config, str | None
         return cfg, (f"resumed {name} with its global batch of {now.said()} (it was written with "
                      f"{saved.said()})" if changed else None)
     per_step = now.per_device_batch_size * now.processes
-    if now.gradient_accumulation_steps == saved.gradient_accumulation_steps and saved.global_batch % per_step == 0:
+    if not accumulation_given and saved.global_batch % per_step == 0:
         accumulation = saved.global_batch // per_step
         kept = dataclasses.replace(now, gradient_accumulation_steps=accumulation)
         cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, gradient_accumulation_steps=accumulation))

@@ -20,7 +20,8 @@ from typing import Any
 
 import torch
 
-from dpo_dist.config import STATS, Config, save_config
+from dpo_dist.config import (CONFIG_FILE, HISTORY_FILE, STATS, Config, history_entry, read_config_history, save_config,
+                             write_config_history)
 from dpo_dist.data.collate import PreferenceCollator
 from dpo_dist.data.order import DataOrder
 from dpo_dist.data.packing import PackedPairCollator
@@ -70,7 +71,9 @@ from dpo_dist.train.checks import (
     check_combination,
     check_launch_precision,
     check_output_locations,
+    check_resume_changes,
     check_step,
+    watch_divergence,
 )
 from dpo_dist.train.final import checkpoint_final_state, drop_final_checkpoint, final_weights, save_final_model
 from dpo_dist.train.host_memory import describe_threshold, keep_freed_memory
@@ -87,7 +90,8 @@ from dpo_dist.train.metrics import (
     write_run_file,
 )
 from dpo_dist.train.objective import pair_losses
-from dpo_dist.train.optim import build_optimizer, lr_lambda
+from dpo_dist.train.lock import OutputLock
+from dpo_dist.train.optim import build_optimizer, lr_lambda, take_hyperparameters
 from dpo_dist.train.preemption import Preempted, StopSignals
 from dpo_dist.train.samples import generate_samples, held_out_prompts, sampling_step
 
@@ -168,9 +172,10 @@ class Run:
     sample_prompts: list[list[int]]  # token ids of the held-out prompts completed at sampling steps (train.sample_prompts)
 
 
-def setup(cfg: Config, signals: StopSignals) -> Run:
-    """Accelerator, policy, pairs (with reference log-probs), optimizer and schedule, resumed state. A stop signal
-    during the reference precompute stops it at the next batch (:class:`Preempted`)."""
+def setup(cfg: Config, signals: StopSignals, lock: OutputLock) -> Run:
+    """Accelerator, the output folder's lock, policy, pairs (with reference log-probs), optimizer and schedule, resumed
+    state (a changed config checked before anything loads). A stop signal during the reference precompute stops it at
+    the next batch (:class:`Preempted`)."""
     t = cfg.train
     device = process_state(timeout_s=t.collective_timeout_s).device
     precision = resolve_precision(cfg, device, deepspeed=uses_deepspeed())
@@ -181,11 +186,17 @@ def setup(cfg: Config, signals: StopSignals) -> Run:
         project_dir=t.output_dir,
     )
     check_output_locations(cfg, accelerator)  # before anything is loaded or computed
+    took_over = lock.acquire(accelerator)  # before anything is written to the folder
+    if took_over:
+        say(accelerator, took_over)
+    changes, resumed_folder = check_resume_changes(cfg, accelerator)  # keys that cannot change mid-run: refused
+    given = cfg  # config.yaml keeps the config as given; the shape below may recompute its accumulation
     resume_from = resume_point(accelerator, t.output_dir, t.resume)  # checked against its manifest
     shape = run_shape(cfg, accelerator.num_processes,
                       engine_name(accelerator.num_processes, zero_stage(accelerator), fsdp_version(accelerator)))
     if resume_from:  # on another process count or batch split: the same global batch, or refused here
-        cfg, said_shape = resume_shape(cfg, shape, resume_from)
+        cfg, said_shape = resume_shape(cfg, shape, resume_from, accumulation_given=any(
+            c.key == "train.gradient_accumulation_steps" for c in changes))
         t, shape = cfg.train, run_shape(cfg, shape.processes, shape.engine)
         accelerator.gradient_accumulation_steps = t.gradient_accumulation_steps
         if said_shape:
@@ -197,7 +208,10 @@ def setup(cfg: Config, signals: StopSignals) -> Run:
     kept = keep_freed_memory() if t.keep_freed_memory and accelerator.device.type == "cpu" else None
     if accelerator.is_main_process:
         os.makedirs(t.output_dir, exist_ok=True)
-        save_config(cfg, os.path.join(t.output_dir, "config.yaml"))
+        if not changes:  # a changed config is written once the resumed step is known, with its history
+            save_config(given, os.path.join(t.output_dir, CONFIG_FILE))
+        if resumed_folder is None:  # a run that starts over has no history yet
+            write_config_history(t.output_dir, [])
         for name in remove_partial_writes(t.output_dir):
             print(f"removed {os.path.join(t.output_dir, name)}: left by a run killed while writing it", flush=True)
     say(accelerator, f"global batch {shape.said()}"
@@ -269,9 +283,17 @@ def setup(cfg: Config, signals: StopSignals) -> Run:
     state = TrainState()
     if resume_from:
         state = load_checkpoint(accelerator, resume_from, adapter_only=cfg.lora.enabled)
+        take_hyperparameters(scheduler, cfg)  # this config's learning rate, not the checkpoint's
         say(accelerator, f"resumed from {resume_from} at step {state.global_step} ({state.global_step * shape.global_batch} "
                          "pairs seen)")
     state.shape = record(shape)  # what this run's checkpoints are written with
+    if changes and accelerator.is_main_process:
+        history = read_config_history(resumed_folder) + [history_entry(state.global_step, changes)]
+        write_config_history(t.output_dir, history)
+        save_config(given, os.path.join(t.output_dir, CONFIG_FILE))
+        print(f"config changed at step {state.global_step}: {', '.join(c.said() for c in changes)}; the new values "
+              f"hold from step {state.global_step + 1} (recorded in {os.path.join(t.output_dir, HISTORY_FILE)})",
+              flush=True)
     accelerator.wait_for_everyone()  # every process has read the checkpoints before any is moved
     if accelerator.is_main_process:
         moved = set_aside_later_checkpoints(t.output_dir, state.global_step)
@@ -295,23 +317,27 @@ def train(cfg: Config) -> dict[str, Any]:
     SIGUSR1/SIGTERM (preemption) are recorded from the start: before the first step they stop the run cleanly
     (nothing to checkpoint), after it they checkpoint the current step and stop (:class:`Preempted` either way)."""
     signals = StopSignals(grace_s=cfg.train.stop_grace_s)
+    lock = OutputLock(cfg.train.output_dir)
     try:
-        run = setup(cfg, signals)
-        t, accelerator, state = run.cfg.train, run.accelerator, run.state  # run.cfg: resumed on another shape
-        signals.stop_if_asked(accelerator, "during setup")
-        if t.debug:
-            torch.autograd.set_detect_anomaly(True)
-            say(accelerator, show_pair(run.train_tok[0], run.tokenizer))
-        bar = progress(run.total_steps, "DPO", unit="step", initial=state.global_step, end_line=True,
-                       shown=accelerator.is_main_process and t.progress_bar)
-        run.model.train()
         try:
-            loop(run, bar, signals)
+            run = setup(cfg, signals, lock)
+            t, accelerator, state = run.cfg.train, run.accelerator, run.state  # run.cfg: resumed on another shape
+            signals.stop_if_asked(accelerator, "during setup")
+            if t.debug:
+                torch.autograd.set_detect_anomaly(True)
+                say(accelerator, show_pair(run.train_tok[0], run.tokenizer))
+            bar = progress(run.total_steps, "DPO", unit="step", initial=state.global_step, end_line=True,
+                           shown=accelerator.is_main_process and t.progress_bar)
+            run.model.train()
+            try:
+                loop(run, bar, signals)
+            finally:
+                bar.close()
         finally:
-            bar.close()
+            signals.close()
+        finish(run)
     finally:
-        signals.close()
-    finish(run)
+        lock.release()  # the run has ended, cleanly or not; a killed one leaves the lock, recognised as stale
     return {"records": run.metrics.records, "state": state, "counts": run.counts, "output_dir": t.output_dir}
 
 
@@ -330,6 +356,10 @@ def loop(run: Run, bar: Any, signals: StopSignals) -> None:
         if not is_finite(record["loss"], record["grad_norm"]):
             said = check_step(step, record, applied=applied, loss_scaling=run.precision.loss_scaling, cfg=cfg)
             say(accelerator, said)  # a skipped fp16 overflow; anything else raised
+        else:
+            diverged = watch_divergence(accelerator, run.model, state, step, record, lr, cfg)
+            if diverged:
+                raise diverged
         run.scheduler.step()
         state.global_step, state.pairs_seen = step, step * run.order.global_batch
         tokens, elapsed = record.pop("tokens"), time.perf_counter() - started
