@@ -60,7 +60,7 @@ def test_a_changed_fixed_key_is_refused_in_one_line(three_steps, tiny_model_dir,
         run(tiny_model_dir, data_file, out, **{**same, "loss.beta": 0.2, "train.seed": 7, "train.max_steps": 5})
     assert str(error.value) == (
         f"cannot resume the run in {out} with these changes: loss.beta 0.1 -> 0.2 (the objective the run has optimized "
-        "so far); train.seed 0 -> 7 (the data order, the splits and the initialization); they cannot change in the "
+        "so far); train.seed 42 -> 7 (the data order, the splits and the initialization); they cannot change in the "
         "middle of a run: put the old values back to resume, or start a new run in another train.output_dir "
         "(train.resume=never starts this folder over)")
     assert (out / "config.yaml").read_text() == before and not (out / "config_history.yaml").exists()
