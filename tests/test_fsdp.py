@@ -120,6 +120,36 @@ def test_fsdp_resume_equals_uninterrupted(lora, sharded_run, tiny_model_dir, dat
 
 
 @pytest.mark.multiprocess
+def test_a_full_fsdp2_checkpoint_resumed_on_one_process_continues_the_run(sharded_run, tiny_model_dir, data_file,
+                                                                          tmp_path, capsys):
+    """checkpoint-2 of the 2-process FSDP2 full fine-tune (each rank's half of the weights and of the AdamW moments,
+    torch.distributed.checkpoint) resumed by one process without FSDP, in this process: the shards are read whole,
+    the accumulation recomputed to 2 to keep the global batch of 8, and steps 3-5 are the uninterrupted 2-process
+    run's to 1e-5 (without the moments, step 3's update would be AdamW's first, and the losses of steps 4-5 off by
+    5e-3). The checkpoints it writes from there are one process's (the weights in model.safetensors)."""
+    from training import reset_accelerate_state, run
+
+    _, whole_out = sharded_run(False)
+    out = tmp_path / "out"
+    copy_run(whole_out, out)
+    whole = read_jsonl(out / "metrics.jsonl")
+    reset_accelerate_state()
+    try:
+        run(tiny_model_dir, data_file, out, **sharded_settings(False),
+            **{"train.per_device_batch_size": 4, "train.resume": str(out / "checkpoint-2")})
+    finally:
+        reset_accelerate_state()
+    said = capsys.readouterr().out
+    assert ("train.gradient_accumulation_steps 1 -> 2, to keep checkpoint-2's global batch: 8 pairs = 4 per device x 2 "
+            "accumulation x 1 processes (it was written with 8 pairs = 4 per device x 1 accumulation x 2 processes)"
+            in said), said[-3000:]
+    assert f"resumed from {out / 'checkpoint-2'} at step 2 (16 pairs seen)" in said
+    assert_same_trajectory(whole, read_jsonl(out / "metrics.jsonl"), atol=1e-5)
+    assert os.path.isfile(out / "checkpoint-4" / "model.safetensors")
+    assert not os.path.exists(out / "checkpoint-4" / "pytorch_model_fsdp_0")
+
+
+@pytest.mark.multiprocess
 @pytest.mark.parametrize("lora", [False, True], ids=["full-second-sharded-model", "lora-adapters-off"])
 def test_fsdp_online_reference_equals_one_process(lora, one_process, tiny_model_dir, data_file, tmp_path):
     """The online reference under FSDP2 (no precompute): the trajectory of the precomputed single-process run."""
