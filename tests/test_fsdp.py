@@ -280,23 +280,46 @@ def test_fsdp_samples_equal_one_process(sampled_runs):
 
 
 @pytest.mark.multiprocess
-def test_an_fsdp_checkpoint_is_not_pushed_the_final_model_is(sampled_runs, monkeypatch, capsys):
-    """An FSDP checkpoint holds each rank's shards (torch.distributed.checkpoint), not a model: launch/push.py says so
-    and names what to push instead, before anything is written or sent."""
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_an_fsdp_checkpoint_is_pushed_as_one_model_equal_to_the_runs_export(lora, sharded_run, tiny_model_dir,
+                                                                          tmp_path, monkeypatch, capsys):
+    """launch/push.py on checkpoint-5 of the 2-process FSDP2 run: its torch.distributed.checkpoint shards are read
+    whole into one model folder (for LoRA, the adapter), the weights of the run's own final export (model/, gathered
+    by the trainer at the same step 5) bit for bit, and that folder is what is uploaded."""
     import huggingface_hub
+    from safetensors.torch import load_file
 
-    _, _, fsdp = sampled_runs
-    calls = []
+    _, whole_out = sharded_run(lora)
+    out = tmp_path / "out"
+    copy_run(whole_out, out)
+    uploaded = []
+
+    class Hub:
+        def __init__(self, token=None):
+            pass
+
+        def create_repo(self, repo_id, **_):
+            return f"https://huggingface.co/{repo_id}"
+
+        def upload_folder(self, folder_path, **_):
+            uploaded.append(folder_path)
+
     monkeypatch.setattr(huggingface_hub, "get_token", lambda: "hf_test")
-    monkeypatch.setattr(huggingface_hub, "HfApi", lambda token=None: calls.append(token))
+    monkeypatch.setattr(huggingface_hub, "HfApi", Hub)
     monkeypatch.syspath_prepend(os.path.join(ROOT, "launch"))
     import push
 
-    checkpoint = fsdp / "checkpoint-5"
-    assert os.path.isdir(checkpoint / "pytorch_model_fsdp_0")
-    assert push.main([str(checkpoint), "me/x"]) == 1
-    err = capsys.readouterr().err
-    assert err == (f"error: {checkpoint} holds each rank's FSDP shards, not weights that load as a model (checkpoints "
-                   f"of sharded runs are for resuming): push the run's final model instead (python launch/push.py "
-                   f"{fsdp} REPO_ID), which the trainer saves gathered into one model\n")
-    assert calls == [] and not os.path.exists(checkpoint / "model")
+    checkpoint = out / "checkpoint-5"
+    assert sorted(os.listdir(checkpoint / "pytorch_model_fsdp_0")) == [".metadata", "__0_0.distcp", "__1_0.distcp"]
+    assert push.main([str(checkpoint), "me/x"]) == 0, capsys.readouterr().err
+    assert uploaded == [str(checkpoint / "model")]
+    name = "adapter_model.safetensors" if lora else "model.safetensors"
+    exported, final = load_file(checkpoint / "model" / name), load_file(out / "model" / name)
+    if not lora:  # the final export also stores the output layer tied to the embeddings; model.save_pretrained once
+        assert set(final) - set(exported) == {"lm_head.weight"}
+        assert torch.equal(final.pop("lm_head.weight"), exported["model.embed_tokens.weight"])
+    assert sorted(exported) == sorted(final)
+    for name, tensor in final.items():
+        assert torch.equal(exported[name], tensor), name
+    torch.testing.assert_close(exported_logits(checkpoint / "model", tiny_model_dir, lora),
+                               exported_logits(out / "model", tiny_model_dir, lora), atol=0, rtol=0)
