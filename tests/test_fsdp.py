@@ -120,22 +120,24 @@ def test_fsdp_resume_equals_uninterrupted(lora, sharded_run, tiny_model_dir, dat
 
 
 @pytest.mark.multiprocess
-def test_a_full_fsdp2_checkpoint_resumed_on_one_process_continues_the_run(sharded_run, tiny_model_dir, data_file,
-                                                                          tmp_path, capsys):
-    """checkpoint-2 of the 2-process FSDP2 full fine-tune (each rank's half of the weights and of the AdamW moments,
-    torch.distributed.checkpoint) resumed by one process without FSDP, in this process: the shards are read whole,
-    the accumulation recomputed to 2 to keep the global batch of 8, and steps 3-5 are the uninterrupted 2-process
-    run's to 1e-5 (without the moments, step 3's update would be AdamW's first, and the losses of steps 4-5 off by
-    5e-3). The checkpoints it writes from there are one process's (the weights in model.safetensors)."""
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_an_fsdp2_checkpoint_resumed_on_one_process_continues_the_run(lora, sharded_run, tiny_model_dir, data_file,
+                                                                     tmp_path, capsys):
+    """checkpoint-2 of the 2-process FSDP2 run (each rank's half of the weights, the frozen base included for LoRA,
+    and of the AdamW moments: torch.distributed.checkpoint) resumed by one process without FSDP, in this process: the
+    shards are read whole, the accumulation recomputed to 2 to keep the global batch of 8, and steps 3-5 are the
+    uninterrupted 2-process run's to 1e-5 (without the moments, step 3's update would be AdamW's first, and the losses
+    of steps 4-5 off by 5e-3 full, 1.5e-3 LoRA). The checkpoints it writes from there are one process's (the weights,
+    or the adapter, in model.safetensors)."""
     from training import reset_accelerate_state, run
 
-    _, whole_out = sharded_run(False)
+    _, whole_out = sharded_run(lora)
     out = tmp_path / "out"
     copy_run(whole_out, out)
     whole = read_jsonl(out / "metrics.jsonl")
     reset_accelerate_state()
     try:
-        run(tiny_model_dir, data_file, out, **sharded_settings(False),
+        run(tiny_model_dir, data_file, out, **sharded_settings(lora),
             **{"train.per_device_batch_size": 4, "train.resume": str(out / "checkpoint-2")})
     finally:
         reset_accelerate_state()

@@ -75,8 +75,6 @@ def test_three_processes_cannot_split_eight_pairs(tmp_path):
     (Shape(2, 4, 1, "ZeRO-3"), "ZeRO-3", 1, "checkpoint-3 holds the ZeRO-3 shards of 2 processes, this launch has 1: "
                                             "resume it on 2 processes under ZeRO-3, or start over with "
                                             "train.resume=never"),
-    (Shape(2, 4, 1, "FSDP2"), "FSDP2", 4, "checkpoint-3 holds the FSDP2 shards of 2 processes, this launch has 4: "
-                                          "resume it on 2 processes under FSDP2, or start over with train.resume=never"),
 ])
 def test_sharded_checkpoints_resume_on_their_engine_and_process_count(saved, now, processes, expected, tmp_path):
     with pytest.raises(CheckpointError) as error:
@@ -84,9 +82,10 @@ def test_sharded_checkpoints_resume_on_their_engine_and_process_count(saved, now
     assert str(error.value) == expected
 
 
-def test_a_full_fine_tunes_fsdp2_checkpoint_resumes_on_one_process_keeping_the_global_batch(tmp_path):
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_an_fsdp2_checkpoint_resumes_on_one_process_keeping_the_global_batch(lora, tmp_path):
     """Its shards are read whole (dpo_dist/train/checkpoint.py; the trajectory: test_fsdp.py)."""
-    cfg, said = resumed(tmp_path, Shape(2, 4, 1, "FSDP2"), config(4, lora=False), processes=1)
+    cfg, said = resumed(tmp_path, Shape(2, 4, 1, "FSDP2"), config(4, lora=lora), processes=1)
     assert cfg.train.gradient_accumulation_steps == 2
     assert said.startswith("train.gradient_accumulation_steps 1 -> 2, to keep checkpoint-3's global batch")
 
@@ -98,8 +97,9 @@ def test_a_full_fine_tunes_fsdp2_checkpoint_resumes_on_one_process_keeping_the_g
     ("DDP", 2, False, "checkpoint-3 was written under FSDP2 (2 processes), this launch runs DDP: resume it on 2 "
                       "processes under FSDP2 or on one process (launched without FSDP), or start over with "
                       "train.resume=never"),
-    ("one process", 1, True, "checkpoint-3 was written under FSDP2 (2 processes), this launch runs one process: "
-                             "resume it on 2 processes under FSDP2, or start over with train.resume=never"),
+    ("DDP", 2, True, "checkpoint-3 was written under FSDP2 (2 processes), this launch runs DDP: resume it on 2 "
+                     "processes under FSDP2 or on one process (launched without FSDP), or start over with "
+                     "train.resume=never"),
 ])
 def test_what_an_fsdp2_checkpoint_does_not_resume_on_is_refused_naming_what_does(now, processes, lora, expected,
                                                                                    tmp_path):

@@ -92,7 +92,10 @@ def adapter_only_checkpoints(accelerator: Any, model: Any) -> None:
     def check_file(models: list, input_dir: str) -> None:
         from safetensors import safe_open
 
-        (entry,) = [m for m in models if is_policy(m)]
+        entries = [m for m in models if is_policy(m)]
+        if not entries:  # an FSDP2 checkpoint read whole (_load_fsdp_shards_whole): its shards hold every weight
+            return
+        (entry,) = entries
         expected = trainable(entry)
         path = os.path.join(input_dir, "model.safetensors")
         with safe_open(path, framework="pt") as handle:

@@ -10,8 +10,8 @@ that block over processes and micro-batches, so a resume that keeps the global b
   do not give the checkpoint's global batch but another accumulation does, the accumulation is recomputed and said;
 - one process and DDP write the same files (the adapter or the weights, one optimizer state): any process count;
 - DeepSpeed and FSDP2 checkpoints hold each rank's shards: resumed on the process count that wrote them, under the
-  same engine; a full fine-tune's FSDP2 checkpoint (``torch.distributed.checkpoint``, which records which slice of
-  each tensor every rank holds) also on one process, its weights and optimizer state read whole;
+  same engine; an FSDP2 checkpoint (``torch.distributed.checkpoint``, which records which slice of each tensor
+  every rank holds) also on one process, its weights and optimizer state read whole, full fine-tuning or LoRA;
 - anything else (another global batch, another engine) is refused in one line before any work, naming what would work.
 """
 
@@ -89,13 +89,13 @@ def resume_shape(cfg: Config, now: Shape, path: str) -> tuple[Config, str | None
             raise CheckpointError(f"{name} was written by {processes} processes before checkpoints recorded their batch "
                              f"split: resume it on {processes} processes, or start over with train.resume=never")
         return cfg, None
-    gathered = saved.engine == "FSDP2" and now.engine == "one process" and not cfg.lora.enabled
+    gathered = saved.engine == "FSDP2" and now.engine == "one process"
     if family(saved.engine) != family(now.engine) and not gathered:
         raise CheckpointError(f"{name} was written under {saved.engine} ({saved.processes} processes), this launch runs "
-                         f"{now.engine}: resume it {resumes_under(saved, cfg)}, or start over with train.resume=never")
+                         f"{now.engine}: resume it {resumes_under(saved)}, or start over with train.resume=never")
     if family(saved.engine) == family(now.engine) != "plain" and saved.processes != now.processes:
         raise CheckpointError(f"{name} holds the {saved.engine} shards of {saved.processes} processes, this launch has "
-                         f"{now.processes}: resume it {resumes_under(saved, cfg)}, or start over with "
+                         f"{now.processes}: resume it {resumes_under(saved)}, or start over with "
                          "train.resume=never")
     if now.global_batch == saved.global_batch:
         changed = (now.processes, now.per_device_batch_size) != (saved.processes, saved.per_device_batch_size)
@@ -113,13 +113,11 @@ def resume_shape(cfg: Config, now: Shape, path: str) -> tuple[Config, str | None
                      "over with train.resume=never")
 
 
-def resumes_under(saved: Shape, cfg: Config) -> str:
-    """Where a sharded checkpoint resumes, in words: under its engine on the process count that wrote it, and a full
-    fine-tune's FSDP2 checkpoint also on one process (its shards read whole: :mod:`dpo_dist.train.checkpoint`)."""
+def resumes_under(saved: Shape) -> str:
+    """Where a sharded checkpoint resumes, in words: under its engine on the process count that wrote it, and an FSDP2
+    checkpoint also on one process (its shards read whole: :mod:`dpo_dist.train.checkpoint`)."""
     own = f"on {saved.processes} processes under {saved.engine}"
-    if saved.engine == "FSDP2" and not cfg.lora.enabled:
-        return f"{own} or on one process (launched without FSDP)"
-    return own
+    return f"{own} or on one process (launched without FSDP)" if saved.engine == "FSDP2" else own
 
 
 def options(global_batch: int, now: Shape) -> str:
