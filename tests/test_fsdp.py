@@ -152,6 +152,31 @@ def test_an_fsdp2_checkpoint_resumed_on_one_process_continues_the_run(lora, shar
 
 
 @pytest.mark.multiprocess
+def test_a_one_process_checkpoint_resumed_under_fsdp2_continues_the_run(tiny_model_dir, data_file, tmp_path):
+    """checkpoint-2 of a one-process full fine-tune (8 pairs a step, in this process) resumed by 2 FSDP2 processes
+    with 4 pairs each: every rank reads the whole weights and AdamW moments and keeps its shard, and steps 3-5 are
+    the uninterrupted one-process run's to 1e-5."""
+    from training import reset_accelerate_state, run
+
+    out = tmp_path / "out"
+    reset_accelerate_state()
+    try:
+        run(tiny_model_dir, data_file, out, **sharded_settings(False), **{"train.per_device_batch_size": 8})
+    finally:
+        reset_accelerate_state()
+    whole = read_jsonl(out / "metrics.jsonl")
+    result = launch_fsdp(tiny_model_dir, data_file, out, **sharded_settings(False),
+                         **{"train.resume": str(out / "checkpoint-2")})
+    assert ("resumed checkpoint-2 with its global batch of 8 pairs = 4 per device x 1 accumulation x 2 processes (it "
+            "was written with 8 pairs = 8 per device x 1 accumulation x 1 processes)" in result.stdout), \
+        result.stdout[-3000:]
+    assert f"resumed from {out / 'checkpoint-2'} at step 2" in result.stdout
+    assert_same_trajectory(whole, read_jsonl(out / "metrics.jsonl"), atol=1e-5)
+    assert sorted(os.listdir(out / "checkpoint-4" / "pytorch_model_fsdp_0")) == [".metadata", "__0_0.distcp",
+                                                                                 "__1_0.distcp"]
+
+
+@pytest.mark.multiprocess
 @pytest.mark.parametrize("lora", [False, True], ids=["full-second-sharded-model", "lora-adapters-off"])
 def test_fsdp_online_reference_equals_one_process(lora, one_process, tiny_model_dir, data_file, tmp_path):
     """The online reference under FSDP2 (no precompute): the trajectory of the precomputed single-process run."""

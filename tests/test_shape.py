@@ -108,6 +108,20 @@ def test_what_an_fsdp2_checkpoint_does_not_resume_on_is_refused_naming_what_does
     assert str(error.value) == expected
 
 
+def test_a_one_process_full_fine_tune_resumes_under_fsdp2_a_lora_or_ddp_one_does_not(tmp_path):
+    """Sharded on load (dpo_dist/train/checkpoint.py; the trajectory: test_fsdp.py); an adapter-only checkpoint, or
+    DDP's, is not shown to."""
+    assert resumed(tmp_path, Shape(1, 8, 1, "one process"), config(4, lora=False), processes=2, engine="FSDP2")[1] \
+        .startswith("resumed checkpoint-3 with its global batch of 8 pairs = 4 per device x 1 accumulation x 2")
+    for name, saved, lora, said in (("lora", Shape(1, 8, 1, "one process"), True, "one process (1 processes)"),
+                                    ("ddp", Shape(2, 4, 1, "DDP"), False, "DDP (2 processes)")):
+        (tmp_path / name).mkdir()
+        with pytest.raises(CheckpointError) as error:
+            resumed(tmp_path / name, saved, config(4, lora=lora), processes=2, engine="FSDP2")
+        assert str(error.value) == (f"checkpoint-3 was written under {said}, this launch runs FSDP2: resume it on one "
+                                    "process or DDP, any process count, or start over with train.resume=never")
+
+
 def test_a_checkpoint_from_before_shapes_were_recorded_resumes_on_its_process_count_only(tmp_path):
     path = checkpoint(tmp_path, processes=2)
     cfg = config(4)

@@ -449,8 +449,12 @@ def load_checkpoint(accelerator: Any, path: str, *, adapter_only: bool) -> Train
         # DeepSpeed's own checkpoint format, every rank its shards; a LoRA one holds only the trainable weights
         accelerator.load_state(path, **({"custom_load_fn": _load_trainable(path)} if adapter_only else {}))
         return _at_step_boundary(accelerator, path)
-    if holds_fsdp_shards(path) and getattr(accelerator.state, "fsdp_plugin", None) is None:
+    fsdp = getattr(accelerator.state, "fsdp_plugin", None) is not None
+    if holds_fsdp_shards(path) and not fsdp:
         _load_fsdp_shards_whole(accelerator, path)  # one process: the shards of every rank, put together
+        return _at_step_boundary(accelerator, path)
+    if fsdp and not holds_fsdp_shards(path):
+        _load_whole_into_fsdp(accelerator, path)  # one process's files, each rank taking its shard
         return _at_step_boundary(accelerator, path)
     try:  # adapter-only files hold a subset of the keys; the pre-hook checks them exactly
         accelerator.load_state(path, strict=not adapter_only)
@@ -517,6 +521,55 @@ def _load_fsdp_shards_whole(accelerator: Any, path: str) -> None:
             f"{path} does not fit this model: {str(error).strip().splitlines()[0]} (was it written by another model? "
             "resume with the model it was written with, or set train.resume=never)"
         ) from error
+    models, optimizers = accelerator._models, accelerator._optimizers
+    accelerator._models, accelerator._optimizers = [], []
+    try:
+        accelerator.load_state(path)
+    finally:
+        accelerator._models, accelerator._optimizers = models, optimizers
+
+
+def _load_whole_into_fsdp(accelerator: Any, path: str) -> None:
+    """A one-process checkpoint of a full fine-tune (``model.safetensors``, ``optimizer.bin``) into FSDP2's sharded
+    policy and optimizer: every rank reads the whole files and keeps its shard (torch's ``set_model_state_dict`` and
+    ``set_optimizer_state_dict`` with ``full_state_dict``). The optimizer state numbers the parameters in the order
+    of its parameter groups, which FSDP2 keeps (it shards each parameter in place): the numbers become the names
+    torch's functions expect. A weight tied to another (the output layer) is stored once and may be missing; any
+    other difference is an error. Then Accelerate's ``load_state`` for the rest, as in
+    :func:`_load_fsdp_shards_whole`."""
+    import torch
+    from safetensors.torch import load_file
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    (model,), (optimizer,) = accelerator._models, accelerator._optimizers
+    inner = getattr(optimizer, "optimizer", optimizer)
+    whole = StateDictOptions(full_state_dict=True, strict=False)
+    weights = load_file(os.path.join(path, "model.safetensors"))
+    names = {id(p): name for name, p in model.named_parameters()}  # a tied weight under its first name, as torch's
+    tied = {name for name, p in model.named_parameters(remove_duplicate=False)} - {n for n, _ in model.named_parameters()}
+    found = set(weights)
+    expected = set(model.state_dict())
+    if found - expected or expected - found - tied:
+        odd = sorted((found - expected) | (expected - found - tied))
+        raise CheckpointError(f"{path} does not fit this model ({len(odd)} weights differ, e.g. {odd[0]}): was it "
+                              "written by another model? resume with the model it was written with, or set "
+                              "train.resume=never")
+    set_model_state_dict(model, weights, options=whole)
+    saved = torch.load(os.path.join(path, "optimizer.bin"), map_location="cpu", weights_only=True)
+    order = [names[id(p)] for group in inner.param_groups for p in group["params"]]
+    numbered = [i for group in saved["param_groups"] for i in group["params"]]
+    if len(numbered) != len(order):
+        raise CheckpointError(f"{path}/optimizer.bin holds the state of {len(numbered)} parameters, this policy trains "
+                              f"{len(order)}: was it written by another model? or set train.resume=never")
+    fqn = dict(zip(numbered, order))
+    moments = {"state": {fqn[i]: value for i, value in saved["state"].items()},
+               "param_groups": [{**group, "params": [fqn[i] for i in group["params"]]}
+                                for group in saved["param_groups"]]}
+    set_optimizer_state_dict(model, inner, moments, options=StateDictOptions(full_state_dict=True))
     models, optimizers = accelerator._models, accelerator._optimizers
     accelerator._models, accelerator._optimizers = [], []
     try:

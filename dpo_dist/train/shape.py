@@ -9,6 +9,7 @@ that block over processes and micro-batches, so a resume that keeps the global b
 - same engine family, any split of the same global batch: resumed; where this launch's processes and per-device batch
   do not give the checkpoint's global batch but another accumulation does, the accumulation is recomputed and said;
 - one process and DDP write the same files (the adapter or the weights, one optimizer state): any process count;
+  a one-process full fine-tune also under FSDP2, each rank taking its shard of the weights and optimizer state;
 - DeepSpeed and FSDP2 checkpoints hold each rank's shards: resumed on the process count that wrote them, under the
   same engine; an FSDP2 checkpoint (``torch.distributed.checkpoint``, which records which slice of each tensor
   every rank holds) also on one process, its weights and optimizer state read whole, full fine-tuning or LoRA;
@@ -90,12 +91,13 @@ def resume_shape(cfg: Config, now: Shape, path: str) -> tuple[Config, str | None
                              f"split: resume it on {processes} processes, or start over with train.resume=never")
         return cfg, None
     gathered = saved.engine == "FSDP2" and now.engine == "one process"
+    gathered |= saved.engine == "one process" and now.engine == "FSDP2" and not cfg.lora.enabled  # sharded on load
     if family(saved.engine) != family(now.engine) and not gathered:
         raise CheckpointError(f"{name} was written under {saved.engine} ({saved.processes} processes), this launch runs "
-                         f"{now.engine}: resume it {resumes_under(saved)}, or start over with train.resume=never")
+                         f"{now.engine}: resume it {resumes_under(saved, cfg)}, or start over with train.resume=never")
     if family(saved.engine) == family(now.engine) != "plain" and saved.processes != now.processes:
         raise CheckpointError(f"{name} holds the {saved.engine} shards of {saved.processes} processes, this launch has "
-                         f"{now.processes}: resume it {resumes_under(saved)}, or start over with "
+                         f"{now.processes}: resume it {resumes_under(saved, cfg)}, or start over with "
                          "train.resume=never")
     if now.global_batch == saved.global_batch:
         changed = (now.processes, now.per_device_batch_size) != (saved.processes, saved.per_device_batch_size)
@@ -113,9 +115,13 @@ def resume_shape(cfg: Config, now: Shape, path: str) -> tuple[Config, str | None
                      "over with train.resume=never")
 
 
-def resumes_under(saved: Shape) -> str:
-    """Where a sharded checkpoint resumes, in words: under its engine on the process count that wrote it, and an FSDP2
-    checkpoint also on one process (its shards read whole: :mod:`dpo_dist.train.checkpoint`)."""
+def resumes_under(saved: Shape, cfg: Config) -> str:
+    """Where a checkpoint resumes, in words: one written by one process or DDP on either, any process count, and a
+    full fine-tune's by one process also under FSDP2 (sharded on load); a sharded one under its engine on the process
+    count that wrote it, and an FSDP2 one also on one process (its shards read whole: :mod:`dpo_dist.train.checkpoint`)."""
+    if family(saved.engine) == "plain":
+        fsdp = saved.engine == "one process" and not cfg.lora.enabled
+        return "on one process or DDP, any process count" + (", or under FSDP2" if fsdp else "")
     own = f"on {saved.processes} processes under {saved.engine}"
     return f"{own} or on one process (launched without FSDP)" if saved.engine == "FSDP2" else own
 
