@@ -91,11 +91,11 @@ def test_an_fsdp2_checkpoint_resumes_on_one_process_keeping_the_global_batch(lor
 
 
 @pytest.mark.parametrize("now, processes, lora, expected", [
-    ("FSDP2", 4, False, "checkpoint-3 holds the FSDP2 shards of 2 processes, this launch has 4: resume it on 2 "
-                        "processes under FSDP2 or on one process (launched without FSDP), or start over with "
-                        "train.resume=never"),
-    ("DDP", 2, False, "checkpoint-3 was written under FSDP2 (2 processes), this launch runs DDP: resume it on 2 "
-                      "processes under FSDP2 or on one process (launched without FSDP), or start over with "
+    ("FSDP2", 4, True, "checkpoint-3 holds the FSDP2 shards of 2 processes, this launch has 4: resume it on 2 "
+                       "processes under FSDP2 or on one process (launched without FSDP), or start over with "
+                       "train.resume=never"),
+    ("DDP", 2, False, "checkpoint-3 was written under FSDP2 (2 processes), this launch runs DDP: resume it under "
+                      "FSDP2 on any process count, or on one process (launched without FSDP), or start over with "
                       "train.resume=never"),
     ("DDP", 2, True, "checkpoint-3 was written under FSDP2 (2 processes), this launch runs DDP: resume it on 2 "
                      "processes under FSDP2 or on one process (launched without FSDP), or start over with "
@@ -106,6 +106,12 @@ def test_what_an_fsdp2_checkpoint_does_not_resume_on_is_refused_naming_what_does
     with pytest.raises(CheckpointError) as error:
         resumed(tmp_path, Shape(2, 4, 1, "FSDP2"), config(4, lora=lora), processes=processes, engine=now)
     assert str(error.value) == expected
+
+
+def test_a_full_fine_tunes_fsdp2_checkpoint_resumes_on_another_fsdp2_process_count(tmp_path):
+    """Resharded on load by torch.distributed.checkpoint (the trajectory: test_fsdp.py, 2 -> 4 processes)."""
+    cfg, said = resumed(tmp_path, Shape(2, 4, 1, "FSDP2"), config(2, lora=False), processes=4, engine="FSDP2")
+    assert cfg.train.gradient_accumulation_steps == 1 and said.startswith("resumed checkpoint-3 with its global batch")
 
 
 def test_a_one_process_full_fine_tune_resumes_under_fsdp2_a_lora_or_ddp_one_does_not(tmp_path):

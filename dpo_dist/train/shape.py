@@ -12,7 +12,8 @@ that block over processes and micro-batches, so a resume that keeps the global b
   a one-process full fine-tune also under FSDP2, each rank taking its shard of the weights and optimizer state;
 - DeepSpeed and FSDP2 checkpoints hold each rank's shards: resumed on the process count that wrote them, under the
   same engine; an FSDP2 checkpoint (``torch.distributed.checkpoint``, which records which slice of each tensor
-  every rank holds) also on one process, its weights and optimizer state read whole, full fine-tuning or LoRA;
+  every rank holds) also on one process, its weights and optimizer state read whole, full fine-tuning or LoRA, and a
+  full fine-tune's under FSDP2 on any process count (resharded on load);
 - anything else (another global batch, another engine) is refused in one line before any work, naming what would work.
 """
 
@@ -95,7 +96,8 @@ def resume_shape(cfg: Config, now: Shape, path: str) -> tuple[Config, str | None
     if family(saved.engine) != family(now.engine) and not gathered:
         raise CheckpointError(f"{name} was written under {saved.engine} ({saved.processes} processes), this launch runs "
                          f"{now.engine}: resume it {resumes_under(saved, cfg)}, or start over with train.resume=never")
-    if family(saved.engine) == family(now.engine) != "plain" and saved.processes != now.processes:
+    resharded = saved.engine == now.engine == "FSDP2" and not cfg.lora.enabled  # torch.distributed.checkpoint
+    if family(saved.engine) == family(now.engine) != "plain" and saved.processes != now.processes and not resharded:
         raise CheckpointError(f"{name} holds the {saved.engine} shards of {saved.processes} processes, this launch has "
                          f"{now.processes}: resume it {resumes_under(saved, cfg)}, or start over with "
                          "train.resume=never")
@@ -123,6 +125,8 @@ def resumes_under(saved: Shape, cfg: Config) -> str:
         fsdp = saved.engine == "one process" and not cfg.lora.enabled
         return "on one process or DDP, any process count" + (", or under FSDP2" if fsdp else "")
     own = f"on {saved.processes} processes under {saved.engine}"
+    if saved.engine == "FSDP2" and not cfg.lora.enabled:
+        return "under FSDP2 on any process count, or on one process (launched without FSDP)"
     return f"{own} or on one process (launched without FSDP)" if saved.engine == "FSDP2" else own
 
 
