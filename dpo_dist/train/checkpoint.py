@@ -550,7 +550,7 @@ def _load_whole_into_fsdp(accelerator: Any, path: str) -> None:
     whole = StateDictOptions(full_state_dict=True, strict=False)
     weights = load_file(os.path.join(path, "model.safetensors"))
     names = {id(p): name for name, p in model.named_parameters()}  # a tied weight under its first name, as torch's
-    tied = {name for name, p in model.named_parameters(remove_duplicate=False)} - {n for n, _ in model.named_parameters()}
+    tied = {name for name, _ in model.named_parameters(remove_duplicate=False)} - set(names.values())
     found = set(weights)
     expected = set(model.state_dict())
     if found - expected or expected - found - tied:

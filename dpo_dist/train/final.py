@@ -20,9 +20,9 @@ from dpo_dist.config import STATE_FILE, Config
 from dpo_dist.model.adapters import as_plain_lora
 from dpo_dist.model.load import config_set_to
 from dpo_dist.train.checkpoint import (
+    FSDP_MODEL,
     CheckpointError,
     TrainState,
-    FSDP_MODEL,
     checkpoint_step,
     holds_fsdp_shards,
     latest_checkpoint,

@@ -118,16 +118,18 @@ def resume_shape(cfg: Config, now: Shape, path: str) -> tuple[Config, str | None
 
 
 def resumes_under(saved: Shape, cfg: Config) -> str:
-    """Where a checkpoint resumes, in words: one written by one process or DDP on either, any process count, and a
-    full fine-tune's by one process also under FSDP2 (sharded on load); a sharded one under its engine on the process
-    count that wrote it, and an FSDP2 one also on one process (its shards read whole: :mod:`dpo_dist.train.checkpoint`)."""
+    """Where a checkpoint resumes, in words. One process or DDP: either, any process count, and a one-process full
+    fine-tune's also under FSDP2 (sharded on load). ZeRO: its stage on the process count that wrote it. FSDP2: on one
+    process (its shards read whole: :mod:`dpo_dist.train.checkpoint`), and under FSDP2 on any process count for a full
+    fine-tune (resharded on load), on the one that wrote it for LoRA."""
     if family(saved.engine) == "plain":
         fsdp = saved.engine == "one process" and not cfg.lora.enabled
         return "on one process or DDP, any process count" + (", or under FSDP2" if fsdp else "")
-    own = f"on {saved.processes} processes under {saved.engine}"
-    if saved.engine == "FSDP2" and not cfg.lora.enabled:
-        return "under FSDP2 on any process count, or on one process (launched without FSDP)"
-    return f"{own} or on one process (launched without FSDP)" if saved.engine == "FSDP2" else own
+    if saved.engine != "FSDP2":
+        return f"on {saved.processes} processes under {saved.engine}"
+    if cfg.lora.enabled:
+        return f"on {saved.processes} processes under FSDP2 or on one process (launched without FSDP)"
+    return "under FSDP2 on any process count, or on one process (launched without FSDP)"
 
 
 def options(global_batch: int, now: Shape) -> str:
