@@ -8,8 +8,9 @@
     python launch/push.py outputs/default/checkpoint-200 my-name/smollm2-dpo-sentiment-lora --revision step-200
 
 A checkpoint's weights are first exported to <checkpoint>/model (the adapter or the full model, the tokenizer, and a
-card that says which step), as the run's model/ would hold them had training stopped there; a checkpoint of an FSDP
-or DeepSpeed run holds only per-rank shards and is refused (push the run's final model instead).
+card that says which step), as the run's model/ would hold them had training stopped there; an FSDP2 run's
+checkpoint (each rank's shards, torch.distributed.checkpoint) is consolidated into that one model folder, read whole
+in this process; a DeepSpeed run's per-rank shards are refused (push the run's final model instead).
 
 The folder's README.md (the model card train.py and merge.py write) is uploaded with it; one is written first
 when there is none, or when it is one dpo-dist wrote and nobody has edited (then its loading code names REPO_ID).

@@ -120,6 +120,86 @@ def test_fsdp_resume_equals_uninterrupted(lora, sharded_run, tiny_model_dir, dat
 
 
 @pytest.mark.multiprocess
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_an_fsdp2_checkpoint_resumed_on_one_process_continues_the_run(lora, sharded_run, tiny_model_dir, data_file,
+                                                                     tmp_path, capsys):
+    """checkpoint-2 of the 2-process FSDP2 run (each rank's half of the weights, the frozen base included for LoRA,
+    and of the AdamW moments: torch.distributed.checkpoint) resumed by one process without FSDP, in this process: the
+    shards are read whole, the accumulation recomputed to 2 to keep the global batch of 8, and steps 3-5 are the
+    uninterrupted 2-process run's to 1e-5 (without the moments, step 3's update would be AdamW's first, and the losses
+    of steps 4-5 off by 5e-3 full, 1.5e-3 LoRA). The checkpoints it writes from there are one process's (the weights,
+    or the adapter, in model.safetensors)."""
+    from training import reset_accelerate_state, run
+
+    _, whole_out = sharded_run(lora)
+    out = tmp_path / "out"
+    copy_run(whole_out, out)
+    whole = read_jsonl(out / "metrics.jsonl")
+    reset_accelerate_state()
+    try:
+        run(tiny_model_dir, data_file, out, **sharded_settings(lora),
+            **{"train.per_device_batch_size": 4, "train.resume": str(out / "checkpoint-2")})
+    finally:
+        reset_accelerate_state()
+    said = capsys.readouterr().out
+    assert ("train.gradient_accumulation_steps 1 -> 2, to keep checkpoint-2's global batch: 8 pairs = 4 per device x 2 "
+            "accumulation x 1 processes (it was written with 8 pairs = 4 per device x 1 accumulation x 2 processes)"
+            in said), said[-3000:]
+    assert f"resumed from {out / 'checkpoint-2'} at step 2 (16 pairs seen)" in said
+    assert_same_trajectory(whole, read_jsonl(out / "metrics.jsonl"), atol=1e-5)
+    assert os.path.isfile(out / "checkpoint-4" / "model.safetensors")
+    assert not os.path.exists(out / "checkpoint-4" / "pytorch_model_fsdp_0")
+
+
+@pytest.mark.multiprocess
+def test_a_full_fsdp2_checkpoint_resumed_on_4_fsdp2_processes_continues_the_run(sharded_run, tiny_model_dir,
+                                                                                data_file, tmp_path):
+    """checkpoint-2 of the 2-process FSDP2 full fine-tune resumed by 4 FSDP2 processes with 2 pairs each (the same
+    global batch of 8): torch.distributed.checkpoint reshards the weights and AdamW moments from halves into
+    quarters on load, and steps 3-5 are the uninterrupted 2-process run's to 1e-5."""
+    _, whole_out = sharded_run(False)
+    out = tmp_path / "out"
+    copy_run(whole_out, out)
+    whole = read_jsonl(out / "metrics.jsonl")
+    command = accelerate_launch("--config_file", os.path.join(ROOT, "accelerate_configs", "fsdp.yaml"),
+                                "--num_processes", "4", os.path.join(ROOT, "launch", "train.py"))
+    command += overrides(tiny_model_dir, data_file, out, **{**sharded_settings(False), "train.per_device_batch_size": 2,
+                                                            "train.resume": str(out / "checkpoint-2")})
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert ("resumed checkpoint-2 with its global batch of 8 pairs = 2 per device x 1 accumulation x 4 processes (it "
+            "was written with 8 pairs = 4 per device x 1 accumulation x 2 processes)" in result.stdout)
+    assert "FSDP2: parameters, gradients and optimizer state sharded over 4 processes" in result.stdout
+    assert_same_trajectory(whole, read_jsonl(out / "metrics.jsonl"), atol=1e-5)
+    assert len(os.listdir(out / "checkpoint-4" / "optimizer_0")) == 5  # .metadata and a file per rank
+
+
+@pytest.mark.multiprocess
+def test_a_one_process_checkpoint_resumed_under_fsdp2_continues_the_run(tiny_model_dir, data_file, tmp_path):
+    """checkpoint-2 of a one-process full fine-tune (8 pairs a step, in this process) resumed by 2 FSDP2 processes
+    with 4 pairs each: every rank reads the whole weights and AdamW moments and keeps its shard, and steps 3-5 are
+    the uninterrupted one-process run's to 1e-5."""
+    from training import reset_accelerate_state, run
+
+    out = tmp_path / "out"
+    reset_accelerate_state()
+    try:
+        run(tiny_model_dir, data_file, out, **sharded_settings(False), **{"train.per_device_batch_size": 8})
+    finally:
+        reset_accelerate_state()
+    whole = read_jsonl(out / "metrics.jsonl")
+    result = launch_fsdp(tiny_model_dir, data_file, out, **sharded_settings(False),
+                         **{"train.resume": str(out / "checkpoint-2")})
+    assert ("resumed checkpoint-2 with its global batch of 8 pairs = 4 per device x 1 accumulation x 2 processes (it "
+            "was written with 8 pairs = 8 per device x 1 accumulation x 1 processes)" in result.stdout), \
+        result.stdout[-3000:]
+    assert f"resumed from {out / 'checkpoint-2'} at step 2" in result.stdout
+    assert_same_trajectory(whole, read_jsonl(out / "metrics.jsonl"), atol=1e-5)
+    assert sorted(os.listdir(out / "checkpoint-4" / "pytorch_model_fsdp_0")) == [".metadata", "__0_0.distcp",
+                                                                                 "__1_0.distcp"]
+
+
+@pytest.mark.multiprocess
 @pytest.mark.parametrize("lora", [False, True], ids=["full-second-sharded-model", "lora-adapters-off"])
 def test_fsdp_online_reference_equals_one_process(lora, one_process, tiny_model_dir, data_file, tmp_path):
     """The online reference under FSDP2 (no precompute): the trajectory of the precomputed single-process run."""
@@ -250,23 +330,46 @@ def test_fsdp_samples_equal_one_process(sampled_runs):
 
 
 @pytest.mark.multiprocess
-def test_an_fsdp_checkpoint_is_not_pushed_the_final_model_is(sampled_runs, monkeypatch, capsys):
-    """An FSDP checkpoint holds each rank's shards (torch.distributed.checkpoint), not a model: launch/push.py says so
-    and names what to push instead, before anything is written or sent."""
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_an_fsdp_checkpoint_is_pushed_as_one_model_equal_to_the_runs_export(lora, sharded_run, tiny_model_dir,
+                                                                          tmp_path, monkeypatch, capsys):
+    """launch/push.py on checkpoint-5 of the 2-process FSDP2 run: its torch.distributed.checkpoint shards are read
+    whole into one model folder (for LoRA, the adapter), the weights of the run's own final export (model/, gathered
+    by the trainer at the same step 5) bit for bit, and that folder is what is uploaded."""
     import huggingface_hub
+    from safetensors.torch import load_file
 
-    _, _, fsdp = sampled_runs
-    calls = []
+    _, whole_out = sharded_run(lora)
+    out = tmp_path / "out"
+    copy_run(whole_out, out)
+    uploaded = []
+
+    class Hub:
+        def __init__(self, token=None):
+            pass
+
+        def create_repo(self, repo_id, **_):
+            return f"https://huggingface.co/{repo_id}"
+
+        def upload_folder(self, folder_path, **_):
+            uploaded.append(folder_path)
+
     monkeypatch.setattr(huggingface_hub, "get_token", lambda: "hf_test")
-    monkeypatch.setattr(huggingface_hub, "HfApi", lambda token=None: calls.append(token))
+    monkeypatch.setattr(huggingface_hub, "HfApi", Hub)
     monkeypatch.syspath_prepend(os.path.join(ROOT, "launch"))
     import push
 
-    checkpoint = fsdp / "checkpoint-5"
-    assert os.path.isdir(checkpoint / "pytorch_model_fsdp_0")
-    assert push.main([str(checkpoint), "me/x"]) == 1
-    err = capsys.readouterr().err
-    assert err == (f"error: {checkpoint} holds each rank's FSDP shards, not weights that load as a model (checkpoints "
-                   f"of sharded runs are for resuming): push the run's final model instead (python launch/push.py "
-                   f"{fsdp} REPO_ID), which the trainer saves gathered into one model\n")
-    assert calls == [] and not os.path.exists(checkpoint / "model")
+    checkpoint = out / "checkpoint-5"
+    assert sorted(os.listdir(checkpoint / "pytorch_model_fsdp_0")) == [".metadata", "__0_0.distcp", "__1_0.distcp"]
+    assert push.main([str(checkpoint), "me/x"]) == 0, capsys.readouterr().err
+    assert uploaded == [str(checkpoint / "model")]
+    name = "adapter_model.safetensors" if lora else "model.safetensors"
+    exported, final = load_file(checkpoint / "model" / name), load_file(out / "model" / name)
+    if not lora:  # the final export also stores the output layer tied to the embeddings; model.save_pretrained once
+        assert set(final) - set(exported) == {"lm_head.weight"}
+        assert torch.equal(final.pop("lm_head.weight"), exported["model.embed_tokens.weight"])
+    assert sorted(exported) == sorted(final)
+    for name, tensor in final.items():
+        assert torch.equal(exported[name], tensor), name
+    torch.testing.assert_close(exported_logits(checkpoint / "model", tiny_model_dir, lora),
+                               exported_logits(out / "model", tiny_model_dir, lora), atol=0, rtol=0)

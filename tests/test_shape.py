@@ -22,8 +22,9 @@ def checkpoint(tmp_path, shape=None, processes=1):
     return str(folder)
 
 
-def config(batch, accumulation=1):
-    return load_config(None, [f"train.per_device_batch_size={batch}", f"train.gradient_accumulation_steps={accumulation}"])
+def config(batch, accumulation=1, lora=True):
+    return load_config(None, [f"train.per_device_batch_size={batch}", f"train.gradient_accumulation_steps={accumulation}",
+                              f"lora.enabled={str(lora).lower()}"])
 
 
 def resumed(tmp_path, saved, cfg, processes, engine=None, accumulation_given=False):
@@ -80,17 +81,61 @@ def test_three_processes_cannot_split_eight_pairs(tmp_path):
 
 @pytest.mark.parametrize("saved, now, processes, expected", [
     (Shape(2, 4, 1, "ZeRO-3"), "DDP", 2, "checkpoint-3 was written under ZeRO-3 (2 processes), this launch runs DDP: "
-                                        "resume it under ZeRO-3, or start over with train.resume=never"),
+                                        "resume it on 2 processes under ZeRO-3, or start over with train.resume=never"),
     (Shape(2, 4, 1, "ZeRO-3"), "ZeRO-3", 1, "checkpoint-3 holds the ZeRO-3 shards of 2 processes, this launch has 1: "
                                             "resume it on 2 processes under ZeRO-3, or start over with "
                                             "train.resume=never"),
-    (Shape(2, 4, 1, "FSDP2"), "FSDP2", 4, "checkpoint-3 holds the FSDP2 shards of 2 processes, this launch has 4: "
-                                          "resume it on 2 processes under FSDP2, or start over with train.resume=never"),
 ])
 def test_sharded_checkpoints_resume_on_their_engine_and_process_count(saved, now, processes, expected, tmp_path):
     with pytest.raises(CheckpointError) as error:
         resumed(tmp_path, saved, config(4), processes=processes, engine=now)
     assert str(error.value) == expected
+
+
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_an_fsdp2_checkpoint_resumes_on_one_process_keeping_the_global_batch(lora, tmp_path):
+    """Its shards are read whole (dpo_dist/train/checkpoint.py; the trajectory: test_fsdp.py)."""
+    cfg, said = resumed(tmp_path, Shape(2, 4, 1, "FSDP2"), config(4, lora=lora), processes=1)
+    assert cfg.train.gradient_accumulation_steps == 2
+    assert said.startswith("train.gradient_accumulation_steps 1 -> 2, to keep checkpoint-3's global batch")
+
+
+@pytest.mark.parametrize("now, processes, lora, expected", [
+    ("FSDP2", 4, True, "checkpoint-3 holds the FSDP2 shards of 2 processes, this launch has 4: resume it on 2 "
+                       "processes under FSDP2 or on one process (launched without FSDP), or start over with "
+                       "train.resume=never"),
+    ("DDP", 2, False, "checkpoint-3 was written under FSDP2 (2 processes), this launch runs DDP: resume it under "
+                      "FSDP2 on any process count, or on one process (launched without FSDP), or start over with "
+                      "train.resume=never"),
+    ("DDP", 2, True, "checkpoint-3 was written under FSDP2 (2 processes), this launch runs DDP: resume it on 2 "
+                     "processes under FSDP2 or on one process (launched without FSDP), or start over with "
+                     "train.resume=never"),
+])
+def test_what_an_fsdp2_checkpoint_does_not_resume_on_is_refused_naming_what_does(now, processes, lora, expected,
+                                                                                   tmp_path):
+    with pytest.raises(CheckpointError) as error:
+        resumed(tmp_path, Shape(2, 4, 1, "FSDP2"), config(4, lora=lora), processes=processes, engine=now)
+    assert str(error.value) == expected
+
+
+def test_a_full_fine_tunes_fsdp2_checkpoint_resumes_on_another_fsdp2_process_count(tmp_path):
+    """Resharded on load by torch.distributed.checkpoint (the trajectory: test_fsdp.py, 2 -> 4 processes)."""
+    cfg, said = resumed(tmp_path, Shape(2, 4, 1, "FSDP2"), config(2, lora=False), processes=4, engine="FSDP2")
+    assert cfg.train.gradient_accumulation_steps == 1 and said.startswith("resumed checkpoint-3 with its global batch")
+
+
+def test_a_one_process_full_fine_tune_resumes_under_fsdp2_a_lora_or_ddp_one_does_not(tmp_path):
+    """Sharded on load (dpo_dist/train/checkpoint.py; the trajectory: test_fsdp.py); an adapter-only checkpoint, or
+    DDP's, is not shown to."""
+    assert resumed(tmp_path, Shape(1, 8, 1, "one process"), config(4, lora=False), processes=2, engine="FSDP2")[1] \
+        .startswith("resumed checkpoint-3 with its global batch of 8 pairs = 4 per device x 1 accumulation x 2")
+    for name, saved, lora, said in (("lora", Shape(1, 8, 1, "one process"), True, "one process (1 processes)"),
+                                    ("ddp", Shape(2, 4, 1, "DDP"), False, "DDP (2 processes)")):
+        (tmp_path / name).mkdir()
+        with pytest.raises(CheckpointError) as error:
+            resumed(tmp_path / name, saved, config(4, lora=lora), processes=2, engine="FSDP2")
+        assert str(error.value) == (f"checkpoint-3 was written under {said}, this launch runs FSDP2: resume it on one "
+                                    "process or DDP, any process count, or start over with train.resume=never")
 
 
 def test_a_checkpoint_from_before_shapes_were_recorded_resumes_on_its_process_count_only(tmp_path):

@@ -49,8 +49,9 @@ def export_checkpoint(path: str) -> str:
     """The weights of the checkpoint ``path`` as a model folder, ``<path>/model``: what the run's ``model/`` would
     hold had training stopped there (:func:`~dpo_dist.train.final.save_checkpoint_model`: the LoRA adapter, or the full
     model with the base's ``use_cache`` and dropout, and the tokenizer), and a card that says which step and shows the
-    metrics up to it. Written once, atomically (an existing ``<path>/model`` is returned as it is). A checkpoint that
-    holds no loadable weights (an FSDP or DeepSpeed run's shards) or does not fit its run's config is a
+    metrics up to it. Written once, atomically (an existing ``<path>/model`` is returned as it is). An FSDP2 run's
+    checkpoint is consolidated from its shards. A checkpoint that holds no loadable weights (a DeepSpeed run's
+    shards) or does not fit its run's config is a
     :class:`~dpo_dist.train.checkpoint.CheckpointError`, raised before anything is written."""
     out = os.path.join(path, "model")
     if any(os.path.isfile(os.path.join(out, name)) for name in MODEL_FILES):

@@ -96,7 +96,10 @@ def adapter_only_checkpoints(accelerator: Any, model: Any) -> None:
     def check_file(models: list, input_dir: str) -> None:
         from safetensors import safe_open
 
-        (entry,) = [m for m in models if is_policy(m)]
+        entries = [m for m in models if is_policy(m)]
+        if not entries:  # an FSDP2 checkpoint read whole (_load_fsdp_shards_whole): its shards hold every weight
+            return
+        (entry,) = entries
         expected = trainable(entry)
         path = os.path.join(input_dir, "model.safetensors")
         with safe_open(path, framework="pt") as handle:
@@ -451,6 +454,13 @@ def load_checkpoint(accelerator: Any, path: str, *, adapter_only: bool) -> Train
         # DeepSpeed's own checkpoint format, every rank its shards; a LoRA one holds only the trainable weights
         accelerator.load_state(path, **({"custom_load_fn": _load_trainable(path)} if adapter_only else {}))
         return _at_step_boundary(accelerator, path)
+    fsdp = getattr(accelerator.state, "fsdp_plugin", None) is not None
+    if holds_fsdp_shards(path) and not fsdp:
+        _load_fsdp_shards_whole(accelerator, path)  # one process: the shards of every rank, put together
+        return _at_step_boundary(accelerator, path)
+    if fsdp and not holds_fsdp_shards(path):
+        _load_whole_into_fsdp(accelerator, path)  # one process's files, each rank taking its shard
+        return _at_step_boundary(accelerator, path)
     try:  # adapter-only files hold a subset of the keys; the pre-hook checks them exactly
         accelerator.load_state(path, strict=not adapter_only)
     except CheckpointError:
@@ -461,6 +471,116 @@ def load_checkpoint(accelerator: Any, path: str, *, adapter_only: bool) -> Train
             "with the model it was written with, or set train.resume=never)"
         ) from error
     return _at_step_boundary(accelerator, path)
+
+
+FSDP_MODEL, FSDP_OPTIMIZER = "pytorch_model_fsdp_0", "optimizer_0"  # Accelerate's torch.distributed.checkpoint folders
+
+
+def holds_fsdp_shards(path: str) -> bool:
+    """Whether the checkpoint ``path`` was written under FSDP2: its weights and optimizer state as
+    ``torch.distributed.checkpoint`` folders, a file per rank and a ``.metadata`` that says which slice each holds."""
+    return os.path.isdir(os.path.join(path, FSDP_MODEL))
+
+
+def read_sharded(folder: str, key: str, template: dict[str, Any]) -> dict[str, Any]:
+    """The ``torch.distributed.checkpoint`` folder ``folder`` (saved as ``{key: state}``) read into ``template``, a
+    state dict of whole tensors with the same names: each tensor is filled from the slices every rank wrote, so the
+    shards of N processes become the tensors of one, bit for bit. Without a process group it reads in this process
+    alone (``torch.distributed.checkpoint.load``'s ``no_dist``); a name the checkpoint lacks is an error."""
+    import warnings
+
+    import torch.distributed.checkpoint as dcp
+
+    loaded = {key: template}
+    with warnings.catch_warnings():  # what is meant here, said at every call
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized",
+                                category=UserWarning)
+        dcp.load(loaded, storage_reader=dcp.FileSystemReader(folder))
+    return loaded[key]
+
+
+def _load_fsdp_shards_whole(accelerator: Any, path: str) -> None:
+    """An FSDP2 checkpoint (any number of ranks) into this one process's unsharded policy and optimizer: the weights
+    and AdamW moments resharded into whole tensors (:func:`read_sharded`), through torch's
+    ``get/set_model_state_dict`` and ``get/set_optimizer_state_dict``, the functions Accelerate's FSDP2 save and load
+    use, so the names are the ones they wrote (parameter names, not optimizer indices). Then Accelerate's
+    ``load_state`` for the rest (the schedule, the RNG states of rank 0, the step count), with its model and optimizer
+    lists left empty for the call: it would look for ``model.safetensors`` and ``optimizer.bin``, which FSDP2 does not
+    write."""
+    from torch.distributed.checkpoint.state_dict import (
+        get_model_state_dict,
+        get_optimizer_state_dict,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    (model,), (optimizer,) = accelerator._models, accelerator._optimizers
+    inner = getattr(optimizer, "optimizer", optimizer)  # Accelerate's wrapper holds the torch optimizer
+    try:
+        weights = read_sharded(os.path.join(path, FSDP_MODEL), "model", get_model_state_dict(model))
+        set_model_state_dict(model, weights)
+        moments = read_sharded(os.path.join(path, FSDP_OPTIMIZER), "optimizer", get_optimizer_state_dict(model, inner))
+        set_optimizer_state_dict(model, inner, moments)
+    except (RuntimeError, ValueError, KeyError) as error:
+        raise CheckpointError(
+            f"{path} does not fit this model: {str(error).strip().splitlines()[0]} (was it written by another model? "
+            "resume with the model it was written with, or set train.resume=never)"
+        ) from error
+    models, optimizers = accelerator._models, accelerator._optimizers
+    accelerator._models, accelerator._optimizers = [], []
+    try:
+        accelerator.load_state(path)
+    finally:
+        accelerator._models, accelerator._optimizers = models, optimizers
+
+
+def _load_whole_into_fsdp(accelerator: Any, path: str) -> None:
+    """A one-process checkpoint of a full fine-tune (``model.safetensors``, ``optimizer.bin``) into FSDP2's sharded
+    policy and optimizer: every rank reads the whole files and keeps its shard (torch's ``set_model_state_dict`` and
+    ``set_optimizer_state_dict`` with ``full_state_dict``). The optimizer state numbers the parameters in the order
+    of its parameter groups, which FSDP2 keeps (it shards each parameter in place): the numbers become the names
+    torch's functions expect. A weight tied to another (the output layer) is stored once and may be missing; any
+    other difference is an error. Then Accelerate's ``load_state`` for the rest, as in
+    :func:`_load_fsdp_shards_whole`."""
+    import torch
+    from safetensors.torch import load_file
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    (model,), (optimizer,) = accelerator._models, accelerator._optimizers
+    inner = getattr(optimizer, "optimizer", optimizer)
+    whole = StateDictOptions(full_state_dict=True, strict=False)
+    weights = load_file(os.path.join(path, "model.safetensors"))
+    names = {id(p): name for name, p in model.named_parameters()}  # a tied weight under its first name, as torch's
+    tied = {name for name, _ in model.named_parameters(remove_duplicate=False)} - set(names.values())
+    found = set(weights)
+    expected = set(model.state_dict())
+    if found - expected or expected - found - tied:
+        odd = sorted((found - expected) | (expected - found - tied))
+        raise CheckpointError(f"{path} does not fit this model ({len(odd)} weights differ, e.g. {odd[0]}): was it "
+                              "written by another model? resume with the model it was written with, or set "
+                              "train.resume=never")
+    set_model_state_dict(model, weights, options=whole)
+    saved = torch.load(os.path.join(path, "optimizer.bin"), map_location="cpu", weights_only=True)
+    order = [names[id(p)] for group in inner.param_groups for p in group["params"]]
+    numbered = [i for group in saved["param_groups"] for i in group["params"]]
+    if len(numbered) != len(order):
+        raise CheckpointError(f"{path}/optimizer.bin holds the state of {len(numbered)} parameters, this policy trains "
+                              f"{len(order)}: was it written by another model? or set train.resume=never")
+    fqn = dict(zip(numbered, order))
+    moments = {"state": {fqn[i]: value for i, value in saved["state"].items()},
+               "param_groups": [{**group, "params": [fqn[i] for i in group["params"]]}
+                                for group in saved["param_groups"]]}
+    set_optimizer_state_dict(model, inner, moments, options=StateDictOptions(full_state_dict=True))
+    models, optimizers = accelerator._models, accelerator._optimizers
+    accelerator._models, accelerator._optimizers = [], []
+    try:
+        accelerator.load_state(path)
+    finally:
+        accelerator._models, accelerator._optimizers = models, optimizers
 
 
 def _at_step_boundary(accelerator: Any, path: str) -> TrainState:

@@ -20,11 +20,14 @@ from dpo_dist.config import STATE_FILE, Config
 from dpo_dist.model.adapters import as_plain_lora
 from dpo_dist.model.load import config_set_to
 from dpo_dist.train.checkpoint import (
+    FSDP_MODEL,
     CheckpointError,
     TrainState,
     checkpoint_step,
+    holds_fsdp_shards,
     latest_checkpoint,
     load_checkpoint,
+    read_sharded,
     save_checkpoint,
 )
 from dpo_dist.train.disk import reporting_full_disk, tensor_bytes
@@ -53,7 +56,7 @@ def save_final_model(accelerator: Any, model: Any, tokenizer: Any, path: str, *,
     accelerator.wait_for_everyone()
 
 
-SHARDED_STATE = {"pytorch_model_fsdp_0": "FSDP", "pytorch_model": "DeepSpeed"}  # the folder each writes its shards to
+SHARDED_STATE = {"pytorch_model": "DeepSpeed"}  # the folder it writes its shards to (FSDP2's are read whole)
 
 
 def save_checkpoint_model(path: str, folder: str) -> None:
@@ -62,9 +65,10 @@ def save_checkpoint_model(path: str, folder: str) -> None:
     dropout, and the tokenizer (:func:`dpo_dist.publish.export.export_checkpoint` adds the card and renames it into
     place). The run's ``config.yaml`` (the folder above) says how to build the policy; it is built on the CPU (for
     LoRA with its base in full precision, whatever the run's quantization: only the adapter is saved) in the dtype of
-    the checkpoint's weights, which must then fit it name for name. A checkpoint of an FSDP or DeepSpeed run holds
-    each rank's shards: a :class:`CheckpointError` that says so and what to push instead. Every error is raised
-    before ``folder`` is touched."""
+    the checkpoint's weights, which must then fit it name for name. An FSDP2 run's checkpoint holds each rank's shards
+    (``torch.distributed.checkpoint``): they are read whole (:func:`fsdp_weights`; for LoRA the adapter is kept of
+    them). A DeepSpeed run's shards are a :class:`CheckpointError` that says so and what to push instead. Every
+    error is raised before ``folder`` is touched."""
     import torch
     from safetensors.torch import load_file
 
@@ -73,7 +77,10 @@ def save_checkpoint_model(path: str, folder: str) -> None:
 
     run = os.path.dirname(os.path.abspath(path))
     weights = os.path.join(path, "model.safetensors")
-    if not os.path.isfile(weights):
+    fsdp = holds_fsdp_shards(path)
+    if fsdp:
+        weights = os.path.join(path, FSDP_MODEL)
+    elif not os.path.isfile(weights):
         sharded = [kind for folder, kind in SHARDED_STATE.items() if os.path.isdir(os.path.join(path, folder))]
         what = f"each rank's {sharded[0]} shards" if sharded else "no model.safetensors"
         raise CheckpointError(
@@ -84,7 +91,7 @@ def save_checkpoint_model(path: str, folder: str) -> None:
     cfg = run_config(path)
     if cfg is None:
         raise CheckpointError(f"{path}: no config.yaml in {run}: which model the checkpoint belongs to is unknown")
-    state = load_file(weights)
+    state = fsdp_weights(weights) if fsdp else load_file(weights)
     if state and all(name.startswith("module.") for name in state):  # written by a DDP run (its wrapper's names)
         state = {name.removeprefix("module."): tensor for name, tensor in state.items()}
     dtype = next((t.dtype for t in state.values() if t.is_floating_point()), torch.float32)
@@ -92,6 +99,8 @@ def save_checkpoint_model(path: str, folder: str) -> None:
     model, tokenizer = load_policy(cfg, torch.device("cpu"), dtype)
     own = model.state_dict()
     expected = {name for name, p in model.named_parameters() if p.requires_grad} if cfg.lora.enabled else set(own)
+    if fsdp and cfg.lora.enabled:  # FSDP2 stores the frozen base too: the adapter is what model/ holds
+        state = {name: tensor for name, tensor in state.items() if name in expected or name not in own}
     stored = {own[name].data_ptr() for name in state if name in own}
     missing = sorted(name for name in expected - set(state)
                      if cfg.lora.enabled or own[name].data_ptr() not in stored)  # a tied weight is stored once
@@ -111,6 +120,20 @@ def save_checkpoint_model(path: str, folder: str) -> None:
     if cfg.lora.enabled:
         as_plain_lora(folder, run)
     tokenizer.save_pretrained(folder)
+
+
+def fsdp_weights(folder: str) -> dict[str, Any]:
+    """The weights an FSDP2 checkpoint's ``torch.distributed.checkpoint`` folder holds, as whole tensors by name:
+    every rank's slices put together (:func:`~dpo_dist.train.checkpoint.read_sharded`), in this process, with no
+    process group. The names and shapes come from the folder's ``.metadata``."""
+    import torch
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    stored = FileSystemReader(folder).read_metadata().state_dict_metadata
+    template = {name.removeprefix("model."): torch.empty(meta.size, dtype=meta.properties.dtype)
+                for name, meta in stored.items() if isinstance(meta, TensorStorageMetadata)}
+    return read_sharded(folder, "model", template)
 
 
 def _export_bytes(unwrapped: Any, state_dict: dict, tokenizer: Any) -> tuple[int, str]:

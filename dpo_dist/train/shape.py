@@ -9,8 +9,11 @@ that block over processes and micro-batches, so a resume that keeps the global b
 - same engine family, any split of the same global batch: resumed; where this launch's processes and per-device batch
   do not give the checkpoint's global batch but another accumulation does, the accumulation is recomputed and said;
 - one process and DDP write the same files (the adapter or the weights, one optimizer state): any process count;
+  a one-process full fine-tune also under FSDP2, each rank taking its shard of the weights and optimizer state;
 - DeepSpeed and FSDP2 checkpoints hold each rank's shards: resumed on the process count that wrote them, under the
-  same engine;
+  same engine; an FSDP2 checkpoint (``torch.distributed.checkpoint``, which records which slice of each tensor
+  every rank holds) also on one process, its weights and optimizer state read whole, full fine-tuning or LoRA, and a
+  full fine-tune's under FSDP2 on any process count (resharded on load);
 - anything else (another global batch, another engine) is refused in one line before any work, naming what would work.
 """
 
@@ -91,13 +94,16 @@ def resume_shape(cfg: Config, now: Shape, path: str, *, accumulation_given: bool
             raise CheckpointError(f"{name} was written by {processes} processes before checkpoints recorded their batch "
                              f"split: resume it on {processes} processes, or start over with train.resume=never")
         return cfg, None
-    if family(saved.engine) != family(now.engine):
+    gathered = saved.engine == "FSDP2" and now.engine == "one process"
+    gathered |= saved.engine == "one process" and now.engine == "FSDP2" and not cfg.lora.enabled  # sharded on load
+    if family(saved.engine) != family(now.engine) and not gathered:
         raise CheckpointError(f"{name} was written under {saved.engine} ({saved.processes} processes), this launch runs "
-                         f"{now.engine}: resume it under {saved.engine}, or start over with train.resume=never")
-    if family(saved.engine) != "plain" and saved.processes != now.processes:
+                         f"{now.engine}: resume it {resumes_under(saved, cfg)}, or start over with train.resume=never")
+    resharded = saved.engine == now.engine == "FSDP2" and not cfg.lora.enabled  # torch.distributed.checkpoint
+    if family(saved.engine) == family(now.engine) != "plain" and saved.processes != now.processes and not resharded:
         raise CheckpointError(f"{name} holds the {saved.engine} shards of {saved.processes} processes, this launch has "
-                         f"{now.processes}: resume it on {saved.processes} processes under {saved.engine}, or start "
-                         "over with train.resume=never")
+                         f"{now.processes}: resume it {resumes_under(saved, cfg)}, or start over with "
+                         "train.resume=never")
     if now.global_batch == saved.global_batch:
         changed = (now.processes, now.per_device_batch_size) != (saved.processes, saved.per_device_batch_size)
         return cfg, (f"resumed {name} with its global batch of {now.said()} (it was written with "
@@ -112,6 +118,21 @@ def resume_shape(cfg: Config, now: Shape, path: str, *, accumulation_given: bool
     raise CheckpointError(f"{name} was trained with a global batch of {saved.said()}; {now.said()} is another, and "
                      f"continuing would change the run's batch mid-way: {options(saved.global_batch, now)}, or start "
                      "over with train.resume=never")
+
+
+def resumes_under(saved: Shape, cfg: Config) -> str:
+    """Where a checkpoint resumes, in words. One process or DDP: either, any process count, and a one-process full
+    fine-tune's also under FSDP2 (sharded on load). ZeRO: its stage on the process count that wrote it. FSDP2: on one
+    process (its shards read whole: :mod:`dpo_dist.train.checkpoint`), and under FSDP2 on any process count for a full
+    fine-tune (resharded on load), on the one that wrote it for LoRA."""
+    if family(saved.engine) == "plain":
+        fsdp = saved.engine == "one process" and not cfg.lora.enabled
+        return "on one process or DDP, any process count" + (", or under FSDP2" if fsdp else "")
+    if saved.engine != "FSDP2":
+        return f"on {saved.processes} processes under {saved.engine}"
+    if cfg.lora.enabled:
+        return f"on {saved.processes} processes under FSDP2 or on one process (launched without FSDP)"
+    return "under FSDP2 on any process count, or on one process (launched without FSDP)"
 
 
 def options(global_batch: int, now: Shape) -> str:
