@@ -29,7 +29,7 @@ def ran_as(processes):
         "sdpa-packed": ["packing: on", "LoRA adapters in fp32, bf16 compute"],
         "zero3-full": ["packing: on", sharded, "fp32 master weights in DeepSpeed's optimizer"],
         "fsdp2-full": ["packing: on", sharded, fsdp],
-        "qlora": ["packing: on", "frozen 4bit base"],
+        "qlora": ["packing: on", "frozen base of 4-bit NF4"],
     }
 
 
