@@ -526,6 +526,12 @@ def _load_fsdp_shards_whole(accelerator: Any, path: str) -> None:
             f"{path} does not fit this model: {str(error).strip().splitlines()[0]} (was it written by another model? "
             "resume with the model it was written with, or set train.resume=never)"
         ) from error
+    _load_all_but_model_and_optimizer(accelerator, path)
+
+
+def _load_all_but_model_and_optimizer(accelerator: Any, path: str) -> None:
+    """Accelerate's ``load_state`` for what a checkpoint holds besides the policy and its optimizer (the scheduler, the
+    RNG states), whose weights and moments the caller has loaded itself: Accelerate's lists of them hidden meanwhile."""
     models, optimizers = accelerator._models, accelerator._optimizers
     accelerator._models, accelerator._optimizers = [], []
     try:
@@ -540,8 +546,7 @@ def _load_whole_into_fsdp(accelerator: Any, path: str) -> None:
     ``set_optimizer_state_dict`` with ``full_state_dict``). The optimizer state numbers the parameters in the order
     of its parameter groups, which FSDP2 keeps (it shards each parameter in place): the numbers become the names
     torch's functions expect. A weight tied to another (the output layer) is stored once and may be missing; any
-    other difference is an error. Then Accelerate's ``load_state`` for the rest, as in
-    :func:`_load_fsdp_shards_whole`."""
+    other difference is an error. Then :func:`_load_all_but_model_and_optimizer`."""
     import torch
     from safetensors.torch import load_file
     from torch.distributed.checkpoint.state_dict import (
@@ -575,12 +580,7 @@ def _load_whole_into_fsdp(accelerator: Any, path: str) -> None:
                "param_groups": [{**group, "params": [fqn[i] for i in group["params"]]}
                                 for group in saved["param_groups"]]}
     set_optimizer_state_dict(model, inner, moments, options=StateDictOptions(full_state_dict=True))
-    models, optimizers = accelerator._models, accelerator._optimizers
-    accelerator._models, accelerator._optimizers = [], []
-    try:
-        accelerator.load_state(path)
-    finally:
-        accelerator._models, accelerator._optimizers = models, optimizers
+    _load_all_but_model_and_optimizer(accelerator, path)
 
 
 def _at_step_boundary(accelerator: Any, path: str) -> TrainState:
