@@ -51,7 +51,7 @@ class Silence:
     def begin(self, bar: "LineProgress") -> None:
         with self.lock:
             now = bar.started
-            if self.since is None or self.active is None or now - self.active >= bar.interval_s:
+            if self.since is None or not self.open and (self.active is None or now - self.active >= bar.interval_s):
                 self.since = now  # after a gap without stages (loading, writing), the count starts again
             self.active = now
             self.open.append(bar)

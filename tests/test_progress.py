@@ -65,6 +65,7 @@ def test_a_short_stage_says_nothing_unless_asked_for_its_last_line():
     for _ in range(3):
         clock.now += 1.0
         bar.update(1)
+    bar.close()
     assert out.getvalue() == ""
     clock.now += 60.0  # a long gap without stages (a model loading): the next stage's silence starts at its start
     bar, out = stage(2, "DPO", "step", clock=clock, silence=silence, end_line=True)
@@ -119,7 +120,8 @@ def test_stages_that_follow_one_another_share_their_silence():
 
 
 def test_a_stage_inside_another_resets_the_outer_ones_silence():
-    """Training's eval speaks while the training bar waits: the next training line comes 10 s after the eval's."""
+    """Training's eval speaks while the training bar waits: the next training line comes 10 s after the eval's; an
+    eval that begins after a long step (the training bar open all along) speaks at once."""
     clock, silence = Clock(), Silence()
     train, train_out = stage(100, "DPO", "step", clock=clock, silence=silence)
     clock.now += 9.0
@@ -136,6 +138,12 @@ def test_a_stage_inside_another_resets_the_outer_ones_silence():
     clock.now += 5.0
     train.update(1)
     assert train_out.getvalue().startswith("DPO 3/100 steps (3%)")
+    clock.now += 15.0  # a long step, then an eval: the eval's start continues the training's silence
+    evaluation, eval_out = stage(4, "eval", "pair", clock=clock, silence=silence)
+    clock.now += 1.0
+    evaluation.update(2)
+    evaluation.close()
+    assert eval_out.getvalue().startswith("eval 2/4 pairs (50%)")
 
 
 def test_a_unit_of_work_that_outlasts_the_interval_is_not_a_silence():
