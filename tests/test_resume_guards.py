@@ -164,24 +164,30 @@ def test_a_run_into_a_locked_folder_is_refused(tiny_model_dir, data_file, tmp_pa
 # -- the divergence guard ------------------------------------------------------------------------------------------
 
 
-def steps(cfg, losses, grad_norms=None, lr=1e-3):
-    """The guard over a run's losses (and gradient norms): the step it stops at, or None."""
-    from dpo_dist.train.checks import divergence_signs
+NOWHERE = "train.output_dir=/nonexistent/dpo-dist-guard"  # the guard sets aside checkpoints there: none
 
-    state, since = TrainState(), None
+
+def steps(cfg, losses, grad_norms=None, lr=1e-3):
+    """The guard itself (watch_divergence, one process, no checkpoints) over a run's losses (and gradient norms): the
+    step it stops at, or None."""
+    import types
+
+    import torch
+
+    from dpo_dist.train.checks import watch_divergence
+
+    one = types.SimpleNamespace(is_main_process=True, wait_for_everyone=lambda: None)
+    model, state = torch.nn.Linear(1, 1), TrainState()
     for step, loss in enumerate(losses, 1):
         grad_norm = 1.0 if grad_norms is None else grad_norms[step - 1]
-        if state.start_loss is None:
-            state.start_loss = loss
-        since = (since or step) if divergence_signs({"loss": loss, "grad_norm": grad_norm}, lr, state, cfg) else None
-        if since and step - since + 1 >= cfg.train.divergence_patience:
+        if watch_divergence(one, model, state, step, {"loss": loss, "grad_norm": grad_norm}, lr, cfg):
             return step
     return None
 
 
 def test_the_divergence_rule_on_healthy_noisy_and_diverging_losses():
     """Defaults: 5 steps in a row of a loss above 3 x max(first loss, ln 2), or of grad_norm exactly 0 at lr > 0."""
-    cfg = Config()
+    cfg = load_config(None, [NOWHERE])
     noisy = [0.693, 0.9, 1.5, 2.3, 0.7, 2.5, 2.2, 2.1, 0.6, 0.4]  # spikes above 2.08, never 5 in a row
     assert steps(cfg, noisy) is None
     assert steps(cfg, [25.0, 30.0, 60.0, 20.0, 10.0, 5.0, 1.0]) is None  # ipo starts at (1 / 2beta)^2 = 25
@@ -190,8 +196,8 @@ def test_the_divergence_rule_on_healthy_noisy_and_diverging_losses():
     assert steps(cfg, [0.693] * 8, [1.0, 1.0] + [0.0] * 6, lr=0.0) is None  # lr 0: nothing moves, by design
     assert steps(cfg, [0.693, 3.5, 3.5, 3.5, 3.5, 3.5, 3.5]) == 6  # the issue's run: 3.5 from step 2
     assert steps(cfg, [0.693, 0.6, 0.6, 0.6, 0.6, 0.6], [1.0, 0, 0, 0, 0, 0]) == 6  # gradients vanish from step 2
-    assert steps(load_config(None, ["train.divergence_patience=2"]), [0.693, 2.2, 2.3]) == 3
-    assert steps(load_config(None, ["train.divergence_loss_factor=null"]), [0.693, 3.5, 3.5, 3.5, 3.5, 3.5]) is None
+    assert steps(load_config(None, [NOWHERE, "train.divergence_patience=2"]), [0.693, 2.2, 2.3]) == 3
+    assert steps(load_config(None, [NOWHERE, "train.divergence_loss_factor=null"]), [0.693, 3.5, 3.5, 3.5, 3.5, 3.5]) is None
     with pytest.raises(ConfigError, match=r"train.divergence_loss_factor must be above 1 \(or null\), got 0.5"):
         load_config(None, ["train.divergence_loss_factor=0.5"])
 
