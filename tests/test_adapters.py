@@ -357,15 +357,18 @@ def test_a_resume_that_rebuilds_another_residual_is_refused(adapter_run, tiny_mo
 @pytest.mark.slow
 @pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None,
                     reason="needs bitsandbytes: python3 -m pip install -e '.[qlora]' (the dev extra has it)")
-def test_dora_rslora_modules_to_save_and_layers_on_a_4bit_base(tiny_model_dir, data_file, tmp_path, monkeypatch):
+@pytest.mark.parametrize("avx512bf16", [True, False], ids=["avx512bf16", "no-avx512bf16"])
+def test_dora_rslora_modules_to_save_and_layers_on_a_4bit_base(avx512bf16, tiny_model_dir, data_file, tmp_path,
+                                                               monkeypatch):
     """What peft allows on a 4-bit base (PiSSA/OLoRA and DoRA on 8 bits are refused above), on a CPU believed to have
-    AVX512-BF16 (tests/test_qlora_cpu.py: bitsandbytes would repack the 4-bit weights of eval/no-grad passes, which
-    DoRA's weight norm, read from the de-quantized weight, must not meet either): nothing is repacked, step 1 is ln 2
-    to 1e-6, it learns, and the adapter loaded back onto a 4-bit base gives the training path's logits."""
+    AVX512-BF16 and on one believed not to (bitsandbytes branches on it: tests/test_qlora_cpu.py; with it, it would
+    repack the 4-bit weights of eval/no-grad passes, which DoRA's weight norm, read from the de-quantized weight, must
+    not meet either): nothing is repacked, step 1 is ln 2 to 1e-6, it learns, and the adapter loaded back onto a 4-bit
+    base gives the training path's logits."""
     from dpo_dist.model.trained import load_trained
     from test_qlora_cpu import linear_4bit_layers, simulate_cpu
 
-    calls = simulate_cpu(monkeypatch, True)
+    calls = simulate_cpu(monkeypatch, avx512bf16)
     result = run(tiny_model_dir, data_file, tmp_path / "out", **{
         "model.quantization": "4bit", "lora.enabled": True, "lora.use_dora": True, "lora.use_rslora": True,
         "lora.modules_to_save": ["lm_head"], "lora.layers_to_transform": [1], "train.max_steps": 4,
