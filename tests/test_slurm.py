@@ -14,7 +14,7 @@ from training import (ROOT, assert_same_trajectory, command_lines, overrides, re
 
 pytestmark = pytest.mark.slurm
 TRAINING = {"lora.enabled": False, "train.per_device_batch_size": 4, "train.eval_every": 5}
-LONG = {**TRAINING, "train.max_steps": 300, "train.eval_every": 50}  # long enough to be preempted mid-run
+LONG = {**TRAINING, "train.max_steps": 120, "train.eval_every": 50}  # long enough to be preempted mid-run
 LONG_LORA = {**LONG, "lora.enabled": True}  # the default setup
 
 
@@ -140,13 +140,20 @@ def uninterrupted_lora(cluster, tiny_model_dir, data_file, tmp_path_factory):
     return run_uninterrupted(cluster, tiny_model_dir, data_file, tmp_path_factory.mktemp("uninterrupted-lora"), LONG_LORA)
 
 
-def preempt_and_finish(how, cluster, tiny_model_dir, data_file, tmp_path, settings):
-    """Submit the long job, preempt it after its first steps, wait until the requeued job has finished; its records."""
+def preempt_and_finish(how, cluster, tiny_model_dir, data_file, tmp_path, settings, nodes=2):
+    """Submit the long job, preempt it after its first steps, wait until the requeued job has finished (on ``nodes``
+    nodes: fewer is set on the pending job, as an admin would); its records."""
     out = tmp_path / "out"
     result, job = submit(cluster, tmp_path / "job.log", *overrides(tiny_model_dir, data_file, out, **settings))
     assert result.returncode == 0, result.stderr
     wait_for(lambda: steps_written(out) >= 3, 300, "the first training steps")
-    if how == "scontrol-requeue":
+    if how == "scontrol-requeue" and nodes != 2:  # held, given fewer nodes (and tasks and CPUs to match), released
+        subprocess.run(["scontrol", "requeuehold", job], check=True, env=cluster)
+        wait_for(lambda: job_fields(cluster, job).get("JobState") == "PENDING", 120, "the job to be requeued")
+        subprocess.run(["scontrol", "update", f"JobId={job}", f"NumNodes={nodes}-{nodes}", f"NumTasks={nodes}",
+                        f"NumCPUs={nodes}"], check=True, env=cluster)
+        subprocess.run(["scontrol", "release", job], check=True, env=cluster)
+    elif how == "scontrol-requeue":
         subprocess.run(["scontrol", "requeue", job], check=True, env=cluster)
     else:
         subprocess.run(["scancel", "--signal=USR1", "--batch", job], check=True, env=cluster)
@@ -158,7 +165,7 @@ def preempt_and_finish(how, cluster, tiny_model_dir, data_file, tmp_path, settin
     if how != "scontrol-requeue":  # each node's launcher says it in a line (SIGTERM may end the step before it)
         assert "accelerate_launch: n1: SIGUSR1" in log and "accelerate_launch: n2: SIGUSR1" in log, log[-4000:]
     records = read_jsonl(out / "metrics.jsonl")
-    assert [r["step"] for r in records] == list(range(1, 301))
+    assert [r["step"] for r in records] == list(range(1, settings["train.max_steps"] + 1))
     return records
 
 
@@ -200,27 +207,30 @@ def test_single_gpu_qlora_job(cluster, tiny_model_dir, data_file, tmp_path):
     assert len(read_jsonl(out / "metrics.jsonl")) == 2
 
 
-@pytest.mark.parametrize("how", ["usr1-before-time-limit", "scontrol-requeue"])
-def test_preempted_job_resumes_and_finishes_the_same(how, cluster, uninterrupted, tiny_model_dir, data_file, tmp_path):
-    """SIGUSR1 to the batch shell (what --signal=B:USR1@300 sends before the time limit) or ``scontrol requeue``
-    (SIGTERM to every process, then back in the queue): the trainers checkpoint the step they are in and stop, the
-    job runs again and resumes, and the final metrics are those of an uninterrupted run."""
-    records = preempt_and_finish(how, cluster, tiny_model_dir, data_file, tmp_path, LONG)
-    assert_same_trajectory(uninterrupted, records, atol=1e-6)
-
-
 def test_preempted_lora_job_resumes_and_finishes_the_same(cluster, uninterrupted_lora, tiny_model_dir, data_file,
                                                           tmp_path):
-    """The default setup, LoRA over DDP on 2 nodes, requeued (``scontrol requeue``): the preemption checkpoint holds
-    only the adapter, the requeued job resumes from it, and the final metrics are those of an uninterrupted run."""
+    """The default setup, LoRA over DDP on 2 nodes, warned by SIGUSR1 to the batch shell (what --signal=B:USR1@300
+    sends before the time limit): the trainers checkpoint the step they are in (the adapter only) and stop, the job
+    requeues itself and resumes, and the final metrics are those of an uninterrupted run."""
     from safetensors import safe_open
 
-    records = preempt_and_finish("scontrol-requeue", cluster, tiny_model_dir, data_file, tmp_path, LONG_LORA)
+    records = preempt_and_finish("usr1-before-time-limit", cluster, tiny_model_dir, data_file, tmp_path, LONG_LORA)
     assert_same_trajectory(uninterrupted_lora, records, atol=1e-6)
     (checkpoint,) = [n for n in os.listdir(tmp_path / "out") if n.startswith("checkpoint-")]
     with safe_open(str(tmp_path / "out" / checkpoint / "model.safetensors"), framework="pt") as handle:
         names = list(handle.keys())
     assert names and all(".lora_A." in name or ".lora_B." in name for name in names), names[:5]
+
+
+def test_a_job_requeued_on_fewer_nodes_continues_the_run(cluster, uninterrupted, tiny_model_dir, data_file, tmp_path):
+    """Full fine-tuning on 2 nodes, requeued (``scontrol requeue``: SIGTERM to every process, then back in the queue)
+    and given back one node, as a cluster short of nodes after a preemption does: the resumed job keeps the global
+    batch with twice the accumulation and continues the uninterrupted 2-node run's losses."""
+    records = preempt_and_finish("scontrol-requeue", cluster, tiny_model_dir, data_file, tmp_path, LONG, nodes=1)
+    assert_same_trajectory(uninterrupted, records, atol=1e-5)
+    log = (tmp_path / "job.log").read_text()
+    assert "node n1: machine rank 0 of 1" in log, log[-4000:]
+    assert "train.gradient_accumulation_steps 1 -> 2, to keep" in log, log[-4000:]
 
 
 def test_a_killed_rank_fails_the_whole_job_quickly(cluster, tiny_model_dir, data_file, tmp_path):
