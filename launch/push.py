@@ -8,9 +8,10 @@
     python launch/push.py outputs/default/checkpoint-200 my-name/smollm2-dpo-sentiment-lora --revision step-200
 
 A checkpoint's weights are first exported to <checkpoint>/model (the adapter or the full model, the tokenizer, and a
-card that says which step), as the run's model/ would hold them had training stopped there; an FSDP2 run's
-checkpoint (each rank's shards, torch.distributed.checkpoint) is consolidated into that one model folder, read whole
-in this process; a DeepSpeed run's per-rank shards are refused (push the run's final model instead).
+card that says which step), as the run's model/ would hold them had training stopped there; a sharded run's
+checkpoint is consolidated into that one model folder in this process: FSDP2's shards (torch.distributed.checkpoint)
+read whole, DeepSpeed's put together by its zero_to_fp32 (the fp32 master weights). launch/merge.py merges the
+adapter of <checkpoint>/model once exported.
 
 The folder's README.md (the model card train.py and merge.py write) is uploaded with it; one is written first
 when there is none, or when it is one dpo-dist wrote and nobody has edited (then its loading code names REPO_ID).

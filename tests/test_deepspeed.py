@@ -21,17 +21,18 @@ pytestmark = [
 ]
 
 
-def launch_zero(stage, tiny_model_dir, data_file, out, config=None, env=None, **extra):
+def launch_zero(stage, tiny_model_dir, data_file, out, config=None, env=None, processes=2, **extra):
     config = config or f"zero{stage}.yaml"
     command = accelerate_launch("--config_file", os.path.join(ROOT, "accelerate_configs", config),
-                                "--num_processes", "2", os.path.join(ROOT, "launch", "train.py"))
+                                "--num_processes", str(processes), os.path.join(ROOT, "launch", "train.py"))
     extra = {"train.per_device_batch_size": 4, **extra}
     command += overrides(tiny_model_dir, data_file, out, **extra)
     result = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=ROOT,
                             env={**os.environ, **(env or {})})
     assert result.returncode == 0, result.stderr[-4000:]
     accumulation = extra.get("train.gradient_accumulation_steps", 1)
-    assert f"{extra['train.per_device_batch_size']} per device x {accumulation} accumulation x 2 processes" in result.stdout
+    assert processes != 2 or (f"{extra['train.per_device_batch_size']} per device x {accumulation} accumulation x 2 "
+                              "processes" in result.stdout), result.stdout[-3000:]
     return result
 
 
@@ -109,11 +110,58 @@ def test_zero3_resume_equals_uninterrupted(zero_run, tiny_model_dir, data_file, 
     assert "resumed from" in result.stdout and "checkpoint-2 at step 2" in result.stdout
     assert_same_trajectory(whole, read_jsonl(out / "metrics.jsonl"), atol=1e-6)
     assert read_jsonl(out / "samples.jsonl") == samples, "steps 4 and 5's samples once, step 2's kept"
-    from dpo_dist.train.checkpoint import CheckpointError
-    from dpo_dist.publish.export import export_checkpoint
+    assert_exports_the_model(out / "checkpoint-5", out / "model", tiny_model_dir, lora=False)
 
-    with pytest.raises(CheckpointError, match=r"holds each rank's DeepSpeed shards, not weights that load as a model"):
-        export_checkpoint(str(out / "checkpoint-2"))  # what launch/push.py does first: refused, the final model named
+
+def assert_exports_the_model(checkpoint, model, tiny_model_dir, lora):
+    """What launch/push.py does first: the checkpoint's DeepSpeed shards put together as a model folder; the final
+    checkpoint's gives the logits of the run's model/ (gathered by the engine at the end)."""
+    from dpo_dist.publish.export import export_checkpoint
+    from transformers import AutoModelForCausalLM
+
+    exported = export_checkpoint(str(checkpoint))
+    if lora:
+        from peft import PeftModel
+
+        load = lambda folder: PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), folder)
+    else:
+        load = AutoModelForCausalLM.from_pretrained
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10, 11]])
+    with torch.no_grad():
+        torch.testing.assert_close(load(exported)(ids).logits, load(str(model))(ids).logits, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage, lora", [(3, False), (2, True)], ids=["zero3-full", "zero2-lora"])
+def test_a_zero_checkpoint_continues_on_another_process_count(stage, lora, zero_run, tiny_model_dir, data_file,
+                                                              tmp_path):
+    """checkpoint-2 of the 2-process run resumed by one DeepSpeed process, the accumulation doubled to keep the global
+    batch of 8: the main process puts the shards together as DeepSpeed's universal checkpoint (each parameter's fp32
+    weights and Adam moments whole), the engine takes its partition of them, and steps 3-5 are the 2-process run's.
+    The full fine-tune's checkpoint-4, written by that one process, goes back to 2 processes for step 5."""
+    _, whole_out = zero_run(stage, lora)
+    out = tmp_path / "out"
+    copy_run(whole_out, out)
+    whole = read_jsonl(out / "metrics.jsonl")
+    for later in ("checkpoint-4", "checkpoint-5", "model"):
+        shutil.rmtree(out / later)
+    settings = {**zero_settings(stage, lora), "train.single_device_fallback": False}  # DeepSpeed, as named
+    one = launch_zero(stage, tiny_model_dir, data_file, out, processes=1, **settings)
+    written = "4 per device x 1 accumulation" if lora else "2 per device x 2 accumulation"
+    now = "4 per device x 2 accumulation" if lora else "2 per device x 4 accumulation"
+    assert (f"to keep checkpoint-2's global batch: 8 pairs = {now} x 1 processes (it was written with 8 pairs = "
+            f"{written} x 2 processes)") in one.stdout, one.stdout[-3000:]
+    assert "checkpoint-2: the DeepSpeed shards of 2 processes put together for 1 (DeepSpeed's universal" in one.stdout
+    assert_same_trajectory(whole, read_jsonl(out / "metrics.jsonl"), atol=1e-5)
+    assert os.listdir(out / "checkpoint-4" / "pytorch_model") and not os.path.exists(out / "checkpoint-4" / "universal")
+    if lora:  # the one process's ZeRO-2 shards of the adapter
+        assert_exports_the_model(out / "checkpoint-5", out / "model", tiny_model_dir, lora=True)
+        return
+    for later in ("checkpoint-5", "model"):
+        shutil.rmtree(out / later)
+    two = launch_zero(stage, tiny_model_dir, data_file, out, **zero_settings(stage, lora))
+    assert "checkpoint-4: the DeepSpeed shards of 1 process put together for 2" in two.stdout, two.stdout[-3000:]
+    assert_same_trajectory(whole, read_jsonl(out / "metrics.jsonl"), atol=1e-5)
 
 
 @pytest.mark.slow

@@ -152,18 +152,20 @@ def test_an_fsdp2_checkpoint_resumed_on_one_process_continues_the_run(lora, shar
 
 
 @pytest.mark.multiprocess
-def test_a_full_fsdp2_checkpoint_resumed_on_4_fsdp2_processes_continues_the_run(sharded_run, tiny_model_dir,
-                                                                                data_file, tmp_path):
-    """checkpoint-2 of the 2-process FSDP2 full fine-tune resumed by 4 FSDP2 processes with 2 pairs each (the same
-    global batch of 8): torch.distributed.checkpoint reshards the weights and AdamW moments from halves into
-    quarters on load, and steps 3-5 are the uninterrupted 2-process run's to 1e-5."""
-    _, whole_out = sharded_run(False)
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_an_fsdp2_checkpoint_resumed_on_4_fsdp2_processes_continues_the_run(lora, sharded_run, tiny_model_dir,
+                                                                             data_file, tmp_path):
+    """checkpoint-2 of the 2-process FSDP2 run (full fine-tune, or LoRA: the adapter and its moments sharded with the
+    frozen base) resumed by 4 FSDP2 processes with 2 pairs each (the same global batch of 8):
+    torch.distributed.checkpoint reshards the weights and AdamW moments from halves into quarters on load, and steps
+    3-5 are the uninterrupted 2-process run's to 1e-5."""
+    _, whole_out = sharded_run(lora)
     out = tmp_path / "out"
     copy_run(whole_out, out)
     whole = read_jsonl(out / "metrics.jsonl")
     command = accelerate_launch("--config_file", os.path.join(ROOT, "accelerate_configs", "fsdp.yaml"),
                                 "--num_processes", "4", os.path.join(ROOT, "launch", "train.py"))
-    command += overrides(tiny_model_dir, data_file, out, **{**sharded_settings(False), "train.per_device_batch_size": 2,
+    command += overrides(tiny_model_dir, data_file, out, **{**sharded_settings(lora), "train.per_device_batch_size": 2,
                                                             "train.resume": str(out / "checkpoint-2")})
     result = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert result.returncode == 0, result.stderr[-4000:]

@@ -81,15 +81,28 @@ def test_three_processes_cannot_split_eight_pairs(tmp_path):
 
 @pytest.mark.parametrize("saved, now, processes, expected", [
     (Shape(2, 4, 1, "ZeRO-3"), "DDP", 2, "checkpoint-3 was written under ZeRO-3 (2 processes), this launch runs DDP: "
-                                        "resume it on 2 processes under ZeRO-3, or start over with train.resume=never"),
-    (Shape(2, 4, 1, "ZeRO-3"), "ZeRO-3", 1, "checkpoint-3 holds the ZeRO-3 shards of 2 processes, this launch has 1: "
-                                            "resume it on 2 processes under ZeRO-3, or start over with "
+                                        "resume it under ZeRO-3, any process count, or start over with "
+                                        "train.resume=never"),
+    (Shape(2, 4, 1, "ZeRO-2"), "ZeRO-3", 2, "checkpoint-3 was written under ZeRO-2 (2 processes), this launch runs "
+                                            "ZeRO-3: resume it under ZeRO-2, any process count, or start over with "
                                             "train.resume=never"),
 ])
-def test_sharded_checkpoints_resume_on_their_engine_and_process_count(saved, now, processes, expected, tmp_path):
+def test_sharded_checkpoints_resume_on_their_engine(saved, now, processes, expected, tmp_path):
     with pytest.raises(CheckpointError) as error:
         resumed(tmp_path, saved, config(4), processes=processes, engine=now)
     assert str(error.value) == expected
+
+
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+@pytest.mark.parametrize("engine, saved_processes, processes", [("ZeRO-3", 2, 1), ("ZeRO-2", 1, 2), ("FSDP2", 2, 4)])
+def test_sharded_checkpoints_resume_on_another_process_count_keeping_the_global_batch(engine, saved_processes,
+                                                                                      processes, lora, tmp_path):
+    """DeepSpeed's shards through its universal checkpoint, FSDP2's resharded by torch.distributed.checkpoint (the
+    trajectories: test_deepspeed.py, test_fsdp.py)."""
+    cfg, said = resumed(tmp_path, Shape(saved_processes, 2, 2 // saved_processes * 2, engine), config(2, lora=lora),
+                        processes=processes, engine=engine)
+    assert cfg.train.per_device_batch_size * cfg.train.gradient_accumulation_steps * processes == 8, said
+    assert said.startswith(("train.gradient_accumulation_steps", "resumed checkpoint-3 with its global batch")), said
 
 
 @pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
@@ -101,14 +114,11 @@ def test_an_fsdp2_checkpoint_resumes_on_one_process_keeping_the_global_batch(lor
 
 
 @pytest.mark.parametrize("now, processes, lora, expected", [
-    ("FSDP2", 4, True, "checkpoint-3 holds the FSDP2 shards of 2 processes, this launch has 4: resume it on 2 "
-                       "processes under FSDP2 or on one process (launched without FSDP), or start over with "
-                       "train.resume=never"),
     ("DDP", 2, False, "checkpoint-3 was written under FSDP2 (2 processes), this launch runs DDP: resume it under "
                       "FSDP2 on any process count, or on one process (launched without FSDP), or start over with "
                       "train.resume=never"),
-    ("DDP", 2, True, "checkpoint-3 was written under FSDP2 (2 processes), this launch runs DDP: resume it on 2 "
-                     "processes under FSDP2 or on one process (launched without FSDP), or start over with "
+    ("DDP", 2, True, "checkpoint-3 was written under FSDP2 (2 processes), this launch runs DDP: resume it under "
+                     "FSDP2 on any process count, or on one process (launched without FSDP), or start over with "
                      "train.resume=never"),
 ])
 def test_what_an_fsdp2_checkpoint_does_not_resume_on_is_refused_naming_what_does(now, processes, lora, expected,

@@ -19,6 +19,7 @@ checkpoint from before manifests is resumed unchecked, with a line that says so.
 from __future__ import annotations
 
 import contextlib
+import glob
 import hashlib
 import json
 import logging
@@ -28,6 +29,7 @@ from dataclasses import asdict, dataclass
 from typing import Any, Iterator
 
 from dpo_dist.config import CHECKPOINT_FOLDER, STATE_FILE
+from dpo_dist.distributed import say
 from dpo_dist.train.disk import reporting_full_disk, tensor_bytes, tree_bytes
 
 
@@ -445,6 +447,11 @@ def set_aside_later_checkpoints(output_dir: str, step: int, into: str = ABANDONE
     return [os.path.basename(path) for _, path in later]
 
 
+def written_by(path: str) -> int:
+    """How many processes wrote a checkpoint: Accelerate stores each one's RNG states (``random_states_<rank>.pkl``)."""
+    return len(glob.glob(os.path.join(path, "random_states_*.pkl")))
+
+
 def load_checkpoint(accelerator: Any, path: str, *, adapter_only: bool) -> TrainState:
     """Restore model, optimizer, scheduler and RNG states. A full model's weights must match the checkpoint key for
     key (strict): a checkpoint written by another model is an error, never a silent restart from the initial weights.
@@ -452,7 +459,11 @@ def load_checkpoint(accelerator: Any, path: str, *, adapter_only: bool) -> Train
     checkpoints; which shapes resume which: :mod:`dpo_dist.train.shape`, checked before this."""
     if getattr(accelerator.state, "deepspeed_plugin", None) is not None:
         # DeepSpeed's own checkpoint format, every rank its shards; a LoRA one holds only the trainable weights
-        accelerator.load_state(path, **({"custom_load_fn": _load_trainable(path)} if adapter_only else {}))
+        kwargs = {"custom_load_fn": _load_trainable(path)} if adapter_only else {}
+        if written_by(path) == accelerator.num_processes:
+            accelerator.load_state(path, **kwargs)
+        else:
+            _load_deepspeed_resharded(accelerator, path, **kwargs)
         return _at_step_boundary(accelerator, path)
     fsdp = getattr(accelerator.state, "fsdp_plugin", None) is not None
     if holds_fsdp_shards(path) and not fsdp:
@@ -471,6 +482,73 @@ def load_checkpoint(accelerator: Any, path: str, *, adapter_only: bool) -> Train
             "with the model it was written with, or set train.resume=never)"
         ) from error
     return _at_step_boundary(accelerator, path)
+
+
+DEEPSPEED_MODEL = "pytorch_model"  # Accelerate's folder (DeepSpeed's tag) for the policy's DeepSpeed checkpoint
+UNIVERSAL = "universal"  # in a DeepSpeed checkpoint: its shards made loadable on any process count, made on demand
+
+
+def holds_deepspeed_shards(path: str) -> bool:
+    """Whether the checkpoint ``path`` was written under DeepSpeed: its engine's folder of per-rank shards."""
+    return os.path.isdir(os.path.join(path, DEEPSPEED_MODEL))
+
+
+def _load_deepspeed_resharded(accelerator: Any, path: str, **kwargs: Any) -> None:
+    """A DeepSpeed checkpoint written by another number of processes, through DeepSpeed's universal checkpoint: each
+    parameter's fp32 weights and Adam moments put together from every rank's flat partitions
+    (``deepspeed.checkpoint.ds_to_universal``, run once by the main process into ``<checkpoint>/universal``) and loaded
+    by each rank as the slice its partition holds now (the engine's ``load_universal_checkpoint``). The schedule, the
+    step count and the RNG states (rank 0's for any rank the checkpoint lacks) come from Accelerate's ``load_state``
+    as for any checkpoint."""
+    import time
+
+    engine = accelerator._models[0]
+    folder = os.path.join(path, UNIVERSAL)
+    if accelerator.is_main_process and not os.path.isdir(folder):
+        start = time.perf_counter()
+        _to_universal(os.path.join(path, DEEPSPEED_MODEL), folder)
+        writers = written_by(path)
+        say(accelerator, f"{os.path.basename(path)}: the DeepSpeed shards of {writers} process{'es' * (writers > 1)} put together for "
+                    f"{accelerator.num_processes} (DeepSpeed's universal checkpoint, {folder}, "
+                    f"{time.perf_counter() - start:.1f} s)")
+    accelerator.wait_for_everyone()
+    engine._config.load_universal_checkpoint = True
+    try:
+        engine.load_checkpoint(folder, DEEPSPEED_MODEL, **kwargs)
+    finally:
+        engine._config.load_universal_checkpoint = False
+    _load_all_but_model_and_optimizer(accelerator, path)
+
+
+def _to_universal(shards: str, folder: str) -> None:
+    """DeepSpeed's ``ds_to_universal`` from the checkpoint's ``shards`` into ``folder``, written beside it first and
+    renamed when whole; what the converter prints is kept for its error. Our checkpoints carry no Megatron
+    ``universal_checkpoint_info``; the converter's ``inject_missing_state`` adds the version record it wants, which is
+    all a model without tensor or pipeline parallelism needs. One worker: each holds a rank's optimizer shards in
+    memory, and the other processes wait for this one meanwhile."""
+    import argparse
+    import io
+
+    from deepspeed.checkpoint.ds_to_universal import main
+
+    tmp = folder + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    args = argparse.Namespace(input_folder=shards, output_folder=os.path.join(tmp, DEEPSPEED_MODEL),
+                              num_extract_workers=1, num_merge_workers=1, keep_temp_folder=False, strict=True,
+                              inject_missing_state=True)
+    said = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(said), contextlib.redirect_stderr(said):
+            main(args)
+    except Exception as error:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointError(f"{os.path.dirname(shards)}: DeepSpeed's universal checkpoint conversion failed "
+                              f"({type(error).__name__}: {error}); resume it on the process count that wrote it, or "
+                              f"start over with train.resume=never. The converter said:\n{said.getvalue()[-2000:]}"
+                              ) from error
+    _fsync_tree(tmp, files=True)
+    os.replace(tmp, folder)
+    _fsync(os.path.dirname(folder))
 
 
 FSDP_MODEL, FSDP_OPTIMIZER = "pytorch_model_fsdp_0", "optimizer_0"  # Accelerate's torch.distributed.checkpoint folders

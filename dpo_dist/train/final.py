@@ -20,10 +20,12 @@ from dpo_dist.config import STATE_FILE, Config
 from dpo_dist.model.adapters import as_plain_lora
 from dpo_dist.model.load import config_set_to
 from dpo_dist.train.checkpoint import (
+    DEEPSPEED_MODEL,
     FSDP_MODEL,
     CheckpointError,
     TrainState,
     checkpoint_step,
+    holds_deepspeed_shards,
     holds_fsdp_shards,
     latest_checkpoint,
     load_checkpoint,
@@ -56,9 +58,6 @@ def save_final_model(accelerator: Any, model: Any, tokenizer: Any, path: str, *,
     accelerator.wait_for_everyone()
 
 
-SHARDED_STATE = {"pytorch_model": "DeepSpeed"}  # the folder it writes its shards to (FSDP2's are read whole)
-
-
 def save_checkpoint_model(path: str, folder: str) -> None:
     """The weights of the checkpoint ``path`` written to ``folder`` (replaced) as the model folder the run's ``model/``
     would be had training stopped there: the LoRA adapter, or the full model with the base's ``use_cache`` and
@@ -67,8 +66,8 @@ def save_checkpoint_model(path: str, folder: str) -> None:
     LoRA with its base in full precision, whatever the run's quantization: only the adapter is saved) in the dtype of
     the checkpoint's weights, which must then fit it name for name. An FSDP2 run's checkpoint holds each rank's shards
     (``torch.distributed.checkpoint``): they are read whole (:func:`fsdp_weights`; for LoRA the adapter is kept of
-    them). A DeepSpeed run's shards are a :class:`CheckpointError` that says so and what to push instead. Every
-    error is raised before ``folder`` is touched."""
+    them); a DeepSpeed run's are put together by DeepSpeed's ``zero_to_fp32`` (:func:`deepspeed_weights`), its fp32
+    master weights. Every error is raised before ``folder`` is touched."""
     import torch
     from safetensors.torch import load_file
 
@@ -77,21 +76,18 @@ def save_checkpoint_model(path: str, folder: str) -> None:
 
     run = os.path.dirname(os.path.abspath(path))
     weights = os.path.join(path, "model.safetensors")
-    fsdp = holds_fsdp_shards(path)
+    fsdp, deepspeed = holds_fsdp_shards(path), holds_deepspeed_shards(path)
     if fsdp:
         weights = os.path.join(path, FSDP_MODEL)
+    elif deepspeed:
+        weights = os.path.join(path, DEEPSPEED_MODEL)
     elif not os.path.isfile(weights):
-        sharded = [kind for folder, kind in SHARDED_STATE.items() if os.path.isdir(os.path.join(path, folder))]
-        what = f"each rank's {sharded[0]} shards" if sharded else "no model.safetensors"
-        raise CheckpointError(
-            f"{path} holds {what}, not weights that load as a model (checkpoints of sharded runs are for resuming): "
-            f"push the run's final model instead (python launch/push.py {run} REPO_ID), which the trainer saves "
-            "gathered into one model"
-        )
+        raise CheckpointError(f"{path} holds no model.safetensors, no FSDP2 and no DeepSpeed shards: is it a "
+                              "checkpoint? (those of a run are its checkpoint-<step> folders)")
     cfg = run_config(path)
     if cfg is None:
         raise CheckpointError(f"{path}: no config.yaml in {run}: which model the checkpoint belongs to is unknown")
-    state = fsdp_weights(weights) if fsdp else load_file(weights)
+    state = fsdp_weights(weights) if fsdp else deepspeed_weights(path) if deepspeed else load_file(weights)
     if state and all(name.startswith("module.") for name in state):  # written by a DDP run (its wrapper's names)
         state = {name.removeprefix("module."): tensor for name, tensor in state.items()}
     dtype = next((t.dtype for t in state.values() if t.is_floating_point()), torch.float32)
@@ -120,6 +116,21 @@ def save_checkpoint_model(path: str, folder: str) -> None:
     if cfg.lora.enabled:
         as_plain_lora(folder, run)
     tokenizer.save_pretrained(folder)
+
+
+def deepspeed_weights(path: str) -> dict[str, Any]:
+    """The fp32 weights a DeepSpeed checkpoint's shards hold, as whole tensors by name: DeepSpeed's own
+    ``zero_to_fp32`` puts every rank's flat partitions of the optimizer's fp32 master weights together (ZeRO-2 or
+    ZeRO-3, any process count), in this process. A LoRA run's checkpoint holds only the trainable weights (the
+    adapter); a full fine-tune's a weight tied to another under both names."""
+    import contextlib
+    import io
+
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    with contextlib.redirect_stdout(io.StringIO()):  # a line per parameter group and shard
+        return dict(get_fp32_state_dict_from_zero_checkpoint(path, tag=DEEPSPEED_MODEL,
+                                                             exclude_frozen_parameters=True))
 
 
 def fsdp_weights(folder: str) -> dict[str, Any]:

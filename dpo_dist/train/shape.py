@@ -10,24 +10,23 @@ that block over processes and micro-batches, so a resume that keeps the global b
   do not give the checkpoint's global batch but another accumulation does, the accumulation is recomputed and said;
 - one process and DDP write the same files (the adapter or the weights, one optimizer state): any process count;
   a one-process full fine-tune also under FSDP2, each rank taking its shard of the weights and optimizer state;
-- DeepSpeed and FSDP2 checkpoints hold each rank's shards: resumed on the process count that wrote them, under the
-  same engine; an FSDP2 checkpoint (``torch.distributed.checkpoint``, which records which slice of each tensor
-  every rank holds) also on one process, its weights and optimizer state read whole, full fine-tuning or LoRA, and a
-  full fine-tune's under FSDP2 on any process count (resharded on load);
+- DeepSpeed and FSDP2 checkpoints hold each rank's shards: resumed under the same engine on any process count
+  (DeepSpeed's through its universal checkpoint, made from the shards on first need; FSDP2's by
+  ``torch.distributed.checkpoint``, which records which slice of each tensor every rank holds, resharded on load),
+  full fine-tuning or LoRA, optimizer state included; an FSDP2 checkpoint also on one process, read whole;
 - anything else (another global batch, another engine) is refused in one line before any work, naming what would work.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import glob
 import json
 import os
 from dataclasses import dataclass
 from typing import Any
 
 from dpo_dist.config import STATE_FILE, Config
-from dpo_dist.train.checkpoint import CheckpointError
+from dpo_dist.train.checkpoint import CheckpointError, written_by
 
 
 @dataclass(frozen=True)
@@ -75,11 +74,6 @@ def saved_shape(path: str) -> Shape | None:
     return Shape(**recorded) if recorded else None
 
 
-def written_by(path: str) -> int:
-    """How many processes wrote a checkpoint: Accelerate stores each one's RNG states (``random_states_<rank>.pkl``)."""
-    return len(glob.glob(os.path.join(path, "random_states_*.pkl")))
-
-
 def resume_shape(cfg: Config, now: Shape, path: str, *, accumulation_given: bool = False) -> tuple[Config, str | None]:
     """The config to resume the checkpoint ``path`` with on this launch (``now``), and the line that says what changed
     (None when nothing did); a :class:`CheckpointError` where it cannot continue on this shape. ``accumulation_given``:
@@ -99,11 +93,6 @@ def resume_shape(cfg: Config, now: Shape, path: str, *, accumulation_given: bool
     if family(saved.engine) != family(now.engine) and not gathered:
         raise CheckpointError(f"{name} was written under {saved.engine} ({saved.processes} processes), this launch runs "
                          f"{now.engine}: resume it {resumes_under(saved, cfg)}, or start over with train.resume=never")
-    resharded = saved.engine == now.engine == "FSDP2" and not cfg.lora.enabled  # torch.distributed.checkpoint
-    if family(saved.engine) == family(now.engine) != "plain" and saved.processes != now.processes and not resharded:
-        raise CheckpointError(f"{name} holds the {saved.engine} shards of {saved.processes} processes, this launch has "
-                         f"{now.processes}: resume it {resumes_under(saved, cfg)}, or start over with "
-                         "train.resume=never")
     if now.global_batch == saved.global_batch:
         changed = (now.processes, now.per_device_batch_size) != (saved.processes, saved.per_device_batch_size)
         return cfg, (f"resumed {name} with its global batch of {now.said()} (it was written with "
@@ -121,17 +110,15 @@ def resume_shape(cfg: Config, now: Shape, path: str, *, accumulation_given: bool
 
 
 def resumes_under(saved: Shape, cfg: Config) -> str:
-    """Where a checkpoint resumes, in words. One process or DDP: either, any process count, and a one-process full
-    fine-tune's also under FSDP2 (sharded on load). ZeRO: its stage on the process count that wrote it. FSDP2: on one
-    process (its shards read whole: :mod:`dpo_dist.train.checkpoint`), and under FSDP2 on any process count for a full
-    fine-tune (resharded on load), on the one that wrote it for LoRA."""
+    """Where a checkpoint resumes, in words: under its own engine on any process count (DeepSpeed's shards through its
+    universal checkpoint, FSDP2's resharded by ``torch.distributed.checkpoint``: :mod:`dpo_dist.train.checkpoint`);
+    one process and DDP either way, and a one-process full fine-tune's also under FSDP2 (sharded on load); an FSDP2
+    one also on one process (its shards read whole)."""
     if family(saved.engine) == "plain":
         fsdp = saved.engine == "one process" and not cfg.lora.enabled
         return "on one process or DDP, any process count" + (", or under FSDP2" if fsdp else "")
     if saved.engine != "FSDP2":
-        return f"on {saved.processes} processes under {saved.engine}"
-    if cfg.lora.enabled:
-        return f"on {saved.processes} processes under FSDP2 or on one process (launched without FSDP)"
+        return f"under {saved.engine}, any process count"
     return "under FSDP2 on any process count, or on one process (launched without FSDP)"
 
 
