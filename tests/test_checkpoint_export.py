@@ -121,14 +121,16 @@ def test_the_last_checkpoints_export_is_the_final_model(kind, runs):
 
 def test_a_ddp_checkpoint_and_a_checkpoint_that_does_not_fit(runs, tmp_path):
     """A DDP run's checkpoint names its weights module.<name>: the same export. A checkpoint whose run config now
-    describes another LoRA setup is an error naming the file, not a half-loaded model."""
-    from dpo_dist.train.checkpoint import CheckpointError
+    describes another LoRA setup is an error naming the file, not a half-loaded model; so is one whose files differ
+    from its manifest."""
+    from dpo_dist.train.checkpoint import ALONE, CheckpointError, write_manifest
     from dpo_dist.publish.export import export_checkpoint
 
     ddp = runs / "lora" / "checkpoint-102"
     shutil.copytree(runs / "lora" / "checkpoint-2", ddp, ignore=shutil.ignore_patterns("model"))
     stored = tensors(ddp / "model.safetensors")
     save_file({f"module.{k}": v for k, v in stored.items()}, str(ddp / "model.safetensors"))
+    write_manifest(ALONE, str(ddp))  # as the DDP run wrote it
     out = export_checkpoint(str(ddp))
     reference = export_checkpoint(str(runs / "lora" / "checkpoint-2"))
     a, b = tensors(os.path.join(out, "adapter_model.safetensors")), tensors(os.path.join(reference, "adapter_model.safetensors"))
@@ -140,6 +142,14 @@ def test_a_ddp_checkpoint_and_a_checkpoint_that_does_not_fit(runs, tmp_path):
     shutil.copytree(runs / "lora" / "checkpoint-2", other / "checkpoint-2", ignore=shutil.ignore_patterns("model"))
     (other / "config.yaml").write_text((runs / "lora" / "config.yaml").read_text().replace("  r: 4\n", "  r: 8\n"))
     with pytest.raises(CheckpointError, match=r"model.safetensors does not fit the model config.yaml describes"):
+        export_checkpoint(str(other / "checkpoint-2"))
+    assert not os.path.exists(other / "checkpoint-2" / "model")
+
+    (other / "config.yaml").write_text((runs / "lora" / "config.yaml").read_text())
+    weights = other / "checkpoint-2" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])
+    with pytest.raises(CheckpointError, match=r"checkpoint-2 is damaged: model\.safetensors is \d+ bytes, the manifest "
+                                              r"says \d+\. Export another checkpoint, or the run's model/"):
         export_checkpoint(str(other / "checkpoint-2"))
     assert not os.path.exists(other / "checkpoint-2" / "model")
 

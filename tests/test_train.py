@@ -247,6 +247,34 @@ def test_early_stopping_exports_the_best_checkpoint(lora, save_every, tiny_model
     assert json.load(open(out / "run.json")) == {"pairs": result["counts"], "model_step": 2, "model": said}  # the card's
 
 
+@pytest.mark.slow
+def test_a_damaged_best_checkpoint_is_not_exported(tiny_model_dir, data_file, tmp_path, monkeypatch, capsys):
+    """The early-stopping run above, its best checkpoint-2 truncated after it was written: the final export checks it
+    against its manifest, keeps the last step's weights, and says why."""
+    from dpo_dist.train import trainer
+
+    out = tmp_path / "out"
+    real = trainer.save_checkpoint
+
+    def save_then_damage_the_best(accelerator, output_dir, state, **kwargs):
+        written = real(accelerator, output_dir, state, **kwargs)
+        if state.global_step == 4:
+            weights = out / "checkpoint-2" / "model.safetensors"
+            weights.write_bytes(weights.read_bytes()[:-64])
+        return written
+
+    monkeypatch.setattr(trainer, "save_checkpoint", save_then_damage_the_best)
+    result = run(tiny_model_dir, data_file, out, **{
+        "lora.enabled": False, "train.max_steps": 20, "train.eval_every": 2, "train.early_stopping_patience": 2,
+        "train.greater_is_better": True, "train.save_every": 2})
+    assert result["records"][-1]["step"] == 6
+    said = (f"model/: the weights at step 6, the last: the best checkpoint {out / 'checkpoint-2'} is damaged "
+            "(model.safetensors is ")
+    assert said in capsys.readouterr().out
+    exported, last = adapter_or_model_tensors(out / "model"), adapter_or_model_tensors(out / "checkpoint-6")
+    assert all(torch.equal(exported[name], last[name]) for name in last)
+
+
 def test_non_finite_loss_stops_naming_the_step(tiny_model_dir, data_file, tmp_path, monkeypatch):
     from dpo_dist.train import objective, trainer
 

@@ -26,6 +26,7 @@ import logging
 import os
 import shutil
 from dataclasses import asdict, dataclass
+from types import SimpleNamespace
 from typing import Any, Iterator
 
 from dpo_dist.config import CHECKPOINT_FOLDER, STATE_FILE
@@ -52,6 +53,8 @@ class TrainState:
 
 
 MANIFEST = "manifest.json"
+# The process checks run in outside training (an export), standing in for the Accelerator of the collectives.
+ALONE = SimpleNamespace(is_main_process=True, process_index=0, num_processes=1)
 CHECKSUM = "sha256"  # hashlib with SHA-NI: about 1.2 GB/s on one core, beside blake2b's 0.7 (docs/troubleshooting.md)
 DAMAGED = "damaged"
 

@@ -20,6 +20,7 @@ from dpo_dist.config import STATE_FILE, Config
 from dpo_dist.model.adapters import as_plain_lora
 from dpo_dist.model.load import config_set_to
 from dpo_dist.train.checkpoint import (
+    ALONE,
     DEEPSPEED_MODEL,
     FSDP_MODEL,
     CheckpointError,
@@ -31,6 +32,7 @@ from dpo_dist.train.checkpoint import (
     load_checkpoint,
     read_sharded,
     save_checkpoint,
+    verify_checkpoint,
 )
 from dpo_dist.train.disk import reporting_full_disk, tensor_bytes
 
@@ -67,7 +69,8 @@ def save_checkpoint_model(path: str, folder: str) -> None:
     the checkpoint's weights, which must then fit it name for name. An FSDP2 run's checkpoint holds each rank's shards
     (``torch.distributed.checkpoint``): they are read whole (:func:`fsdp_weights`; for LoRA the adapter is kept of
     them); a DeepSpeed run's are put together by DeepSpeed's ``zero_to_fp32`` (:func:`deepspeed_weights`), its fp32
-    master weights. Every error is raised before ``folder`` is touched."""
+    master weights. A checkpoint whose files differ from its manifest is refused, naming the file. Every error is
+    raised before ``folder`` is touched."""
     import torch
     from safetensors.torch import load_file
 
@@ -75,6 +78,9 @@ def save_checkpoint_model(path: str, folder: str) -> None:
     from dpo_dist.model.trained import run_config
 
     run = os.path.dirname(os.path.abspath(path))
+    problem, _ = verify_checkpoint(ALONE, path)
+    if problem:
+        raise CheckpointError(f"{path} is damaged: {problem}. Export another checkpoint, or the run's model/")
     weights = os.path.join(path, "model.safetensors")
     fsdp, deepspeed = holds_fsdp_shards(path), holds_deepspeed_shards(path)
     if fsdp:
@@ -216,6 +222,9 @@ def final_weights(accelerator: Any, state: TrainState, output_dir: str, cfg: Con
     path = os.path.join(output_dir, f"checkpoint-{best}")
     if not os.path.isfile(os.path.join(path, STATE_FILE)):
         return FinalWeights(state.global_step, f"{last.which}: the best checkpoint {path} is not there any more")
+    problem, _ = verify_checkpoint(accelerator, path)
+    if problem:
+        return FinalWeights(state.global_step, f"{last.which}: the best checkpoint {path} is damaged ({problem})")
     load_checkpoint(accelerator, path, adapter_only=cfg.lora.enabled)
     return FinalWeights(best, f"the weights of {path}, the best {t.metric_for_best} ({state.best_metric:.4f}), not "
                               f"those of the last step {state.global_step}")
