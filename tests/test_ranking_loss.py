@@ -1,4 +1,4 @@
-"""Ranking losses (the listwise loss types) against values computed by hand with math."""
+"""Ranking losses (the listwise loss types) and ranking metrics against values computed by hand with math."""
 
 import math
 import re
@@ -9,6 +9,7 @@ import torch
 from dpo_dist.config import ConfigError, load_config
 from dpo_dist.loss_types import CONFIG_WORDING, F_DIVERGENCES, check_loss_options
 from dpo_dist.train.loss import f_divergence_scores, preference_loss, ranking_loss
+from dpo_dist.train.metrics import RANKING_COUNTS, ranking_accuracies, ranking_counts
 
 NAN, INF = float("nan"), float("inf")
 
@@ -215,3 +216,41 @@ def test_config_without_ranked_data_refuses_plackett_luce():
     with pytest.raises(ConfigError, match="ranking_top_m"):
         load_config(None, ["loss.ranking_top_m=two"])
     assert load_config(None, []).loss.ranking_top_m is None
+
+
+# Rewards of three groups (K = 4): k = 4 with one tie, k = 3 out of order at the top, k = 2 in order; and a group of
+# one response, which is no ranking.
+REWARDS = values([0.5, 0.2, 0.2, -1.0], [0.1, 0.3, -0.2, 9.0], [0.4, -0.4, 0.0, 0.0], [0.7, 0.0, 0.0, 0.0])
+REWARD_MASK = present([1, 1, 1, 1], [1, 1, 1, 0], [1, 1, 0, 0], [1, 0, 0, 0])
+
+
+def test_ranking_counts_by_hand():
+    """Group 1 (k = 4): 6 ordered pairs; (1,2) (1,3) (1,4) (2,4) (3,4) in order, (2,3) tied: 5, and 0.5 is above all:
+    a hit. Group 2 (k = 3, the 9.0 is padding): (1,3) and (2,3) in order, (1,2) not: 2 of 3; 0.1 < 0.3: no hit.
+    Group 3 (k = 2): 1 of 1, a hit. Group 4 (k = 1): no pairs, not a ranking.
+    Pooled: 8 of 10 pairs in order; 2 hits of 3 rankings."""
+    counts = ranking_counts(REWARDS, REWARD_MASK)
+    assert RANKING_COUNTS == ("pairs_in_order", "pairs", "top1_hits", "ranked_groups")
+    torch.testing.assert_close(counts, values([5, 6, 1, 1], [2, 3, 0, 1], [1, 1, 1, 1], [0, 0, 0, 0]))
+    assert ranking_accuracies(counts) == {"rewards/ranking_accuracies": pytest.approx(0.8),
+                                          "rewards/top1_accuracies": pytest.approx(2 / 3)}
+    # counts pool by sums: two halves give the whole batch's shares
+    halves = torch.cat([ranking_counts(REWARDS[:2], REWARD_MASK[:2]), ranking_counts(REWARDS[2:], REWARD_MASK[2:])])
+    assert ranking_accuracies(halves, prefix="eval/") == {"eval/rewards/ranking_accuracies": pytest.approx(0.8),
+                                                          "eval/rewards/top1_accuracies": pytest.approx(2 / 3)}
+
+
+def test_ranking_metrics_ties_gaps_and_pairs():
+    """A tie for the top is no hit and an out-of-order pair; all rewards 0 (policy = reference) gives 0 for both.
+    A gap in the mask: the best is the first response present. k = 2: both are rewards/accuracies."""
+    counts = ranking_counts(values([0.5, 0.5, -1.0]), present([1, 1, 1]))
+    torch.testing.assert_close(counts, values([2, 3, 0, 1]))
+    zero = ranking_accuracies(ranking_counts(torch.zeros(3, 4, dtype=torch.float64), torch.ones(3, 4, dtype=torch.bool)))
+    assert zero == {"rewards/ranking_accuracies": 0.0, "rewards/top1_accuracies": 0.0}
+    torch.testing.assert_close(ranking_counts(values([9.0, 0.2, 0.1]), present([0, 1, 1])), values([1, 1, 1, 1]))
+    chosen, rejected = values(0.3, -0.1, 0.2, 0.0), values(0.1, 0.4, 0.2, -0.5)
+    pairs = ranking_accuracies(ranking_counts(torch.stack([chosen, rejected], 1), torch.ones(4, 2, dtype=torch.bool)))
+    accuracy = (chosen > rejected).double().mean().item()  # pair_losses' rewards/accuracies: 2 of 4
+    assert pairs == {"rewards/ranking_accuracies": accuracy, "rewards/top1_accuracies": accuracy} and accuracy == 0.5
+    nothing = ranking_accuracies(ranking_counts(values([1.0, 2.0]), present([1, 0])))
+    assert all(math.isnan(v) for v in nothing.values())
