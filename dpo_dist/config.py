@@ -366,6 +366,10 @@ class LossSettings:
     )
     use_weighting: bool = option(False, "WPO: weight each pair by the policy's per-token probabilities of both sides")
     rpo_alpha: float = option(0.0, "weight of the RPO term: NLL per token of the chosen response")
+    ranking_top_m: int | None = option(
+        None, "plackett_luce: score only the choice of each ranking's first m positions (null: all; k - 1 is the "
+        "whole ranking of k, whose last choice is certain)"
+    )
 
     def types(self) -> tuple[str, ...]:
         """The loss types, a single one as a 1-tuple."""
@@ -620,11 +624,15 @@ class Config:
             if name not in LOSSES:
                 where = "loss.loss_type" if isinstance(loss.loss_type, str) else f"loss.loss_type[{i}]"
                 raise ConfigError(f"{where}: {name!r} is not one of {', '.join(LOSSES)}")
+        # data.responses (pairs or a ranking of k responses per prompt) is being added with the ranked data (issue
+        # 30); until this tree has it, every run's data is pairs, and a listwise loss is refused here.
+        responses = getattr(self.data, "responses", "pairs")
         try:
             check_loss_options(
                 types, loss.loss_weights, label_smoothing=loss.label_smoothing, discopop_tau=loss.discopop_tau,
                 f_divergence_type=loss.f_divergence_type, with_reference=self.reference.mode != "none",
-                weighted=loss.use_weighting, ld_alpha=loss.ld_alpha, wording=CONFIG_WORDING,
+                weighted=loss.use_weighting, ld_alpha=loss.ld_alpha, wording=CONFIG_WORDING, responses=responses,
+                ranking_top_m=loss.ranking_top_m, rpo_alpha=loss.rpo_alpha,
             )
         except ValueError as error:
             raise ConfigError(str(error)) from None

@@ -1,5 +1,6 @@
 """The loss types: one record each, the one place that says what a loss type takes and which options and other loss
-types go with it. Their math is :mod:`dpo_dist.train.loss`, one per-pair function per record (``PER_PAIR``, by name).
+types go with it. Their math is :mod:`dpo_dist.train.loss`, one function per record: per pair (``PER_PAIR``, by name)
+for the pairwise types, per ranked group of k responses (``PER_GROUP``) for the listwise ones.
 
 The records sit at the top of the layering beside the config, not in the train stage, because the config checks a
 run's loss settings before anything is loaded, and neither the config nor ``launch/*.py --help`` may import a stage
@@ -34,7 +35,12 @@ class LossType:
     # scores only through their difference s_c - s_r (or each side's per-token score), where the reparameterization's
     # beta log Z(x) cancels; "undefined" where it reads a side alone or sorts log-ratios, so no f-divergence
     # generalization exists (TRL 1.16 refuses the same set); "unused" where it reads no log-ratio at all (sft).
+    # A listwise loss that reads a prompt's scores only through softmaxes over them (plackett_luce) applies too: the
+    # beta log Z(x) is one constant per prompt, and a softmax over that prompt's responses does not see it.
     f_divergence: Literal["applies", "undefined", "unused"] = "applies"
+    # Scores a whole ranking of k responses per prompt ((G, K) groups, best first), not chosen/rejected pairs: it takes
+    # data.responses=ranking, where every pairwise type is refused, and one loss per group.
+    listwise: bool = False
 
     @property
     def combines(self) -> bool:
@@ -63,6 +69,7 @@ LOSSES: dict[str, LossType] = {t.name: t for t in (
     LossType("sft", needs_tokens=True, f_divergence="unused"),  # one token-weighted mean per micro-batch, as TRL
     LossType("sigmoid_norm", needs_tokens=True),
     LossType("orpo", length_averaged=True, reference_free=True, f_divergence="undefined"),
+    LossType("plackett_luce", listwise=True),  # the DPO paper's ranking loss (Rafailov et al. 2023, app. A.3)
 )}
 # The f-divergence regularizers (dpo_dist.train.loss.f_divergence_scores); reverse_kl, the first, is plain DPO's.
 F_DIVERGENCES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence")
@@ -78,18 +85,25 @@ class LossWording:
     loss_types: str  # the loss types given, from their count {n} and list {types}
     no_reference: str  # what to do to run a reference-free loss
     weighting: str  # what WPO's per-pair weighting is called
+    ranking: str  # what a listwise loss needs: ranked groups of responses
+    pairs: str  # what a pairwise loss needs: chosen/rejected pairs
 
 
 CONFIG_WORDING = LossWording(option="loss.{}", loss_types="the {n} loss types in loss.loss_type ({types})",
-                             no_reference="set reference.mode=none", weighting="loss.use_weighting (WPO)")
+                             no_reference="set reference.mode=none", weighting="loss.use_weighting (WPO)",
+                             ranking="data.responses=ranking", pairs="data.responses=pairs")
+# The responses a run's data gives, per prompt: a chosen/rejected pair, or a ranking of k responses (best first).
+RESPONSES = ("pairs", "ranking")
 
 
 def check_loss_options(types: tuple[str, ...], loss_weights: list[float] | tuple[float, ...] | None, *,
                        label_smoothing: float, discopop_tau: float, f_divergence_type: str, with_reference: bool,
-                       weighted: bool, wording: LossWording, ld_alpha: float | None = None) -> tuple[float, ...]:
-    """Which loss types, weights and options go together, from the records: stated once, for the config and for
-    ``preference_loss``. ``types``: names in :data:`LOSSES`; ``with_reference``: reference log-probs are given;
-    ``weighted``: WPO's per-pair weights. Returns the weights (1 each when None); a ValueError otherwise."""
+                       weighted: bool, wording: LossWording, responses: str, ld_alpha: float | None = None,
+                       ranking_top_m: int | None = None, rpo_alpha: float = 0.0) -> tuple[float, ...]:
+    """Which loss types, weights and options go together, from the records: stated once, for the config, for
+    ``preference_loss`` and for ``ranking_loss``. ``types``: names in :data:`LOSSES`; ``with_reference``: reference
+    log-probs are given; ``weighted``: WPO's per-pair weights; ``responses``: what the data gives per prompt, one of
+    :data:`RESPONSES`. Returns the weights (1 each when None); a ValueError otherwise."""
     key = wording.option.format
     records = [LOSSES[name] for name in types]
     if not types:
@@ -103,6 +117,39 @@ def check_loss_options(types: tuple[str, ...], loss_weights: list[float] | tuple
                          f"{wording.loss_types.format(n=len(types), types=list(types))}: give one weight per loss type")
     if any(w < 0 for w in weights):
         raise ValueError(f"{key('loss_weights')} must not be negative, got {list(weights)}")
+    listwise = [t.name for t in records if t.listwise]
+    pairwise = [t.name for t in records if not t.listwise]
+    ranking_types = ", ".join(name for name, t in LOSSES.items() if t.listwise)
+    if listwise and pairwise:
+        raise ValueError(f"{key('loss_type')} mixes listwise {listwise[0]} with pairwise {', '.join(pairwise)}: a "
+                         "listwise loss has one term per ranked group of k responses, a pairwise loss one per "
+                         "chosen/rejected pair, so their terms belong to different examples and cannot be added; "
+                         "train with one kind")
+    if responses not in RESPONSES:
+        raise ValueError(f"responses {responses!r} is not one of {', '.join(RESPONSES)}")
+    if listwise and responses != "ranking":
+        raise ValueError(f"{key('loss_type')}={listwise[0]} is listwise (it scores a whole ranking of k responses per "
+                         f"prompt): it needs {wording.ranking}")
+    if pairwise and responses != "pairs":
+        raise ValueError(f"{key('loss_type')}={pairwise[0]} is pairwise (one term per chosen/rejected pair): it needs "
+                         f"{wording.pairs}; a ranking of k responses takes {ranking_types}")
+    if ranking_top_m is not None and not listwise:
+        raise ValueError(f"{key('ranking_top_m')} truncates a ranking loss to its top positions; it applies to "
+                         f"{ranking_types}, not {', '.join(types)}")
+    if ranking_top_m is not None and ranking_top_m < 1:
+        raise ValueError(f"{key('ranking_top_m')} is how many of a ranking's first positions are scored: 1 or more "
+                         f"(null: all), got {ranking_top_m}")
+    # The options below are defined on a pair (its label, its two lengths, its two responses' probabilities, its
+    # chosen response); a ranking of k responses has no one pair to take them from.
+    if listwise and ld_alpha is not None:
+        raise ValueError(f"{key('ld_alpha')} (LD-DPO) weights a pair's longer response beyond the shorter one's "
+                         f"length; {listwise[0]} ranks k responses, with no one pair to measure")
+    if listwise and weighted:
+        raise ValueError(f"{wording.weighting} weights a pair by its two responses' probabilities (w_c w_r); it is "
+                         f"not defined for {listwise[0]}'s groups of k responses")
+    if listwise and rpo_alpha:
+        raise ValueError(f"{key('rpo_alpha')} (RPO) adds an NLL on a pair's chosen response; it is not defined for "
+                         f"{listwise[0]}'s rankings")
     alone = [t for t in records if not t.combines]
     if alone and len(types) > 1:
         raise ValueError(f"{key('loss_type')}: {alone[0].name} takes length-averaged log-probs"
@@ -119,8 +166,8 @@ def check_loss_options(types: tuple[str, ...], loss_weights: list[float] | tuple
         if undefined:
             raise ValueError(
                 f"{key('f_divergence_type')}={f_divergence_type} is not defined for {', '.join(undefined)}: f-DPO's "
-                "reparameterization leaves a beta log Z(x) term that cancels only where a loss reads the chosen and "
-                f"rejected scores through their difference ({', '.join(applies)}); use {F_DIVERGENCES[0]} with "
+                "reparameterization leaves a beta log Z(x) term that cancels only where a loss reads a prompt's "
+                f"scores through their differences ({', '.join(applies)}); use {F_DIVERGENCES[0]} with "
                 f"{', '.join(undefined)}")
         if not any(t.f_divergence == "applies" for t in records):
             raise ValueError(f"{key('f_divergence_type')}={f_divergence_type} would be ignored: "
@@ -130,6 +177,10 @@ def check_loss_options(types: tuple[str, ...], loss_weights: list[float] | tuple
         raise ValueError(f"{key('ld_alpha')} reweights summed log-probs; {averaged[0]} averages them over tokens")
     if not 0.0 <= label_smoothing < 0.5:
         raise ValueError(f"{key('label_smoothing')} must be in [0, 0.5), got {label_smoothing}")
+    if label_smoothing and listwise:
+        raise ValueError(f"{key('label_smoothing')} is not defined for {listwise[0]}: it is the probability that a "
+                         "pair's label is flipped (cDPO), and a ranking of k responses has k! - 1 other orders, with "
+                         "no one noise model among them")
     smoothed = [name for name, t in LOSSES.items() if t.label_smoothing != "unused"]
     if label_smoothing and not set(types) & set(smoothed):
         raise ValueError(f"{key('label_smoothing')} applies to {', '.join(smoothed)}, not {', '.join(types)}")

@@ -11,6 +11,7 @@ from dpo_dist.config import ConfigError, load_config
 from dpo_dist.loss_types import LOSSES
 from dpo_dist.train import loss as loss_module
 from dpo_dist.train.loss import (
+    PER_GROUP,
     PER_PAIR,
     length_desensitized_logps,
     log1mexp,
@@ -256,10 +257,11 @@ THREE_FREE = {  # the reference-free, length-averaged ones take per-token averag
 }
 
 
-@pytest.mark.parametrize("loss_type", list(LOSSES))
+@pytest.mark.parametrize("loss_type", [name for name, t in LOSSES.items() if not t.listwise])
 def test_every_loss_type_by_hand_on_a_batch(loss_type):
-    """Each loss type's per-pair losses and rewards on THREE against its formula computed here with math, one pair at
-    a time (aot sorts and sft reduces across the batch, as written above)."""
+    """Each pairwise loss type's per-pair losses and rewards on THREE against its formula computed here with math, one
+    pair at a time (aot sorts and sft reduces across the batch, as written above). The listwise ones:
+    tests/test_ranking_loss.py."""
     t = THREE
     tokens = dict(chosen_tokens=torch.tensor(t["nc"]), rejected_tokens=torch.tensor(t["nr"]))
     if LOSSES[loss_type].reference_free:
@@ -455,8 +457,10 @@ def test_bad_new_arguments(kwargs, message):
 
 
 def test_config_names_match_the_loss_module():
-    """Each record of the config's registry has its per-pair function in the loss module, and no function is left over."""
-    assert list(PER_PAIR) == list(LOSSES)
+    """Each record of the config's registry has its function in the loss module, per pair or, listwise, per ranked
+    group, and no function is left over."""
+    assert list(PER_PAIR) == [name for name, t in LOSSES.items() if not t.listwise]
+    assert list(PER_GROUP) == [name for name, t in LOSSES.items() if t.listwise]
 
 
 def in_order_once(names):

@@ -1,4 +1,5 @@
-"""Preference losses: pure functions of four log-prob tensors (and, for a few losses, token counts).
+"""Preference losses: pure functions of four log-prob tensors (and, for a few losses, token counts); ranking losses,
+of two: the policy's and the reference's log-probs of groups of ranked responses.
 
 Notation: for each pair, ``r_c = policy_chosen_logps - ref_chosen_logps`` and ``r_r`` (the same on the rejected side)
 are the policy's log-ratios to the reference, log-probs summed over response tokens; ``n_c``, ``n_r`` the response
@@ -7,7 +8,7 @@ tokens. The f-divergence (below) turns each log-ratio into a score ``s = f'(r)``
 strength of the KL constraint, ``e`` = ``label_smoothing``.
 
 =============  ==================================================================  ====================================
-loss_type      per-pair loss                                                       source (arXiv)
+loss_type      per-pair loss (listwise types: per ranked group)                    source (arXiv)
 =============  ==================================================================  ====================================
 sigmoid        -log sigma(beta h); with e (cDPO):                                  DPO, Rafailov et al. 2023, eq. 7
                -(1 - e) log sigma(beta h) - e log sigma(-beta h)                   (2305.18290); cDPO, Mitchell 2023
@@ -42,13 +43,18 @@ sigmoid_norm   -log sigma(beta (s_c / n_c - s_r / n_r))                         
                                                                                    app. "DPO w/ LN" (2405.14734)
 orpo           -avg_c - beta log sigma(log odds(avg_c) - log odds(avg_r)),         ORPO, Hong et al. 2024, eqs. 4, 6, 7
                log odds(a) = a - log(1 - e^a), no reference                        (2403.07691); beta is its lambda
+plackett_luce  -sum_{j=1..m} [beta s_j - log sum_{l=j..k} exp(beta s_l)]           DPO, Rafailov et al. 2023, app. A.3
+               over a group of k responses ranked best first (listwise)            (2305.18290), Plackett-Luce
 =============  ==================================================================  ====================================
 
 ``avg`` is a log-prob averaged over its response tokens (the ``length_averaged`` types take averaged log-probs).
+The listwise types (``plackett_luce``) take a ranking instead of a pair: a group of k responses to one prompt, ranked
+best first, ``s_j`` the score of the j-th (``s_j = r_j`` with ``reverse_kl``), ``m`` = ``ranking_top_m`` (default k - 1,
+the whole ranking: the last choice, from one response, is certain and adds 0).
 
 Each loss type is a record in :data:`dpo_dist.loss_types.LOSSES` (what it takes, which options and loss types go with it)
-and a per-pair function here, ``PER_PAIR[name]``; :func:`preference_loss` checks the options against the records and
-looks the functions up.
+and a function here: per pair, ``PER_PAIR[name]`` (:func:`preference_loss` checks the options against the records and
+looks the functions up), or per ranked group for the listwise types, ``PER_GROUP[name]`` (:func:`ranking_loss`).
 
 Modifiers (each may be combined with any loss above that has a reference, unless said):
 
@@ -89,9 +95,10 @@ import torch.nn.functional as F
 
 from dpo_dist.loss_types import F_DIVERGENCES, LOSSES, LossWording, check_loss_options
 
-# preference_loss's messages name its arguments (the config's name its keys).
+# preference_loss's and ranking_loss's messages name their arguments (the config's name its keys).
 ARGUMENT_WORDING = LossWording(option="{}", loss_types="{n} loss types {types}",
-                               no_reference="pass ref_chosen_logps=ref_rejected_logps=None", weighting="WPO weighting")
+                               no_reference="pass ref_chosen_logps=ref_rejected_logps=None", weighting="WPO weighting",
+                               ranking="groups of ranked responses: ranking_loss", pairs="pairs: preference_loss")
 
 
 def log1mexp(x: torch.Tensor) -> torch.Tensor:
@@ -104,7 +111,7 @@ def f_divergence_scores(logratios: torch.Tensor, f_divergence_type: str = "rever
     """The score ``f'(exp(r))`` that replaces the log-ratio ``r`` under an f-divergence regularizer (f-DPO, Wang et al.
     2023; constants, which cancel in ``s_c - s_r``, dropped). ``alpha``: the alpha-divergence's coefficient.
 
-    Shape: logratios (B,) -> (B,).
+    Shape: logratios (B,) -> (B,); elementwise, so a ranking's (G, K) -> (G, K) as well.
     """
     if f_divergence_type == "reverse_kl":
         return logratios
@@ -299,7 +306,7 @@ def orpo_loss(p: Pairs, o: LossOptions) -> torch.Tensor:
     return -p.policy_chosen_logps - o.beta * F.logsigmoid(log_odds)
 
 
-# loss type -> its per-pair loss; the keys are LOSSES' (tests/test_loss.py holds them to it).
+# loss type -> its per-pair loss; the keys are LOSSES' pairwise ones (tests/test_loss.py holds them to it).
 PER_PAIR: dict[str, Callable[[Pairs, LossOptions], torch.Tensor]] = {
     "sigmoid": sigmoid_loss, "robust": robust_loss, "hinge": hinge_loss, "ipo": ipo_loss, "ipo_sum": ipo_sum_loss,
     "simpo": simpo_loss,
@@ -370,7 +377,7 @@ def preference_loss(
     weights = check_loss_options(
         types, loss_weights, label_smoothing=label_smoothing, discopop_tau=discopop_tau,
         f_divergence_type=f_divergence_type, with_reference=ref_chosen_logps is not None,
-        weighted=pair_weights is not None, wording=ARGUMENT_WORDING,
+        weighted=pair_weights is not None, wording=ARGUMENT_WORDING, responses="pairs",
     )
     needing = sorted(name for name in types if LOSSES[name].needs_tokens)
     if needing and (chosen_tokens is None or rejected_tokens is None):
@@ -400,3 +407,111 @@ def preference_loss(
     chosen_rewards = beta * chosen_logratios.detach()
     rejected_rewards = beta * rejected_logratios.detach()
     return total, chosen_rewards, rejected_rewards
+
+
+# Rankings: a group of k responses to one prompt, ranked best first (the listwise loss types).
+
+@dataclass(frozen=True)
+class Groups:
+    """What the listwise loss types read of G groups of up to K responses, each group ranked best first along K. Shape:
+    each tensor (G, K); at padding (``mask`` False) every tensor but ``mask`` holds 0, whatever the input held there."""
+
+    mask: torch.Tensor  # bool: the response exists (a group of k < K responses is padded)
+    logratios: torch.Tensor  # r = policy_logps - ref_logps (policy_logps when reference-free)
+    scores: torch.Tensor  # s = f'(r)
+
+
+@dataclass(frozen=True)
+class RankingOptions:
+    """The numbers the listwise loss types read besides the log-probs (see :func:`ranking_loss`)."""
+
+    beta: float
+    top_m: int | None  # m: score the choice of the first m positions only; None: all
+
+
+def plackett_luce_loss(g: Groups, o: RankingOptions) -> torch.Tensor:
+    """The negative log-likelihood of each group's ranking under the Plackett-Luce model with rewards ``beta s`` (the
+    DPO paper's ranking objective, Rafailov et al. 2023, app. A.3, 2305.18290): the best response is chosen from all k
+    with probability softmax(beta s) at it, the second from the k - 1 left, and so on, so
+    ``-sum_{j=1..m} [beta s_j - log sum_{l=j..k} exp(beta s_l)]``, positions j counted among the group's responses.
+
+    At s = 0 (policy = reference) the j-th choice is one of k - j + 1 equally likely: the loss is
+    ``sum_{j=1..m} ln(k - j + 1)``, ln(k!) for the whole ranking; with k = 2 it is the sigmoid loss of the pair
+    ``-log sigma(beta (s_1 - s_2))``. Adding one constant to a group's scores changes nothing: f-DPO's beta log Z(x),
+    one per prompt, cancels (``LossType.f_divergence``). A group of one response has loss 0.
+
+    Shape: each of Groups (G, K) -> (G,).
+    """
+    x = o.beta * g.scores
+    k_max = x.shape[1]
+    later = torch.ones(k_max, k_max, dtype=torch.bool, device=x.device).triu()  # [j, l]: l is ranked at j or below
+    # [g, j, l]: response l is still to be placed when position j is chosen. A padding row j would be empty (all -inf,
+    # whose logsumexp has a NaN gradient); it reads every score instead, and its term is dropped below.
+    left = (later & g.mask[:, None, :]) | ~g.mask[:, :, None]
+    normalizer = torch.logsumexp(x[:, None, :].masked_fill(~left, float("-inf")), dim=-1)  # (G, K)
+    scored = g.mask if o.top_m is None else g.mask & (g.mask.cumsum(dim=1) <= o.top_m)
+    return -torch.where(scored, x - normalizer, torch.zeros_like(x)).sum(dim=1)
+
+
+# loss type -> its per-group loss; the keys are LOSSES' listwise ones (tests/test_loss.py holds them to it).
+PER_GROUP: dict[str, Callable[[Groups, RankingOptions], torch.Tensor]] = {"plackett_luce": plackett_luce_loss}
+
+
+def ranking_loss(
+    policy_logps: torch.Tensor,
+    ref_logps: torch.Tensor | None,
+    mask: torch.Tensor | None = None,
+    *,
+    beta: float,
+    loss_type: str = "plackett_luce",
+    ranking_top_m: int | None = None,
+    f_divergence_type: str = "reverse_kl",
+    f_alpha_divergence_coef: float = 0.5,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-group ranking losses and detached rewards: the listwise counterpart of :func:`preference_loss`.
+
+    Args:
+        policy_logps: the policy's log-prob of each response, summed over its tokens; each row one prompt's responses
+            in their labelled order, best first.
+        ref_logps: the reference's, the same way; None for reference-free (the reference log-probs are taken as 0).
+        mask: True where a response exists; a group of k < K responses is padded (at any positions: the order is that
+            of its responses along K). Padding values are never read, NaN included, and get no gradient. None: all.
+        beta: KL strength.
+        loss_type: one of the listwise types of ``dpo_dist.loss_types.LOSSES``.
+        ranking_top_m: m, score the choice of each group's first m positions only (positions past a group's k - 1
+            add 0); None: all.
+        f_divergence_type, f_alpha_divergence_coef: the f-divergence regularizer (:func:`f_divergence_scores`).
+
+    The caller averages the per-group losses over the groups of its batch, as ``pair_losses`` does over pairs
+    (``losses.mean()``): each group counts once, whatever its k.
+
+    Shape: policy_logps, ref_logps, mask (G, K) -> (losses (G,), rewards (G, K)); rewards ``beta * (policy_logps -
+    ref_logps)``, detached, 0 at padding.
+    """
+    if loss_type not in LOSSES:
+        raise ValueError(f"loss_type {loss_type!r} is not one of {', '.join(LOSSES)}")
+    if beta <= 0:
+        raise ValueError(f"beta must be positive, got {beta}")
+    if f_divergence_type not in F_DIVERGENCES:
+        raise ValueError(f"f_divergence_type {f_divergence_type!r} is not one of {F_DIVERGENCES}")
+    # label_smoothing 0 and a discopop_tau no listwise type reads: the options a ranking does not take.
+    check_loss_options((loss_type,), None, label_smoothing=0.0, discopop_tau=1.0, f_divergence_type=f_divergence_type,
+                       with_reference=ref_logps is not None, weighted=False, wording=ARGUMENT_WORDING,
+                       responses="ranking", ranking_top_m=ranking_top_m)
+    if policy_logps.dim() != 2:
+        raise ValueError(f"policy_logps must be (groups, responses), got shape {tuple(policy_logps.shape)}")
+    mask = torch.ones_like(policy_logps, dtype=torch.bool) if mask is None else mask
+    for name, tensor in (("ref_logps", ref_logps), ("mask", mask)):
+        if tensor is not None and tensor.shape != policy_logps.shape:
+            raise ValueError(f"{name} has shape {tuple(tensor.shape)}, policy_logps {tuple(policy_logps.shape)}")
+    if mask.dtype != torch.bool:
+        raise ValueError(f"mask must be bool, got {mask.dtype}")
+
+    logratios = policy_logps if ref_logps is None else policy_logps - ref_logps
+    # where, not a product: padding may hold NaN or inf, and 0 * NaN is NaN in the value and in the gradient.
+    logratios = torch.where(mask, logratios, torch.zeros_like(logratios))
+    scores = torch.where(mask, f_divergence_scores(logratios, f_divergence_type, f_alpha_divergence_coef),
+                         torch.zeros_like(logratios))
+    groups = Groups(mask=mask, logratios=logratios, scores=scores)
+    losses = PER_GROUP[loss_type](groups, RankingOptions(beta=beta, top_m=ranking_top_m))
+    return losses, beta * logratios.detach()

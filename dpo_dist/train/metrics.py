@@ -12,6 +12,16 @@ Step metrics, each a mean over every pair of the optimizer step on every process
 - ``logps/chosen``, ``logps/rejected``: the policy's summed log-prob of each response;
 - ``grad_norm`` (before clipping), ``lr``, ``tokens/s`` (non-padding tokens), ``step_time_s``, ``examples_seen``, ``epoch``;
 - ``eval/*``: the same pair metrics on the eval split, at eval steps.
+
+Ranking mode (groups of k responses ranked best first, ``loss.loss_type=plackett_luce``) has two accuracies of its own,
+pooled over every group of the step (:func:`ranking_counts`, :func:`ranking_accuracies`; the training loop does not
+log them yet):
+
+- ``rewards/ranking_accuracies``: the share of ordered pairs (i ranked above j, in the same group) with r_i > r_j;
+- ``rewards/top1_accuracies``: the share of groups whose best-ranked response has the highest reward.
+
+Both count a tie as wrong, as ``rewards/accuracies`` does (so both are 0 at policy = reference), and both are
+``rewards/accuracies`` when k = 2.
 """
 
 from __future__ import annotations
@@ -168,6 +178,48 @@ def reduce_stats(stats: torch.Tensor, prefix: str = "") -> dict[str, float]:
     values["tokens"] = float(stats[:, STATS.index("tokens")].sum())
     values["rewards/margins"] = values["rewards/chosen"] - values["rewards/rejected"]
     return {f"{prefix}{k}": v for k, v in values.items() if not (prefix and k == "tokens")}
+
+
+# The columns of ranking_counts, per group: sums over groups (and processes) reduce them.
+RANKING_COUNTS = ("pairs_in_order", "pairs", "top1_hits", "ranked_groups")
+
+
+def ranking_counts(rewards: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Per group of responses ranked best first along K: how many of its ordered pairs have their rewards in the
+    labelled order, how many ordered pairs it has (k (k - 1) / 2), whether its best response's reward is above every
+    other's (a top-1 hit), and whether it is a ranking at all (k >= 2). A tie is out of order, and not a hit.
+
+    ``rewards``: implicit rewards ``beta * (policy_logps - ref_logps)`` (:func:`dpo_dist.train.loss.ranking_loss`);
+    ``mask``: True where a response exists (padding at any position; the best is the first present). Counts, not
+    shares, so that groups of different k pool by sums across micro-batches and processes.
+
+    Shape: rewards, mask (G, K) -> (G, len(RANKING_COUNTS)), float.
+    """
+    k_max = rewards.shape[1]
+    above = torch.ones(k_max, k_max, dtype=torch.bool, device=rewards.device).triu(diagonal=1)  # [i, j]: i above j
+    pairs = above & mask[:, :, None] & mask[:, None, :]  # (G, K, K)
+    in_order = pairs & (rewards[:, :, None] > rewards[:, None, :])
+    best = mask.int().argmax(dim=1)  # the first response present: argmax takes the first of equal maxima
+    best_reward = rewards.gather(1, best[:, None])  # (G, 1)
+    others = mask & (torch.arange(k_max, device=rewards.device)[None, :] != best[:, None])
+    ranked = mask.sum(dim=1) >= 2
+    hits = ranked & (best_reward > rewards).logical_or(~others).all(dim=1)
+    return torch.stack([in_order.sum(dim=(1, 2)), pairs.sum(dim=(1, 2)), hits, ranked], dim=1).to(rewards.dtype)
+
+
+def ranking_accuracies(counts: torch.Tensor, prefix: str = "") -> dict[str, float]:
+    """Ranking accuracy (ordered pairs in order over all pairs) and top-1 accuracy (hits over groups of two or more),
+    pooled over every group given, not averaged per group; NaN where there is nothing to count.
+
+    Shape: counts (N, len(RANKING_COUNTS)), from :func:`ranking_counts` -> two numbers.
+    """
+    total = dict(zip(RANKING_COUNTS, counts.double().sum(dim=0).tolist()))
+
+    def share(part: str, whole: str) -> float:
+        return total[part] / total[whole] if total[whole] else math.nan
+
+    return {f"{prefix}rewards/ranking_accuracies": share("pairs_in_order", "pairs"),
+            f"{prefix}rewards/top1_accuracies": share("top1_hits", "ranked_groups")}
 
 
 def peak_memory_gb(device: torch.device) -> float:
