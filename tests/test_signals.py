@@ -83,9 +83,14 @@ def test_a_signal_while_the_builtin_set_is_sampled_stops_within_a_token(tiny_mod
     assert not (tmp_path / "out" / "metrics.jsonl").exists()
 
 
+# Each launcher with each signal (how it is passed on differs); the engines behind torchrun's agent (DDP, ZeRO-2, FSDP2)
+# differ only in the checkpoint they write, so DDP takes both signals and the others one each.
+LAUNCHES_AND_SIGNALS = [(launch, sig) for launch in LAUNCH_FORMS for sig in SIGNALS
+                        if (launch, sig.name) not in (("accelerate-zero2", "SIGTERM"), ("accelerate-fsdp2", "SIGUSR1"))]
+
+
 @pytest.mark.multiprocess
-@pytest.mark.parametrize("sig", SIGNALS, ids=lambda s: s.name)
-@pytest.mark.parametrize("launch", list(LAUNCH_FORMS))
+@pytest.mark.parametrize("launch, sig", LAUNCHES_AND_SIGNALS, ids=[f"{l}-{s.name}" for l, s in LAUNCHES_AND_SIGNALS])
 def test_a_signal_to_what_we_started_checkpoints_and_stops(launch, sig, tiny_model_dir, data_file, tmp_path):
     """Signalled after step 2 of 8 (no checkpoint due): the current step ends, checkpoint-N is written for the step
     the processes agreed on, nothing trains past it, and every trainer exits with 75."""
