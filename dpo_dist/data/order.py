@@ -8,6 +8,7 @@ pairs does not depend on how it is split over processes and micro-batches.
 from __future__ import annotations
 
 import math
+from typing import Sequence
 
 import torch
 
@@ -18,20 +19,37 @@ class DataOrder:
     Each epoch is a seeded permutation of the pairs, wrapped around to fill its last global batch (so no pair is
     left out; the few repeated ones are logged). Global step ``g`` takes the ``g``-th block of ``P x B x A`` pairs;
     micro-step ``a`` of process ``r`` takes its ``(a * P + r)``-th run of ``B``.
+
+    ``groups`` (one id per pair: the pairs made from one ranked row share it) permutes the groups instead, each
+    group's pairs kept together in their order, so that pairs of one prompt tend to meet in a micro-batch, where the
+    packing computes their prompt once. With every pair its own group, in index order, the order is the plain one.
     """
 
-    def __init__(self, num_pairs: int, *, per_device: int, accumulation: int, processes: int, seed: int):
+    def __init__(self, num_pairs: int, *, per_device: int, accumulation: int, processes: int, seed: int,
+                 groups: Sequence[int] | None = None):
         self.n, self.b, self.a, self.p, self.seed = num_pairs, per_device, accumulation, processes, seed
         self.global_batch = per_device * accumulation * processes
         self.steps_per_epoch = math.ceil(num_pairs / self.global_batch)
         self.repeated_per_epoch = self.steps_per_epoch * self.global_batch - num_pairs
+        self._members: list[list[int]] | None = None
+        if groups is not None:
+            if len(groups) != num_pairs:
+                raise ValueError(f"{len(groups)} group ids for {num_pairs} pairs")
+            members: dict[int, list[int]] = {}
+            for index, group in enumerate(groups):
+                members.setdefault(group, []).append(index)
+            self._members = list(members.values())  # in order of first appearance
         self._epoch, self._order = -1, []
 
     def micro_batches(self, step: int, rank: int) -> list[list[int]]:
         epoch, within = divmod(step, self.steps_per_epoch)
         if epoch != self._epoch:
             generator = torch.Generator().manual_seed(self.seed + epoch)
-            order = torch.randperm(self.n, generator=generator).tolist()
+            if self._members is None:
+                order = torch.randperm(self.n, generator=generator).tolist()
+            else:
+                order = [i for g in torch.randperm(len(self._members), generator=generator).tolist()
+                         for i in self._members[g]]
             length = self.steps_per_epoch * self.global_batch
             self._order = (order * math.ceil(length / self.n))[:length]
             self._epoch = epoch
