@@ -413,8 +413,11 @@ def _completions(row: dict[str, Any]) -> tuple[list[str], list[Any], list[float]
         return names, values, _scores(scores, k, "scores"), "scores"
     if ranking is not None:
         return names, values, _ranking_scores(ranking, k), "ranking"
-    raise RowError("missing_field", "no 'scores' or 'ranking' beside 'completions' (nor a score in each completion "
-                                    "record): the responses have no order")
+    records = [item for item in completions if isinstance(item, dict)]
+    hint = (f" (the completions are records with the fields {sorted(records[0])}: data.columns.score names the one "
+            "holding the score)" if records else "")
+    raise RowError("missing_field", "no 'scores' or 'ranking' beside 'completions', nor a 'score' in each completion "
+                                    f"record: the responses have no order{hint}")
 
 
 def _scores(scores: list[Any], k: int, what: str) -> list[float]:
