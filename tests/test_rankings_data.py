@@ -335,3 +335,19 @@ def test_training_on_four_completion_rows(tiny_model_dir, tmp_path, capsys, rule
     log = capsys.readouterr().out
     assert f"10 of 10 rows kept (ranked format); {10 * per_row} pairs by {rule}" in log
     assert f"'train_pairs': {8 * per_row}" in log
+
+
+def test_the_docs_example():
+    """docs/data.md: scores 9, 2, 8.5, 1 for ' 4', ' 5', ' four', ' 22'."""
+    ranked = normalize_ranked({"prompt": "2+2?", "completions": [" 4", " 5", " four", " 22"],
+                               "scores": [9, 2, 8.5, 1]}, "text")
+    named = lambda made: [(ranked["responses"][i], ranked["responses"][j]) for i, j in made]  # noqa: E731
+    assert named(ranked_pairs(ranked, "best_vs_worst")[0]) == [(" 4", " 22")]
+    assert named(ranked_pairs(ranked, "best_vs_rest")[0]) == [(" 4", " 5"), (" 4", " four"), (" 4", " 22")]
+    assert named(ranked_pairs(ranked, "all_pairs")[0]) == [(" 4", " 5"), (" 4", " four"), (" 4", " 22"),
+                                                          (" four", " 5"), (" 5", " 22"), (" four", " 22")]
+    assert ranked_pairs(ranked, "all_pairs", 1) == ([(0, 1), (0, 3), (2, 1), (1, 3), (2, 3)], 1)
+    assert ranked_pairs(ranked, "best_vs_rest", 1) == ([(0, 1), (0, 3)], 1)
+    by_ranking = normalize_ranked({"prompt": "2+2?", "completions": [" 4", " 5", " four", " 22"],
+                                   "ranking": [0, 2, 1, 3]}, "text")
+    assert ranked_pairs(by_ranking, "all_pairs")[0] == ranked_pairs(ranked, "all_pairs")[0]
