@@ -15,12 +15,11 @@ all_pairs drops (D, A) and (B, D). With min_score_gap 6 every pair is dropped an
 
 import json
 import math
-import re
 
 import pytest
 
-from dpo_dist.config import ConfigError, load_config
-from dpo_dist.data.formats import REASONS, RowError, normalize_ranked, ranked_pairs, rename_columns
+from dpo_dist.config import load_config
+from dpo_dist.data.formats import normalize_ranked, ranked_pairs, rename_columns
 from dpo_dist.data.load import (DataError, Part, load_configured_pairs, load_pairs, load_train_eval, split_pairs,
                                 take_subset)
 from training import WORDS, run  # with torch and transformers, imported once at collection, as test_train.py does
@@ -111,45 +110,7 @@ def test_forced_ranked_format_and_the_pair_formats_unchanged(tmp_path):
     assert report.summary() == f"{tmp_path / 'p.jsonl'}: 3 of 3 rows kept (text format)"
 
 
-# --- bad rows
-
-
-BAD_ROWS = [
-    ({"prompt": "Q", "completions": [A], "scores": [1]}, "too_few_responses", "needs at least 2"),
-    ({"prompt": "Q", "chosen": B, "rejected": []}, "too_few_responses", "rejected list is empty"),
-    ({"prompt": "Q", "completions": [A, B, C], "scores": [1, 2]}, "scores_length", "hold 2 numbers for 3"),
-    ({"prompt": "Q", "completions": [A, B], "scores": [1, float("nan")]}, "bad_score", "scores[1] is nan"),
-    ({"prompt": "Q", "completions": [A, B], "scores": [1, "2"]}, "bad_score", "scores[1] is '2'"),
-    ({"prompt": "Q", "completions": [A, B], "scores": [1, True]}, "bad_score", "scores[1] is True"),
-    ({"prompt": "Q", "completions": [A, B, C], "scores": [3, 3, 3]}, "scores_tied", "every completion has the score 3"),
-    ({"prompt": "Q", "completions": [A, B, A], "scores": [1, 2, 3]}, "duplicate_responses",
-     "completions[0] and completions[2] are the same response"),
-    ({"prompt": "Q", "chosen": B, "rejected": [A, B]}, "duplicate_responses", "chosen and rejected[1]"),
-    ({"prompt": "Q", "completions": [A, B, C], "ranking": [0, 0, 1]}, "bad_ranking", "not a permutation of 0..2"),
-    ({"prompt": "Q", "completions": [A, B, C], "ranking": [0, 1]}, "bad_ranking", "not a permutation"),
-    ({"prompt": "Q", "completions": [A, B], "scores": [1, 2], "ranking": [1, 0]}, "ambiguous_order", "both"),
-    ({"prompt": "Q", "completions": [A, B]}, "missing_field", "no 'scores' or 'ranking'"),
-    ({"prompt": "Q", "completions": [{"response": A, "score": 1}, {"response": B}]}, "missing_field",
-     "completions[1] has no 'score'"),
-    ({"prompt": "Q", "completions": [A, "  "], "scores": [1, 2]}, "empty_response", "completions[1] response is empty"),
-    ({"prompt": "Q", "completions": [A, ["x"]], "scores": [1, 2]}, "wrong_type", "completions[1] should be a string"),
-]
-
-
-@pytest.mark.parametrize("bad, reason, said", BAD_ROWS, ids=[f"{r}-{i}" for i, (_, r, _) in enumerate(BAD_ROWS)])
-def test_a_bad_ranked_row_is_named_or_skipped_and_counted(tmp_path, bad, reason, said):
-    assert reason in REASONS
-    with pytest.raises(RowError, match=re.escape(said)) as raised:
-        normalize_ranked(bad, "text")
-    assert raised.value.reason == reason
-    path = write_jsonl(tmp_path / "r.jsonl", [SCORED, bad, SCORED])
-    with pytest.raises(DataError, match=rf"r\.jsonl: row 1: .*{re.escape(said)}.*\(pass on_bad_row=skip"):
-        load_pairs(path)
-    pairs, report = load_pairs(path, on_bad_row="skip")
-    assert dict(report.skipped) == {reason: 1}
-    assert (report.rows_read, report.rows_kept, report.pairs) == (3, 2, 2)
-    assert pairs["row"] == [0, 2]
-    assert f"skipped 1 {reason}" in report.summary()
+# --- bad rows: each ranked reason is a case of tests/faults.py's BAD_ROWS (named, and skipped and counted)
 
 
 # --- pair rules and min_score_gap
@@ -285,19 +246,7 @@ def test_rename_columns_swaps_and_shadows():
         "completions": [{"response": "x", "score": 1}, "plain"]}
 
 
-# --- config
-
-
-@pytest.mark.parametrize("override, said", [
-    ("data.responses=ranking", "data.responses=ranking: not yet: "),
-    ("data.pair_rule=best", "data.pair_rule: 'best' is not one of best_vs_worst, best_vs_rest, all_pairs"),
-    ("data.min_score_gap=-1", "data.min_score_gap must not be negative"),
-    ("data.columns.chosen=prompt", "data.columns.prompt and data.columns.chosen both name the field 'prompt'"),
-    ("data.columns.answer=x", "unknown config key 'data.columns.answer'"),
-])
-def test_config_refuses(override, said):
-    with pytest.raises(ConfigError, match="^" + re.escape(said)):
-        load_config(None, [override])
+# --- config: the refusals are cases of tests/faults.py's BAD_CONFIG
 
 
 # --- training on ranked rows
