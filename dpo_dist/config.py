@@ -217,8 +217,10 @@ class DataSourceConfig:
     config_name: str | None = option(None, "Hub dataset config name")
     data_dir: str | None = option(None, "folder inside the Hub dataset or local dataset folder")
     revision: str | None = option(None, "Hub revision (branch, tag or commit)")
-    num_samples: int | None = option(None, "a seeded random subset of this many of the part's pairs")
-    fraction: float | None = option(None, "a seeded random subset of this fraction of the part's pairs, in (0, 1]")
+    num_samples: int | None = option(None, "a seeded random subset of this many of the part's rows (a ranked row "
+                                           "with all its pairs)")
+    fraction: float | None = option(None, "a seeded random subset of this fraction of the part's rows (a ranked row "
+                                          "with all its pairs), in (0, 1]")
     format: Literal[FORMAT_CHOICES] | None = option(None, "record format (null: data.data_format)")
     weight: float | None = option(
         None, "a weighted mixture: this entry's relative sampling probability (weights are normalized to sum 1; give "

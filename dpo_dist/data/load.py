@@ -92,8 +92,8 @@ class LoadReport:
 
 @dataclass(frozen=True)
 class Part:
-    """One source of a mixture (``data.sources``): where to read, and how much of it to use (``num_samples`` pairs
-    or a ``fraction`` of the kept pairs, a seeded subset; all when neither). ``data_format`` None: the mixture's.
+    """One source of a mixture (``data.sources``): where to read, and how much of it to use (``num_samples`` rows
+    or a ``fraction`` of the kept rows, a seeded subset, a ranked row with all its pairs; all when neither). ``data_format`` None: the mixture's.
     ``weight``: its relative sampling probability in a weighted mixture (:func:`load_mixture`)."""
 
     source: str
