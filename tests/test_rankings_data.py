@@ -249,6 +249,22 @@ def test_rename_columns_swaps_and_shadows():
 # --- config: the refusals are cases of tests/faults.py's BAD_CONFIG
 
 
+def test_conversational_ranked_rows_render_and_tokenize_with_their_group(tmp_path):
+    """Rendered with a ChatML template while loading, tokenized as any pairs, ``row`` and ``group`` carried."""
+    from tiny import make_tokenizer
+
+    from dpo_dist.data.tokenization import Truncation, tokenize_pairs
+
+    tokenizer = make_tokenizer("chatml")
+    rows = [MESSAGES, CHOSEN_REJECTED_MESSAGES]
+    pairs, report = load_pairs(write_jsonl(tmp_path / "m.jsonl", rows), tokenizer=tokenizer, pair_rule="all_pairs")
+    assert report.pairs == 6 + 2 and pairs["group"] == [0] * 6 + [1] * 2
+    tokenized, dropped = tokenize_pairs(pairs, tokenizer, Truncation(64, 32))
+    assert dropped == 0 and tokenized["group"] == pairs["group"] and tokenized["row"] == pairs["row"]
+    prompts = {tuple(ids) for ids, group in zip(tokenized["prompt_input_ids"], tokenized["group"]) if group == 0}
+    assert len(prompts) == 1  # one prompt for all the pairs of a row
+
+
 # --- training on ranked rows
 
 

@@ -93,8 +93,9 @@ class LoadReport:
 @dataclass(frozen=True)
 class Part:
     """One source of a mixture (``data.sources``): where to read, and how much of it to use (``num_samples`` rows
-    or a ``fraction`` of the kept rows, a seeded subset, a ranked row with all its pairs; all when neither). ``data_format`` None: the mixture's.
-    ``weight``: its relative sampling probability in a weighted mixture (:func:`load_mixture`)."""
+    or a ``fraction`` of the kept rows, a seeded subset, a ranked row with all its pairs; all when neither).
+    ``data_format`` None: the mixture's. ``weight``: its relative sampling probability in a weighted mixture
+    (:func:`load_mixture`)."""
 
     source: str
     split: str = "train"
