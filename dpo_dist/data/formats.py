@@ -27,8 +27,8 @@ caller (``load.py``) decides whether that stops loading or skips the row.
 
 from __future__ import annotations
 
-import re
 import math
+import re
 from typing import Any, Callable, Literal, Mapping
 
 from dpo_dist.config import DATA_FORMATS, PAIR_RULES
@@ -257,7 +257,7 @@ def _conversation(row: dict[str, Any], sides: list[tuple[str, list[dict[str, str
         responses = [_response_after(prompt, messages, name) for name, messages in sides]
     else:
         # Shared leading messages are the prompt; each side's response starts at its last run of assistant turns.
-        (first, first_messages), prompt = sides[0], _conversation_prompt(sides[0][1])
+        first, prompt = names[0], _conversation_prompt(sides[0][1])
         for name, messages in sides[1:]:
             if messages[: len(prompt)] != prompt or _conversation_prompt(messages) != prompt:
                 raise RowError("prompts_differ",
