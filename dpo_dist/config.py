@@ -26,6 +26,11 @@ from dpo_dist.loss_types import CONFIG_WORDING, F_DIVERGENCES, LOSSES, check_los
 # A number in exponent notation without a dot (1e-3): YAML 1.2 and Python read it as a float, PyYAML as a string.
 FLOAT_TEXT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 SENTIMENT = "builtin:sentiment"  # the source name of the built-in preference set (dpo_dist/data/sentiment.py)
+# The record formats dpo_dist.data.formats reads (data.data_format, data.sources[].format; auto detects one), and how
+# a ranked row (k responses, ordered) becomes pairs (data.pair_rule): each name's rule is in dpo_dist.data.formats.
+DATA_FORMATS = ("text", "conversational", "hh", "ranked")
+FORMAT_CHOICES = ("auto", *DATA_FORMATS)
+PAIR_RULES = ("best_vs_worst", "best_vs_rest", "all_pairs")
 # A checkpoint's folder in train.output_dir, checkpoint-<step>: written by dpo_dist.train.checkpoint, read by it and by
 # the model card (the step of a checkpoint's exported weights).
 CHECKPOINT_FOLDER = re.compile(r"^checkpoint-(\d+)$")
@@ -212,9 +217,11 @@ class DataSourceConfig:
     config_name: str | None = option(None, "Hub dataset config name")
     data_dir: str | None = option(None, "folder inside the Hub dataset or local dataset folder")
     revision: str | None = option(None, "Hub revision (branch, tag or commit)")
-    num_samples: int | None = option(None, "a seeded random subset of this many of the part's pairs")
-    fraction: float | None = option(None, "a seeded random subset of this fraction of the part's pairs, in (0, 1]")
-    format: Literal["auto", "text", "conversational", "hh"] | None = option(None, "record format (null: data.data_format)")
+    num_samples: int | None = option(None, "a seeded random subset of this many of the part's rows (a ranked row "
+                                           "with all its pairs)")
+    fraction: float | None = option(None, "a seeded random subset of this fraction of the part's rows (a ranked row "
+                                          "with all its pairs), in (0, 1]")
+    format: Literal[FORMAT_CHOICES] | None = option(None, "record format (null: data.data_format)")
     weight: float | None = option(
         None, "a weighted mixture: this entry's relative sampling probability (weights are normalized to sum 1; give "
         "every entry one, or none): pairs are drawn entry by entry at random, seeded by train.seed, until "
@@ -292,6 +299,21 @@ def check_mixture_keys(given: dict[str, Any]) -> None:
 
 
 @dataclass
+class DataColumnsConfig:
+    """Our field names (the keys) -> the dataset's (the values); each defaults to our own name."""
+
+    prompt: str = option("prompt", "the dataset's field holding the prompt (UltraFeedback: instruction)")
+    chosen: str = option("chosen", "the dataset's field holding the chosen response (or transcript)")
+    rejected: str = option("rejected", "the dataset's field holding the rejected response, or a list of them")
+    completions: str = option("completions", "ranked rows: the dataset's field holding the list of k responses")
+    scores: str = option("scores", "ranked rows: the field holding one score per completion (higher is better)")
+    ranking: str = option("ranking", "ranked rows: the field holding the completions' indices, best first")
+    response: str = option("response", "ranked rows whose completions are records: the record's response field")
+    score: str = option("score", "ranked rows whose completions are records: the record's score field "
+                                 "(UltraFeedback: overall_score or fine-grained_score)")
+
+
+@dataclass
 class DataConfig:
     source: str = option(
         SENTIMENT,
@@ -315,13 +337,32 @@ class DataConfig:
         "start over, their pairs repeat; needs data.eval_source or data.eval_ratio=0); null: first_exhausted, as "
         "datasets.interleave_datasets"
     )
-    data_format: Literal["auto", "text", "conversational", "hh"] = option("auto", "record format; auto detects")
+    data_format: Literal[FORMAT_CHOICES] = option(
+        "auto", "record format: text, conversational, hh (pairs) or ranked (k >= 2 responses per prompt, ordered by "
+        "scores or a ranking, or one chosen beside a list of rejected); auto detects it from the first row"
+    )
+    columns: DataColumnsConfig = field(default_factory=DataColumnsConfig)
+    responses: Literal["pairs", "ranking"] = option(
+        "pairs", "what a ranked row trains on: pairs (made by data.pair_rule; the pairs of one row stay on one side "
+        "of the eval split) or ranking (the k responses together: not yet available)"
+    )
+    pair_rule: Literal[PAIR_RULES] = option(
+        "best_vs_worst", "ranked rows -> pairs: best_vs_worst (the highest score vs the lowest; ties go to the first "
+        "listed), best_vs_rest (the best vs each response scored lower), all_pairs (every pair with different "
+        "scores, the higher one chosen); a chosen beside a list of rejected gives chosen vs each rejected"
+    )
+    min_score_gap: float = option(
+        0.0, "ranked rows: a pair whose score gap (a ranking's: the rank difference; chosen vs a rejected: 1) is below "
+        "this, or tied, is dropped and counted"
+    )
     hh_as_messages: bool = option(False, "render HH transcripts with the tokenizer's chat template")
     on_bad_row: Literal["error", "skip"] = option("error", "a malformed row stops loading (error) or is counted and left out (skip)")
     eval_source: str | None = option(None, "eval data file/folder/Hub dataset (default: the training source)")
     eval_split: str | None = option(None, "eval split of the source (instead of eval_ratio)")
-    eval_ratio: float = option(0.1, "fraction of pairs held out for eval; ignored when an eval file/split is given")
-    num_samples: int | None = option(None, "take a seeded random subset of this many pairs (all: null)")
+    eval_ratio: float = option(0.1, "fraction of rows (prompts, with all their pairs) held out for eval; ignored when "
+                                    "an eval file/split is given")
+    num_samples: int | None = option(None, "take a seeded random subset of this many rows (prompts; a pair row is "
+                                           "one pair, a ranked row all its pairs) (all: null)")
     max_length: int = option(512, "prompt + response tokens at most")
     max_prompt_length: int | None = option(256, "prompt tokens at most (keeps the end)")
     num_proc: int | None = option(None, "processes validating and tokenizing pairs (datasets.map); null: one below "
@@ -511,6 +552,12 @@ class Config:
             raise ConfigError(f"data.max_prompt_length ({d.max_prompt_length}) must be below data.max_length ({d.max_length})")
         if not 0.0 <= d.eval_ratio < 1.0:
             raise ConfigError(f"data.eval_ratio must be in [0, 1), got {d.eval_ratio}")
+        self.check_data_columns()
+        if d.min_score_gap < 0:
+            raise ConfigError(f"data.min_score_gap must not be negative, got {d.min_score_gap}")
+        if d.responses == "ranking":
+            raise ConfigError("data.responses=ranking: not yet: training on each prompt's k responses together is "
+                              "being built; use data.responses=pairs (data.pair_rule makes pairs of ranked rows)")
         if t.divergence_loss_factor is not None and t.divergence_loss_factor <= 1.0:
             raise ConfigError(f"train.divergence_loss_factor must be above 1 (or null), got {t.divergence_loss_factor}")
         if not 0.0 <= t.warmup_ratio < 1.0:
@@ -565,6 +612,17 @@ class Config:
                 raise ConfigError(str(error)) from None
         return self
 
+
+    def check_data_columns(self) -> None:
+        """``data.columns``: every dataset field named, and no field given two of our names."""
+        named: dict[str, str] = {}
+        for ours, theirs in dataclasses.asdict(self.data.columns).items():
+            if not theirs:
+                raise ConfigError(f"data.columns.{ours} is empty: name the dataset's field (default: {ours})")
+            if theirs in named:
+                raise ConfigError(f"data.columns.{named[theirs]} and data.columns.{ours} both name the field "
+                                  f"{theirs!r}: each of our fields reads its own")
+            named[theirs] = ours
 
     def check_lora(self) -> None:
         """The ``lora`` section's adapter options, and how they fit ``model.quantization`` and ``reference.mode``

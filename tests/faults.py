@@ -63,6 +63,11 @@ BAD_CONFIG = [
     ("data.sentiment.min_score_gap=2", "data.sentiment.min_score_gap must be in [0, 2), got 2.0"),
     ("model.attn_implementation=flash_attn", "model.attn_implementation: 'flash_attn' is not one of eager, sdpa, "
      "flash_attention_2, flash_attention_3, flash_attention_4, flex_attention or null"),
+    ("data.responses=ranking", "data.responses=ranking: not yet: "),
+    ("data.pair_rule=best", "data.pair_rule: 'best' is not one of best_vs_worst, best_vs_rest, all_pairs"),
+    ("data.min_score_gap=-1", "data.min_score_gap must not be negative, got -1"),
+    ("data.columns.chosen=prompt", "data.columns.prompt and data.columns.chosen both name the field 'prompt'"),
+    ("data.columns.answer=x", "unknown config key 'data.columns.answer'; valid keys here: data.columns.prompt"),
 ]
 
 # (paths to create under {tmp}, model.name_or_path, fragment of the ModelError)
@@ -84,6 +89,7 @@ GOOD_ROWS = {
     "conversational": {"prompt": [{"role": "user", "content": "2+2?"}],
                        "chosen": [{"role": "assistant", "content": "4"}],
                        "rejected": [{"role": "assistant", "content": "5"}]},
+    "ranked": {"prompt": "Q: 2+2?", "completions": [" 4", " 5", " four"], "scores": [9, 2, 8.5]},
 }
 USER = {"role": "user", "content": "2+2?"}
 SAYS_4, SAYS_5 = {"role": "assistant", "content": "4"}, {"role": "assistant", "content": "5"}
@@ -120,6 +126,38 @@ BAD_ROWS = [
                         "rejected": [SAYS_5]},
      "the chat template cannot render this row (roles assistant, system, user): TemplateError: system role not "
      "supported", "template_error"),
+    ("ranked", {"prompt": "p", "completions": ["a"], "scores": [1]},
+     "completions holds 1 response: a ranked row needs at least 2", "too_few_responses"),
+    ("ranked", {"prompt": "p", "chosen": "a", "rejected": []},
+     "the rejected list is empty: give at least one rejected response", "too_few_responses"),
+    ("ranked", {"prompt": "p", "completions": ["a", "b", "c"], "scores": [1, 2]},
+     "scores hold 2 numbers for 3 completions", "scores_length"),
+    ("ranked", {"prompt": "p", "completions": ["a", "b"], "scores": [1, float("nan")]},
+     "scores[1] is nan: each score must be a finite number", "bad_score"),
+    ("ranked", {"prompt": "p", "completions": ["a", "b"], "scores": [1, "2"]},
+     "scores[1] is '2': each score must be a finite number", "bad_score"),
+    ("ranked", {"prompt": "p", "completions": ["a", "b"], "scores": [1, True]},
+     "scores[1] is True: each score must be a finite number", "bad_score"),
+    ("ranked", {"prompt": "p", "completions": ["a", "b", "c"], "scores": [3, 3, 3]},
+     "every completion has the score 3: no response is better", "scores_tied"),
+    ("ranked", {"prompt": "p", "completions": ["a", "b", "a"], "scores": [1, 2, 3]},
+     "completions[0] and completions[2] are the same response", "duplicate_responses"),
+    ("ranked", {"prompt": "p", "chosen": "b", "rejected": ["a", "b"]},
+     "chosen and rejected[1] are the same response", "duplicate_responses"),
+    ("ranked", {"prompt": "p", "completions": ["a", "b", "c"], "ranking": [0, 0, 1]},
+     "ranking [0, 0, 1] is not a permutation of 0..2 (the completions' indices, best first)", "bad_ranking"),
+    ("ranked", {"prompt": "p", "completions": ["a", "b", "c"], "ranking": [0, 1]},
+     "ranking [0, 1] is not a permutation of 0..2", "bad_ranking"),
+    ("ranked", {"prompt": "p", "completions": ["a", "b"], "scores": [1, 2], "ranking": [1, 0]},
+     "the row has both scores and a ranking: give one order", "ambiguous_order"),
+    ("ranked", {"prompt": "p", "completions": ["a", "b"]},
+     "no 'scores' or 'ranking' beside 'completions', nor a 'score' in each completion record", "missing_field"),
+    ("ranked", {"prompt": "p", "completions": [{"response": "a", "score": 1}, {"response": "b"}]},
+     "completions[1] has no 'score' while completions[0] has one", "missing_field"),
+    ("ranked", {"prompt": "p", "completions": ["a", "  "], "scores": [1, 2]}, "completions[1] response is empty",
+     "empty_response"),
+    ("ranked", {"prompt": "p", "completions": ["a", ["x"]], "scores": [1, 2]},
+     "completions[1] should be a string like this dataset's first row's responses, got list", "wrong_type"),
 ]
 
 # ChatML that accepts only user and assistant, like templates that raise on a system message

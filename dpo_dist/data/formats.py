@@ -1,6 +1,7 @@
-"""Preference record formats: detect them and normalize one raw row into a prompt and two responses.
+"""Preference record formats: detect them and normalize one raw row into a prompt and two responses, or a prompt
+and k ranked responses that :func:`ranked_pairs` turns into pairs.
 
-Three layouts are understood (docs/data.md shows one example record of each):
+Four layouts are understood (docs/data.md shows one example record of each):
 
 - ``text``: ``prompt``, ``chosen``, ``rejected`` are strings.
 - ``conversational``: ``chosen`` / ``rejected`` are lists of ``{"role", "content"}`` messages (roles in ``ROLES``):
@@ -13,6 +14,12 @@ Three layouts are understood (docs/data.md shows one example record of each):
     the string is the user message: ``[system...,] user(prompt)`` is the prompt.
 - ``hh``: Anthropic HH transcripts: ``chosen`` / ``rejected`` are whole ``\\n\\nHuman: ... \\n\\nAssistant: ...`` texts;
   the prompt is the shared text up to and including the last ``\\n\\nAssistant:``.
+- ``ranked``: more than two responses per prompt (:func:`normalize_ranked`): ``prompt`` and ``completions`` (k >= 2
+  responses, each a string, a message list, or a record ``{"response", "score"}``) ordered by ``scores`` (one number
+  each, higher is better), a ``ranking`` (indices, best first) or the records' scores; or one ``chosen`` beside a
+  list of ``rejected`` responses. Responses are strings (text) or message lists (conversational, read as above).
+
+:func:`rename_columns` maps a dataset's own field names to these (``data.columns``) before anything else reads a row.
 
 Every function here is pure: a bad row raises :class:`RowError` with a short reason (one of ``REASONS``), and the
 caller (``load.py``) decides whether that stops loading or skips the row.
@@ -20,11 +27,14 @@ caller (``load.py``) decides whether that stops loading or skips the row.
 
 from __future__ import annotations
 
+import math
 import re
-from typing import Any, Literal
+from typing import Any, Callable, Literal, Mapping
 
-Format = Literal["text", "conversational", "hh"]
-FORMATS: tuple[str, ...] = ("text", "conversational", "hh")
+from dpo_dist.config import DATA_FORMATS, PAIR_RULES
+
+Format = Literal[DATA_FORMATS]
+FORMATS: tuple[str, ...] = DATA_FORMATS
 
 HH_ASSISTANT = "\n\nAssistant:"
 
@@ -40,6 +50,14 @@ REASONS = (
     "prompt_not_prefix",
     "unknown_role",
     "template_error",
+    # ranked rows
+    "too_few_responses",
+    "scores_length",
+    "bad_score",
+    "scores_tied",
+    "duplicate_responses",
+    "bad_ranking",
+    "ambiguous_order",
 )
 
 # The message roles a row may use: the ones chat templates are written for. Any other role ("wizard") is a bad row;
@@ -58,13 +76,18 @@ class RowError(ValueError):
 
 
 def detect_format(row: dict[str, Any]) -> Format:
-    """Guess the format of a dataset from its first row.
+    """Guess the format of a dataset from its first row (its fields named as ours: :func:`rename_columns`).
 
-    Message lists in ``chosen`` mean conversational; strings with a ``prompt`` column mean text; strings without
-    one mean HH transcripts.
+    A ``completions`` list, or a list of responses in ``rejected``, means ranked; message lists in ``chosen`` mean
+    conversational; strings with a ``prompt`` column mean text; strings without one mean HH transcripts.
     """
+    if "completions" in row:
+        return "ranked"
     if "chosen" not in row:
-        raise RowError("missing_field", f"no 'chosen' field (fields: {sorted(row)})")
+        raise RowError("missing_field", f"no 'chosen' or 'completions' field (fields: {sorted(row)})")
+    rejected = row.get("rejected")
+    if isinstance(rejected, list) and rejected and not isinstance(rejected[0], dict):
+        return "ranked"  # a list of responses (strings or message lists), not one message list
     if isinstance(row["chosen"], list):
         return "conversational"
     if "prompt" in row:
@@ -72,8 +95,45 @@ def detect_format(row: dict[str, Any]) -> Format:
     return "hh"
 
 
+def rename_columns(row: dict[str, Any], columns: Mapping[str, str] | None) -> dict[str, Any]:
+    """A raw row with the dataset's field names replaced by ours: ``columns`` maps ours to the dataset's
+    (``data.columns``: ``{"prompt": "instruction", "score": "overall_score"}``). The records of a ``completions``
+    list are renamed too (their ``response`` and ``score``). A field of the dataset that bears one of our names but is
+    mapped away from (UltraFeedback's own ``prompt`` when ``prompt`` reads ``instruction``) is not read."""
+    renamed = {ours: theirs for ours, theirs in (columns or {}).items() if ours != theirs}
+    if not renamed:
+        return row
+    ours_of = {theirs: ours for ours, theirs in renamed.items()}
+
+    def rename(record: dict[str, Any]) -> dict[str, Any]:
+        out = {}
+        for key, value in record.items():
+            if key in ours_of:
+                out[ours_of[key]] = value
+            elif key not in renamed:
+                out[key] = value
+        return out
+
+    row = rename(row)
+    if isinstance(row.get("completions"), list):
+        row["completions"] = [rename(item) if isinstance(item, dict) else item for item in row["completions"]]
+    return row
+
+
+def response_kind(row: dict[str, Any]) -> Literal["text", "conversational"]:
+    """Whether a ranked row's responses are strings (text) or message lists (conversational), from its first one;
+    a dataset's rows must all be of its first row's kind (the pairs' columns have one type)."""
+    if isinstance(row.get("completions"), list) and row["completions"]:
+        first = row["completions"][0]
+        if isinstance(first, dict):
+            first = first.get("response")
+    else:
+        first = row.get("chosen")
+    return "conversational" if isinstance(first, list) else "text"
+
+
 def normalize_row(row: dict[str, Any], data_format: Format, *, hh_as_messages: bool = False) -> dict[str, Any]:
-    """One raw row -> ``{"prompt", "chosen", "rejected"}``.
+    """One raw pair row -> ``{"prompt", "chosen", "rejected"}`` (ranked rows: :func:`normalize_ranked`).
 
     Text and HH rows give three strings (HH rows give messages instead when ``hh_as_messages``); conversational
     rows give three message lists: the prompt messages and each side's response messages.
@@ -85,7 +145,7 @@ def normalize_row(row: dict[str, Any], data_format: Format, *, hh_as_messages: b
         return hh_to_messages(pair) if hh_as_messages else pair
     if data_format == "conversational":
         return _normalize_conversational(row)
-    raise ValueError(f"unknown data format {data_format!r}; valid: {FORMATS}")
+    raise ValueError(f"unknown data format {data_format!r} for a pair row; pair formats: text, conversational, hh")
 
 
 def _field(row: dict[str, Any], key: str, kind: type | tuple[type, ...]) -> Any:
@@ -162,7 +222,10 @@ _HH_MARKER = re.compile(r"\n\n(Human|Assistant):")
 
 
 def _messages(row: dict[str, Any], key: str) -> list[dict[str, str]]:
-    value = _field(row, key, list)
+    return _message_list(_field(row, key, list), key)
+
+
+def _message_list(value: list[Any], key: str) -> list[dict[str, str]]:
     messages = []
     for i, message in enumerate(value):
         if not isinstance(message, dict) or "role" not in message or "content" not in message:
@@ -176,32 +239,42 @@ def _messages(row: dict[str, Any], key: str) -> list[dict[str, str]]:
 
 
 def _normalize_conversational(row: dict[str, Any]) -> dict[str, Any]:
-    chosen = _messages(row, "chosen")
-    rejected = _messages(row, "rejected")
+    prompt, (chosen, rejected) = _conversation(row, [("chosen", _messages(row, "chosen")),
+                                                     ("rejected", _messages(row, "rejected"))])
+    _check_responses(_joined(chosen), _joined(rejected))
+    return {"prompt": prompt, "chosen": chosen, "rejected": rejected}
+
+
+def _conversation(row: dict[str, Any], sides: list[tuple[str, list[dict[str, str]]]]
+                  ) -> tuple[list[dict[str, str]], list[list[dict[str, str]]]]:
+    """The prompt messages and each side's response messages; ``sides`` are (name, messages), two for a pair, k for
+    a ranked row. The row's ``prompt`` is a message list, a string or absent (see the module docstring)."""
+    names = [name for name, _ in sides]
     if isinstance(row.get("prompt"), list):
         prompt = _messages(row, "prompt")
         if not prompt:
             raise RowError("no_prompt", "the prompt message list is empty")
-        chosen = _response_after(prompt, chosen, "chosen")
-        rejected = _response_after(prompt, rejected, "rejected")
+        responses = [_response_after(prompt, messages, name) for name, messages in sides]
     else:
         # Shared leading messages are the prompt; each side's response starts at its last run of assistant turns.
-        prompt = _conversation_prompt(chosen)
-        if rejected[: len(prompt)] != prompt or _conversation_prompt(rejected) != prompt:
-            raise RowError("prompts_differ", "chosen and rejected conversations differ before the final assistant turn")
-        chosen, rejected = chosen[len(prompt) :], rejected[len(prompt) :]
+        first, prompt = names[0], _conversation_prompt(sides[0][1])
+        for name, messages in sides[1:]:
+            if messages[: len(prompt)] != prompt or _conversation_prompt(messages) != prompt:
+                raise RowError("prompts_differ",
+                               f"{first} and {name} conversations differ before the final assistant turn")
+        responses = [messages[len(prompt) :] for _, messages in sides]
         if row.get("prompt") is not None:
             prompt = _with_prompt_string(prompt, _field(row, "prompt", str))
         if not prompt:
-            raise RowError("no_prompt", "no message before the response: chosen and rejected hold only assistant "
+            listed = " and ".join([", ".join(names[:-1]), names[-1]])
+            raise RowError("no_prompt", f"no message before the response: {listed} hold only assistant "
                                         "messages and there is no prompt field")
-    for side, messages in (("chosen", chosen), ("rejected", rejected)):
+    for name, messages in zip(names, responses):
         if not messages:
-            raise RowError("empty_response", f"{side} has no response message after the prompt")
+            raise RowError("empty_response", f"{name} has no response message after the prompt")
         if messages[-1]["role"] != "assistant":
-            raise RowError("no_assistant_turn", f"{side} does not end with an assistant message")
-    _check_responses(_joined(chosen), _joined(rejected))
-    return {"prompt": prompt, "chosen": chosen, "rejected": rejected}
+            raise RowError("no_assistant_turn", f"{name} does not end with an assistant message")
+    return prompt, responses
 
 
 def _response_after(prompt: list[dict[str, str]], messages: list[dict[str, str]], side: str) -> list[dict[str, str]]:
@@ -252,3 +325,162 @@ def _conversation_prompt(messages: list[dict[str, str]]) -> list[dict[str, str]]
 
 def _joined(messages: list[dict[str, str]]) -> str:
     return "".join(m["content"] for m in messages if m["role"] == "assistant")
+
+
+def normalize_ranked(row: dict[str, Any], kind: Literal["text", "conversational"]) -> dict[str, Any]:
+    """One raw ranked row -> ``{"prompt", "responses", "scores", "order"}``.
+
+    ``responses``: the k >= 2 responses, normalized as a pair's (strings for ``kind`` text; message lists for
+    conversational, each the response alone after the shared prompt messages). ``scores``: k floats, higher is
+    better: the row's scores; for a ``ranking`` (best first) k-1 for the best down to 0, so a gap is a rank
+    difference; for a chosen beside a list of rejected, 1 and 0 each. ``order``: where the order came from,
+    ``scores``, ``ranking`` or ``chosen`` (the rejected responses unordered among themselves).
+    """
+    if "completions" in row:
+        names, values, scores, order = _completions(row)
+    else:
+        rejected = _field(row, "rejected", list)
+        if "chosen" not in row or row["chosen"] is None:
+            raise RowError("missing_field", "missing field 'chosen'")
+        names = ["chosen"] + [f"rejected[{i}]" for i in range(len(rejected))]
+        values, scores, order = [row["chosen"], *rejected], [1.0] + [0.0] * len(rejected), "chosen"
+        if not rejected:
+            raise RowError("too_few_responses", "the rejected list is empty: give at least one rejected response")
+    if kind == "text":
+        prompt = _field(row, "prompt", str)
+        for name, value in zip(names, values):
+            if not isinstance(value, str):
+                raise RowError("wrong_type", f"{name} should be a string like this dataset's first row's responses, "
+                                             f"got {type(value).__name__}")
+            if not value.strip():
+                raise RowError("empty_response", f"{name} response is empty")
+        responses, texts = list(values), list(values)
+    else:
+        sides = []
+        for name, value in zip(names, values):
+            if not isinstance(value, list):
+                raise RowError("wrong_type", f"{name} should be a message list like this dataset's first row's "
+                                             f"responses, got {type(value).__name__}")
+            sides.append((name, _message_list(value, name)))
+        prompt, responses = _conversation(row, sides)
+        texts = [_joined(messages) for messages in responses]
+        for name, text in zip(names, texts):
+            if not text.strip():
+                raise RowError("empty_response", f"{name} response is empty")
+    seen: dict[str, str] = {}
+    for name, text in zip(names, texts):
+        if text in seen:
+            raise RowError("duplicate_responses", f"{seen[text]} and {name} are the same response")
+        seen[text] = name
+    return {"prompt": prompt, "responses": responses, "scores": scores, "order": order}
+
+
+def _completions(row: dict[str, Any]) -> tuple[list[str], list[Any], list[float], str]:
+    """A ``completions`` row's response names (``completions[i]``), raw responses, scores and their origin."""
+    completions = _field(row, "completions", list)
+    k = len(completions)
+    if k < 2:
+        raise RowError("too_few_responses", f"completions holds {k} response{'s' * (k != 1)}: a ranked row needs at "
+                                             "least 2")
+    names = [f"completions[{i}]" for i in range(k)]
+    values, record_scores = [], []
+    for name, item in zip(names, completions):
+        if isinstance(item, dict):  # a record: {"response": ..., "score": ...} (data.columns names its fields)
+            if item.get("response") is None:
+                raise RowError("missing_field", f"{name} is a record without a 'response' field "
+                                                f"(fields: {sorted(item)}; data.columns.response names it)")
+            values.append(item["response"])
+            record_scores.append(item.get("score"))
+        else:
+            values.append(item)
+            record_scores.append(None)
+    given = [name for name, score in zip(names, record_scores) if score is not None]
+    scores, ranking = row.get("scores"), row.get("ranking")
+    if given:
+        if len(given) < k:
+            missing = next(name for name, score in zip(names, record_scores) if score is None)
+            raise RowError("missing_field", f"{missing} has no 'score' while {given[0]} has one (data.columns.score "
+                                            "names the records' score field)")
+        if scores is not None or ranking is not None:
+            raise RowError("ambiguous_order", "the completions' records hold scores and the row has "
+                                              f"{'scores' if scores is not None else 'a ranking'} too: give one order")
+        return names, values, _scores(record_scores, k, "the completions' scores"), "scores"
+    if scores is not None and ranking is not None:
+        raise RowError("ambiguous_order", "the row has both scores and a ranking: give one order")
+    if scores is not None:
+        if not isinstance(scores, list):
+            raise RowError("wrong_type", f"field 'scores' should be a list, got {type(scores).__name__}")
+        return names, values, _scores(scores, k, "scores"), "scores"
+    if ranking is not None:
+        return names, values, _ranking_scores(ranking, k), "ranking"
+    records = [item for item in completions if isinstance(item, dict)]
+    hint = (f" (the completions are records with the fields {sorted(records[0])}: data.columns.score names the one "
+            "holding the score)" if records else "")
+    raise RowError("missing_field", "no 'scores' or 'ranking' beside 'completions', nor a 'score' in each completion "
+                                    f"record: the responses have no order{hint}")
+
+
+def _scores(scores: list[Any], k: int, what: str) -> list[float]:
+    if len(scores) != k:
+        raise RowError("scores_length", f"{what} hold {len(scores)} numbers for {k} completions")
+    for i, score in enumerate(scores):
+        if isinstance(score, bool) or not isinstance(score, (int, float)) or not math.isfinite(score):
+            raise RowError("bad_score", f"{what}[{i}] is {score!r}: each score must be a finite number")
+    if len(set(scores)) == 1:
+        raise RowError("scores_tied", f"every completion has the score {scores[0]!r}: no response is better")
+    return [float(score) for score in scores]
+
+
+def _ranking_scores(ranking: Any, k: int) -> list[float]:
+    """A ranking (indices, best first) as scores: k-1 for the best down to 0 for the worst."""
+    if (not isinstance(ranking, list) or any(isinstance(i, bool) or not isinstance(i, int) for i in ranking)
+            or sorted(ranking) != list(range(k))):
+        raise RowError("bad_ranking", f"ranking {ranking!r:.80} is not a permutation of 0..{k - 1} (the completions' "
+                                      "indices, best first)")
+    scores = [0.0] * k
+    for position, index in enumerate(ranking):
+        scores[index] = float(k - 1 - position)
+    return scores
+
+
+def _best_vs_worst(scores: list[float]) -> list[tuple[int, int]]:
+    best = max(range(len(scores)), key=lambda i: scores[i])  # max and min keep the first listed of equals
+    worst = min(range(len(scores)), key=lambda i: scores[i])
+    return [(best, worst)]
+
+
+def _best_vs_rest(scores: list[float]) -> list[tuple[int, int]]:
+    best = max(range(len(scores)), key=lambda i: scores[i])
+    return [(best, j) for j in range(len(scores)) if j != best]
+
+
+def _all_pairs(scores: list[float]) -> list[tuple[int, int]]:
+    return [(i, j) if scores[i] >= scores[j] else (j, i)
+            for i in range(len(scores)) for j in range(i + 1, len(scores))]
+
+
+# data.pair_rule's names (dpo_dist.config.PAIR_RULES) -> the candidate pairs (better, worse) of a row's scores, ties
+# included: ranked_pairs drops those below the gap.
+PAIR_CANDIDATES: dict[str, Callable[[list[float]], list[tuple[int, int]]]] = {
+    "best_vs_worst": _best_vs_worst, "best_vs_rest": _best_vs_rest, "all_pairs": _all_pairs,
+}
+assert tuple(PAIR_CANDIDATES) == PAIR_RULES
+
+
+def ranked_pairs(ranked: dict[str, Any], rule: str, min_score_gap: float = 0.0) -> tuple[list[tuple[int, int]], int]:
+    """The pairs a normalized ranked row (:func:`normalize_ranked`) gives under ``rule`` (``data.pair_rule``), as
+    ``(chosen index, rejected index)`` into its responses, and how many candidate pairs were dropped: tied, or a
+    score gap below ``min_score_gap``.
+
+    A chosen beside a list of rejected gives chosen vs each rejected whatever the rule (the rejected responses are
+    unordered among themselves; each gap is 1). Example, scores ``[7, 9, 4, 9]``: best_vs_worst ``[(1, 2)]``;
+    best_vs_rest ``[(1, 0), (1, 2)]`` and 1 dropped (1 and 3 tie); all_pairs ``[(1, 0), (0, 2), (3, 0), (1, 2),
+    (3, 2)]`` (i before j, i < j, as listed) and 1 dropped (1 and 3).
+    """
+    scores = ranked["scores"]
+    if ranked["order"] == "chosen":
+        candidates = [(0, j) for j in range(1, len(scores))]
+    else:
+        candidates = PAIR_CANDIDATES[rule](scores)
+    kept = [(i, j) for i, j in candidates if scores[i] > scores[j] and scores[i] - scores[j] >= min_score_gap]
+    return kept, len(candidates) - len(kept)

@@ -3,15 +3,19 @@
     pairs, report = load_pairs("data/train.jsonl.gz")                  # fails on the first bad row, naming it
     pairs, report = load_pairs("Anthropic/hh-rlhf", on_bad_row="skip")  # skips bad rows, counts them by reason
     pairs, report = load_pairs("chat.jsonl", tokenizer=tokenizer)       # also renders each conversation's template
-    train, eval_ = split_pairs(pairs, eval_ratio=0.05, seed=42)
+    pairs, report = load_pairs("ultrafeedback.jsonl", columns={"prompt": "instruction", "score": "overall_score"},
+                               pair_rule="best_vs_rest")                # ranked rows -> pairs, each with its group
+    train, eval_ = split_pairs(pairs, eval_ratio=0.05, seed=42)        # a ranked row's pairs stay on one side
 
 A bad row is never silently kept or dropped: by default loading stops with :class:`DataError` naming the source, the
 row index (0-based, in the source's order) and the reason; with ``on_bad_row="skip"`` it is left out and counted in
-``LoadReport.skipped`` by reason.
+``LoadReport.skipped`` by reason. A ranked row's candidate pairs that are tied or below ``min_score_gap`` are
+counted too (``LoadReport.pairs_below_gap``), and so is a row left with no pair (``rows_without_pairs``).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import json
 import logging
@@ -21,12 +25,15 @@ from dataclasses import dataclass, field
 from typing import Any, Iterator, Literal
 
 import datasets
+import numpy
 import pyarrow
+import pyarrow.compute
 import pyarrow.dataset
 
 from dpo_dist.config import SENTIMENT, Config, ConfigError, check_mixture_keys, check_source, check_weights
-from dpo_dist.data.formats import FORMATS, RowError, detect_format, normalize_row
-from dpo_dist.data.tokenization import PART, render_conversation
+from dpo_dist.data.formats import (FORMATS, RowError, detect_format, normalize_ranked, normalize_row, ranked_pairs,
+                                   rename_columns, response_kind)
+from dpo_dist.data.tokenization import GROUP, PART, render_conversation
 
 logger = logging.getLogger(__name__)
 
@@ -45,8 +52,13 @@ class LoadReport:
     split: str = "train"
     entry: str = "data.source"  # the config entry it loads: data.source, data.sources[i], data.eval_source/eval_split
     rows_read: int = 0
-    rows_kept: int = 0
+    rows_kept: int = 0  # rows that gave pairs (a pair row: its pair; a ranked row: at least one)
     skipped: Counter = field(default_factory=Counter)
+    pairs: int = 0  # the kept rows' pairs (pair formats: one a row)
+    pair_rule: str | None = None  # ranked rows: the rule that made their pairs (None: a pair format)
+    min_score_gap: float = 0.0  # ranked rows: the least score gap a pair kept
+    pairs_below_gap: int = 0  # ranked rows: candidate pairs dropped, tied or with a gap below min_score_gap
+    rows_without_pairs: int = 0  # ranked rows left with no pair by min_score_gap (not kept)
     part: int | None = None  # the entry of a mixture (``data.sources[part]``); None for one source
     rows_subset: int | None = None  # a mixture's part after its num_samples / fraction (None: neither given)
     rows_used: int | None = None  # pairs a mixture's part put into the mixture (a weighted one's repeats counted)
@@ -56,8 +68,15 @@ class LoadReport:
         text = f"{self.source}: {self.rows_kept} of {self.rows_read} rows kept ({self.data_format} format)"
         if self.skipped:
             text += "; skipped " + ", ".join(f"{n} {reason}" for reason, n in sorted(self.skipped.items()))
+        if self.pair_rule is not None:
+            if self.rows_without_pairs:
+                text += f"; {self.rows_without_pairs} left with no pair"
+            text += f"; {self.pairs} pairs by {self.pair_rule}"
+            if self.pairs_below_gap:
+                text += (f", {self.pairs_below_gap} dropped (tied or a gap below data.min_score_gap="
+                         f"{self.min_score_gap:g})")
         if self.probability is not None:
-            drawn_from = self.rows_kept if self.rows_subset is None else self.rows_subset
+            drawn_from = self.pairs if self.rows_subset is None else self.rows_subset
             if self.rows_subset is not None:
                 text += f"; {self.rows_subset} in its subset"
             text += f"; {self.rows_used} used (probability {self.probability:.3g}"
@@ -73,9 +92,10 @@ class LoadReport:
 
 @dataclass(frozen=True)
 class Part:
-    """One source of a mixture (``data.sources``): where to read, and how much of it to use (``num_samples`` pairs
-    or a ``fraction`` of the kept pairs, a seeded subset; all when neither). ``data_format`` None: the mixture's.
-    ``weight``: its relative sampling probability in a weighted mixture (:func:`load_mixture`)."""
+    """One source of a mixture (``data.sources``): where to read, and how much of it to use (``num_samples`` rows
+    or a ``fraction`` of the kept rows, a seeded subset, a ranked row with all its pairs; all when neither).
+    ``data_format`` None: the mixture's. ``weight``: its relative sampling probability in a weighted mixture
+    (:func:`load_mixture`)."""
 
     source: str
     split: str = "train"
@@ -88,6 +108,7 @@ class Part:
     weight: float | None = None
 
 
+NO_PAIR = "no_pair"  # not a RowError reason: a ranked row whose every pair min_score_gap dropped (counted apart)
 # Rows of a JSON file as read: the row's JSON text and its line (0 in a JSON array), parsed and validated by map.
 RAW_JSON = datasets.Features({"json": datasets.Value("string"), "line": datasets.Value("int64")})
 TEXT_PAIR = datasets.Value("string")
@@ -116,6 +137,10 @@ def load_pairs(
     hh_as_messages: bool = False,
     tokenizer: Any = None,
     num_proc: int | None = None,
+    columns: dict[str, str] | None = None,
+    pair_rule: str = "best_vs_worst",
+    min_score_gap: float = 0.0,
+    group_offset: int = 0,
 ) -> tuple[datasets.Dataset, LoadReport]:
     """Load, validate and normalize preference pairs.
 
@@ -128,18 +153,23 @@ def load_pairs(
         split: the split to take, slices included (``train[:5%]``); a file has one split, ``train``.
         config_name, data_dir, revision: passed to ``datasets.load_dataset`` (``name``, ``data_dir``, ``revision``)
             for a folder or Hub dataset.
-        data_format: ``auto`` (detected from the first row), or one of ``text``, ``conversational``, ``hh``.
+        data_format: ``auto`` (detected from the first row), or one of ``text``, ``conversational``, ``hh``,
+            ``ranked``.
         on_bad_row: ``error`` stops at the first bad row; ``skip`` leaves bad rows out and counts them.
         hh_as_messages: turn HH transcripts into chat messages, to be rendered with the tokenizer's chat template.
         tokenizer: when given, every conversational pair is rendered with its chat template while loading, so a row
             the template rejects (a role it does not accept, say) is a bad row like any other (``template_error``),
             named or skipped here rather than failing tokenization later.
         num_proc: processes for validation (None: :func:`auto_num_proc`).
+        columns: our field names -> the dataset's (``data.columns``), applied to every row before it is read.
+        pair_rule, min_score_gap: how a ranked row becomes pairs (:func:`~dpo_dist.data.formats.ranked_pairs`).
+        group_offset: added to each row's index to make its ``group``, so that groups stay unique across the sources
+            of one run (a mixture's parts, an eval set).
 
     Returns:
         A dataset with columns ``prompt``, ``chosen``, ``rejected`` (strings, or message lists for conversational
-        data) and ``row`` (the row's index in the split as loaded), and the report of what was read, kept and
-        skipped.
+        data), ``row`` (the row's index in the split as loaded) and ``group`` (``group_offset + row``: a ranked
+        row's pairs share it), one record per pair, and the report of what was read, kept, skipped and dropped.
     """
     if data_format != "auto" and data_format not in FORMATS:
         raise DataError(f"data_format {data_format!r} is not one of: auto, {', '.join(FORMATS)}")
@@ -150,18 +180,27 @@ def load_pairs(
     report = LoadReport(source=source, data_format=data_format, split=split, rows_read=len(raw))
     first = 0  # rows before the first one the format is detected from are bad rows (their detection fails)
     if data_format == "auto":
-        first, report.data_format = _detect(raw, json_text)
-    messages = report.data_format == "conversational" or (report.data_format == "hh" and hh_as_messages)
+        first, report.data_format = _detect(raw, json_text, columns)
+    kind = _ranked_kind(raw, json_text, columns, first) if report.data_format == "ranked" else None
+    messages = (report.data_format == "conversational" or kind == "conversational"
+                or (report.data_format == "hh" and hh_as_messages))
     pair_type = MESSAGES if messages else TEXT_PAIR
     features = datasets.Features({"prompt": pair_type, "chosen": pair_type, "rejected": pair_type,
-                                  "row": datasets.Value("int64"), "error": datasets.Value("string"),
-                                  "reason": datasets.Value("string")})
+                                  "row": datasets.Value("int64"), GROUP: datasets.Value("int64"),
+                                  "error": datasets.Value("string"), "reason": datasets.Value("string"),
+                                  "dropped": datasets.Value("int64")})
     checked = raw.map(
         _validate_rows, batched=True, with_indices=True, remove_columns=raw.column_names, features=features,
         num_proc=auto_num_proc(num_proc, len(raw)), desc=f"validating {os.path.basename(source.rstrip('/'))}",
-        fn_kwargs={"source": source, "data_format": report.data_format, "first": first, "json_text": json_text,
-                   "hh_as_messages": hh_as_messages, "tokenizer": tokenizer, "empty": [] if messages else ""},
+        fn_kwargs={"source": source, "data_format": report.data_format, "kind": kind, "first": first,
+                   "json_text": json_text, "hh_as_messages": hh_as_messages, "tokenizer": tokenizer,
+                   "empty": [] if messages else "", "columns": columns, "pair_rule": pair_rule,
+                   "min_score_gap": min_score_gap, "group_offset": group_offset},
     )
+    if report.data_format == "ranked":
+        report.pair_rule, report.min_score_gap = pair_rule, min_score_gap
+        report.pairs_below_gap = pyarrow.compute.sum(checked.with_format("arrow")["dropped"]).as_py() or 0
+        report.rows_without_pairs = _count_value(checked, "reason", NO_PAIR)
     bad = checked.filter(_is_bad, input_columns="error", batched=True, desc="finding bad rows")
     if len(bad):
         fatal = bad.filter(_is_fatal, input_columns="reason", batched=True)
@@ -173,9 +212,11 @@ def load_pairs(
                 f"{source}: row {first_bad['row']}: {first_bad['error']} (pass on_bad_row=skip to leave such rows out)"
             )
         report.skipped = Counter(bad["reason"])
-        checked = checked.filter(_is_good, input_columns="error", batched=True, desc="leaving bad rows out")
-    pairs = checked.remove_columns(["error", "reason"])
-    report.rows_kept = len(pairs)
+    if len(bad) or report.rows_without_pairs:
+        checked = checked.filter(_is_good, input_columns="reason", batched=True, desc="leaving bad rows out")
+    pairs = checked.remove_columns(["error", "reason", "dropped"])
+    report.rows_kept = report.rows_read - sum(report.skipped.values()) - report.rows_without_pairs
+    report.pairs = len(pairs)
     if not len(pairs):
         raise DataError(f"{source}: no usable rows ({report.summary()})")
     logger.debug(report.summary())  # returned too: the trainer prints it once (it was logged and printed)
@@ -196,15 +237,20 @@ def _is_bad(errors: list[str | None]) -> list[bool]:
     return [error is not None for error in errors]
 
 
-def _is_good(errors: list[str | None]) -> list[bool]:
-    return [error is None for error in errors]
+def _is_good(reasons: list[str | None]) -> list[bool]:
+    """Pairs: neither a bad row's placeholder nor a ranked row's that gave no pair."""
+    return [reason is None for reason in reasons]
+
+
+def _count_value(dataset: datasets.Dataset, column: str, value: Any) -> int:
+    return pyarrow.compute.sum(pyarrow.compute.equal(dataset.with_format("arrow")[column], value)).as_py() or 0
 
 
 def _is_fatal(reasons: list[str | None]) -> list[bool]:
     return [reason == INVALID_JSON for reason in reasons]
 
 
-def _detect(raw: datasets.Dataset, json_text: bool) -> tuple[int, str]:
+def _detect(raw: datasets.Dataset, json_text: bool, columns: dict[str, str] | None) -> tuple[int, str]:
     """The index of the first row the format can be detected from, and that format (``auto`` if none can be)."""
     for index in range(len(raw)):
         try:
@@ -213,51 +259,90 @@ def _detect(raw: datasets.Dataset, json_text: bool) -> tuple[int, str]:
             continue  # validation names the line, and loading stops there
         if isinstance(row, dict):
             try:
-                return index, detect_format(row)
+                return index, detect_format(rename_columns(row, columns))
             except RowError:
                 pass
     return len(raw), "auto"
+
+
+def _ranked_kind(raw: datasets.Dataset, json_text: bool, columns: dict[str, str] | None, first: int) -> str:
+    """Whether a ranked set's responses are text or messages, from its first row that is a JSON object (text if
+    none is: every row is then bad)."""
+    for index in range(first, len(raw)):
+        try:
+            row = _parse(raw[index], json_text)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(row, dict):
+            return response_kind(rename_columns(row, columns))
+    return "text"
 
 
 def _parse(item: dict[str, Any], json_text: bool) -> Any:
     return json.loads(item["json"]) if json_text else item
 
 
-def _validate_rows(batch: dict[str, list], indices: list[int], *, source: str, data_format: str, first: int,
-                   json_text: bool, hh_as_messages: bool, tokenizer: Any, empty: Any) -> dict[str, list]:
-    """``datasets.map`` function (batched): raw rows -> normalized pairs, each with its ``row``, and for a bad row
-    ``error`` (the message) and ``reason`` (a ``REASONS`` key, or ``invalid_json``) beside empty pairs."""
-    out: dict[str, list] = {"prompt": [], "chosen": [], "rejected": [], "row": [], "error": [], "reason": []}
-    columns = list(batch)
-    for j, index in enumerate(indices):
-        pair, error, reason = None, None, None
-        try:
-            row = json.loads(batch["json"][j]) if json_text else {c: batch[c][j] for c in columns}
-        except json.JSONDecodeError as decode_error:
-            error, reason = f"{source}: line {batch['line'][j]}: invalid JSON: {decode_error}", INVALID_JSON
-        else:
-            try:
-                pair = _validate_row(row, index, data_format, first, hh_as_messages, tokenizer)
-            except RowError as row_error:
-                error, reason = str(row_error), row_error.reason
+def _validate_rows(batch: dict[str, list], indices: list[int], *, source: str, data_format: str, kind: str | None,
+                   first: int, json_text: bool, hh_as_messages: bool, tokenizer: Any, empty: Any,
+                   columns: dict[str, str] | None, pair_rule: str, min_score_gap: float,
+                   group_offset: int) -> dict[str, list]:
+    """``datasets.map`` function (batched): raw rows -> normalized pairs (a ranked row: its pairs), each with its
+    ``row`` and ``group``; for a bad row one record with ``error`` (the message) and ``reason`` (a ``REASONS`` key, or
+    ``invalid_json``) beside empty pairs, for a ranked row left with no pair one with ``reason`` :data:`NO_PAIR`.
+    ``dropped``: the ranked row's candidate pairs dropped by ``min_score_gap``, on its first record."""
+    out: dict[str, list] = {"prompt": [], "chosen": [], "rejected": [], "row": [], GROUP: [], "error": [],
+                            "reason": [], "dropped": []}
+
+    def emit(index: int, pair: dict[str, Any] | None, error: str | None, reason: str | None, dropped: int) -> None:
         for key in ("prompt", "chosen", "rejected"):
             out[key].append(empty if pair is None else pair[key])
         out["row"].append(index)
+        out[GROUP].append(group_offset + index)
         out["error"].append(error)
         out["reason"].append(reason)
+        out["dropped"].append(dropped)
+
+    columns_in = list(batch)
+    for j, index in enumerate(indices):
+        try:
+            row = json.loads(batch["json"][j]) if json_text else {c: batch[c][j] for c in columns_in}
+        except json.JSONDecodeError as decode_error:
+            emit(index, None, f"{source}: line {batch['line'][j]}: invalid JSON: {decode_error}", INVALID_JSON, 0)
+            continue
+        try:
+            pairs, dropped = _validate_row(row, index, data_format, kind, first, hh_as_messages, tokenizer, columns,
+                                           pair_rule, min_score_gap)
+        except RowError as row_error:
+            emit(index, None, str(row_error), row_error.reason, 0)
+            continue
+        if not pairs:
+            emit(index, None, None, NO_PAIR, dropped)
+        for n, pair in enumerate(pairs):
+            emit(index, pair, None, None, dropped if n == 0 else 0)
     return out
 
 
-def _validate_row(row: Any, index: int, data_format: str, first: int, hh_as_messages: bool,
-                  tokenizer: Any) -> dict[str, Any]:
+def _validate_row(row: Any, index: int, data_format: str, kind: str | None, first: int, hh_as_messages: bool,
+                  tokenizer: Any, columns: dict[str, str] | None, pair_rule: str,
+                  min_score_gap: float) -> tuple[list[dict[str, Any]], int]:
+    """One raw row's pairs, and how many candidate pairs ``min_score_gap`` dropped (ranked rows)."""
     if not isinstance(row, dict):
         raise RowError("wrong_type", f"row should be a JSON object, got {type(row).__name__}")
+    row = rename_columns(row, columns)
     if index < first or data_format == "auto":
         detect_format(row)  # raises: this row comes before the first one the format is detected from
-    pair = normalize_row(row, data_format, hh_as_messages=hh_as_messages)
-    if tokenizer is not None and isinstance(pair["prompt"], list):
-        render_conversation(pair, tokenizer)
-    return pair
+    if data_format == "ranked":
+        ranked = normalize_ranked(row, kind)
+        made, dropped = ranked_pairs(ranked, pair_rule, min_score_gap)
+        responses = ranked["responses"]
+        pairs = [{"prompt": ranked["prompt"], "chosen": responses[i], "rejected": responses[j]} for i, j in made]
+    else:
+        pairs, dropped = [normalize_row(row, data_format, hh_as_messages=hh_as_messages)], 0
+    if tokenizer is not None:
+        for pair in pairs:
+            if isinstance(pair["prompt"], list):
+                render_conversation(pair, tokenizer)
+    return pairs, dropped
 
 
 def _raw_rows(source: str, split: str, config_name: str | None, data_dir: str | None,
@@ -367,30 +452,72 @@ def _prepend(first: str, handle: Any) -> Iterator[str]:
 
 def take_subset(pairs: datasets.Dataset, num_samples: int | None, seed: int, *,
                 key: str = "num_samples") -> datasets.Dataset:
-    """A seeded random subset of ``num_samples`` pairs (all pairs when None or when that many or fewer exist; fewer
-    is warned about, naming ``key``, the setting that asked for more: ``data.sources[1].num_samples``)."""
-    if num_samples is None or num_samples >= len(pairs):
-        if num_samples is not None and num_samples > len(pairs):
-            logger.warning("%s=%d but only %d pairs exist: using all of them", key, num_samples, len(pairs))
+    """A seeded random subset of ``num_samples`` rows: pairs, or where a ranked row gave several pairs (they share a
+    ``group``) groups, each with all its pairs. All of them when None or when that many or fewer exist; fewer is
+    warned about, naming ``key``, the setting that asked for more: ``data.sources[1].num_samples``."""
+    grouped = _grouped(pairs, seed)
+    count = len(pairs) if grouped is None else grouped[2]
+    if num_samples is None or num_samples >= count:
+        if num_samples is not None and num_samples > count:
+            what = "pairs" if grouped is None else f"rows (prompts, with {len(pairs)} pairs)"
+            logger.warning("%s=%d but only %d %s exist: using all of them", key, num_samples, count, what)
         return pairs
     if num_samples < 1:
         raise DataError(f"num_samples must be at least 1, got {num_samples}")
-    return pairs.shuffle(seed=seed).select(range(num_samples))
+    if grouped is None:
+        return pairs.shuffle(seed=seed).select(range(num_samples))
+    order, positions, _ = grouped
+    return pairs.select(order[positions < num_samples])
+
+
+def count_rows(pairs: datasets.Dataset) -> int:
+    """The rows ``pairs`` came from: their distinct groups (pairs without a ``group`` column: one row each)."""
+    if GROUP not in pairs.column_names:
+        return len(pairs)
+    return len(pyarrow.compute.unique(pairs.with_format("arrow")[GROUP]))
+
+
+def _grouped(pairs: datasets.Dataset, seed: int) -> tuple[numpy.ndarray, numpy.ndarray, int] | None:
+    """The pairs in a seeded random order of their groups, each group's pairs together: (pair indices in that
+    order, each one's group's position in it, the number of groups). None when every pair is its own group (pair
+    formats, a ranked set's best_vs_worst): callers then take pairs as they always have, so those sets subset and
+    split as before groups existed."""
+    if GROUP not in pairs.column_names:
+        return None
+    groups = pairs.with_format("arrow")[GROUP].to_numpy()
+    unique, inverse = numpy.unique(groups, return_inverse=True)
+    if len(unique) == len(groups):
+        return None
+    position = numpy.empty(len(unique), dtype=numpy.int64)
+    position[numpy.random.default_rng(seed).permutation(len(unique))] = numpy.arange(len(unique))
+    pair_positions = position[inverse]
+    order = numpy.argsort(pair_positions, kind="stable")
+    return order, pair_positions[order], len(unique)
 
 
 def split_pairs(
     pairs: datasets.Dataset, *, eval_ratio: float, seed: int
 ) -> tuple[datasets.Dataset, datasets.Dataset | None]:
-    """Split into train and eval by ratio with a fixed seed; ``eval_ratio=0`` gives no eval split."""
+    """Split into train and eval by ratio with a fixed seed; ``eval_ratio=0`` gives no eval split.
+
+    The ratio counts rows: where a ranked row gave several pairs (one ``group``), ``round(groups * eval_ratio)``
+    groups go to eval with all their pairs, so no prompt has pairs on both sides."""
     if not 0.0 <= eval_ratio < 1.0:
         raise DataError(f"eval_ratio must be in [0, 1), got {eval_ratio}")
     if eval_ratio == 0.0:
         return pairs, None
-    n_eval = max(1, round(len(pairs) * eval_ratio))
-    if n_eval >= len(pairs):
-        raise DataError(f"eval_ratio={eval_ratio} leaves no training pairs out of {len(pairs)}")
-    parts = pairs.train_test_split(test_size=n_eval, seed=seed, shuffle=True)
-    return parts["train"], parts["test"]
+    grouped = _grouped(pairs, seed)
+    count = len(pairs) if grouped is None else grouped[2]
+    n_eval = max(1, round(count * eval_ratio))
+    if n_eval >= count:
+        what = "pairs" if grouped is None else f"rows (prompts, with {len(pairs)} pairs)"
+        raise DataError(f"eval_ratio={eval_ratio} leaves no training {what.split()[0]} out of {count}"
+                        + ("" if grouped is None else f" {what}"))
+    if grouped is None:
+        parts = pairs.train_test_split(test_size=n_eval, seed=seed, shuffle=True)
+        return parts["train"], parts["test"]
+    order, positions, _ = grouped
+    return pairs.select(order[positions >= n_eval]), pairs.select(order[positions < n_eval])
 
 
 def load_mixture(
@@ -410,8 +537,11 @@ def load_mixture(
     repeat): about max(pairs_i / p_i). A part of weight 0 is loaded and reported, and gives nothing. Each report's
     ``rows_used`` counts what its part gave, repeats included.
 
-    ``fraction`` takes ``round(fraction * kept pairs)`` pairs, at least one. Parts must give the same kind of pairs
-    (all text, or all messages); ``load_kwargs`` go to :func:`load_pairs`.
+    ``fraction`` takes ``round(fraction * kept rows)`` rows (a ranked row with all its pairs), at least one. Parts
+    must give the same kind of pairs (all text, or all messages); ``load_kwargs`` go to :func:`load_pairs`. Each
+    part's groups follow the previous parts' rows, so a group names one row of the whole mixture.
+
+    A weighted mixture draws pairs, not rows: a ranked row may give some of its pairs only.
     """
     if not parts:
         raise DataError("data.sources is empty: give at least one source")
@@ -419,7 +549,7 @@ def load_mixture(
         probabilities = check_weights([part.weight for part in parts], stopping_strategy)
     except ConfigError as error:
         raise DataError(str(error)) from None
-    loaded, reports = [], []
+    loaded, reports, group_offset = [], [], 0
     for index, part in enumerate(parts):
         where = f"data.sources[{index}] ({part.source})"
         try:
@@ -428,11 +558,13 @@ def load_mixture(
             raise DataError(str(error)) from None
         pairs, report = load_pairs(
             part.source, split=part.split, config_name=part.config_name, data_dir=part.data_dir,
-            revision=part.revision, data_format=part.data_format or data_format, **load_kwargs,
+            revision=part.revision, data_format=part.data_format or data_format, group_offset=group_offset,
+            **load_kwargs,
         )
+        group_offset += report.rows_read
         report.part, report.entry = index, f"data.sources[{index}]"
         if part.fraction is not None:  # at most all of them: nothing to warn about
-            pairs = take_subset(pairs, max(1, round(part.fraction * len(pairs))), seed)
+            pairs = take_subset(pairs, max(1, round(part.fraction * count_rows(pairs))), seed)
         elif part.num_samples is not None:
             pairs = take_subset(pairs, part.num_samples, seed, key=f"data.sources[{index}].num_samples")
         if part.fraction is not None or part.num_samples is not None:
@@ -511,8 +643,9 @@ def load_train_eval(
 
     ``source`` is one source (``split``, ``config_name``, ``data_dir``, ``revision`` apply to it, and to its eval
     split) or a mixture (a list of :class:`Part`, see :func:`load_mixture`; ``stopping_strategy`` is a weighted
-    one's). ``num_samples`` takes a seeded subset of the training pairs first (before a ratio split, so eval comes out
-    of the same subset); a given eval set is used whole. ``load_kwargs`` go to :func:`load_pairs`.
+    one's). ``num_samples`` takes a seeded subset of the training rows first (:func:`take_subset`: a ranked row with
+    all its pairs; before a ratio split, so eval comes out of the same subset); a given eval set is used whole, its
+    groups numbered after the training sources' rows. ``load_kwargs`` go to :func:`load_pairs`.
     """
     hub = {"config_name": config_name, "data_dir": data_dir, "revision": revision}
     weights = [part.weight for part in source] if isinstance(source, list) else []
@@ -538,12 +671,13 @@ def load_train_eval(
     if eval_source is None and os.path.isfile(source):
         raise DataError(f"{source} is a file, which has no splits: an eval split names a split of a dataset folder or "
                         "Hub dataset; for a file give a separate eval file (data.eval_source) or data.eval_ratio")
+    after = sum(report.rows_read for report in reports)  # the eval set's groups follow the training rows'
     if eval_source is None:
-        eval_, eval_report = load_pairs(source, split=eval_split, **hub, **load_kwargs)
+        eval_, eval_report = load_pairs(source, split=eval_split, **hub, group_offset=after, **load_kwargs)
         eval_report.entry = "data.eval_split"
     else:
         eval_split = eval_split or ("train" if isinstance(source, list) else split)
-        eval_, eval_report = load_pairs(eval_source, split=eval_split, **load_kwargs)
+        eval_, eval_report = load_pairs(eval_source, split=eval_split, group_offset=after, **load_kwargs)
         eval_report.entry = "data.eval_source"
     return pairs, eval_, [*reports, eval_report]
 
@@ -559,7 +693,9 @@ def source_counts(reports: list[LoadReport], train: datasets.Dataset, eval_: dat
     where it has them; ``used``: what it put into the pairs (a mixture's entry: as its report says, a weighted one's
     repeats counted; one source: its kept pairs), which then went to ``train_pairs``, ``eval_pairs``,
     ``dropped_too_long`` (prompt too long, at tokenization) or were ``left_out_by_num_samples`` (``data.num_samples``
-    on the whole). A mixture's pairs are told apart by their ``part`` column; an eval source's are all its own."""
+    on the whole). A ranked source's record adds ``pairs`` (its kept rows' pairs, before any subset),
+    ``pairs_below_gap`` and ``rows_without_pairs`` (:class:`LoadReport`). A mixture's pairs are told apart by their
+    ``part`` column; an eval source's are all its own."""
     eval_owner = next((i for i, r in enumerate(reports) if r.entry in EVAL_ENTRIES), 0)
 
     def owners(pairs: datasets.Dataset | None, owner: int) -> dict[int, int]:
@@ -574,11 +710,14 @@ def source_counts(reports: list[LoadReport], train: datasets.Dataset, eval_: dat
         record: dict[str, Any] = {"entry": report.entry, "source": report.source, "split": report.split,
                                   "rows_read": report.rows_read, "skipped": dict(sorted(report.skipped.items())),
                                   "kept": report.rows_kept}
+        if report.pair_rule is not None:
+            record.update(rows_without_pairs=report.rows_without_pairs, pairs=report.pairs,
+                          pairs_below_gap=report.pairs_below_gap)
         if report.rows_subset is not None:
             record["subset"] = report.rows_subset
         if report.probability is not None:
             record["probability"] = report.probability
-        used = report.rows_used if report.rows_used is not None else report.rows_kept
+        used = report.rows_used if report.rows_used is not None else report.pairs
         into_splits = split[0].get(i, 0) + split[1].get(i, 0)
         record.update(used=used, left_out_by_num_samples=used - into_splits, train_pairs=tokenized[0].get(i, 0),
                       eval_pairs=tokenized[1].get(i, 0),
@@ -615,6 +754,7 @@ def load_configured_pairs(cfg: Config, tokenizer: Any, *, sentiment: tuple[str, 
         num_samples=d.num_samples, seed=cfg.train.seed, stopping_strategy=d.stopping_strategy,
         data_format=d.data_format, on_bad_row=d.on_bad_row,
         hh_as_messages=d.hh_as_messages, tokenizer=tokenizer, num_proc=d.num_proc,
+        columns=dataclasses.asdict(d.columns), pair_rule=d.pair_rule, min_score_gap=d.min_score_gap,
     )
     if sentiment is not None and data_source(cfg) == SENTIMENT:
         for report in reports:  # both files are the built-in set's, which data.source names

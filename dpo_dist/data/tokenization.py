@@ -30,7 +30,10 @@ logger = logging.getLogger(__name__)
 
 PAIR_COLUMNS = ("prompt_input_ids", "chosen_input_ids", "rejected_input_ids")
 PART = "part"  # a mixture's pairs: the index of the entry (data.sources[i]) each came from (dpo_dist.data.load)
-CARRIED = ("row", PART)  # kept through tokenization, where a pair has them: where it came from, to count by
+# Every loaded pair's source row, unique across everything loaded for a run (a mixture's parts, a given eval set):
+# the pairs a ranked row gives share it, so they are split and subset together and their prompt is the same.
+GROUP = "group"
+CARRIED = ("row", PART, GROUP)  # kept through tokenization, where a pair has them: where it came from, to count by
 
 
 class TokenizationError(ValueError):
@@ -161,8 +164,8 @@ def render_conversation(pair: dict[str, Any], tokenizer: Any) -> tuple[str, str,
 def tokenize_pairs(
     pairs: datasets.Dataset, tokenizer: Any, truncation: Truncation, *, num_proc: int | None = None
 ) -> tuple[datasets.Dataset, int]:
-    """Tokenize every pair; returns the tokenized dataset (with ``row``, and a mixture's ``part``, kept) and how many
-    pairs were dropped because their prompt left no room for a response.
+    """Tokenize every pair; returns the tokenized dataset (with ``row`` and ``group``, and a mixture's ``part``, kept)
+    and how many pairs were dropped because their prompt left no room for a response.
 
     A ``datasets.map`` over Arrow (token ids stored as int32): with pairs read from files (``load_pairs``) the
     result is cached by the datasets fingerprint, which covers the tokenizer and the truncation, so the same pairs

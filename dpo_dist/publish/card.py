@@ -337,7 +337,10 @@ def data_section(files: RunFiles) -> list[str]:
 # run.json's per-source counts (dpo_dist.data.load.source_counts) -> the column each is shown in; (optional) ones
 # only where some source has them.
 SOURCE_COLUMNS = (("split", "split", False), ("rows_read", "rows read", False), ("skipped", "skipped", False),
-                  ("kept", "kept", False), ("subset", "subset (num_samples / fraction)", True),
+                  ("kept", "kept", False), ("rows_without_pairs", "rows left with no pair", True),
+                  ("pairs", "pairs made (ranked rows)", True),
+                  ("pairs_below_gap", "pairs dropped (tied or below data.min_score_gap)", True),
+                  ("subset", "subset (num_samples / fraction)", True),
                   ("probability", "probability (weight)", True), ("used", "used", False),
                   ("left_out_by_num_samples", "left out by data.num_samples", True),
                   ("train_pairs", "train", False), ("eval_pairs", "eval", False),
