@@ -54,7 +54,7 @@ def test_equals_the_dense_mask_with_padding_and_windows(share_prompt, window):
     empty response included, outputs and the gradients of q, k and v."""
     batch = batch_of(edge_pairs(), share_prompt=share_prompt, pad_to_multiple_of=32)
     spans = tuple(map(tuple, batch["attention_spans"].tolist()))
-    assert spans[-1][5] > 0, "the test needs a padding span"
+    assert spans[-1][2] > 0, "the test needs a padding span"
     rows, width = batch["input_ids"].shape
     mask = packed_mask(batch["segment_ids"], batch["branch_ids"], batch["position_ids"], sliding_window=window)
     q, k, v = qkv(rows, width)
@@ -174,7 +174,7 @@ def test_a_layer_the_spans_do_not_reach_raises_instead_of_passing_for_exact(monk
 
 def test_what_segmented_attention_does_not_apply_is_refused():
     q, k, v = qkv(1, 4)
-    spans = ((0, 0, 2, 1, 1, 0),)
+    spans = ((0, 0, 0, 2, 1, 1),)
     module = tiny_model("llama", None, "sdpa").model.layers[0].self_attn
     for extra, named in (({"softcap": 30.0}, "softcap"), ({"is_causal": False}, "is_causal=False")):
         with pytest.raises(ValueError, match=f"does not apply {named}"):
@@ -202,9 +202,10 @@ def test_segmented_layout_is_one_row_without_padding():
     assert segmented["input_ids"].shape == (1, tokens)
     assert dense["input_ids"].shape[0] > 1 and "attention_spans" not in dense
     spans = segmented["attention_spans"].tolist()
-    assert [s[1] for s in spans] == [sum(x[2] + x[3] + x[4] for x in spans[:i]) for i in range(len(spans))]
-    assert [(s[2], s[3], s[4]) for s in spans] == [(len(p["prompt_input_ids"]), len(p["chosen_input_ids"]),
-                                                    len(p["rejected_input_ids"])) for p in pairs]
+    # row, start, padding, prompt, chosen, rejected: each segment starts where the one before it ends
+    assert [s[1] for s in spans] == [sum(sum(x[2:]) for x in spans[:i]) for i in range(len(spans))]
+    assert [tuple(s[2:]) for s in spans] == [(0, len(p["prompt_input_ids"]), len(p["chosen_input_ids"]),
+                                              len(p["rejected_input_ids"])) for p in pairs]
 
 
 def test_cost_model_picks_dense_for_short_segments_and_segmented_for_long_ones():

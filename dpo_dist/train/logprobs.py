@@ -263,20 +263,23 @@ def head_is_sharded(head: torch.nn.Module, model: torch.nn.Module | None = None)
     return isinstance(weight, DTensor) or any(isinstance(m, FSDPModule) for m in (head, model) if m is not None)
 
 
-def packed_forward(
+def packed_token_logps(
     model: torch.nn.Module, batch: dict[str, torch.Tensor], *, chunk_size: int = DEFAULT_CHUNK_SIZE,
-    head_in_forward: bool | None = None, shared: bool = False, aligned: bool = False,
-) -> PairLogps:
-    """Score a :class:`dpo_dist.data.packing.PackedPairCollator` batch: one forward over the packed rows (through the
-    model's own ``forward``, so DDP and hooks see it) with the mask its kernel and layer types take
-    (:func:`dpo_dist.model.attention.packed_attention`: with the batch's ``attention_spans`` under sdpa, a
-    segment at a time), the LM head on the scored positions only.
+    head_in_forward: bool | None = None, collision: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each scored token's log-prob in a :class:`dpo_dist.data.packing.PackedPairCollator` batch (pairs or groups),
+    in the batch's order (``targets``, ``seq_index``), and (``collision=True``) its position's log sum_v p(v)^2,
+    detached (else an empty tensor): one forward over the packed rows (through the model's own ``forward``, so DDP
+    and hooks see it) with the mask its kernel and layer types take (:func:`dpo_dist.model.attention.packed_attention`:
+    with the batch's ``attention_spans`` under sdpa, a segment at a time), the LM head on the scored positions only.
 
     Where the head is sharded (ZeRO-3, FSDP2: ``head_in_forward=None`` finds out) it must run inside the forward,
     which gathers it: the scored positions go in as ``logits_to_keep`` (a boolean (R, W) mask), the forward returns
     their logits ``(P, V)`` in the model's dtype, and the log-softmax is taken in fp32 a chunk at a time
     (:func:`sequence_logps`' function). Elsewhere the head runs here, from the final hidden states, and no
-    ``(tokens, vocab)`` logits are held at all (:class:`_HeadLogps`)."""
+    ``(tokens, vocab)`` logits are held at all (:class:`_HeadLogps`).
+
+    Shape: batch as the collator's -> (T,) float32, (T,) or (0,) float32 (T: scored tokens)."""
     head = output_head(model)
     if head_in_forward is None:
         head_in_forward = head_is_sharded(head, model)
@@ -289,17 +292,28 @@ def packed_forward(
                             logits_to_keep=keep.view_as(batch["input_ids"]), **attention)
         logits = outputs.logits.reshape(-1, outputs.logits.shape[-1])  # (P, V): the kept positions, row-major
         rows = torch.searchsorted(keep.nonzero()[:, 0], batch["pred_rows"])  # each scored token's logits row
-        token_logps, collisions = _TokenLogps.apply(logits, rows, batch["targets"], chunk_size, aligned)
-    else:
-        with every_layer_checked:
-            outputs = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False,
-                            output_hidden_states=True, logits_to_keep=1, **attention)
-        hidden = outputs.hidden_states[-1].to(head.weight.dtype)  # accelerate's autocast hands back fp32 outputs
-        hidden = hidden.reshape(-1, hidden.shape[-1])[batch["pred_rows"]]  # (K, H); a row scored twice: gathered twice
-        frozen_head = not head.weight.requires_grad and (head.bias is None or not head.bias.requires_grad)
-        precompute_jacobian = torch.is_grad_enabled() and hidden.requires_grad and frozen_head
-        token_logps, collisions = _HeadLogps.apply(hidden, head.weight, head.bias, batch["targets"], chunk_size,
-                                                   precompute_jacobian, aligned)
+        return _TokenLogps.apply(logits, rows, batch["targets"], chunk_size, collision)
+    with every_layer_checked:
+        outputs = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False,
+                        output_hidden_states=True, logits_to_keep=1, **attention)
+    hidden = outputs.hidden_states[-1].to(head.weight.dtype)  # accelerate's autocast hands back fp32 outputs
+    hidden = hidden.reshape(-1, hidden.shape[-1])[batch["pred_rows"]]  # (T, H); a row scored twice: gathered twice
+    frozen_head = not head.weight.requires_grad and (head.bias is None or not head.bias.requires_grad)
+    precompute_jacobian = torch.is_grad_enabled() and hidden.requires_grad and frozen_head
+    return _HeadLogps.apply(hidden, head.weight, head.bias, batch["targets"], chunk_size, precompute_jacobian,
+                            collision)
+
+
+def packed_forward(
+    model: torch.nn.Module, batch: dict[str, torch.Tensor], *, chunk_size: int = DEFAULT_CHUNK_SIZE,
+    head_in_forward: bool | None = None, shared: bool = False, aligned: bool = False,
+) -> PairLogps:
+    """Score a :class:`dpo_dist.data.packing.PackedPairCollator` batch of pairs (:func:`packed_token_logps`) and sum
+    each side's tokens."""
+    if "pair_tokens" not in batch:
+        raise ValueError("this packed batch holds groups (responses_input_ids): score it with group_logps")
+    token_logps, collisions = packed_token_logps(model, batch, chunk_size=chunk_size, head_in_forward=head_in_forward,
+                                                 collision=aligned)
     # a response's tokens are predicted from increasing packed rows (with a shared prompt, the rejected response's
     # first token from the prompt's last row, before its own rows): pred_rows orders each response
     return pair_sums(token_logps, collisions, batch["seq_index"], batch["pred_rows"], batch["pair_tokens"].shape[0],
@@ -312,3 +326,51 @@ def pair_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor], *, chunk_
     ``aligned`` add the fields of :class:`PairLogps` that LD-DPO and WPO need."""
     forward = packed_forward if "pred_rows" in batch else concatenated_forward
     return forward(model, batch, chunk_size=chunk_size, shared=shared, aligned=aligned)
+
+
+@dataclass
+class GroupLogps:
+    """Log-probs of the k responses of G groups, K the largest k (a pair: k = 2, chosen then rejected).
+    Shape: each (G, K).
+
+    ``mask``: True where the group has that response (column j < k); elsewhere ``logps`` and ``tokens`` are 0.
+    ``aligned_logps`` (asked for with ``aligned=True``, else None): ``sum_t [log p(y_t) - log sum_v p(v)^2]`` over the
+    response, detached (WPO's weight, as :class:`PairLogps`' fields)."""
+
+    logps: torch.Tensor
+    tokens: torch.Tensor
+    mask: torch.Tensor
+    aligned_logps: torch.Tensor | None = None
+
+
+def group_sums(token_logps: torch.Tensor, collisions: torch.Tensor, seq_index: torch.Tensor,
+               response_mask: torch.Tensor, *, aligned: bool = False) -> GroupLogps:
+    """A :class:`GroupLogps` from scored tokens: sequence ``j * G + g`` is group ``g``'s response ``j``
+    (``PackedPairCollator``'s ``seq_index``); ``response_mask`` says which responses each group has.
+
+    Shape: token_logps, seq_index (T,); collisions (T,) when ``aligned``; response_mask (G, K) bool -> each field
+    (G, K)."""
+    g, k = response_mask.shape
+
+    def per_response(values: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        summed = torch.zeros(k * g, dtype=dtype, device=token_logps.device).index_add(0, seq_index, values)
+        return summed.view(k, g).T  # sequence j * G + g -> [g, j]
+
+    out = GroupLogps(per_response(token_logps), per_response(torch.ones_like(seq_index), torch.long), response_mask)
+    if aligned:
+        out.aligned_logps = per_response(token_logps.detach() - collisions)
+    return out
+
+
+def group_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor], *, chunk_size: int = DEFAULT_CHUNK_SIZE,
+                head_in_forward: bool | None = None, aligned: bool = False) -> GroupLogps:
+    """Every response's log-probs of a packed batch (:func:`packed_token_logps`), groups or pairs: a batch of groups
+    carries its ``response_mask`` (G, K); a batch of pairs is G groups of 2 (chosen, rejected).
+
+    Shape: -> each field of :class:`GroupLogps` (G, K)."""
+    response_mask = batch.get("response_mask")
+    if response_mask is None:
+        response_mask = torch.ones(batch["pair_tokens"].shape[0], 2, dtype=torch.bool, device=batch["seq_index"].device)
+    token_logps, collisions = packed_token_logps(model, batch, chunk_size=chunk_size, head_in_forward=head_in_forward,
+                                                 collision=aligned)
+    return group_sums(token_logps, collisions, batch["seq_index"], response_mask, aligned=aligned)
