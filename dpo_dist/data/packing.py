@@ -39,15 +39,12 @@ from typing import Any, Sequence
 import torch
 
 from dpo_dist.attention_cost import POSITION_COST, dense_cost, segmented_pays
-from dpo_dist.data.collate import REFERENCE_COLUMNS
+from dpo_dist.data.collate import REFERENCE_COLUMNS, group_columns, is_group, responses_of
 
 # Branch ids: which part of its segment a token is in (response j: CHOSEN + j). Padding is its own segment (-1) on
 # branch PROMPT.
 PROMPT, CHOSEN, REJECTED = 0, 1, 2
 PAD_SEGMENT = -1
-# A group example's columns: its k responses' token ids, and (optional) their k reference log-probs.
-GROUP_COLUMN = "responses_input_ids"
-GROUP_REFERENCE_COLUMN = "ref_responses_logps"
 ATTENTION_LAYOUTS = ("auto", "dense", "segmented")
 
 
@@ -90,31 +87,6 @@ def segment_parts(segment: tuple[list[int], list[tuple[list[int], int]]]) -> tup
 def row_width(rows: list[list[int]], lengths: Sequence[int]) -> int:
     """The widest row's tokens."""
     return max(sum(lengths[i] for i in row) for row in rows)
-
-
-def is_group(example: dict[str, Any]) -> bool:
-    """Whether an example is a group (``responses_input_ids``) rather than a pair."""
-    return GROUP_COLUMN in example
-
-
-def responses_of(example: dict[str, Any]) -> list[list[int]]:
-    """An example's responses in order: a group's ``responses_input_ids``, a pair's ``[chosen, rejected]``."""
-    if is_group(example):
-        responses = [list(r) for r in example[GROUP_COLUMN]]
-        if len(responses) < 2:
-            raise ValueError(f"a group needs at least 2 responses, got {len(responses)}")
-        return responses
-    return [list(example["chosen_input_ids"]), list(example["rejected_input_ids"])]
-
-
-def ref_responses_of(example: dict[str, Any]) -> list[float] | None:
-    """An example's reference log-probs, one per response (a group's ``ref_responses_logps``, a pair's
-    ``[ref_chosen_logps, ref_rejected_logps]``), or None where it carries none."""
-    if GROUP_REFERENCE_COLUMN in example:
-        return [float(x) for x in example[GROUP_REFERENCE_COLUMN]]
-    if all(column in example for column in REFERENCE_COLUMNS):
-        return [float(example[column]) for column in REFERENCE_COLUMNS]
-    return None
 
 
 class PackedPairCollator:
@@ -225,7 +197,7 @@ class PackedPairCollator:
             columns = max(len(span) for span in spans)
             batch["attention_spans"] = torch.tensor([(*span, *[0] * (columns - len(span))) for span in spans],
                                                     dtype=torch.long)
-        batch.update(self._group_columns(examples) if any(map(is_group, examples)) else self._pair_columns(examples))
+        batch.update(group_columns(examples) if any(map(is_group, examples)) else self._pair_columns(examples))
         return batch
 
     @staticmethod
@@ -236,22 +208,4 @@ class PackedPairCollator:
         for column in REFERENCE_COLUMNS:
             if column in examples[0]:
                 out[column] = torch.tensor([e[column] for e in examples], dtype=torch.float32)
-        return out
-
-    @staticmethod
-    def _group_columns(examples: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        """``group_tokens`` (G,), ``response_mask`` (G, K), and ``ref_responses_logps`` (G, K) where the examples
-        carry reference log-probs."""
-        sizes = [len(responses_of(e)) for e in examples]
-        out = {
-            "group_tokens": torch.tensor([k * len(e["prompt_input_ids"]) + sum(map(len, responses_of(e)))
-                                          for k, e in zip(sizes, examples)], dtype=torch.long),
-            "response_mask": torch.arange(max(sizes))[None, :] < torch.tensor(sizes)[:, None],
-        }
-        references = [ref_responses_of(e) for e in examples]
-        if references[0] is not None:
-            if any(ref is None or len(ref) != k for ref, k in zip(references, sizes)):
-                raise ValueError("every example of a batch carries reference log-probs, one per response, or none does")
-            out[GROUP_REFERENCE_COLUMN] = torch.tensor([ref + [0.0] * (max(sizes) - len(ref)) for ref in references],
-                                                       dtype=torch.float32)
         return out

@@ -161,19 +161,30 @@ def pair_sums(token_logps: torch.Tensor, collisions: torch.Tensor, seq_index: to
     return out
 
 
-def concatenated_forward(
+def padded_token_logps(
     model: torch.nn.Module, batch: dict[str, torch.Tensor], *, chunk_size: int = DEFAULT_CHUNK_SIZE,
-    shared: bool = False, aligned: bool = False,
-) -> PairLogps:
-    """Score chosen and rejected in one forward over the collator's ``2B`` rows (chosen first)."""
+    collision: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One forward over a :class:`dpo_dist.data.collate.PreferenceCollator` batch's rows, and
+    :func:`scored_token_logps` of it. Shape: -> token_logps (T,), collisions (T,) or (0,), row (T,), position (T,)."""
     outputs = model(
         input_ids=batch["input_ids"],
         attention_mask=batch["attention_mask"],
         position_ids=batch["position_ids"],
         use_cache=False,
     )
-    token_logps, collisions, seq_index, pos_index = scored_token_logps(
-        outputs.logits, batch["labels"], chunk_size=chunk_size, collision=aligned)
+    return scored_token_logps(outputs.logits, batch["labels"], chunk_size=chunk_size, collision=collision)
+
+
+def concatenated_forward(
+    model: torch.nn.Module, batch: dict[str, torch.Tensor], *, chunk_size: int = DEFAULT_CHUNK_SIZE,
+    shared: bool = False, aligned: bool = False,
+) -> PairLogps:
+    """Score chosen and rejected in one forward over the collator's ``2B`` rows (chosen first)."""
+    if "pair_tokens" not in batch:
+        raise ValueError("this padded batch holds groups (responses_input_ids): score it with group_logps")
+    token_logps, collisions, seq_index, pos_index = padded_token_logps(model, batch, chunk_size=chunk_size,
+                                                                       collision=aligned)
     b = batch["labels"].shape[0] // 2
     return pair_sums(token_logps, collisions, seq_index, pos_index, b, shared=shared, aligned=aligned)
 
@@ -363,14 +374,23 @@ def group_sums(token_logps: torch.Tensor, collisions: torch.Tensor, seq_index: t
 
 
 def group_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor], *, chunk_size: int = DEFAULT_CHUNK_SIZE,
-                head_in_forward: bool | None = None, aligned: bool = False) -> GroupLogps:
-    """Every response's log-probs of a packed batch (:func:`packed_token_logps`), groups or pairs: a batch of groups
-    carries its ``response_mask`` (G, K); a batch of pairs is G groups of 2 (chosen, rejected).
+                aligned: bool = False, head_in_forward: bool | None = None) -> GroupLogps:
+    """Every response's log-probs of a batch from either collator, groups or pairs: packed
+    (:func:`packed_token_logps`; ``head_in_forward`` as there) or padded (:func:`padded_token_logps`, each row's
+    sequence from ``row_sequence``). A batch of groups carries its ``response_mask`` (G, K); a batch of pairs is G
+    groups of 2 (chosen, rejected), in the order :class:`PairLogps` has them.
 
     Shape: -> each field of :class:`GroupLogps` (G, K)."""
     response_mask = batch.get("response_mask")
     if response_mask is None:
-        response_mask = torch.ones(batch["pair_tokens"].shape[0], 2, dtype=torch.bool, device=batch["seq_index"].device)
-    token_logps, collisions = packed_token_logps(model, batch, chunk_size=chunk_size, head_in_forward=head_in_forward,
-                                                 collision=aligned)
-    return group_sums(token_logps, collisions, batch["seq_index"], response_mask, aligned=aligned)
+        response_mask = torch.ones(batch["pair_tokens"].shape[0], 2, dtype=torch.bool,
+                                   device=batch["input_ids"].device)
+    if "pred_rows" in batch:
+        token_logps, collisions = packed_token_logps(model, batch, chunk_size=chunk_size,
+                                                     head_in_forward=head_in_forward, collision=aligned)
+        seq_index = batch["seq_index"]
+    else:
+        token_logps, collisions, row, _ = padded_token_logps(model, batch, chunk_size=chunk_size, collision=aligned)
+        # a batch of pairs has a row per sequence (chosen rows, then rejected); one of groups says each row's
+        seq_index = batch["row_sequence"][row] if "row_sequence" in batch else row
+    return group_sums(token_logps, collisions, seq_index, response_mask, aligned=aligned)
