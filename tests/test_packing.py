@@ -263,7 +263,8 @@ def test_pairs_collate_exactly_as_before_groups():
     for key, want in PAIR_BATCHES_BEFORE_GROUPS.items():
         if key[0] == "packed":
             _, share, layout, multiple = key
-            batch = PackedPairCollator(0, share_prompt=share, attention_layout=layout, pad_to_multiple_of=multiple)(pairs)
+            collate = PackedPairCollator(0, share_prompt=share, attention_layout=layout, pad_to_multiple_of=multiple)
+            batch = collate(pairs)
         else:
             _, side, multiple = key
             batch = PreferenceCollator(0, padding_side=side, pad_to_multiple_of=multiple)(pairs)

@@ -58,8 +58,8 @@ class _TokenLogps(torch.autograd.Function):
             # d/dx [x_t - logsumexp(x)] = onehot(t) - softmax(x)
             chunk_grad = torch.exp(logits[rows[start:end]].float() - logsumexps[start:end, None]) * -grad
             chunk_grad.scatter_add_(1, targets[start:end, None], grad)
-            # index_add, not assignment: a row scored twice (packed, the prompt's last position predicts both
-            # responses' first tokens) gets both gradients
+            # index_add, not assignment: a row scored more than once (packed, the prompt's last position predicts
+            # every response's first token) gets every gradient
             grad_logits.index_add_(0, rows[start:end], chunk_grad.to(grad_logits.dtype))
         return grad_logits, None, None, None, None
 
@@ -308,7 +308,7 @@ def packed_token_logps(
         outputs = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False,
                         output_hidden_states=True, logits_to_keep=1, **attention)
     hidden = outputs.hidden_states[-1].to(head.weight.dtype)  # accelerate's autocast hands back fp32 outputs
-    hidden = hidden.reshape(-1, hidden.shape[-1])[batch["pred_rows"]]  # (T, H); a row scored twice: gathered twice
+    hidden = hidden.reshape(-1, hidden.shape[-1])[batch["pred_rows"]]  # (T, H); a row scored k times: gathered k times
     frozen_head = not head.weight.requires_grad and (head.bias is None or not head.bias.requires_grad)
     precompute_jacobian = torch.is_grad_enabled() and hidden.requires_grad and frozen_head
     return _HeadLogps.apply(hidden, head.weight, head.bias, batch["targets"], chunk_size, precompute_jacobian,
@@ -365,7 +365,7 @@ def group_sums(token_logps: torch.Tensor, collisions: torch.Tensor, seq_index: t
 
     def per_response(values: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         summed = torch.zeros(k * g, dtype=dtype, device=token_logps.device).index_add(0, seq_index, values)
-        return summed.view(k, g).T  # sequence j * G + g -> [g, j]
+        return summed.view(k, g).T.contiguous()  # sequence j * G + g -> [g, j]
 
     out = GroupLogps(per_response(token_logps), per_response(torch.ones_like(seq_index), torch.long), response_mask)
     if aligned:
