@@ -1,4 +1,5 @@
-"""Prompt sharing and packing: the same log-probs and gradients as scoring chosen and rejected as separate rows."""
+"""Prompt sharing and packing: the same log-probs and gradients as scoring each response (chosen and rejected, or a
+group's k) as a separate row."""
 
 import random
 

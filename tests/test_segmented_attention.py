@@ -289,6 +289,9 @@ def test_cost_model_picks_dense_for_short_segments_and_segmented_for_long_ones()
     auto = PackedPairCollator(0, attention_layout="auto")
     assert "attention_spans" not in auto([make(30, 20)] * 4)
     assert "attention_spans" in auto([make(256, 128)] * 4)
+    group = lambda p, r, k: {"prompt_input_ids": [5] * p, "responses_input_ids": [[6 + j] * r for j in range(k)]}
+    assert "attention_spans" not in auto([group(30, 20, 3)] * 4)
+    assert "attention_spans" in auto([group(256, 128, 4)] * 4)
 
 
 def test_choose_attention_layout():
