@@ -35,7 +35,7 @@ import torch  # noqa: E402
 from dpo_dist.attention_cost import CALL_COST, segmented_pays  # noqa: E402
 from dpo_dist.data.packing import PackedPairCollator  # noqa: E402
 from dpo_dist.model.attention import packed_mask  # noqa: E402
-from dpo_dist.model.segmented_attention import segmented_attention  # noqa: E402
+from dpo_dist.model.segmented_attention import segmented_attention, span_sizes  # noqa: E402
 
 HEADS, KV_HEADS, HEAD_DIM = 9, 3, 64
 
@@ -148,9 +148,11 @@ def main() -> None:
 
         t_dense, t_seg = timed(run_dense, args.repeats), timed(run_segmented, args.repeats)
         dense_pairs = R * W * W
-        seg_pairs = sum((sp[2] + sp[3] + sp[5]) ** 2 + (sp[4] * (sp[2] + sp[4]) if sp[4] else 0) for sp in spans)
-        calls = sum(1 + bool(sp[4]) for sp in spans)
-        parts = [(sp[2], sp[3], sp[4]) for sp in spans if not sp[5]]
+        # spans: row, start, padding, prompt, response lengths (first block, then each later response alone)
+        seg_pairs = sum((prompt + later[0] + padding) ** 2 + sum(n * (prompt + n) for n in later[1:])
+                        for _, _, padding, prompt, *later in spans)
+        calls = len(span_sizes(spans))
+        parts = [tuple(sp[3:]) for sp in spans if not sp[2]]
         pick = "segmented" if segmented_pays(parts, R, W) else "dense"
         rows.append((t_dense, t_seg, dense_pairs, seg_pairs, calls, R, pick))
         print(f"| {n} | {p}/{r} | {share} | {R} x {W} / {total} | {t_dense * 1e3:.1f} | {t_seg * 1e3:.1f} | "

@@ -28,19 +28,22 @@ def dense_cost(rows: int, width: int, attention_tokens: int = POSITION_COST) -> 
     return rows * width * (1 + width / attention_tokens)
 
 
-def segmented_pays(parts: Sequence[tuple[int, int, int]], rows: int, width: int, *,
+def segmented_pays(parts: Sequence[Sequence[int]], rows: int, width: int, *,
                    position_cost: int = POSITION_COST, call_cost: int = CALL_COST) -> bool:
-    """Whether the segmented layout (all segments in one row, no padding; ``parts``: each segment's prompt, first
-    and second response lengths) costs less than the dense mask over ``rows x width``.
+    """Whether the segmented layout (all segments in one row, no padding; ``parts``: each segment's ``(prompt,
+    response_0, ..., response_k-1)`` lengths, any k) costs less than the dense mask over ``rows x width``.
 
     Both in query-key pairs of attention work: every position costs ``position_cost`` (the linear layers, as in
     :func:`dense_cost`); the dense mask computes ``width`` keys for each of its ``rows x width`` queries; the
-    segmented layout computes each part's block in full (the CPU kernel's backward skips little of a causal block)
-    and pays ``call_cost`` for each kernel call, one per part."""
+    segmented layout computes each part's block in full (the CPU kernel's backward skips little of a causal block):
+    ``prompt | response_0`` as one, and each later response's queries against the prompt and itself; and it pays
+    ``call_cost`` for each kernel call, one per part (a response with no tokens has none)."""
     dense = rows * width * (position_cost + width)
     segmented = 0
-    for prompt, first, second in parts:
-        segmented += (prompt + first + second) * position_cost + (prompt + first) ** 2 + call_cost
-        if second:
-            segmented += second * (prompt + second) + call_cost
+    for prompt, *responses in parts:
+        first = responses[0] if responses else 0
+        segmented += (prompt + sum(responses)) * position_cost + (prompt + first) ** 2 + call_cost
+        for n in responses[1:]:
+            if n:
+                segmented += n * (prompt + n) + call_cost
     return segmented < dense

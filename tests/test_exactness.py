@@ -1,9 +1,10 @@
 """Every accepted scoring path gives the log-probs of an unpadded per-sequence forward; every refused one says why.
 
 The matrix: each model type packing accepts (with and without a sliding window where the architecture has one) x
-each attention kernel packing accepts x packed with the prompt shared, packed without sharing, and padded. The
-reference is the plain forward of ``prompt + response`` alone, with the model building its own mask (causal, and its
-sliding window), so whatever the packed or padded path does differently shows.
+each attention kernel packing accepts x packed with the prompt shared, packed without sharing, and padded; for pairs,
+and for groups (one prompt, k responses: k = 3, k = 4, and k from 2 to 4 in one batch). The reference is the plain
+forward of ``prompt + response`` alone, with the model building its own mask (causal, and its sliding window), so
+whatever the packed or padded path does differently shows.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, MistralC
 from dpo_dist.data.collate import PreferenceCollator
 from dpo_dist.data.packing import PackedPairCollator
 from dpo_dist.model.attention import FLEX_BLOCK, PACKING_KERNELS, PACKING_MODEL_TYPES, choose_packing, layer_windows
-from dpo_dist.train.logprobs import concatenated_forward, packed_forward
+from dpo_dist.train.logprobs import concatenated_forward, group_logps, packed_forward
 
 VOCAB = 96
 WINDOW = 6  # shorter than most sequences below, so a window that is ignored or counted wrongly shows
@@ -215,3 +216,83 @@ def test_flex_attention_training_is_refused_on_cpu(tmp_path):
         run(model_dir, synthetic_pairs(tmp_path / "pairs.jsonl", 8), tmp_path / "out",
             **{"model.attn_implementation": "flex_attention"})
 
+
+
+# Groups: responses per group, for the batches the group matrix scores. Each batch packs into rows one FlexAttention
+# block wide: on this CPU torch 2.13's inductor compiles the kernel for the first row width and fails on another one
+# in the same process (CppCompileError: 'cur_qSplitSize4' was not declared in this scope; pairs as well: a 256-wide
+# row after a 128-wide one, measured).
+GROUP_SIZES = {"k3": [3] * 5, "k4": [4] * 4, "mixed-k": [2, 4, 3, 2, 4]}
+
+
+def random_groups(sizes: list[int], seed: int = 0) -> list[dict]:
+    rng = random.Random(seed)
+    return [{"prompt_input_ids": [rng.randrange(3, VOCAB) for _ in range(rng.randint(2, 11))],
+             "responses_input_ids": [[rng.randrange(3, VOCAB) for _ in range(rng.randint(2, 10))] for _ in range(k)]}
+            for k in sizes]
+
+
+@torch.no_grad()
+def scored_groups(model, groups: list[dict], layout: str):
+    """group_logps of ``groups`` collated as ``layout`` (one of LAYOUTS). Shape: -> (G, K), (G, K) bool."""
+    block = FLEX_BLOCK if model.config._attn_implementation == "flex_attention" else None
+    if layout == "padded":
+        collator = PreferenceCollator(pad_token_id=0, pad_to_multiple_of=block)
+    else:
+        collator = PackedPairCollator(0, share_prompt=layout.endswith("shared-prompt"), pad_to_multiple_of=block,
+                                      attention_layout="segmented" if layout.startswith("segmented") else "dense")
+    out = group_logps(model, collator(groups))
+    return out.logps, out.mask
+
+
+def expected_groups(model, groups: list[dict]) -> torch.Tensor:
+    """Each response's unpadded log-prob, 0 past a group's k. Shape: (G, K)."""
+    width = max(len(g["responses_input_ids"]) for g in groups)
+    return torch.tensor([[unpadded_logps(model, g["prompt_input_ids"], r) for r in g["responses_input_ids"]]
+                         + [0.0] * (width - len(g["responses_input_ids"])) for g in groups])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sizes", list(GROUP_SIZES), ids=list(GROUP_SIZES))
+@pytest.mark.parametrize("kernel,layout", KERNEL_LAYOUTS, ids=[f"{k}-{layout}" for k, layout in KERNEL_LAYOUTS])
+@pytest.mark.parametrize("model_type,window", MODELS, ids=[f"{m}-window{w}" if w else m for m, w in MODELS])
+def test_group_log_probs_equal_an_unpadded_forward(model_type, window, kernel, layout, sizes):
+    """The pair matrix above for groups: each response of each group scored as a sequence of its own; the same
+    FlexAttention cases skipped, for the same reasons."""
+    if kernel == "flex_attention":
+        if model_type == "gpt2":
+            pytest.skip(FLEX_GPT2)
+        if window is not None:
+            pytest.skip(FLEX_CPU_COMPILE_ERROR.format(what="a sliding-window mask_mod"))
+        if layout == "padded":
+            pytest.skip(FLEX_CPU_COMPILE_ERROR.format(what="transformers' own mask over padded rows"))
+    model = tiny_model(model_type, window, kernel)
+    groups = random_groups(GROUP_SIZES[sizes], seed=1)
+    if kernel == "flex_attention":
+        rows = PackedPairCollator(0, share_prompt=layout.endswith("shared-prompt"), pad_to_multiple_of=FLEX_BLOCK)
+        assert rows(groups)["input_ids"].shape[1] == FLEX_BLOCK, "one block wide (GROUP_SIZES says why)"
+    logps, mask = scored_groups(model, groups, layout)
+    want = expected_groups(tiny_model(model_type, window, "sdpa") if kernel == "flex_attention" else model, groups)
+    assert mask.tolist() == [[j < len(g["responses_input_ids"]) for j in range(want.shape[1])] for g in groups]
+    torch.testing.assert_close(logps, want, **EXACT)
+
+
+def test_the_group_matrix_can_fail(monkeypatch):
+    """A later response that saw the responses before it (branch ids all CHOSEN, so the mask lets every response see
+    the others) is far from the unpadded forward: the group matrix checks the rule, not just the plumbing."""
+    from dpo_dist.data.packing import CHOSEN
+
+    model = tiny_model("llama", None, "sdpa")
+    groups = random_groups(GROUP_SIZES["k4"], seed=1)
+    original = PackedPairCollator.__call__
+
+    def one_branch(self, examples):
+        batch = original(self, examples)
+        batch["branch_ids"] = batch["branch_ids"].clamp(max=CHOSEN)
+        return batch
+
+    monkeypatch.setattr(PackedPairCollator, "__call__", one_branch)
+    logps, _ = scored_groups(model, groups, "packed-shared-prompt")
+    want = expected_groups(model, groups)
+    assert (logps[:, 0] - want[:, 0]).abs().max() < 1e-4  # the first response sees only the prompt either way
+    assert (logps[:, 1:] - want[:, 1:]).abs().max() > 1e-2

@@ -162,6 +162,9 @@ HOMES = {
     "packed_mask": "dpo_dist.model.attention", "packed_mask_mod": "dpo_dist.model.attention",
     "plan_rows": "dpo_dist.data.packing", "choose_rows": "dpo_dist.data.packing",
     "dense_cost": "dpo_dist.attention_cost", "segmented_pays": "dpo_dist.attention_cost",
+    # groups: what a group example is and what its batch carries (both collators), how its spans split, its scores
+    "responses_of": "dpo_dist.data.collate", "group_columns": "dpo_dist.data.collate",
+    "span_sizes": "dpo_dist.model.segmented_attention", "group_logps": "dpo_dist.train.logprobs",
     # publish/: the card, and every folder that leaves with one
     "write_card": "dpo_dist.publish.card", "write_run_card": "dpo_dist.publish.card", "render": "dpo_dist.publish.card",
     "export_checkpoint": "dpo_dist.publish.export", "merge_adapter": "dpo_dist.publish.export",

@@ -47,14 +47,35 @@ def edge_pairs() -> list[dict]:
     return pairs
 
 
+def groups_of(pairs: list[dict], sizes: list[int], seed: int = 0) -> list[dict]:
+    """Each pair's prompt with ``k`` responses: its chosen and rejected, then random ones of 1 to 9 tokens."""
+    import random
+
+    rng = random.Random(seed)
+    return [{"prompt_input_ids": p["prompt_input_ids"],
+             "responses_input_ids": [p["chosen_input_ids"], p["rejected_input_ids"]]
+             + [[rng.randrange(3, 90) for _ in range(rng.randint(1, 9))] for _ in range(k - 2)]}
+            for p, k in zip(pairs, sizes)]
+
+
+def edge_groups() -> list[dict]:
+    """Groups of 2 to 4 responses: an empty prompt, an empty response between two others, a one-token response."""
+    groups = groups_of(edge_pairs(), [3, 4, 2, 4, 3], seed=2)
+    groups[2]["responses_input_ids"][0] = []
+    groups[4]["responses_input_ids"][1] = []
+    return groups
+
+
+@pytest.mark.parametrize("examples", [edge_pairs, edge_groups], ids=["pairs", "groups"])
 @pytest.mark.parametrize("share_prompt", [True, False], ids=["shared", "not-shared"])
 @pytest.mark.parametrize("window", [None, 1, 5, 1000], ids=["no-window", "window1", "window5", "window-past-rows"])
-def test_equals_the_dense_mask_with_padding_and_windows(share_prompt, window):
+def test_equals_the_dense_mask_with_padding_and_windows(share_prompt, window, examples):
     """Every position, padding included (rows padded to a multiple of 32: a padding span), an empty prompt and an
-    empty response included, outputs and the gradients of q, k and v."""
-    batch = batch_of(edge_pairs(), share_prompt=share_prompt, pad_to_multiple_of=32)
+    empty response included (in a group: the first, and one between two others), outputs and the gradients of q, k
+    and v."""
+    batch = batch_of(examples(), share_prompt=share_prompt, pad_to_multiple_of=32)
     spans = tuple(map(tuple, batch["attention_spans"].tolist()))
-    assert spans[-1][5] > 0, "the test needs a padding span"
+    assert spans[-1][2] > 0, "the test needs a padding span"
     rows, width = batch["input_ids"].shape
     mask = packed_mask(batch["segment_ids"], batch["branch_ids"], batch["position_ids"], sliding_window=window)
     q, k, v = qkv(rows, width)
@@ -125,6 +146,45 @@ def test_model_gradients_equal_the_dense_layout(model_type, window, checkpointin
         torch.testing.assert_close(grads["segmented"][name], want, atol=1e-5, rtol=1e-4, msg=name)
 
 
+@pytest.mark.parametrize("model_type,window", MODELS, ids=[f"{m}-window{w}" if w else m for m, w in MODELS])
+def test_group_model_gradients_equal_the_dense_layout(model_type, window):
+    """Groups of 2 to 4 responses through the model: segmented and dense give every parameter the same gradient."""
+    from dpo_dist.train.logprobs import group_logps
+
+    model = tiny_model(model_type, window, "sdpa")
+    groups = groups_of(random_pairs(6, seed=3), [3, 4, 2, 4, 3, 3], seed=4)
+    weights = torch.randn(6, 4, generator=torch.Generator().manual_seed(0))
+    grads = {}
+    try:
+        for layout in ("dense", "segmented"):
+            model.zero_grad()
+            with torch.enable_grad():
+                out = group_logps(model, PackedPairCollator(0, attention_layout=layout)(groups))
+                (out.logps * weights).sum().backward()
+            grads[layout] = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    finally:
+        model.zero_grad(set_to_none=True)
+    assert grads["dense"].keys() == grads["segmented"].keys() and len(grads["dense"]) > 5
+    for name, want in grads["dense"].items():
+        torch.testing.assert_close(grads["segmented"][name], want, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_group_spans_have_a_column_per_response_of_the_largest_group():
+    """``row, start, padding, prompt, response_0..K-1``: zero past a segment's own responses; a piece per first block
+    and per later response with tokens."""
+    groups = groups_of(random_pairs(4, seed=6), [2, 4, 3, 2])
+    batch = batch_of(groups, pad_to_multiple_of=64)
+    spans = batch["attention_spans"].tolist()
+    assert all(len(span) == 4 + 4 for span in spans)
+    for span, group in zip(spans, groups):
+        lengths = [len(r) for r in group["responses_input_ids"]]
+        assert span[2:] == [0, len(group["prompt_input_ids"]), *lengths, *[0] * (4 - len(lengths))]
+    assert spans[-1][2] > 0 and spans[-1][3:] == [0] * 5  # the row's padding
+    sizes = segmented_attention.span_sizes(spans)
+    assert sum(sizes) == batch["input_ids"].numel()
+    assert len(sizes) == sum(len(g["responses_input_ids"]) for g in groups) + 1  # a call per response, one for padding
+
+
 def test_calls_without_spans_run_transformers_sdpa_unchanged():
     """Installed, the registered sdpa function hands every call without spans to transformers' own, unchanged."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
@@ -174,7 +234,7 @@ def test_a_layer_the_spans_do_not_reach_raises_instead_of_passing_for_exact(monk
 
 def test_what_segmented_attention_does_not_apply_is_refused():
     q, k, v = qkv(1, 4)
-    spans = ((0, 0, 2, 1, 1, 0),)
+    spans = ((0, 0, 0, 2, 1, 1),)
     module = tiny_model("llama", None, "sdpa").model.layers[0].self_attn
     for extra, named in (({"softcap": 30.0}, "softcap"), ({"is_causal": False}, "is_causal=False")):
         with pytest.raises(ValueError, match=f"does not apply {named}"):
@@ -202,9 +262,10 @@ def test_segmented_layout_is_one_row_without_padding():
     assert segmented["input_ids"].shape == (1, tokens)
     assert dense["input_ids"].shape[0] > 1 and "attention_spans" not in dense
     spans = segmented["attention_spans"].tolist()
-    assert [s[1] for s in spans] == [sum(x[2] + x[3] + x[4] for x in spans[:i]) for i in range(len(spans))]
-    assert [(s[2], s[3], s[4]) for s in spans] == [(len(p["prompt_input_ids"]), len(p["chosen_input_ids"]),
-                                                    len(p["rejected_input_ids"])) for p in pairs]
+    # row, start, padding, prompt, chosen, rejected: each segment starts where the one before it ends
+    assert [s[1] for s in spans] == [sum(sum(x[2:]) for x in spans[:i]) for i in range(len(spans))]
+    assert [tuple(s[2:]) for s in spans] == [(0, len(p["prompt_input_ids"]), len(p["chosen_input_ids"]),
+                                              len(p["rejected_input_ids"])) for p in pairs]
 
 
 def test_cost_model_picks_dense_for_short_segments_and_segmented_for_long_ones():
@@ -217,10 +278,20 @@ def test_cost_model_picks_dense_for_short_segments_and_segmented_for_long_ones()
     # a call costs something: with enough tiny segments dense wins even where segments cut the pairs in half
     assert segmented_pays([(8, 4, 4)] * 4, rows=1, width=64, call_cost=0)
     assert not segmented_pays([(8, 4, 4)] * 4, rows=1, width=64)
+    # groups: each later response is a call and a block against the prompt; a response of 0 tokens is neither
+    assert segmented_pays([(8, 4, 4, 0, 0)] * 4, rows=1, width=64, call_cost=0)
+    for parts, rows, width in (([(30, 20, 20)] * 4, 2, 140), ([(256, 128, 128)] * 4, 2, 1024),
+                               ([(100, 60, 60)] * 4, 1, 880), ([(100, 60, 60)] * 4, 2, 440)):
+        assert segmented_pays(parts, rows, width) == segmented_pays([(*p, 0) for p in parts], rows, width)
+    assert segmented_pays([(256, 128, 128, 128, 128)] * 4, rows=2, width=1536)
+    assert not segmented_pays([(30, 20, 20, 20)] * 4, rows=2, width=180)
     make = lambda p, r: {"prompt_input_ids": [5] * p, "chosen_input_ids": [6] * r, "rejected_input_ids": [7] * r}
     auto = PackedPairCollator(0, attention_layout="auto")
     assert "attention_spans" not in auto([make(30, 20)] * 4)
     assert "attention_spans" in auto([make(256, 128)] * 4)
+    group = lambda p, r, k: {"prompt_input_ids": [5] * p, "responses_input_ids": [[6 + j] * r for j in range(k)]}
+    assert "attention_spans" not in auto([group(30, 20, 3)] * 4)
+    assert "attention_spans" in auto([group(256, 128, 4)] * 4)
 
 
 def test_choose_attention_layout():

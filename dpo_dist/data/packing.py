@@ -1,17 +1,20 @@
-"""Prompt sharing and padding-free packing: a batch of pairs as a few rows with no wasted tokens.
+"""Prompt sharing and padding-free packing: a batch of pairs (or groups) as a few rows with no wasted tokens.
 
-Each pair becomes one segment, ``prompt | chosen | rejected``, with the prompt computed once for both responses:
+Each pair becomes one segment, ``prompt | chosen | rejected``, with the prompt computed once for both responses; a
+group (one prompt, ``k >= 2`` responses) likewise becomes ``prompt | response_0 | ... | response_k-1``, the prompt
+computed once for all k. A pair is the group ``[chosen, rejected]``: what follows says "responses" for both.
 
 - **Attention** (the batch carries per-token segment, branch and position ids; the mask built from them is
   ``dpo_dist.model.attention.packed_mask``'s, in the form each attention kernel and layer type takes): causal within a
-  segment, never across segments (so several pairs share a row, block-diagonally), and the rejected tokens do not see
-  the chosen ones — they see the prompt and themselves, exactly as in a ``prompt | rejected`` sequence of their own. A
-  sliding window is a distance in position ids, not in row offsets (the rejected tokens sit after the chosen ones
-  in the row but continue the prompt's positions).
-- **Positions** restart at 0 for each segment; the rejected response continues from the end of the prompt, as the
-  chosen one does.
-- **Scoring**: a response's first token is predicted by the prompt's last position (used twice, once per response),
-  each later token by the position before it in its own response.
+  segment, never across segments (so several segments share a row, block-diagonally), and a response's tokens do not
+  see the other responses' — they see the prompt and themselves, exactly as in a ``prompt | response`` sequence of
+  its own. A sliding window is a distance in position ids, not in row offsets (a later response sits after the
+  earlier ones in the row but continues the prompt's positions).
+- **Positions** restart at 0 for each segment; every response continues from the end of the prompt.
+- **Branch ids**: the prompt is ``PROMPT``, response ``j`` of a segment is ``CHOSEN + j`` (so a pair's responses are
+  ``CHOSEN`` and ``REJECTED``): the mask needs only "prompt, or my own branch".
+- **Scoring**: a response's first token is predicted by the prompt's last position (used once per response), each
+  later token by the position before it in its own response.
 
 Segments are packed into rows first-fit decreasing; the row capacity is chosen per batch to waste the fewest
 positions without making rows so wide that attention (which a boolean mask computes in full) costs more than the
@@ -20,13 +23,13 @@ padding saved (:func:`choose_rows`).
 **Attention layout.** A dense mask has the kernel compute every query against every key of its row, ``W x W`` per
 row, of which the segments' own blocks are a fraction; so rows are kept narrow, at the price of some padding. The
 segmented layout (``attention_spans``) gives the kernel each segment's parts alone instead: ``prompt | first
-response`` as one causal block, the second response's queries against the prompt's keys and their own
+response`` as one causal block, each later response's queries against the prompt's keys and their own
 (``dpo_dist.model.segmented_attention``). Attention then costs the same however the segments are laid out, so they
 all go in one row with no padding at all. It costs a kernel call per part, which short segments may not repay:
 ``dpo_dist.attention_cost.segmented_pays`` weighs the two layouts per batch.
 
-Every pair keeps its own log-probs (and so its own weight in the mean loss); the result equals scoring ``prompt +
-chosen`` and ``prompt + rejected`` separately (tested, log-probs and gradients).
+Every response keeps its own log-probs (and so its own weight in the mean loss); the result equals scoring each
+``prompt + response`` separately (tested, log-probs and gradients).
 """
 
 from __future__ import annotations
@@ -36,9 +39,10 @@ from typing import Any, Sequence
 import torch
 
 from dpo_dist.attention_cost import POSITION_COST, dense_cost, segmented_pays
-from dpo_dist.data.collate import REFERENCE_COLUMNS
+from dpo_dist.data.collate import REFERENCE_COLUMNS, group_columns, is_group, responses_of
 
-# Branch ids: which part of its segment a token is in. Padding is its own segment (-1) on branch PROMPT.
+# Branch ids: which part of its segment a token is in (response j: CHOSEN + j). Padding is its own segment (-1) on
+# branch PROMPT.
 PROMPT, CHOSEN, REJECTED = 0, 1, 2
 PAD_SEGMENT = -1
 ATTENTION_LAYOUTS = ("auto", "dense", "segmented")
@@ -74,11 +78,10 @@ def choose_rows(lengths: Sequence[int], attention_tokens: int = POSITION_COST) -
     return best
 
 
-def segment_parts(segment: tuple[list[int], list[tuple[list[int], int]]]) -> tuple[int, int, int]:
-    """A segment's (prompt, first response, second response) lengths; second 0 where it has one response."""
+def segment_parts(segment: tuple[list[int], list[tuple[list[int], int]]]) -> tuple[int, ...]:
+    """A segment's (prompt, response_0, ..., response_k-1) lengths: one response where the prompt is not shared."""
     prompt, responses = segment
-    first, second = (len(responses[0][0]), len(responses[1][0]) if len(responses) > 1 else 0)
-    return len(prompt), first, second
+    return (len(prompt), *(len(response) for response, _ in responses))
 
 
 def row_width(rows: list[list[int]], lengths: Sequence[int]) -> int:
@@ -87,22 +90,32 @@ def row_width(rows: list[list[int]], lengths: Sequence[int]) -> int:
 
 
 class PackedPairCollator:
-    """Pairs (``prompt_input_ids``, ``chosen_input_ids``, ``rejected_input_ids``, optional reference log-probs) ->
-    a packed batch for :func:`dpo_dist.train.logprobs.packed_forward`.
+    """Pairs (``prompt_input_ids``, ``chosen_input_ids``, ``rejected_input_ids``, optional reference log-probs) or
+    groups (``prompt_input_ids``, ``responses_input_ids``: k >= 2 token lists, optional ``ref_responses_logps``: k
+    floats) -> a packed batch for :func:`dpo_dist.train.logprobs.packed_forward` (pairs) or
+    :func:`dpo_dist.train.logprobs.group_logps` (either).
 
-    ``share_prompt=True``: one segment per pair, ``prompt | chosen | rejected``. ``False``: two segments per pair,
-    ``prompt | chosen`` and ``prompt | rejected`` (packing alone, to measure what sharing adds).
+    ``share_prompt=True``: one segment per example, ``prompt | response_0 | ... | response_k-1`` (a pair's:
+    ``prompt | chosen | rejected``). ``False``: a segment per response, ``prompt | response`` (packing alone, to
+    measure what sharing adds).
 
     Keys: ``input_ids``, ``position_ids``, ``segment_ids``, ``branch_ids`` (R, W) (the attention mask is built from
     them per model, :func:`dpo_dist.model.attention.packed_attention_mask`); ``pred_rows``, ``targets``,
-    ``seq_index`` (K,): for each scored token, the flat position (in R*W) that predicts it, its id, and its sequence
-    (pair b's chosen is b, its rejected B + b); ``pair_tokens`` (B,): the pair's tokens counted as two sequences
-    (prompt twice), the figure throughput is reported in.
+    ``seq_index`` (T,): for each scored token, the flat position (in R*W) that predicts it, its id, and its sequence:
+    response ``j`` of example ``g`` of ``G`` is sequence ``j * G + g`` (so pair b's chosen is b, its rejected G + b).
+
+    A batch of pairs only also has ``pair_tokens`` (G,): the pair's tokens counted as two sequences (prompt twice), the
+    figure throughput is reported in; and ``ref_chosen_logps``, ``ref_rejected_logps`` (G,) where the pairs carry them.
+    A batch with any group (a pair in it counts as the group ``[chosen, rejected]``) has instead ``group_tokens`` (G,)
+    (prompt counted k times), ``response_mask`` (G, K) bool (K: the largest k in the batch; False past a group's k),
+    and ``ref_responses_logps`` (G, K) float32 (0 past a group's k) where the examples carry reference log-probs.
+    Pairs collate exactly as before groups existed: a batch of pairs has no key a group adds.
 
     ``attention_layout``: ``dense``: rows as :func:`choose_rows` packs them, for a mask over each row; ``segmented``:
     every segment in one row (no padding: the row's width no longer costs attention), and the batch also carries
-    ``attention_spans`` (S, 6): per part of a row ``row, start, prompt, first, second, padding`` lengths, in row
-    order, covering every position (a segment with ``padding`` 0, or a row's padding with only ``padding``), for
+    ``attention_spans`` (S, 4 + K), K the most responses of a segment in the batch: per part of a row ``row, start,
+    padding, prompt, response_0, ..., response_K-1`` lengths, in row order, covering every position (a segment with
+    ``padding`` 0 and its responses' lengths, 0 past its own; or a row's padding, with only ``padding``), for
     ``dpo_dist.model.segmented_attention``; ``auto``: segmented where ``dpo_dist.attention_cost.segmented_pays``.
     """
 
@@ -117,14 +130,12 @@ class PackedPairCollator:
 
     def segments(self, examples: Sequence[dict[str, Any]]) -> list[tuple[list[int], list[tuple[list[int], int]]]]:
         """(prompt, [(response, sequence index), ...]) per segment."""
-        b = len(examples)
+        g = len(examples)
         out = []
         for i, e in enumerate(examples):
-            prompt, chosen, rejected = (list(e[f"{k}_input_ids"]) for k in ("prompt", "chosen", "rejected"))
-            if self.share_prompt:
-                out.append((prompt, [(chosen, i), (rejected, b + i)]))
-            else:
-                out += [(prompt, [(chosen, i)]), (prompt, [(rejected, b + i)])]
+            prompt = list(e["prompt_input_ids"])
+            responses = [(response, j * g + i) for j, response in enumerate(responses_of(e))]
+            out += [(prompt, responses)] if self.share_prompt else [(prompt, [r]) for r in responses]
         return out
 
     def layout(self, segments: list, lengths: list[int]) -> tuple[list[list[int]], bool]:
@@ -155,7 +166,7 @@ class PackedPairCollator:
             for i in row:
                 prompt, responses = segments[i]
                 n_p, end = len(prompt), start + lengths[i]
-                spans.append((r, start, *segment_parts(segments[i]), 0))
+                spans.append((r, start, 0, *segment_parts(segments[i])))
                 input_ids[r, start : start + n_p] = torch.tensor(prompt, dtype=torch.long)
                 position_ids[r, start : start + n_p] = torch.arange(n_p)
                 segment_ids[r, start:end] = i
@@ -165,7 +176,7 @@ class PackedPairCollator:
                     span = slice(offset, offset + n)
                     input_ids[r, span] = torch.tensor(response, dtype=torch.long)
                     position_ids[r, span] = torch.arange(n_p, n_p + n)
-                    branch_ids[r, span] = CHOSEN if seq < len(examples) else REJECTED
+                    branch_ids[r, span] = CHOSEN + seq // len(examples)  # response j of its example: CHOSEN + j
                     # Token k is predicted by the position before it: the prompt's last for k = 0 (with no prompt,
                     # nothing predicts it, as in the padded form), its own response's previous token after that.
                     first = 0 if n_p else 1
@@ -176,17 +187,25 @@ class PackedPairCollator:
                     offset += n
                 start = end
             if start < width:
-                spans.append((r, start, 0, 0, 0, width - start))
+                spans.append((r, start, width - start))
         batch = {
             "input_ids": input_ids, "position_ids": position_ids, "segment_ids": segment_ids, "branch_ids": branch_ids,
             "pred_rows": torch.tensor(pred_rows, dtype=torch.long), "targets": torch.tensor(targets, dtype=torch.long),
             "seq_index": torch.tensor(seq_index, dtype=torch.long),
-            "pair_tokens": torch.tensor([2 * len(e["prompt_input_ids"]) + len(e["chosen_input_ids"])
-                                         + len(e["rejected_input_ids"]) for e in examples], dtype=torch.long),
         }
         if segmented:
-            batch["attention_spans"] = torch.tensor(spans, dtype=torch.long)
+            columns = max(len(span) for span in spans)
+            batch["attention_spans"] = torch.tensor([(*span, *[0] * (columns - len(span))) for span in spans],
+                                                    dtype=torch.long)
+        batch.update(group_columns(examples) if any(map(is_group, examples)) else self._pair_columns(examples))
+        return batch
+
+    @staticmethod
+    def _pair_columns(examples: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        """``pair_tokens`` (B,), and the reference columns (B,) the pairs carry."""
+        out = {"pair_tokens": torch.tensor([2 * len(e["prompt_input_ids"]) + len(e["chosen_input_ids"])
+                                            + len(e["rejected_input_ids"]) for e in examples], dtype=torch.long)}
         for column in REFERENCE_COLUMNS:
             if column in examples[0]:
-                batch[column] = torch.tensor([e[column] for e in examples], dtype=torch.float32)
-        return batch
+                out[column] = torch.tensor([e[column] for e in examples], dtype=torch.float32)
+        return out

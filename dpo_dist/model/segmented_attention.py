@@ -1,12 +1,13 @@
 """Packed rows' attention one segment at a time: the kernel computes each segment's own blocks, not whole rows.
 
-A packed row holds several ``prompt | chosen | rejected`` segments (``dpo_dist.data.packing``). With the dense
-``(R, 1, W, W)`` mask the kernel computes every query of a row against every key of it; on the CPU it skips no
-masked block. Given the batch's ``attention_spans``, :func:`segmented_attention` instead runs, per segment:
+A packed row holds several ``prompt | response_0 | ... | response_k-1`` segments (a pair's: ``prompt | chosen |
+rejected``; ``dpo_dist.data.packing``). With the dense ``(R, 1, W, W)`` mask the kernel computes every query of a row
+against every key of it; on the CPU it skips no masked block. Given the batch's ``attention_spans``,
+:func:`segmented_attention` instead runs, per segment:
 
 - ``prompt | first response``: one causal block (what a sequence of its own computes);
-- the second response's queries against the prompt's keys and its own (causal from the end of the prompt): the same
-  keys a ``prompt | second`` sequence gives those tokens, the first response left out;
+- each later response's queries against the prompt's keys and its own (causal from the end of the prompt): the same
+  keys a ``prompt | response`` sequence gives those tokens, the other responses left out;
 - a row's padding: one causal block, as the dense mask treats it (a segment of its own).
 
 A sliding window counts position ids, as :func:`dpo_dist.model.attention.packed_mask` does (where it could cut a block,
@@ -64,16 +65,29 @@ def _heads_first(piece: torch.Tensor) -> torch.Tensor:
     return piece.transpose(0, 1).unsqueeze(0)
 
 
+def span_sizes(spans: Sequence[Sequence[int]]) -> list[int]:
+    """The lengths of the pieces :func:`segmented_attention` splits a batch's flat positions into, in row order: per
+    span ``prompt + response_0 + padding`` (the first block), then each later response with tokens.
+
+    Shape: spans (S, 4 + K) as ``attention_spans`` -> a list of ints summing to R * W."""
+    sizes = []
+    for _, _, padding, prompt, *responses in spans:
+        first, later = (responses[0], responses[1:]) if responses else (0, [])
+        sizes += [prompt + first + padding] + [n for n in later if n]
+    return sizes
+
+
 def segmented_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                         spans: Sequence[Sequence[int]], *, scale: float | None = None, dropout: float = 0.0,
                         window: int | None = None) -> torch.Tensor:
     """Attention over packed rows, a segment's parts at a time (module docstring).
 
-    ``spans``: ``(row, start, prompt, first, second, padding)`` per part of a row, in row order, covering every
-    position (``PackedPairCollator``'s ``attention_spans``). The inputs are split once each into the parts' pieces,
-    views of them (so the backward joins the pieces' gradients in one concatenation, where indexing each piece out
-    would add a full-size gradient per piece); only the second response's keys and values are copied, joined to
-    the prompt's.
+    ``spans``: ``(row, start, padding, prompt, response_0, ..., response_K-1)`` per part of a row, in row order,
+    covering every position (``PackedPairCollator``'s ``attention_spans``; a response of length 0, or a column past
+    a segment's own responses, has no queries and costs no call). The inputs are split once each into the parts'
+    pieces, views of them (so the backward joins the pieces' gradients in one concatenation, where indexing each
+    piece out would add a full-size gradient per piece); only each later response's keys and values are copied,
+    joined to the prompt's.
 
     Shape: query (R, Hq, W, D), key and value (R, Hkv, W, D) -> (R, W, Hq, D) contiguous (what transformers'
     attention functions return).
@@ -81,22 +95,23 @@ def segmented_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Ten
     rows, _, width, _ = query.shape
     # transformers' projections are (R, W, H, D) in memory: views, one flat sequence of R * W positions
     flat = [t.transpose(1, 2).reshape(rows * width, t.shape[1], t.shape[3]) for t in (query, key, value)]
-    sizes = []
-    for _, _, prompt, first, second, padding in spans:
-        sizes += [prompt + first + padding] + ([second] if second else [])
+    sizes = span_sizes(spans)
     if sum(sizes) != rows * width:
         raise ValueError(f"attention_spans cover {sum(sizes)} positions, the batch has {rows} x {width}")
     q_pieces, k_pieces, v_pieces = (iter(t.split(sizes)) for t in flat)
     outputs = []
-    for _, _, prompt, first, second, padding in spans:
+    block = dict(scale=scale, dropout=dropout)
+    for _, _, padding, prompt, *responses in spans:
         q, k, v = next(q_pieces), next(k_pieces), next(v_pieces)
-        block = dict(scale=scale, dropout=dropout)
         outputs.append(_attend(_heads_first(q), _heads_first(k), _heads_first(v), 0, None if padding else window,
                                **block))
-        if second:  # its queries continue the prompt's positions; its keys: the prompt's, then its own
-            k_second = torch.cat([k[:prompt], next(k_pieces)])
-            v_second = torch.cat([v[:prompt], next(v_pieces)])
-            outputs.append(_attend(_heads_first(next(q_pieces)), _heads_first(k_second), _heads_first(v_second),
+        for n in responses[1:]:
+            if not n:
+                continue
+            # its queries continue the prompt's positions; its keys: the prompt's, then its own
+            k_later = torch.cat([k[:prompt], next(k_pieces)])
+            v_later = torch.cat([v[:prompt], next(v_pieces)])
+            outputs.append(_attend(_heads_first(next(q_pieces)), _heads_first(k_later), _heads_first(v_later),
                                    prompt, window, **block))
     out = torch.cat([o.transpose(1, 2) for o in outputs], dim=1)  # (1, R * W, Hq, D)
     return out.view(rows, width, out.shape[2], out.shape[3])

@@ -58,8 +58,8 @@ class _TokenLogps(torch.autograd.Function):
             # d/dx [x_t - logsumexp(x)] = onehot(t) - softmax(x)
             chunk_grad = torch.exp(logits[rows[start:end]].float() - logsumexps[start:end, None]) * -grad
             chunk_grad.scatter_add_(1, targets[start:end, None], grad)
-            # index_add, not assignment: a row scored twice (packed, the prompt's last position predicts both
-            # responses' first tokens) gets both gradients
+            # index_add, not assignment: a row scored more than once (packed, the prompt's last position predicts
+            # every response's first token) gets every gradient
             grad_logits.index_add_(0, rows[start:end], chunk_grad.to(grad_logits.dtype))
         return grad_logits, None, None, None, None
 
@@ -161,19 +161,30 @@ def pair_sums(token_logps: torch.Tensor, collisions: torch.Tensor, seq_index: to
     return out
 
 
-def concatenated_forward(
+def padded_token_logps(
     model: torch.nn.Module, batch: dict[str, torch.Tensor], *, chunk_size: int = DEFAULT_CHUNK_SIZE,
-    shared: bool = False, aligned: bool = False,
-) -> PairLogps:
-    """Score chosen and rejected in one forward over the collator's ``2B`` rows (chosen first)."""
+    collision: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One forward over a :class:`dpo_dist.data.collate.PreferenceCollator` batch's rows, and
+    :func:`scored_token_logps` of it. Shape: -> token_logps (T,), collisions (T,) or (0,), row (T,), position (T,)."""
     outputs = model(
         input_ids=batch["input_ids"],
         attention_mask=batch["attention_mask"],
         position_ids=batch["position_ids"],
         use_cache=False,
     )
-    token_logps, collisions, seq_index, pos_index = scored_token_logps(
-        outputs.logits, batch["labels"], chunk_size=chunk_size, collision=aligned)
+    return scored_token_logps(outputs.logits, batch["labels"], chunk_size=chunk_size, collision=collision)
+
+
+def concatenated_forward(
+    model: torch.nn.Module, batch: dict[str, torch.Tensor], *, chunk_size: int = DEFAULT_CHUNK_SIZE,
+    shared: bool = False, aligned: bool = False,
+) -> PairLogps:
+    """Score chosen and rejected in one forward over the collator's ``2B`` rows (chosen first)."""
+    if "pair_tokens" not in batch:
+        raise ValueError("this padded batch holds groups (responses_input_ids): score it with group_logps")
+    token_logps, collisions, seq_index, pos_index = padded_token_logps(model, batch, chunk_size=chunk_size,
+                                                                       collision=aligned)
     b = batch["labels"].shape[0] // 2
     return pair_sums(token_logps, collisions, seq_index, pos_index, b, shared=shared, aligned=aligned)
 
@@ -263,20 +274,23 @@ def head_is_sharded(head: torch.nn.Module, model: torch.nn.Module | None = None)
     return isinstance(weight, DTensor) or any(isinstance(m, FSDPModule) for m in (head, model) if m is not None)
 
 
-def packed_forward(
+def packed_token_logps(
     model: torch.nn.Module, batch: dict[str, torch.Tensor], *, chunk_size: int = DEFAULT_CHUNK_SIZE,
-    head_in_forward: bool | None = None, shared: bool = False, aligned: bool = False,
-) -> PairLogps:
-    """Score a :class:`dpo_dist.data.packing.PackedPairCollator` batch: one forward over the packed rows (through the
-    model's own ``forward``, so DDP and hooks see it) with the mask its kernel and layer types take
-    (:func:`dpo_dist.model.attention.packed_attention`: with the batch's ``attention_spans`` under sdpa, a
-    segment at a time), the LM head on the scored positions only.
+    head_in_forward: bool | None = None, collision: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each scored token's log-prob in a :class:`dpo_dist.data.packing.PackedPairCollator` batch (pairs or groups),
+    in the batch's order (``targets``, ``seq_index``), and (``collision=True``) its position's log sum_v p(v)^2,
+    detached (else an empty tensor): one forward over the packed rows (through the model's own ``forward``, so DDP
+    and hooks see it) with the mask its kernel and layer types take (:func:`dpo_dist.model.attention.packed_attention`:
+    with the batch's ``attention_spans`` under sdpa, a segment at a time), the LM head on the scored positions only.
 
     Where the head is sharded (ZeRO-3, FSDP2: ``head_in_forward=None`` finds out) it must run inside the forward,
     which gathers it: the scored positions go in as ``logits_to_keep`` (a boolean (R, W) mask), the forward returns
     their logits ``(P, V)`` in the model's dtype, and the log-softmax is taken in fp32 a chunk at a time
     (:func:`sequence_logps`' function). Elsewhere the head runs here, from the final hidden states, and no
-    ``(tokens, vocab)`` logits are held at all (:class:`_HeadLogps`)."""
+    ``(tokens, vocab)`` logits are held at all (:class:`_HeadLogps`).
+
+    Shape: batch as the collator's -> (T,) float32, (T,) or (0,) float32 (T: scored tokens)."""
     head = output_head(model)
     if head_in_forward is None:
         head_in_forward = head_is_sharded(head, model)
@@ -289,17 +303,28 @@ def packed_forward(
                             logits_to_keep=keep.view_as(batch["input_ids"]), **attention)
         logits = outputs.logits.reshape(-1, outputs.logits.shape[-1])  # (P, V): the kept positions, row-major
         rows = torch.searchsorted(keep.nonzero()[:, 0], batch["pred_rows"])  # each scored token's logits row
-        token_logps, collisions = _TokenLogps.apply(logits, rows, batch["targets"], chunk_size, aligned)
-    else:
-        with every_layer_checked:
-            outputs = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False,
-                            output_hidden_states=True, logits_to_keep=1, **attention)
-        hidden = outputs.hidden_states[-1].to(head.weight.dtype)  # accelerate's autocast hands back fp32 outputs
-        hidden = hidden.reshape(-1, hidden.shape[-1])[batch["pred_rows"]]  # (K, H); a row scored twice: gathered twice
-        frozen_head = not head.weight.requires_grad and (head.bias is None or not head.bias.requires_grad)
-        precompute_jacobian = torch.is_grad_enabled() and hidden.requires_grad and frozen_head
-        token_logps, collisions = _HeadLogps.apply(hidden, head.weight, head.bias, batch["targets"], chunk_size,
-                                                   precompute_jacobian, aligned)
+        return _TokenLogps.apply(logits, rows, batch["targets"], chunk_size, collision)
+    with every_layer_checked:
+        outputs = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False,
+                        output_hidden_states=True, logits_to_keep=1, **attention)
+    hidden = outputs.hidden_states[-1].to(head.weight.dtype)  # accelerate's autocast hands back fp32 outputs
+    hidden = hidden.reshape(-1, hidden.shape[-1])[batch["pred_rows"]]  # (T, H); a row scored k times: gathered k times
+    frozen_head = not head.weight.requires_grad and (head.bias is None or not head.bias.requires_grad)
+    precompute_jacobian = torch.is_grad_enabled() and hidden.requires_grad and frozen_head
+    return _HeadLogps.apply(hidden, head.weight, head.bias, batch["targets"], chunk_size, precompute_jacobian,
+                            collision)
+
+
+def packed_forward(
+    model: torch.nn.Module, batch: dict[str, torch.Tensor], *, chunk_size: int = DEFAULT_CHUNK_SIZE,
+    head_in_forward: bool | None = None, shared: bool = False, aligned: bool = False,
+) -> PairLogps:
+    """Score a :class:`dpo_dist.data.packing.PackedPairCollator` batch of pairs (:func:`packed_token_logps`) and sum
+    each side's tokens."""
+    if "pair_tokens" not in batch:
+        raise ValueError("this packed batch holds groups (responses_input_ids): score it with group_logps")
+    token_logps, collisions = packed_token_logps(model, batch, chunk_size=chunk_size, head_in_forward=head_in_forward,
+                                                 collision=aligned)
     # a response's tokens are predicted from increasing packed rows (with a shared prompt, the rejected response's
     # first token from the prompt's last row, before its own rows): pred_rows orders each response
     return pair_sums(token_logps, collisions, batch["seq_index"], batch["pred_rows"], batch["pair_tokens"].shape[0],
@@ -312,3 +337,60 @@ def pair_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor], *, chunk_
     ``aligned`` add the fields of :class:`PairLogps` that LD-DPO and WPO need."""
     forward = packed_forward if "pred_rows" in batch else concatenated_forward
     return forward(model, batch, chunk_size=chunk_size, shared=shared, aligned=aligned)
+
+
+@dataclass
+class GroupLogps:
+    """Log-probs of the k responses of G groups, K the largest k (a pair: k = 2, chosen then rejected).
+    Shape: each (G, K).
+
+    ``mask``: True where the group has that response (column j < k); elsewhere ``logps`` and ``tokens`` are 0.
+    ``aligned_logps`` (asked for with ``aligned=True``, else None): ``sum_t [log p(y_t) - log sum_v p(v)^2]`` over the
+    response, detached (WPO's weight, as :class:`PairLogps`' fields)."""
+
+    logps: torch.Tensor
+    tokens: torch.Tensor
+    mask: torch.Tensor
+    aligned_logps: torch.Tensor | None = None
+
+
+def group_sums(token_logps: torch.Tensor, collisions: torch.Tensor, seq_index: torch.Tensor,
+               response_mask: torch.Tensor, *, aligned: bool = False) -> GroupLogps:
+    """A :class:`GroupLogps` from scored tokens: sequence ``j * G + g`` is group ``g``'s response ``j``
+    (``PackedPairCollator``'s ``seq_index``); ``response_mask`` says which responses each group has.
+
+    Shape: token_logps, seq_index (T,); collisions (T,) when ``aligned``; response_mask (G, K) bool -> each field
+    (G, K)."""
+    g, k = response_mask.shape
+
+    def per_response(values: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        summed = torch.zeros(k * g, dtype=dtype, device=token_logps.device).index_add(0, seq_index, values)
+        return summed.view(k, g).T.contiguous()  # sequence j * G + g -> [g, j]
+
+    out = GroupLogps(per_response(token_logps), per_response(torch.ones_like(seq_index), torch.long), response_mask)
+    if aligned:
+        out.aligned_logps = per_response(token_logps.detach() - collisions)
+    return out
+
+
+def group_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor], *, chunk_size: int = DEFAULT_CHUNK_SIZE,
+                aligned: bool = False, head_in_forward: bool | None = None) -> GroupLogps:
+    """Every response's log-probs of a batch from either collator, groups or pairs: packed
+    (:func:`packed_token_logps`; ``head_in_forward`` as there) or padded (:func:`padded_token_logps`, each row's
+    sequence from ``row_sequence``). A batch of groups carries its ``response_mask`` (G, K); a batch of pairs is G
+    groups of 2 (chosen, rejected), in the order :class:`PairLogps` has them.
+
+    Shape: -> each field of :class:`GroupLogps` (G, K)."""
+    response_mask = batch.get("response_mask")
+    if response_mask is None:
+        response_mask = torch.ones(batch["pair_tokens"].shape[0], 2, dtype=torch.bool,
+                                   device=batch["input_ids"].device)
+    if "pred_rows" in batch:
+        token_logps, collisions = packed_token_logps(model, batch, chunk_size=chunk_size,
+                                                     head_in_forward=head_in_forward, collision=aligned)
+        seq_index = batch["seq_index"]
+    else:
+        token_logps, collisions, row, _ = padded_token_logps(model, batch, chunk_size=chunk_size, collision=aligned)
+        # a batch of pairs has a row per sequence (chosen rows, then rejected); one of groups says each row's
+        seq_index = batch["row_sequence"][row] if "row_sequence" in batch else row
+    return group_sums(token_logps, collisions, seq_index, response_mask, aligned=aligned)
