@@ -21,7 +21,7 @@ from typing import Any, Literal, Union
 
 import yaml
 
-from dpo_dist.loss_types import CONFIG_WORDING, F_DIVERGENCES, LOSSES, check_loss_options
+from dpo_dist.loss_types import CONFIG_WORDING, F_DIVERGENCES, LOSSES, RESPONSES, check_loss_options
 
 # A number in exponent notation without a dot (1e-3): YAML 1.2 and Python read it as a float, PyYAML as a string.
 FLOAT_TEXT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
@@ -342,7 +342,7 @@ class DataConfig:
         "scores or a ranking, or one chosen beside a list of rejected); auto detects it from the first row"
     )
     columns: DataColumnsConfig = field(default_factory=DataColumnsConfig)
-    responses: Literal["pairs", "ranking"] = option(
+    responses: Literal[RESPONSES] = option(
         "pairs", "what a ranked row trains on: pairs (made by data.pair_rule; the pairs of one row stay on one side "
         "of the eval split) or ranking (the k responses together: not yet available)"
     )
@@ -682,9 +682,7 @@ class Config:
             if name not in LOSSES:
                 where = "loss.loss_type" if isinstance(loss.loss_type, str) else f"loss.loss_type[{i}]"
                 raise ConfigError(f"{where}: {name!r} is not one of {', '.join(LOSSES)}")
-        # data.responses (pairs or a ranking of k responses per prompt) is being added with the ranked data (issue
-        # 30); until this tree has it, every run's data is pairs, and a listwise loss is refused here.
-        responses = getattr(self.data, "responses", "pairs")
+        responses = self.data.responses
         try:
             check_loss_options(
                 types, loss.loss_weights, label_smoothing=loss.label_smoothing, discopop_tau=loss.discopop_tau,

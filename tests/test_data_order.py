@@ -54,3 +54,13 @@ def test_the_pairs_of_a_group_stay_together_in_their_order():
 def test_a_group_id_per_pair_is_required():
     with pytest.raises(ValueError, match="3 group ids for 4 pairs"):
         DataOrder(4, per_device=1, accumulation=1, processes=1, seed=0, groups=[0, 1, 2])
+
+
+def test_a_datasets_groups_are_read_only_where_a_group_holds_several_pairs():
+    import datasets
+
+    from dpo_dist.data.order import pair_groups
+
+    assert pair_groups(datasets.Dataset.from_dict({"prompt_input_ids": [[1], [2]]})) is None
+    assert pair_groups(datasets.Dataset.from_dict({"group": [4, 2, 9]})) is None  # pairs: the plain order
+    assert pair_groups(datasets.Dataset.from_dict({"group": [4, 4, 9]})) == [4, 4, 9]

@@ -8,9 +8,20 @@ pairs does not depend on how it is split over processes and micro-batches.
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
+
+from dpo_dist.data.tokenization import GROUP
+
+
+def pair_groups(pairs: Any) -> list[int] | None:
+    """The group id of each pair of the dataset ``pairs`` (its ``group`` column: the pairs made from one ranked row
+    share it), or None where every pair is its own group (pair data: the plain order, as before groups)."""
+    if GROUP not in pairs.column_names:
+        return None
+    groups = pairs[GROUP]
+    return None if len(set(groups)) == len(groups) else list(groups)
 
 
 class DataOrder:

@@ -23,7 +23,7 @@ import torch
 from dpo_dist.config import (CONFIG_FILE, HISTORY_FILE, STATS, Config, history_entry, read_config_history, save_config,
                              write_config_history)
 from dpo_dist.data.collate import PreferenceCollator
-from dpo_dist.data.order import DataOrder
+from dpo_dist.data.order import DataOrder, pair_groups
 from dpo_dist.data.packing import PackedPairCollator
 from dpo_dist.data.show import show_pair
 from dpo_dist.distributed import (
@@ -243,7 +243,7 @@ def setup(cfg: Config, signals: StopSignals, lock: OutputLock) -> Run:
         say(accelerator, line)
 
     order = DataOrder(len(train_tok), per_device=t.per_device_batch_size, accumulation=t.gradient_accumulation_steps,
-                      processes=accelerator.num_processes, seed=t.seed)
+                      processes=accelerator.num_processes, seed=t.seed, groups=pair_groups(train_tok))
     total_steps = t.max_steps or t.epochs * order.steps_per_epoch
     if order.repeated_per_epoch:
         say(accelerator, f"each epoch repeats {order.repeated_per_epoch} pairs to fill its last global batch")
