@@ -527,8 +527,9 @@ def _to_universal(shards: str, folder: str) -> None:
     """DeepSpeed's ``ds_to_universal`` from the checkpoint's ``shards`` into ``folder``, written beside it first and
     renamed when whole; what the converter prints is kept for its error. Our checkpoints carry no Megatron
     ``universal_checkpoint_info``; the converter's ``inject_missing_state`` adds the version record it wants, which is
-    all a model without tensor or pipeline parallelism needs. One worker: each holds a rank's optimizer shards in
-    memory, and the other processes wait for this one meanwhile."""
+    all a model without tensor or pipeline parallelism needs. One worker for each of its passes: an extracting worker
+    holds a rank's optimizer shards in memory, and its process pool with two merging workers hung here (SmolLM2-135M,
+    deepspeed 0.19.8); one worker converts that checkpoint in about 40 s, 1.5 GiB at most."""
     import argparse
     import io
 
