@@ -115,7 +115,8 @@ def _checksum(tensor: torch.Tensor) -> str:
 
 
 def write_cache(path: str, key: str, logps: torch.Tensor, parts: dict) -> None:
-    """Atomically write ``logps`` (N, 2) float32: chosen in column 0, rejected in column 1. A full disk is
+    """Atomically write ``logps`` (N, 2) float32: chosen in column 0, rejected in column 1 (rankings: (N, K), response
+    j of example i at [i, j], 0 past its k). A full disk is
     :class:`~dpo_dist.train.disk.DiskFullError`, the temporary file removed."""
     from safetensors.torch import save_file
 
@@ -141,8 +142,9 @@ def write_cache(path: str, key: str, logps: torch.Tensor, parts: dict) -> None:
             os.remove(tmp)
 
 
-def read_cache(path: str, key: str, num_pairs: int) -> torch.Tensor | None:
-    """The cached (N, 2) log-probs, or None if the file is absent, unreadable, stale or corrupt (logged)."""
+def read_cache(path: str, key: str, num_pairs: int, width: int = 2) -> torch.Tensor | None:
+    """The cached (N, width) log-probs (pairs: 2; rankings: their largest k), or None if the file is absent,
+    unreadable, stale or corrupt (logged)."""
     if not os.path.exists(path):
         return None
     from safetensors import safe_open
@@ -157,8 +159,8 @@ def read_cache(path: str, key: str, num_pairs: int) -> torch.Tensor | None:
     problem = None
     if metadata.get("fingerprint") != key:
         problem = "its fingerprint differs"
-    elif tuple(logps.shape) != (num_pairs, 2) or logps.dtype != torch.float32:
-        problem = f"its shape {tuple(logps.shape)} is not ({num_pairs}, 2)"
+    elif tuple(logps.shape) != (num_pairs, width) or logps.dtype != torch.float32:
+        problem = f"its shape {tuple(logps.shape)} is not ({num_pairs}, {width})"
     elif metadata.get("checksum") != _checksum(logps):
         problem = "its checksum does not match its contents"
     elif not torch.isfinite(logps).all():
