@@ -220,3 +220,21 @@ def test_step_stats_of_groups_by_hand():
     assert reduced["eval/rewards/ranking_accuracies"] == pytest.approx(0.5)
     assert reduced["eval/rewards/top1_accuracies"] == 0.0
     assert reduced["eval/rewards/margins"] == pytest.approx(0.2 - 0.05)
+
+
+def test_held_out_metrics_of_rankings(tiny_model_dir):
+    """launch/evaluate.py's held-out preference metrics take rankings too: with the base as both policy and
+    reference, the loss is ln k! and the ranking accuracies are there."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from dpo_dist.eval.against_base import preference_metrics
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    tokenizer.pad_token = tokenizer.eos_token
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    rankings = [{"prompt_input_ids": [5, 6, 7], "responses_input_ids": [[8, 9, 2], [10, 2], [11, 12, 13, 2]]},
+                {"prompt_input_ids": [7, 5], "responses_input_ids": [[9, 2], [12, 2], [8, 2]]}]
+    cfg = load_config(None, [f"{k}={v}" for k, v in RANKING.items()])
+    got = preference_metrics(model, model, rankings, cfg, tokenizer, batch_size=2, device=torch.device("cpu"))
+    assert got["loss"] == pytest.approx(math.log(6), abs=1e-6) and got["pairs"] == 2
+    assert "rewards/ranking_accuracies" in got and "rewards/top1_accuracies" in got
