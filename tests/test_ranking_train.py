@@ -238,3 +238,38 @@ def test_held_out_metrics_of_rankings(tiny_model_dir):
     got = preference_metrics(model, model, rankings, cfg, tokenizer, batch_size=2, device=torch.device("cpu"))
     assert got["loss"] == pytest.approx(math.log(6), abs=1e-6) and got["pairs"] == 2
     assert "rewards/ranking_accuracies" in got and "rewards/top1_accuracies" in got
+
+
+@pytest.mark.slow
+def test_padded_rows_follow_the_packed_run(ranking_run, tiny_model_dir, four, tmp_path):
+    """train.packing=off (a padded row per response, the reference computed that way too) trains as packing does."""
+    result, _ = ranking_run
+    padded = run(tiny_model_dir, four, tmp_path / "padded", **RANKING, **{
+        "train.eval_every": 2, "train.packing": "off"})["records"]
+    assert padded[0]["loss"] == pytest.approx(math.log(24), abs=1e-6)
+    assert_same_trajectory(result["records"], padded, atol=1e-5)
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_two_process_ddp_equals_one_process(ranking_run, tiny_model_dir, four, tmp_path):
+    """2 DDP processes with 4 rankings each (the reference precompute and the eval sharded over them) follow the
+    shared one-process run with 8."""
+    import subprocess
+
+    from training import ROOT, accelerate_launch, overrides
+
+    result, _ = ranking_run
+    command = accelerate_launch("--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+                                "--dynamo_backend", "no", os.path.join(ROOT, "launch", "train.py"))
+    command += overrides(tiny_model_dir, four, tmp_path / "two", **RANKING, **{
+        "train.eval_every": 2, "train.save_every": 2, "train.per_device_batch_size": 4})
+    launched = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert launched.returncode == 0, launched.stderr[-4000:]
+    assert "x 2 processes" in launched.stdout, launched.stdout[-2000:]
+    two = read_jsonl(os.path.join(tmp_path / "two", "metrics.jsonl"))
+    assert_same_trajectory(result["records"], two, atol=1e-5)
+    for want, got in zip(result["records"], two):
+        for key in ("rewards/ranking_accuracies", "rewards/top1_accuracies"):
+            if want["step"] > 1:
+                assert got[key] == pytest.approx(want[key], abs=1e-6), (want["step"], key)
