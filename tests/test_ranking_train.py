@@ -273,3 +273,26 @@ def test_two_process_ddp_equals_one_process(ranking_run, tiny_model_dir, four, t
         for key in ("rewards/ranking_accuracies", "rewards/top1_accuracies"):
             if want["step"] > 1:
                 assert got[key] == pytest.approx(want[key], abs=1e-6), (want["step"], key)
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("config", ["zero3", "fsdp"])
+def test_sharded_runs_equal_one_process(ranking_run, tiny_model_dir, four, tmp_path, config):
+    """ZeRO-3 and FSDP2 over 2 processes with 4 rankings each (the reference precompute served by the shards) follow
+    the shared one-process run, at the tolerance their pair runs are held to (tests/test_deepspeed.py, test_fsdp.py)."""
+    import subprocess
+
+    from training import ROOT, accelerate_launch, overrides
+
+    if config == "zero3":
+        pytest.importorskip("deepspeed")
+    result, _ = ranking_run
+    command = accelerate_launch("--config_file", os.path.join(ROOT, "accelerate_configs", f"{config}.yaml"),
+                                "--num_processes", "2", os.path.join(ROOT, "launch", "train.py"))
+    command += overrides(tiny_model_dir, four, tmp_path / "out", **RANKING, **{
+        "train.eval_every": 2, "train.per_device_batch_size": 4})
+    launched = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert launched.returncode == 0, launched.stderr[-4000:]
+    assert "4 per device x 1 accumulation x 2 processes" in launched.stdout, launched.stdout[-2000:]
+    assert_same_trajectory(result["records"], read_jsonl(os.path.join(tmp_path / "out", "metrics.jsonl")), atol=1e-4)
