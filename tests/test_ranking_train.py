@@ -296,3 +296,27 @@ def test_sharded_runs_equal_one_process(ranking_run, tiny_model_dir, four, tmp_p
     assert launched.returncode == 0, launched.stderr[-4000:]
     assert "4 per device x 1 accumulation x 2 processes" in launched.stdout, launched.stdout[-2000:]
     assert_same_trajectory(result["records"], read_jsonl(os.path.join(tmp_path / "out", "metrics.jsonl")), atol=1e-4)
+
+
+@pytest.mark.slow
+def test_evaluate_command_reports_the_rankings(ranking_run, tmp_path):
+    """launch/evaluate.py on the shared ranking run: its held-out metrics are the trainer's last eval (the base as
+    the reference), ranking and top-1 accuracy included, and the report says what chosen and rejected mean."""
+    import subprocess
+    import sys
+
+    from training import ROOT
+
+    result, out = ranking_run
+    done = subprocess.run([sys.executable, os.path.join(ROOT, "launch", "evaluate.py"), str(out), "--num_prompts", "2",
+                           "--max_new_tokens", "4", "--samples_per_prompt", "1", "--no_plot", "--out",
+                           str(tmp_path / "eval")], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    p = json.load(open(tmp_path / "eval" / "results.json"))["preference"]
+    last = [r for r in result["records"] if "eval/loss" in r][-1]
+    assert p["pairs"] == 8
+    for key, metric in (("loss", "eval/loss"), ("reward_accuracy", "eval/rewards/accuracies"),
+                        ("rewards/ranking_accuracies", "eval/rewards/ranking_accuracies"),
+                        ("rewards/top1_accuracies", "eval/rewards/top1_accuracies")):
+        assert p[key] == pytest.approx(last[metric], abs=1e-5), key
+    assert "Rankings: chosen is each one's best response, rejected its worst; ranking accuracy" in done.stdout
