@@ -19,9 +19,8 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
 import datasets
-import torch
-
 import pyarrow.compute
+import torch
 
 from dpo_dist.data.collate import GROUP_COLUMN, GROUP_REFERENCE_COLUMN, REFERENCE_COLUMNS
 from dpo_dist.data.packing import PackedPairCollator
@@ -158,7 +157,8 @@ def compute_reference_logps(scorer: ReferenceScorer, tokenized: datasets.Dataset
     gathered back in order.
 
     Shape: -> (N, 2) float32 on CPU: column 0 chosen, column 1 rejected, summed over response tokens (with
-    ``ld_alpha``: LD-DPO's weighted sums).
+    ``ld_alpha``: LD-DPO's weighted sums); for groups (rankings) (N, K), K the set's largest k, response j of
+    example i at [i, j] and 0 past its k.
     """
     accelerator, batch_size = scorer.accelerator, scorer.batch_size
     shard = shard_indices(len(tokenized), accelerator)
@@ -235,7 +235,8 @@ def reference_fingerprint_parts(model_identity: dict, tokenizer: Any, truncation
         "model": model_identity,
         "tokenizer": cache.tokenizer_identity(tokenizer),
         "truncation": truncation,
-        "data": ({**cache.data_identity(tokenized, ("prompt_input_ids",)), "responses": _responses_identity(tokenized)}
+        "data": ({**cache.data_identity(tokenized, ("prompt_input_ids",)),
+                  "responses": cache.groups_identity(tokenized, GROUP_COLUMN)}
                  if grouped else cache.data_identity(tokenized, PAIR_COLUMNS)),
         "scoring": scoring,
     }
@@ -243,19 +244,6 @@ def reference_fingerprint_parts(model_identity: dict, tokenizer: Any, truncation
         parts["responses"] = "ranking"
     return parts
 
-
-def _responses_identity(tokenized: datasets.Dataset) -> str:
-    """A digest of every response's token ids of every group, in order, each group's count of responses included."""
-    import hashlib
-
-    digest = hashlib.sha256()
-    for batch in tokenized.select_columns([GROUP_COLUMN]).iter(batch_size=1024):
-        for responses in batch[GROUP_COLUMN]:
-            digest.update(len(responses).to_bytes(4, "little"))
-            for ids in responses:
-                digest.update(len(ids).to_bytes(4, "little"))
-                digest.update(torch.tensor(ids, dtype=torch.int64).numpy().tobytes())
-    return digest.hexdigest()
 
 
 def precompute_reference(
@@ -265,8 +253,9 @@ def precompute_reference(
     fingerprint_parts: dict | None,
     cache_dir: str,
 ) -> datasets.Dataset:
-    """``tokenized`` with ``ref_chosen_logps`` / ``ref_rejected_logps`` columns, from the cache when it holds this
-    fingerprint, else computed (all processes) and written (main process).
+    """``tokenized`` with ``ref_chosen_logps`` / ``ref_rejected_logps`` columns (groups: ``ref_responses_logps``, k
+    floats each), from the cache when it holds this fingerprint, else computed (all processes) and written (main
+    process).
 
     The main process alone fingerprints, reads the cache and tells the others, so nodes need no shared disk, all
     processes agree whether to run the reference forwards, and the hashing is done once (other processes may pass

@@ -6,7 +6,8 @@ A cache entry is one safetensors file named by the fingerprint of everything the
   forward ran under when mixed precision is on;
 - the tokenizer: its vocabulary and merges, special tokens and chat template;
 - the truncation settings (``max_length``, ``max_prompt_length``);
-- the data: every token id of every tokenized pair, in order;
+- the data: every token id of every tokenized pair, in order (rankings: of the prompt and each response, and a key
+  that pairs' never have, so the two modes never share an entry);
 - the scoring path: attention kernel, padded or packed (prompt shared or not), chunking, mixed precision, device
   type, and the torch / transformers / peft / bitsandbytes versions (``reference.scoring_identity``).
 
@@ -95,6 +96,19 @@ def data_identity(tokenized: Any, columns: tuple[str, ...]) -> dict:
                 digest.update(len(ids).to_bytes(4, "little"))
                 digest.update(torch.tensor(ids, dtype=torch.int64).numpy().tobytes())
     return {"pairs": len(tokenized), "token_ids_sha256": digest.hexdigest()}
+
+
+def groups_identity(tokenized: Any, column: str) -> str:
+    """A digest of every response's token ids of every group (rankings: a list of k token lists per example), in
+    order, each group's count of responses included."""
+    digest = hashlib.sha256()
+    for batch in tokenized.select_columns([column]).iter(batch_size=1024):
+        for responses in batch[column]:
+            digest.update(len(responses).to_bytes(4, "little"))
+            for ids in responses:
+                digest.update(len(ids).to_bytes(4, "little"))
+                digest.update(torch.tensor(ids, dtype=torch.int64).numpy().tobytes())
+    return digest.hexdigest()
 
 
 def fingerprint(parts: dict) -> str:
