@@ -176,7 +176,8 @@ def load_pairs(
     Returns:
         A dataset with columns ``prompt``, ``chosen``, ``rejected`` (strings, or message lists for conversational
         data), ``row`` (the row's index in the split as loaded) and ``group`` (``group_offset + row``: a ranked
-        row's pairs share it), one record per pair (``responses=ranking``: per row, with ``responses``), and the report of what was read, kept, skipped and dropped.
+        row's pairs share it), one record per pair (``responses=ranking``: per row, with ``responses``), and the
+        report of what was read, kept, skipped and dropped.
     """
     if data_format != "auto" and data_format not in FORMATS:
         raise DataError(f"data_format {data_format!r} is not one of: auto, {', '.join(FORMATS)}")

@@ -8,7 +8,8 @@ from dpo_dist.data.collate import IGNORE_INDEX, PreferenceCollator
 
 
 def show_pair(example: dict[str, Any], tokenizer: Any) -> str:
-    """The chosen and rejected rows of one tokenized pair (a ranking's: each response's, best first): each token, and whether it is scored (its label) or masked.
+    """The chosen and rejected rows of one tokenized pair (a ranking's: each response's, best first): each token,
+    and whether it is scored (its label) or masked.
 
     Masked tokens (the prompt) are shown in ``[...]``, scored ones (the response, EOS included) in ``<...>``, and a
     run of N padding positions (the shorter row padded to the longer one's length) as one ``{pad ×N}``: told by the

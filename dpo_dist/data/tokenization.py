@@ -35,10 +35,10 @@ PART = "part"  # a mixture's pairs: the index of the entry (data.sources[i]) eac
 # Every loaded pair's source row, unique across everything loaded for a run (a mixture's parts, a given eval set):
 # the pairs a ranked row gives share it, so they are split and subset together and their prompt is the same.
 GROUP = "group"
-CARRIED = ("row", PART, GROUP)
+CARRIED = ("row", PART, GROUP)  # kept through tokenization, where a pair has them: where it came from, to count by
 # A ranking's responses, best first (dpo_dist.data.load with responses=ranking), and their token ids once tokenized.
 RESPONSES_COLUMN = "responses"
-GROUP_COLUMNS = ("prompt_input_ids", "responses_input_ids")  # kept through tokenization, where a pair has them: where it came from, to count by
+GROUP_COLUMNS = ("prompt_input_ids", "responses_input_ids")
 
 
 class TokenizationError(ValueError):
