@@ -241,13 +241,14 @@ def test_held_out_metrics_of_rankings(tiny_model_dir):
 
 
 @pytest.mark.slow
-def test_padded_rows_follow_the_packed_run(ranking_run, tiny_model_dir, four, tmp_path):
-    """train.packing=off (a padded row per response, the reference computed that way too) trains as packing does."""
+@pytest.mark.parametrize("layout", [{"train.packing": "off"}, {"train.share_prompt": False}], ids=["padded", "unshared"])
+def test_other_layouts_follow_the_packed_run(ranking_run, tiny_model_dir, four, tmp_path, layout):
+    """train.packing=off (a padded row per response) and train.share_prompt=false (the prompt packed once per
+    response), the reference computed that way too, train as the shared-prompt packing does."""
     result, _ = ranking_run
-    padded = run(tiny_model_dir, four, tmp_path / "padded", **RANKING, **{
-        "train.eval_every": 2, "train.packing": "off"})["records"]
-    assert padded[0]["loss"] == pytest.approx(math.log(24), abs=1e-6)
-    assert_same_trajectory(result["records"], padded, atol=1e-5)
+    other = run(tiny_model_dir, four, tmp_path / "other", **RANKING, **{"train.eval_every": 2, **layout})["records"]
+    assert other[0]["loss"] == pytest.approx(math.log(24), abs=1e-6)
+    assert_same_trajectory(result["records"], other, atol=1e-5)
 
 
 @pytest.mark.slow
