@@ -242,6 +242,9 @@ def setup(cfg: Config, signals: StopSignals, lock: OutputLock) -> Run:
         stop_check=lambda: signals.raise_if_received("while sampling the built-in sentiment set"))
     for line in said_counts(counts):
         say(accelerator, line)
+    if cfg.data.responses == "ranking":
+        say(accelerator, "data.responses=ranking: an example is one prompt's k responses, best first, with one "
+                         "plackett_luce loss; the pair counts, the global batch and the pairs seen count rankings")
 
     order = DataOrder(len(train_tok), per_device=t.per_device_batch_size, accumulation=t.gradient_accumulation_steps,
                       processes=accelerator.num_processes, seed=t.seed, groups=pair_groups(train_tok))
