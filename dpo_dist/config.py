@@ -344,7 +344,9 @@ class DataConfig:
     columns: DataColumnsConfig = field(default_factory=DataColumnsConfig)
     responses: Literal[RESPONSES] = option(
         "pairs", "what a ranked row trains on: pairs (made by data.pair_rule; the pairs of one row stay on one side "
-        "of the eval split) or ranking (the k responses together: not yet available)"
+        "of the eval split) or ranking (its k responses together, best first, with loss.loss_type=plackett_luce; a "
+        "row with tied scores or one chosen beside a list of rejected is a bad row, partial_order; a pair row is a "
+        "ranking of 2; train.per_device_batch_size then counts rankings)"
     )
     pair_rule: Literal[PAIR_RULES] = option(
         "best_vs_worst", "ranked rows -> pairs: best_vs_worst (the highest score vs the lowest; ties go to the first "
@@ -431,9 +433,10 @@ class TrainSettings:
     seed: int = option(42, "seed for data order, subsets, splits and initialization")
     epochs: int = option(2, "passes over the training pairs (ignored when max_steps is set)")
     max_steps: int | None = option(None, "optimizer steps to run (overrides epochs)")
-    per_device_batch_size: int = option(8, "pairs per process per micro-batch")
+    per_device_batch_size: int = option(8, "pairs per process per micro-batch (data.responses=ranking: rankings, "
+                                        "each one prompt with its k responses)")
     gradient_accumulation_steps: int = option(1, "micro-batches per optimizer step")
-    eval_batch_size: int = option(16, "pairs per process per eval and reference batch")
+    eval_batch_size: int = option(16, "pairs (rankings) per process per eval and reference batch")
     learning_rate: float = option(2e-4, "peak learning rate (AdamW)")
     optimizer: Literal["adamw", "adamw_8bit", "paged_adamw", "paged_adamw_8bit"] = option(
         "adamw", "torch AdamW, or bitsandbytes' 8-bit and/or paged AdamW (their state takes less memory)"
@@ -555,9 +558,12 @@ class Config:
         self.check_data_columns()
         if d.min_score_gap < 0:
             raise ConfigError(f"data.min_score_gap must not be negative, got {d.min_score_gap}")
-        if d.responses == "ranking":
-            raise ConfigError("data.responses=ranking: not yet: training on each prompt's k responses together is "
-                              "being built; use data.responses=pairs (data.pair_rule makes pairs of ranked rows)")
+        if d.responses == "ranking" and d.min_score_gap:
+            raise ConfigError(f"data.min_score_gap={d.min_score_gap} drops pairs; data.responses=ranking keeps every "
+                              "response of a row, in a strict order (ties are bad rows): leave it 0")
+        if d.responses == "ranking" and d.pair_rule != DataConfig.pair_rule:
+            raise ConfigError(f"data.pair_rule={d.pair_rule} makes pairs of a ranked row; data.responses=ranking "
+                              "trains on all of its responses together: leave data.pair_rule unset")
         if t.divergence_loss_factor is not None and t.divergence_loss_factor <= 1.0:
             raise ConfigError(f"train.divergence_loss_factor must be above 1 (or null), got {t.divergence_loss_factor}")
         if not 0.0 <= t.warmup_ratio < 1.0:

@@ -63,7 +63,8 @@ BAD_CONFIG = [
     ("data.sentiment.min_score_gap=2", "data.sentiment.min_score_gap must be in [0, 2), got 2.0"),
     ("model.attn_implementation=flash_attn", "model.attn_implementation: 'flash_attn' is not one of eager, sdpa, "
      "flash_attention_2, flash_attention_3, flash_attention_4, flex_attention or null"),
-    ("data.responses=ranking", "data.responses=ranking: not yet: "),
+    ("data.responses=ranking", "loss.loss_type=sigmoid is pairwise (one term per chosen/rejected pair): it needs "
+                               "data.responses=pairs; a ranking of k responses takes plackett_luce"),
     ("data.pair_rule=best", "data.pair_rule: 'best' is not one of best_vs_worst, best_vs_rest, all_pairs"),
     ("data.min_score_gap=-1", "data.min_score_gap must not be negative, got -1"),
     ("data.columns.chosen=prompt", "data.columns.prompt and data.columns.chosen both name the field 'prompt'"),
@@ -191,3 +192,11 @@ KILL_POINTS = {
     "a full disk during a checkpoint or the export (tests/test_disk.py)": "one line with the bytes needed; the "
                                                                            "previous checkpoint, whole",
 }
+# Bad only with data.responses=ranking, which needs a strict order of every response (load_pairs(responses=ranking)).
+RANKING_BAD_ROWS = [
+    ("ranked", {"prompt": "p", "completions": ["a", "b", "c"], "scores": [2, 1, 2]},
+     "completions[0] and completions[2] tie at score 2: data.responses=ranking needs a strict order", "partial_order"),
+    ("ranked", {"prompt": "p", "chosen": "a", "rejected": ["b", "c"]},
+     "one chosen beside 2 rejected orders only the chosen first; data.responses=ranking needs every response in "
+     "order", "partial_order"),
+]

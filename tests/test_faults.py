@@ -16,7 +16,7 @@ from dpo_dist.config import Config, ConfigError, load_config
 from dpo_dist.data.formats import REASONS
 from dpo_dist.data.load import DataError, load_pairs
 from dpo_dist.model.load import ModelError, resolve_source
-from faults import BAD_CONFIG, BAD_MODEL_PATHS, BAD_ROWS, GOOD_ROWS, USER_ASSISTANT_ONLY
+from faults import BAD_CONFIG, BAD_MODEL_PATHS, BAD_ROWS, GOOD_ROWS, RANKING_BAD_ROWS, USER_ASSISTANT_ONLY
 from training import ROOT
 
 
@@ -190,6 +190,17 @@ def test_skip_counts_every_bad_row_of_a_format_by_reason(tmp_path, fmt):
     assert f"2 of {len(rows)} rows kept ({fmt} format); skipped " in report.summary()
 
 
+@pytest.mark.parametrize("fmt, bad, message, reason", RANKING_BAD_ROWS, ids=[c[2][:20] for c in RANKING_BAD_ROWS])
+def test_bad_row_in_ranking_mode_is_named_or_skipped(tmp_path, fmt, bad, message, reason):
+    path = write_rows(tmp_path / "d.jsonl", [GOOD_ROWS[fmt], bad, GOOD_ROWS[fmt]])
+    with pytest.raises(DataError) as error:
+        load_pairs(path, responses="ranking")
+    assert f"d.jsonl: row 1: {message}" in str(error.value)
+    pairs, report = load_pairs(path, responses="ranking", on_bad_row="skip")
+    assert pairs["row"] == [0, 2] and dict(report.skipped) == {reason: 1}
+    assert len(load_pairs(path)[0]) > 2  # pairs mode takes the row
+
+
 def test_every_bad_row_reason_has_a_case():
-    assert {reason for _, _, _, reason in BAD_ROWS} == set(REASONS)
+    assert {reason for _, _, _, reason in BAD_ROWS + RANKING_BAD_ROWS} == set(REASONS)
     assert set(GOOD_ROWS) == {fmt for fmt, _, _, _ in BAD_ROWS}

@@ -58,6 +58,7 @@ REASONS = (
     "duplicate_responses",
     "bad_ranking",
     "ambiguous_order",
+    "partial_order",  # data.responses=ranking only: tied scores, or one chosen beside unordered rejected
 )
 
 # The message roles a row may use: the ones chat templates are written for. Any other role ("wizard") is a bad row;
@@ -441,6 +442,25 @@ def _ranking_scores(ranking: Any, k: int) -> list[float]:
     for position, index in enumerate(ranking):
         scores[index] = float(k - 1 - position)
     return scores
+
+
+def ranked_order(ranked: dict[str, Any]) -> list[int]:
+    """A normalized ranked row's (:func:`normalize_ranked`) response indices best first, for ``data.responses=ranking``,
+    whose loss reads a strict order of all k responses: a row that gives less is a bad row (``partial_order``): two
+    tied scores (a ranking never ties), or one chosen beside a list of rejected (unordered among themselves)."""
+    scores = ranked["scores"]
+    if ranked["order"] == "chosen":
+        raise RowError("partial_order", f"one chosen beside {len(scores) - 1} rejected orders only the chosen first; "
+                                        "data.responses=ranking needs every response in order (data.responses=pairs "
+                                        "takes such rows)")
+    order = sorted(range(len(scores)), key=lambda i: -scores[i])
+    for better, worse in zip(order, order[1:]):
+        if scores[better] == scores[worse]:
+            first, second = sorted((better, worse))
+            raise RowError("partial_order", f"completions[{first}] and completions[{second}] tie at score "
+                                            f"{scores[better]:g}: data.responses=ranking needs a strict order (pairs "
+                                            "mode takes such rows, dropping the tied pair)")
+    return order
 
 
 def _best_vs_worst(scores: list[float]) -> list[tuple[int, int]]:

@@ -31,9 +31,10 @@ import pyarrow.compute
 import pyarrow.dataset
 
 from dpo_dist.config import SENTIMENT, Config, ConfigError, check_mixture_keys, check_source, check_weights
-from dpo_dist.data.formats import (FORMATS, RowError, detect_format, normalize_ranked, normalize_row, ranked_pairs,
-                                   rename_columns, response_kind)
-from dpo_dist.data.tokenization import GROUP, PART, render_conversation
+from dpo_dist.data.formats import (FORMATS, RowError, detect_format, normalize_ranked, normalize_row, ranked_order,
+                                   ranked_pairs, rename_columns, response_kind)
+from dpo_dist.data.tokenization import GROUP, PART, RESPONSES_COLUMN, render_conversation
+from dpo_dist.loss_types import RESPONSES
 
 logger = logging.getLogger(__name__)
 
@@ -141,6 +142,7 @@ def load_pairs(
     pair_rule: str = "best_vs_worst",
     min_score_gap: float = 0.0,
     group_offset: int = 0,
+    responses: str = "pairs",
 ) -> tuple[datasets.Dataset, LoadReport]:
     """Load, validate and normalize preference pairs.
 
@@ -165,11 +167,17 @@ def load_pairs(
         pair_rule, min_score_gap: how a ranked row becomes pairs (:func:`~dpo_dist.data.formats.ranked_pairs`).
         group_offset: added to each row's index to make its ``group``, so that groups stay unique across the sources
             of one run (a mixture's parts, an eval set).
+        responses: ``pairs``, or ``ranking`` (``data.responses``): each row becomes one record, with a ``responses``
+            column holding its responses best first (a pair row: ``[chosen, rejected]``; a ranked row: all k, in
+            the order of :func:`~dpo_dist.data.formats.ranked_order`, a row with ties or a chosen beside a list of
+            rejected being bad, ``partial_order``), ``chosen`` the best and ``rejected`` the worst;
+            ``pair_rule`` and ``min_score_gap`` are not used.
 
     Returns:
         A dataset with columns ``prompt``, ``chosen``, ``rejected`` (strings, or message lists for conversational
         data), ``row`` (the row's index in the split as loaded) and ``group`` (``group_offset + row``: a ranked
-        row's pairs share it), one record per pair, and the report of what was read, kept, skipped and dropped.
+        row's pairs share it), one record per pair (``responses=ranking``: per row, with ``responses``), and the
+        report of what was read, kept, skipped and dropped.
     """
     if data_format != "auto" and data_format not in FORMATS:
         raise DataError(f"data_format {data_format!r} is not one of: auto, {', '.join(FORMATS)}")
@@ -185,7 +193,11 @@ def load_pairs(
     messages = (report.data_format == "conversational" or kind == "conversational"
                 or (report.data_format == "hh" and hh_as_messages))
     pair_type = MESSAGES if messages else TEXT_PAIR
+    if responses not in RESPONSES:
+        raise DataError(f"responses {responses!r} is not one of: {', '.join(RESPONSES)}")
+    ranking = responses == "ranking"
     features = datasets.Features({"prompt": pair_type, "chosen": pair_type, "rejected": pair_type,
+                                  **({RESPONSES_COLUMN: datasets.List(pair_type)} if ranking else {}),
                                   "row": datasets.Value("int64"), GROUP: datasets.Value("int64"),
                                   "error": datasets.Value("string"), "reason": datasets.Value("string"),
                                   "dropped": datasets.Value("int64")})
@@ -195,9 +207,10 @@ def load_pairs(
         fn_kwargs={"source": source, "data_format": report.data_format, "kind": kind, "first": first,
                    "json_text": json_text, "hh_as_messages": hh_as_messages, "tokenizer": tokenizer,
                    "empty": [] if messages else "", "columns": columns, "pair_rule": pair_rule,
-                   "min_score_gap": min_score_gap, "group_offset": group_offset},
+                   "min_score_gap": min_score_gap, "group_offset": group_offset,
+                   **({"ranking": True} if ranking else {})},  # pairs mode keeps its datasets fingerprint
     )
-    if report.data_format == "ranked":
+    if report.data_format == "ranked" and not ranking:
         report.pair_rule, report.min_score_gap = pair_rule, min_score_gap
         report.pairs_below_gap = pyarrow.compute.sum(checked.with_format("arrow")["dropped"]).as_py() or 0
         report.rows_without_pairs = _count_value(checked, "reason", NO_PAIR)
@@ -285,17 +298,22 @@ def _parse(item: dict[str, Any], json_text: bool) -> Any:
 def _validate_rows(batch: dict[str, list], indices: list[int], *, source: str, data_format: str, kind: str | None,
                    first: int, json_text: bool, hh_as_messages: bool, tokenizer: Any, empty: Any,
                    columns: dict[str, str] | None, pair_rule: str, min_score_gap: float,
-                   group_offset: int) -> dict[str, list]:
+                   group_offset: int, ranking: bool = False) -> dict[str, list]:
     """``datasets.map`` function (batched): raw rows -> normalized pairs (a ranked row: its pairs), each with its
     ``row`` and ``group``; for a bad row one record with ``error`` (the message) and ``reason`` (a ``REASONS`` key, or
     ``invalid_json``) beside empty pairs, for a ranked row left with no pair one with ``reason`` :data:`NO_PAIR`.
-    ``dropped``: the ranked row's candidate pairs dropped by ``min_score_gap``, on its first record."""
+    ``dropped``: the ranked row's candidate pairs dropped by ``min_score_gap``, on its first record. ``ranking``
+    (``data.responses=ranking``): one record per row, with its ``responses`` best first."""
     out: dict[str, list] = {"prompt": [], "chosen": [], "rejected": [], "row": [], GROUP: [], "error": [],
                             "reason": [], "dropped": []}
+    fields = ("prompt", "chosen", "rejected")
+    if ranking:
+        out[RESPONSES_COLUMN] = []
+        fields += (RESPONSES_COLUMN,)
 
     def emit(index: int, pair: dict[str, Any] | None, error: str | None, reason: str | None, dropped: int) -> None:
-        for key in ("prompt", "chosen", "rejected"):
-            out[key].append(empty if pair is None else pair[key])
+        for key in fields:
+            out[key].append(([] if key == RESPONSES_COLUMN else empty) if pair is None else pair[key])
         out["row"].append(index)
         out[GROUP].append(group_offset + index)
         out["error"].append(error)
@@ -311,7 +329,7 @@ def _validate_rows(batch: dict[str, list], indices: list[int], *, source: str, d
             continue
         try:
             pairs, dropped = _validate_row(row, index, data_format, kind, first, hh_as_messages, tokenizer, columns,
-                                           pair_rule, min_score_gap)
+                                           pair_rule, min_score_gap, ranking)
         except RowError as row_error:
             emit(index, None, str(row_error), row_error.reason, 0)
             continue
@@ -324,13 +342,28 @@ def _validate_rows(batch: dict[str, list], indices: list[int], *, source: str, d
 
 def _validate_row(row: Any, index: int, data_format: str, kind: str | None, first: int, hh_as_messages: bool,
                   tokenizer: Any, columns: dict[str, str] | None, pair_rule: str,
-                  min_score_gap: float) -> tuple[list[dict[str, Any]], int]:
-    """One raw row's pairs, and how many candidate pairs ``min_score_gap`` dropped (ranked rows)."""
+                  min_score_gap: float, ranking: bool = False) -> tuple[list[dict[str, Any]], int]:
+    """One raw row's pairs, and how many candidate pairs ``min_score_gap`` dropped (ranked rows); ``ranking``: the
+    row as one record with its ``responses`` best first (chosen: the best, rejected: the worst)."""
     if not isinstance(row, dict):
         raise RowError("wrong_type", f"row should be a JSON object, got {type(row).__name__}")
     row = rename_columns(row, columns)
     if index < first or data_format == "auto":
         detect_format(row)  # raises: this row comes before the first one the format is detected from
+    if ranking:
+        if data_format == "ranked":
+            ranked = normalize_ranked(row, kind)
+            ordered = [ranked["responses"][i] for i in ranked_order(ranked)]
+            prompt = ranked["prompt"]
+        else:
+            pair = normalize_row(row, data_format, hh_as_messages=hh_as_messages)
+            ordered, prompt = [pair["chosen"], pair["rejected"]], pair["prompt"]
+        pairs, dropped = [{"prompt": prompt, "chosen": ordered[0], "rejected": ordered[-1],
+                           RESPONSES_COLUMN: ordered}], 0
+        if tokenizer is not None and isinstance(prompt, list):
+            for response in ordered:  # each response rendered with the prompt, as tokenization renders it
+                render_conversation({"prompt": prompt, "chosen": response, "rejected": response}, tokenizer)
+        return pairs, dropped
     if data_format == "ranked":
         ranked = normalize_ranked(row, kind)
         made, dropped = ranked_pairs(ranked, pair_rule, min_score_gap)
@@ -755,6 +788,7 @@ def load_configured_pairs(cfg: Config, tokenizer: Any, *, sentiment: tuple[str, 
         data_format=d.data_format, on_bad_row=d.on_bad_row,
         hh_as_messages=d.hh_as_messages, tokenizer=tokenizer, num_proc=d.num_proc,
         columns=dataclasses.asdict(d.columns), pair_rule=d.pair_rule, min_score_gap=d.min_score_gap,
+        responses=d.responses,
     )
     if sentiment is not None and data_source(cfg) == SENTIMENT:
         for report in reports:  # both files are the built-in set's, which data.source names

@@ -8,7 +8,8 @@ from dpo_dist.data.collate import IGNORE_INDEX, PreferenceCollator
 
 
 def show_pair(example: dict[str, Any], tokenizer: Any) -> str:
-    """The chosen and rejected rows of one tokenized pair: each token, and whether it is scored (its label) or masked.
+    """The chosen and rejected rows of one tokenized pair (a ranking's: each response's, best first): each token,
+    and whether it is scored (its label) or masked.
 
     Masked tokens (the prompt) are shown in ``[...]``, scored ones (the response, EOS included) in ``<...>``, and a
     run of N padding positions (the shorter row padded to the longer one's length) as one ``{pad ×N}``: told by the
@@ -17,7 +18,10 @@ def show_pair(example: dict[str, Any], tokenizer: Any) -> str:
     batch = PreferenceCollator(pad_token_id=tokenizer.pad_token_id or 0)([example])
     lines = [f"one training pair (row {example.get('row', '?')}), as the model sees it: [masked] <scored> "
              "{pad ×N}: N positions of padding, not data"]
-    for row, side in enumerate(("chosen", "rejected")):
+    sides = ("chosen", "rejected")
+    if "responses_input_ids" in example:  # a ranking: a row per response, best first
+        sides = tuple(f"response {j}" for j in range(len(example["responses_input_ids"])))
+    for row, side in enumerate(sides):
         ids, labels = batch["input_ids"][row].tolist(), batch["labels"][row].tolist()
         mask = batch["attention_mask"][row].tolist()
         pieces, run = [], 0

@@ -13,7 +13,9 @@ For each pair:
   A pair whose prompt leaves no room for a response is dropped and counted, never cut into an empty response.
 
 The result per pair is ``prompt_input_ids``, ``chosen_input_ids``, ``rejected_input_ids`` (responses only);
-``collate.py`` joins them into model inputs with labels.
+``collate.py`` joins them into model inputs with labels. A ranking (``data.responses=ranking``: a record with
+``responses``, best first) becomes ``prompt_input_ids`` and ``responses_input_ids``, each response tokenized and
+truncated exactly as a pair's (:func:`tokenize_group`).
 """
 
 from __future__ import annotations
@@ -34,6 +36,9 @@ PART = "part"  # a mixture's pairs: the index of the entry (data.sources[i]) eac
 # the pairs a ranked row gives share it, so they are split and subset together and their prompt is the same.
 GROUP = "group"
 CARRIED = ("row", PART, GROUP)  # kept through tokenization, where a pair has them: where it came from, to count by
+# A ranking's responses, best first (dpo_dist.data.load with responses=ranking), and their token ids once tokenized.
+RESPONSES_COLUMN = "responses"
+GROUP_COLUMNS = ("prompt_input_ids", "responses_input_ids")
 
 
 class TokenizationError(ValueError):
@@ -102,6 +107,24 @@ def tokenize_pair(
         "chosen_input_ids": chosen_ids[:room],
         "rejected_input_ids": rejected_ids[:room],
     }
+
+
+def tokenize_group(
+    example: dict[str, Any], tokenizer: Any, truncation: Truncation, *, add_bos: bool
+) -> dict[str, Any] | None:
+    """One ranking (``prompt`` and its ``responses``, best first) -> ``prompt_input_ids`` and ``responses_input_ids``,
+    or None when the prompt leaves no room for a response. Each response is tokenized as :func:`tokenize_pair`
+    tokenizes a pair's (rendered with the prompt, EOS once, cut to ``max_length - len(prompt)``), so a ranking of 2
+    has exactly the token ids of the pair ``[chosen, rejected]``."""
+    prompt_ids, responses = None, []
+    for response in example[RESPONSES_COLUMN]:
+        ids = tokenize_pair({"prompt": example["prompt"], "chosen": response, "rejected": response}, tokenizer,
+                            truncation, add_bos=add_bos)
+        if ids is None:
+            return None
+        prompt_ids = ids["prompt_input_ids"]
+        responses.append(ids["chosen_input_ids"])
+    return {"prompt_input_ids": prompt_ids, "responses_input_ids": responses}
 
 
 def tokenize_prompt(prompt: str | list[dict[str, str]], tokenizer: Any, truncation: Truncation) -> list[int] | None:
@@ -173,25 +196,29 @@ def tokenize_pairs(
     """
     check_tokenizer(tokenizer)
     add_bos = uses_bos(tokenizer)
+    grouped = RESPONSES_COLUMN in pairs.column_names  # rankings (data.responses=ranking): tokenize_group
+    columns = GROUP_COLUMNS if grouped else PAIR_COLUMNS
 
     def encode(pair: dict[str, Any]) -> dict[str, Any]:
         try:
-            ids = tokenize_pair(pair, tokenizer, truncation, add_bos=add_bos)
+            ids = (tokenize_group if grouped else tokenize_pair)(pair, tokenizer, truncation, add_bos=add_bos)
         except RowError as error:
             raise TokenizationError(
                 f"row {pair.get('row', '?')}: {error} (load_pairs(..., tokenizer=) finds such rows while loading, "
                 "naming the file, and on_bad_row=skip leaves them out)"
             ) from error
         if ids is None:
-            return {"keep": False, **{column: [] for column in PAIR_COLUMNS}}
+            return {"keep": False, **{column: [] for column in columns}}
         return {"keep": True, **ids}
 
     drop = [c for c in pairs.column_names if c not in CARRIED]
     features = datasets.Features({
         **{c: pairs.features[c] for c in CARRIED if c in pairs.column_names},
         "keep": datasets.Value("bool"),
-        **{column: datasets.List(datasets.Value("int32")) for column in PAIR_COLUMNS},
+        **{column: datasets.List(datasets.Value("int32")) for column in columns},
     })
+    if grouped:
+        features["responses_input_ids"] = datasets.List(datasets.List(datasets.Value("int32")))
     encoded = pairs.map(encode, remove_columns=drop, features=features, num_proc=num_proc, desc="tokenizing pairs")
     total = len(encoded)
     dropped = total - sum(encoded.with_format("arrow")["keep"].to_pylist())

@@ -156,9 +156,10 @@ def generation_prompts(cfg: Config, opts: "EvalOptions", tokenized: Any, raw: di
 @torch.no_grad()
 def preference_metrics(model: Any, reference: Any, tokenized: Any, cfg: Config, tokenizer: Any,
                        batch_size: int, device: torch.device) -> dict[str, float]:
-    """Loss, reward accuracy and margin of the held-out pairs, the base as reference."""
+    """Loss, reward accuracy and margin of the held-out pairs, the base as reference; of rankings
+    (``data.responses=ranking``) read on each one's best and worst response, with its ranking and top-1 accuracy."""
     from dpo_dist.train.metrics import reduce_stats
-    from dpo_dist.train.objective import pair_losses
+    from dpo_dist.train.objective import batch_losses
 
     cfg = dataclasses.replace(cfg, reference=dataclasses.replace(
         cfg.reference, mode="none" if cfg.reference.mode == "none" else "online"))
@@ -168,7 +169,7 @@ def preference_metrics(model: Any, reference: Any, tokenized: Any, cfg: Config, 
         for start in range(0, len(tokenized), batch_size):
             pairs = [tokenized[i] for i in range(start, min(start + batch_size, len(tokenized)))]
             batch = collator(pairs)
-            rows.append(pair_losses(model, {k: v.to(device) for k, v in batch.items()}, cfg, reference)[1].cpu())
+            rows.append(batch_losses(model, {k: v.to(device) for k, v in batch.items()}, cfg, reference)[1].cpu())
             bar.update(len(pairs))
     stats = torch.cat(rows)
     record = reduce_stats(stats)
@@ -178,7 +179,8 @@ def preference_metrics(model: Any, reference: Any, tokenized: Any, cfg: Config, 
     return {"pairs": len(tokenized), "loss": record["loss"], "reward_accuracy": accuracy,
             "correct": sum(correct), "reward_accuracy_wilson": [low, high],
             "margin": record["rewards/margins"], "rewards/chosen": record["rewards/chosen"],
-            "rewards/rejected": record["rewards/rejected"]}
+            "rewards/rejected": record["rewards/rejected"],
+            **{k: record[k] for k in ("rewards/ranking_accuracies", "rewards/top1_accuracies") if k in record}}
 
 
 def prompt_text(prompt: Any) -> str:

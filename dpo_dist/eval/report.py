@@ -24,6 +24,10 @@ def markdown(results: dict[str, Any]) -> str:
             f"| {p['reward_accuracy']:.3f} ({p['correct']} of {p['pairs']}) | {p['reward_accuracy_wilson'][0]:.3f}–"
             f"{p['reward_accuracy_wilson'][1]:.3f} | {p['margin']:.4f} | {p['loss']:.4f} | {p['rewards/chosen']:.4f} | "
             f"{p['rewards/rejected']:.4f} |", ""]
+        if "rewards/ranking_accuracies" in p:  # rankings (data.responses=ranking): chosen the best, rejected the worst
+            lines[-1:] = ["", f"Rankings: chosen is each one's best response, rejected its worst; ranking accuracy "
+                              f"{p['rewards/ranking_accuracies']:.3f} (ordered pairs in order), top-1 accuracy "
+                              f"{p['rewards/top1_accuracies']:.3f}.", ""]
     lines += [
         f"## Generations ({g['prompts']} held-out prompts x {g['samples_per_prompt']} samples, "
         f"temperature {g['sampling']['temperature']}, top-p {g['sampling']['top_p']}, top-k {g['sampling']['top_k']}, "

@@ -173,11 +173,20 @@ def is_finite(*values: float) -> bool:
 
 
 def reduce_stats(stats: torch.Tensor, prefix: str = "") -> dict[str, float]:
-    """Means over pairs (tokens: the sum). Shape: stats (N, len(STATS))."""
-    values = dict(zip(STATS, stats.double().mean(0).tolist()))
+    """Means over pairs (tokens: the sum); rankings' rows carry their :func:`ranking_counts` after the STATS columns,
+    which add ``rewards/ranking_accuracies`` and ``rewards/top1_accuracies`` (pooled, :func:`ranking_accuracies`).
+    Shape: stats (N, len(STATS)), or (N, len(STATS) + len(RANKING_COUNTS)) for rankings."""
+    values = dict(zip(STATS, stats[:, :len(STATS)].double().mean(0).tolist()))
     values["tokens"] = float(stats[:, STATS.index("tokens")].sum())
     values["rewards/margins"] = values["rewards/chosen"] - values["rewards/rejected"]
+    if stats.shape[1] > len(STATS):
+        values.update(ranking_accuracies(stats[:, len(STATS):]))
     return {f"{prefix}{k}": v for k, v in values.items() if not (prefix and k == "tokens")}
+
+
+def stats_width(responses: str) -> int:
+    """The columns of a batch's statistics: STATS, and for rankings (``data.responses``) their RANKING_COUNTS."""
+    return len(STATS) + (len(RANKING_COUNTS) if responses == "ranking" else 0)
 
 
 # The columns of ranking_counts, per group: sums over groups (and processes) reduce them.

@@ -1,4 +1,5 @@
-"""A batch of pairs to the mean preference loss and per-pair statistics: policy log-probs, reference log-probs, loss."""
+"""A batch of pairs (or rankings) to the mean preference loss and per-example statistics: policy log-probs, reference
+log-probs, loss."""
 
 from __future__ import annotations
 
@@ -8,9 +9,10 @@ import torch
 
 from dpo_dist.config import Config
 from dpo_dist.loss_types import LOSSES
-from dpo_dist.train.logprobs import pair_logps
-from dpo_dist.train.loss import length_desensitized_logps, preference_loss, wpo_weights
-from dpo_dist.train.reference import batch_reference_logps
+from dpo_dist.train.logprobs import group_logps, pair_logps
+from dpo_dist.train.loss import length_desensitized_logps, preference_loss, ranking_loss, wpo_weights
+from dpo_dist.train.metrics import ranking_counts
+from dpo_dist.train.reference import batch_reference_group_logps, batch_reference_logps
 
 
 def pair_losses(model: Any, batch: dict[str, torch.Tensor], cfg: Config, reference_model: Any) -> tuple[torch.Tensor, torch.Tensor]:
@@ -55,3 +57,38 @@ def pair_losses(model: Any, batch: dict[str, torch.Tensor], cfg: Config, referen
         policy.chosen_logps.detach(), policy.rejected_logps.detach(), tokens.float(),
     ], dim=1)
     return losses.mean(), stats
+
+
+def ranking_losses(model: Any, batch: dict[str, torch.Tensor], cfg: Config,
+                   reference_model: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """The mean listwise loss of a batch of G rankings (``data.responses=ranking``: groups of k responses, best first)
+    and their statistics: :data:`~dpo_dist.config.STATS` read on each group's best and worst response (so
+    ``rewards/chosen`` is the best's reward, ``rewards/rejected`` the worst's, ``rewards/accuracies`` whether the best
+    is above the worst; a group of 2 gives a pair's numbers), then its
+    :func:`~dpo_dist.train.metrics.ranking_counts`. Each group counts once in the mean, whatever its k.
+
+    Shape: -> loss (), stats (G, len(STATS) + len(RANKING_COUNTS)).
+    """
+    settings = cfg.loss
+    policy = group_logps(model, batch, chunk_size=cfg.train.logps_chunk_size)
+    ref = batch_reference_group_logps(cfg.reference.mode, reference_model, batch,
+                                      chunk_size=cfg.train.logps_chunk_size)
+    losses, rewards = ranking_loss(policy.logps, ref, policy.mask, beta=settings.beta, loss_type=settings.types()[0],
+                                   ranking_top_m=settings.ranking_top_m, f_divergence_type=settings.f_divergence_type,
+                                   f_alpha_divergence_coef=settings.f_alpha_divergence_coef)
+    worst = (policy.mask.sum(dim=1) - 1)[:, None]  # each group's last response present (responses fill from 0)
+    best_rewards, worst_rewards = rewards[:, 0], rewards.gather(1, worst)[:, 0]
+    logps = policy.logps.detach()
+    stats = torch.cat([torch.stack([
+        losses.detach(), best_rewards, worst_rewards, (best_rewards > worst_rewards).float(), logps[:, 0],
+        logps.gather(1, worst)[:, 0], batch["group_tokens"].float(),
+    ], dim=1), ranking_counts(rewards, policy.mask)], dim=1)
+    return losses.mean(), stats
+
+
+def batch_losses(model: Any, batch: dict[str, torch.Tensor], cfg: Config,
+                 reference_model: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`ranking_losses` with ``data.responses=ranking``, else :func:`pair_losses`."""
+    if cfg.data.responses == "ranking":
+        return ranking_losses(model, batch, cfg, reference_model)
+    return pair_losses(model, batch, cfg, reference_model)

@@ -19,18 +19,19 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
 import datasets
+import pyarrow.compute
 import torch
 
-from dpo_dist.data.collate import REFERENCE_COLUMNS
+from dpo_dist.data.collate import GROUP_COLUMN, GROUP_REFERENCE_COLUMN, REFERENCE_COLUMNS
 from dpo_dist.data.packing import PackedPairCollator
-from dpo_dist.data.tokenization import PAIR_COLUMNS, Truncation
+from dpo_dist.data.tokenization import GROUP_COLUMNS, PAIR_COLUMNS, Truncation
 from dpo_dist.distributed import gather_in_order, shard_indices
 from dpo_dist.model.adapters import reference_adapters_off
 from dpo_dist.model.attention import base_model
 from dpo_dist.progress import progress
 from dpo_dist.train import reference_cache as cache
 from dpo_dist.train.disk import DiskFullError
-from dpo_dist.train.logprobs import DEFAULT_CHUNK_SIZE, PairLogps, pair_logps
+from dpo_dist.train.logprobs import DEFAULT_CHUNK_SIZE, PairLogps, group_logps, pair_logps
 from dpo_dist.train.loss import length_desensitized_logps
 
 logger = logging.getLogger(__name__)
@@ -58,6 +59,42 @@ def online_reference_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor
     """The reference's log-probs for one collated batch (a frozen copy, or the policy with adapters off)."""
     with as_reference(model):
         return pair_logps(model, batch, **kwargs)
+
+
+def reference_group_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor], **kwargs: Any) -> torch.Tensor:
+    """Every response's reference log-prob of a batch of groups (rankings), summed over its tokens, 0 past a group's
+    k. Shape: (G, K)."""
+    with as_reference(model):
+        return group_logps(model, batch, **kwargs).logps
+
+
+def batch_reference_group_logps(mode: str, model: torch.nn.Module | None, batch: dict[str, torch.Tensor],
+                                **kwargs: Any) -> torch.Tensor | None:
+    """:func:`batch_reference_logps` for a batch of groups: ``ref_responses_logps`` (G, K) under ``mode``; None for
+    ``none``."""
+    if mode == "precomputed":
+        if GROUP_REFERENCE_COLUMN not in batch:
+            raise KeyError(f"reference mode 'precomputed' but the batch has no {GROUP_REFERENCE_COLUMN}: run "
+                           "precompute_reference first")
+        return batch[GROUP_REFERENCE_COLUMN]
+    if mode == "online":
+        if model is None:
+            raise ValueError("reference mode 'online' needs a reference model")
+        return reference_group_logps(model, batch, **kwargs)
+    if mode == "none":
+        return None
+    raise ValueError(f"reference mode {mode!r} is not one of {REFERENCE_MODES}")
+
+
+def is_grouped(tokenized: datasets.Dataset) -> bool:
+    """Whether a tokenized set holds groups (rankings: ``responses_input_ids``) rather than pairs."""
+    return GROUP_COLUMN in tokenized.column_names
+
+
+def largest_group(tokenized: datasets.Dataset) -> int:
+    """The most responses of one example of a tokenized set of groups: the width of its reference log-probs."""
+    lengths = pyarrow.compute.list_value_length(tokenized.with_format("arrow")[GROUP_COLUMN])
+    return int(pyarrow.compute.max(lengths).as_py())
 
 
 def reference_pair_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor], *, ld_alpha: float | None = None,
@@ -120,21 +157,28 @@ def compute_reference_logps(scorer: ReferenceScorer, tokenized: datasets.Dataset
     gathered back in order.
 
     Shape: -> (N, 2) float32 on CPU: column 0 chosen, column 1 rejected, summed over response tokens (with
-    ``ld_alpha``: LD-DPO's weighted sums).
+    ``ld_alpha``: LD-DPO's weighted sums); for groups (rankings) (N, K), K the set's largest k, response j of
+    example i at [i, j] and 0 past its k.
     """
     accelerator, batch_size = scorer.accelerator, scorer.batch_size
     shard = shard_indices(len(tokenized), accelerator)
-    pairs = tokenized.select_columns(list(PAIR_COLUMNS))
-    results = [torch.zeros(0, 2, device=accelerator.device)]
+    grouped = is_grouped(tokenized)  # rankings: (N, K), response j at column j, 0 past an example's k
+    width = largest_group(tokenized) if grouped else 2
+    pairs = tokenized.select_columns(list(GROUP_COLUMNS if grouped else PAIR_COLUMNS))
+    results = [torch.zeros(0, width, device=accelerator.device)]
     batches = range(0, len(shard), batch_size)
     shown = scorer.show_progress and accelerator.is_main_process
     with progress(len(tokenized), "reference log-probs", unit="pair", shown=shown) as bar:
         for number, offset in enumerate(batches, 1):
             batch = scorer.collator([pairs[i] for i in shard[offset : offset + batch_size]])
             batch = {k: v.to(accelerator.device) for k, v in batch.items()}
-            chosen, rejected = reference_pair_logps(scorer.model, batch, ld_alpha=scorer.ld_alpha,
-                                                    chunk_size=scorer.chunk_size)
-            results.append(torch.stack([chosen, rejected], dim=-1).float())
+            if grouped:
+                logps = reference_group_logps(scorer.model, batch, chunk_size=scorer.chunk_size).float()
+                results.append(torch.nn.functional.pad(logps, (0, width - logps.shape[1])))
+            else:
+                chosen, rejected = reference_pair_logps(scorer.model, batch, ld_alpha=scorer.ld_alpha,
+                                                        chunk_size=scorer.chunk_size)
+                results.append(torch.stack([chosen, rejected], dim=-1).float())
             # every process scores a batch of its share at a time: the pairs done so far, over all of them
             bar.update(min(len(tokenized), number * batch_size * accelerator.num_processes) - bar.n)
             if scorer.stop_check is not None:
@@ -186,13 +230,20 @@ def reference_fingerprint_parts(model_identity: dict, tokenizer: Any, truncation
                                 tokenized: datasets.Dataset, scoring: dict) -> dict:
     """Everything the reference log-probs depend on (see ``reference_cache.py``); ``scoring`` from
     :func:`scoring_identity`."""
-    return {
+    grouped = is_grouped(tokenized)  # rankings: every response's token ids, and a key pairs' never have
+    parts = {
         "model": model_identity,
         "tokenizer": cache.tokenizer_identity(tokenizer),
         "truncation": truncation,
-        "data": cache.data_identity(tokenized, PAIR_COLUMNS),
+        "data": ({**cache.data_identity(tokenized, ("prompt_input_ids",)),
+                  "responses": cache.groups_identity(tokenized, GROUP_COLUMN)}
+                 if grouped else cache.data_identity(tokenized, PAIR_COLUMNS)),
         "scoring": scoring,
     }
+    if grouped:
+        parts["responses"] = "ranking"
+    return parts
+
 
 
 def precompute_reference(
@@ -202,8 +253,9 @@ def precompute_reference(
     fingerprint_parts: dict | None,
     cache_dir: str,
 ) -> datasets.Dataset:
-    """``tokenized`` with ``ref_chosen_logps`` / ``ref_rejected_logps`` columns, from the cache when it holds this
-    fingerprint, else computed (all processes) and written (main process).
+    """``tokenized`` with ``ref_chosen_logps`` / ``ref_rejected_logps`` columns (groups: ``ref_responses_logps``, k
+    floats each), from the cache when it holds this fingerprint, else computed (all processes) and written (main
+    process).
 
     The main process alone fingerprints, reads the cache and tells the others, so nodes need no shared disk, all
     processes agree whether to run the reference forwards, and the hashing is done once (other processes may pass
@@ -214,15 +266,17 @@ def precompute_reference(
     accelerator = scorer.accelerator
 
     n = len(tokenized)
+    grouped = is_grouped(tokenized)
+    width = largest_group(tokenized) if grouped else 2
     cached = key = path = None
     if accelerator.is_main_process:
         key = cache.fingerprint(fingerprint_parts)
         path = cache.cache_path(cache_dir, key)
-        cached = cache.read_cache(path, key, n)
+        cached = cache.read_cache(path, key, n, width)
     hit = broadcast_object_list([cached is not None])[0]
     if hit:
         logger.info("reference log-probs for %d pairs read from %s", n, path)
-        logps = cached if cached is not None else torch.zeros(n, 2)
+        logps = cached if cached is not None else torch.zeros(n, width)
         if accelerator.num_processes > 1:
             logps = broadcast(logps.to(accelerator.device)).cpu()
     else:
@@ -236,6 +290,10 @@ def precompute_reference(
                 logger.warning("reference log-probs not cached, training goes on (a later run computes them again): "
                                "%s", error)
         accelerator.wait_for_everyone()
+    if grouped:  # one log-prob per response: example i's first k
+        tokenized = tokenized.remove_columns([c for c in (GROUP_REFERENCE_COLUMN,) if c in tokenized.column_names])
+        sizes = pyarrow.compute.list_value_length(tokenized.with_format("arrow")[GROUP_COLUMN]).to_pylist()
+        return tokenized.add_column(GROUP_REFERENCE_COLUMN, [row[:k] for row, k in zip(logps.tolist(), sizes)])
     tokenized = tokenized.remove_columns([c for c in REFERENCE_COLUMNS if c in tokenized.column_names])
     tokenized = tokenized.add_column(REFERENCE_COLUMNS[0], logps[:, 0].tolist())
     return tokenized.add_column(REFERENCE_COLUMNS[1], logps[:, 1].tolist())

@@ -6,7 +6,8 @@ A cache entry is one safetensors file named by the fingerprint of everything the
   forward ran under when mixed precision is on;
 - the tokenizer: its vocabulary and merges, special tokens and chat template;
 - the truncation settings (``max_length``, ``max_prompt_length``);
-- the data: every token id of every tokenized pair, in order;
+- the data: every token id of every tokenized pair, in order (rankings: of the prompt and each response, and a key
+  that pairs' never have, so the two modes never share an entry);
 - the scoring path: attention kernel, padded or packed (prompt shared or not), chunking, mixed precision, device
   type, and the torch / transformers / peft / bitsandbytes versions (``reference.scoring_identity``).
 
@@ -97,6 +98,19 @@ def data_identity(tokenized: Any, columns: tuple[str, ...]) -> dict:
     return {"pairs": len(tokenized), "token_ids_sha256": digest.hexdigest()}
 
 
+def groups_identity(tokenized: Any, column: str) -> str:
+    """A digest of every response's token ids of every group (rankings: a list of k token lists per example), in
+    order, each group's count of responses included."""
+    digest = hashlib.sha256()
+    for batch in tokenized.select_columns([column]).iter(batch_size=1024):
+        for responses in batch[column]:
+            digest.update(len(responses).to_bytes(4, "little"))
+            for ids in responses:
+                digest.update(len(ids).to_bytes(4, "little"))
+                digest.update(torch.tensor(ids, dtype=torch.int64).numpy().tobytes())
+    return digest.hexdigest()
+
+
 def fingerprint(parts: dict) -> str:
     """sha256 of the canonical JSON of ``parts`` (dataclasses become dicts)."""
     def plain(value: Any) -> Any:
@@ -115,7 +129,8 @@ def _checksum(tensor: torch.Tensor) -> str:
 
 
 def write_cache(path: str, key: str, logps: torch.Tensor, parts: dict) -> None:
-    """Atomically write ``logps`` (N, 2) float32: chosen in column 0, rejected in column 1. A full disk is
+    """Atomically write ``logps`` (N, 2) float32: chosen in column 0, rejected in column 1 (rankings: (N, K), response
+    j of example i at [i, j], 0 past its k). A full disk is
     :class:`~dpo_dist.train.disk.DiskFullError`, the temporary file removed."""
     from safetensors.torch import save_file
 
@@ -141,8 +156,9 @@ def write_cache(path: str, key: str, logps: torch.Tensor, parts: dict) -> None:
             os.remove(tmp)
 
 
-def read_cache(path: str, key: str, num_pairs: int) -> torch.Tensor | None:
-    """The cached (N, 2) log-probs, or None if the file is absent, unreadable, stale or corrupt (logged)."""
+def read_cache(path: str, key: str, num_pairs: int, width: int = 2) -> torch.Tensor | None:
+    """The cached (N, width) log-probs (pairs: 2; rankings: their largest k), or None if the file is absent,
+    unreadable, stale or corrupt (logged)."""
     if not os.path.exists(path):
         return None
     from safetensors import safe_open
@@ -157,8 +173,8 @@ def read_cache(path: str, key: str, num_pairs: int) -> torch.Tensor | None:
     problem = None
     if metadata.get("fingerprint") != key:
         problem = "its fingerprint differs"
-    elif tuple(logps.shape) != (num_pairs, 2) or logps.dtype != torch.float32:
-        problem = f"its shape {tuple(logps.shape)} is not ({num_pairs}, 2)"
+    elif tuple(logps.shape) != (num_pairs, width) or logps.dtype != torch.float32:
+        problem = f"its shape {tuple(logps.shape)} is not ({num_pairs}, {width})"
     elif metadata.get("checksum") != _checksum(logps):
         problem = "its checksum does not match its contents"
     elif not torch.isfinite(logps).all():

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from dpo_dist.config import (CONFIG_FILE, HISTORY_FILE, STATS, Config, history_entry, read_config_history, save_config,
+from dpo_dist.config import (CONFIG_FILE, HISTORY_FILE, Config, history_entry, read_config_history, save_config,
                              write_config_history)
 from dpo_dist.data.collate import PreferenceCollator
 from dpo_dist.data.order import DataOrder, pair_groups
@@ -86,10 +86,11 @@ from dpo_dist.train.metrics import (
     peak_memory_gb,
     plot,
     reduce_stats,
+    stats_width,
     summary,
     write_run_file,
 )
-from dpo_dist.train.objective import pair_losses
+from dpo_dist.train.objective import batch_losses
 from dpo_dist.train.lock import OutputLock
 from dpo_dist.train.optim import build_optimizer, lr_lambda, take_hyperparameters
 from dpo_dist.train.preemption import Preempted, StopSignals
@@ -102,9 +103,9 @@ def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str,
 
 @torch.no_grad()
 def evaluate(model: Any, eval_tok: Any, cfg: Config, accelerator: Any, reference_model: Any, collator: Any) -> dict[str, float]:
-    """Pair metrics over the whole eval split, sharded over processes; ``eval/``-prefixed."""
+    """Pair (or ranking) metrics over the whole eval split, sharded over processes; ``eval/``-prefixed."""
     shard = shard_indices(len(eval_tok), accelerator)
-    rows = [torch.zeros(0, len(STATS), device=accelerator.device)]
+    rows = [torch.zeros(0, stats_width(cfg.data.responses), device=accelerator.device)]
     was_training = model.training
     model.eval()
     size = cfg.train.eval_batch_size
@@ -112,7 +113,7 @@ def evaluate(model: Any, eval_tok: Any, cfg: Config, accelerator: Any, reference
                   leave=False) as bar:
         for start in range(0, len(shard), size):
             batch = to_device(collator([eval_tok[i] for i in shard[start : start + size]]), accelerator.device)
-            rows.append(pair_losses(model, batch, cfg, reference_model)[1])
+            rows.append(batch_losses(model, batch, cfg, reference_model)[1])
             bar.update(min(size * accelerator.num_processes, len(eval_tok) - bar.n))  # every process, a batch each
     model.train(was_training)
     return reduce_stats(gather_in_order(torch.cat(rows), len(eval_tok), accelerator), prefix="eval/")
@@ -131,7 +132,7 @@ def train_step(model: Any, optimizer: Any, micro_batches: list[dict[str, torch.T
     record: dict[str, float] = {}
     for batch in micro_batches:
         with accelerator.accumulate(model):
-            loss, batch_stats = pair_losses(model, batch, cfg, reference_model)
+            loss, batch_stats = batch_losses(model, batch, cfg, reference_model)
             stats.append(batch_stats)
             if accelerator.sync_gradients:
                 record = reduce_stats(accelerator.gather(torch.cat(stats)))
@@ -241,6 +242,9 @@ def setup(cfg: Config, signals: StopSignals, lock: OutputLock) -> Run:
         stop_check=lambda: signals.raise_if_received("while sampling the built-in sentiment set"))
     for line in said_counts(counts):
         say(accelerator, line)
+    if cfg.data.responses == "ranking":
+        say(accelerator, "data.responses=ranking: an example is one prompt's k responses, best first, with one "
+                         "plackett_luce loss; the pair counts, the global batch and the pairs seen count rankings")
 
     order = DataOrder(len(train_tok), per_device=t.per_device_batch_size, accumulation=t.gradient_accumulation_steps,
                       processes=accelerator.num_processes, seed=t.seed, groups=pair_groups(train_tok))
