@@ -23,7 +23,7 @@ import torch
 
 from dpo_dist.data.collate import REFERENCE_COLUMNS
 from dpo_dist.data.packing import PackedPairCollator
-from dpo_dist.data.tokenization import PAIR_COLUMNS, Truncation
+from dpo_dist.data.tokenization import GROUP, PAIR_COLUMNS, Truncation
 from dpo_dist.distributed import gather_in_order, shard_indices
 from dpo_dist.model.adapters import reference_adapters_off
 from dpo_dist.model.attention import base_model
@@ -117,14 +117,15 @@ def compute_reference_logps(scorer: ReferenceScorer, tokenized: datasets.Dataset
     """Score every pair with the reference, sharded across processes, gathered back in dataset order.
 
     Pairs are sharded with ``distributed.shard_indices`` (every process runs the same number of forwards) and
-    gathered back in order.
+    gathered back in order. The pairs keep their ``group``: a ranked row's pairs that meet in a batch (they are next
+    to each other as loaded) are scored as the training collator scores them, the prompt and each response once.
 
     Shape: -> (N, 2) float32 on CPU: column 0 chosen, column 1 rejected, summed over response tokens (with
     ``ld_alpha``: LD-DPO's weighted sums).
     """
     accelerator, batch_size = scorer.accelerator, scorer.batch_size
     shard = shard_indices(len(tokenized), accelerator)
-    pairs = tokenized.select_columns(list(PAIR_COLUMNS))
+    pairs = tokenized.select_columns(list(PAIR_COLUMNS) + ([GROUP] if GROUP in tokenized.column_names else []))
     results = [torch.zeros(0, 2, device=accelerator.device)]
     batches = range(0, len(shard), batch_size)
     shown = scorer.show_progress and accelerator.is_main_process

@@ -1,0 +1,214 @@
+"""The pairs of one ranked row, met in a micro-batch, packed as one segment: the prompt and each distinct response
+computed once, every pair's log-probs (LD-DPO's and WPO's sums too), token counts and gradients those of a segment per
+pair and of the padded form; pair data collates bit for bit as before; a training run follows the same trajectory.
+
+A row of 4 completions under all_pairs gives 6 pairs: a segment per pair puts the prompt through the model 6 times
+and each response 3 times; merged, the prompt goes once and each response once."""
+
+import functools
+import itertools
+import random
+
+import pytest
+import torch
+
+from dpo_dist.data.collate import PreferenceCollator
+from dpo_dist.data.packing import CHOSEN, PAD_SEGMENT, PROMPT, PackedPairCollator
+from dpo_dist.train.logprobs import group_logps, pair_logps
+from test_packing import PAIR_BATCHES_BEFORE_GROUPS, batch_digest, pairs_for_digest, spans_as_before_groups
+from tiny import make_gpt2, make_llama
+
+RULES = {"all_pairs": list(itertools.combinations(range(4), 2)), "best_vs_rest": [(0, 1), (0, 2), (0, 3)]}
+FIELDS = ("chosen_logps", "rejected_logps", "chosen_shared_logps", "rejected_shared_logps", "chosen_aligned_logps",
+          "rejected_aligned_logps")
+
+
+def ranked_row_pairs(rule, rows=3, seed=0, bos=1):
+    """Pairs made by ``rule`` from ``rows`` rows of 4 completions (best first), each with its row's ``group``, then a
+    pair of its own group. Row 1's completions 1 and 3 are the same tokens (two completions cut alike), so one of its
+    all_pairs pairs has chosen = rejected."""
+    rng = random.Random(seed)
+    pairs = []
+    for group in range(rows):
+        prompt = [bos] + [rng.randrange(5, 90) for _ in range(rng.randint(2, 12))]
+        responses = [[rng.randrange(5, 90) for _ in range(rng.randint(1, 9))] for _ in range(4)]
+        if group == 1:
+            responses[3] = list(responses[1])
+        for i, j in RULES[rule]:
+            pairs.append({"prompt_input_ids": prompt, "chosen_input_ids": responses[i],
+                          "rejected_input_ids": responses[j], "group": group, "row": group,
+                          "ref_chosen_logps": -1.0 - i, "ref_rejected_logps": -2.0 - j})
+    pairs.append({"prompt_input_ids": [bos, 7, 8], "chosen_input_ids": [9, 10], "rejected_input_ids": [11],
+                  "group": 99, "row": 99, "ref_chosen_logps": -1.5, "ref_rejected_logps": -2.5})
+    return pairs
+
+
+def model_tokens(batch):
+    """Positions a packed batch puts through the model, padding left out."""
+    return int((batch["segment_ids"] != PAD_SEGMENT).sum())
+
+
+def test_pair_data_collates_exactly_as_before():
+    """Every pair its own group (pair data): the digests of the batches before merging existed, and no
+    ``pair_sequences``; a batch of ranked pairs whose groups each appear once is the unmerged batch, tensor for
+    tensor."""
+    pairs = [{**pair, "group": i} for i, pair in enumerate(pairs_for_digest())]
+    for key, want in PAIR_BATCHES_BEFORE_GROUPS.items():
+        if key[0] == "packed":
+            _, share, layout, multiple = key
+            batch = PackedPairCollator(0, share_prompt=share, attention_layout=layout,
+                                       pad_to_multiple_of=multiple)(pairs)
+            assert "pair_sequences" not in batch
+            assert batch_digest(spans_as_before_groups(batch)) == want, key
+    one_per_group = [ranked_row_pairs("all_pairs")[i] for i in (0, 6, 12, 18)]
+    for layout in ("dense", "segmented"):
+        merged = PackedPairCollator(0, attention_layout=layout)(one_per_group)
+        unmerged = PackedPairCollator(0, attention_layout=layout, merge_groups=False)(one_per_group)
+        assert merged.keys() == unmerged.keys() and "pair_sequences" not in merged
+        assert all(torch.equal(merged[key], unmerged[key]) for key in merged)
+
+
+def test_a_rows_pairs_become_one_segment():
+    """3 rows under all_pairs (6 pairs each) and a pair of its own: 4 segments. Each row's: its prompt once, then its
+    distinct responses in the order the pairs name them (row 1 has 3: two completions are the same tokens); the lone
+    pair's: prompt | chosen | rejected. ``pair_sequences`` names each pair's two sequences; the rest of the pair
+    columns are as without merging."""
+    pairs = ranked_row_pairs("all_pairs")
+    batch = PackedPairCollator(0, attention_layout="segmented")(pairs)
+    unmerged = PackedPairCollator(0, attention_layout="segmented", merge_groups=False)(pairs)
+    for key in ("pair_tokens", "ref_chosen_logps", "ref_rejected_logps"):
+        assert torch.equal(batch[key], unmerged[key]), key
+    spans = batch["attention_spans"].tolist()
+    row0 = pairs[0]
+    responses0 = [row0["chosen_input_ids"], *[p["rejected_input_ids"] for p in pairs[:3]]]
+    assert [s[3:] for s in spans] == [
+        [len(row0["prompt_input_ids"]), *map(len, responses0)],
+        [len(pairs[6]["prompt_input_ids"]), len(pairs[6]["chosen_input_ids"]), len(pairs[6]["rejected_input_ids"]),
+         len(pairs[7]["rejected_input_ids"]), 0],
+        [len(pairs[12]["prompt_input_ids"]), *map(len, [pairs[12]["chosen_input_ids"],
+                                                       *[p["rejected_input_ids"] for p in pairs[12:15]]])],
+        [3, 2, 1, 0, 0]]
+    # S = 4 segments: response j of segment s is sequence 4 j + s; all_pairs over (0..3) names (i, j) as i, j
+    assert batch["pair_sequences"][:6].tolist() == [[4 * i, 4 * j] for i, j in RULES["all_pairs"]]
+    # row 1: completion 3 is completion 1's tokens, so sequence j=1 serves both; (1, 3) is that sequence twice
+    assert batch["pair_sequences"][6:12].tolist() == [[1, 5], [1, 9], [1, 5], [5, 9], [5, 5], [9, 5]]
+    assert batch["pair_sequences"][18].tolist() == [3, 7]
+    # segment 0: its prompt on PROMPT, response j on CHOSEN + j
+    segment = batch["segment_ids"][0] == 0
+    want = [PROMPT] * len(row0["prompt_input_ids"])
+    for j, response in enumerate(responses0):
+        want += [CHOSEN + j] * len(response)
+    assert batch["branch_ids"][0][segment].tolist() == want
+    assert sorted(set(batch["seq_index"].tolist())) == [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 12, 14]
+
+
+def test_what_a_four_completion_row_costs_through_the_model():
+    """One row of 4 completions: the positions put through the model, a segment per pair against merged. all_pairs:
+    the prompt 6 times and each response 3 times, against each once; best_vs_rest: the prompt 3 times and the best
+    response 3 times, against each once. ``pair_tokens`` (the throughput figure) counts each pair as two sequences
+    (the prompt twice) either way."""
+    for rule, per_row, best_uses in (("all_pairs", 6, 3), ("best_vs_rest", 3, 3)):
+        pairs = ranked_row_pairs(rule, rows=1)[:-1]
+        assert len(pairs) == per_row
+        prompt = len(pairs[0]["prompt_input_ids"])
+        lengths = [len(p["chosen_input_ids"]) for p in pairs[:1]] + [len(p["rejected_input_ids"]) for p in pairs[:3]]
+        merged, unmerged = PackedPairCollator(0)(pairs), PackedPairCollator(0, merge_groups=False)(pairs)
+        assert model_tokens(merged) == prompt + sum(lengths)
+        uses = [3, 3, 3, 3] if rule == "all_pairs" else [best_uses, 1, 1, 1]
+        assert model_tokens(unmerged) == per_row * prompt + sum(u * n for u, n in zip(uses, lengths))
+        assert int(merged["pair_tokens"].sum()) == int(unmerged["pair_tokens"].sum()) == model_tokens(unmerged) \
+            + per_row * prompt
+
+
+def scored(model, forward, batch, weights):
+    """Every field of ``forward``'s PairLogps (LD-DPO's and WPO's too) and the token counts, and every parameter's
+    gradient of a loss that weighs each differentiable field of each pair differently."""
+    model.zero_grad()
+    out = forward(model, batch, chunk_size=16, shared=True, aligned=True)  # chunks fewer than the scored tokens
+    sum((getattr(out, name) * w).sum() for name, w in zip(FIELDS[:4], weights)).backward()
+    fields = {name: getattr(out, name).detach() for name in FIELDS}
+    fields["tokens"] = torch.cat([out.chosen_tokens, out.rejected_tokens])
+    return fields, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+HEADS = {"head-after-forward": dict(frozen=False, in_forward=False),
+         "frozen-head": dict(frozen=True, in_forward=False),
+         "head-in-forward": dict(frozen=False, in_forward=True)}
+
+
+@pytest.mark.parametrize("head", list(HEADS))
+@pytest.mark.parametrize("layout", ["dense", "segmented"])
+@pytest.mark.parametrize("rule", list(RULES))
+@pytest.mark.parametrize("make_model", [make_llama, make_gpt2], ids=["llama", "gpt2"])
+def test_merged_pairs_equal_a_segment_per_pair_and_the_padded_form(make_model, rule, layout, head):
+    """3 rows' pairs and a lone pair, in micro-batches of 8 (a row cut across each boundary; the last micro-batch a
+    row's tail and the lone pair), and all of them shuffled (a row's pairs apart): merged, a segment per pair, and
+    padded give every pair the same log-probs, LD-DPO shared-prefix and WPO aligned sums, token counts, and every
+    parameter the same gradient. The LM head trainable or frozen after the forward (LoRA's path), or in it (a
+    sharded head's)."""
+    from dpo_dist.train.logprobs import concatenated_forward, packed_forward
+
+    model = make_model(100, seed=3) if make_model is make_gpt2 else make_model(100, seed=3, tie_word_embeddings=True)
+    model.config._attn_implementation = "sdpa"
+    if HEADS[head]["frozen"]:
+        model.get_output_embeddings().weight.requires_grad_(False)
+    packed = functools.partial(packed_forward, head_in_forward=HEADS[head]["in_forward"])
+    pairs = ranked_row_pairs(rule, seed=1)
+    shuffled = random.Random(0).sample(pairs, len(pairs))
+    for examples in [pairs[i : i + 8] for i in range(0, len(pairs), 8)] + [shuffled]:
+        merged = PackedPairCollator(0, attention_layout=layout)(examples)
+        unmerged = PackedPairCollator(0, attention_layout=layout, merge_groups=False)(examples)
+        repeated = len({e["group"] for e in examples}) < len(examples)
+        assert ("pair_sequences" in merged) == repeated and "pair_sequences" not in unmerged
+        assert (model_tokens(merged) < model_tokens(unmerged)) == repeated
+        weights = [torch.randn(len(examples)) for _ in range(4)]
+        want, want_grads = scored(model, packed, merged, weights)
+        for forward, batch in ((packed, unmerged), (concatenated_forward, PreferenceCollator(0)(examples))):
+            fields, grads = scored(model, forward, batch, weights)
+            assert torch.equal(fields["tokens"], want["tokens"])
+            for name in FIELDS:
+                torch.testing.assert_close(fields[name], want[name], atol=1e-5, rtol=1e-5, msg=name)
+            assert grads.keys() == want_grads.keys() and len(grads) > 5
+            for name in grads:
+                torch.testing.assert_close(grads[name], want_grads[name], atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_group_logps_and_pair_logps_agree_on_a_merged_batch():
+    """group_logps takes a merged batch of pairs as groups of two (chosen, rejected), as pair_logps gives them."""
+    model = make_llama(100, seed=3)
+    model.config._attn_implementation = "sdpa"
+    batch = PackedPairCollator(0)(ranked_row_pairs("all_pairs"))
+    with torch.no_grad():
+        pairs, groups = pair_logps(model, batch, aligned=True), group_logps(model, batch, aligned=True)
+    assert torch.equal(groups.logps, torch.stack([pairs.chosen_logps, pairs.rejected_logps], 1))
+    assert torch.equal(groups.tokens, torch.stack([pairs.chosen_tokens, pairs.rejected_tokens], 1))
+    assert torch.equal(groups.aligned_logps, torch.stack([pairs.chosen_aligned_logps, pairs.rejected_aligned_logps], 1))
+    assert groups.mask.all() and groups.mask.shape == (19, 2)
+
+
+def test_the_reference_precompute_merges_a_rows_pairs_and_gives_the_same_values():
+    """compute_reference_logps hands the collator each pair's ``group``: a row's pairs in a batch are merged, and the
+    log-probs are those of a segment per pair (to float rounding)."""
+    import datasets
+
+    from dpo_dist.distributed import build_accelerator
+    from dpo_dist.train.reference import ReferenceScorer, compute_reference_logps
+
+    model = make_llama(100, seed=3)
+    model.config._attn_implementation = "sdpa"
+    tokenized = datasets.Dataset.from_list([{k: v for k, v in p.items() if not k.startswith("ref_")}
+                                            for p in ranked_row_pairs("all_pairs")])
+    seen = []
+
+    class Recording(PackedPairCollator):
+        def __call__(self, examples):
+            batch = super().__call__(examples)
+            seen.append("pair_sequences" in batch)
+            return batch
+
+    accelerator = build_accelerator(cpu=True)
+    merged, unmerged = (compute_reference_logps(
+        ReferenceScorer(model, collator, accelerator, batch_size=8, show_progress=False), tokenized)
+        for collator in (Recording(0), PackedPairCollator(0, merge_groups=False)))
+    assert seen == [True, True, True]
+    torch.testing.assert_close(merged, unmerged, atol=1e-5, rtol=1e-6)
