@@ -7,6 +7,7 @@ and each response 3 times; merged, the prompt goes once and each response once."
 
 import functools
 import itertools
+import math
 import random
 
 import pytest
@@ -212,3 +213,45 @@ def test_the_reference_precompute_merges_a_rows_pairs_and_gives_the_same_values(
         for collator in (Recording(0), PackedPairCollator(0, merge_groups=False)))
     assert seen == [True, True, True]
     torch.testing.assert_close(merged, unmerged, atol=1e-5, rtol=1e-6)
+
+
+@pytest.mark.usefixtures("fresh_accelerate_state")
+@pytest.mark.parametrize("loss", [pytest.param({}, id="dpo"), pytest.param(
+    {"loss.ld_alpha": 0.5, "loss.use_weighting": True}, id="ld-wpo", marks=pytest.mark.slow)])
+def test_training_merged_follows_a_segment_per_pair(tiny_model_dir, tmp_path, monkeypatch, loss):
+    """10 rows of 4 completions under all_pairs (48 training pairs, micro-batches of 8: rows cut across them): 4 steps
+    with an eval, the reference precomputed, merged and with a segment per pair (``merge_groups=False``, what
+    ``train.share_prompt=true`` packed before), the same trajectory to 1e-6 (summed log-probs to a part in 1e7); with
+    LD-DPO and WPO too. Every training
+    batch of the merged run merged a row's pairs."""
+    from dpo_dist.train import trainer
+    from test_rankings_data import four_completion_rows
+    from training import COMPARED, read_jsonl, reset_accelerate_state, run
+
+    data = four_completion_rows(tmp_path / "ranked.jsonl", 10)
+    merged_batches = []
+
+    class Recording(PackedPairCollator):
+        def __call__(self, examples):
+            batch = super().__call__(examples)
+            merged_batches.append("pair_sequences" in batch)
+            return batch
+
+    settings = {"data.pair_rule": "all_pairs", "train.eval_every": 2, "train.packing": "on", **loss}
+    for name, collator in (("merged", Recording), ("unmerged", functools.partial(PackedPairCollator,
+                                                                                  merge_groups=False))):
+        monkeypatch.setattr(trainer, "PackedPairCollator", collator)
+        reset_accelerate_state()
+        run(tiny_model_dir, data, tmp_path / name, **settings)
+    assert merged_batches and all(merged_batches)
+    merged, unmerged = (read_jsonl(tmp_path / name / "metrics.jsonl") for name in ("merged", "unmerged"))
+    assert len(merged) == len(unmerged) == 4
+    for a, b in zip(merged, unmerged):
+        for key in COMPARED + tuple(k for k in a if k.startswith("eval/")):
+            if a["step"] == 1 and key.endswith("accuracies"):  # policy = reference: rewards are float noise
+                continue
+            # summed log-probs are about -50, where float32 steps by 3.8e-6: equal to a part in 1e7 (below a step)
+            tolerance = dict(rel=1e-7) if "logps" in key else dict(abs=1e-6)
+            assert b[key] == pytest.approx(a[key], **tolerance), (a["step"], key)
+    if not loss:
+        assert merged[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
