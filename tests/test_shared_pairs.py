@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from dpo_dist.data.collate import PreferenceCollator
-from dpo_dist.data.packing import CHOSEN, PAD_SEGMENT, PROMPT, PackedPairCollator
+from dpo_dist.data.packing import CHOSEN, PROMPT, PackedPairCollator, tokens_through_model
 from dpo_dist.train.logprobs import group_logps, pair_logps
 from test_packing import PAIR_BATCHES_BEFORE_GROUPS, batch_digest, pairs_for_digest, spans_as_before_groups
 from tiny import make_gpt2, make_llama
@@ -42,11 +42,6 @@ def ranked_row_pairs(rule, rows=3, seed=0, bos=1):
     pairs.append({"prompt_input_ids": [bos, 7, 8], "chosen_input_ids": [9, 10], "rejected_input_ids": [11],
                   "group": 99, "row": 99, "ref_chosen_logps": -1.5, "ref_rejected_logps": -2.5})
     return pairs
-
-
-def model_tokens(batch):
-    """Positions a packed batch puts through the model, padding left out."""
-    return int((batch["segment_ids"] != PAD_SEGMENT).sum())
 
 
 def test_pair_data_collates_exactly_as_before():
@@ -107,18 +102,17 @@ def test_what_a_four_completion_row_costs_through_the_model():
     """One row of 4 completions: the positions put through the model, a segment per pair against merged. all_pairs:
     the prompt 6 times and each response 3 times, against each once; best_vs_rest: the prompt 3 times and the best
     response 3 times, against each once. ``pair_tokens`` (the throughput figure) counts each pair as two sequences
-    (the prompt twice) either way."""
-    for rule, per_row, best_uses in (("all_pairs", 6, 3), ("best_vs_rest", 3, 3)):
+    (the prompt twice) either way, as the padded form computes them."""
+    for rule, per_row, uses in (("all_pairs", 6, [3, 3, 3, 3]), ("best_vs_rest", 3, [3, 1, 1, 1])):  # per response
         pairs = ranked_row_pairs(rule, rows=1)[:-1]
         assert len(pairs) == per_row
         prompt = len(pairs[0]["prompt_input_ids"])
         lengths = [len(p["chosen_input_ids"]) for p in pairs[:1]] + [len(p["rejected_input_ids"]) for p in pairs[:3]]
         merged, unmerged = PackedPairCollator(0)(pairs), PackedPairCollator(0, merge_groups=False)(pairs)
-        assert model_tokens(merged) == prompt + sum(lengths)
-        uses = [3, 3, 3, 3] if rule == "all_pairs" else [best_uses, 1, 1, 1]
-        assert model_tokens(unmerged) == per_row * prompt + sum(u * n for u, n in zip(uses, lengths))
-        assert int(merged["pair_tokens"].sum()) == int(unmerged["pair_tokens"].sum()) == model_tokens(unmerged) \
-            + per_row * prompt
+        assert tokens_through_model(merged) == prompt + sum(lengths)
+        assert tokens_through_model(unmerged) == per_row * prompt + sum(u * n for u, n in zip(uses, lengths))
+        assert int(merged["pair_tokens"].sum()) == int(unmerged["pair_tokens"].sum()) == tokens_through_model(
+            PreferenceCollator(0)(pairs)) == tokens_through_model(unmerged) + per_row * prompt
 
 
 def scored(model, forward, batch, weights):
@@ -161,7 +155,7 @@ def test_merged_pairs_equal_a_segment_per_pair_and_the_padded_form(make_model, r
         unmerged = PackedPairCollator(0, attention_layout=layout, merge_groups=False)(examples)
         repeated = len({e["group"] for e in examples}) < len(examples)
         assert ("pair_sequences" in merged) == repeated and "pair_sequences" not in unmerged
-        assert (model_tokens(merged) < model_tokens(unmerged)) == repeated
+        assert (tokens_through_model(merged) < tokens_through_model(unmerged)) == repeated
         weights = [torch.randn(len(examples)) for _ in range(4)]
         want, want_grads = scored(model, packed, merged, weights)
         for forward, batch in ((packed, unmerged), (concatenated_forward, PreferenceCollator(0)(examples))):

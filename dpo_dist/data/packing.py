@@ -90,6 +90,16 @@ def row_width(rows: list[list[int]], lengths: Sequence[int]) -> int:
     return max(sum(lengths[i] for i in row) for row in rows)
 
 
+def tokens_through_model(batch: dict[str, torch.Tensor]) -> int:
+    """The token positions a batch puts through the model, padding left out: a packed batch's segment positions (the
+    prompt once per segment: once for a pair with the prompt shared, once for a ranked row's pairs merged), a padded
+    one's non-padding positions (the prompt once per response). ``pair_tokens``, the throughput figure, counts each
+    pair as two sequences whatever the batch computed."""
+    if "segment_ids" in batch:
+        return int((batch["segment_ids"] != PAD_SEGMENT).sum())
+    return int(batch["attention_mask"].sum())
+
+
 class PackedPairCollator:
     """Pairs (``prompt_input_ids``, ``chosen_input_ids``, ``rejected_input_ids``, optional reference log-probs) or
     groups (``prompt_input_ids``, ``responses_input_ids``: k >= 2 token lists, optional ``ref_responses_logps``: k
