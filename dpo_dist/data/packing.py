@@ -2,7 +2,9 @@
 
 Each pair becomes one segment, ``prompt | chosen | rejected``, with the prompt computed once for both responses; a
 group (one prompt, ``k >= 2`` responses) likewise becomes ``prompt | response_0 | ... | response_k-1``, the prompt
-computed once for all k. A pair is the group ``[chosen, rejected]``: what follows says "responses" for both.
+computed once for all k. A pair is the group ``[chosen, rejected]``: what follows says "responses" for both. The
+pairs of one ranked row (one ``group`` id) that meet in a batch are one segment, the prompt and each distinct response
+once (:class:`PackedPairCollator`, ``pair_sequences``).
 
 - **Attention** (the batch carries per-token segment, branch and position ids; the mask built from them is
   ``dpo_dist.model.attention.packed_mask``'s, in the form each attention kernel and layer type takes): causal within a
