@@ -15,6 +15,7 @@ import torch
 
 from dpo_dist.data.collate import PreferenceCollator
 from dpo_dist.data.packing import CHOSEN, PROMPT, PackedPairCollator, tokens_through_model
+from dpo_dist.data.tokenization import PAIR_COLUMNS
 from dpo_dist.train.logprobs import group_logps, pair_logps
 from test_packing import PAIR_BATCHES_BEFORE_GROUPS, batch_digest, pairs_for_digest, spans_as_before_groups
 from tiny import make_gpt2, make_llama
@@ -166,6 +167,35 @@ def test_merged_pairs_equal_a_segment_per_pair_and_the_padded_form(make_model, r
             assert grads.keys() == want_grads.keys() and len(grads) > 5
             for name in grads:
                 torch.testing.assert_close(grads[name], want_grads[name], atol=1e-5, rtol=1e-4, msg=name)
+
+
+EXACTNESS_CASES = [(kernel, layout) for kernel in ("sdpa", "eager") for layout in ("dense", "segmented")
+                   if kernel == "sdpa" or layout == "dense"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kernel,layout", EXACTNESS_CASES, ids=[f"{k}-{layout}" for k, layout in EXACTNESS_CASES])
+@pytest.mark.parametrize("model", range(8), ids=["llama", "mistral", "mistral-window6", "qwen2", "qwen2-window6",
+                                                 "qwen3", "qwen3-window6", "gpt2"])
+def test_merged_pairs_equal_an_unpadded_forward(model, kernel, layout):
+    """tests/test_exactness.py's matrix for merged pairs: every model type on the packing list (a sliding window where
+    it has one) under sdpa and eager, dense and segmented: each pair's chosen and rejected, from rows of 4 completions
+    under all_pairs merged in micro-batches of 8, equal a forward of ``prompt + response`` alone."""
+    from test_exactness import EXACT, MODELS, VOCAB, tiny_model, unpadded_logps
+
+    model_type, window = MODELS[model]
+    model = tiny_model(model_type, window, kernel)
+    pairs = ranked_row_pairs("all_pairs", seed=2, bos=2)
+    assert max(t for p in pairs for key in PAIR_COLUMNS for t in p[key]) < VOCAB
+    for examples in (pairs[i : i + 8] for i in range(0, len(pairs), 8)):
+        batch = PackedPairCollator(0, attention_layout=layout)(examples)
+        assert "pair_sequences" in batch
+        with torch.no_grad():
+            out = pair_logps(model, batch)
+        for side in ("chosen", "rejected"):
+            want = torch.tensor([unpadded_logps(model, p["prompt_input_ids"], p[f"{side}_input_ids"])
+                                 for p in examples])
+            torch.testing.assert_close(getattr(out, f"{side}_logps"), want, **EXACT)
 
 
 def test_group_logps_and_pair_logps_agree_on_a_merged_batch():
