@@ -116,6 +116,27 @@ def test_what_a_four_completion_row_costs_through_the_model():
             PreferenceCollator(0)(pairs)) == tokens_through_model(unmerged) + per_row * prompt
 
 
+def test_merged_pair_sums_by_hand():
+    """Three sequences, tokens out of order (ranked by their predicting rows): 0 = [-1, -2, -3], 1 = [-0.5], 2 = [-4,
+    -1]. Pairs (0, 1), (0, 2), (2, 1): sums -6 / -0.5, -6 / -5, -5 / -0.5; LD's shared prefix is the pair's min length:
+    1 token (-1 / -0.5), 2 (-3 / -5), 1 (-4 / -0.5), so sequence 0 is cut at 1 token for one pair and 2 for another.
+    Each sequence's gradient sums its pairs': sequence 0 is chosen twice."""
+    from dpo_dist.train.logprobs import merged_pair_sums
+
+    values = torch.tensor([-3.0, -1.0, -0.5, -2.0, -1.0, -4.0], requires_grad=True)
+    seq = torch.tensor([0, 0, 1, 0, 2, 2])
+    rows = torch.tensor([9, 2, 20, 4, 31, 30])
+    pairs = torch.tensor([[0, 1], [0, 2], [2, 1]])
+    out = merged_pair_sums(values, torch.zeros(6), seq, rows, pairs, shared=True, aligned=True)
+    assert out.chosen_logps.tolist() == [-6.0, -6.0, -5.0] and out.rejected_logps.tolist() == [-0.5, -5.0, -0.5]
+    assert out.chosen_tokens.tolist() == [3, 3, 2] and out.rejected_tokens.tolist() == [1, 2, 1]
+    assert out.chosen_shared_logps.tolist() == [-1.0, -3.0, -4.0]
+    assert out.rejected_shared_logps.tolist() == [-0.5, -5.0, -0.5]
+    assert out.rejected_aligned_logps.tolist() == [-0.5, -5.0, -0.5] and not out.chosen_aligned_logps.requires_grad
+    out.chosen_logps.sum().backward()
+    assert values.grad.tolist() == [2.0, 2.0, 0.0, 2.0, 1.0, 1.0]
+
+
 def scored(model, forward, batch, weights):
     """Every field of ``forward``'s PairLogps (LD-DPO's and WPO's too) and the token counts, and every parameter's
     gradient of a loss that weighs each differentiable field of each pair differently."""

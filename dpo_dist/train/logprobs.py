@@ -184,7 +184,9 @@ def merged_pair_sums(token_logps: torch.Tensor, collisions: torch.Tensor, seq_in
     Shape: token_logps, seq_index, order (K,); collisions (K,) when ``aligned``; pair_sequences (B, 2) -> each
     field (B,).
     """
-    n_seq = int(pair_sequences.max()) + 1 if pair_sequences.numel() else 0
+    # sequence j * S + s: S segments of at most B pairs, each with at most 2B responses; a bound from the shape, not
+    # the values, which would wait for the device here
+    n_seq = 2 * pair_sequences.shape[0] ** 2
     chosen, rejected = pair_sequences[:, 0], pair_sequences[:, 1]
 
     def per_sequence(values: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -193,10 +195,11 @@ def merged_pair_sums(token_logps: torch.Tensor, collisions: torch.Tensor, seq_in
     logps = per_sequence(token_logps)
     tokens = per_sequence(torch.ones_like(seq_index), torch.long)
     out = PairLogps(logps[chosen], logps[rejected], tokens[chosen], tokens[rejected])
-    if shared:
-        ranks = response_ranks(seq_index, order, n_seq)
-        longest = int(tokens.max()) if n_seq else 0
-        table = torch.zeros(n_seq, longest, dtype=torch.float32, device=token_logps.device)
+    if shared:  # reads values on the host, as pair_sums' shared sums do (response_ranks)
+        used = int(pair_sequences.max()) + 1
+        ranks = response_ranks(seq_index, order, used)
+        longest = int(tokens.max())
+        table = torch.zeros(used, longest, dtype=torch.float32, device=token_logps.device)
         table = table.index_put((seq_index, ranks), token_logps)  # [sequence, place in it]
         shared_len = torch.minimum(out.chosen_tokens, out.rejected_tokens)  # (B,)
         in_shared = torch.arange(longest, device=table.device)[None, :] < shared_len[:, None]  # (B, longest)
