@@ -2,7 +2,9 @@
 
 Each pair becomes one segment, ``prompt | chosen | rejected``, with the prompt computed once for both responses; a
 group (one prompt, ``k >= 2`` responses) likewise becomes ``prompt | response_0 | ... | response_k-1``, the prompt
-computed once for all k. A pair is the group ``[chosen, rejected]``: what follows says "responses" for both.
+computed once for all k. A pair is the group ``[chosen, rejected]``: what follows says "responses" for both. The
+pairs of one ranked row (one ``group`` id) that meet in a batch are one segment, the prompt and each distinct response
+once (:class:`PackedPairCollator`, ``pair_sequences``).
 
 - **Attention** (the batch carries per-token segment, branch and position ids; the mask built from them is
   ``dpo_dist.model.attention.packed_mask``'s, in the form each attention kernel and layer type takes): causal within a
@@ -40,6 +42,7 @@ import torch
 
 from dpo_dist.attention_cost import POSITION_COST, dense_cost, segmented_pays
 from dpo_dist.data.collate import REFERENCE_COLUMNS, group_columns, is_group, responses_of
+from dpo_dist.data.tokenization import GROUP
 
 # Branch ids: which part of its segment a token is in (response j: CHOSEN + j). Padding is its own segment (-1) on
 # branch PROMPT.
@@ -89,6 +92,16 @@ def row_width(rows: list[list[int]], lengths: Sequence[int]) -> int:
     return max(sum(lengths[i] for i in row) for row in rows)
 
 
+def tokens_through_model(batch: dict[str, torch.Tensor]) -> int:
+    """The token positions a batch puts through the model, padding left out: a packed batch's segment positions (the
+    prompt once per segment: once for a pair with the prompt shared, once for a ranked row's pairs merged), a padded
+    one's non-padding positions (the prompt once per response). ``pair_tokens``, the throughput figure, counts each
+    pair as two sequences whatever the batch computed."""
+    if "segment_ids" in batch:
+        return int((batch["segment_ids"] != PAD_SEGMENT).sum())
+    return int(batch["attention_mask"].sum())
+
+
 class PackedPairCollator:
     """Pairs (``prompt_input_ids``, ``chosen_input_ids``, ``rejected_input_ids``, optional reference log-probs) or
     groups (``prompt_input_ids``, ``responses_input_ids``: k >= 2 token lists, optional ``ref_responses_logps``: k
@@ -111,6 +124,18 @@ class PackedPairCollator:
     and ``ref_responses_logps`` (G, K) float32 (0 past a group's k) where the examples carry reference log-probs.
     Pairs collate exactly as before groups existed: a batch of pairs has no key a group adds.
 
+    **Pairs of one ranked row** (``share_prompt=True``, ``merge_groups=True``): pairs of the batch that carry the same
+    ``group`` id (the pairs ``data.pair_rule`` made from one row; pair data gives every pair its own) and the same
+    prompt become one segment, ``prompt | response_0 | ... | response_k-1``: the prompt once, each distinct response
+    (identical token lists are one) once, in the order the pairs first name them, chosen before rejected. The batch
+    then also carries ``pair_sequences`` (B, 2): pair b's chosen and rejected sequence. The segments are numbered as
+    groups are (response j of segment s of S: sequence ``j * S + s``), and a pair whose group appears once in the
+    batch is the segment ``prompt | chosen | rejected`` as without merging. Every other key means what it does for
+    pairs (``pair_tokens`` still counts each pair as two sequences). A batch where no group appears twice (pair data
+    always) has no ``pair_sequences`` and is the batch it was before merging, bit for bit.
+    :func:`dpo_dist.train.logprobs.pair_logps` reads a pair's sums from its sequences' (LD-DPO's shared prefix and
+    WPO's aligned sums included), the same numbers as a segment per pair.
+
     ``attention_layout``: ``dense``: rows as :func:`choose_rows` packs them, for a mask over each row; ``segmented``:
     every segment in one row (no padding: the row's width no longer costs attention), and the batch also carries
     ``attention_spans`` (S, 4 + K), K the most responses of a segment in the batch: per part of a row ``row, start,
@@ -120,13 +145,14 @@ class PackedPairCollator:
     """
 
     def __init__(self, pad_token_id: int, *, share_prompt: bool = True, pad_to_multiple_of: int | None = None,
-                 attention_layout: str = "dense"):
+                 attention_layout: str = "dense", merge_groups: bool = True):
         if attention_layout not in ATTENTION_LAYOUTS:
             raise ValueError(f"attention_layout must be one of {ATTENTION_LAYOUTS}, got {attention_layout!r}")
         self.pad_token_id = pad_token_id
         self.pad_to_multiple_of = pad_to_multiple_of  # FlexAttention's block size: rows a whole number of blocks
         self.share_prompt = share_prompt
         self.attention_layout = attention_layout
+        self.merge_groups = merge_groups  # the pairs of one group in a batch: one segment (class docstring)
 
     def segments(self, examples: Sequence[dict[str, Any]]) -> list[tuple[list[int], list[tuple[list[int], int]]]]:
         """(prompt, [(response, sequence index), ...]) per segment."""
@@ -137,6 +163,37 @@ class PackedPairCollator:
             responses = [(response, j * g + i) for j, response in enumerate(responses_of(e))]
             out += [(prompt, responses)] if self.share_prompt else [(prompt, [r]) for r in responses]
         return out
+
+    def merged_segments(self, examples: Sequence[dict[str, Any]]) -> tuple[list, int, list[tuple[int, int]]] | None:
+        """The segments of a batch of pairs with each group's pairs merged (class docstring): ``(prompt, [(response,
+        sequence index), ...])`` per segment, the number of segments S (sequence ``j * S + s`` is segment s's response
+        j) and each pair's (chosen, rejected) sequences. None where no group (with its prompt) appears twice."""
+        if not (self.share_prompt and self.merge_groups) or any(GROUP not in e or is_group(e) for e in examples):
+            return None
+        keys = [(e[GROUP], tuple(e["prompt_input_ids"])) for e in examples]  # a prompt cut otherwise: not merged
+        members: dict[tuple, list[int]] = {}
+        for b, key in enumerate(keys):
+            members.setdefault(key, []).append(b)
+        if len(members) == len(examples):
+            return None
+        s = len(members)
+        segments, pair_sequences = [], [(0, 0)] * len(examples)
+        for index, pairs in enumerate(members.values()):
+            responses: list[list[int]] = []  # distinct responses in the order the pairs name them
+            for b in pairs:
+                sides = [list(examples[b]["chosen_input_ids"]), list(examples[b]["rejected_input_ids"])]
+                if len(pairs) == 1:  # a group that appears once: prompt | chosen | rejected, as without merging
+                    responses = sides
+                    pair_sequences[b] = (index, s + index)
+                    continue
+                for side in sides:
+                    if side not in responses:
+                        responses.append(side)
+                chosen, rejected = (responses.index(side) for side in sides)
+                pair_sequences[b] = (chosen * s + index, rejected * s + index)
+            segments.append((list(examples[pairs[0]]["prompt_input_ids"]),
+                             [(response, j * s + index) for j, response in enumerate(responses)]))
+        return segments, s, pair_sequences
 
     def layout(self, segments: list, lengths: list[int]) -> tuple[list[list[int]], bool]:
         """Segment indices per row, and whether attention is segmented (``attention_layout``, class docstring)."""
@@ -150,7 +207,8 @@ class PackedPairCollator:
         return rows, False
 
     def __call__(self, examples: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        segments = self.segments(examples)
+        merged = self.merged_segments(examples)
+        segments, stride, pair_sequences = merged or (self.segments(examples), len(examples), None)
         lengths = [len(prompt) + sum(len(r) for r, _ in responses) for prompt, responses in segments]
         rows, segmented = self.layout(segments, lengths)
         width = row_width(rows, lengths)
@@ -176,7 +234,7 @@ class PackedPairCollator:
                     span = slice(offset, offset + n)
                     input_ids[r, span] = torch.tensor(response, dtype=torch.long)
                     position_ids[r, span] = torch.arange(n_p, n_p + n)
-                    branch_ids[r, span] = CHOSEN + seq // len(examples)  # response j of its example: CHOSEN + j
+                    branch_ids[r, span] = CHOSEN + seq // stride  # response j of its segment: CHOSEN + j
                     # Token k is predicted by the position before it: the prompt's last for k = 0 (with no prompt,
                     # nothing predicts it, as in the padded form), its own response's previous token after that.
                     first = 0 if n_p else 1
@@ -198,6 +256,8 @@ class PackedPairCollator:
             batch["attention_spans"] = torch.tensor([(*span, *[0] * (columns - len(span))) for span in spans],
                                                     dtype=torch.long)
         batch.update(group_columns(examples) if any(map(is_group, examples)) else self._pair_columns(examples))
+        if pair_sequences is not None:
+            batch["pair_sequences"] = torch.tensor(pair_sequences, dtype=torch.long)
         return batch
 
     @staticmethod

@@ -136,12 +136,20 @@ def response_ranks(seq_index: torch.Tensor, order: torch.Tensor, n_seq: int) -> 
 
 
 def pair_sums(token_logps: torch.Tensor, collisions: torch.Tensor, seq_index: torch.Tensor, order: torch.Tensor,
-              b: int, *, shared: bool = False, aligned: bool = False) -> PairLogps:
+              b: int, *, shared: bool = False, aligned: bool = False,
+              pair_sequences: torch.Tensor | None = None) -> PairLogps:
     """A :class:`PairLogps` from scored tokens: sequence ``s < b`` is pair ``s``'s chosen response, ``b + s`` its
     rejected one; ``order`` increases along each response (:func:`response_ranks`).
 
+    ``pair_sequences`` (B, 2) instead names each pair's chosen and rejected sequence (a batch whose pairs of one group
+    share a segment, :class:`dpo_dist.data.packing.PackedPairCollator`): a sequence may be a side of several pairs.
+    Each pair's fields are then gathered from its sequences' sums (:func:`merged_pair_sums`).
+
     Shape: token_logps, seq_index, order (K,); collisions (K,) when ``aligned`` -> each field (B,).
     """
+    if pair_sequences is not None:
+        return merged_pair_sums(token_logps, collisions, seq_index, order, pair_sequences, shared=shared,
+                                aligned=aligned)
     device = token_logps.device
 
     def per_sequence(values: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -158,6 +166,48 @@ def pair_sums(token_logps: torch.Tensor, collisions: torch.Tensor, seq_index: to
     if aligned:
         aligned_logps = per_sequence(token_logps.detach() - collisions)
         out.chosen_aligned_logps, out.rejected_aligned_logps = aligned_logps[:b], aligned_logps[b:]
+    return out
+
+
+def merged_pair_sums(token_logps: torch.Tensor, collisions: torch.Tensor, seq_index: torch.Tensor,
+                     order: torch.Tensor, pair_sequences: torch.Tensor, *, shared: bool = False,
+                     aligned: bool = False) -> PairLogps:
+    """A :class:`PairLogps` of pairs whose responses are sequences of a batch, several pairs naming one sequence
+    (``pair_sequences`` (B, 2): each pair's chosen and rejected): each sequence summed once, each pair's sides gathered
+    from them (the gradient of a sequence used by several pairs is the sum of theirs).
+
+    LD-DPO's shared-prefix sums depend on the pair (the first ``min(chosen_tokens, rejected_tokens)`` tokens, and a
+    response meets partners of other lengths), so they are taken per pair side from the sequence's tokens laid out by
+    their place in it (``order``, :func:`response_ranks`): a (sequences, longest) table, summed under each side's
+    prefix.
+
+    Shape: token_logps, seq_index, order (K,); collisions (K,) when ``aligned``; pair_sequences (B, 2) -> each
+    field (B,).
+    """
+    # sequence j * S + s: S segments of at most B pairs, each with at most 2B responses; a bound from the shape, not
+    # the values, which would wait for the device here
+    n_seq = 2 * pair_sequences.shape[0] ** 2
+    chosen, rejected = pair_sequences[:, 0], pair_sequences[:, 1]
+
+    def per_sequence(values: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return torch.zeros(n_seq, dtype=dtype, device=token_logps.device).index_add(0, seq_index, values)
+
+    logps = per_sequence(token_logps)
+    tokens = per_sequence(torch.ones_like(seq_index), torch.long)
+    out = PairLogps(logps[chosen], logps[rejected], tokens[chosen], tokens[rejected])
+    if shared:  # reads values on the host, as pair_sums' shared sums do (response_ranks)
+        used = int(pair_sequences.max()) + 1
+        ranks = response_ranks(seq_index, order, used)
+        longest = int(tokens.max())
+        table = torch.zeros(used, longest, dtype=torch.float32, device=token_logps.device)
+        table = table.index_put((seq_index, ranks), token_logps)  # [sequence, place in it]
+        shared_len = torch.minimum(out.chosen_tokens, out.rejected_tokens)  # (B,)
+        in_shared = torch.arange(longest, device=table.device)[None, :] < shared_len[:, None]  # (B, longest)
+        out.chosen_shared_logps = (table[chosen] * in_shared).sum(1)
+        out.rejected_shared_logps = (table[rejected] * in_shared).sum(1)
+    if aligned:
+        aligned_logps = per_sequence(token_logps.detach() - collisions)
+        out.chosen_aligned_logps, out.rejected_aligned_logps = aligned_logps[chosen], aligned_logps[rejected]
     return out
 
 
@@ -320,7 +370,8 @@ def packed_forward(
     head_in_forward: bool | None = None, shared: bool = False, aligned: bool = False,
 ) -> PairLogps:
     """Score a :class:`dpo_dist.data.packing.PackedPairCollator` batch of pairs (:func:`packed_token_logps`) and sum
-    each side's tokens."""
+    each side's tokens (with ``pair_sequences``, the pairs of one group sharing a segment: each sequence once, each
+    pair's sides gathered from them, :func:`merged_pair_sums`)."""
     if "pair_tokens" not in batch:
         raise ValueError("this packed batch holds groups (responses_input_ids): score it with group_logps")
     token_logps, collisions = packed_token_logps(model, batch, chunk_size=chunk_size, head_in_forward=head_in_forward,
@@ -328,7 +379,7 @@ def packed_forward(
     # a response's tokens are predicted from increasing packed rows (with a shared prompt, the rejected response's
     # first token from the prompt's last row, before its own rows): pred_rows orders each response
     return pair_sums(token_logps, collisions, batch["seq_index"], batch["pred_rows"], batch["pair_tokens"].shape[0],
-                     shared=shared, aligned=aligned)
+                     shared=shared, aligned=aligned, pair_sequences=batch.get("pair_sequences"))
 
 
 def pair_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor], *, chunk_size: int = DEFAULT_CHUNK_SIZE,
@@ -378,7 +429,8 @@ def group_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor], *, chunk
     """Every response's log-probs of a batch from either collator, groups or pairs: packed
     (:func:`packed_token_logps`; ``head_in_forward`` as there) or padded (:func:`padded_token_logps`, each row's
     sequence from ``row_sequence``). A batch of groups carries its ``response_mask`` (G, K); a batch of pairs is G
-    groups of 2 (chosen, rejected), in the order :class:`PairLogps` has them.
+    groups of 2 (chosen, rejected), in the order :class:`PairLogps` has them (pairs of one group merged into a segment,
+    ``pair_sequences``, too).
 
     Shape: -> each field of :class:`GroupLogps` (G, K)."""
     response_mask = batch.get("response_mask")
@@ -393,4 +445,11 @@ def group_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor], *, chunk
         token_logps, collisions, row, _ = padded_token_logps(model, batch, chunk_size=chunk_size, collision=aligned)
         # a batch of pairs has a row per sequence (chosen rows, then rejected); one of groups says each row's
         seq_index = batch["row_sequence"][row] if "row_sequence" in batch else row
+    if "pair_sequences" in batch:  # a sequence may be a side of several pairs: sum each once, then gather
+        pairs = merged_pair_sums(token_logps, collisions, seq_index, batch["pred_rows"], batch["pair_sequences"],
+                                 aligned=aligned)
+        return GroupLogps(torch.stack([pairs.chosen_logps, pairs.rejected_logps], 1),
+                          torch.stack([pairs.chosen_tokens, pairs.rejected_tokens], 1), response_mask,
+                          torch.stack([pairs.chosen_aligned_logps, pairs.rejected_aligned_logps], 1) if aligned
+                          else None)
     return group_sums(token_logps, collisions, seq_index, response_mask, aligned=aligned)

@@ -24,7 +24,7 @@ import torch
 
 from dpo_dist.data.collate import GROUP_COLUMN, GROUP_REFERENCE_COLUMN, REFERENCE_COLUMNS
 from dpo_dist.data.packing import PackedPairCollator
-from dpo_dist.data.tokenization import GROUP_COLUMNS, PAIR_COLUMNS, Truncation
+from dpo_dist.data.tokenization import GROUP, GROUP_COLUMNS, PAIR_COLUMNS, Truncation
 from dpo_dist.distributed import gather_in_order, shard_indices
 from dpo_dist.model.adapters import reference_adapters_off
 from dpo_dist.model.attention import base_model
@@ -154,7 +154,8 @@ def compute_reference_logps(scorer: ReferenceScorer, tokenized: datasets.Dataset
     """Score every pair with the reference, sharded across processes, gathered back in dataset order.
 
     Pairs are sharded with ``distributed.shard_indices`` (every process runs the same number of forwards) and
-    gathered back in order.
+    gathered back in order. The pairs keep their ``group``: a ranked row's pairs that meet in a batch (they are next
+    to each other as loaded) are scored as the training collator scores them, the prompt and each response once.
 
     Shape: -> (N, 2) float32 on CPU: column 0 chosen, column 1 rejected, summed over response tokens (with
     ``ld_alpha``: LD-DPO's weighted sums); for groups (rankings) (N, K), K the set's largest k, response j of
@@ -164,7 +165,10 @@ def compute_reference_logps(scorer: ReferenceScorer, tokenized: datasets.Dataset
     shard = shard_indices(len(tokenized), accelerator)
     grouped = is_grouped(tokenized)  # rankings: (N, K), response j at column j, 0 past an example's k
     width = largest_group(tokenized) if grouped else 2
-    pairs = tokenized.select_columns(list(GROUP_COLUMNS if grouped else PAIR_COLUMNS))
+    columns = list(GROUP_COLUMNS if grouped else PAIR_COLUMNS)
+    if not grouped and GROUP in tokenized.column_names:  # a ranked row's pairs: merged as training merges them
+        columns.append(GROUP)
+    pairs = tokenized.select_columns(columns)
     results = [torch.zeros(0, width, device=accelerator.device)]
     batches = range(0, len(shard), batch_size)
     shown = scorer.show_progress and accelerator.is_main_process
