@@ -101,16 +101,14 @@ def main() -> None:
     model = load_lora_model(source)
     data = rows(tokenizer, args.rows)
     chunks = [data[i : i + args.batch_rows] for i in range(0, len(data), args.batch_rows)]
-    collate = PackedPairCollator(tokenizer.eos_token_id, attention_layout="auto")
+    collate = PackedPairCollator(tokenizer.eos_token_id, attention_layout="auto")  # as training: a row's pairs merged
+    separate = PackedPairCollator(tokenizer.eos_token_id, attention_layout="auto", merge_groups=False)
     ways = {
         "binarized": (1, pairs_step, [collate(pair_examples(c, "best_vs_worst")) for c in chunks]),
-        "all pairs, a segment each": (6, pairs_step, [collate(pair_examples(c, "all_pairs")) for c in chunks]),
+        "all pairs, a segment each": (6, pairs_step, [separate(pair_examples(c, "all_pairs")) for c in chunks]),
+        "all pairs, one segment a row": (6, pairs_step, [collate(pair_examples(c, "all_pairs")) for c in chunks]),
         "plackett_luce": (6, ranking_step, [collate(group_examples(c)) for c in chunks]),
     }
-    merged = PackedPairCollator(tokenizer.eos_token_id, attention_layout="auto", merge_groups=True) \
-        if "merge_groups" in PackedPairCollator.__init__.__code__.co_varnames else None
-    if merged is not None:
-        ways["all pairs, one segment a row"] = (6, pairs_step, [merged(pair_examples(c, "all_pairs")) for c in chunks])
     seconds = {name: [] for name in ways}
     for number in range(args.rounds + 1):  # the first round warms up
         names = list(ways)[number % len(ways):] + list(ways)[:number % len(ways)]
