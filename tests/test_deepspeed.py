@@ -78,6 +78,11 @@ def test_zero_trajectory_equals_one_process(stage, lora, one_process, zero_run, 
     # (Segmented, they are keyed apart from the one process's.)
     assert_same_reference_caches(f"{single_out}-refcache", f"{out}-refcache", same_keys=stage != 3)
     # The final export (consolidated from shards under ZeRO-3) gives the single-process model's logits.
+    assert_same_logits(out / "model", single_out / "model", tiny_model_dir, lora, atol=1e-5)
+
+
+def assert_same_logits(folder, other, tiny_model_dir, lora, atol):
+    """The two exports (full models, or adapters on the tiny base) give the same logits on a few tokens."""
     from transformers import AutoModelForCausalLM
 
     if lora:
@@ -88,8 +93,7 @@ def test_zero_trajectory_equals_one_process(stage, lora, one_process, zero_run, 
         load = AutoModelForCausalLM.from_pretrained
     ids = torch.tensor([[5, 6, 7, 8, 9, 10, 11]])
     with torch.no_grad():
-        torch.testing.assert_close(load(str(out / "model"))(ids).logits, load(str(single_out / "model"))(ids).logits,
-                                   atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(load(str(folder))(ids).logits, load(str(other))(ids).logits, atol=atol, rtol=atol)
 
 
 @pytest.mark.slow
@@ -117,18 +121,8 @@ def assert_exports_the_model(checkpoint, model, tiny_model_dir, lora):
     """What launch/push.py does first: the checkpoint's DeepSpeed shards put together as a model folder; the final
     checkpoint's gives the logits of the run's model/ (gathered by the engine at the end)."""
     from dpo_dist.publish.export import export_checkpoint
-    from transformers import AutoModelForCausalLM
 
-    exported = export_checkpoint(str(checkpoint))
-    if lora:
-        from peft import PeftModel
-
-        load = lambda folder: PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), folder)
-    else:
-        load = AutoModelForCausalLM.from_pretrained
-    ids = torch.tensor([[5, 6, 7, 8, 9, 10, 11]])
-    with torch.no_grad():
-        torch.testing.assert_close(load(exported)(ids).logits, load(str(model))(ids).logits, atol=1e-6, rtol=1e-6)
+    assert_same_logits(export_checkpoint(str(checkpoint)), model, tiny_model_dir, lora, atol=1e-6)
 
 
 @pytest.mark.slow

@@ -110,12 +110,8 @@ KERNEL_LAYOUTS = [(k, layout) for k in PACKING_KERNELS for layout in LAYOUTS
                   if k == "sdpa" or not layout.startswith("segmented")]
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("kernel,layout", KERNEL_LAYOUTS, ids=[f"{k}-{layout}" for k, layout in KERNEL_LAYOUTS])
-@pytest.mark.parametrize("model_type,window", MODELS, ids=[f"{m}-window{w}" if w else m for m, w in MODELS])
-def test_log_probs_equal_an_unpadded_forward(model_type, window, kernel, layout):
-    """No-grad passes (the reference precompute, evaluation); FlexAttention is compiled on first use (a C++
-    compiler; about 10 s a shape on CPU here) and has no backward on CPU, so it trains only on GPUs."""
+def skip_flex_cases(model_type, window, kernel, layout):
+    """The FlexAttention cases CPU cannot run, pairs or groups, with the reason."""
     if kernel == "flex_attention":
         if model_type == "gpt2":
             pytest.skip(FLEX_GPT2)
@@ -123,6 +119,15 @@ def test_log_probs_equal_an_unpadded_forward(model_type, window, kernel, layout)
             pytest.skip(FLEX_CPU_COMPILE_ERROR.format(what="a sliding-window mask_mod"))
         if layout == "padded":
             pytest.skip(FLEX_CPU_COMPILE_ERROR.format(what="transformers' own mask over padded rows"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kernel,layout", KERNEL_LAYOUTS, ids=[f"{k}-{layout}" for k, layout in KERNEL_LAYOUTS])
+@pytest.mark.parametrize("model_type,window", MODELS, ids=[f"{m}-window{w}" if w else m for m, w in MODELS])
+def test_log_probs_equal_an_unpadded_forward(model_type, window, kernel, layout):
+    """No-grad passes (the reference precompute, evaluation); FlexAttention is compiled on first use (a C++
+    compiler; about 10 s a shape on CPU here) and has no backward on CPU, so it trains only on GPUs."""
+    skip_flex_cases(model_type, window, kernel, layout)
     model = tiny_model(model_type, window, kernel)
     assert choose_packing("auto", model)[0], choose_packing("auto", model)[1]
     pairs = random_pairs()
@@ -259,13 +264,7 @@ def expected_groups(model, groups: list[dict]) -> torch.Tensor:
 def test_group_log_probs_equal_an_unpadded_forward(model_type, window, kernel, layout, sizes):
     """The pair matrix above for groups: each response of each group scored as a sequence of its own; the same
     FlexAttention cases skipped, for the same reasons."""
-    if kernel == "flex_attention":
-        if model_type == "gpt2":
-            pytest.skip(FLEX_GPT2)
-        if window is not None:
-            pytest.skip(FLEX_CPU_COMPILE_ERROR.format(what="a sliding-window mask_mod"))
-        if layout == "padded":
-            pytest.skip(FLEX_CPU_COMPILE_ERROR.format(what="transformers' own mask over padded rows"))
+    skip_flex_cases(model_type, window, kernel, layout)
     model = tiny_model(model_type, window, kernel)
     groups = random_groups(GROUP_SIZES[sizes], seed=1)
     if kernel == "flex_attention":

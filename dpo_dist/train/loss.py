@@ -316,6 +316,17 @@ PER_PAIR: dict[str, Callable[[Pairs, LossOptions], torch.Tensor]] = {
 }
 
 
+def check_arguments(types: Sequence[str], beta: float, f_divergence_type: str) -> None:
+    """What either loss function refuses before anything else: an unknown loss type or f-divergence, a beta <= 0."""
+    for name in types:
+        if name not in LOSSES:
+            raise ValueError(f"loss_type {name!r} is not one of {', '.join(LOSSES)}")
+    if beta <= 0:
+        raise ValueError(f"beta must be positive, got {beta}")
+    if f_divergence_type not in F_DIVERGENCES:
+        raise ValueError(f"f_divergence_type {f_divergence_type!r} is not one of {F_DIVERGENCES}")
+
+
 def preference_loss(
     policy_chosen_logps: torch.Tensor,
     policy_rejected_logps: torch.Tensor,
@@ -365,13 +376,7 @@ def preference_loss(
     Shape: each input (B,) -> (losses, chosen_rewards, rejected_rewards), each (B,).
     """
     types = (loss_type,) if isinstance(loss_type, str) else tuple(loss_type)
-    for name in types:
-        if name not in LOSSES:
-            raise ValueError(f"loss_type {name!r} is not one of {', '.join(LOSSES)}")
-    if beta <= 0:
-        raise ValueError(f"beta must be positive, got {beta}")
-    if f_divergence_type not in F_DIVERGENCES:
-        raise ValueError(f"f_divergence_type {f_divergence_type!r} is not one of {F_DIVERGENCES}")
+    check_arguments(types, beta, f_divergence_type)
     if (ref_chosen_logps is None) != (ref_rejected_logps is None):
         raise ValueError("pass both ref_chosen_logps and ref_rejected_logps, or neither")
     weights = check_loss_options(
@@ -488,12 +493,7 @@ def ranking_loss(
     Shape: policy_logps, ref_logps, mask (G, K) -> (losses (G,), rewards (G, K)); rewards ``beta * (policy_logps -
     ref_logps)``, detached, 0 at padding.
     """
-    if loss_type not in LOSSES:
-        raise ValueError(f"loss_type {loss_type!r} is not one of {', '.join(LOSSES)}")
-    if beta <= 0:
-        raise ValueError(f"beta must be positive, got {beta}")
-    if f_divergence_type not in F_DIVERGENCES:
-        raise ValueError(f"f_divergence_type {f_divergence_type!r} is not one of {F_DIVERGENCES}")
+    check_arguments((loss_type,), beta, f_divergence_type)
     # label_smoothing 0 and a discopop_tau no listwise type reads: the options a ranking does not take.
     check_loss_options((loss_type,), None, label_smoothing=0.0, discopop_tau=1.0, f_divergence_type=f_divergence_type,
                        with_reference=ref_logps is not None, weighted=False, wording=ARGUMENT_WORDING,
