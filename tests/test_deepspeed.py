@@ -205,9 +205,9 @@ def test_zero3_offload_equals_one_process(one_process, tiny_model_dir, data_file
 def test_builtin_sentiment_set_is_built_under_zero3(tiny_model_dir, tmp_path):
     """The default data under ZeRO-3 (the model loaded partitioned): the main process samples the set from an
     unsharded copy, the run trains, and the files equal those one process builds."""
-    settings = {"data.source": "builtin:sentiment", "data.sentiment.num_prompts": 16, "data.sentiment.eval_prompts": 4,
-                "data.sentiment.completions_per_prompt": 4, "data.sentiment.max_new_tokens": 12,
-                "data.sentiment.min_score_gap": 0.0, "train.max_steps": 2, "train.per_device_batch_size": 2}
+    settings = {"data.source": "builtin:sentiment", "data.sentiment.num_prompts": 8, "data.sentiment.eval_prompts": 2,
+                "data.sentiment.completions_per_prompt": 3, "data.sentiment.max_new_tokens": 8,
+                "data.sentiment.min_score_gap": 0.0, "train.max_steps": 1, "train.per_device_batch_size": 2}
     from torch.utils.cpp_extension import get_default_build_root
 
     # DeepSpeed's compiled ops live under XDG_CACHE_HOME too: kept where the other tests built them (a rebuild is 30 s)

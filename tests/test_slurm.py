@@ -14,7 +14,7 @@ from training import (ROOT, assert_same_trajectory, command_lines, overrides, re
 
 pytestmark = pytest.mark.slurm
 TRAINING = {"lora.enabled": False, "train.per_device_batch_size": 4, "train.eval_every": 5}
-LONG = {**TRAINING, "train.max_steps": 120, "train.eval_every": 50}  # long enough to be preempted mid-run
+LONG = {**TRAINING, "train.max_steps": 80, "train.eval_every": 40}  # long enough to be preempted mid-run
 LONG_LORA = {**LONG, "lora.enabled": True}  # the default setup
 
 
