@@ -427,6 +427,37 @@ class ReferenceSettings:
     cache_dir: str | None = option(None, "reference cache folder (default ~/.cache/dpo_dist/reference)")
 
 
+ROUND_PAIR_RULES = ("best_vs_worst", "best_vs_rest")  # rounds.pairs: PAIR_RULES' rules that make one pair per completion at most
+JUDGE_KINDS = ("sentiment", "reward_model:PATH", "python:MODULE:FUNCTION", "llm:PATH")  # rounds.judge (dpo_dist.eval.judges)
+
+
+@dataclass
+class RoundsSettings:
+    count: int = option(1, "rounds of iterative DPO: 1 trains on the data's pairs as they are (the offline run); 2 or "
+                           "more samples every round's pairs from the policy of the round's start, on the data's "
+                           "prompts, and judges them")
+    samples_per_prompt: int = option(4, "completions sampled per training prompt each round")
+    temperature: float = option(1.0, "sampling temperature of a round's completions")
+    top_p: float = option(1.0, "nucleus sampling of a round's completions (1.0: off)")
+    max_new_tokens: int = option(32, "tokens per sampled completion at most")
+    generation_batch_size: int = option(16, "prompts per generate call (each with samples_per_prompt completions)")
+    judge: str = option("sentiment", "what scores a completion: sentiment (VADER), reward_model:PATH, "
+                                     "python:MODULE:FUNCTION (prompts, completions -> one float each) or llm:PATH")
+    judge_template: str | None = option(None, "llm judge: the question asked of each completion, with {prompt} and "
+                                              "{response}; scored as log P(Yes) - log P(No) (null: a built-in one)")
+    judge_quantization: Literal["none", "4bit"] = option("none", "reward_model judge: load it in 4 bits "
+                                                                 "(bitsandbytes)")
+    judge_batch_size: int = option(16, "completions per reward-model or llm judge batch")
+    pairs: Literal[ROUND_PAIR_RULES] = option("best_vs_worst", "a prompt's pairs: its best completion against its "
+                                                               "worst, or against each of the rest")
+    min_score_gap: float = option(0.0, "least judge-score gap of a pair; ties and smaller gaps are dropped and counted")
+    reference: Literal["start", "previous"] = option("start", "the reference of a round's pairs: the starting model "
+                                                              "(LoRA: adapters off), or the policy at the round's start")
+    steps_per_round: int | None = option(None, "optimizer steps each round (null: train.epochs over the round's pairs)")
+    eval_samples_per_prompt: int = option(2, "completions sampled per held-out prompt at a round's evaluation "
+                                             "(temperature 1, no top-p: the policy's own distribution)")
+
+
 @dataclass
 class TrainSettings:
     output_dir: str = option("outputs/default", "where checkpoints, metrics.jsonl, the final model and plots go")
@@ -514,6 +545,7 @@ class Config:
     loss: LossSettings = field(default_factory=LossSettings)
     reference: ReferenceSettings = field(default_factory=ReferenceSettings)
     train: TrainSettings = field(default_factory=TrainSettings)
+    rounds: RoundsSettings = field(default_factory=RoundsSettings)
 
     def validate(self) -> "Config":
         """Checks across keys, before anything is loaded."""
@@ -571,6 +603,7 @@ class Config:
         if len(t.adam_betas) != 2 or not all(0.0 <= b < 1.0 for b in t.adam_betas):
             raise ConfigError(f"train.adam_betas must be two numbers in [0, 1), got {t.adam_betas}")
         self.check_loss()
+        self.check_rounds()
         self.check_lora()
         if self.model.quantization != "none" and not self.lora.enabled:
             raise ConfigError(
@@ -618,6 +651,47 @@ class Config:
                 raise ConfigError(str(error)) from None
         return self
 
+
+    def check_rounds(self) -> None:
+        """The ``rounds`` section: its numbers, and what iterative rounds cannot take (each refused with why and
+        what to use instead)."""
+        r, t = self.rounds, self.train
+        for key in ("count", "samples_per_prompt", "max_new_tokens", "generation_batch_size", "judge_batch_size",
+                    "eval_samples_per_prompt", "temperature"):
+            if getattr(r, key) <= 0:
+                raise ConfigError(f"rounds.{key} must be positive, got {getattr(r, key)}")
+        if r.steps_per_round is not None and r.steps_per_round <= 0:
+            raise ConfigError(f"rounds.steps_per_round must be positive (or null), got {r.steps_per_round}")
+        if not 0.0 < r.top_p <= 1.0:
+            raise ConfigError(f"rounds.top_p must be in (0, 1], got {r.top_p}")
+        if r.min_score_gap < 0:
+            raise ConfigError(f"rounds.min_score_gap must not be negative, got {r.min_score_gap}")
+        kind = r.judge.split(":", 1)[0]
+        if kind not in {k.split(":")[0] for k in JUDGE_KINDS} or (kind == "sentiment") != (r.judge == "sentiment") \
+                or (kind == "python" and r.judge.count(":") != 2) or r.judge.endswith(":"):
+            raise ConfigError(f"rounds.judge {r.judge!r} is not one of {', '.join(JUDGE_KINDS)}")
+        if r.count == 1:
+            return
+        if r.samples_per_prompt < 2:
+            raise ConfigError(f"rounds.samples_per_prompt={r.samples_per_prompt}: a pair needs two completions of "
+                              "a prompt; sample at least 2")
+        if self.data.responses != "pairs":
+            raise ConfigError("rounds.count > 1 makes pairs of each prompt's judged completions (rounds.pairs); "
+                              "data.responses=ranking is not taken by rounds yet: leave data.responses=pairs")
+        if t.max_steps is not None:
+            raise ConfigError("train.max_steps counts one run's steps; with rounds.count > 1 set "
+                              "rounds.steps_per_round (or leave both out: train.epochs over each round's pairs)")
+        if t.early_stopping_patience is not None:
+            raise ConfigError("train.early_stopping_patience stops on the eval pairs; rounds are evaluated by their "
+                              "judged samples (rounds.jsonl): leave it unset with rounds.count > 1")
+        if self.reference.mode == "online" and r.reference == "previous":
+            raise ConfigError("rounds.reference=previous needs the policy of each round's start as the reference: "
+                              "with reference.mode=online it would be the policy as it trains; use "
+                              "reference.mode=precomputed (the default)")
+        if self.reference.mode == "none":
+            raise ConfigError("rounds.count > 1 measures a round's KL against the starting model and trains with a "
+                              "reference: reference.mode=none (reference-free losses) is not taken by rounds; use "
+                              "precomputed")
 
     def check_data_columns(self) -> None:
         """``data.columns``: every dataset field named, and no field given two of our names."""
@@ -743,6 +817,8 @@ RESUME_RULES: dict[str, ResumeRule] = {
                                                  "from the config, not from the checkpoint"),
     "train.max_steps": ResumeRule("changes", "the schedule is recomputed for the new length"),
     "train.epochs": ResumeRule("changes", "the schedule is recomputed for the new length"),
+    "rounds": ResumeRule("fixed", "the rounds' samples, judgements and pairs: the step is the position in them"),
+    "rounds.count": ResumeRule("changes", "more rounds continue the run; fewer end it at the last round asked for"),
 }
 
 

@@ -1,5 +1,5 @@
-"""The package's layout follows the data flow: data -> model -> train -> eval -> publish, and no module imports from a
-later stage.
+"""The package's layout follows the data flow: data -> model -> train -> eval -> rounds -> publish, and no module
+imports from a later stage. ``rounds`` (iterative DPO) drives training and judges with evaluation's judges.
 
 ``config``, ``loss_types`` (the loss types' records, which the config checks), ``distributed`` and ``progress`` (what
 a long stage shows, used from the data stage on) sit at the top: every stage may use them, and they import no stage. So does ``attention_cost``, the cost model of the attention kernels: the
@@ -22,8 +22,8 @@ from dpo_dist.config import SENTIMENT_PROMPTS
 
 PACKAGE = pathlib.Path(__file__).resolve().parent.parent / "dpo_dist"
 STAGES = {"config": 0, "distributed": 0, "loss_types": 0, "attention_cost": 0, "launch_policy": 0, "progress": 0,
-          "data": 1, "model": 2, "train": 3, "eval": 4, "publish": 5}
-FOLDERS = ("data", "model", "train", "eval", "publish")
+          "data": 1, "model": 2, "train": 3, "eval": 4, "rounds": 5, "publish": 6}
+FOLDERS = ("data", "model", "train", "eval", "rounds", "publish")
 TOP_LEVEL = {"__init__.py", "config.py", "distributed.py", "loss_types.py", "attention_cost.py", "launch_policy.py",
              "progress.py", *FOLDERS, "__pycache__"}
 LOOP = {"to_device", "evaluate", "train_step", "Run", "setup", "train", "loop", "finish"}
