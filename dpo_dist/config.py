@@ -688,6 +688,12 @@ class Config:
             raise ConfigError("rounds.reference=previous needs the policy of each round's start as the reference: "
                               "with reference.mode=online it would be the policy as it trains; use "
                               "reference.mode=precomputed (the default)")
+        init = lora_init(self.lora.init_lora_weights) if self.lora.enabled else None
+        if init is not None and init.mutates_base:
+            raise ConfigError(f"lora.init_lora_weights={self.lora.init_lora_weights} moves part of the base weights "
+                              "into the adapter, so the base with adapters off is not the starting model; rounds "
+                              "take the starting model as the reference (rounds.reference=start) and for each round's "
+                              "KL: use lora.init_lora_weights=true or gaussian with rounds.count > 1")
         if self.reference.mode == "none":
             raise ConfigError("rounds.count > 1 measures a round's KL against the starting model and trains with a "
                               "reference: reference.mode=none (reference-free losses) is not taken by rounds; use "
@@ -818,7 +824,6 @@ RESUME_RULES: dict[str, ResumeRule] = {
     "train.max_steps": ResumeRule("changes", "the schedule is recomputed for the new length"),
     "train.epochs": ResumeRule("changes", "the schedule is recomputed for the new length"),
     "rounds": ResumeRule("fixed", "the rounds' samples, judgements and pairs: the step is the position in them"),
-    "rounds.count": ResumeRule("changes", "more rounds continue the run; fewer end it at the last round asked for"),
 }
 
 

@@ -70,10 +70,13 @@ def main(argv: list[str] | None = None, *, whole_process: bool = False) -> int:
     from dpo_dist.train.disk import DiskFullError
     from dpo_dist.train.trainer import TrainingError, train
 
+    if cfg.rounds.count > 1:  # iterative DPO: every round's pairs sampled from the policy and judged
+        from dpo_dist.rounds.loop import train_rounds as train
+
     stop_with_launcher()  # a signal that kills the launcher alone reaches this process as SIGTERM
     try:
         result = train(cfg)
-        if rank == 0:  # the main process: model/'s card, from what the run wrote
+        if rank == 0 and not result.get("finished_before"):  # the main process: model/'s card, from what the run wrote
             write_run_card(result["output_dir"])
         status = 0
     except ConfigError as error:  # a folder the run would write cannot be written: found before anything loads

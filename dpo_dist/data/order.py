@@ -34,11 +34,15 @@ class DataOrder:
     ``groups`` (one id per pair: the pairs made from one ranked row share it) permutes the groups instead, each
     group's pairs kept together in their order, so that pairs of one prompt tend to meet in a micro-batch, where the
     packing computes their prompt once. With every pair its own group, in index order, the order is the plain one.
+
+    ``first_step``: pairs that are trained from a later optimizer step on (an iterative-DPO round's) take their epoch
+    0 from that step.
     """
 
     def __init__(self, num_pairs: int, *, per_device: int, accumulation: int, processes: int, seed: int,
-                 groups: Sequence[int] | None = None):
+                 groups: Sequence[int] | None = None, first_step: int = 0):
         self.n, self.b, self.a, self.p, self.seed = num_pairs, per_device, accumulation, processes, seed
+        self.first_step = first_step
         self.global_batch = per_device * accumulation * processes
         self.steps_per_epoch = math.ceil(num_pairs / self.global_batch)
         self.repeated_per_epoch = self.steps_per_epoch * self.global_batch - num_pairs
@@ -53,7 +57,9 @@ class DataOrder:
         self._epoch, self._order = -1, []
 
     def micro_batches(self, step: int, rank: int) -> list[list[int]]:
-        epoch, within = divmod(step, self.steps_per_epoch)
+        if step < self.first_step:
+            raise ValueError(f"step {step} comes before this order's first step {self.first_step}")
+        epoch, within = divmod(step - self.first_step, self.steps_per_epoch)
         if epoch != self._epoch:
             generator = torch.Generator().manual_seed(self.seed + epoch)
             if self._members is None:

@@ -25,11 +25,12 @@ computes W x (to fp32 rounding), so it is the starting model; the policy with it
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
@@ -74,9 +75,23 @@ def mutates_base(model: torch.nn.Module) -> bool:
 
 def reference_adapters_off(model: torch.nn.Module) -> bool:
     """Whether the reference is ``model`` with its adapters off (a LoRA policy whose base is the starting model), or
-    ``model`` as it is (no adapters; or PiSSA/OLoRA, whose policy as initialized is the starting model: the reference
-    is scored from it at step 0)."""
-    return hasattr(getattr(model, "module", model), "disable_adapter") and not mutates_base(model)
+    ``model`` as it is (no adapters; PiSSA/OLoRA, whose policy as initialized is the starting model: the reference
+    is scored from it at step 0; or inside :func:`policy_as_reference`)."""
+    base = getattr(model, "module", model)
+    return (hasattr(base, "disable_adapter") and not mutates_base(model)
+            and not getattr(base, "_policy_is_reference", False))
+
+
+@contextlib.contextmanager
+def policy_as_reference(model: torch.nn.Module) -> Iterator[None]:
+    """Inside, the reference is the policy as it is now, adapters on: an iterative-DPO round whose reference is the
+    policy at the round's start (``rounds.reference=previous``) scores its pairs from it before training the round."""
+    base = getattr(model, "module", model)
+    base._policy_is_reference = True
+    try:
+        yield
+    finally:
+        del base._policy_is_reference
 
 
 @dataclass(frozen=True)

@@ -54,6 +54,21 @@ def lr_lambda(total_steps: int, warmup_steps: int, kind: str):
     return factor
 
 
+def windowed_lr_lambda(windows: list[tuple[int, int]], warmup_ratio: float, kind: str):
+    """:func:`lr_lambda` restarted in each window ``(first step, steps)`` of ``windows`` (an iterative-DPO round's
+    steps), the warmup ``warmup_ratio`` of each. ``windows`` is read at every call: the caller appends a round's
+    window once its pairs are known. A step in no window (before the first is known) gets 0. A closure, not an
+    object, so that the scheduler's state_dict does not save the windows: a resumed run rebuilds them from its
+    rounds' own records."""
+    def factor(step: int) -> float:
+        for first, steps in reversed(windows):
+            if first <= step:
+                return lr_lambda(steps, round(warmup_ratio * steps), kind)(step - first) if step < first + steps else 0.0
+        return 0.0
+
+    return factor
+
+
 def take_hyperparameters(scheduler: Any, cfg: Config) -> None:
     """After a resume: the learning rate, weight decay and betas from ``cfg``, not from the checkpoint.
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -92,7 +92,7 @@ from dpo_dist.train.metrics import (
 )
 from dpo_dist.train.objective import batch_losses
 from dpo_dist.train.lock import OutputLock
-from dpo_dist.train.optim import build_optimizer, lr_lambda, take_hyperparameters
+from dpo_dist.train.optim import build_optimizer, lr_lambda, take_hyperparameters, windowed_lr_lambda
 from dpo_dist.train.preemption import Preempted, StopSignals
 from dpo_dist.train.samples import generate_samples, held_out_prompts, sampling_step
 
@@ -171,12 +171,16 @@ class Run:
     metrics: MetricsLog
     collator: Any  # PackedPairCollator or PreferenceCollator
     sample_prompts: list[list[int]]  # token ids of the held-out prompts completed at sampling steps (train.sample_prompts)
+    windows: list[tuple[int, int]] | None = None  # setup(data=False): the schedule's (first step, steps) windows
+    record_extra: dict[str, Any] = field(default_factory=dict)  # written with every step's metrics (the round)
 
 
-def setup(cfg: Config, signals: StopSignals, lock: OutputLock) -> Run:
+def setup(cfg: Config, signals: StopSignals, lock: OutputLock, *, data: bool = True) -> Run:
     """Accelerator, the output folder's lock, policy, pairs (with reference log-probs), optimizer and schedule, resumed
     state (a changed config checked before anything loads). A stop signal during the reference precompute stops it at
-    the next batch (:class:`Preempted`)."""
+    the next batch (:class:`Preempted`). ``data=False``: no pairs yet (iterative rounds make theirs from the policy:
+    ``dpo_dist.rounds``): the run's ``train_tok``, ``order`` and ``total_steps`` are set by the caller, and
+    ``windows`` holds the schedule's windows, one per set of pairs."""
     t = cfg.train
     device = process_state(timeout_s=t.collective_timeout_s).device
     precision = resolve_precision(cfg, device, deepspeed=uses_deepspeed())
@@ -237,26 +241,30 @@ def setup(cfg: Config, signals: StopSignals, lock: OutputLock) -> Run:
     start = record_start(accelerator, model, t.output_dir, resume_from)  # PiSSA/OLoRA only
     dtype = precision.compute
     identity = model_identity(cfg, resolve_source(cfg.model.name_or_path), str(dtype).removeprefix("torch."), accelerator)
-    train_tok, eval_tok, counts = tokenized_pairs(
-        cfg, accelerator, model, tokenizer, identity,
-        stop_check=lambda: signals.raise_if_received("while sampling the built-in sentiment set"))
-    for line in said_counts(counts):
-        say(accelerator, line)
-    if cfg.data.responses == "ranking":
-        say(accelerator, "data.responses=ranking: an example is one prompt's k responses, best first, with one "
-                         "plackett_luce loss; the pair counts, the global batch and the pairs seen count rankings")
-
-    order = DataOrder(len(train_tok), per_device=t.per_device_batch_size, accumulation=t.gradient_accumulation_steps,
-                      processes=accelerator.num_processes, seed=t.seed, groups=pair_groups(train_tok))
-    total_steps = t.max_steps or t.epochs * order.steps_per_epoch
-    if order.repeated_per_epoch:
-        say(accelerator, f"each epoch repeats {order.repeated_per_epoch} pairs to fill its last global batch")
+    if data:
+        train_tok, eval_tok, counts = tokenized_pairs(
+            cfg, accelerator, model, tokenizer, identity,
+            stop_check=lambda: signals.raise_if_received("while sampling the built-in sentiment set"))
+        for line in said_counts(counts):
+            say(accelerator, line)
+        if cfg.data.responses == "ranking":
+            say(accelerator, "data.responses=ranking: an example is one prompt's k responses, best first, with one "
+                             "plackett_luce loss; the pair counts, the global batch and the pairs seen count rankings")
+        order = DataOrder(len(train_tok), per_device=t.per_device_batch_size, accumulation=t.gradient_accumulation_steps,
+                          processes=accelerator.num_processes, seed=t.seed, groups=pair_groups(train_tok))
+        total_steps = t.max_steps or t.epochs * order.steps_per_epoch
+        if order.repeated_per_epoch:
+            say(accelerator, f"each epoch repeats {order.repeated_per_epoch} pairs to fill its last global batch")
+        schedule = lr_lambda(total_steps, round(t.warmup_ratio * total_steps), t.lr_scheduler)
+    else:  # the caller gives the pairs later, a set at a time (rounds), each with its steps' window of the schedule
+        train_tok = eval_tok = order = None
+        counts, total_steps, windows = {}, 0, []
+        schedule = windowed_lr_lambda(windows, t.warmup_ratio, t.lr_scheduler)
     configure_deepspeed(accelerator, per_device_batch_size=t.per_device_batch_size,
                         gradient_accumulation_steps=t.gradient_accumulation_steps, max_grad_norm=t.max_grad_norm,
                         dtype=dtype)
     optimizer = build_optimizer(model, cfg, grad_scaler=accelerator.scaler is not None)
-    warmup = round(t.warmup_ratio * total_steps)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(total_steps, warmup, t.lr_scheduler))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     model, optimizer = accelerator.prepare(model, optimizer)
     accelerator.register_for_checkpointing(scheduler)  # stepped here once per optimizer step, not by Accelerate
     if uses_fsdp() or fsdp_version(accelerator):
@@ -275,7 +283,7 @@ def setup(cfg: Config, signals: StopSignals, lock: OutputLock) -> Run:
     collator = (PackedPairCollator(tokenizer.pad_token_id, share_prompt=t.share_prompt, pad_to_multiple_of=block,
                                    attention_layout=layout)
                 if packed else PreferenceCollator(pad_token_id=tokenizer.pad_token_id, pad_to_multiple_of=block))
-    if cfg.reference.mode == "precomputed":  # after prepare: under ZeRO-3 every rank serves its shard
+    if cfg.reference.mode == "precomputed" and data:  # after prepare: under ZeRO-3 every rank serves its shard
         train_tok, eval_tok = attach_reference(cfg, accelerator, model, tokenizer, identity, train_tok, eval_tok,
                                                collator=collator, autocast=precision.autocast, start=start,
                                                stop_check=lambda where: signals.stop_if_asked(accelerator, where))
@@ -312,7 +320,8 @@ def setup(cfg: Config, signals: StopSignals, lock: OutputLock) -> Run:
     if t.report_to:
         accelerator.init_trackers("dpo_dist", config=flat_config(cfg))
     return Run(cfg, accelerator, precision, model, tokenizer, optimizer, scheduler, train_tok, eval_tok, counts, order,
-               total_steps, reference_model, state, metrics, collator, sample_prompts)
+               total_steps, reference_model, state, metrics, collator, sample_prompts,
+               windows=None if data else windows)
 
 
 def train(cfg: Config) -> dict[str, Any]:
@@ -320,6 +329,9 @@ def train(cfg: Config) -> dict[str, Any]:
 
     SIGUSR1/SIGTERM (preemption) are recorded from the start: before the first step they stop the run cleanly
     (nothing to checkpoint), after it they checkpoint the current step and stop (:class:`Preempted` either way)."""
+    if cfg.rounds.count > 1:
+        raise TrainingError(f"rounds.count={cfg.rounds.count}: iterative rounds run through "
+                            "dpo_dist.rounds.loop.train_rounds (launch/train.py picks it)")
     signals = StopSignals(grace_s=cfg.train.stop_grace_s)
     lock = OutputLock(cfg.train.output_dir)
     try:
@@ -367,7 +379,8 @@ def loop(run: Run, bar: Any, signals: StopSignals) -> None:
         run.scheduler.step()
         state.global_step, state.pairs_seen = step, step * run.order.global_batch
         tokens, elapsed = record.pop("tokens"), time.perf_counter() - started
-        record = {"step": step, "epoch": step / run.order.steps_per_epoch, **record, "lr": lr,
+        record = {"step": step, **run.record_extra, "epoch": (step - run.order.first_step) / run.order.steps_per_epoch,
+                  **record, "lr": lr,
                   "tokens/s": tokens / elapsed, "step_time_s": elapsed, "examples_seen": state.pairs_seen}
         improved = False
         evaluated = run.eval_tok is not None and (step == run.total_steps or bool(t.eval_every and step % t.eval_every == 0))
