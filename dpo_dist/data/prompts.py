@@ -37,7 +37,7 @@ import json
 import os
 from collections import Counter
 from dataclasses import asdict, dataclass, field
-from typing import Any, Union
+from typing import Any, Iterator, Union
 
 import datasets
 
@@ -163,7 +163,7 @@ def read_prompts(cfg: Config, part: Part, *, entry: str | None = None, part_inde
     columns = asdict(d.columns)
     prompts: dict[str, Prompt] = {}
     kind, first_kind, repeated = None, None, 0
-    for index, item in enumerate(raw):
+    for index, item in enumerate(_rows(raw)):
         try:
             row = json.loads(item["json"]) if json_text else item
         except json.JSONDecodeError as error:  # not a bad row: a file that is not JSON stops loading, as load.py's
@@ -197,6 +197,13 @@ def read_prompts(cfg: Config, part: Part, *, entry: str | None = None, part_inde
     if not prompts:
         raise DataError(f"{part.source}: no usable rows ({report.summary()})")
     return list(prompts.values()), report, repeated
+
+
+def _rows(raw: datasets.Dataset) -> Iterator[dict[str, Any]]:
+    """The rows as Python dicts, converted a thousand at a time (a dataset's own row iteration formats each row
+    alone: several times slower on a large set)."""
+    for batch in raw.with_format("arrow").iter(batch_size=1000):
+        yield from batch.to_pylist()
 
 
 def row_prompt(row: dict[str, Any], data_format: str, kind: str | None = None, *,
