@@ -112,6 +112,7 @@ def test_a_mixture_concatenates_its_entries_each_subset(tmp_path):
     assert prompts.left_out == 6 and len(every) == len(set(every))
     assert prompts == prompts_of(sources, "data.eval_ratio=0.2")  # seeded
     assert prompts.lines[0].startswith("data.sources[0] ") and "5 in its subset" in prompts.lines[0]
+    assert prompts_of(f"data.sources=[{{source: {b}}}]").lines[0].startswith(f"data.sources[0] {b}: 5 of 5 rows")
     whole = prompts_of(f"data.sources=[{{source: {a}}}, {{source: {b}}}]", "data.eval_ratio=0.2")
     assert whole.duplicates == 1 and "1 given by an earlier entry" in whole.lines[1]
 

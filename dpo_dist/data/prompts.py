@@ -78,7 +78,8 @@ def load_prompts(cfg: Config) -> RoundPrompts:
     if d.uses_sentiment():
         return _sentiment_prompts(cfg)
     source = data_source(cfg)
-    parts = source if isinstance(source, list) else [
+    mixture = isinstance(source, list)
+    parts = source if mixture else [
         Part(source, split=d.split, config_name=d.config_name, data_dir=d.data_dir, revision=d.revision)]
     weighted = [i for i, part in enumerate(parts) if part.weight is not None]
     if weighted:
@@ -95,8 +96,8 @@ def load_prompts(cfg: Config) -> RoundPrompts:
     train: list[Prompt] = []
     duplicates = left_out = 0
     for index, part in enumerate(parts):
-        prompts, report, repeated = read_prompts(cfg, part, entry="data.source" if len(parts) == 1 else None,
-                                                 part_index=None if len(parts) == 1 else index)
+        entry = f"data.sources[{index}]" if mixture else "data.source"
+        prompts, report, repeated = read_prompts(cfg, part, entry=entry, part_index=index if mixture else None)
         reports.append(report)
         if train and _is_messages(prompts[0]) != _is_messages(train[0]):
             raise DataError(f"data.sources[{index}] ({part.source}) gives {_kind(prompts[0])} prompts but the entries "
@@ -118,7 +119,7 @@ def load_prompts(cfg: Config) -> RoundPrompts:
         left_out += len(train) - len(taken)
         train = taken
     if given_eval:
-        held_out, report, repeated, where = _given_held_out(cfg, parts)
+        held_out, report, repeated, where = _given_held_out(cfg)
         reports.append(report)
         if _is_messages(held_out[0]) != _is_messages(train[0]):
             raise DataError(f"{where} ({report.source}) gives {_kind(held_out[0])} prompts but the training prompts "
@@ -145,7 +146,7 @@ def load_prompts(cfg: Config) -> RoundPrompts:
                         skipped=dict(sorted(skipped.items())), reports=tuple(reports), lines=tuple(lines))
 
 
-def read_prompts(cfg: Config, part: Part, *, entry: str | None = None, part_index: int | None = None
+def read_prompts(cfg: Config, part: Part, *, entry: str = "data.source", part_index: int | None = None
                  ) -> tuple[list[Prompt], LoadReport, int]:
     """One source's distinct prompts in the order of their first row, its report (rows read, kept, skipped), and
     how many repeated prompts were dropped. The source is opened by the data stage's reader (``load._raw_rows``:
@@ -155,11 +156,7 @@ def read_prompts(cfg: Config, part: Part, *, entry: str | None = None, part_inde
     data_format = part.data_format or d.data_format
     raw, json_text = _raw_rows(part.source, part.split, part.config_name, part.data_dir, part.revision)
     report = LoadReport(source=part.source, data_format=data_format, split=part.split, rows_read=len(raw),
-                        part=part_index)
-    if entry is not None:
-        report.entry = entry
-    elif part_index is not None:
-        report.entry = f"data.sources[{part_index}]"
+                        entry=entry, part=part_index)
     columns = asdict(d.columns)
     prompts: dict[str, Prompt] = {}
     kind, first_kind, repeated = None, None, 0
@@ -240,7 +237,7 @@ def _detect(row: dict[str, Any]) -> str:
     return PROMPT_ONLY
 
 
-def _given_held_out(cfg: Config, parts: list[Part]) -> tuple[list[Prompt], LoadReport, int, str]:
+def _given_held_out(cfg: Config) -> tuple[list[Prompt], LoadReport, int, str]:
     """The held-out prompts of ``data.eval_source`` or ``data.eval_split`` (the splits as the pair loader takes
     them: ``load.load_train_eval``), their report, repeats dropped, and the entry that gave them."""
     d = cfg.data
