@@ -688,6 +688,14 @@ class Config:
             raise ConfigError("rounds.reference=previous needs the policy of each round's start as the reference: "
                               "with reference.mode=online it would be the policy as it trains; use "
                               "reference.mode=precomputed (the default)")
+        d = self.data
+        if not d.uses_sentiment():
+            if d.eval_ratio == 0 and d.eval_source is None and d.eval_split is None:
+                raise ConfigError("rounds.count > 1 evaluates each round on held-out prompts: set data.eval_ratio "
+                                  "above 0, data.eval_source or data.eval_split")
+            if any(entry.weight is not None for entry in d.sources):
+                raise ConfigError("rounds sample every training prompt, so data.sources weights (draws) do not apply: "
+                                  "set each entry's share with its num_samples or fraction instead")
         init = lora_init(self.lora.init_lora_weights) if self.lora.enabled else None
         if init is not None and init.mutates_base:
             raise ConfigError(f"lora.init_lora_weights={self.lora.init_lora_weights} moves part of the base weights "

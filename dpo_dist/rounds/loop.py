@@ -135,7 +135,7 @@ class Rounds:
         self.truncation = Truncation(cfg.data.max_length, cfg.data.max_prompt_length)
         with accelerator.local_main_process_first():
             prompts = load_prompts(cfg)
-        for line in prompts.said:
+        for line in prompts.lines:
             say(accelerator, line)
         self.train_prompts, self.train_ids = self.tokenized(prompts.train, "training")
         self.eval_prompts, self.eval_ids = self.tokenized(prompts.held_out, "held-out")
