@@ -224,6 +224,7 @@ def test_llm_score_judge_scores_log_p_yes_minus_log_p_no(kind, tmp_path):
     scores = checked_scores(judge, PROMPTS, COMPLETIONS)
     assert len(scores) == 3 and all(math.isfinite(s) for s in scores) and len(set(scores)) == 3
     assert checked_scores(judge, PROMPTS, COMPLETIONS) == scores, "deterministic"
+    assert judge.scores([], []) == []
 
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "judge").eval()
     for prompt, completion, score in zip(PROMPTS, COMPLETIONS, scores):

@@ -314,6 +314,8 @@ class LLMScoreJudge(ScoreJudge):
         return judging_text(self.tokenizer, self.template.format(prompt=prompt, response=response))
 
     def scores(self, prompts: list[str], responses: list[str]) -> list[float]:
+        if not responses:
+            return []  # response_logps has no batch to stack
         contexts = [self.context(p, r) for p, r in zip(prompts, responses)]
         with progress(2 * len(contexts), f"judging: {self.name}", unit="answer") as bar:  # Yes and No after each
             yes, no = answer_logps(self.model, self.tokenizer, contexts, ("Yes", "No"), batch_size=self.batch_size,
