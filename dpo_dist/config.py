@@ -445,8 +445,8 @@ class RoundsSettings:
                                      "python:MODULE:FUNCTION (prompts, completions -> one float each) or llm:PATH")
     judge_template: str | None = option(None, "llm judge: the question asked of each completion, with {prompt} and "
                                               "{response}; scored as log P(Yes) - log P(No) (null: a built-in one)")
-    judge_quantization: Literal["none", "4bit"] = option("none", "reward_model judge: load it in 4 bits "
-                                                                 "(bitsandbytes)")
+    judge_quantization: Literal["none", "4bit"] = option("none", "reward_model or llm judge: load its linear "
+                                                                 "layers in 4 bits (bitsandbytes NF4)")
     judge_batch_size: int = option(16, "completions per reward-model or llm judge batch")
     pairs: Literal[ROUND_PAIR_RULES] = option("best_vs_worst", "a prompt's pairs: its best completion against its "
                                                                "worst, or against each of the rest")

@@ -3,6 +3,7 @@
     python launch/evaluate.py outputs/default                                   # the default run: VADER judge
     python launch/evaluate.py outputs/mine --judge reward_model:path/to/reward-model
     python launch/evaluate.py outputs/mine --judge llm:path/to/judge-lm --samples_per_prompt 2
+    python launch/evaluate.py outputs/mine --judge python:my_judges:score   # my_judges.score(prompts, responses)
 
 Held-out preference metrics (reward accuracy, margin, loss), the win rate of sampled responses against the base's
 judged pairwise, and the KL divergence from the base. Writes ``results.json``, ``results.md``, ``samples.jsonl`` and
@@ -17,6 +18,7 @@ import sys
 
 import _checkout  # noqa: F401  this checkout's root on the import path, before any dpo_dist import
 
+from dpo_dist.config import JUDGE_KINDS  # no torch either
 from dpo_dist.eval.options import EvalOptions  # no torch: --help answers at once
 from dpo_dist.model.generation import Sampling
 
@@ -26,7 +28,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run", help="a training run's output folder (config.yaml and model/)")
     parser.add_argument("--judge", default=defaults.judge,
-                        help="sentiment | reward_model:PATH | llm:PATH | none (default: sentiment for the built-in "
+                        help=f"{' | '.join(JUDGE_KINDS)} | none (default: sentiment for the built-in "
                              "sentiment task, none otherwise)")
     parser.add_argument("--judge_instruction", default=defaults.judge_instruction,
                         help="the LLM judge's instruction (what 'better' means)")

@@ -1,4 +1,5 @@
-"""launch/evaluate.py and what it is built from: local evaluate modules, the KL estimate, the judges, the report."""
+"""launch/evaluate.py and what it is built from: local evaluate modules, the KL estimate, the report (the judges:
+tests/test_judges.py)."""
 
 import json
 import os
@@ -115,81 +116,6 @@ def test_samples_stop_at_eos_and_use_the_same_random_numbers_for_the_same_model(
     assert any(r[-1] == eos and len(r) < 12 for r in flat), "some responses ended"
     assert all(eos not in r[:-1] for r in flat), "nothing after the first EOS"
     assert all(len(r) == 12 or r[-1] == eos for r in flat)
-
-
-# --- judges ------------------------------------------------------------------------------------------------------
-
-def test_sentiment_judge_prefers_the_more_positive_response():
-    from dpo_dist.eval.judges import SentimentJudge
-
-    outcomes, details = SentimentJudge().compare(
-        ["p", "p", "p"], ["a wonderful, delightful film", "it was a film", "awful and boring"],
-        ["a terrible film", "it was a movie", "great fun"])
-    assert outcomes == [1.0, 0.5, 0.0]
-    assert details["scores"][0] > 0 > details["baseline_scores"][0]
-
-
-def test_llm_judge_randomizes_positions_and_reads_the_answer_logprobs(tiny_model_dir):
-    from transformers import AutoModelForCausalLM
-
-    from dpo_dist.eval.judges import LLMJudge
-
-    judge = LLMJudge(tiny_model_dir, torch.device("cpu"), seed=1)
-    prompts, responses, baseline = ["the movie"] * 40, ["great music"] * 40, ["bad acting"] * 40
-    # The answers' log-probs are the model's own: checked against a plain forward for one context.
-    context = judge.context(prompts[0], responses[0], baseline[0])
-    logp_a, logp_b = judge.answer_logps([context])
-    ids = judge.tokenizer(context, add_special_tokens=False)["input_ids"]
-    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
-    for letter, got in (("A", logp_a), ("B", logp_b)):
-        answer = judge.tokenizer(" " + letter, add_special_tokens=False)["input_ids"]
-        with torch.no_grad():
-            logps = torch.log_softmax(model(torch.tensor([ids + answer])).logits[0], -1)
-        expected = sum(logps[len(ids) - 1 + i, token].item() for i, token in enumerate(answer))
-        assert got.item() == pytest.approx(expected, abs=1e-4)
-
-    # A judge that always answers A: each side wins exactly where it was shown first.
-    judge.answer_logps = lambda contexts: (torch.zeros(len(contexts)), torch.full((len(contexts),), -1.0))
-    outcomes, details = judge.compare(prompts, responses, baseline)
-    assert details["judge_picked_a"] == 1.0
-    assert sum(outcomes) == details["responses_shown_as_a"]
-    assert 10 < details["responses_shown_as_a"] < 30, "positions are drawn at random"
-
-    # A judge that reads the content (prefers the response mentioning music) gives the same verdict in either position.
-    def by_content(contexts):
-        a_music = torch.tensor([float("music" in c.split("[Response A]")[1].split("[Response B]")[0]) for c in contexts])
-        return a_music, 1 - a_music
-
-    judge.answer_logps = by_content
-    assert judge.compare(prompts, responses, baseline)[0] == [1.0] * 40
-
-
-def test_reward_model_judge_scores_with_the_classifier(tmp_path):
-    from transformers import LlamaConfig, LlamaForSequenceClassification
-
-    from dpo_dist.eval.judges import RewardModelJudge, build_judge
-
-    tokenizer = make_tokenizer("chatml")
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, num_labels=1,
-                         pad_token_id=tokenizer.pad_token_id)
-    LlamaForSequenceClassification(config).save_pretrained(tmp_path / "rm")
-    tokenizer.save_pretrained(tmp_path / "rm")
-    judge = build_judge(f"reward_model:{tmp_path / 'rm'}", torch.device("cpu"))
-    assert isinstance(judge, RewardModelJudge)
-    prompts, first, second = ["the film", "bread"], ["was great", "flour water salt"], ["was bad", "yes"]
-    outcomes, details = judge.compare(prompts, first, second)
-    model = LlamaForSequenceClassification.from_pretrained(tmp_path / "rm").eval()
-    for prompt, response, score in zip(prompts, first, details["scores"]):
-        text = tokenizer.apply_chat_template([{"role": "user", "content": prompt},
-                                              {"role": "assistant", "content": response}], tokenize=False)
-        with torch.no_grad():
-            expected = model(**tokenizer(text, return_tensors="pt")).logits[0, 0].item()
-        assert score == pytest.approx(expected, abs=1e-4)
-    assert outcomes == [1.0 if a > b else 0.0 for a, b in zip(details["scores"], details["baseline_scores"])]
-    with pytest.raises(ValueError, match="unknown judge"):
-        build_judge("vibes", torch.device("cpu"))
 
 
 # --- the whole evaluation on a trained run -----------------------------------------------------------------------

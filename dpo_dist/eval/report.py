@@ -7,6 +7,8 @@ import json
 import os
 from typing import Any
 
+from dpo_dist.config import JUDGE_KINDS
+
 FOLDER = "eval"  # where launch/evaluate.py writes a run's report by default: <run>/eval
 RESULTS_FILE = "results.json"  # the results without the samples: write_report, read_results
 
@@ -58,7 +60,7 @@ def markdown(results: dict[str, Any]) -> str:
             lines.append(f"The judge picked the response shown first in {w['judge_picked_a']:.2f} of comparisons "
                          f"(the trained model's was first in {w['responses_shown_as_a']}).")
     else:
-        lines += ["", "No win rate: no judge was given (--judge sentiment | reward_model:PATH | llm:PATH)."]
+        lines += ["", f"No win rate: no judge was given (--judge {' | '.join(JUDGE_KINDS)})."]
     return "\n".join(lines) + "\n"
 
 
