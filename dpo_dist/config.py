@@ -429,6 +429,34 @@ class ReferenceSettings:
 
 ROUND_PAIR_RULES = ("best_vs_worst", "best_vs_rest")  # rounds.pairs: PAIR_RULES' rules that make one pair per completion at most
 JUDGE_KINDS = ("sentiment", "reward_model:PATH", "python:MODULE:FUNCTION", "llm:PATH")  # rounds.judge (dpo_dist.eval.judges)
+JUDGE_FORMS = {form.split(":")[0]: form for form in JUDGE_KINDS}  # judge kind -> how its spec is written
+TAKES_TEMPLATE = ("llm",)  # the judge kinds that read a template (rounds.judge_template)
+TAKES_QUANTIZATION = ("reward_model", "llm")  # the model judges, which may load in 4 bits (rounds.judge_quantization)
+
+
+def judge_parts(spec: str) -> tuple[str, str]:
+    """A judge spec's kind and argument: ``sentiment`` -> ("sentiment", ""), ``reward_model:PATH`` and ``llm:PATH``
+    -> (kind, PATH), ``python:MODULE:FUNCTION`` -> ("python", "MODULE:FUNCTION"); a ValueError otherwise. The one
+    reader of judge specs: the config checks rounds.judge with it, ``dpo_dist.eval.judges`` builds from it. A path
+    may hold colons."""
+    kind, _, argument = spec.partition(":")
+    form = JUDGE_FORMS.get(kind)
+    if form is None:
+        raise ValueError(f"unknown judge {spec!r}: use {', '.join(JUDGE_KINDS[:-1])} or {JUDGE_KINDS[-1]}")
+    parts = form.count(":")
+    if not (not argument if parts == 0 else argument if parts == 1 else all(argument.split(":"))
+            and argument.count(":") == parts - 1):
+        raise ValueError(f"judge {spec!r}: write it as {form}")
+    return kind, argument
+
+
+def judge_options_unread(kind: str, *, template: str | None, quantization: str) -> str | None:
+    """What a judge of ``kind`` would not read among its options, in words (refused, not ignored), or None."""
+    if template is not None and kind not in TAKES_TEMPLATE:
+        return "a judge template is read by llm:PATH judges only"
+    if quantization != "none" and kind not in TAKES_QUANTIZATION:
+        return f"quantization {quantization} applies to model judges only (reward_model:PATH, llm:PATH)"
+    return None
 
 
 @dataclass
@@ -666,10 +694,16 @@ class Config:
             raise ConfigError(f"rounds.top_p must be in (0, 1], got {r.top_p}")
         if r.min_score_gap < 0:
             raise ConfigError(f"rounds.min_score_gap must not be negative, got {r.min_score_gap}")
-        kind = r.judge.split(":", 1)[0]
-        if kind not in {k.split(":")[0] for k in JUDGE_KINDS} or (kind == "sentiment") != (r.judge == "sentiment") \
-                or (kind == "python" and r.judge.count(":") != 2) or r.judge.endswith(":"):
-            raise ConfigError(f"rounds.judge {r.judge!r} is not one of {', '.join(JUDGE_KINDS)}")
+        try:
+            kind, _ = judge_parts(r.judge)
+        except ValueError as error:
+            raise ConfigError(f"rounds.judge: {error}") from None
+        unread = judge_options_unread(kind, template=r.judge_template, quantization=r.judge_quantization)
+        if unread:
+            raise ConfigError(f"rounds.judge={r.judge}: {unread}")
+        if r.judge_template is not None and "{response}" not in r.judge_template:
+            raise ConfigError("rounds.judge_template must hold {response} (and may hold {prompt}): the judge is asked "
+                              "about each response")
         if r.count == 1:
             return
         if r.samples_per_prompt < 2:

@@ -27,7 +27,8 @@ def spec(function: str) -> str:
 def test_the_judge_kinds_are_the_configs_and_each_has_one_score_judge():
     """rounds.judge is checked against config.JUDGE_KINDS; each kind there has one record in SCORE_JUDGES."""
     from dpo_dist.config import JUDGE_KINDS
-    from dpo_dist.eval.judges import FORMS, SCORE_JUDGES
+    from dpo_dist.config import JUDGE_FORMS as FORMS
+    from dpo_dist.eval.judges import SCORE_JUDGES
 
     assert set(SCORE_JUDGES) == set(FORMS) == {form.split(":")[0] for form in JUDGE_KINDS}
 

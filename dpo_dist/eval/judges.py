@@ -1,6 +1,6 @@
 """Judges: how good a response to a prompt is, alone (score judges) or against another (pairwise).
 
-A judge is named by a spec, one of :data:`dpo_dist.config.JUDGE_KINDS` (read by :func:`parse_judge` alone):
+A judge is named by a spec, one of :data:`dpo_dist.config.JUDGE_KINDS` (read by :func:`dpo_dist.config.judge_parts` alone):
 
 - ``sentiment``: VADER's compound sentiment score of each response (the DPO paper's controlled-sentiment task).
 - ``reward_model:PATH``: an ``AutoModelForSequenceClassification`` scores prompt + response (through its tokenizer's
@@ -33,7 +33,7 @@ from typing import Any
 
 import torch
 
-from dpo_dist.config import JUDGE_KINDS
+from dpo_dist.config import JUDGE_KINDS, judge_options_unread, judge_parts
 from dpo_dist.eval.options import JUDGE_INSTRUCTION
 from dpo_dist.eval.scoring import response_logps
 from dpo_dist.progress import progress
@@ -323,22 +323,13 @@ class LLMScoreJudge(ScoreJudge):
         return (yes - no).tolist()
 
 
-FORMS = {form.split(":")[0]: form for form in JUDGE_KINDS}  # judge kind -> how its spec is written
-
-
 def parse_judge(spec: str) -> tuple[str, str]:
-    """A judge spec's kind and argument: ``sentiment`` -> ("sentiment", ""), ``reward_model:PATH`` and ``llm:PATH``
-    -> (kind, PATH), ``python:MODULE:FUNCTION`` -> ("python", "MODULE:FUNCTION"). The one reader of judge specs:
-    :func:`build_judge` and :func:`build_score_judge` both build from it. A path may hold colons."""
-    kind, _, argument = spec.partition(":")
-    form = FORMS.get(kind)
-    if form is None:
-        raise JudgeError(f"unknown judge {spec!r}: use {', '.join(JUDGE_KINDS[:-1])} or {JUDGE_KINDS[-1]}")
-    parts = form.count(":")
-    if not (not argument if parts == 0 else argument if parts == 1 else all(argument.split(":"))
-            and argument.count(":") == parts - 1):
-        raise JudgeError(f"judge {spec!r}: write it as {form}")
-    return kind, argument
+    """:func:`dpo_dist.config.judge_parts` (the one reader of judge specs, which the config checks with), its
+    refusal a :class:`JudgeError`."""
+    try:
+        return judge_parts(spec)
+    except ValueError as error:
+        raise JudgeError(str(error)) from None
 
 
 # kind -> its score judge, from (argument, device, template, quantization, batch_size): one record per kind. The
@@ -351,8 +342,6 @@ SCORE_JUDGES = {
     "llm": lambda argument, device, template, quantization, batch_size: LLMScoreJudge(
         argument, device, template=template, batch_size=batch_size, quantization=quantization),
 }
-TAKES_TEMPLATE = ("llm",)
-TAKES_QUANTIZATION = ("reward_model", "llm")
 
 
 def build_score_judge(spec: str, device: torch.device, *, template: str | None = None, quantization: str = "none",
@@ -362,11 +351,9 @@ def build_score_judge(spec: str, device: torch.device, *, template: str | None =
     ``quantization`` (``4bit``) loads a model judge's linear layers in 4 bits; ``batch_size``: responses per forward
     of a model judge. An option the judge would not read is refused, not ignored."""
     kind, argument = parse_judge(spec)
-    if template is not None and kind not in TAKES_TEMPLATE:
-        raise JudgeError(f"judge {spec}: a judge template is read by llm:PATH judges only")
-    if quantization != "none" and kind not in TAKES_QUANTIZATION:
-        raise JudgeError(f"judge {spec}: quantization {quantization} applies to model judges only "
-                         "(reward_model:PATH, llm:PATH)")
+    unread = judge_options_unread(kind, template=template, quantization=quantization)
+    if unread:
+        raise JudgeError(f"judge {spec}: {unread}")
     if batch_size < 1:
         raise JudgeError(f"judge {spec}: batch size must be positive, got {batch_size}")
     return SCORE_JUDGES[kind](argument, device, template, quantization, batch_size)
