@@ -431,7 +431,7 @@ class Rounds:
         model = run.model
         keep = contextlib.nullcontext()
         if which == "start" and self.start_copy is not None:
-            model = self.start_copy
+            model = getattr(self.start_copy, "module", self.start_copy)  # a frozen DeepSpeed engine's module
         elif which == "previous":
             keep = policy_as_reference(run.model)
         with keep:
