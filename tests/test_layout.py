@@ -158,6 +158,8 @@ HOMES = {
     "load_trained": "dpo_dist.model.trained", "merged_model": "dpo_dist.model.merge",
     "generation_config": "dpo_dist.model.generation", "generate_responses": "dpo_dist.model.generation",
     "sample_responses": "dpo_dist.model.generation", "Sampling": "dpo_dist.model.generation",
+    "prompt_batches": "dpo_dist.model.generation", "sample_batch": "dpo_dist.model.generation",
+    "sample_round": "dpo_dist.rounds.sampling",
     "response_logps": "dpo_dist.eval.scoring",
     "packed_mask": "dpo_dist.model.attention", "packed_mask_mod": "dpo_dist.model.attention",
     "plan_rows": "dpo_dist.data.packing", "choose_rows": "dpo_dist.data.packing",

@@ -10,6 +10,11 @@ including the first EOS (one cut by ``max_new_tokens`` has no EOS).
     responses = generate_responses(model, prompts, config, device)
     samples = sample_responses(model, tokenizer, prompts, n=4, sampling=Sampling(), batch_size=8, device=device)
 
+A round of iterative DPO samples many completions of many prompts: :func:`prompt_batches` cuts the prompts into
+batches of similar length (little left padding), and :func:`sample_batch` draws one batch's completions under its own
+seed. That pair is the seam where a faster engine (vLLM, SGLang) would plug in: it takes token ids and a seed and
+returns token ids.
+
 torch and transformers are imported inside the functions, so that :class:`Sampling` (``launch/evaluate.py``'s
 defaults, through ``dpo_dist.eval.options``) reads without them.
 """
@@ -86,23 +91,56 @@ def generate_responses(model: Any, prompts: list[list[int]], config: Any, device
             for row in new]
 
 
+def prompt_batches(prompts: list[list[int]], batch_size: int) -> list[list[int]]:
+    """The indices of ``prompts`` sorted by length (shortest first; equal lengths in their order) and cut into batches
+    of ``batch_size`` (the last may be shorter). Sorted, a batch's prompts are of nearly one length, so left padding
+    adds few positions and a short prompt does not wait on a long one. A pure function of the prompts: every process
+    of any launch computes the same batches, so batch ``b`` (and its seed) is the same under 1 process or 8.
+
+    Shape: ``out[b]`` the prompt indices of batch b; ``sum(len(batch) for batch in out) == len(prompts)``."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # sorted() is stable
+    return [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
+
+
+def sample_batch(model: Any, prompts: list[list[int]], config: Any, device: Any, *, seed: int,
+                 **generate_kwargs: Any) -> list[list[list[int]]]:
+    """One batch's sampled completions, ``config.num_return_sequences`` (n) per prompt, drawn from a generator seeded
+    with ``seed``: ``out[i][j]`` the j-th completion of ``prompts[i]``, token ids cut after EOS
+    (:func:`generate_responses`: left padding, KV cache). The caller's random state is left as it was (a forked
+    generator), so sampling in the middle of training changes none of training's draws, and a batch's completions
+    depend on its seed and prompts only, not on what was sampled before it (nor on which process samples it).
+    ``generate_kwargs`` go to ``model.generate`` (``synced_gpus`` under ZeRO-3 and FSDP)."""
+    import torch
+
+    n = config.num_return_sequences or 1
+    devices = [device] if getattr(device, "type", str(device)) == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        responses = generate_responses(model, prompts, config, device, **generate_kwargs)
+    return [responses[i : i + n] for i in range(0, len(responses), n)]
+
+
 def sample_responses(model: Any, tokenizer: Any, prompts: list[list[int]], *, n: int, sampling: Sampling,
                      batch_size: int, device: Any, progress: Any = None) -> list[list[list[int]]]:
     """``n`` sampled responses per prompt: ``out[i][j]`` is the j-th response to prompt i, as token ids. ``progress``:
     a bar (:mod:`dpo_dist.progress`) told of each batch of prompts done.
 
-    Each batch of prompts is seeded with ``sampling.seed`` plus its index, so two models given the same prompts and
-    seed draw with the same random numbers (their differences are the models', not the dice's).
+    Each batch of prompts (in the given order) is seeded with ``sampling.seed`` plus its index, so two models given
+    the same prompts and seed draw with the same random numbers (their differences are the models', not the dice's).
     """
-    import torch
-
-    config = generation_config(tokenizer, max_new_tokens=sampling.max_new_tokens, temperature=sampling.temperature,
-                               top_p=sampling.top_p, top_k=sampling.top_k, num_return_sequences=n)
+    config = sampling_config(tokenizer, sampling, n)
     out: list[list[list[int]]] = []
     for index, start in enumerate(range(0, len(prompts), batch_size)):
-        torch.manual_seed(sampling.seed + index)
-        responses = generate_responses(model, prompts[start : start + batch_size], config, device)
-        out += [responses[i : i + n] for i in range(0, len(responses), n)]
+        batch = sample_batch(model, prompts[start : start + batch_size], config, device, seed=sampling.seed + index)
+        out += batch
         if progress is not None:
-            progress.update(len(responses) // n)
+            progress.update(len(batch))
     return out
+
+
+def sampling_config(tokenizer: Any, sampling: Sampling, n: int) -> Any:
+    """The ``GenerationConfig`` of :class:`Sampling`'s settings, ``n`` completions per prompt."""
+    return generation_config(tokenizer, max_new_tokens=sampling.max_new_tokens, temperature=sampling.temperature,
+                             top_p=sampling.top_p, top_k=sampling.top_k, num_return_sequences=n)
