@@ -240,7 +240,7 @@ class Rounds:
                               cache_dir=os.path.join(folder, f"samples-{key}"),
                               stop_check=lambda where: self.stop_here(r, where),
                               show_progress=self.cfg.train.progress_bar)
-        return getattr(result, "completions", result)
+        return result.completions
 
     def logps(self, model: Any, prompts: list[list[int]], responses: list[list[int]]) -> torch.Tensor:
         """Each response's summed log-prob under ``model``, sharded over the processes (every process runs the same
