@@ -19,9 +19,12 @@ repeat warms up and is not counted. Printed: completions a second and generated 
 own random numbers, so completions end at other lengths: tokens/s is the like-for-like figure), the medians of the
 repeats, and each against the per-prompt loop.
 
-Each section of the report is a function of the loaded :class:`Setup` that prints its table (:data:`SECTIONS`); a
-section for the time of each stage of a round (sampling, judging, pairing, reference, training, evaluation) goes
-beside ``sampling_throughput`` once rounds run end to end.
+Each section of the report is a function of the loaded :class:`Setup` that prints its table (:data:`SECTIONS`).
+
+``--sections stages`` (no model loaded) tabulates where a finished rounds run spent its time, stage by stage, as the
+run measured itself (``seconds_by_stage`` of each ``rounds.jsonl`` line): ``--run`` names its folder, by default the
+one ``recipes/sentiment_rounds.yaml`` writes (``accelerate launch launch/train.py --config
+recipes/sentiment_rounds.yaml``).
 """
 
 from __future__ import annotations
@@ -128,6 +131,30 @@ def sampling_throughput(setup: Setup, accelerator: Any) -> None:
 
 
 SECTIONS: dict[str, Callable[[Setup, Any], None]] = {"sampling": sampling_throughput}
+STAGES = ("sampling", "judging", "pairing", "reference", "training", "eval")
+
+
+def stage_times(run: str) -> None:
+    """Seconds per stage of each round of the finished run in ``run``, and each stage's share of the rounds' time."""
+    import json
+
+    path = os.path.join(run, "rounds.jsonl")
+    if not os.path.isfile(path):
+        raise SystemExit(f"{path}: no rounds here; run accelerate launch launch/train.py --config "
+                         "recipes/sentiment_rounds.yaml first (or pass --run)")
+    with open(path, encoding="utf-8") as handle:
+        lines = [json.loads(line) for line in handle if line.strip()]
+    print(f"\n## Time per stage of a round\n\n{run}: {len(lines)} rounds, each stage as the run measured it (s)\n")
+    print("| round | " + " | ".join(STAGES) + " | all | steps | pairs |\n|" + "---|" * (len(STAGES) + 4))
+    totals = {stage: 0.0 for stage in STAGES}
+    for line in lines:
+        spent = line["seconds_by_stage"]
+        for stage in STAGES:
+            totals[stage] += spent.get(stage, 0.0)
+        print(f"| {line['round']} | " + " | ".join(f"{spent.get(stage, 0.0):.1f}" for stage in STAGES)
+              + f" | {line['seconds']:.1f} | {line['steps']} | {line['pairs']} |")
+    whole = sum(totals.values())
+    print("| share | " + " | ".join(f"{totals[stage] / whole:.0%}" for stage in STAGES) + " | 100% | | |")
 
 
 def sentiment_prompt_ids(tokenizer: Any, count: int, seed: int = 0) -> list[list[int]]:
@@ -150,8 +177,14 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
-    parser.add_argument("--sections", nargs="+", default=list(SECTIONS), choices=list(SECTIONS))
+    parser.add_argument("--sections", nargs="+", default=["stages", *SECTIONS], choices=["stages", *SECTIONS])
+    parser.add_argument("--run", default="outputs/sentiment_rounds", help="the stages section's finished rounds run")
     args = parser.parse_args()
+    if "stages" in args.sections:
+        stage_times(args.run)
+        args.sections = [name for name in args.sections if name != "stages"]
+        if not args.sections:
+            return
     torch.set_num_threads(args.threads)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

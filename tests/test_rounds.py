@@ -16,10 +16,10 @@ import pytest
 import torch
 
 from dpo_dist.config import load_config
-from training import ROOT, WORDS, accelerate_launch, read_jsonl, reset_accelerate_state
+from training import (LENGTH, ROOT, accelerate_launch, prompt_rows, read_jsonl, reset_accelerate_state,
+                      rounds_overrides)
 
 pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
-LENGTH = "python:tests.judge_functions:length_score"
 # Compared between runs: everything a rounds.jsonl line says except how long it took.
 TIMES = ("seconds", "seconds_by_stage")
 STEP_KEYS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "logps/chosen", "logps/rejected",
@@ -28,32 +28,11 @@ STEP_KEYS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "l
 
 @pytest.fixture(scope="module")
 def prompts_file(tmp_path_factory):
-    """20 distinct prompt-only rows (16 train, 4 held out by data.eval_ratio=0.2)."""
-    import random
-
-    rng = random.Random(0)
-    path = tmp_path_factory.mktemp("prompts") / "prompts.jsonl"
-    seen = set()
-    with open(path, "w") as handle:
-        while len(seen) < 20:
-            prompt = " ".join(rng.choices(WORDS, k=rng.randint(3, 7)))
-            if prompt not in seen:
-                seen.add(prompt)
-                handle.write(json.dumps({"prompt": prompt}) + "\n")
-    return str(path)
+    return prompt_rows(tmp_path_factory.mktemp("prompts") / "prompts.jsonl")
 
 
 def settings(model_dir, prompts, out, **extra):
-    base = {
-        "model.name_or_path": model_dir, "data.source": prompts, "data.eval_ratio": 0.2, "data.max_length": 48,
-        "data.max_prompt_length": 24, "train.output_dir": str(out), "train.progress_bar": False, "train.plot": False,
-        "train.learning_rate": 1e-2, "train.per_device_batch_size": 4, "train.warmup_ratio": 0.0,
-        "train.eval_every": None, "train.keep_last": 10, "train.attention_layout": "segmented",
-        "rounds.count": 2, "rounds.steps_per_round": 3, "rounds.samples_per_prompt": 3, "rounds.max_new_tokens": 6,
-        "rounds.generation_batch_size": 4, "rounds.eval_samples_per_prompt": 2, "rounds.judge": LENGTH,
-    }
-    base.update(extra)
-    return [f"{k}={json.dumps(v) if not isinstance(v, str) else v}" for k, v in base.items()]
+    return rounds_overrides(model_dir, prompts, out, **extra)
 
 
 def run_rounds(model_dir, prompts, out, **extra):

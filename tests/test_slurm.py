@@ -9,8 +9,8 @@ import time
 
 import pytest
 
-from training import (ROOT, assert_same_trajectory, command_lines, overrides, read_jsonl, reset_accelerate_state,
-                      run)
+from training import (ROOT, assert_same_trajectory, command_lines, overrides, prompt_rows, read_jsonl,
+                      reset_accelerate_state, rounds_overrides, run)
 
 pytestmark = pytest.mark.slurm
 TRAINING = {"lora.enabled": False, "train.per_device_batch_size": 4, "train.eval_every": 5}
@@ -244,3 +244,23 @@ def test_a_killed_rank_fails_the_whole_job_quickly(cluster, tiny_model_dir, data
     wait_for(lambda: job_state(cluster, job)[0] in ("FAILED", "CANCELLED", "NODE_FAIL"), 60, "the job to fail")
     assert job_state(cluster, job)[1] == 0, "a failure is not a preemption: no requeue"
     assert not trainer_pids(out, 0), "rank 0 does not hang on"
+
+
+def test_a_job_requeued_in_the_middle_of_a_round_completes_all_rounds(cluster, tiny_model_dir, tmp_path):
+    """Iterative rounds on 2 nodes (LoRA over DDP), requeued (SIGTERM to every process) once round 2 has begun: the
+    requeued job takes what round 2 had written, finishes it, and writes both rounds and the model."""
+    out = tmp_path / "out"
+    prompts = prompt_rows(tmp_path / "prompts.jsonl")
+    settings = {"rounds.steps_per_round": 30, "train.per_device_batch_size": 2}  # long enough to be caught in round 2
+    result, job = submit(cluster, tmp_path / "job.log", *rounds_overrides(tiny_model_dir, prompts, out, **settings))
+    assert result.returncode == 0, result.stderr
+    wait_for(lambda: (out / "round-2" / "plan.json").exists(), 300, "round 2 to begin")
+    subprocess.run(["scontrol", "requeue", job], check=True, env=cluster)
+    wait_for(lambda: job_state(cluster, job) == ("COMPLETED", 1), 600, "the requeued job to finish")
+    log = (tmp_path / "job.log").read_text()
+    assert log.count("preempted: stopped by") == 1, log[-4000:]  # rank 0's line, in a stage of round 2 or a step
+    assert re.search(r"preempted: stopped by \S+ (in round 2,|after step (3[1-9]|[45]\d))", log), log[-4000:]
+    assert [line["round"] for line in read_jsonl(out / "rounds.jsonl")] == [1, 2], log[-4000:]
+    records = read_jsonl(out / "metrics.jsonl")
+    assert [r["step"] for r in records] == list(range(1, 61)) and records[-1]["round"] == 2
+    assert os.path.isdir(out / "model") and "Traceback" not in log

@@ -47,6 +47,39 @@ def synthetic_pairs(path, n, seed=0):
     return str(path)
 
 
+LENGTH = "python:tests.judge_functions:length_score"  # a deterministic judge: the longer completion wins
+
+
+def prompt_rows(path, n=20, seed=0):
+    """``n`` distinct prompt-only rows, the prompts iterative rounds sample (16 train, 4 held out by
+    data.eval_ratio=0.2)."""
+    rng = random.Random(seed)
+    seen = []
+    while len(seen) < n:
+        prompt = " ".join(rng.choices(WORDS, k=rng.randint(3, 7)))
+        if prompt not in seen:
+            seen.append(prompt)
+    with open(path, "w") as handle:
+        for prompt in seen:
+            handle.write(json.dumps({"prompt": prompt}) + "\n")
+    return str(path)
+
+
+def rounds_overrides(model_dir, prompts, out, **extra):
+    """2 rounds of 3 steps (LoRA) over ``prompt_rows``' prompts, 3 completions each judged by ``LENGTH``, at a
+    learning rate high enough that round 1 moves the policy."""
+    base = {
+        "model.name_or_path": model_dir, "data.source": prompts, "data.eval_ratio": 0.2, "data.max_length": 48,
+        "data.max_prompt_length": 24, "train.output_dir": str(out), "train.progress_bar": False, "train.plot": False,
+        "train.learning_rate": 1e-2, "train.per_device_batch_size": 4, "train.warmup_ratio": 0.0,
+        "train.eval_every": None, "train.keep_last": 10, "train.attention_layout": "segmented",
+        "rounds.count": 2, "rounds.steps_per_round": 3, "rounds.samples_per_prompt": 3, "rounds.max_new_tokens": 6,
+        "rounds.generation_batch_size": 4, "rounds.eval_samples_per_prompt": 2, "rounds.judge": LENGTH,
+    }
+    base.update(extra)
+    return [f"{k}={json.dumps(v) if not isinstance(v, str) else v}" for k, v in base.items()]
+
+
 def overrides(model_dir, data_file, out, **extra):
     base = {
         "model.name_or_path": model_dir, "data.source": data_file, "data.eval_ratio": 0.2, "data.max_length": 48,
