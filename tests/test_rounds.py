@@ -325,3 +325,19 @@ def test_qlora_rounds(tiny_model_dir, prompts_file, tmp_path):
     lines = result["rounds"]
     assert [line["round"] for line in lines] == [1, 2]
     assert all(math.isfinite(line["kl"]) and line["pairs"] > 0 for line in lines)
+
+
+def test_evaluate_a_rounds_run_samples_its_held_out_prompts_with_its_judge(lora_run):
+    """launch/evaluate.py's work on a rounds run: no held-out pairs (the rounds sampled theirs), the run's held-out
+    prompts against the base, judged by the run's own judge."""
+    from dpo_dist.eval.against_base import evaluate_run
+    from dpo_dist.eval.options import EvalOptions
+
+    _, out = lora_run
+    results = evaluate_run(str(out), EvalOptions(samples_per_prompt=1, max_new_tokens=6, batch_size=4))
+    assert results["preference"] is None
+    assert results["generation"]["prompts"] == 4 and "held-out prompts of the run's rounds" in \
+        results["generation"]["prompt_source"]
+    assert results["win_rate"]["judge"] == LENGTH and math.isfinite(results["kl"]["kl"])
+    texts = [row["prompt"] for row in read_jsonl(out / "round-1" / "eval_samples.jsonl")]
+    assert [sample["prompt"] for sample in results["samples"]] == list(dict.fromkeys(texts))

@@ -27,6 +27,7 @@ import torch
 from dpo_dist.config import SENTIMENT, STATS, Config
 from dpo_dist.data.collate import PreferenceCollator
 from dpo_dist.data.load import data_source, load_configured_pairs
+from dpo_dist.data.prompts import load_prompts
 from dpo_dist.data.sentiment import dataset_paths, ensure_sentiment_data, prompts_path
 from dpo_dist.data.tokenization import Truncation, tokenize_pairs, tokenize_prompt
 from dpo_dist.eval.judges import ScoreJudge, build_judge
@@ -88,6 +89,11 @@ def held_out_pairs(cfg: Config, model: Any, tokenizer: Any, device: torch.device
     this one process, as the data stage loads them (what each source gave is printed, as training prints it)."""
     identity = keyed_identity(cfg, resolve_source(cfg.model.name_or_path),
                               str(resolve_dtype(cfg.model.dtype, device)).removeprefix("torch."))
+    if cfg.rounds.count > 1:  # iterative rounds: the pairs were the rounds' own; their held-out prompts remain
+        if required:
+            raise ValueError("an iterative-rounds run has no held-out pairs (its pairs were sampled each round): its "
+                             "evaluation samples its held-out prompts (pass no --eval_source)")
+        return None, {}, identity
     paths = None
     if data_source(cfg) == SENTIMENT:
         with as_reference(model) as base:  # the sentiment set, if not cached, is sampled from the base
@@ -133,6 +139,13 @@ def generation_prompts(cfg: Config, opts: "EvalOptions", tokenized: Any, raw: di
     """The prompts sampled from (token ids as in training, and judge text) and a line saying where they came from:
     ``--prompts``; for the built-in set every held-out prompt its data build recorded (also those whose
     completions made no pair); else each prompt of the eval pairs once."""
+    if opts.prompts is None and cfg.rounds.count > 1:
+        held_out = load_prompts(cfg).held_out[: opts.num_prompts]
+        truncation = Truncation(cfg.data.max_length, cfg.data.max_prompt_length)
+        tokens = [tokenize_prompt(prompt, tokenizer, truncation) for prompt in held_out]
+        kept = [(ids, prompt_text(prompt)) for ids, prompt in zip(tokens, held_out) if ids is not None]
+        return ([ids for ids, _ in kept], [text for _, text in kept],
+                f"the {len(kept)} held-out prompts of the run's rounds (each round's evaluation sampled them too)")
     if opts.prompts is None and not cfg.data.uses_sentiment():
         ids, texts = unique_prompts(tokenized, raw, opts.num_prompts)
         return ids, texts, f"each prompt of the run's {len(tokenized)} eval pairs once"
@@ -212,15 +225,19 @@ def evaluate_run(path: str, opts: EvalOptions) -> dict[str, Any]:
     trained = load_trained(path, device=device, base=opts.base, cfg=cfg)
     model, tokenizer = trained.model, trained.tokenizer
     reference = model if trained.is_adapter else load_base_model(trained, device)
-    tokenized, raw_prompts, identity = held_out_pairs(cfg, reference, tokenizer, device, required=opts.prompts is None)
+    rounds = cfg.rounds.count > 1
+    tokenized, raw_prompts, identity = held_out_pairs(cfg, reference, tokenizer, device,
+                                                      required=opts.prompts is None and not rounds)
     results: dict[str, Any] = {
         "model": trained.folder, "base": trained.base_source, "adapter": trained.is_adapter,
         "preference": None if tokenized is None else
         preference_metrics(model, reference, tokenized, cfg, tokenizer, opts.batch_size, device),
     }
 
-    judge_spec = opts.judge if opts.judge != "auto" else "sentiment" if cfg.data.uses_sentiment() else "none"
-    max_new = opts.max_new_tokens or (cfg.data.sentiment.max_new_tokens if cfg.data.uses_sentiment() else 128)
+    judge_spec = (opts.judge if opts.judge != "auto" else cfg.rounds.judge if rounds
+                  else "sentiment" if cfg.data.uses_sentiment() else "none")
+    max_new = opts.max_new_tokens or (cfg.rounds.max_new_tokens if rounds else cfg.data.sentiment.max_new_tokens
+                                      if cfg.data.uses_sentiment() else 128)
     sampling = dataclasses.replace(opts.sampling, max_new_tokens=max_new, seed=opts.seed)
     prompt_ids, prompt_texts, source = generation_prompts(cfg, opts, tokenized, raw_prompts, tokenizer, identity)
     n = opts.samples_per_prompt

@@ -18,7 +18,7 @@ JUDGE_INSTRUCTION = (
 
 @dataclass
 class EvalOptions:
-    judge: str = "auto"  # one of config.JUDGE_KINDS, or none; auto: sentiment for the sentiment task
+    judge: str = "auto"  # one of config.JUDGE_KINDS, or none; auto: a rounds run's own judge, sentiment for the sentiment task
     samples_per_prompt: int = 4
     num_prompts: int | None = None  # held-out prompts used (all by default)
     sampling: Sampling = field(default_factory=Sampling)
