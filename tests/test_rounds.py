@@ -319,12 +319,23 @@ def test_two_processes_give_the_one_process_rounds(config, lora, lora_run, full_
     assert_same_steps(read_jsonl(single / "metrics.jsonl"), read_jsonl(out / "metrics.jsonl"), atol=1e-4)
 
 
-def test_qlora_rounds(tiny_model_dir, prompts_file, tmp_path):
-    """QLoRA, the single-GPU path: the 4-bit base with its adapters off is the start; two rounds run through."""
-    result = run_rounds(tiny_model_dir, prompts_file, tmp_path / "out", **{"model.quantization": "4bit"})
+def test_qlora_rounds_on_the_built_in_prompts(tiny_model_dir, prompts_file, tmp_path):
+    """QLoRA, the single-GPU path (the 4-bit base with its adapters off is the start), on the default prompts: the
+    built-in sentiment set's, split as the set splits them."""
+    from dpo_dist.data.sentiment import chosen_prompts
+
+    cfg = load_config(None, settings(tiny_model_dir, "builtin:sentiment", tmp_path / "out",
+                                     **{"data.sentiment.num_prompts": 12, "data.sentiment.eval_prompts": 4}))
+    result = run_rounds(tiny_model_dir, "builtin:sentiment", tmp_path / "out",
+                        **{"model.quantization": "4bit", "data.sentiment.num_prompts": 12,
+                           "data.sentiment.eval_prompts": 4})
     lines = result["rounds"]
     assert [line["round"] for line in lines] == [1, 2]
     assert all(math.isfinite(line["kl"]) and line["pairs"] > 0 for line in lines)
+    train, held_out = chosen_prompts(cfg.data.sentiment)
+    assert [row["prompt"] for row in read_jsonl(tmp_path / "out" / "round-2" / "samples.jsonl")] == train
+    assert list(dict.fromkeys(row["prompt"] for row in read_jsonl(tmp_path / "out" / "round-1" /
+                                                                   "eval_samples.jsonl"))) == held_out
 
 
 def test_evaluate_a_rounds_run_samples_its_held_out_prompts_with_its_judge(lora_run):
