@@ -303,7 +303,7 @@ def launch_two(launch_settings, config, out, **extra):
     return result
 
 
-@pytest.mark.slow
+@pytest.mark.multiprocess
 @pytest.mark.parametrize("config, lora", [("ddp", True), ("zero3", False), ("fsdp", False)],
                          ids=["ddp-lora", "zero3-full", "fsdp2-full"])
 def test_two_processes_give_the_one_process_rounds(config, lora, lora_run, full_run, launch_settings, tmp_path):
