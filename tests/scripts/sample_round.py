@@ -44,3 +44,8 @@ if accelerator.is_main_process:
         json.dump({"completions": result.completions, "processes": accelerator.num_processes, "calls": calls,
                    "sampled": result.sampled, "zero_stage": zero_stage(accelerator),
                    "fsdp_version": fsdp_version(accelerator)}, handle)
+accelerator.wait_for_everyone()
+# Ended as launch/train.py ends a distributed process (exit_now): the interpreter's teardown of gloo's native objects
+# can abort a process whose work is done ("terminate called without an active exception", SIGABRT).
+sys.stdout.flush()
+os._exit(0)
