@@ -723,13 +723,18 @@ class Config:
                               "with reference.mode=online it would be the policy as it trains; use "
                               "reference.mode=precomputed (the default)")
         d = self.data
+        if d.uses_sentiment() and d.sentiment.eval_prompts == 0:
+            raise ConfigError("rounds.count > 1 evaluates each round on held-out prompts, and the built-in sentiment "
+                              "set holds none out (data.sentiment.eval_prompts=0): set data.sentiment.eval_prompts")
         if not d.uses_sentiment():
             if d.eval_ratio == 0 and d.eval_source is None and d.eval_split is None:
                 raise ConfigError("rounds.count > 1 evaluates each round on held-out prompts: set data.eval_ratio "
                                   "above 0, data.eval_source or data.eval_split")
-            if any(entry.weight is not None for entry in d.sources):
-                raise ConfigError("rounds sample every training prompt, so data.sources weights (draws) do not apply: "
-                                  "set each entry's share with its num_samples or fraction instead")
+            weighted = [i for i, entry in enumerate(d.sources) if entry.weight is not None]
+            if weighted:
+                raise ConfigError(f"data.sources[{weighted[0]}].weight: rounds sample every training prompt, and a "
+                                  "weighted mixture draws pairs at random by weight: leave the weights out and set "
+                                  "each entry's share with its num_samples or fraction")
         init = lora_init(self.lora.init_lora_weights) if self.lora.enabled else None
         if init is not None and init.mutates_base:
             raise ConfigError(f"lora.init_lora_weights={self.lora.init_lora_weights} moves part of the base weights "

@@ -180,6 +180,13 @@ def fsdp_version(accelerator: Any) -> int:
     return int(plugin.fsdp_version) if accelerator.distributed_type == DistributedType.FSDP and plugin else 0
 
 
+def forwards_are_collective(accelerator: Any) -> bool:
+    """Whether every forward of the policy is a collective: its weights sharded (ZeRO-3, FSDP) over several
+    processes, each forward gathering them. Then every process must run the same forwards: generation in step with
+    the others (``synced_gpus``), a stand-in batch where a process has none."""
+    return bool(zero_stage(accelerator) == 3 or fsdp_version(accelerator)) and accelerator.num_processes > 1
+
+
 def fsdp_summary(model: Any, accelerator: Any) -> str:
     """What FSDP2 did to the prepared policy, in one line (the trainer prints it when an FSDP config was given)."""
     from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule

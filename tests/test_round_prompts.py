@@ -6,7 +6,7 @@ import json
 import datasets
 import pytest
 
-from dpo_dist.config import load_config
+from dpo_dist.config import ConfigError, load_config
 from dpo_dist.data.load import DataError
 from dpo_dist.data.prompts import load_prompts
 from dpo_dist.data.sentiment import chosen_prompts
@@ -28,8 +28,8 @@ def test_the_built_in_set_gives_its_own_split():
     prompts = load_prompts(cfg)
     assert (prompts.train, prompts.held_out) == chosen_prompts(cfg.data.sentiment)
     assert len(prompts.held_out) == 48 and "built-in sentiment" in prompts.lines[0]
-    with pytest.raises(DataError, match=r"held-out prompts.*data.sentiment.eval_prompts"):
-        prompts_of("data.sentiment.eval_prompts=0")
+    with pytest.raises(ConfigError, match=r"held-out prompts.*data.sentiment.eval_prompts"):
+        prompts_of("data.sentiment.eval_prompts=0", "rounds.count=2")
 
 
 def test_prompt_only_rows_text_and_messages(tmp_path):
@@ -116,9 +116,9 @@ def test_a_mixture_concatenates_its_entries_each_subset(tmp_path):
     whole = prompts_of(f"data.sources=[{{source: {a}}}, {{source: {b}}}]", "data.eval_ratio=0.2")
     assert whole.duplicates == 1 and "1 given by an earlier entry" in whole.lines[1]
 
-    with pytest.raises(DataError, match=r"data.sources\[0\].weight: rounds sample every training prompt.*num_samples "
-                                        "or fraction"):
-        prompts_of(f"data.sources=[{{source: {a}, weight: 1}}, {{source: {b}, weight: 2}}]")
+    with pytest.raises(ConfigError, match=r"data.sources\[0\].weight: rounds sample every training prompt.*"
+                                          "num_samples or fraction"):
+        prompts_of(f"data.sources=[{{source: {a}, weight: 1}}, {{source: {b}, weight: 2}}]", "rounds.count=2")
     chat = write_jsonl(tmp_path / "chat.jsonl", [{"prompt": USER}])
     with pytest.raises(DataError, match=r"data.sources\[1\] \(.*chat.jsonl\) gives message-list prompts but the "
                                         "entries before it give text"):
@@ -132,9 +132,9 @@ def test_held_out_by_ratio_is_seeded_disjoint_and_at_least_one(tmp_path):
     assert first == prompts_of(f"data.source={path}", "data.eval_ratio=0.25", "train.seed=1")
     assert first.held_out != prompts_of(f"data.source={path}", "data.eval_ratio=0.25", "train.seed=2").held_out
     assert len(prompts_of(f"data.source={path}", "data.eval_ratio=0.001").held_out) == 1
-    with pytest.raises(DataError, match=r"rounds.count > 1 evaluates each round on held-out prompts.*data.eval_ratio"
-                                        r".*data.eval_source"):
-        prompts_of(f"data.source={path}", "data.eval_ratio=0")
+    with pytest.raises(ConfigError, match=r"rounds.count > 1 evaluates each round on held-out prompts.*"
+                                          r"data.eval_ratio.*data.eval_source"):
+        prompts_of(f"data.source={path}", "data.eval_ratio=0", "rounds.count=2")
     one = write_jsonl(tmp_path / "one.jsonl", [{"prompt": "p"}])
     with pytest.raises(DataError, match=r"data.eval_ratio=0.1 of 1 distinct prompts leaves no training prompt"):
         prompts_of(f"data.source={one}")

@@ -352,3 +352,49 @@ def test_evaluate_a_rounds_run_samples_its_held_out_prompts_with_its_judge(lora_
     assert results["win_rate"]["judge"] == LENGTH and math.isfinite(results["kl"]["kl"])
     texts = [row["prompt"] for row in read_jsonl(out / "round-1" / "eval_samples.jsonl")]
     assert [sample["prompt"] for sample in results["samples"]] == list(dict.fromkeys(texts))
+
+
+@pytest.mark.parametrize("given, said", [
+    ({"rounds.samples_per_prompt": 0}, "rounds.samples_per_prompt must be positive, got 0"),
+    ({"rounds.temperature": 0}, "rounds.temperature must be positive"),
+    ({"rounds.top_p": 1.5}, "rounds.top_p must be in (0, 1]"),
+    ({"rounds.min_score_gap": -0.1}, "rounds.min_score_gap must not be negative"),
+    ({"rounds.steps_per_round": 0}, "rounds.steps_per_round must be positive (or null)"),
+    ({"rounds.judge": "oracle"}, "rounds.judge: unknown judge 'oracle'"),
+    ({"rounds.judge": "python:judges"}, "write it as python:MODULE:FUNCTION"),
+    ({"rounds.judge_template": "Good? {response}"}, "a judge template is read by llm:PATH judges only"),
+    ({"rounds.judge": "llm:/models/judge", "rounds.judge_template": "Good?"}, "must hold {response}"),
+    ({"rounds.judge_quantization": "4bit"}, "quantization 4bit applies to model judges only"),
+    ({"rounds.samples_per_prompt": 1}, "a pair needs two completions of a prompt"),
+    ({"data.responses": "ranking", "loss.loss_type": "plackett_luce"}, "data.responses=ranking is not taken by rounds"),
+    ({"train.max_steps": 10}, "set rounds.steps_per_round"),
+    ({"train.early_stopping_patience": 2}, "leave it unset with rounds.count > 1"),
+    ({"reference.mode": "online", "rounds.reference": "previous"}, "use reference.mode=precomputed"),
+    ({"reference.mode": "none", "loss.loss_type": "simpo"}, "reference.mode=none (reference-free losses) is not taken"),
+    ({"lora.init_lora_weights": "pissa"}, "use lora.init_lora_weights=true or gaussian"),
+    ({"data.source": "builtin:sentiment", "data.sentiment.eval_prompts": 0}, "data.sentiment.eval_prompts=0"),
+    ({"data.eval_ratio": 0}, "set data.eval_ratio above 0, data.eval_source or data.eval_split"),
+])
+def test_what_rounds_cannot_take_is_refused_before_anything_loads(given, said, tiny_model_dir, prompts_file, tmp_path):
+    """Each rounds setting checked by the config, one line naming it and, where it is a combination, what to use."""
+    from dpo_dist.config import ConfigError
+
+    with pytest.raises(ConfigError) as refused:
+        load_config(None, settings(tiny_model_dir, prompts_file, tmp_path / "out", **given))
+    assert said in str(refused.value) and "\n" not in str(refused.value)
+
+
+def test_one_round_is_the_offline_run_and_takes_no_rounds_check(tiny_model_dir, prompts_file, tmp_path):
+    """rounds.count=1 (the default) is today's run: what only rounds refuse (train.max_steps, ranking) is taken."""
+    cfg = load_config(None, settings(tiny_model_dir, prompts_file, tmp_path / "out",
+                                     **{"rounds.count": 1, "train.max_steps": 10}))
+    assert cfg.rounds.count == 1 and cfg.train.max_steps == 10
+
+
+def test_the_plain_trainer_sends_rounds_to_their_loop(tiny_model_dir, prompts_file, tmp_path):
+    from dpo_dist.train.trainer import TrainingError, train
+
+    with pytest.raises(TrainingError, match="rounds.count=2: iterative rounds run through "
+                                            "dpo_dist.rounds.loop.train_rounds"):
+        train(load_config(None, settings(tiny_model_dir, prompts_file, tmp_path / "out")))
+    assert not os.path.exists(tmp_path / "out")

@@ -27,8 +27,8 @@ training prompt that is also held out is removed from training and counted. A ba
 wrong-typed one, or a pair row the data stage rejects) stops loading with a :class:`DataError` naming the source and
 row, or with ``data.on_bad_row=skip`` is left out and counted by reason (``LoadReport.skipped``).
 
-A weighted mixture (``data.sources[].weight``) is refused: it draws pairs at random by weight, while a round samples
-every training prompt; set each entry's share with its ``num_samples`` or ``fraction``.
+What the config refuses for rounds is refused there, before anything loads (``Config.check_rounds``): no held-out
+prompts, a weighted mixture.
 """
 
 from __future__ import annotations
@@ -72,8 +72,7 @@ class RoundPrompts:
 
 
 def load_prompts(cfg: Config) -> RoundPrompts:
-    """The training and held-out prompts ``cfg.data`` gives (see the module docstring); a :class:`DataError` when
-    there are no held-out prompts, with how to get some."""
+    """The training and held-out prompts ``cfg.data`` gives (see the module docstring)."""
     d = cfg.data
     if d.uses_sentiment():
         return _sentiment_prompts(cfg)
@@ -81,16 +80,7 @@ def load_prompts(cfg: Config) -> RoundPrompts:
     mixture = isinstance(source, list)
     parts = source if mixture else [
         Part(source, split=d.split, config_name=d.config_name, data_dir=d.data_dir, revision=d.revision)]
-    weighted = [i for i, part in enumerate(parts) if part.weight is not None]
-    if weighted:
-        raise DataError(f"data.sources[{weighted[0]}].weight: rounds sample every training prompt, and a weighted "
-                        "mixture draws pairs at random by weight: leave the weights out and set each entry's share "
-                        "with its num_samples or fraction")
     given_eval = d.eval_source is not None or d.eval_split is not None
-    if not given_eval and d.eval_ratio == 0:
-        raise DataError("rounds.count > 1 evaluates each round on held-out prompts, and data gives none: set "
-                        "data.eval_ratio (a seeded share of the prompts) or data.eval_source (a file, folder or Hub "
-                        "dataset of held-out prompts)")
     seed, reports, lines = cfg.train.seed, [], []
     seen: dict[str, int] = {}  # a prompt's key -> its part
     train: list[Prompt] = []
@@ -305,9 +295,6 @@ def _source_line(report: LoadReport, distinct: int, repeated: int, taken: int, a
 def _sentiment_prompts(cfg: Config) -> RoundPrompts:
     settings = cfg.data.sentiment
     train, held_out = chosen_prompts(settings)
-    if not held_out:
-        raise DataError("rounds.count > 1 evaluates each round on held-out prompts, and the built-in sentiment set "
-                        "holds none out (data.sentiment.eval_prompts=0): set data.sentiment.eval_prompts")
     line = (f"round prompts: {len(train)} training, {len(held_out)} held out, the built-in sentiment set's "
             f"(data.sentiment.num_prompts={settings.num_prompts}, eval_prompts={settings.eval_prompts}, "
             f"seed {settings.seed})")

@@ -45,7 +45,7 @@ from dpo_dist.data.order import DataOrder, pair_groups
 from dpo_dist.data.prompts import load_prompts
 from dpo_dist.data.tokenization import Truncation, tokenize_pairs, tokenize_prompt
 from dpo_dist.distributed import gather_in_order, say, shard_indices
-from dpo_dist.eval.against_base import kl_estimate, mean_and_stderr
+from dpo_dist.eval.against_base import kl_estimate, mean_and_stderr, prompt_text
 from dpo_dist.eval.judges import JudgeError, build_score_judge, checked_scores, outcomes_from_scores
 from dpo_dist.eval.scoring import response_logps
 from dpo_dist.model.adapters import policy_as_reference
@@ -54,11 +54,12 @@ from dpo_dist.model.load import load_reference_copy, resolve_source
 from dpo_dist.progress import progress
 from dpo_dist.rounds import records
 from dpo_dist.rounds.records import round_dir
-from dpo_dist.rounds.sampling import sample_round
+from dpo_dist.rounds.sampling import sample_round, sampling_settings
 from dpo_dist.distributed import prepare_frozen
 from dpo_dist.train.checkpoint import save_checkpoint
 from dpo_dist.train.checks import TrainingError
-from dpo_dist.train.inputs import attach_reference, model_identity
+from dpo_dist.train import reference_cache
+from dpo_dist.train.inputs import attach_reference
 from dpo_dist.train.lock import OutputLock
 from dpo_dist.train.metrics import read_run_file
 from dpo_dist.train.preemption import Preempted, StopSignals
@@ -85,7 +86,7 @@ def train_rounds(cfg: Config) -> dict[str, Any]:
                 rounds.one_round(r)
         finally:
             signals.close()
-        run.counts = rounds.counts()
+        run.counts = run_counts(t.output_dir) if run.accelerator.is_main_process else {}  # run.json: main's
         finish(run)
     finally:
         lock.release()
@@ -106,6 +107,13 @@ def finished_run(cfg: Config) -> dict[str, Any] | None:
         print(records.rounds_table(lines, lines[0].get("start_eval_score")), flush=True)
     return {"records": [], "state": None, "counts": read_run_file(out).get("pairs"), "output_dir": out, "rounds": lines,
             "finished_before": True}
+
+
+def run_counts(output_dir: str) -> dict[str, Any]:
+    """run.json's pair counts: every round's training pairs (each round's own counts are its rounds.jsonl line)."""
+    pairs = {line["round"]: line["pairs"] for line in records.finished_rounds(output_dir)}
+    return {"train_pairs": sum(pairs.values()), "eval_pairs": 0, "dropped_too_long": 0, "sources": [],
+            "rounds": pairs}
 
 
 def digest(value: Any) -> str:
@@ -144,18 +152,15 @@ class Rounds:
                          f"evaluated on {len(self.eval_ids)} held-out prompts x {cfg.rounds.eval_samples_per_prompt}")
         self._judge = None
         dtype = str(run.precision.compute).removeprefix("torch.")
-        identity = model_identity(dataclasses.replace(cfg, reference=dataclasses.replace(cfg.reference,
-                                                                                         mode="precomputed")),
-                                  resolve_source(cfg.model.name_or_path), dtype, accelerator)
-        self.start_identity = identity  # main process only (hashing the weights once)
+        self.start_identity = (reference_cache.model_identity(  # main process only (hashing the weights once)
+            resolve_source(cfg.model.name_or_path), revision=cfg.model.revision, dtype=dtype,
+            quantization=cfg.model.quantization) if accelerator.is_main_process else None)
         self.start_copy = None
         if not cfg.lora.enabled:  # full fine-tuning: a frozen copy of the starting model, for the KL and the reference
             self.start_copy = run.reference_model or prepare_frozen(
                 load_reference_copy(cfg, accelerator.device, run.precision.weights), accelerator)
             say(accelerator, "rounds with full fine-tuning hold a frozen copy of the starting model: each round's KL "
                              "(and rounds.reference=start) is measured against it")
-        self.pairs: dict[int, int] = {}
-        self.round_counts: dict[str, Any] | None = None
 
     def tokenized(self, prompts: list[Any], which: str) -> tuple[list[Any], list[list[int]]]:
         """The prompts that leave room for a response within ``data.max_length``, and their token ids as training
@@ -233,8 +238,8 @@ class Rounds:
 
     def sample(self, model: Any, ids: list[list[int]], n: int, sampling: Sampling, folder: str,
                key_parts: dict, r: int) -> list[list[list[int]]]:
-        key = digest({**key_parts, "sampling": dataclasses.asdict(sampling), "n": n,
-                      "batch_size": self.cfg.rounds.generation_batch_size, "prompts": digest(ids)})
+        key = digest({**key_parts, **sampling_settings(ids, n=n, sampling=sampling,
+                                                       batch_size=self.cfg.rounds.generation_batch_size)})
         result = sample_round(model, self.run.tokenizer, ids, n=n, sampling=sampling,
                               batch_size=self.cfg.rounds.generation_batch_size, accelerator=self.accelerator,
                               cache_dir=os.path.join(folder, f"samples-{key}"),
@@ -280,17 +285,11 @@ class Rounds:
         return self.on_main(make, r)
 
     def one_round(self, r: int) -> None:
-        lines = {line["round"]: line for line in records.finished_rounds(self.out)} \
-            if self.accelerator.is_main_process else {}
-        finished = self.on_main(lambda: r in lines and lines[r], r)
+        finished = self.on_main(lambda: any(line["round"] == r for line in records.finished_rounds(self.out)), r)
+        plan = self.plan(r)  # a finished round's, as written at its start and once its pairs were made
         if finished:
-            plan = records.read_json(os.path.join(round_dir(self.out, r), "plan.json")) \
-                if self.accelerator.is_main_process else None
-            plan = self.on_main(lambda: plan, r)
             self.window(plan["first_step"], plan["steps"])
-            self.pairs[r] = finished["pairs"]
             return
-        plan = self.plan(r)
         first = plan["first_step"]
         if self.run.state.global_step < first:
             raise TrainingError(f"round {r} starts at step {first}, but the run resumed at step "
@@ -324,31 +323,21 @@ class Rounds:
             self.timed(r, "judging", started)
             self.stop_here(r, "after judging")
         started = time.perf_counter()
-        train_tok, counts = self.load_pairs(r)
+        train_tok = self.load_pairs(r)
         self.timed(r, "pairing", started)
         started = time.perf_counter()
         train_tok = self.reference(r, plan, train_tok)
         self.timed(r, "reference", started)
-        self.round_counts = {**counts, "round": r}
         return train_tok
 
     def judge_and_rank(self, r: int, completions: list[list[list[int]]]) -> None:
         """Main process: every completion's score (samples.jsonl), then each prompt's distinct non-empty completions
         with their scores (ranked.jsonl, what pairs are made from) and what was left out (ranked.json)."""
-        from dpo_dist.eval.against_base import prompt_text
-
         folder = round_dir(self.out, r)
         texts = self.texts(completions)
         judge = self.judge()
         n = self.cfg.rounds.samples_per_prompt
-        flat_prompts = [prompt_text(p) for p in self.train_prompts for _ in range(n)]
-        flat = [text for group in texts for text in group]
-        scores: list[float] = []
-        size = self.cfg.rounds.judge_batch_size
-        with progress(len(flat), f"round {r}: judging", unit="completion", shown=self.cfg.train.progress_bar) as bar:
-            for start in range(0, len(flat), size):
-                scores += checked_scores(judge, flat_prompts[start : start + size], flat[start : start + size])
-                bar.update(min(size, len(flat) - start))
+        scores = self.scores(self.train_prompts, completions)
         samples, ranked = [], []
         left_out = {"duplicate_completions": 0, "empty_completions": 0, "prompts_with_fewer_than_2": 0,
                     "tied_prompts": 0, "tied_pairs": 0}
@@ -380,9 +369,10 @@ class Rounds:
                             "completions": len(scores), "prompts_ranked": len(ranked)})
         records.write_lines(os.path.join(folder, "ranked.jsonl"), ranked)  # last: its presence marks the stage done
 
-    def load_pairs(self, r: int) -> tuple[Any, dict[str, Any]]:
+    def load_pairs(self, r: int) -> Any:
         """The round's pairs, made from ranked.jsonl by the data stage (``rounds.pairs``, ``rounds.min_score_gap``)
-        and tokenized as training tokenizes; pairs.jsonl written for the reader."""
+        and tokenized as training tokenizes; pairs.jsonl written for the reader, pair_counts.json for the round's
+        line."""
         folder, s = round_dir(self.out, r), self.cfg.rounds
         ranked = os.path.join(folder, "ranked.jsonl")
         left_out = self.on_main(lambda: records.read_json(os.path.join(folder, "ranked.json")), r)
@@ -409,6 +399,7 @@ class Rounds:
         if self.accelerator.is_main_process:
             records.write_lines(os.path.join(folder, "pairs.jsonl"), [
                 {key: pair[key] for key in pair if key not in ("row", "part")} for pair in pairs])
+            records.write_json(os.path.join(folder, "pair_counts.json"), counts)  # for the round's line
         say(self.accelerator, f"round {r}: {counts['pairs']} pairs by {s.pairs} ({counts['dropped_pairs']} dropped: "
                               f"tied or a gap below rounds.min_score_gap={s.min_score_gap:g}; "
                               f"{counts['prompts_without_pairs']} prompts without a pair; {too_long} too long)")
@@ -416,7 +407,7 @@ class Rounds:
             raise TrainingError(f"round {r}: no pair was made: every prompt's completions tied, were too close "
                                 f"(rounds.min_score_gap={s.min_score_gap:g}) or too long; see "
                                 f"{os.path.join(folder, 'samples.jsonl')}")
-        return tokenized, counts
+        return tokenized
 
     def reference(self, r: int, plan: dict[str, Any], train_tok: Any) -> Any:
         """The pairs with their reference log-probs (``rounds.reference``), cached in the round's folder."""
@@ -493,18 +484,18 @@ class Rounds:
         def scored() -> list[float]:
             kept = records.read_json(path)
             if kept is None:
-                kept = self.scores(samples)
+                kept = self.scores(self.eval_prompts, samples)
                 records.write_json(path, kept)
             return kept
 
         return samples, self.on_main(scored, 0)
 
-    def scores(self, samples: list[list[list[int]]]) -> list[float]:
-        from dpo_dist.eval.against_base import prompt_text
-
-        n = self.cfg.rounds.eval_samples_per_prompt
-        prompts = [prompt_text(p) for p in self.eval_prompts for _ in range(n)]
-        return checked_scores(self.judge(), prompts, [text for group in self.texts(samples) for text in group])
+    def scores(self, prompts: list[Any], samples: list[list[list[int]]]) -> list[float]:
+        """The judge's score of every completion (``samples[i]``: prompt i's), flat, in order; model judges batch
+        them (``rounds.judge_batch_size``)."""
+        texts = self.texts(samples)
+        return checked_scores(self.judge(), [prompt_text(p) for p, group in zip(prompts, texts) for _ in group],
+                              [text for group in texts for text in group])
 
     def evaluate(self, r: int, plan: dict[str, Any], folder: str) -> None:
         """Stage 6: the policy on the held-out prompts against the starting model; the round's line."""
@@ -526,7 +517,7 @@ class Rounds:
         self.stop_here(r, "evaluating")
 
         def judged() -> dict[str, Any]:
-            scores = self.scores(samples)
+            scores = self.scores(self.eval_prompts, samples)
             outcomes = outcomes_from_scores(scores, start_scores)
             score, score_err = mean_and_stderr(scores, groups)
             kl = kl_estimate(policy_logps, start_logps, groups)
@@ -543,8 +534,8 @@ class Rounds:
 
         result = self.on_main(judged, r)
         self.timed(r, "eval", started)
-        counts = self.round_counts_of(r)
         if self.accelerator.is_main_process:
+            counts = records.read_json(os.path.join(folder, "pair_counts.json"))
             spent = records.read_json(os.path.join(folder, "seconds.json")) or {}
             line = {"round": r, "pairs": counts["pairs"], "dropped_pairs": counts["dropped_pairs"],
                     "mean_score": counts["mean_score"], **result, "seconds": sum(spent.values()),
@@ -558,18 +549,3 @@ class Rounds:
             print(f"round {r}: eval score {result['eval_score']:.3f} (start {result['start_eval_score']:.3f}), win "
                   f"rate {result['win_rate']:.3f} against the start, KL {result['kl']:.3f}; "
                   f"{sum(spent.values()):.0f} s", flush=True)
-        self.pairs[r] = counts["pairs"]
-
-    def round_counts_of(self, r: int) -> dict[str, Any]:
-        """The round's pair counts: from this process's pairing, or (the round's training done before a resume)
-        read back from its files."""
-        counts = self.round_counts
-        if counts is not None and counts["round"] == r:
-            return counts
-        _, counts = self.load_pairs(r)
-        return {**counts, "round": r}
-
-    def counts(self) -> dict[str, Any]:
-        """run.json's pair counts: all rounds' training pairs (the rounds' own are in rounds.jsonl)."""
-        return {"train_pairs": sum(self.pairs.values()), "eval_pairs": 0, "dropped_too_long": 0,
-                "sources": [], "rounds": dict(sorted(self.pairs.items()))}

@@ -8,6 +8,7 @@
     <output_dir>/round-<r>/samples.jsonl    every prompt's completions (text) with their judge scores
     <output_dir>/round-<r>/ranked.jsonl     what pairs are made from: each prompt's distinct non-empty completions
     <output_dir>/round-<r>/pairs.jsonl      the round's training pairs, with their scores
+    <output_dir>/round-<r>/pair_counts.json what pairing kept and left out (the round's line reads it)
     <output_dir>/round-<r>/reference/       the reference log-probs of the round's pairs (the reference cache)
     <output_dir>/round-<r>/eval.json        the round's evaluation; eval_samples.jsonl its judged samples
     <output_dir>/round-<r>/seconds.json     seconds spent in each stage so far (a resumed stage adds up)
@@ -34,9 +35,10 @@ def round_dir(output_dir: str, r: int) -> str:
 
 
 def write_json(path: str, value: Any) -> None:
+    """Whole or not at all: written to a temporary file, then renamed over ``path``."""
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path + ".tmp", "w", encoding="utf-8") as handle:
-        json.dump(value, handle, indent=1)
+        json.dump(value, handle, separators=(",", ":"))
     os.replace(path + ".tmp", path)
 
 

@@ -26,15 +26,15 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import math
 import os
 import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from dpo_dist.distributed import fsdp_version, say, zero_stage
+from dpo_dist.distributed import forwards_are_collective, say
 from dpo_dist.model.generation import Sampling, prompt_batches, sample_batch, sampling_config
 from dpo_dist.progress import progress
+from dpo_dist.rounds.records import write_json
 
 SETTINGS_FILE = "settings.json"
 
@@ -100,14 +100,6 @@ def batch_path(cache_dir: str, b: int) -> str:
     return os.path.join(cache_dir, f"batch-{b}.json")
 
 
-def write_json(path: str, value: Any) -> None:
-    """Whole or not at all: written to a temporary file, then renamed over ``path``."""
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as handle:
-        json.dump(value, handle, separators=(",", ":"))
-    os.replace(tmp, path)
-
-
 def open_cache(cache_dir: str, settings: dict[str, Any], batches: list[list[int]]) -> tuple[str | None, dict]:
     """The main process's look at ``cache_dir``: (a refusal or None, the cached batches ``{b: completions}``). A new
     folder gets ``settings.json``; a batch file whose prompts are not batch b's is ignored (sampled again)."""
@@ -158,7 +150,7 @@ def sample_round(model: Any, tokenizer: Any, prompts: list[list[int]], *, n: int
         raise SamplingCacheMismatch(problem)
 
     processes, rank = accelerator.num_processes, accelerator.process_index
-    synced = bool(zero_stage(accelerator) == 3 or fsdp_version(accelerator)) and processes > 1
+    synced = forwards_are_collective(accelerator)
     todo = [b for b in range(len(batches)) if b not in done]
     schedule = waves(todo, processes)
     config = sampling_config(tokenizer, sampling, n)

@@ -17,8 +17,8 @@ from typing import Any
 import torch
 
 from dpo_dist.config import Config
-from dpo_dist.distributed import fsdp_version, zero_stage
-from dpo_dist.model.generation import generate_responses, generation_config
+from dpo_dist.distributed import forwards_are_collective
+from dpo_dist.model.generation import generation_config, sample_batch
 
 
 def held_out_prompts(eval_tok: Any, n: int) -> list[list[int]]:
@@ -49,16 +49,13 @@ def generate_samples(model: Any, tokenizer: Any, prompts: list[list[int]], cfg: 
     t = cfg.train
     config = generation_config(tokenizer, max_new_tokens=t.sample_max_new_tokens,
                                temperature=t.sample_temperature if t.sample_temperature > 0 else None)
-    sharded = bool(zero_stage(accelerator) == 3 or fsdp_version(accelerator))
-    synced = sharded and accelerator.num_processes > 1
     was_training = model.training
     model.eval()
-    devices = [accelerator.device] if accelerator.device.type == "cuda" else []
     try:
-        with torch.random.fork_rng(devices=devices), accelerator.autocast():
-            torch.manual_seed(t.seed + step)
-            responses = generate_responses(accelerator.unwrap_model(model), prompts, config, accelerator.device,
-                                           synced_gpus=synced)
+        with accelerator.autocast():
+            responses = [group[0] for group in sample_batch(accelerator.unwrap_model(model), prompts, config,
+                                                            accelerator.device, seed=t.seed + step,
+                                                            synced_gpus=forwards_are_collective(accelerator))]
     finally:
         model.train(was_training)
     texts = tokenizer.batch_decode(prompts, skip_special_tokens=True)
